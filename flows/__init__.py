@@ -1,0 +1,1 @@
+"""Prefect flows of prefect-nst: stylize_batch and its helpers, and the `nst` CLI."""

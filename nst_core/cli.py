@@ -1,0 +1,152 @@
+"""`nst stylize`: one content/style pair, no orchestration.
+
+Options are generated from StyleParams (names, types, choices, help, defaults), never restated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import types
+import typing
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from .errors import NSTError
+from .params import StyleParams
+
+__all__ = ["add_model_options", "model_from_args", "add_stylize_parser", "run_stylize", "ProgressBar", "one_line"]
+
+
+def _option_type(annotation) -> tuple[dict, bool]:
+    """argparse kwargs for a pydantic field annotation, and whether the field is a list."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return _option_type(args[0])
+    if typing.get_origin(annotation) is typing.Literal:
+        return {"choices": list(typing.get_args(annotation))}, False
+    if typing.get_origin(annotation) is list:
+        inner, _ = _option_type(args[0])
+        return {**inner, "nargs": "+"}, True
+    return {"type": annotation if annotation in (int, float) else str}, False
+
+
+def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], *, skip: tuple[str, ...] = ()) -> None:
+    """One --kebab-case option per model field; unset options stay unset (the model's default applies)."""
+    group = parser.add_argument_group(model.model_config.get("title") or model.__name__)
+    for name, info in model.model_fields.items():
+        if name in skip:
+            continue
+        kwargs, _ = _option_type(info.annotation)
+        default = info.get_default(call_default_factory=True)
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        group.add_argument(
+            "--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS,
+            help=f"{info.description} (default: {shown})", **kwargs,
+        )
+
+
+def model_from_args(model: type[BaseModel], args: argparse.Namespace):
+    """Build ``model`` from the options that were given; the model validates and fills defaults."""
+    given = {k: v for k, v in vars(args).items() if k in model.model_fields}
+    return model(**given)
+
+
+def one_line(err: Exception) -> str:
+    """A validation or NST error as one line for stderr."""
+    if isinstance(err, ValidationError):
+        parts = []
+        for e in err.errors():
+            where = ".".join(str(p) for p in e["loc"]) or "params"
+            parts.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+        return "invalid parameters: " + "; ".join(parts)
+    return str(err)
+
+
+class ProgressBar:
+    """A one-line text progress bar on a stream (stderr), redrawn in place."""
+
+    def __init__(self, total: int, label: str = "", stream=sys.stderr, width: int = 30):
+        self.total, self.label, self.stream, self.width = total, label, stream, width
+        self._last = 0.0
+
+    def update(self, done: int, note: str = "") -> None:
+        now = time.monotonic()
+        if done < self.total and now - self._last < 0.1:
+            return
+        self._last = now
+        filled = int(self.width * done / max(self.total, 1))
+        bar = "#" * filled + "-" * (self.width - filled)
+        self.stream.write(f"\r{self.label}[{bar}] {done}/{self.total} {note}".ljust(100))
+        if done >= self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def add_stylize_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "stylize", help="stylize one content image with one or more style images",
+        description="Stylize CONTENT with STYLE (several STYLE images are blended). Writes OUT and OUT.json.",
+    )
+    parser.add_argument("content", help="content image file")
+    parser.add_argument("style", nargs="+", help="style image file(s)")
+    parser.add_argument("-o", "--output", required=True, help="output image (.png, .jpg, .webp)")
+    parser.add_argument("--quality", type=int, default=92, help="JPEG/WebP quality 1-100 (default: 92)")
+    parser.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
+    add_model_options(parser, StyleParams)
+    parser.set_defaults(handler=run_stylize)
+    return parser
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise NSTError(f"{path}: cannot read ({err.strerror or err})") from None
+
+
+def _opener(uri: str) -> bytes:
+    # s3:// weights: the storage layer owns boto3; imported only when such a URI is used.
+    from tasks.storage import read_uri
+
+    return read_uri(uri)
+
+
+def run_stylize(args: argparse.Namespace) -> int:
+    from .imageio import decode_image, encode_image, format_for
+    from .optimize import stylize
+
+    params = model_from_args(StyleParams, args)
+    fmt = format_for(args.output)
+    if not 1 <= args.quality <= 100:
+        raise NSTError(f"--quality {args.quality} is outside 1-100")
+    content = decode_image(_read(args.content), args.content)
+    styles = [decode_image(_read(p), p) for p in args.style]
+    content_img = content.rgb if content.alpha is None else _with_alpha(content)
+    bar = None if args.no_progress else ProgressBar(params.iterations, "stylize ")
+    progress = (lambda ev: bar.update(ev.iteration, f"loss {ev.loss:.4g}")) if bar else None
+    result = stylize(content_img, [s.rgb for s in styles], params, progress=progress, opener=_opener)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(encode_image(result.image, fmt, quality=args.quality))
+    meta = {
+        **result.metadata,
+        "content": args.content,
+        "styles": args.style,
+        "output": str(out),
+        "losses": result.losses,
+    }
+    Path(f"{out}.json").write_text(json.dumps(meta, indent=2))
+    final = result.losses["final"]
+    print(f"wrote {out} and {out}.json (loss {result.losses['initial']['total']:.4g} -> {final['total']:.4g}, "
+          f"{result.metadata['evaluations']} evaluations, {result.metadata['seconds']['total']:.1f}s)")
+    return 0
+
+
+def _with_alpha(decoded):
+    img = decoded.rgb.copy()
+    img.putalpha(decoded.alpha)
+    return img

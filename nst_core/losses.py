@@ -1,0 +1,63 @@
+"""The loss terms of Gatys style transfer as small tensor functions.
+
+Normalization, and why (it keeps good α/β independent of image size; tests/nst_core/test_losses.py
+shows the style/content ratio stays put between 64 px and 128 px):
+
+- content: ``½·‖a_G − a_C‖² / (nH·nW·nC)`` — the paper's ½·‖·‖², divided by the element count.
+  The unnormalized sum grows with the number of positions, so α would have to shrink with
+  image size; the per-element mean does not.
+- style, per layer: ``‖G_G − G_S‖² / (2·nH·nW·nC)²`` — the article's coefficient 1/(2·nH·nW·nC)
+  applied to the Gram difference (Gatys et al.'s 1/(4·N²·M²)). Gram entries are sums over the
+  nH·nW positions, so dividing by nH·nW makes each layer size independent and dividing by nC
+  keeps wide layers from swamping narrow ones. We store Grams already divided by nH·nW
+  (``gram_matrix(x, normalize=True)``) so a style image of another size gives a comparable
+  target; the loss is then ``‖Ĝ_G − Ĝ_S‖² / (2·nC)²``, the same number.
+- total variation: mean squared difference of neighbouring pixels, on [0,1] images.
+- total: ``α·content + β·Σ_l w_l·style_l + γ·tv`` with layer weights w_l summing to 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+__all__ = ["gram_matrix", "content_loss", "style_loss", "tv_loss", "weighted_sum"]
+
+
+def gram_matrix(features: Tensor, normalize: bool = False) -> Tensor:
+    """Gram ("style") matrix. (B, nC, nH, nW) -> (B, nC, nC).
+
+    G[k, k'] = Σ_i Σ_j a[i, j, k]·a[i, j, k']; ``normalize`` divides by nH·nW (a mean over positions).
+    """
+    b, c, h, w = features.shape
+    flat = features.reshape(b, c, h * w)
+    gram = torch.bmm(flat, flat.transpose(1, 2))
+    return gram / (h * w) if normalize else gram
+
+
+def content_loss(generated: Tensor, target: Tensor) -> Tensor:
+    """½·‖a_G − a_C‖² / (nH·nW·nC), averaged over the batch. Both (B, nC, nH, nW) -> scalar."""
+    return 0.5 * (generated - target).pow(2).mean()
+
+
+def style_loss(gram_generated: Tensor, gram_target: Tensor) -> Tensor:
+    """‖Ĝ_G − Ĝ_S‖² / (2·nC)² for Grams normalized by nH·nW. (B, nC, nC) -> scalar (batch mean).
+
+    Equal to the article's ‖G_G − G_S‖²·(1/(2·nH·nW·nC))² on unnormalized Grams.
+    """
+    b, c, _ = gram_generated.shape
+    return (gram_generated - gram_target).pow(2).sum() / (4 * c * c * b)
+
+
+def tv_loss(image: Tensor) -> Tensor:
+    """Total variation: mean (x[i+1,j]−x[i,j])² + mean (x[i,j+1]−x[i,j])². (B, 3, H, W) -> scalar."""
+    dy = image[..., 1:, :] - image[..., :-1, :]
+    dx = image[..., :, 1:] - image[..., :, :-1]
+    return dy.pow(2).mean() + dx.pow(2).mean()
+
+
+def weighted_sum(terms: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
+    """Σ_name weights[name]·terms[name]: composes one loss over several layers."""
+    return sum(weights[name] * term for name, term in terms.items())

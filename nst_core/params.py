@@ -1,0 +1,197 @@
+"""StyleParams: every optimization parameter, defined once.
+
+The CLI options, the Prefect run form, the sidecar metadata and the docs are all derived
+from this model. It imports no torch so flows and forms load fast.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = ["StyleParams", "VGG16_LAYERS", "DEFAULT_STYLE_LAYERS", "DEFAULT_CONTENT_LAYERS"]
+
+# torchvision's VGG16 "D" config: channels per conv, "M" for a pooling layer.
+_VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+
+
+def _layer_names(cfg: list) -> tuple[str, ...]:
+    """Names of vgg16().features children in order: conv{b}_{i}, relu{b}_{i}, pool{b}."""
+    names, block, conv = [], 1, 1
+    for item in cfg:
+        if item == "M":
+            names.append(f"pool{block}")
+            block, conv = block + 1, 1
+        else:
+            names += [f"conv{block}_{conv}", f"relu{block}_{conv}"]
+            conv += 1
+    return tuple(names)
+
+
+#: The one name -> position table: VGG16_LAYERS[i] names vgg16().features[i].
+VGG16_LAYERS: tuple[str, ...] = _layer_names(_VGG16_CFG)
+DEFAULT_CONTENT_LAYERS = ["relu4_2"]
+DEFAULT_STYLE_LAYERS = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _check_layers(names: list[str]) -> list[str]:
+    unknown = [n for n in names if n not in VGG16_LAYERS]
+    if unknown:
+        raise ValueError(
+            f"unknown VGG16 layer(s) {', '.join(unknown)}; valid names are: {', '.join(VGG16_LAYERS)}"
+        )
+    if len(set(names)) != len(names):
+        raise ValueError(f"layer names repeat: {names}")
+    return names
+
+
+def _check_weights(values: list[float] | None) -> list[float] | None:
+    if values is not None and any(not math.isfinite(v) or v < 0 for v in values):
+        raise ValueError("weights must be finite and >= 0")
+    if values is not None and not sum(values) > 0:
+        raise ValueError("weights must not all be zero")
+    return values
+
+
+class StyleParams(BaseModel):
+    """Parameters of one Gatys style-transfer optimization (VGG16)."""
+
+    model_config = ConfigDict(extra="forbid", title="Style parameters")
+
+    content_layers: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_CONTENT_LAYERS),
+        min_length=1,
+        title="Content layers",
+        description="VGG16 layers whose activations the result must keep from the content image.",
+    )
+    style_layers: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_STYLE_LAYERS),
+        min_length=1,
+        title="Style layers",
+        description="VGG16 layers whose Gram matrices the result must match to the style image.",
+    )
+    style_layer_weights: list[float] | None = Field(
+        default=None,
+        title="Style layer weights",
+        description="One weight per style layer; empty means equal weights. Normalized to sum 1.",
+    )
+    content_weight: float = Field(
+        default=1.0, ge=0, allow_inf_nan=False, title="Content weight",
+        description="α: weight of the content loss in α·content + β·style + tv.",
+    )
+    style_weight: float = Field(
+        default=1e-3, ge=0, allow_inf_nan=False, title="Style weight",
+        description=(
+            "β: weight of the style loss. Tuned for the default Caffe-ported features; "
+            "imagenet1k_v1 weights see inputs ~58x smaller, so raise β about 1000x with them."
+        ),
+    )
+    tv_weight: float = Field(
+        default=0.0, ge=0, allow_inf_nan=False, title="Total variation weight",
+        description="Weight of the total-variation smoothness loss on the result (0 disables it).",
+    )
+    iterations: int = Field(
+        default=300, ge=1, le=100_000, title="Iterations",
+        description="Number of loss evaluations (forward+backward passes) of the optimization.",
+    )
+    optimizer: Literal["lbfgs", "adam"] = Field(
+        default="lbfgs", title="Optimizer", description="L-BFGS converges in fewer evaluations; Adam uses less memory."
+    )
+    learning_rate: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, title="Learning rate",
+        description="Step size on [0,1] pixels; empty means the optimizer's default (L-BFGS 1.0, Adam 0.02).",
+    )
+    init: Literal["content", "noise", "style"] = Field(
+        default="content", title="Initial image", description="What the optimization starts from."
+    )
+    image_size: int = Field(
+        default=512, ge=16, le=4096, title="Image size",
+        description="Longest side of the output in pixels; content and style are resized to it.",
+    )
+    style_blend_weights: list[float] | None = Field(
+        default=None, title="Style blend weights",
+        description="With several style images: one weight per style image; empty means equal.",
+    )
+    preserve_color: Literal["none", "luminance", "histogram"] = Field(
+        default="none", title="Preserve colour",
+        description=(
+            "none: take the style's colours; luminance: transfer on luminance and keep the content's "
+            "chroma; histogram: match the style's colours to the content before the transfer."
+        ),
+    )
+    pooling: Literal["max", "avg"] = Field(
+        default="max", title="Pooling", description="VGG pooling; Gatys et al. report smoother results with avg."
+    )
+    weights: str = Field(
+        default="imagenet1k_features", min_length=1, title="VGG16 weights",
+        description=(
+            "imagenet1k_features (Caffe-ported, torchvision), imagenet1k_v1, random (smoke runs), "
+            "or a path / file:// / s3:// URI of a VGG16 state_dict."
+        ),
+    )
+    weights_sha256: str | None = Field(
+        default=None, pattern=r"^[0-9a-fA-F]{64}$", title="Weights SHA-256",
+        description="If set, a state_dict file's SHA-256 must match before it is loaded.",
+    )
+    seed: int = Field(
+        default=0, ge=0, le=2**63 - 1, title="Seed",
+        description="Seeds noise init and random weights: same seed, same output on CPU.",
+    )
+    device: str = Field(
+        default="auto", title="Device",
+        description="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.",
+    )
+
+    @field_validator("content_layers", "style_layers")
+    @classmethod
+    def _known_layers(cls, v: list[str]) -> list[str]:
+        return _check_layers(v)
+
+    @field_validator("style_layer_weights", "style_blend_weights")
+    @classmethod
+    def _finite_weights(cls, v: list[float] | None) -> list[float] | None:
+        return _check_weights(v or None)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_source(cls, v: str) -> str:
+        return v.strip()
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        if not _DEVICE_RE.match(v):
+            raise ValueError(f"device {v!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        return v
+
+    @model_validator(mode="after")
+    def _lengths_match(self) -> StyleParams:
+        if self.style_layer_weights is not None and len(self.style_layer_weights) != len(self.style_layers):
+            raise ValueError(
+                f"style_layer_weights has {len(self.style_layer_weights)} values "
+                f"but style_layers has {len(self.style_layers)} layers"
+            )
+        return self
+
+    def step_size(self) -> float:
+        """The learning rate in effect: the explicit one or the optimizer's default."""
+        return self.learning_rate or {"lbfgs": 1.0, "adam": 0.02}[self.optimizer]
+
+    def layer_weights(self) -> dict[str, float]:
+        """Style layer -> weight, normalized to sum 1 (equal when unset)."""
+        raw = self.style_layer_weights or [1.0] * len(self.style_layers)
+        total = sum(raw)
+        return {name: w / total for name, w in zip(self.style_layers, raw)}
+
+    def blend_weights(self, n_styles: int) -> list[float]:
+        """Per-style-image weights, normalized to sum 1; checks the count against n_styles."""
+        raw = self.style_blend_weights or [1.0] * n_styles
+        if len(raw) != n_styles:
+            raise ValueError(f"style_blend_weights has {len(raw)} values for {n_styles} style image(s)")
+        total = sum(raw)
+        return [w / total for w in raw]

@@ -1,0 +1,1 @@
+"""Prefect tasks of prefect-nst: thin wrappers; storage and IO live here."""
