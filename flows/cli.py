@@ -17,8 +17,15 @@ from nst_core.errors import NSTError
 __all__ = ["main", "build_parser"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (subcommand parsers inherit the class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nst", description="Batch neural style transfer (Gatys, VGG16) on Prefect.")
+    parser = _Parser(prog="nst", description="Batch neural style transfer (Gatys, VGG16) on Prefect.")
     sub = parser.add_subparsers(dest="command", required=True)
     add_stylize_parser(sub)
     return parser
@@ -26,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)  # argparse itself exits 2 with a one-line usage error
+    args = parser.parse_args(argv)  # usage errors exit 2 with one line
     try:
         return args.handler(args)
     except (NSTError, ValidationError, ValueError) as err:

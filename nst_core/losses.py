@@ -26,15 +26,32 @@ from torch import Tensor
 __all__ = ["gram_matrix", "content_loss", "style_loss", "tv_loss", "weighted_sum"]
 
 
+class _Gram(torch.autograd.Function):
+    """G = F·Fᵀ·scale for F (B, nC, N); backward dF = (dG + dGᵀ)·F·scale.
+
+    Autograd's own bmm backward does two matmuls plus transposed copies of F; since G is
+    symmetric one matmul suffices. On the hot path of every loss evaluation (see benchmarks/engine.py).
+    """
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, scale: float) -> Tensor:
+        ctx.save_for_backward(flat)
+        ctx.scale = scale
+        return torch.bmm(flat, flat.transpose(1, 2)).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (flat,) = ctx.saved_tensors
+        return torch.bmm((grad + grad.transpose(1, 2)).mul_(ctx.scale), flat), None
+
+
 def gram_matrix(features: Tensor, normalize: bool = False) -> Tensor:
     """Gram ("style") matrix. (B, nC, nH, nW) -> (B, nC, nC).
 
     G[k, k'] = Σ_i Σ_j a[i, j, k]·a[i, j, k']; ``normalize`` divides by nH·nW (a mean over positions).
     """
     b, c, h, w = features.shape
-    flat = features.reshape(b, c, h * w)
-    gram = torch.bmm(flat, flat.transpose(1, 2))
-    return gram / (h * w) if normalize else gram
+    return _Gram.apply(features.reshape(b, c, h * w), 1.0 / (h * w) if normalize else 1.0)
 
 
 def content_loss(generated: Tensor, target: Tensor) -> Tensor:

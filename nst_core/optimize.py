@@ -203,10 +203,11 @@ def _make_optimizer(params: StyleParams, x: Tensor) -> torch.optim.Optimizer:
     if params.optimizer == "adam":
         return torch.optim.Adam([x], lr=params.step_size())
     # max_iter = max_eval = iterations: one step() runs the whole budget, and tolerances of 0 keep
-    # it from stopping early, so `iterations` really counts loss evaluations.
+    # it from stopping early, so `iterations` really counts loss evaluations. A history of 50
+    # reached the same loss as 100 in 150 evaluations (64-128 px) at half the two-loop cost.
     return torch.optim.LBFGS(
         [x], lr=params.step_size(), max_iter=params.iterations, max_eval=params.iterations,
-        tolerance_grad=0.0, tolerance_change=0.0, history_size=100,
+        tolerance_grad=0.0, tolerance_change=0.0, history_size=50,
     )
 
 

@@ -18,7 +18,8 @@ from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import VGG16_Weights, vgg16
+from torchvision.models import VGG16_Weights
+from torchvision.models.vgg import cfgs, make_layers
 
 from .errors import WeightsError
 from .params import VGG16_LAYERS
@@ -172,7 +173,13 @@ def _load_weights(
 def _build(state: dict | None, seed: int, pooling: str, depth: int, inplace: bool) -> nn.Sequential:
     with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
         torch.manual_seed(seed)
-        full = vgg16(weights=None).features
+        # Only the features stack ("D" = VGG16): building vgg16() would also initialize its
+        # 120M-parameter classifier. The init is torchvision's VGG init for convolutions.
+        full = make_layers(cfgs["D"], batch_norm=False)
+        for module in full:
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(module.bias)
     layers = nn.Sequential(*list(full.children())[: depth + 1])
     if state is not None:
         wanted = {k: v for k, v in state.items() if int(k.split(".")[0]) <= depth}

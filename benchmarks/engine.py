@@ -1,0 +1,69 @@
+"""Engine speed: our time per loss evaluation over a bare forward+backward of the same VGG16.
+
+Both run in this process, interleaved over several rounds, on the same truncated extractor
+and a 256 px image; the medians are compared. Goal: ratio <= 1.05.
+
+    python benchmarks/engine.py [--size 256] [--evals 20] [--rounds 3] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from nst_core import StyleParams, compute_style_targets, stylize
+from nst_core.optimize import extractor_for
+
+from helpers_bench import sample_pair
+
+
+def bare_forward_backward(extractor, x: torch.Tensor, evals: int) -> float:
+    """Seconds per forward+backward of the truncated VGG16 alone (no losses, no optimizer)."""
+    x = x.clone().requires_grad_(True)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    for _ in range(evals):
+        x.grad = None
+        out = extractor.layers((x - extractor.mean) / extractor.std)
+        out.sum().backward()
+    sync()
+    return (time.perf_counter() - t) / evals
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--evals", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--weights", default="random")
+    args = ap.parse_args()
+
+    params = StyleParams(weights=args.weights, image_size=args.size, iterations=args.evals, device=args.device)
+    content, style = sample_pair(args.size)
+    extractor = extractor_for(params)
+    targets = compute_style_targets(style, params)
+    stylize(content, style, params.model_copy(update={"iterations": 2}), targets=targets)  # warm-up
+    from nst_core.optimize import _to_tensor
+    from nst_core.imageio import resize_longest
+
+    x = _to_tensor(resize_longest(content, args.size), extractor.device)
+    ours, bare = [], []
+    for _ in range(args.rounds):
+        result = stylize(content, style, params, targets=targets)
+        ours.append(result.metadata["seconds"]["optimize"] / result.metadata["evaluations"])
+        bare.append(bare_forward_backward(extractor, x, args.evals))
+    o, b = statistics.median(ours), statistics.median(bare)
+    print(f"device {extractor.device}, {x.shape[-1]}x{x.shape[-2]} px, {args.evals} evaluations x {args.rounds} rounds, "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"stylize per loss evaluation : {o * 1000:8.1f} ms")
+    print(f"bare VGG16 forward+backward : {b * 1000:8.1f} ms  (truncated at {len(extractor.layers)} layers)")
+    print(f"ratio                       : {o / b:8.3f}  (goal <= 1.05)")
+
+
+if __name__ == "__main__":
+    main()

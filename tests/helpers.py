@@ -1,0 +1,36 @@
+"""Test helpers: real image files made from smooth synthetic patterns."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+
+def pattern(size: tuple[int, int], kind: str = "content", seed: int = 0) -> Image.Image:
+    """A smooth RGB test image (w, h) whose statistics survive resizing.
+
+    content: soft blobs and a gradient; style: diagonal colour stripes; other: rings.
+    """
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    x, y = x / w, y / h
+    rng = np.random.default_rng(seed)
+    if kind == "content":
+        img = np.stack([x, y, 1 - x * y], -1) * 0.6
+        for cx, cy, r in rng.random((4, 3)):
+            img += 0.4 * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (0.02 + 0.05 * r))[..., None] * rng.random(3)
+    elif kind == "style":
+        phase = rng.random() * 6
+        img = np.stack([np.sin(12 * (x + y) + phase), np.sin(7 * (x - y)), np.cos(9 * x)], -1) * 0.5 + 0.5
+    else:
+        r = np.hypot(x - 0.5, y - 0.5)
+        img = np.stack([np.sin(30 * r), np.cos(20 * r), x], -1) * 0.5 + 0.5
+    return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
+
+
+def to_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()

@@ -1,0 +1,58 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from helpers import pattern
+
+pytestmark = pytest.mark.e2e
+
+
+def nst(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.fixture
+def files(tmp_path):
+    pattern((48, 40), "content").save(tmp_path / "content.jpg")
+    pattern((40, 48), "style").save(tmp_path / "style.png")
+    pattern((40, 40), "rings").save(tmp_path / "style2.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    return tmp_path
+
+
+def test_stylize_writes_image_and_sidecar(files):
+    proc = nst("stylize", "content.jpg", "style.png", "style2.png", "-o", "out/result.webp", "--weights", "random",
+               "--image-size", "32", "--iterations", "4", "--style-blend-weights", "2", "1", "--device", "cpu",
+               cwd=files)
+    assert proc.returncode == 0, proc.stderr
+    assert (files / "out/result.webp").read_bytes()[8:12] == b"WEBP"
+    meta = json.loads((files / "out/result.webp.json").read_text())
+    assert meta["params"]["iterations"] == 4 and meta["params"]["style_blend_weights"] == [2.0, 1.0]
+    assert meta["params"]["style_weight"] == 1e-3  # the model's default, not restated by the CLI
+    assert meta["evaluations"] == 4 and meta["losses"]["final"]["total"] <= meta["losses"]["initial"]["total"]
+    assert meta["styles"] == ["style.png", "style2.png"] and "versions" in meta and "seconds" in meta
+    assert "4/4" in proc.stderr  # the progress bar reached the end
+
+
+@pytest.mark.parametrize("args,message", [
+    (["broken.png", "style.png", "-o", "o.png"], "broken.png: corrupt or truncated"),
+    (["missing.png", "style.png", "-o", "o.png"], "missing.png: cannot read"),
+    (["content.jpg", "style.png", "-o", "o.gif"], "unsupported output extension .gif"),
+    (["content.jpg", "style.png", "-o", "o.png", "--iterations", "0"], "iterations: Input should be greater"),
+    (["content.jpg", "style.png", "-o", "o.png", "--style-layers", "relu9_9"], "valid names are: conv1_1"),
+    (["content.jpg", "style.png", "-o", "o.png", "--optimizer", "sgd"], "invalid choice: 'sgd'"),
+])
+def test_bad_input_exits_2_with_one_line(files, args, message):
+    proc = nst("stylize", *args, "--weights", "random", cwd=files)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (files / "o.png").exists()
+
+
+def test_missing_weights_file_exits_2(files):
+    proc = nst("stylize", "content.jpg", "style.png", "-o", "o.png", "--weights", "nope.pth", cwd=files)
+    assert proc.returncode == 2 and proc.stderr.strip() == "nst: error: weights file nope.pth does not exist"

@@ -1,0 +1,58 @@
+import pytest
+from pydantic import ValidationError
+
+from nst_core import VGG16_LAYERS, StyleParams
+
+
+def test_defaults_follow_the_design():
+    p = StyleParams()
+    assert p.content_layers == ["relu4_2"]
+    assert p.style_layers == ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
+    assert (p.optimizer, p.init, p.preserve_color, p.pooling, p.weights, p.device) == (
+        "lbfgs", "content", "none", "max", "imagenet1k_features", "auto")
+
+
+def test_every_field_has_title_and_description():
+    for name, field in StyleParams.model_fields.items():
+        assert field.title and field.description, name
+
+
+def test_unknown_layer_lists_the_valid_names():
+    with pytest.raises(ValidationError) as err:
+        StyleParams(style_layers=["relu1_1", "relu6_1"])
+    msg = str(err.value)
+    assert "relu6_1" in msg and all(name in msg for name in VGG16_LAYERS)
+
+
+@pytest.mark.parametrize("bad", [
+    {"iterations": 0}, {"image_size": 15}, {"image_size": 4097}, {"style_weight": -1.0},
+    {"content_weight": float("nan")}, {"tv_weight": float("inf")}, {"optimizer": "sgd"},
+    {"init": "zeros"}, {"preserve_color": "yes"}, {"pooling": "min"}, {"device": "gpu"},
+    {"style_layer_weights": [1.0, 2.0]}, {"style_layer_weights": [1, 1, 1, 1, float("nan")]},
+    {"style_blend_weights": [-1.0]}, {"weights_sha256": "abc"}, {"learning_rate": 0}, {"colour": 1},
+])
+def test_invalid_values_are_rejected(bad):
+    with pytest.raises(ValidationError):
+        StyleParams(**bad)
+
+
+def test_layer_and_blend_weights_normalize():
+    p = StyleParams(style_layers=["relu1_1", "relu2_1"], style_layer_weights=[1, 3], style_blend_weights=[2, 2])
+    assert p.layer_weights() == {"relu1_1": 0.25, "relu2_1": 0.75}
+    assert p.blend_weights(2) == [0.5, 0.5]
+    with pytest.raises(ValueError, match="2 values for 3 style"):
+        p.blend_weights(3)
+
+
+def test_step_size_defaults_per_optimizer():
+    assert StyleParams().step_size() == 1.0
+    assert StyleParams(optimizer="adam").step_size() == 0.02
+    assert StyleParams(optimizer="adam", learning_rate=0.5).step_size() == 0.5
+
+
+def test_params_import_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, nst_core.params; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

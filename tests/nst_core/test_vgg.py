@@ -1,0 +1,132 @@
+import hashlib
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import vgg16
+
+from nst_core import VGG16_LAYERS, WeightsError
+from nst_core import vgg as vgg_mod
+from nst_core.vgg import layer_index, load_extractor, read_weights_bytes
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    vgg_mod._cache.clear()
+    yield
+    vgg_mod._cache.clear()
+
+
+def test_layer_table_matches_torchvision():
+    kinds = {nn.Conv2d: "conv", nn.ReLU: "relu", nn.MaxPool2d: "pool"}
+    features = vgg16(weights=None).features  # torchvision's own layout, to check the name table against
+    assert len(features) == len(VGG16_LAYERS)
+    for module, name in zip(features, VGG16_LAYERS):
+        assert name.startswith(kinds[type(module)])
+
+
+def test_truncates_after_deepest_layer_and_freezes():
+    ex = load_extractor("random", layers=["relu1_1", "relu2_1"])
+    assert len(ex.layers) == layer_index("relu2_1") + 1
+    assert not ex.layers.training and not any(p.requires_grad for p in ex.layers.parameters())
+    out = ex(torch.rand(1, 3, 32, 32), ["relu2_1", "relu1_1"])
+    assert out["relu1_1"].shape == (1, 64, 32, 32) and out["relu2_1"].shape == (1, 128, 16, 16)
+
+
+def test_avg_pooling_and_conv_layers_keep_their_values():
+    ex = load_extractor("random", layers=["conv2_1"], pooling="avg")
+    assert any(isinstance(m, nn.AvgPool2d) for m in ex.layers)
+    assert not any(isinstance(m, nn.MaxPool2d) for m in ex.layers)
+    out = ex(torch.rand(1, 3, 32, 32), ["conv1_1"])
+    assert (out["conv1_1"] < 0).any(), "a conv activation must not be overwritten by an in-place ReLU"
+
+
+def test_random_weights_are_seeded_and_cached():
+    a = load_extractor("random", layers=["relu1_1"], seed=1)
+    assert load_extractor("random", layers=["relu1_1"], seed=1) is a
+    b = load_extractor("random", layers=["relu1_1"], seed=2)
+    assert not torch.equal(a.layers[0].weight, b.layers[0].weight)
+    vgg_mod._cache.clear()
+    assert torch.equal(load_extractor("random", layers=["relu1_1"], seed=1).layers[0].weight, a.layers[0].weight)
+    assert a.weights_id == "random(seed=1)"
+
+
+@pytest.mark.parametrize("form", ["full", "features", "wrapped"])
+def test_state_dict_file_round_trip(tmp_path, form):
+    ref = load_extractor("random", layers=["relu5_1"], seed=7)
+    features = ref.layers.state_dict()
+    mean, std = ref.mean.flatten().tolist(), ref.std.flatten().tolist()
+    state = {
+        "full": {**{f"features.{k}": v for k, v in features.items()}, "classifier.0.weight": torch.zeros(2, 2)},
+        "features": features,
+        "wrapped": {"state_dict": features, "mean": mean, "std": std},
+    }[form]
+    path = tmp_path / "vgg.pth"
+    torch.save(state, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    for uri in (str(path), path.as_uri()):
+        ex = load_extractor(uri, layers=["relu5_1"], sha256=digest)
+        assert all(torch.equal(a, b) for a, b in zip(ex.layers.state_dict().values(), features.values()))
+        assert ex.weights_id == f"sha256:{digest}"
+        if form == "wrapped":  # weights and normalization travel together: same features
+            x = torch.rand(1, 3, 32, 32)
+            assert torch.allclose(ex(x, ["relu5_1"])["relu5_1"], ref(x, ["relu5_1"])["relu5_1"])
+        else:  # a bare state_dict gets the ImageNet statistics
+            assert ex.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_hash_mismatch_missing_file_and_non_state_dict(tmp_path):
+    path = tmp_path / "vgg.pth"
+    torch.save(load_extractor("random", layers=["relu1_1"]).layers.state_dict(), path)
+    with pytest.raises(WeightsError, match="expected 0000"):
+        load_extractor(str(path), layers=["relu1_1"], sha256="0" * 64)
+    with pytest.raises(WeightsError, match="does not exist"):
+        load_extractor(str(tmp_path / "nope.pth"), layers=["relu1_1"])
+    bad = tmp_path / "bad.pth"
+    torch.save(nn.Linear(2, 2), bad)  # a pickled module: weights_only=True refuses it
+    with pytest.raises(WeightsError, match="not a loadable state_dict"):
+        load_extractor(str(bad), layers=["relu1_1"])
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"0.weight": torch.zeros(1)}, wrong)
+    with pytest.raises(WeightsError, match="does not fit"):
+        load_extractor(str(wrong), layers=["relu1_1"])
+
+
+def test_other_schemes_go_through_the_opener(tmp_path):
+    path = tmp_path / "vgg.pth"
+    torch.save(load_extractor("random", layers=["relu1_1"]).layers.state_dict(), path)
+    seen = []
+
+    def opener(uri):
+        seen.append(uri)
+        return path.read_bytes()
+
+    load_extractor("s3://bucket/vgg.pth", layers=["relu1_1"], opener=opener)
+    assert seen == ["s3://bucket/vgg.pth"]
+    with pytest.raises(WeightsError, match="no reader"):
+        read_weights_bytes("s3://bucket/other.pth")
+
+
+def test_torchvision_weights_load_from_the_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    features = load_extractor("random", layers=["relu5_3"], seed=3).layers.state_dict()
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save({f"features.{k}": v for k, v in features.items()}, checkpoints / "vgg16-397923af.pth")
+    ex = load_extractor("imagenet1k_v1", layers=["relu1_1"])
+    assert torch.equal(ex.layers[0].weight, features["0.weight"])
+    assert ex.weights_id == "torchvision:vgg16-397923af.pth"
+    assert ex.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_unavailable_torchvision_weights_say_how_to_supply_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(WeightsError) as err:
+        load_extractor("imagenet1k_features", layers=["relu1_1"])
+    msg = str(err.value)
+    assert "vgg16_features-amdegroot-88682ab5.pth" in msg and "checkpoints" in msg and "random" in msg
