@@ -1,0 +1,88 @@
+"""Per-process compute state for the batch tasks: device leases and the style-targets cache.
+
+These are caches and locks, not models: the extractor itself is cached by nst_core.vgg.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+__all__ = ["expand_devices", "lease_device", "TargetsCache", "targets_cache", "io_slot"]
+
+
+def expand_devices(devices: list[str], params_device: str) -> list[str]:
+    """RunOptions.devices -> concrete device names. ['auto'] follows StyleParams.device."""
+    import torch
+
+    if devices != ["auto"]:
+        return list(dict.fromkeys(devices))
+    if params_device in ("auto", "cuda") and torch.cuda.is_available():
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if params_device == "auto":
+        return ["mps"] if torch.backends.mps.is_available() else ["cpu"]
+    return [params_device]
+
+
+_leases: dict[tuple[str, ...], queue.Queue] = {}
+_leases_lock = threading.Lock()
+
+
+@contextmanager
+def lease_device(devices: list[str]) -> Iterator[str]:
+    """Hold one device of ``devices`` exclusively: one stylize per device at a time in this process."""
+    key = tuple(devices)
+    with _leases_lock:
+        if key not in _leases:
+            _leases[key] = queue.Queue()
+            for d in devices:
+                _leases[key].put(d)
+    device = _leases[key].get()
+    try:
+        yield device
+    finally:
+        _leases[key].put(device)
+
+
+_io_slots: dict[int, threading.BoundedSemaphore] = {}
+
+
+@contextmanager
+def io_slot(workers: int) -> Iterator[None]:
+    """At most ``workers`` concurrent downloads/uploads in this process."""
+    with _leases_lock:
+        sem = _io_slots.setdefault(workers, threading.BoundedSemaphore(workers))
+    with sem:
+        yield
+
+
+class TargetsCache:
+    """LRU of StyleTargets keyed by (style identity, device, targets key); bounded in entries.
+
+    Cross pairings are planned style-major, so each style's Grams are computed once per device.
+    """
+
+    def __init__(self, max_entries: int = 32):
+        self.max_entries = max_entries
+        self._items: OrderedDict[tuple, object] = OrderedDict()
+        self._lock = threading.Lock()
+        self.computed = 0  # how many times a target was built (tests and logs read it)
+
+    def get_or_compute(self, key: tuple, compute: Callable[[], object]):
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = compute()  # callers hold the device lease, so one device never computes a key twice at once
+        with self._lock:
+            self.computed += 1
+            self._items[key] = value
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
+        return value
+
+
+targets_cache = TargetsCache()
