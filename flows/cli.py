@@ -7,12 +7,16 @@ Exit codes: 0 ok, 1 a batch whose flow run failed, 2 bad input or parameters (on
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pydantic import ValidationError
 
-from nst_core.cli import add_stylize_parser, one_line
+from nst_core.cli import ProgressBar, add_model_options, add_stylize_parser, model_from_args, one_line
 from nst_core.errors import NSTError
+from nst_core.params import StyleParams
+
+from flows.models import BatchSource, OutputSpec, RunOptions
 
 __all__ = ["main", "build_parser"]
 
@@ -28,10 +32,77 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nst", description="Batch neural style transfer (Gatys, VGG16) on Prefect.")
     sub = parser.add_subparsers(dest="command", required=True)
     add_stylize_parser(sub)
+
+    batch = sub.add_parser("batch", help="run the stylize-batch flow locally over a manifest or two prefixes",
+                           description="Run the stylize-batch flow (ephemeral Prefect API unless PREFECT_API_URL is set).")
+    src = batch.add_mutually_exclusive_group(required=True)
+    src.add_argument("--manifest", help="JSONL or CSV manifest URI")
+    src.add_argument("--contents", help="prefix/folder of content images (with --styles)")
+    batch.add_argument("--styles", help="prefix/folder of style images (with --contents)")
+    batch.add_argument("--pairing", choices=["cross", "zip"], default=argparse.SUPPRESS,
+                       help=BatchSource.model_fields["pairing"].description)
+    batch.add_argument("--output", required=True, help=OutputSpec.model_fields["uri"].description)
+    add_model_options(batch, OutputSpec, skip=("uri",))
+    add_model_options(batch, RunOptions, skip=("labels", "skip_existing"))
+    batch.add_argument("--no-skip-existing", dest="skip_existing", action="store_false", default=argparse.SUPPRESS,
+                       help="redo pairs even when their sidecar exists")
+    add_model_options(batch, StyleParams)
+    batch.set_defaults(handler=run_batch)
+
+    demo = sub.add_parser("demo", help="stylize the bundled sample images into ./demo-output/",
+                          description="Run stylize-batch on examples/ into ./demo-output/ (sized for a CPU in ~3 min).")
+    demo.add_argument("--output", default="demo-output", help="output folder (default: demo-output)")
+    demo.set_defaults(handler=run_demo)
     return parser
 
 
+def _run_flow(source, output, params, run):
+    """Run stylize_batch in this process with a progress bar; exit code from the final state."""
+    from flows.batch import on_pair_done, stylize_batch
+
+    bar: ProgressBar | None = None
+
+    def hook(done: int, total: int) -> None:
+        nonlocal bar
+        bar = bar or ProgressBar(total, "pairs ")
+        bar.update(done)
+
+    token = on_pair_done.set(hook)
+    try:
+        state = stylize_batch(source, output, params, run, return_state=True)
+    finally:
+        on_pair_done.reset(token)
+    print(state.message or state.name)
+    return state
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    if args.contents and not args.styles:
+        raise NSTError("--contents needs --styles (or use --manifest)")
+    if args.manifest and args.styles:
+        raise NSTError("--styles goes with --contents, not with --manifest")
+    source = model_from_args(BatchSource, args)
+    output = OutputSpec(**{**{k: v for k, v in vars(args).items() if k in OutputSpec.model_fields}, "uri": args.output})
+    state = _run_flow(source, output, model_from_args(StyleParams, args), model_from_args(RunOptions, args))
+    return 0 if state.is_completed() else 1
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from flows.demo import demo_inputs
+
+    state = _run_flow(*demo_inputs(args.output))
+    report = state.result(raise_on_failure=False)
+    if isinstance(report, dict):
+        print(f"images and sidecars: {report['output']['uri']}/")
+        print(f"run report:          {report['output']['uri']}/_runs/{report['flow_run']}.json")
+        print(f"contact sheet:       {report['contact_sheet']}")
+    return 0 if state.is_completed() else 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    # The ephemeral API's telemetry heartbeat races its own SQLite setup and logs a traceback;
+    # a batch tool has no use for it. A user's explicit setting wins.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     parser = build_parser()
     args = parser.parse_args(argv)  # usage errors exit 2 with one line
     try:

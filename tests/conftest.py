@@ -10,6 +10,7 @@ from helpers import pattern
 
 # Prefect (when a test uses it) keeps its state here, never in the user's home.
 os.environ.setdefault("PREFECT_HOME", os.path.join(os.path.dirname(__file__), "..", ".prefect-home"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 @pytest.fixture
