@@ -1,0 +1,158 @@
+import json
+
+import pytest
+
+from flows.batch import stylize_batch
+from flows.models import BatchSource, OutputSpec, RunOptions
+from nst_core import StyleParams
+from tasks.compute import targets_cache
+
+from helpers import pattern, to_bytes
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
+
+PARAMS = StyleParams(weights="random", image_size=32, iterations=3, device="cpu")
+
+
+def run(source, output, params=PARAMS, **run_options):
+    return stylize_batch(source, output, params, RunOptions(**run_options), return_state=True)
+
+
+def seed_bucket(client, bucket, broken=True):
+    """Two good contents, two styles; optionally a corrupt image and a zero-byte file."""
+    for i, kind in enumerate(("content", "rings")):
+        client.put_object(Bucket=bucket, Key=f"in/contents/c{i}.png", Body=to_bytes(pattern((40, 32), kind, seed=i)))
+    for i in range(2):
+        client.put_object(Bucket=bucket, Key=f"in/styles/s{i}.jpg", Body=to_bytes(pattern((32, 32), "style", i), "JPEG"))
+    client.put_object(Bucket=bucket, Key="in/styles/README.txt", Body=b"not an image: ignored")
+    if broken:
+        client.put_object(Bucket=bucket, Key="in/contents/corrupt.png", Body=b"\x89PNG\r\n\x1a\nbroken")
+        client.put_object(Bucket=bucket, Key="in/contents/empty.jpg", Body=b"")
+
+
+def keys(client, bucket, prefix="out/"):
+    return sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []))
+
+
+def test_cross_on_s3_bad_pairs_fail_alone_and_rerun_skips(bucket):
+    name, client = bucket
+    seed_bucket(client, name)
+    source = BatchSource(contents=f"s3://{name}/in/contents/", styles=f"s3://{name}/in/styles/")
+    output = OutputSpec(uri=f"s3://{name}/out/", format="png")
+    before = targets_cache.computed
+    state = run(source, output, max_failures=4)
+    assert state.is_completed(), state.message
+    assert targets_cache.computed - before == 2  # one Gram computation per distinct style
+
+    written = keys(client, name)
+    images = [k for k in written if k.endswith(".png")]
+    sidecars = [k for k in written if k.endswith(".json") and "/_runs/" not in k]
+    assert len(images) == 4 and len(sidecars) == 4
+    outside = [k for k in keys(client, name, "") if not k.startswith(("out/", "in/"))]
+    assert outside == []
+
+    sidecar = json.loads(client.get_object(Bucket=name, Key=sidecars[0])["Body"].read())
+    assert sidecar["params"]["iterations"] == 3 and sidecar["weights_id"] == "random(seed=0)"
+    assert sidecar["output"] == f"s3://{name}/{sidecars[0][:-5]}.png" and len(sidecar["key"]) == 64
+    assert sidecar["key"][:8] in sidecars[0]
+    assert set(sidecar["losses"]) == {"initial", "final"} and sidecar["evaluations"] == 3
+    assert "testing-secret-key-do-not-log" not in json.dumps(sidecar)
+
+    reports = [k for k in written if k.startswith("out/_runs/") and k.endswith(".json")]
+    assert len(reports) == 1 and any(k.endswith("-contact.jpg") for k in written)
+    report = json.loads(client.get_object(Bucket=name, Key=reports[0])["Body"].read())
+    assert report["totals"] == {"pairs": 8, "done": 4, "skipped": 0, "failed": 4}
+    failed = {(i["content"].rsplit("/", 1)[1], i["error"]) for i in report["items"] if i["status"] == "failed"}
+    assert {c for c, _ in failed} == {"corrupt.png", "empty.jpg"}
+    assert all(f"in/contents/{c}" in err for c, err in failed)
+    assert any("0 bytes" in err for _, err in failed) and any("corrupt" in err for _, err in failed)
+    assert "testing-secret-key-do-not-log" not in json.dumps(report)
+
+    stamps = {k: client.head_object(Bucket=name, Key=k)["LastModified"] for k in images + sidecars}
+    before = targets_cache.computed
+    again = run(source, output, max_failures=4)
+    assert again.is_completed()
+    report2 = again.result()
+    assert report2["totals"] == {"pairs": 8, "done": 0, "skipped": 4, "failed": 4}
+    assert targets_cache.computed == before  # nothing was computed for the skipped pairs
+    assert {k: client.head_object(Bucket=name, Key=k)["LastModified"] for k in stamps} == stamps
+
+
+def test_max_failures_decides_the_final_state(bucket):
+    name, client = bucket
+    seed_bucket(client, name)
+    source = BatchSource(contents=f"s3://{name}/in/contents/", styles=f"s3://{name}/in/styles/")
+    state = run(source, OutputSpec(uri=f"s3://{name}/out/"), max_failures=3)
+    assert state.is_failed()
+    assert state.message.startswith("4 of 8 pairs failed (report: s3://") and "/_runs/" in state.message
+    assert len([k for k in keys(client, name) if k.endswith(".jpg") and "_runs" not in k]) == 4
+
+
+def test_zip_on_local_folders(tmp_path):
+    for i in range(2):
+        (tmp_path / "c").mkdir(exist_ok=True)
+        (tmp_path / "s").mkdir(exist_ok=True)
+        pattern((32, 24), "content", i).save(tmp_path / "c" / f"{i}.png")
+        pattern((24, 32), "style", i).save(tmp_path / "s" / f"{i}.png")
+    state = run(BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s"), pairing="zip"),
+                OutputSpec(uri=str(tmp_path / "out"), format="webp"))
+    assert state.is_completed(), state.message
+    outs = sorted(p.name for p in (tmp_path / "out").glob("*.webp"))
+    assert [o.split("__")[:2] for o in outs] == [["0", "0"], ["1", "1"]]
+    assert not list((tmp_path / "out").rglob(".nst-tmp-*"))
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    by_type = {a.type: a for a in artifacts}
+    assert {"table", "markdown", "progress"} <= set(by_type)
+    assert by_type["progress"].data == 100.0
+    assert "| 2 | 2 | 0 | 0 |" in by_type["markdown"].data and "Contact sheet" in by_type["markdown"].data
+    table = json.loads(by_type["table"].data) if isinstance(by_type["table"].data, str) else by_type["table"].data
+    assert [row["status"] for row in table] == ["done", "done"]
+
+
+def test_manifests_jsonl_and_csv_with_a_missing_key(bucket):
+    name, client = bucket
+    seed_bucket(client, name, broken=False)
+    jsonl = "\n".join(json.dumps(r) for r in [
+        {"content": "contents/c0.png", "style": "styles/s0.jpg", "output": "named/first"},
+        {"content": f"s3://{name}/in/contents/c1.png", "style": "styles/s1.jpg"},
+        {"content": "contents/missing.png", "style": "styles/s1.jpg"},
+    ])
+    client.put_object(Bucket=name, Key="in/m.jsonl", Body=jsonl.encode())
+    client.put_object(Bucket=name, Key="in/m.csv", Body=b"content,style\ncontents/c1.png,styles/s0.jpg\n")
+
+    state = run(BatchSource(manifest=f"s3://{name}/in/m.jsonl"), OutputSpec(uri=f"s3://{name}/out/"), max_failures=1)
+    assert state.is_completed(), state.message
+    report = state.result()
+    assert report["totals"] == {"pairs": 3, "done": 2, "skipped": 0, "failed": 1}
+    missing = [i for i in report["items"] if i["status"] == "failed"][0]
+    assert "in/contents/missing.png" in missing["error"] and "no such object" in missing["error"]
+    assert {"out/named/first.jpg", "out/named/first.json"} <= set(keys(client, name))
+
+    state = run(BatchSource(manifest=f"s3://{name}/in/m.csv"), OutputSpec(uri=f"s3://{name}/csv-out/"))
+    assert state.is_completed(), state.message
+    assert len([k for k in keys(client, name, "csv-out/") if k.endswith(".jpg") and "_runs" not in k]) == 1
+
+
+def test_manifest_escaping_the_prefix_is_rejected_before_any_work(bucket):
+    name, client = bucket
+    seed_bucket(client, name, broken=False)
+    client.put_object(Bucket=name, Key="in/evil.jsonl", Body=json.dumps(
+        {"content": "contents/c0.png", "style": "styles/s0.jpg", "output": "../../escaped"}).encode())
+    state = run(BatchSource(manifest=f"s3://{name}/in/evil.jsonl"), OutputSpec(uri=f"s3://{name}/out/deep/"))
+    assert state.is_failed()
+    assert "line 1" in state.message and "outside" in state.message
+    assert [k for k in keys(client, name, "") if not k.startswith("in/")] == []
+
+
+def test_preflight_names_missing_weights_and_writes_nothing(tmp_path):
+    pattern((16, 16)).save(tmp_path / "c.png")
+    state = run(BatchSource(contents=str(tmp_path), styles=str(tmp_path)), OutputSpec(uri=str(tmp_path / "out")),
+                PARAMS.model_copy(update={"weights": str(tmp_path / "nope.pth")}))
+    assert state.is_failed() and "weights" in state.message and "nope.pth does not exist" in state.message
+    assert not any((tmp_path / "out").rglob("*.*"))

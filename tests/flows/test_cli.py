@@ -1,0 +1,60 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from prefect.settings import PREFECT_API_URL
+
+from helpers import pattern
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
+
+
+def nst(*args, cwd):
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}  # the session's real API
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture
+def data(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "s").mkdir()
+    pattern((32, 24)).save(tmp_path / "c" / "one.png")
+    pattern((32, 24), "rings").save(tmp_path / "c" / "two.png")
+    pattern((24, 24), "style").save(tmp_path / "s" / "st.png")
+    return tmp_path
+
+
+FAST = ["--weights", "random", "--image-size", "32", "--iterations", "2", "--device", "cpu"]
+
+
+def test_batch_exit_codes(data):
+    ok = nst("batch", "--contents", "c", "--styles", "s", "--output", "out", *FAST, cwd=data)
+    assert ok.returncode == 0, ok.stderr
+    assert "2 done, 0 skipped, 0 failed of 2 pairs (report: " in ok.stdout
+    assert "2/2" in ok.stderr  # the progress bar
+    assert len(list((data / "out").glob("*.json"))) == 2
+
+    (data / "c" / "three.png").write_bytes(b"garbage")
+    failed = nst("batch", "--contents", "c", "--styles", "s", "--output", "out", "--max-failures", "0", *FAST, cwd=data)
+    assert failed.returncode == 1
+    assert "1 of 3 pairs failed (report: " in failed.stdout
+
+    (data / "m.csv").write_text("content,style\nc/one.png,s/st.png\nc/three.png,s/st.png\n")
+    tolerated = nst("batch", "--manifest", "m.csv", "--output", "out2", "--max-failures", "1", *FAST, cwd=data)
+    assert tolerated.returncode == 0, tolerated.stdout + tolerated.stderr
+    assert "1 done, 0 skipped, 1 failed of 2 pairs" in tolerated.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--contents", "c", "--output", "o"], "--contents needs --styles"),
+    (["--contents", "c", "--styles", "s", "--output", "o", "--iterations", "0"], "iterations"),
+    (["--contents", "c", "--styles", "s", "--output", "o", "--format", "gif"], "invalid choice: 'gif'"),
+    (["--output", "o"], "one of the arguments --manifest --contents is required"),
+])
+def test_batch_bad_arguments_exit_2(data, args, message):
+    proc = nst("batch", *args, cwd=data)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr

@@ -1,0 +1,89 @@
+import json
+
+import pytest
+
+from flows.models import BatchSource
+from nst_core import StyleParams
+from tasks.plan import PreflightError, pair_key, plan_pairs, read_manifest, source_entries
+
+from helpers import pattern, to_bytes
+
+
+@pytest.fixture
+def folders(tmp_path):
+    for name in ("b.png", "a.jpg", "notes.txt"):
+        (tmp_path / "c").mkdir(exist_ok=True)
+        (tmp_path / "c" / name).write_bytes(to_bytes(pattern((16, 16))) if name != "notes.txt" else b"x")
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "s1.png").write_bytes(to_bytes(pattern((16, 16), "style")))
+    return tmp_path
+
+
+def test_cross_is_style_major_and_images_only(folders):
+    entries = source_entries(BatchSource(contents=str(folders / "c"), styles=str(folders / "s")))
+    assert [(e.content.rsplit("/", 1)[1], e.style.rsplit("/", 1)[1]) for e in entries] == [
+        ("a.jpg", "s1.png"), ("b.png", "s1.png")]
+
+
+def test_zip_needs_equal_counts(folders):
+    with pytest.raises(PreflightError, match="zip.*2 content images.*1 style"):
+        source_entries(BatchSource(contents=str(folders / "c"), styles=str(folders / "s"), pairing="zip"))
+
+
+def test_empty_source_is_a_preflight_error(folders):
+    (folders / "empty").mkdir()
+    with pytest.raises(PreflightError, match="no image files"):
+        source_entries(BatchSource(contents=str(folders / "empty"), styles=str(folders / "s")))
+
+
+def test_source_needs_one_kind():
+    with pytest.raises(ValueError, match="either a manifest"):
+        BatchSource(manifest="m.jsonl", contents="c")
+    with pytest.raises(ValueError, match="give a manifest URI"):
+        BatchSource(contents="c")
+
+
+def test_manifest_csv_and_jsonl(folders):
+    (folders / "m.csv").write_text("content,style,output\nc/a.jpg,s/s1.png,\nc/b.png,s/s1.png,named/out\n")
+    rows = read_manifest(str(folders / "m.csv"))
+    assert rows[0].content == f"{folders}/c/a.jpg" and rows[0].output is None and rows[1].output == "named/out"
+    (folders / "m.jsonl").write_text(json.dumps({"content": str(folders / "c/a.jpg"), "style": "s/s1.png"}) + "\n\n")
+    assert read_manifest(str(folders / "m.jsonl"))[0].content == str(folders / "c/a.jpg")
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"content": "c/a.jpg", "style": "s/s1.png", "output": "../../etc/x"}\n', "line 1: .*outside"),
+    ('{"content": "c/a.jpg", "style": "s/s1.png", "output": "/abs/x"}\n', "line 1: .*not a relative path"),
+    ('{"content": "c/a.jpg"}\n', "line 1: needs non-empty 'content' and 'style'"),
+    ('{"content": "c/a.jpg", "style": "s.png"}\nnot json\n', "line 2: not JSON"),
+    ("", "has no rows"),
+])
+def test_bad_manifests_name_the_line(folders, text, message):
+    (folders / "m.jsonl").write_text(text)
+    with pytest.raises(PreflightError, match=message):
+        read_manifest(str(folders / "m.jsonl"))
+
+
+def test_output_names_and_keys(folders):
+    params = StyleParams(weights="random")
+    entries = source_entries(BatchSource(contents=str(folders / "c"), styles=str(folders / "s")))
+    plans = plan_pairs(entries, params, "random(seed=0)", "jpeg")
+    assert plans[0].image_key == f"a__s1__{plans[0].key[:8]}.jpg" and plans[0].sidecar_key.endswith(".json")
+    # same inputs and params -> same key; any param (but device) or the weights -> another key
+    again = plan_pairs(entries, params.model_copy(update={"device": "cpu"}), "random(seed=0)", "jpeg")
+    assert [p.key for p in again] == [p.key for p in plans]
+    assert plan_pairs(entries, params.model_copy(update={"iterations": 7}), "random(seed=0)", "jpeg")[0].key != plans[0].key
+    assert plan_pairs(entries, params, "sha256:abc", "jpeg")[0].key != plans[0].key
+    # the key follows the bytes, not the file name
+    (folders / "c" / "a.jpg").write_bytes(to_bytes(pattern((16, 16), "rings")))
+    assert plan_pairs(entries, params, "random(seed=0)", "jpeg")[0].key != plans[0].key
+    assert pair_key("x", "y", params, "w") == pair_key("x", "y", params, "w")
+
+
+def test_duplicate_or_reserved_output_names_are_rejected(folders):
+    (folders / "m.csv").write_text("content,style,output\nc/a.jpg,s/s1.png,same\nc/b.png,s/s1.png,same.png\n")
+    with pytest.raises(PreflightError, match="used twice"):
+        plan_pairs(read_manifest(str(folders / "m.csv")), StyleParams(), "w", "png")
+    (folders / "m.csv").write_text("content,style,output\nc/a.jpg,s/s1.png,_runs/x\n")
+    with pytest.raises(PreflightError, match="_runs"):
+        plan_pairs(read_manifest(str(folders / "m.csv")), StyleParams(), "w", "png")

@@ -1,0 +1,101 @@
+import os
+
+import pytest
+
+from tasks.storage import (
+    LocalStorage,
+    MissingObjectError,
+    S3Storage,
+    UnsafeKeyError,
+    is_transient,
+    open_storage,
+    read_uri,
+    safe_key,
+    split_uri,
+)
+
+
+@pytest.mark.parametrize("key", ["../x", "a/../../x", "/etc/passwd", "s3://other/x", "", ".", "a/..", "C:\\x", "\\x"])
+def test_unsafe_keys_are_rejected(key):
+    with pytest.raises(UnsafeKeyError):
+        safe_key(key)
+
+
+def test_safe_key_normalizes():
+    assert safe_key("a//b/./c.png") == "a/b/c.png"
+
+
+def _roundtrip(storage):
+    storage.write("sub/a.png", b"one")
+    storage.write("b.json", b"{}")
+    assert storage.exists("sub/a.png") and not storage.exists("nope.png")
+    data, identity = storage.read("sub/a.png")
+    assert data == b"one" and identity
+    assert [i.key for i in storage.list()] == ["b.json", "sub/a.png"]
+    assert [i.key for i in storage.list("sub")] == ["sub/a.png"]
+    with pytest.raises(MissingObjectError, match="nope.png"):
+        storage.read("nope.png")
+    with pytest.raises(UnsafeKeyError):
+        storage.write("../escape.png", b"x")
+    storage.delete("b.json")
+    assert not storage.exists("b.json")
+
+
+def test_local_storage(tmp_path):
+    _roundtrip(LocalStorage(tmp_path / "root"))
+    assert not (tmp_path / "escape.png").exists()
+
+
+def test_s3_storage_against_a_real_endpoint(bucket):
+    name, client = bucket
+    storage = open_storage(f"s3://{name}/out/")
+    assert isinstance(storage, S3Storage) and storage.uri == f"s3://{name}/out/"
+    _roundtrip(storage)
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=name)["Contents"]]
+    assert keys == ["out/sub/a.png"]  # nothing outside the prefix
+    assert read_uri(f"s3://{name}/out/sub/a.png") == b"one"
+    assert storage.identity("sub/a.png") == client.head_object(Bucket=name, Key="out/sub/a.png")["ETag"].strip('"')
+
+
+def test_s3_listing_paginates(bucket):
+    name, client = bucket
+    for i in range(1005):  # one more page than list_objects_v2's 1000
+        client.put_object(Bucket=name, Key=f"many/{i:04d}.txt", Body=b"x")
+    assert len(open_storage(f"s3://{name}/many").list()) == 1005
+
+
+def test_s3_missing_bucket_is_a_clear_error(s3_endpoint):
+    with pytest.raises(MissingObjectError, match="s3://no-such-bucket-here/"):
+        open_storage("s3://no-such-bucket-here/x/").list()
+
+
+def test_local_write_failing_midway_leaves_no_partial_file(tmp_path, monkeypatch):
+    storage = LocalStorage(tmp_path)
+    storage.write("a.png", b"old")
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        storage.write("a.png", b"new-but-interrupted")
+    with pytest.raises(OSError):
+        storage.write("b.png", b"never")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+    assert (tmp_path / "a.png").read_bytes() == b"old"
+
+
+def test_split_uri():
+    storage, key = split_uri("s3://bkt/a/b/c.png")
+    assert (storage.uri, key) == ("s3://bkt/a/b/", "c.png")
+    storage, key = split_uri("/tmp/x/y.csv")
+    assert (storage.uri, key) == ("/tmp/x", "y.csv")
+
+
+def test_only_transient_errors_are_retried():
+    from tasks.storage import StorageError
+
+    assert not is_transient(MissingObjectError("s3://b/k: no such object"))
+    assert is_transient(StorageError("s3://b/k: SlowDown: Please reduce your request rate"))
+    assert is_transient(StorageError("s3://b/k: EndpointConnectionError: Could not connect"))
+    assert not is_transient(StorageError("s3://b/k: AccessDenied: Access Denied"))
