@@ -33,7 +33,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.models import BatchSource, OutputSpec, RunOptions
 from nst_core.errors import NSTError
 from nst_core.params import StyleParams
-from tasks.compute import expand_devices
+from tasks.compute import expand_devices, run_on_device
 from tasks.pair import fetch_image, stylize_pair, write_pair
 from tasks.plan import PairPlan, PreflightError, plan_pairs, source_entries
 from tasks.report import PairItem, contact_sheet, summary_markdown, table_rows, totals
@@ -58,7 +58,8 @@ def preflight(source: BatchSource, output: OutputSpec, params: StyleParams, devi
     except (StorageError, OSError) as err:
         raise PreflightError(f"output {output.uri} is not writable: {err}") from None
     try:
-        weights_id = extractor_for(params.model_copy(update={"device": devices[0]}), opener=read_uri).weights_id
+        first = params.model_copy(update={"device": devices[0]})
+        weights_id = run_on_device(devices[0], lambda: extractor_for(first, opener=read_uri)).weights_id
     except NSTError as err:
         raise PreflightError(f"weights: {err}") from None
     return source_entries(source), weights_id

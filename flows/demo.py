@@ -27,13 +27,15 @@ def demo_inputs(output: str) -> tuple[BatchSource, OutputSpec, StyleParams, RunO
     import torch
 
     from nst_core.optimize import extractor_for
+    from tasks.compute import expand_devices, run_on_device
 
     on_gpu = torch.cuda.is_available()
     # CPU: 4 pairs x 80 evaluations at 192 px fit in ~3 minutes on 2 cores; GPU: the defaults.
     params = StyleParams() if on_gpu else StyleParams(image_size=192, iterations=80)
     labels = {"demo": "true"}
     try:
-        extractor_for(params)
+        # on the device's compute thread, where the flow will use it (see run_on_device)
+        run_on_device(expand_devices(["auto"], params.device)[0], lambda: extractor_for(params))
     except WeightsError as err:
         print(f"\n*** WARNING: {RANDOM_WEIGHTS_WARNING}\n*** ({err})\n", file=sys.stderr)
         params = params.model_copy(update={"weights": "random"})

@@ -5,13 +5,18 @@ These are caches and locks, not models: the extractor itself is cached by nst_co
 
 from __future__ import annotations
 
+import contextvars
 import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import TypeVar
 
-__all__ = ["expand_devices", "lease_device", "TargetsCache", "targets_cache", "io_slot"]
+__all__ = ["expand_devices", "lease_device", "run_on_device", "TargetsCache", "targets_cache", "io_slot"]
+
+T = TypeVar("T")
 
 
 def expand_devices(devices: list[str], params_device: str) -> list[str]:
@@ -45,6 +50,23 @@ def lease_device(devices: list[str]) -> Iterator[str]:
         yield device
     finally:
         _leases[key].put(device)
+
+
+_device_threads: dict[str, ThreadPoolExecutor] = {}
+
+
+def run_on_device(device: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on the one long-lived compute thread of ``device`` (with the caller's context).
+
+    Why: with libgomp, once a second thread has run OpenMP regions, both thread teams fall back
+    to sleeping between regions and CPU compute in task threads gets ~25% slower (measured with
+    benchmarks/batch.py on 2 cores). Keeping all torch work of a device on one thread avoids it.
+    """
+    with _leases_lock:
+        if device not in _device_threads:
+            _device_threads[device] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"nst-{device}")
+    ctx = contextvars.copy_context()  # Prefect's run context, so the task logger works there
+    return _device_threads[device].submit(ctx.run, fn).result()
 
 
 _io_slots: dict[int, threading.BoundedSemaphore] = {}

@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.models import OutputSpec
 from nst_core.params import StyleParams
 
-from .compute import io_slot, lease_device, targets_cache
+from .compute import io_slot, lease_device, run_on_device, targets_cache
 from .plan import PairPlan
 from .storage import is_transient, open_storage, read_uri
 
@@ -73,8 +73,13 @@ def stylize_pair(
         content_pil = content_img.rgb.copy()
         content_pil.putalpha(content_img.alpha)
     t_wait = time.perf_counter()
-    with lease_device(devices) as device:
-        waited = time.perf_counter() - t_wait
+    step = max(1, params.iterations // 4)
+
+    def progress(ev):
+        if ev.iteration % step == 0 or ev.iteration == ev.total:
+            logger.info("%s: evaluation %d/%d, loss %.4g", pair.name, ev.iteration, ev.total, ev.loss)
+
+    def compute(device: str):
         p = params.model_copy(update={"device": device})
         targets = None
         if p.preserve_color != "histogram":  # histogram targets depend on each content
@@ -84,13 +89,11 @@ def stylize_pair(
                                               "style_blend_weights", "seed"}))
             targets = targets_cache.get_or_compute(
                 key, lambda: compute_style_targets(style_img, p, extractor=extractor))
-        step = max(1, p.iterations // 4)
+        return stylize(content_pil, style_img, p, progress=progress, targets=targets, opener=read_uri)
 
-        def progress(ev):
-            if ev.iteration % step == 0 or ev.iteration == ev.total:
-                logger.info("%s: evaluation %d/%d, loss %.4g", pair.name, ev.iteration, ev.total, ev.loss)
-
-        result = stylize(content_pil, style_img, p, progress=progress, targets=targets, opener=read_uri)
+    with lease_device(devices) as device:
+        waited = time.perf_counter() - t_wait
+        result = run_on_device(device, lambda: compute(device))
     image = encode_image(result.image, output.format, quality=output.quality)
     sidecar = {
         "content": pair.content,
