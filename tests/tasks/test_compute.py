@@ -1,0 +1,67 @@
+import contextvars
+import threading
+import time
+
+from tasks.compute import TargetsCache, expand_devices, lease_device, run_on_device
+
+
+def test_expand_devices():
+    assert expand_devices(["cuda:1", "cuda:1", "cpu"], "auto") == ["cuda:1", "cpu"]
+    assert expand_devices(["auto"], "cpu") == ["cpu"]
+    import torch
+
+    if not torch.cuda.is_available():
+        assert expand_devices(["auto"], "auto") in (["cpu"], ["mps"])
+
+
+def test_one_holder_per_device():
+    holders, peak, lock = [], [0], threading.Lock()
+
+    def work():
+        with lease_device(["dev-a"]) as device:
+            with lock:
+                holders.append(device)
+                peak[0] = max(peak[0], len(holders))
+            time.sleep(0.02)
+            with lock:
+                holders.remove(device)
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert peak[0] == 1
+
+
+def test_two_devices_run_side_by_side():
+    inside, peak, lock = set(), [0], threading.Lock()
+
+    def work():
+        with lease_device(["d0", "d1"]) as device:
+            with lock:
+                inside.add(device)
+                peak[0] = max(peak[0], len(inside))
+            time.sleep(0.05)
+            with lock:
+                inside.discard(device)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert peak[0] == 2
+
+
+def test_run_on_device_uses_one_thread_and_the_callers_context():
+    var = contextvars.ContextVar("var", default="unset")
+    var.set("caller")
+    seen = [run_on_device("cpu-test", lambda: (threading.get_ident(), var.get())) for _ in range(3)]
+    assert len({ident for ident, _ in seen}) == 1 and seen[0][0] != threading.get_ident()
+    assert all(value == "caller" for _, value in seen)
+
+
+def test_targets_cache_is_an_lru_that_computes_once():
+    cache = TargetsCache(max_entries=2)
+    calls = []
+    for key in ["a", "a", "b", "a", "c", "b"]:
+        cache.get_or_compute(key, lambda key=key: calls.append(key) or key.upper())
+    assert calls == ["a", "b", "c", "b"]  # "b" was evicted by "c" (a was used more recently)
+    assert cache.computed == 4
