@@ -15,8 +15,8 @@ import contextvars
 import json
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
+from dataclasses import asdict
 from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger
@@ -33,13 +33,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.models import BatchSource, OutputSpec, RunOptions
 from nst_core.errors import NSTError
 from nst_core.params import StyleParams
+from flows.pipeline import PipelineResult, Throttle, run_pairs
 from tasks.compute import expand_devices, run_on_device
-from tasks.pair import fetch_image, stylize_pair, write_pair
 from tasks.plan import PairPlan, PreflightError, plan_pairs, source_entries
 from tasks.report import PairItem, contact_sheet, summary_markdown, table_rows, totals
 from tasks.storage import StorageError, open_storage, read_uri
 
-__all__ = ["stylize_batch", "preflight", "on_pair_done"]
+__all__ = ["stylize_batch", "preflight", "fan_out_to_workers", "on_pair_done"]
 
 #: Set by the CLI to draw a progress bar: called with (finished pairs, pairs to run).
 on_pair_done: contextvars.ContextVar[Callable[[int, int], None] | None] = contextvars.ContextVar(
@@ -65,14 +65,78 @@ def preflight(source: BatchSource, output: OutputSpec, params: StyleParams, devi
     return source_entries(source), weights_id
 
 
-def _error_of(futures) -> str:
-    """The first failure among a pair's task futures, as one line."""
-    for fut in futures:
-        state = fut.state
-        if state.is_failed() or state.is_crashed():
-            err = fut.result(raise_on_failure=False)
-            return str(err) if isinstance(err, BaseException) else (state.message or state.name)
-    return "did not finish"
+def fan_out_to_workers(
+    todo: list[PairPlan], output: OutputSpec, params: StyleParams, run: RunOptions, weights_id: str,
+    run_name: str, on_done: Callable[[int, int], None],
+) -> PipelineResult:
+    """One ``run.chunk_deployment`` run per chunk; wait for all; merge their chunk reports.
+
+    The idempotency key (this flow run's id + chunk number) makes a retried parent find its
+    children instead of starting them again. A chunk that fails without a report fails its pairs.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from flows.chunk import decode_thumbs
+
+    logger = get_run_logger()
+    out = open_storage(output.uri)
+    parent_id = flow_run.get_id() or run_name
+    chunks = [todo[i:i + run.chunk_size] for i in range(0, len(todo), run.chunk_size)]
+    children = []
+    for n, chunk in enumerate(chunks):
+        report_key = f"_runs/{run_name}/chunk-{n:04d}.json"
+        child = run_deployment(
+            name=run.chunk_deployment,
+            parameters={"pairs": [asdict(p) for p in chunk], "output": output.model_dump(mode="json"),
+                        "params": params.model_dump(mode="json"), "run": run.model_dump(mode="json"),
+                        "weights_id": weights_id, "report_key": report_key},
+            flow_run_name=f"{run_name}-chunk-{n:04d}",
+            idempotency_key=f"{parent_id}:chunk:{n}",
+            timeout=0,  # start them all, then wait below
+            as_subflow=True,
+        )
+        children.append((n, chunk, report_key, child.id))
+    logger.info("started %d chunk runs of %s (chunk size %d)", len(children), run.chunk_deployment, run.chunk_size)
+
+    result = PipelineResult()
+    pending = list(children)
+    finished = 0
+    with get_client(sync_client=True) as client:
+        while pending:
+            still = []
+            for n, chunk, report_key, child_id in pending:
+                state = client.read_flow_run(child_id).state
+                if not (state and state.is_final()):
+                    still.append((n, chunk, report_key, child_id))
+                    continue
+                try:
+                    report = json.loads(out.read(report_key)[0])
+                except StorageError:
+                    report = None
+                by_index = {item["index"]: item for item in (report or {}).get("items", [])}
+                for p in chunk:
+                    item = by_index.get(p.index)
+                    if item is None:
+                        error = f"chunk {n} ended {state.name} without a result: {state.message or ''}".strip()
+                        result.items[p.index] = PairItem(p.content, p.style, "failed", out.uri_for(p.image_key),
+                                                         error=error)
+                    else:
+                        item.pop("index")
+                        result.items[p.index] = PairItem(**item)
+                    finished += 1
+                    on_done(finished, len(todo))
+                if report:
+                    room = run.contact_sheet_rows - len(result.thumbs)
+                    result.thumbs += decode_thumbs(report.get("thumbs", []))[:max(room, 0)]
+                result.chunks.append({"chunk": n, "flow_run_id": str(child_id), "state": state.name,
+                                      "report": out.uri_for(report_key),
+                                      "worker": (report or {}).get("worker")})
+            pending = still
+            if pending:
+                time.sleep(2.0)
+    result.chunks.sort(key=lambda c: c["chunk"])
+    return result
 
 
 @flow(name="stylize-batch", task_runner=ThreadPoolTaskRunner(max_workers=3 * 1024 + 16), persist_result=False,
@@ -83,7 +147,14 @@ def stylize_batch(
     params: StyleParams = StyleParams(),
     run: RunOptions = RunOptions(),
 ):
-    """Neural style transfer over a dataset; see the module docstring for the steps."""
+    """Neural style transfer over a dataset in object storage or a folder.
+
+    Args:
+        source: The content/style pairs: a manifest, or content and style prefixes.
+        output: Where stylized images, JSON sidecars and the run report are written.
+        params: Style-transfer parameters (VGG16 layers, loss weights, iterations, size, weights).
+        run: How the run executes: failures tolerated, skipping, devices, fan-out to GPU workers.
+    """
     logger = get_run_logger()
     run_name = flow_run.get_name() or f"local-{uuid.uuid4().hex[:8]}"
     started = datetime.now(timezone.utc)
@@ -103,45 +174,23 @@ def stylize_batch(
     logger.info("%d pairs: %d to run, %d already done; devices %s; weights %s",
                 len(plans), len(todo), len(plans) - len(todo), devices, weights_id)
 
-    progress_id = create_progress_artifact(0.0, key=None, description="pairs finished")
+    progress_id = create_progress_artifact(0.0, description="pairs finished")
+    update = Throttle(lambda pct: update_progress_artifact(progress_id, pct))  # throttled: big runs, few API calls
     hook = on_pair_done.get()
-    thumbs: list[tuple[bytes, bytes, bytes]] = []
-    finished, last_update = 0, 0.0
 
-    def collect(entry) -> None:
-        nonlocal finished, last_update
-        p, fc, fs, fr, fw = entry
-        fw.wait()
-        if fw.state.is_completed():
-            outcome = fr.result()
-            items[p.index] = PairItem(p.content, p.style, "done", fw.result(),
-                                      seconds=outcome.sidecar["seconds"]["total"], losses=outcome.sidecar["losses"])
-            if len(thumbs) < run.contact_sheet_rows:
-                thumbs.append(outcome.thumbs)
-        else:
-            error = _error_of([fc, fs, fr, fw])
-            items[p.index] = PairItem(p.content, p.style, "failed", out.uri_for(p.image_key), error=error)
-            logger.error("pair %s x %s failed: %s", p.content, p.style, error)
-        finished += 1
+    def on_done(finished: int, total: int) -> None:
         if hook:
-            hook(finished, len(todo))
-        now = time.monotonic()
-        if finished == len(todo) or now - last_update > 2.0:  # throttle API calls on big runs
-            last_update = now
-            update_progress_artifact(progress_id, 100.0 * finished / max(len(todo), 1))
+            hook(finished, total)
+        update(100.0 * finished / max(total, 1))
 
-    inflight: deque = deque()
-    for p in todo:
-        fc = fetch_image.submit(p.content, run.io_workers)
-        fs = fetch_image.submit(p.style, run.io_workers)
-        fr = stylize_pair.submit(p, fc, fs, params, output, devices, weights_id, run.labels)
-        fw = write_pair.submit(p, fr, output.uri, run.io_workers)
-        inflight.append((p, fc, fs, fr, fw))
-        while len(inflight) >= run.window:
-            collect(inflight.popleft())
-    while inflight:
-        collect(inflight.popleft())
-    update_progress_artifact(progress_id, 100.0)
+    if run.fan_out == "workers" and todo:
+        result = fan_out_to_workers(todo, output, params, run, weights_id, run_name, on_done)
+    else:
+        result = run_pairs(todo, output, params, run, devices, weights_id, on_done)
+    for index, item in result.items.items():
+        items[index] = item
+    thumbs = result.thumbs
+    update(100.0, final=True)
 
     done_items = [i for i in items if i is not None]
     counts = totals(done_items)
@@ -165,6 +214,7 @@ def stylize_batch(
         "devices": devices,
         "totals": counts,
         "contact_sheet": sheet_uri,
+        **({"chunks": result.chunks} if result.chunks else {}),
         "items": [i.as_dict() for i in done_items],
     }
     out.write(report_key, json.dumps(report, indent=2).encode(), "application/json")

@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(batch, StyleParams)
     batch.set_defaults(handler=run_batch)
 
+    serve = sub.add_parser("serve", help="serve the stylize-batch and stylize-chunk deployments in this process",
+                           description="Serve stylize-batch/on-demand and stylize-chunk/worker in-process (no work "
+                                       "pool) against the configured Prefect API; start runs from the UI.")
+    serve.add_argument("--limit", type=int, default=None, help="max concurrent flow runs (default: unlimited)")
+    serve.set_defaults(handler=run_serve)
+
     demo = sub.add_parser("demo", help="stylize the bundled sample images into ./demo-output/",
                           description="Run stylize-batch on examples/ into ./demo-output/ (sized for a CPU in ~3 min).")
     demo.add_argument("--output", default="demo-output", help="output folder (default: demo-output)")
@@ -85,6 +91,13 @@ def run_batch(args: argparse.Namespace) -> int:
     output = OutputSpec(**{**{k: v for k, v in vars(args).items() if k in OutputSpec.model_fields}, "uri": args.output})
     state = _run_flow(source, output, model_from_args(StyleParams, args), model_from_args(RunOptions, args))
     return 0 if state.is_completed() else 1
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from flows.serve import serve_deployments
+
+    serve_deployments(limit=args.limit)
+    return 0
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -87,6 +87,20 @@ class RunOptions(BaseModel):
     contact_sheet_rows: int = Field(
         default=24, ge=0, le=200, title="Contact sheet rows", description="Pairs shown on the contact sheet (0: none)."
     )
+    fan_out: Literal["local", "workers"] = Field(
+        default="local", title="Fan-out",
+        description=(
+            "local: stylize in this flow run's process; workers: start one stylize-chunk run per chunk "
+            "on the GPU work pool and merge their results."
+        ),
+    )
+    chunk_size: int = Field(
+        default=50, ge=1, le=10_000, title="Chunk size", description="Pairs per stylize-chunk run (fan-out: workers)."
+    )
+    chunk_deployment: str = Field(
+        default="stylize-chunk/worker", min_length=3, title="Chunk deployment",
+        description="Deployment that runs the chunks (fan-out: workers).",
+    )
     labels: dict[str, str] = Field(
         default_factory=dict, title="Labels", description="Extra key/value notes recorded in every sidecar and the report."
     )

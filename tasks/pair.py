@@ -12,6 +12,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.models import OutputSpec
+from nst_core.errors import WeightsError
 from nst_core.params import StyleParams
 
 from .compute import io_slot, lease_device, run_on_device, targets_cache
@@ -81,9 +82,11 @@ def stylize_pair(
 
     def compute(device: str):
         p = params.model_copy(update={"device": device})
+        extractor = extractor_for(p, opener=read_uri)
+        if extractor.weights_id != weights_id:  # a worker whose weights differ from what the run planned with
+            raise WeightsError(f"weights here are {extractor.weights_id}, but the run planned with {weights_id}")
         targets = None
         if p.preserve_color != "histogram":  # histogram targets depend on each content
-            extractor = extractor_for(p, opener=read_uri)
             key = (pair.style, pair.style_identity, device,
                    p.model_dump_json(include={"style_layers", "image_size", "preserve_color", "pooling", "weights",
                                               "style_blend_weights", "seed"}))

@@ -1,0 +1,64 @@
+"""Flow ``stylize-chunk``: one chunk of a stylize-batch run, on a GPU worker.
+
+The parent plans (preflight, names, skips) and starts one run of this flow per chunk with
+``run_deployment``. The chunk writes its results to ``{output}/{report_key}`` — storage every
+machine shares — and the parent merges those into its one run report.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.models import OutputSpec, RunOptions
+from flows.pipeline import run_pairs
+from nst_core.params import StyleParams
+from tasks.compute import expand_devices
+from tasks.plan import PairPlan
+from tasks.report import PairItem
+from tasks.storage import open_storage
+
+__all__ = ["stylize_chunk", "encode_thumbs", "decode_thumbs"]
+
+
+def encode_thumbs(thumbs: list[tuple[bytes, bytes, bytes]]) -> list[list[str]]:
+    return [[base64.b64encode(t).decode() for t in row] for row in thumbs]
+
+
+def decode_thumbs(rows: list[list[str]]) -> list[tuple[bytes, bytes, bytes]]:
+    return [tuple(base64.b64decode(t) for t in row) for row in rows]
+
+
+@flow(name="stylize-chunk", task_runner=ThreadPoolTaskRunner(max_workers=3 * 1024 + 16), persist_result=False,
+      description="Stylize a planned list of pairs (started by stylize-batch with fan_out=workers).")
+def stylize_chunk(
+    pairs: list[PairPlan],
+    output: OutputSpec,
+    params: StyleParams,
+    run: RunOptions,
+    weights_id: str,
+    report_key: str,
+) -> dict:
+    logger = get_run_logger()
+    out = open_storage(output.uri)
+    devices = expand_devices(run.devices, params.device)
+    todo = [p for p in pairs if not (run.skip_existing and out.exists(p.sidecar_key))]  # a retried chunk redoes nothing
+    logger.info("chunk of %d pairs (%d to run) on %s", len(pairs), len(todo), devices)
+    result = run_pairs(todo, output, params, run, devices, weights_id)
+    items = [result.items.get(p.index) or PairItem(p.content, p.style, "skipped", out.uri_for(p.image_key))
+             for p in pairs]
+    report = {
+        "flow_run": flow_run.get_name(),
+        "flow_run_id": flow_run.get_id(),
+        "worker": {"host": socket.gethostname(), "pid": os.getpid(), "parent_pid": os.getppid(), "devices": devices},
+        "items": [{"index": p.index, **item.as_dict()} for p, item in zip(pairs, items)],
+        "thumbs": encode_thumbs(result.thumbs),
+    }
+    out.write(report_key, json.dumps(report).encode(), "application/json")
+    return {"report": out.uri_for(report_key), "done": sum(i.status == "done" for i in items)}

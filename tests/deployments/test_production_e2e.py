@@ -1,0 +1,195 @@
+"""End to end under a real Prefect server: prefect.yaml deployed, process workers, the UI's run
+button (REST), fan-out to two GPU-pool workers, schema enforcement, the schedule, the run form
+in headless Chromium. Everything started here listens on 127.0.0.1 and is stopped here."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from helpers import pattern, to_bytes
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def api(base: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(f"{base}{path}", method=method, data=json.dumps(body).encode() if body else None,
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"null")
+
+
+def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def production(tmp_path_factory, s3_endpoint):
+    """A prefect server (SQLite, own PREFECT_HOME), the deployments of prefect.yaml, and 3 workers."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": base, "PREFECT_UI_API_URL": base,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "PREFECT_WORKER_HEARTBEAT_SECONDS": "5"}
+    procs = [start([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, home / "server.log")]
+    try:
+        deadline = time.time() + 120
+        while api_ok(base) is False:
+            assert time.time() < deadline, (home / "server.log").read_text()[-3000:]
+            time.sleep(1)
+        for pool in ("nst-control", "nst-gpu"):
+            subprocess.run([PREFECT, "work-pool", "create", pool, "--type", "process"], env=env, cwd=ROOT,
+                           check=True, capture_output=True)
+        deploy = subprocess.run([PREFECT, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml",
+                                 "--all"], env=env, cwd=ROOT, capture_output=True, text=True)
+        assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+        workers = {
+            "control": start([PREFECT, "worker", "start", "--pool", "nst-control", "--name", "control"], env,
+                             home / "w-control.log"),
+            "gpu0": start([PREFECT, "worker", "start", "--pool", "nst-gpu", "--limit", "1", "--name", "gpu0"], env,
+                          home / "w-gpu0.log"),
+            "gpu1": start([PREFECT, "worker", "start", "--pool", "nst-gpu", "--limit", "1", "--name", "gpu1"], env,
+                          home / "w-gpu1.log"),
+        }
+        procs += workers.values()
+        yield {"base": base, "port": port, "home": home, "workers": workers}
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+
+
+def api_ok(base: str) -> bool:
+    try:
+        return api(base, "GET", "/health")[0] == 200
+    except OSError:
+        return False
+
+
+def deployment_id(base: str, name: str) -> str:
+    status, body = api(base, "GET", f"/deployments/name/{name}")
+    assert status == 200, body
+    return body["id"]
+
+
+def run_like_the_ui(base: str, dep_id: str, parameters: dict) -> tuple[int, dict]:
+    """What the UI's Run button sends: POST /deployments/{id}/create_flow_run, state SCHEDULED."""
+    return api(base, "POST", f"/deployments/{dep_id}/create_flow_run",
+               {"parameters": parameters, "state": {"type": "SCHEDULED", "message": "Run from the Prefect UI"}})
+
+
+def test_ui_run_fans_out_to_both_gpu_workers(production, bucket):
+    base, workers = production["base"], production["workers"]
+    name, client = bucket
+    for i in range(2):
+        client.put_object(Bucket=name, Key=f"in/c/c{i}.png", Body=to_bytes(pattern((32, 24), "content", i)))
+        client.put_object(Bucket=name, Key=f"in/s/s{i}.png", Body=to_bytes(pattern((24, 32), "style", i)))
+    dep = deployment_id(base, "stylize-batch/on-demand")
+    status, run = run_like_the_ui(base, dep, {
+        "source": {"contents": f"s3://{name}/in/c/", "styles": f"s3://{name}/in/s/"},
+        "output": {"uri": f"s3://{name}/out/"},
+        "params": {"weights": "random", "image_size": 32, "iterations": 3},
+        "run": {"fan_out": "workers", "chunk_size": 1},
+    })
+    assert status == 201, run
+    deadline = time.time() + 420
+    while True:
+        state = api(base, "GET", f"/flow_runs/{run['id']}")[1]["state"]
+        if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            break
+        assert time.time() < deadline, "flow run did not finish; worker logs in " + str(production["home"])
+        time.sleep(2)
+    assert state["type"] == "COMPLETED", state["message"]
+
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=name, Prefix="out/")["Contents"])
+    images = [k for k in keys if k.endswith(".jpg") and "/_runs/" not in k]
+    sidecars = [k for k in keys if k.endswith(".json") and "/_runs/" not in k]
+    assert len(images) == 4 and len(sidecars) == 4
+    report_key = next(k for k in keys if k.startswith("out/_runs/") and k.count("/") == 2 and k.endswith(".json"))
+    report = json.loads(client.get_object(Bucket=name, Key=report_key)["Body"].read())
+    assert report["totals"] == {"pairs": 4, "done": 4, "skipped": 0, "failed": 0}
+    assert len(report["chunks"]) == 4 and all(c["state"] == "Completed" for c in report["chunks"])
+    ran_on = {c["worker"]["parent_pid"] for c in report["chunks"]}
+    assert ran_on == {workers["gpu0"].pid, workers["gpu1"].pid}  # both GPU-pool workers ran chunks
+
+
+def test_invalid_parameters_are_refused_by_the_api(production):
+    base = production["base"]
+    dep = deployment_id(base, "stylize-batch/on-demand")
+    status, body = run_like_the_ui(base, dep, {
+        "source": {"contents": "s3://b/c/", "styles": "s3://b/s/"}, "output": {"uri": "s3://b/o/"},
+        "params": {"iterations": 0},
+    })
+    assert status == 409 and "iterations" in body["detail"]
+
+
+def test_nightly_has_its_cron_schedule(production):
+    status, body = api(production["base"], "GET", "/deployments/name/stylize-batch/nightly")
+    assert status == 200
+    schedule = body["schedules"][0]["schedule"]
+    assert schedule["cron"] == "0 2 * * *" and schedule["timezone"] == "Europe/Berlin"
+    assert body["enforce_parameter_schema"] is True and body["work_pool_name"] == "nst-control"
+
+
+def test_run_form_in_headless_chromium(production, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver, "Debian's chromium and chromium-driver are needed (make test installs them)"
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never download a browser or driver
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic",
+                f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,2400"):
+        options.add_argument(arg)
+    browser = webdriver.Chrome(service=Service(driver), options=options)
+    dep = deployment_id(production["base"], "stylize-batch/on-demand")
+    try:
+        browser.get(f"http://127.0.0.1:{production['port']}/deployments/deployment/{dep}/run")
+        deadline, text = time.time() + 60, ""
+        while time.time() < deadline and not ("Iterations" in text and "Style weight" in text):
+            time.sleep(1)
+            text = browser.find_element(By.TAG_NAME, "body").text
+        browser.save_screenshot(str(tmp_path / "run-form.png"))
+    finally:
+        browser.quit()
+    for label in ("Iterations", "Style weight", "Content weight", "Image size", "Output URI", "Fan-out"):
+        assert label in text, label
+    assert (tmp_path / "run-form.png").stat().st_size > 10_000
