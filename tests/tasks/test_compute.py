@@ -14,40 +14,31 @@ def test_expand_devices():
         assert expand_devices(["auto"], "auto") in (["cpu"], ["mps"])
 
 
-def test_one_holder_per_device():
-    holders, peak, lock = [], [0], threading.Lock()
+def peak_concurrency(devices: list[str], threads: int = 6) -> int:
+    """How many threads held a lease of ``devices`` at the same time, at most."""
+    inside, peak, lock = [], [0], threading.Lock()
 
     def work():
-        with lease_device(["dev-a"]) as device:
+        with lease_device(devices) as device:
             with lock:
-                holders.append(device)
-                peak[0] = max(peak[0], len(holders))
-            time.sleep(0.02)
-            with lock:
-                holders.remove(device)
-
-    threads = [threading.Thread(target=work) for _ in range(6)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    assert peak[0] == 1
-
-
-def test_two_devices_run_side_by_side():
-    inside, peak, lock = set(), [0], threading.Lock()
-
-    def work():
-        with lease_device(["d0", "d1"]) as device:
-            with lock:
-                inside.add(device)
+                inside.append(device)
                 peak[0] = max(peak[0], len(inside))
             time.sleep(0.05)
             with lock:
-                inside.discard(device)
+                inside.remove(device)
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    assert peak[0] == 2
+    pool = [threading.Thread(target=work) for _ in range(threads)]
+    [t.start() for t in pool]
+    [t.join() for t in pool]
+    return peak[0]
+
+
+def test_one_holder_per_device():
+    assert peak_concurrency(["dev-a"]) == 1
+
+
+def test_two_devices_run_side_by_side():
+    assert peak_concurrency(["d0", "d1"]) == 2
 
 
 def test_run_on_device_uses_one_thread_and_the_callers_context():
