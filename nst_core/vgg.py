@@ -160,6 +160,11 @@ def _load_weights(
         except Exception as err:
             hint = HOW_TO_SUPPLY_WEIGHTS.format(file=Path(enum.url).name, hub=torch.hub.get_dir())
             raise WeightsError(f"VGG16 weights {weights!r} are not available ({err}); {hint}") from err
+        if sha256 is not None:  # torchvision checks a hash prefix on download; this checks the cached file
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
+            digest = _sha256(cached.read_bytes())
+            if digest != sha256.lower():
+                raise WeightsError(f"weights {cached} have sha256 {digest}, expected {sha256.lower()}")
         features = {k.removeprefix("features."): v for k, v in full.items() if k.startswith("features.")}
         return features, (transforms.mean, transforms.std), f"torchvision:{enum.url.rsplit('/', 1)[-1]}"
     data = read_weights_bytes(weights, opener)

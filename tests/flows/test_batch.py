@@ -156,3 +156,16 @@ def test_preflight_names_missing_weights_and_writes_nothing(tmp_path):
                 PARAMS.model_copy(update={"weights": str(tmp_path / "nope.pth")}))
     assert state.is_failed() and "weights" in state.message and "nope.pth does not exist" in state.message
     assert not any((tmp_path / "out").rglob("*.*"))
+
+
+def test_non_finite_loss_fails_the_pair_with_its_reason(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "s").mkdir()
+    pattern((32, 24)).save(tmp_path / "c" / "c.png")
+    pattern((24, 24), "style").save(tmp_path / "s" / "s.png")
+    state = run(BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s")),
+                OutputSpec(uri=str(tmp_path / "out")), PARAMS.model_copy(update={"style_weight": 1e300}))
+    assert state.is_failed() and state.message.startswith("1 of 1 pairs failed")
+    report = json.loads(next((tmp_path / "out" / "_runs").glob("*.json")).read_text())
+    assert "loss is not finite at evaluation 1" in report["items"][0]["error"]
+    assert not list((tmp_path / "out").glob("*.jpg"))

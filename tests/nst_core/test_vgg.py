@@ -115,6 +115,10 @@ def test_torchvision_weights_load_from_the_hub_cache(tmp_path, monkeypatch):
     torch.save({f"features.{k}": v for k, v in features.items()}, checkpoints / "vgg16-397923af.pth")
     ex = load_extractor("imagenet1k_v1", layers=["relu1_1"])
     assert torch.equal(ex.layers[0].weight, features["0.weight"])
+    digest = hashlib.sha256((checkpoints / "vgg16-397923af.pth").read_bytes()).hexdigest()
+    assert load_extractor("imagenet1k_v1", layers=["relu2_1"], sha256=digest).weights_id.startswith("torchvision:")
+    with pytest.raises(WeightsError, match="expected 1111"):
+        load_extractor("imagenet1k_v1", layers=["relu3_1"], sha256="1" * 64)
     assert ex.weights_id == "torchvision:vgg16-397923af.pth"
     assert ex.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
 
