@@ -21,17 +21,16 @@ from .params import StyleParams
 __all__ = ["add_model_options", "model_from_args", "add_stylize_parser", "run_stylize", "ProgressBar", "one_line"]
 
 
-def _option_type(annotation) -> tuple[dict, bool]:
-    """argparse kwargs for a pydantic field annotation, and whether the field is a list."""
+def _option_type(annotation) -> dict:
+    """argparse kwargs for a pydantic field annotation: type, choices, nargs."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return _option_type(args[0])
     if typing.get_origin(annotation) is typing.Literal:
-        return {"choices": list(typing.get_args(annotation))}, False
+        return {"choices": list(typing.get_args(annotation))}
     if typing.get_origin(annotation) is list:
-        inner, _ = _option_type(args[0])
-        return {**inner, "nargs": "+"}, True
-    return {"type": annotation if annotation in (int, float) else str}, False
+        return {**_option_type(args[0]), "nargs": "+"}
+    return {"type": annotation if annotation in (int, float) else str}
 
 
 def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], *, skip: tuple[str, ...] = ()) -> None:
@@ -40,7 +39,7 @@ def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], *
     for name, info in model.model_fields.items():
         if name in skip:
             continue
-        kwargs, _ = _option_type(info.annotation)
+        kwargs = _option_type(info.annotation)
         default = info.get_default(call_default_factory=True)
         shown = " ".join(map(str, default)) if isinstance(default, list) else default
         group.add_argument(

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["StyleParams", "VGG16_LAYERS", "DEFAULT_STYLE_LAYERS", "DEFAULT_CONTENT_LAYERS"]
+__all__ = ["StyleParams", "VGG16_LAYERS", "DEFAULT_STYLE_LAYERS", "DEFAULT_CONTENT_LAYERS", "markdown_table"]
 
 # torchvision's VGG16 "D" config: channels per conv, "M" for a pooling layer.
 _VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
@@ -136,7 +136,7 @@ class StyleParams(BaseModel):
     )
     weights_sha256: str | None = Field(
         default=None, pattern=r"^[0-9a-fA-F]{64}$", title="Weights SHA-256",
-        description="If set, a state_dict file's SHA-256 must match before it is loaded.",
+        description="If set, the weights file's SHA-256 (a state_dict, or torchvision's cached file) must match.",
     )
     seed: int = Field(
         default=0, ge=0, le=2**63 - 1, title="Seed",
@@ -195,3 +195,17 @@ class StyleParams(BaseModel):
             raise ValueError(f"style_blend_weights has {len(raw)} values for {n_styles} style image(s)")
         total = sum(raw)
         return [w / total for w in raw]
+
+
+def markdown_table() -> str:
+    """The README's parameter table, generated from the model (a test keeps README in sync)."""
+    rows = ["| field | default | meaning |", "|---|---|---|"]
+    for name, info in StyleParams.model_fields.items():
+        default = info.get_default(call_default_factory=True)
+        shown = " ".join(default) if isinstance(default, list) else ("unset" if default is None else default)
+        rows.append(f"| `{name}` | `{shown}` | {info.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -56,3 +56,12 @@ def test_params_import_no_torch():
 
     code = "import sys, nst_core.params; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_readme_parameter_table_is_generated_from_the_model():
+    from pathlib import Path
+
+    from nst_core.params import markdown_table
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert markdown_table() in readme, "regenerate the README table with: python -m nst_core.params"
