@@ -13,7 +13,7 @@ import os
 import tempfile
 import threading
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from urllib.parse import urlparse
 
 from nst_core.errors import NSTError
