@@ -35,7 +35,11 @@ __all__ = [
 
 
 class StorageError(NSTError):
-    """A storage operation failed; the message names the URI."""
+    """A storage operation failed; the message names the URI. ``transient``: worth retrying."""
+
+    def __init__(self, message: str, *, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 class MissingObjectError(StorageError):
@@ -177,6 +181,10 @@ def _s3_client():
         return _clients[key]
 
 
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+                    "InternalError", "ServiceUnavailable"}
+
+
 def _is_missing(err: Exception) -> bool:
     code = getattr(err, "response", {}).get("Error", {}).get("Code", "")
     return code in ("NoSuchKey", "404", "NotFound", "NoSuchBucket")
@@ -200,15 +208,20 @@ class S3Storage(Storage):
         return self.prefix + safe_key(key)
 
     def _wrap(self, err: Exception, key: str) -> StorageError:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
 
         uri = f"s3://{self.bucket}/{self._key(key) if key else self.prefix}"
         if _is_missing(err):
             return MissingObjectError(f"{uri}: no such object")
         if isinstance(err, ClientError):
             e = err.response.get("Error", {})
-            return StorageError(f"{uri}: {e.get('Code', 'error')}: {e.get('Message', '')}".rstrip(": "))
-        return StorageError(f"{uri}: {type(err).__name__}: {err}")
+            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            transient = status >= 500 or e.get("Code") in _TRANSIENT_CODES
+            return StorageError(f"{uri}: {e.get('Code', 'error')}: {e.get('Message', '')}".rstrip(": "),
+                                transient=transient)
+        # Connection refused/reset, timeouts: the endpoint may come back.
+        transient = isinstance(err, (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError))
+        return StorageError(f"{uri}: {type(err).__name__}: {err}", transient=transient)
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         full = self.prefix + (safe_key(prefix).rstrip("/") + "/" if prefix else "")
@@ -290,12 +303,6 @@ def read_uri(uri: str) -> bytes:
 
 def is_transient(err: BaseException) -> bool:
     """True for errors worth retrying: throttling, 5xx, connection trouble. Never a missing key."""
-    if isinstance(err, (MissingObjectError, UnsafeKeyError)):
-        return False
-    cause = err.__cause__ or err.__context__ or err
-    text = str(err)
-    transient_codes = ("SlowDown", "Throttling", "RequestTimeout", "InternalError", "ServiceUnavailable", "503", "500")
     if isinstance(err, StorageError):
-        return any(code in text for code in transient_codes) or "EndpointConnectionError" in text \
-            or "ConnectionError" in text or "ReadTimeout" in text
-    return isinstance(cause, (ConnectionError, TimeoutError))
+        return err.transient
+    return isinstance(err, (ConnectionError, TimeoutError))

@@ -11,6 +11,7 @@ from helpers import pattern
 # Prefect (when a test uses it) keeps its state here, never in the user's home.
 os.environ.setdefault("PREFECT_HOME", os.path.join(os.path.dirname(__file__), "..", ".prefect-home"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # tasks called outside a flow in tests
 
 
 @pytest.fixture
@@ -57,3 +58,12 @@ def bucket(s3_endpoint, request):
     name = f"nst-{uuid.uuid4().hex[:12]}"
     client.create_bucket(Bucket=name)
     return name, client
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real (temporary) Prefect API for the whole session, for flow and task tests."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield

@@ -1,10 +1,12 @@
 import os
+import socket
 
 import pytest
 
 from tasks.storage import (
     LocalStorage,
     MissingObjectError,
+    StorageError,
     S3Storage,
     UnsafeKeyError,
     is_transient,
@@ -92,10 +94,26 @@ def test_split_uri():
     assert (storage.uri, key) == ("/tmp/x", "y.csv")
 
 
-def test_only_transient_errors_are_retried():
-    from tasks.storage import StorageError
+def test_only_transient_errors_are_retried(bucket, monkeypatch):
+    import boto3
+    from botocore.config import Config
 
-    assert not is_transient(MissingObjectError("s3://b/k: no such object"))
-    assert is_transient(StorageError("s3://b/k: SlowDown: Please reduce your request rate"))
-    assert is_transient(StorageError("s3://b/k: EndpointConnectionError: Could not connect"))
-    assert not is_transient(StorageError("s3://b/k: AccessDenied: Access Denied"))
+    from tasks import storage as storage_mod
+
+    name, _ = bucket
+    with pytest.raises(MissingObjectError) as missing:
+        open_storage(f"s3://{name}/").read("nope.png")
+    assert not is_transient(missing.value)
+    with pytest.raises(UnsafeKeyError) as unsafe:
+        open_storage(f"s3://{name}/").read("../x")
+    assert not is_transient(unsafe.value)
+
+    with socket.socket() as s:  # a port where nothing listens: connection refused
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    client = boto3.client("s3", endpoint_url=dead, config=Config(retries={"max_attempts": 1}, connect_timeout=2))
+    monkeypatch.setattr(storage_mod, "_s3_client", lambda: client)
+    with pytest.raises(StorageError) as refused:
+        open_storage(f"s3://{name}/").read("a.png")
+    assert is_transient(refused.value) and f"s3://{name}/a.png" in str(refused.value)
+    assert is_transient(ConnectionResetError()) and not is_transient(ValueError("bad pixels"))
