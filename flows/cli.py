@@ -17,6 +17,7 @@ from nst_core.errors import NSTError
 from nst_core.params import StyleParams
 
 from flows.models import BatchSource, OutputSpec, RunOptions
+from tasks.storage import read_uri
 
 __all__ = ["main", "build_parser"]
 
@@ -31,7 +32,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nst", description="Batch neural style transfer (Gatys, VGG16) on Prefect.")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_stylize_parser(sub)
+    add_stylize_parser(sub, opener=read_uri)  # s3:// weights through the storage layer
 
     batch = sub.add_parser("batch", help="run the stylize-batch flow locally over a manifest or two prefixes",
                            description="Run the stylize-batch flow (ephemeral Prefect API unless PREFECT_API_URL is set).")

@@ -11,6 +11,7 @@ import sys
 import time
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
@@ -85,7 +86,8 @@ class ProgressBar:
         self.stream.flush()
 
 
-def add_stylize_parser(subparsers) -> argparse.ArgumentParser:
+def add_stylize_parser(subparsers, opener: Callable[[str], bytes] | None = None) -> argparse.ArgumentParser:
+    """The `stylize` subcommand. ``opener`` reads weights URIs other than local paths (s3://)."""
     parser = subparsers.add_parser(
         "stylize", help="stylize one content image with one or more style images",
         description="Stylize CONTENT with STYLE (several STYLE images are blended). Writes OUT and OUT.json.",
@@ -96,7 +98,7 @@ def add_stylize_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--quality", type=int, default=92, help="JPEG/WebP quality 1-100 (default: 92)")
     parser.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
     add_model_options(parser, StyleParams)
-    parser.set_defaults(handler=run_stylize)
+    parser.set_defaults(handler=lambda args: run_stylize(args, opener))
     return parser
 
 
@@ -107,14 +109,7 @@ def _read(path: str) -> bytes:
         raise NSTError(f"{path}: cannot read ({err.strerror or err})") from None
 
 
-def _opener(uri: str) -> bytes:
-    # s3:// weights: the storage layer owns boto3; imported only when such a URI is used.
-    from tasks.storage import read_uri
-
-    return read_uri(uri)
-
-
-def run_stylize(args: argparse.Namespace) -> int:
+def run_stylize(args: argparse.Namespace, opener: Callable[[str], bytes] | None = None) -> int:
     from .imageio import decode_image, encode_image, format_for
     from .optimize import stylize
 
@@ -127,7 +122,7 @@ def run_stylize(args: argparse.Namespace) -> int:
     content_img = content.rgb if content.alpha is None else _with_alpha(content)
     bar = None if args.no_progress else ProgressBar(params.iterations, "stylize ")
     progress = (lambda ev: bar.update(ev.iteration, f"loss {ev.loss:.4g}")) if bar else None
-    result = stylize(content_img, [s.rgb for s in styles], params, progress=progress, opener=_opener)
+    result = stylize(content_img, [s.rgb for s in styles], params, progress=progress, opener=opener)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(encode_image(result.image, fmt, quality=args.quality))

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -57,3 +58,25 @@ def test_batch_bad_arguments_exit_2(data, args, message):
     proc = nst("batch", *args, cwd=data)
     assert proc.returncode == 2 and message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_stylize_loads_weights_from_s3(data, bucket):
+    import hashlib
+    import io
+
+    import torch
+
+    from nst_core.vgg import load_extractor
+
+    name, client = bucket
+    buf = io.BytesIO()
+    torch.save(load_extractor("random", layers=["relu5_1"], seed=5).layers.state_dict(), buf)
+    client.put_object(Bucket=name, Key="models/vgg16.pth", Body=buf.getvalue())
+    digest = hashlib.sha256(buf.getvalue()).hexdigest()
+    proc = nst("stylize", "c/one.png", "s/st.png", "-o", "w.png", "--weights", f"s3://{name}/models/vgg16.pth",
+               "--weights-sha256", digest, "--image-size", "32", "--iterations", "2", "--device", "cpu", cwd=data)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((data / "w.png.json").read_text())["weights_id"] == f"sha256:{digest}"
+    missing = nst("stylize", "c/one.png", "s/st.png", "-o", "x.png", "--weights", f"s3://{name}/models/nope.pth",
+                  cwd=data)
+    assert missing.returncode == 2 and "no such object" in missing.stderr and "Traceback" not in missing.stderr

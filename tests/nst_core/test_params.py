@@ -50,11 +50,14 @@ def test_step_size_defaults_per_optimizer():
     assert StyleParams(optimizer="adam", learning_rate=0.5).step_size() == 0.5
 
 
-def test_params_import_no_torch():
+def test_params_import_no_torch_and_the_engine_no_prefect_or_boto3():
     import subprocess
     import sys
 
     code = "import sys, nst_core.params; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    code = ("import sys, nst_core, nst_core.cli, nst_core.optimize, nst_core.vgg, nst_core.imageio, nst_core.losses; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('prefect', 'boto3', 'botocore')]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
