@@ -204,6 +204,7 @@ def stylize_batch(
     report = {
         "flow_run": run_name,
         "flow_run_id": flow_run.get_id(),
+        "report": report_uri,
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source": source.model_dump(mode="json"),

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_flow(source, output, params, run):
-    """Run stylize_batch in this process with a progress bar; exit code from the final state."""
+    """Run stylize_batch in this process with a progress bar; prints and returns the final state."""
     from flows.batch import on_pair_done, stylize_batch
 
     bar: ProgressBar | None = None
@@ -108,7 +108,7 @@ def run_demo(args: argparse.Namespace) -> int:
     report = state.result(raise_on_failure=False)
     if isinstance(report, dict):
         print(f"images and sidecars: {report['output']['uri']}/")
-        print(f"run report:          {report['output']['uri']}/_runs/{report['flow_run']}.json")
+        print(f"run report:          {report['report']}")
         print(f"contact sheet:       {report['contact_sheet']}")
     return 0 if state.is_completed() else 1
 

@@ -119,7 +119,7 @@ def run_stylize(args: argparse.Namespace, opener: Callable[[str], bytes] | None 
         raise NSTError(f"--quality {args.quality} is outside 1-100")
     content = decode_image(_read(args.content), args.content)
     styles = [decode_image(_read(p), p) for p in args.style]
-    content_img = content.rgb if content.alpha is None else _with_alpha(content)
+    content_img = content.merged()
     bar = None if args.no_progress else ProgressBar(params.iterations, "stylize ")
     progress = (lambda ev: bar.update(ev.iteration, f"loss {ev.loss:.4g}")) if bar else None
     result = stylize(content_img, [s.rgb for s in styles], params, progress=progress, opener=opener)
@@ -139,8 +139,3 @@ def run_stylize(args: argparse.Namespace, opener: Callable[[str], bytes] | None 
           f"{result.metadata['evaluations']} evaluations, {result.metadata['seconds']['total']:.1f}s)")
     return 0
 
-
-def _with_alpha(decoded):
-    img = decoded.rgb.copy()
-    img.putalpha(decoded.alpha)
-    return img

@@ -40,6 +40,14 @@ class DecodedImage:
     rgb: Image.Image
     alpha: Image.Image | None = None
 
+    def merged(self) -> Image.Image:
+        """RGBA when there is alpha, else the RGB image (what stylize() takes)."""
+        if self.alpha is None:
+            return self.rgb
+        rgba = self.rgb.copy()
+        rgba.putalpha(self.alpha)
+        return rgba
+
 
 def _to_8bit(img: Image.Image) -> Image.Image:
     """16-bit and 32-bit single-channel modes -> L, scaling instead of clipping."""

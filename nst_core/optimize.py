@@ -26,6 +26,7 @@ __all__ = [
     "StyleResult",
     "StyleTargets",
     "compute_style_targets",
+    "targets_key",
     "extractor_for",
     "stylize",
     "rgb_to_ycbcr",
@@ -137,7 +138,8 @@ def extractor_for(params: StyleParams, *, opener: Opener | None = None) -> Featu
     )
 
 
-def _targets_key(params: StyleParams, extractor: FeatureExtractor, n_styles: int) -> tuple:
+def targets_key(params: StyleParams, extractor: FeatureExtractor, n_styles: int) -> tuple:
+    """What style targets depend on besides the style images themselves (hashable)."""
     return (
         extractor.weights_id,
         params.pooling,
@@ -185,7 +187,7 @@ def compute_style_targets(
             for name, f in feats.items():
                 g = w * gram_matrix(f, normalize=True)
                 grams[name] = grams[name] + g if name in grams else g
-    return StyleTargets(grams, _targets_key(params, extractor, len(styles)))
+    return StyleTargets(grams, targets_key(params, extractor, len(styles)))
 
 
 # --- the optimization ------------------------------------------------------------------------
@@ -255,7 +257,7 @@ def stylize(
         targets = compute_style_targets(style, params, extractor=extractor, content=c_rgb)
     elif params.preserve_color == "histogram":
         raise NSTError("targets cannot be reused with preserve_color='histogram' (they depend on the content)")
-    elif targets.key != _targets_key(params, extractor, n_styles):
+    elif targets.key != targets_key(params, extractor, n_styles):
         raise NSTError("style targets were computed with other params (weights, layers, size, colour or blend)")
     style_grams = {k: g.to(device) for k, g in targets.grams.items()}
     layer_w = params.layer_weights()

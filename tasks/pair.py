@@ -64,15 +64,11 @@ def stylize_pair(
 ) -> PairOutcome:
     """Decode, lease a device, stylize with cached style targets, encode. Bad input raises, naming it."""
     from nst_core.imageio import decode_image, encode_image
-    from nst_core.optimize import compute_style_targets, extractor_for, stylize
+    from nst_core.optimize import compute_style_targets, extractor_for, stylize, targets_key
 
     logger = get_run_logger()
-    content_img = decode_image(content, pair.content)
+    content_pil = decode_image(content, pair.content).merged()
     style_img = decode_image(style, pair.style).rgb
-    content_pil = content_img.rgb
-    if content_img.alpha is not None:
-        content_pil = content_img.rgb.copy()
-        content_pil.putalpha(content_img.alpha)
     t_wait = time.perf_counter()
     step = max(1, params.iterations // 4)
 
@@ -87,9 +83,7 @@ def stylize_pair(
             raise WeightsError(f"weights here are {extractor.weights_id}, but the run planned with {weights_id}")
         targets = None
         if p.preserve_color != "histogram":  # histogram targets depend on each content
-            key = (pair.style, pair.style_identity, device,
-                   p.model_dump_json(include={"style_layers", "image_size", "preserve_color", "pooling", "weights",
-                                              "style_blend_weights", "seed"}))
+            key = (pair.style, pair.style_identity, device, targets_key(p, extractor, 1))
             targets = targets_cache.get_or_compute(
                 key, lambda: compute_style_targets(style_img, p, extractor=extractor))
         return stylize(content_pil, style_img, p, progress=progress, targets=targets, opener=read_uri)
@@ -103,9 +97,8 @@ def stylize_pair(
         "style": pair.style,
         "output": open_storage(output.uri).uri_for(pair.image_key),
         "key": pair.key,
-        "weights_id": weights_id,
         "losses": result.losses,
-        **{k: v for k, v in result.metadata.items() if k not in ("weights_id",)},
+        **result.metadata,  # its weights_id was checked against the run's above
         "seconds": {**result.metadata["seconds"], "device_wait": round(waited, 4)},
         "labels": labels,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -41,6 +41,8 @@ class SourceEntry:
     style: str  # URI
     output: str | None = None  # explicit output name from a manifest
     where: str = ""  # "manifest.jsonl line 3", for error messages
+    content_id: str = ""  # identities known from a listing (S3 ETag); "" = look up when planning
+    style_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -59,10 +61,10 @@ def _is_image(key: str) -> bool:
     return PurePosixPath(key).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def list_images(uri: str) -> list[str]:
-    """Image object URIs under a prefix/folder, sorted; other files are ignored."""
+def list_images(uri: str) -> list[tuple[str, str]]:
+    """(URI, identity from the listing) of the image objects under a prefix/folder, sorted by URI."""
     storage = open_storage(uri)
-    return sorted(storage.uri_for(info.key) for info in storage.list() if _is_image(info.key))
+    return sorted((storage.uri_for(info.key), info.identity) for info in storage.list() if _is_image(info.key))
 
 
 def _resolve(entry: str, base: str) -> str:
@@ -131,8 +133,8 @@ def source_entries(source: BatchSource) -> list[SourceEntry]:
                 f"pairing 'zip' needs equal counts: {len(contents)} content images under {source.contents} "
                 f"but {len(styles)} style images under {source.styles}"
             )
-        return [SourceEntry(c, s) for c, s in zip(contents, styles)]
-    return [SourceEntry(c, s) for s in styles for c in contents]
+        return [SourceEntry(c, s, content_id=ci, style_id=si) for (c, ci), (s, si) in zip(contents, styles)]
+    return [SourceEntry(c, s, content_id=ci, style_id=si) for s, si in styles for c, ci in contents]
 
 
 def pair_key(content_identity: str, style_identity: str, params: StyleParams, weights_id: str) -> str:
@@ -149,40 +151,43 @@ def _stem(uri: str) -> str:
     return _UNSAFE_CHARS.sub("_", PurePosixPath(urlparse(uri).path).stem) or "image"
 
 
-def _identities(uris: list[str], io_workers: int) -> dict[str, str]:
-    """URI -> identity (S3 ETag from one listing per folder, else HEAD / sha256), fetched concurrently."""
-    by_folder: dict[str, tuple[Storage, list[tuple[str, str]]]] = {}
-    for uri in set(uris):
+def _identities(entries: list[SourceEntry], io_workers: int) -> dict[str, str]:
+    """URI -> identity: from the source listing when known, else from one listing per folder that
+    holds many of them (manifests), else HEAD / sha256, concurrently. Unreadable inputs get ''
+    so their pairs fail alone later."""
+    known = {u: i for e in entries for u, i in ((e.content, e.content_id), (e.style, e.style_id)) if i}
+    wanted: dict[str, tuple[Storage, list[tuple[str, str]]]] = {}
+    for uri in {u for e in entries for u in (e.content, e.style)} - set(known):
         storage, key = split_uri(uri)
-        by_folder.setdefault(storage.uri, (storage, []))[1].append((uri, key))
+        wanted.setdefault(storage.uri, (storage, []))[1].append((uri, key))
 
-    def one_folder(item):
-        storage, wanted = item
-        known = {info.key: info.identity for info in storage.list() if info.identity} if len(wanted) > 8 else {}
-        return {uri: known.get(key) or storage.identity(key) for uri, key in wanted}
+    def one_folder(item: tuple[Storage, list[tuple[str, str]]]) -> dict[str, str]:
+        storage, keys = item
+        listed: dict[str, str] = {}
+        if len(keys) > 8:
+            try:
+                listed = {info.key: info.identity for info in storage.list() if info.identity}
+            except StorageError:
+                pass  # fall back to one lookup per object
+        out = {}
+        for uri, key in keys:
+            try:
+                out[uri] = listed.get(key) or storage.identity(key)
+            except StorageError:
+                out[uri] = ""
+        return out
 
-    out: dict[str, str] = {}
     with ThreadPoolExecutor(max_workers=io_workers) as pool:
-        for part in pool.map(one_folder, by_folder.values()):
-            out.update(part)
-    return out
+        for part in pool.map(one_folder, wanted.values()):
+            known.update(part)
+    return known
 
 
 def plan_pairs(
     entries: list[SourceEntry], params: StyleParams, weights_id: str, fmt: str, io_workers: int = 8
 ) -> list[PairPlan]:
     """Output names and keys for every entry. Missing inputs get an identity of '' and fail later, alone."""
-    identities: dict[str, str] = {}
-    try:
-        identities = _identities([u for e in entries for u in (e.content, e.style)], io_workers)
-    except StorageError:
-        # Some input is unreadable: resolve one by one so only those pairs fail.
-        for uri in {u for e in entries for u in (e.content, e.style)}:
-            try:
-                storage, key = split_uri(uri)
-                identities[uri] = storage.identity(key)
-            except StorageError:
-                identities[uri] = ""
+    identities = _identities(entries, io_workers)
     plans, seen = [], {}
     for i, e in enumerate(entries):
         key = pair_key(identities[e.content], identities[e.style], params, weights_id)

@@ -169,7 +169,8 @@ _clients_lock = threading.Lock()
 
 
 def _s3_client():
-    """One boto3 client per thread-safe process: default credential chain, AWS_ENDPOINT_URL_S3, adaptive retries."""
+    """One boto3 client per process (clients are thread-safe): default credential chain,
+    AWS_ENDPOINT_URL_S3, adaptive retries."""
     import boto3
     from botocore.config import Config
 

@@ -87,3 +87,22 @@ def test_duplicate_or_reserved_output_names_are_rejected(folders):
     (folders / "m.csv").write_text("content,style,output\nc/a.jpg,s/s1.png,_runs/x\n")
     with pytest.raises(PreflightError, match="_runs"):
         plan_pairs(read_manifest(str(folders / "m.csv")), StyleParams(), "w", "png")
+
+
+def test_s3_prefixes_are_listed_once_and_need_no_other_requests(bucket, monkeypatch):
+    from tasks import storage
+
+    name, client = bucket
+    for i in range(3):
+        client.put_object(Bucket=name, Key=f"c/{i}.png", Body=to_bytes(pattern((16, 16), seed=i)))
+    client.put_object(Bucket=name, Key="s/x.png", Body=to_bytes(pattern((16, 16), "style")))
+    calls = []
+    for method in ("list", "identity", "read"):
+        real = getattr(storage.S3Storage, method)
+        monkeypatch.setattr(storage.S3Storage, method,
+                            lambda self, *a, _real=real, _m=method: calls.append(_m) or _real(self, *a))
+    entries = source_entries(BatchSource(contents=f"s3://{name}/c/", styles=f"s3://{name}/s/"))
+    plans = plan_pairs(entries, StyleParams(), "w", "jpeg")
+    assert calls == ["list", "list"] and len(plans) == 3
+    etag = client.head_object(Bucket=name, Key="s/x.png")["ETag"].strip('"')
+    assert {p.style_identity for p in plans} == {etag}
