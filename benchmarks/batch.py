@@ -21,7 +21,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 from PIL import Image  # noqa: E402
 
 from flows.batch import stylize_batch  # noqa: E402
-from flows.models import BatchSource, OutputSpec, RunOptions  # noqa: E402
+from tasks.models import BatchSource, OutputSpec, RunOptions  # noqa: E402
 from nst_core import StyleParams, stylize  # noqa: E402
 from tasks.compute import expand_devices, run_on_device  # noqa: E402
 

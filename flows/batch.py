@@ -30,7 +30,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.models import BatchSource, OutputSpec, RunOptions
+from tasks.models import BatchSource, OutputSpec, RunOptions
 from nst_core.errors import NSTError
 from nst_core.params import StyleParams
 from flows.pipeline import PipelineResult, Throttle, run_pairs

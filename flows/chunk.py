@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.models import OutputSpec, RunOptions
+from tasks.models import OutputSpec, RunOptions
 from flows.pipeline import run_pairs
 from nst_core.params import StyleParams
 from tasks.compute import expand_devices

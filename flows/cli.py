@@ -16,7 +16,7 @@ from nst_core.cli import ProgressBar, add_model_options, add_stylize_parser, mod
 from nst_core.errors import NSTError
 from nst_core.params import StyleParams
 
-from flows.models import BatchSource, OutputSpec, RunOptions
+from tasks.models import BatchSource, OutputSpec, RunOptions
 from tasks.storage import read_uri
 
 __all__ = ["main", "build_parser"]

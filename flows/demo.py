@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from flows.models import BatchSource, OutputSpec, RunOptions
+from tasks.models import BatchSource, OutputSpec, RunOptions
 from nst_core.errors import WeightsError
 from nst_core.params import StyleParams
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from prefect import get_run_logger
 
-from flows.models import OutputSpec, RunOptions
+from tasks.models import OutputSpec, RunOptions
 from nst_core.params import StyleParams
 from tasks.pair import fetch_image, stylize_pair, write_pair
 from tasks.plan import PairPlan

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.models import OutputSpec
+from tasks.models import OutputSpec
 from nst_core.errors import WeightsError
 from nst_core.params import StyleParams
 

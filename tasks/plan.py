@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from urllib.parse import urlparse
 
-from flows.models import IMAGE_EXTENSIONS, BatchSource
+from tasks.models import IMAGE_EXTENSIONS, BatchSource
 from nst_core.errors import NSTError
 from nst_core.params import StyleParams
 

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from flows.batch import stylize_batch
-from flows.models import BatchSource, OutputSpec, RunOptions
+from tasks.models import BatchSource, OutputSpec, RunOptions
 from nst_core import StyleParams
 from tasks.compute import targets_cache
 

@@ -3,7 +3,7 @@
 import logging
 
 from flows import pipeline
-from flows.models import OutputSpec, RunOptions
+from tasks.models import OutputSpec, RunOptions
 from nst_core import StyleParams
 from tasks.plan import PairPlan
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from flows.models import BatchSource
+from tasks.models import BatchSource
 from nst_core import StyleParams
 from tasks.plan import PreflightError, pair_key, plan_pairs, read_manifest, source_entries
 

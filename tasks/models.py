@@ -1,4 +1,4 @@
-"""The batch flow's parameters: pydantic models the Prefect UI renders as a grouped form.
+"""The batch parameters: pydantic models the Prefect UI renders as a grouped form.
 
 Imports no torch, so deployments and forms load fast. StyleParams lives in nst_core.params.
 """
