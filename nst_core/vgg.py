@@ -90,6 +90,8 @@ class FeatureExtractor:
     std: Tensor  # (1, 3, 1, 1)
     weights_id: str
     device: torch.device
+    #: Memory format of the conv weights; convert inputs with ``x.to(memory_format=...)`` to match.
+    memory_format: torch.memory_format = torch.contiguous_format
 
     def __call__(self, image: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
         wanted = {layer_index(n): n for n in names}
@@ -216,23 +218,27 @@ def load_extractor(
     sha256: str | None = None,
     seed: int = 0,
     opener: Opener | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> FeatureExtractor:
     """A cached, frozen extractor truncated after the deepest of ``layers``.
 
     ``weights``: imagenet1k_features | imagenet1k_v1 | random | path | file:// | other URI read by
     ``opener`` (the batch tasks pass their S3 reader). ``seed`` only matters for random weights.
+    ``memory_format``: ``torch.channels_last`` converts the module (faster convolutions with
+    tensor cores); the extractor records it so the caller converts its input the same way.
     """
     names = list(layers)
     depth = max(layer_index(n) for n in names)
     inplace = not any(n.startswith("conv") for n in names)
     device = resolve_device(device) if isinstance(device, str) else device
-    key = (weights, sha256, seed if weights == "random" else None, pooling, str(device), dtype, depth, inplace)
+    key = (weights, sha256, seed if weights == "random" else None, pooling, str(device), dtype, depth, inplace, memory_format)
     with _cache_lock:
         if key in _cache:
             return _cache[key]
         state, (mean, std), weights_id = _load_weights(weights, sha256, seed, opener)
         module = _build(state, seed, pooling, depth, inplace).to(device=device, dtype=dtype)
+        module = module.to(memory_format=memory_format)
         as_tensor = lambda v: torch.tensor(v, dtype=dtype, device=device).view(1, 3, 1, 1)  # noqa: E731
-        extractor = FeatureExtractor(module, as_tensor(mean), as_tensor(std), weights_id, device)
+        extractor = FeatureExtractor(module, as_tensor(mean), as_tensor(std), weights_id, device, memory_format)
         _cache[key] = extractor
         return extractor

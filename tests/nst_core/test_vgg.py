@@ -134,3 +134,18 @@ def test_unavailable_torchvision_weights_say_how_to_supply_them(tmp_path, monkey
         load_extractor("imagenet1k_features", layers=["relu1_1"])
     msg = str(err.value)
     assert "vgg16_features-amdegroot-88682ab5.pth" in msg and "checkpoints" in msg and "random" in msg
+
+
+def test_channels_last_extractor_has_channels_last_weights_and_is_cached_apart():
+    ex = load_extractor("random", layers=["relu2_1"], memory_format=torch.channels_last)
+    convs = [m for m in ex.layers if isinstance(m, nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    assert not convs[1].weight.is_contiguous()  # really converted, not a 1x1 degenerate case
+    assert ex.memory_format == torch.channels_last
+    plain = load_extractor("random", layers=["relu2_1"])
+    assert plain is not ex and plain.memory_format == torch.contiguous_format
+    assert plain.layers[2].weight.is_contiguous()
+    x = torch.rand(1, 3, 32, 32)
+    got = ex(x.to(memory_format=ex.memory_format), ["relu2_1"])["relu2_1"]
+    want = plain(x, ["relu2_1"])["relu2_1"]
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
