@@ -18,6 +18,7 @@ shows the style/content ratio stays put between 64 px and 128 px):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -27,31 +28,57 @@ __all__ = ["gram_matrix", "content_loss", "style_loss", "tv_loss", "weighted_sum
 
 
 class _Gram(torch.autograd.Function):
-    """G = F·Fᵀ·scale for F (B, nC, N); backward dF = (dG + dGᵀ)·F·scale.
+    """G = scale·F·Fᵀ for F (B, nC, N); backward dF = scale·(dG + dGᵀ)·F.
 
     Autograd's own bmm backward does two matmuls plus transposed copies of F; since G is
     symmetric one matmul suffices. On the hot path of every loss evaluation (see benchmarks/engine.py).
+
+    The scale goes in before the sum, not after it: unnormalized Grams reach ~3e8 at 512 px,
+    beyond fp16's 65504. In fp16 the features are multiplied by √scale before the product; in
+    fp32/bf16 (fp32's exponent range) ``baddbmm``'s alpha applies it to the accumulator with no
+    extra pass over F. The backward product sums nC (≤ 512) terms of scale·dG·F and needs no care.
     """
 
     @staticmethod
     def forward(ctx, flat: Tensor, scale: float) -> Tensor:
         ctx.save_for_backward(flat)
         ctx.scale = scale
-        return torch.bmm(flat, flat.transpose(1, 2)).mul_(scale)
+        if flat.dtype == torch.float16:
+            f = flat * math.sqrt(scale)
+            return torch.bmm(f, f.transpose(1, 2))
+        out = flat.new_empty(flat.shape[0], flat.shape[1], flat.shape[1])
+        return torch.baddbmm(out, flat, flat.transpose(1, 2), beta=0.0, alpha=scale)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (flat,) = ctx.saved_tensors
-        return torch.bmm((grad + grad.transpose(1, 2)).mul_(ctx.scale), flat), None
+        sym = (grad + grad.transpose(1, 2)).mul_(ctx.scale).to(flat.dtype)
+        if flat.is_contiguous():
+            return torch.bmm(sym, flat), None
+        # channels_last: Fᵀ·sym = (sym·F)ᵀ comes out in F's own (B, N, nC) layout, no copy.
+        return torch.bmm(flat.transpose(1, 2), sym).transpose(1, 2), None
+
+
+def _flat(features: Tensor) -> Tensor:
+    """(B, nC, nH, nW) -> (B, nC, nH·nW) as a view, for NCHW and channels_last alike.
+
+    A channels_last tensor is stored (B, nH, nW, nC); reshaping it as NCHW would copy it, so
+    take the (B, N, nC) view and transpose it (bmm reads transposed operands without copying).
+    """
+    b, c, h, w = features.shape
+    if features.is_contiguous() or not features.is_contiguous(memory_format=torch.channels_last):
+        return features.reshape(b, c, h * w)
+    return features.permute(0, 2, 3, 1).reshape(b, h * w, c).transpose(1, 2)
 
 
 def gram_matrix(features: Tensor, normalize: bool = False) -> Tensor:
-    """Gram ("style") matrix. (B, nC, nH, nW) -> (B, nC, nC).
+    """Gram ("style") matrix. (B, nC, nH, nW) -> (B, nC, nC), in the features' dtype.
 
-    G[k, k'] = Σ_i Σ_j a[i, j, k]·a[i, j, k']; ``normalize`` divides by nH·nW (a mean over positions).
+    G[k, k'] = Σ_i Σ_j a[i, j, k]·a[i, j, k']; ``normalize`` divides by nH·nW (a mean over
+    positions), applied inside the product so fp16 cannot overflow.
     """
     b, c, h, w = features.shape
-    return _Gram.apply(features.reshape(b, c, h * w), 1.0 / (h * w) if normalize else 1.0)
+    return _Gram.apply(_flat(features), 1.0 / (h * w) if normalize else 1.0)
 
 
 def content_loss(generated: Tensor, target: Tensor) -> Tensor:

@@ -87,3 +87,18 @@ def test_gram_gradient_matches_autograd_of_the_formula():
     flat = f.detach().reshape(2, 4, 15).requires_grad_(True)
     (torch.bmm(flat, flat.transpose(1, 2)) * weights).sum().backward()
     assert torch.allclose(f.grad.reshape(2, 4, 15), flat.grad)
+
+
+def test_normalized_gram_does_not_overflow_in_fp16():
+    # Σ over 64·64 positions of 100² is 4e7, beyond fp16's 65504; the mean (1e4) is not.
+    f = torch.full((1, 2, 64, 64), 100.0, dtype=torch.float16)
+    g = gram_matrix(f, normalize=True)
+    assert torch.isfinite(g).all() and torch.allclose(g.float(), torch.full((1, 2, 2), 1e4), rtol=1e-2)
+
+
+def test_gram_of_channels_last_features_matches_and_backpropagates():
+    torch.manual_seed(2)
+    f = torch.rand(2, 5, 6, 7, dtype=torch.float64)
+    fc = f.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    assert torch.allclose(gram_matrix(fc, normalize=True), gram_matrix(f, normalize=True))
+    assert torch.autograd.gradcheck(lambda x: gram_matrix(x, normalize=True), (fc,))
