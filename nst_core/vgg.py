@@ -10,10 +10,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
+import re
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlparse
 
 import torch
@@ -31,20 +34,37 @@ __all__ = [
     "layer_index",
     "read_weights_bytes",
     "HOW_TO_SUPPLY_WEIGHTS",
+    "clear_cache",
 ]
 
-#: Named torchvision weights: enum and the input normalization those weights were trained with.
-_TORCHVISION_WEIGHTS = {
-    "imagenet1k_features": VGG16_Weights.IMAGENET1K_FEATURES,  # Caffe port: 0-255 inputs, mean only
-    "imagenet1k_v1": VGG16_Weights.IMAGENET1K_V1,
+class _Named(NamedTuple):
+    """A named torchvision checkpoint: where it downloads from and the normalization it was trained with."""
+
+    url: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def _named(enum: VGG16_Weights) -> _Named:
+    transforms = enum.transforms()  # a small transform object; nothing is downloaded
+    return _Named(enum.url, tuple(transforms.mean), tuple(transforms.std))
+
+
+_NAMED_WEIGHTS = {
+    "imagenet1k_features": _named(VGG16_Weights.IMAGENET1K_FEATURES),  # Caffe port: 0-255 inputs, mean only
+    "imagenet1k_v1": _named(VGG16_Weights.IMAGENET1K_V1),
 }
-_IMAGENET_MEAN_STD = (VGG16_Weights.IMAGENET1K_V1.transforms().mean, VGG16_Weights.IMAGENET1K_V1.transforms().std)
+_IMAGENET_MEAN_STD = (_NAMED_WEIGHTS["imagenet1k_v1"].mean, _NAMED_WEIGHTS["imagenet1k_v1"].std)
 # Random weights see the default weights' input scale (0-255, mean removed), so the default
 # α/β strike a comparable balance and the losses are large enough for L-BFGS's curvature test.
-_CAFFE_MEAN_STD = (
-    VGG16_Weights.IMAGENET1K_FEATURES.transforms().mean,
-    VGG16_Weights.IMAGENET1K_FEATURES.transforms().std,
-)
+_CAFFE_MEAN_STD = (_NAMED_WEIGHTS["imagenet1k_features"].mean, _NAMED_WEIGHTS["imagenet1k_features"].std)
+#: torchvision (and torch.hub) put the first hex digits of a checkpoint's SHA-256 in its file name.
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")
+#: Bytes read at a time when hashing a weights file (never the whole file in memory).
+_CHUNK = 1 << 20
+#: What a key of a VGG16 features state_dict looks like once prefixes are stripped.
+_FEATURE_KEY = re.compile(r"\d+\.(weight|bias)")
+_WRAPPER_PREFIXES = ("module.", "model.")  # DataParallel / Lightning-style wrappers
 
 HOW_TO_SUPPLY_WEIGHTS = (
     "copy {file} into {hub}/checkpoints/ (TORCH_HOME), or pass weights=PATH|file://...|s3://... "
@@ -109,72 +129,175 @@ class FeatureExtractor:
         return out
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in ``_CHUNK``-sized pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _one_line(err: BaseException) -> str:
+    """The reason inside an exception's message, on one line.
+
+    torch's refusal under ``weights_only=True`` is several lines of advice, including that
+    ``weights_only=False`` "will likely succeed" — exactly what must not be done with a file that
+    failed this check. Keep only the unpickler's reason ("Unsupported global: GLOBAL …").
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    line = next((part.strip() for part in text.splitlines() if part.strip()), type(err).__name__)
+    return line.split(" Please use ", 1)[0]
+
+
+def _local_path(uri: str) -> Path | None:
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file") or (len(parsed.scheme) == 1 and os.name == "nt"):
+        return Path(parsed.path if parsed.scheme == "file" else uri).expanduser()
+    return None
 
 
 def read_weights_bytes(uri: str, opener: Opener | None = None) -> bytes:
     """Bytes of a state_dict at a local path / file:// URI, or any other URI through ``opener``."""
-    parsed = urlparse(uri)
-    if parsed.scheme in ("", "file") or (len(parsed.scheme) == 1 and os.name == "nt"):
-        path = Path(parsed.path if parsed.scheme == "file" else uri).expanduser()
+    path = _local_path(uri)
+    if path is not None:
         if not path.is_file():
             raise WeightsError(f"weights file {uri} does not exist")
         return path.read_bytes()
     if opener is None:
-        raise WeightsError(f"weights URI {uri}: no reader for scheme {parsed.scheme!r} here")
+        raise WeightsError(f"weights URI {uri}: no reader for scheme {urlparse(uri).scheme!r} here")
     try:
         return opener(uri)
     except Exception as err:  # the opener's own errors (missing key, denied) become one clear message
-        raise WeightsError(f"could not read weights {uri}: {err}") from err
+        raise WeightsError(f"could not read weights {uri}: {_one_line(err)}") from err
 
 
-def _state_dict_from_bytes(data: bytes, uri: str) -> tuple[dict, tuple | None]:
-    """A torch.save'd state_dict (full vgg16 or features only), or {"state_dict", "mean", "std"}."""
+def _check_digest(label: str, digest: str, sha256: str | None, prefix: str | None = None) -> None:
+    """Refuse a file whose SHA-256 is not the pinned one (or, unpinned, lacks its name's prefix)."""
+    if sha256 is not None:
+        if digest != sha256.lower():
+            raise WeightsError(f"weights {label} have sha256 {digest}, expected {sha256.lower()}")
+    elif prefix is not None and not digest.startswith(prefix):
+        raise WeightsError(
+            f"weights {label} have sha256 {digest}, but their file name promises one starting {prefix}; "
+            "refusing to load them (delete the file to download it again)"
+        )
+
+
+def _torch_load(source: Path | io.BytesIO, label: str) -> object:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary code."""
     try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise WeightsError(
+            f"weights {label} are not a plain state_dict (weights_only load refused: {_one_line(err)})"
+        ) from None
     except Exception as err:
-        raise WeightsError(f"weights {uri} are not a loadable state_dict: {err}") from err
+        raise WeightsError(f"weights {label} are not a loadable state_dict file ({_one_line(err)})") from None
+
+
+def _features_state(obj: object, label: str) -> tuple[dict, tuple | None]:
+    """A loaded checkpoint -> ({"N.weight"|"N.bias": tensor}, (mean, std) or None).
+
+    Takes vgg16().state_dict() ("features.N.*", "classifier.*" dropped), vgg16().features'
+    ("N.*"), either under "module." / "model." wrappers, or {"state_dict", "mean", "std"}.
+    """
     if not isinstance(obj, dict):
-        raise WeightsError(f"weights {uri} hold a {type(obj).__name__}, not a state_dict")
+        raise WeightsError(f"weights {label} hold a {type(obj).__name__}, not a state_dict")
     mean_std = None
     if "state_dict" in obj:
         if "mean" in obj and "std" in obj:
-            mean_std = (list(map(float, obj["mean"])), list(map(float, obj["std"])))
+            mean_std = (tuple(map(float, obj["mean"])), tuple(map(float, obj["std"])))
         obj = obj["state_dict"]
-    # Accept both vgg16().state_dict() ("features.0.weight") and vgg16().features.state_dict() ("0.weight").
-    features = {k.removeprefix("features."): v for k, v in obj.items() if not k.startswith("classifier.")}
+        if not isinstance(obj, dict):
+            raise WeightsError(f"weights {label}: 'state_dict' holds a {type(obj).__name__}, not a dict")
+    features = {}
+    for key in obj:
+        name = str(key)
+        while name.startswith(_WRAPPER_PREFIXES):
+            name = name.split(".", 1)[1]
+        if name.startswith("classifier."):
+            continue
+        name = name.removeprefix("features.")
+        if not _FEATURE_KEY.fullmatch(name):
+            raise WeightsError(
+                f"weights {label}: key {key!r} is not a VGG16 features key; expected 'features.N.weight' "
+                "or 'N.weight' (and .bias; 'module.' / 'model.' prefixes are stripped)"
+            )
+        features[name] = obj[key]
+    if not features:
+        raise WeightsError(f"weights {label} hold no VGG16 features keys (expected 'features.N.weight' or 'N.weight')")
     return features, mean_std
 
 
-def _load_weights(
-    weights: str, sha256: str | None, seed: int, opener: Opener | None
-) -> tuple[dict | None, tuple, str]:
-    """(features state_dict or None for random, (mean, std), weights id)."""
-    if weights == "random":
-        return None, _CAFFE_MEAN_STD, f"random(seed={seed})"
-    if weights in _TORCHVISION_WEIGHTS:
-        enum = _TORCHVISION_WEIGHTS[weights]
-        transforms = enum.transforms()
+class _Loaded(NamedTuple):
+    features: dict | None  # None: random weights
+    mean_std: tuple
+    weights_id: str
+
+
+# Loaded state dicts per (source identity, pinned sha256), so one weights file is read (an s3://
+# one downloaded) once per process, however many (device, dtype, depth, pooling) extractors use it.
+_states: dict[tuple, _Loaded] = {}
+
+
+def _hub_checkpoint(name: str, spec: _Named) -> Path:
+    """``$TORCH_HOME/hub/checkpoints/<file>`` of named weights, downloaded first if missing."""
+    file_name = Path(urlparse(spec.url).path).name
+    path = Path(torch.hub.get_dir()) / "checkpoints" / file_name
+    if not path.is_file():
+        # The engine's only network access: named weights asked for and not in the cache.
+        match = _HASH_IN_NAME.search(file_name)
         try:
-            # Uses the torch hub cache when the file is there; downloads (hash-checked) otherwise.
-            full = enum.get_state_dict(progress=False, check_hash=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(
+                spec.url, str(path), hash_prefix=match.group(1) if match else None, progress=False
+            )
         except Exception as err:
-            hint = HOW_TO_SUPPLY_WEIGHTS.format(file=Path(enum.url).name, hub=torch.hub.get_dir())
-            raise WeightsError(f"VGG16 weights {weights!r} are not available ({err}); {hint}") from err
-        if sha256 is not None:  # torchvision checks a hash prefix on download; this checks the cached file
-            cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
-            digest = _sha256(cached.read_bytes())
-            if digest != sha256.lower():
-                raise WeightsError(f"weights {cached} have sha256 {digest}, expected {sha256.lower()}")
-        features = {k.removeprefix("features."): v for k, v in full.items() if k.startswith("features.")}
-        return features, (transforms.mean, transforms.std), f"torchvision:{enum.url.rsplit('/', 1)[-1]}"
-    data = read_weights_bytes(weights, opener)
-    digest = _sha256(data)
-    if sha256 is not None and digest != sha256.lower():
-        raise WeightsError(f"weights {weights} have sha256 {digest}, expected {sha256.lower()}")
-    features, mean_std = _state_dict_from_bytes(data, weights)
-    return features, mean_std or _IMAGENET_MEAN_STD, f"sha256:{digest}"
+            hint = HOW_TO_SUPPLY_WEIGHTS.format(file=file_name, hub=torch.hub.get_dir())
+            raise WeightsError(f"VGG16 weights {name!r} are not available ({_one_line(err)}); {hint}") from err
+    return path
+
+
+def _load_weights(weights: str, sha256: str | None, seed: int, opener: Opener | None) -> _Loaded:
+    """The features state_dict (None for random), its (mean, std) and the weights id.
+
+    Every file is hashed before it is unpickled, and unpickled with ``weights_only=True``.
+    """
+    if weights == "random":
+        return _Loaded(None, _CAFFE_MEAN_STD, f"random(seed={seed})")
+    spec = _NAMED_WEIGHTS.get(weights)
+    path = _hub_checkpoint(weights, spec) if spec else _local_path(weights)
+    if path is not None:
+        if not path.is_file():
+            raise WeightsError(f"weights file {weights} does not exist")
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, sha256)
+    else:
+        key = (weights, sha256)
+    if key in _states:
+        return _states[key]
+    if spec is not None:
+        digest = _sha256_file(path)
+        match = _HASH_IN_NAME.search(path.name)
+        _check_digest(str(path), digest, sha256, match.group(1) if match else None)
+        features, _ = _features_state(_torch_load(path, str(path)), str(path))
+        loaded = _Loaded(features, (spec.mean, spec.std), f"torchvision:{path.name}")
+    elif path is not None:
+        digest = _sha256_file(path)
+        _check_digest(weights, digest, sha256)
+        features, mean_std = _features_state(_torch_load(path, weights), weights)
+        loaded = _Loaded(features, mean_std or _IMAGENET_MEAN_STD, f"sha256:{digest}")
+    else:
+        data = read_weights_bytes(weights, opener)
+        digest = hashlib.sha256(data).hexdigest()
+        _check_digest(weights, digest, sha256)
+        features, mean_std = _features_state(_torch_load(io.BytesIO(data), weights), weights)
+        loaded = _Loaded(features, mean_std or _IMAGENET_MEAN_STD, f"sha256:{digest}")
+    _states[key] = loaded
+    return loaded
 
 
 def _build(state: dict | None, seed: int, pooling: str, depth: int, inplace: bool) -> nn.Sequential:
@@ -206,6 +329,13 @@ def _build(state: dict | None, seed: int, pooling: str, depth: int, inplace: boo
 
 _cache: dict[tuple, FeatureExtractor] = {}
 _cache_lock = threading.Lock()
+
+
+def clear_cache() -> None:
+    """Forget every built extractor and loaded state dict (tests; freeing memory)."""
+    with _cache_lock:
+        _cache.clear()
+        _states.clear()
 
 
 def load_extractor(

@@ -1,0 +1,194 @@
+"""Weight sources: hub checkpoints verified before unpickling, one-line refusals, key prefixes, caching."""
+
+import hashlib
+
+import pytest
+import torch
+
+from nst_core import WeightsError
+from nst_core import vgg as vgg_mod
+from nst_core.vgg import load_extractor
+
+FEATURES_FILE = "vgg16_features-amdegroot-88682ab5.pth"  # torchvision's name for imagenet1k_features
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    vgg_mod.clear_cache()
+    yield
+    vgg_mod.clear_cache()
+
+
+class _WritesMarker:
+    """Unpickling this creates ``path``: stands in for arbitrary code in a planted checkpoint."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _random_features(seed=3):
+    return load_extractor("random", layers=["relu5_3"], seed=seed).layers.state_dict()
+
+
+def _hub(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    return checkpoints
+
+
+def _no_network(monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+
+
+def test_planted_pickle_in_the_hub_cache_is_never_unpickled(tmp_path, monkeypatch):
+    checkpoints = _hub(tmp_path, monkeypatch)
+    _no_network(monkeypatch)
+    marker = tmp_path / "code-ran"
+    planted = checkpoints / FEATURES_FILE
+    torch.save({"features.0.weight": _WritesMarker(marker)}, planted)
+    # Hash check against the file name's prefix (88682ab5) refuses it before any unpickling.
+    with pytest.raises(Exception) as err:
+        load_extractor("imagenet1k_features", layers=["relu1_1"])
+    assert not marker.exists(), "the planted pickle was unpickled and ran its code"
+    assert isinstance(err.value, WeightsError) and "sha256" in str(err.value) and "88682ab5" in str(err.value)
+    # Even when the hash is pinned to the planted file itself, weights_only=True refuses the code.
+    digest = hashlib.sha256(planted.read_bytes()).hexdigest()
+    with pytest.raises(Exception) as err:
+        load_extractor("imagenet1k_features", layers=["relu1_1"], sha256=digest)
+    assert not marker.exists(), "the planted pickle was unpickled and ran its code"
+    msg = str(err.value)
+    assert isinstance(err.value, WeightsError) and "not a plain state_dict" in msg
+    assert "\n" not in msg and "will likely succeed" not in msg
+
+
+def test_hub_checkpoint_whose_name_prefix_matches_its_hash_loads(tmp_path, monkeypatch):
+    checkpoints = _hub(tmp_path, monkeypatch)
+    _no_network(monkeypatch)
+    features = _random_features()
+    staging = tmp_path / "staging.pth"
+    torch.save({f"features.{k}": v for k, v in features.items()}, staging)
+    digest = hashlib.sha256(staging.read_bytes()).hexdigest()
+    name = f"vgg16-{digest[:8]}.pth"
+    staging.rename(checkpoints / name)
+    named = vgg_mod._NAMED_WEIGHTS["imagenet1k_v1"]
+    monkeypatch.setitem(vgg_mod._NAMED_WEIGHTS, "imagenet1k_v1", named._replace(url=f"https://example.invalid/{name}"))
+    ex = load_extractor("imagenet1k_v1", layers=["relu2_1"])
+    assert torch.equal(ex.layers[2].weight, features["2.weight"])
+    assert ex.weights_id == f"torchvision:{name}"
+    assert ex.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
+    # A pinned hash is checked against the cached file too.
+    with pytest.raises(WeightsError, match="expected 1111"):
+        load_extractor("imagenet1k_v1", layers=["relu3_1"], sha256="1" * 64)
+
+
+def test_missing_hub_checkpoint_is_downloaded_with_the_hash_prefix(tmp_path, monkeypatch):
+    checkpoints = _hub(tmp_path, monkeypatch)
+    features = _random_features()
+    staging = tmp_path / "staging.pth"
+    torch.save({f"features.{k}": v for k, v in features.items()}, staging)
+    digest = hashlib.sha256(staging.read_bytes()).hexdigest()
+    name = f"vgg16-{digest[:8]}.pth"
+    calls = []
+
+    def fake_download(url, dst, hash_prefix=None, progress=True):
+        calls.append((url, hash_prefix))
+        staging.replace(dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    named = vgg_mod._NAMED_WEIGHTS["imagenet1k_v1"]
+    monkeypatch.setitem(vgg_mod._NAMED_WEIGHTS, "imagenet1k_v1", named._replace(url=f"https://example.invalid/{name}"))
+    ex = load_extractor("imagenet1k_v1", layers=["relu1_1"])
+    assert calls == [(f"https://example.invalid/{name}", digest[:8])]
+    assert (checkpoints / name).is_file() and torch.equal(ex.layers[0].weight, features["0.weight"])
+
+
+def test_unavailable_named_weights_say_how_to_supply_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    _no_network(monkeypatch)
+    with pytest.raises(WeightsError) as err:
+        load_extractor("imagenet1k_features", layers=["relu1_1"])
+    msg = str(err.value)
+    assert FEATURES_FILE in msg and "checkpoints" in msg and "random" in msg and "unreachable" in msg
+
+
+def test_refused_file_gives_one_line_without_torch_advice(tmp_path):
+    bad = tmp_path / "module.pth"
+    torch.save(torch.nn.Linear(2, 2), bad)  # a pickled module: weights_only=True refuses it
+    with pytest.raises(WeightsError) as err:
+        load_extractor(str(bad), layers=["relu1_1"])
+    msg = str(err.value)
+    assert "\n" not in msg and "weights_only=False" not in msg and "will likely succeed" not in msg
+    assert str(bad) in msg and "Linear" in msg  # still says what was refused
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(WeightsError) as err:
+        load_extractor(str(junk), layers=["relu1_1"])
+    assert "\n" not in str(err.value) and str(junk) in str(err.value)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "module.features.", "model.", "model.features.", "features."])
+def test_common_key_prefixes_are_stripped(tmp_path, prefix):
+    features = _random_features()
+    path = tmp_path / "vgg.pth"
+    torch.save({f"{prefix}{k}": v for k, v in features.items()}, path)
+    ex = load_extractor(str(path), layers=["relu5_3"])
+    assert all(torch.equal(a, b) for a, b in zip(ex.layers.state_dict().values(), features.values()))
+
+
+def test_foreign_keys_are_refused_with_an_example_and_the_expected_form(tmp_path):
+    path = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "bn1.weight": torch.zeros(64)}, path)
+    with pytest.raises(WeightsError) as err:
+        load_extractor(str(path), layers=["relu1_1"])
+    msg = str(err.value)
+    assert "conv1.weight" in msg and "features.N.weight" in msg and "N.weight" in msg and str(path) in msg
+
+
+def test_file_sha256_is_streamed_in_chunks(tmp_path, monkeypatch):
+    path = tmp_path / "vgg.pth"
+    torch.save(_random_features(), path)
+    size = path.stat().st_size
+    monkeypatch.setattr(vgg_mod, "_CHUNK", 1 << 16)
+    reads = []
+    real_open = open
+
+    class Spy:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n=-1):
+            reads.append(n)
+            return self.f.read(n)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(vgg_mod, "open", lambda p, mode="r": Spy(real_open(p, mode)), raising=False)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert load_extractor(str(path), layers=["relu1_1"], sha256=digest).weights_id == f"sha256:{digest}"
+    assert reads and all(0 < n <= 1 << 16 for n in reads) and len(reads) >= size // (1 << 16)
+
+
+def test_opened_weights_are_read_once_per_process(tmp_path):
+    path = tmp_path / "vgg.pth"
+    torch.save(_random_features(), path)
+    seen = []
+
+    def opener(uri):
+        seen.append(uri)
+        return path.read_bytes()
+
+    for layers, dtype in ((["relu1_1"], torch.float32), (["relu5_1"], torch.float32), (["relu2_1"], torch.float64)):
+        load_extractor("s3://bucket/vgg.pth", layers=layers, dtype=dtype, opener=opener)
+    load_extractor("s3://bucket/vgg.pth", layers=["relu3_1"], pooling="avg", opener=opener)
+    assert seen == ["s3://bucket/vgg.pth"]
