@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from pydantic import ValidationError
@@ -16,7 +17,7 @@ from nst_core.cli import ProgressBar, add_model_options, add_stylize_parser, mod
 from nst_core.errors import NSTError
 from nst_core.params import StyleParams
 
-from tasks.models import BatchSource, OutputSpec, RunOptions
+from tasks.models import ManifestSource, OutputSpec, PrefixSource, RunOptions
 from tasks.storage import read_uri
 
 __all__ = ["main", "build_parser"]
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--contents", help="prefix/folder of content images (with --styles)")
     batch.add_argument("--styles", help="prefix/folder of style images (with --contents)")
     batch.add_argument("--pairing", choices=["cross", "zip"], default=argparse.SUPPRESS,
-                       help=BatchSource.model_fields["pairing"].description)
+                       help=PrefixSource.model_fields["pairing"].description)
     batch.add_argument("--output", required=True, help=OutputSpec.model_fields["uri"].description)
     add_model_options(batch, OutputSpec, skip=("uri",))
     add_model_options(batch, RunOptions, skip=("labels", "skip_existing"))
@@ -50,10 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(batch, StyleParams)
     batch.set_defaults(handler=run_batch)
 
-    serve = sub.add_parser("serve", help="serve the stylize-batch and stylize-chunk deployments in this process",
-                           description="Serve stylize-batch/on-demand and stylize-chunk/worker in-process (no work "
-                                       "pool) against the configured Prefect API; start runs from the UI.")
+    serve = sub.add_parser("serve", help="serve stylize-batch/served and stylize-chunk/served in this process",
+                           description="Serve stylize-batch/NAME and stylize-chunk/NAME (default NAME: served) in-process "
+                                       "(no work pool); start runs from the UI. Never touches the prefect.yaml "
+                                       "deployments. Without PREFECT_API_URL it starts a local Prefect server "
+                                       "and prints its UI URL.")
     serve.add_argument("--limit", type=int, default=None, help="max concurrent flow runs (default: unlimited)")
+    serve.add_argument("--name", default="served", help="deployment name of both served flows (default: served)")
+    serve.add_argument("--port", type=int, default=4200,
+                       help="port of the local Prefect server started when PREFECT_API_URL is unset (default: 4200)")
     serve.set_defaults(handler=run_serve)
 
     demo = sub.add_parser("demo", help="stylize the bundled sample images into ./demo-output/",
@@ -88,16 +94,32 @@ def run_batch(args: argparse.Namespace) -> int:
         raise NSTError("--contents needs --styles (or use --manifest)")
     if args.manifest and args.styles:
         raise NSTError("--styles goes with --contents, not with --manifest")
-    source = model_from_args(BatchSource, args)
+    source = model_from_args(ManifestSource if args.manifest else PrefixSource, args)
     output = OutputSpec(**{**{k: v for k, v in vars(args).items() if k in OutputSpec.model_fields}, "uri": args.output})
     state = _run_flow(source, output, model_from_args(StyleParams, args), model_from_args(RunOptions, args))
     return 0 if state.is_completed() else 1
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    from flows.serve import serve_deployments
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
 
-    serve_deployments(limit=args.limit)
+
+def run_serve(args: argparse.Namespace) -> int:
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_API_URL, temporary_settings
+
+    from flows.serve import local_server, serve_deployments
+
+    if PREFECT_API_URL.value():
+        serve_deployments(limit=args.limit, name=args.name)
+        return 0
+    # Prefect's ephemeral API has no UI, so a served deployment would be unreachable: start a server.
+    # SIGTERM before serving begins must still stop it (serve installs its own handler later).
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    print(f"PREFECT_API_URL is not set: starting a local Prefect server on 127.0.0.1:{args.port} "
+          "(stopped when nst serve stops)", flush=True)
+    with local_server(args.port) as api_url:
+        with temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_UI_API_URL: api_url}):
+            serve_deployments(limit=args.limit, name=args.name)
     return 0
 
 

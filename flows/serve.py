@@ -1,28 +1,138 @@
-"""`nst serve`: both flows' deployments served in-process, no work pool needed.
+"""`nst serve`: the batch and chunk flows served in this process, under their own names.
 
-The embedded way to get a UI-triggerable setup on one machine: stylize-batch/on-demand (start
-it from the UI's run form; fan_out "workers" sends chunks to the served stylize-chunk/worker).
+The embedded way to get a UI-triggerable setup on one machine, no work pool needed. It
+registers ``stylize-batch/served`` and ``stylize-chunk/served`` — never the names of
+deployments/prefect.yaml (``nightly``, ``on-demand``, ``worker``), so serving can neither
+rewrite those deployments (their pull steps, pools, schedules) nor pause them when it stops.
+Runs of the served batch deployment send their chunks (fan-out "workers") to the served chunk
+deployment: that is the ``run.chunk_deployment`` default of the served batch deployment.
+
+Without PREFECT_API_URL there is no UI to start runs from (Prefect's ephemeral API serves
+none), so ``nst serve`` then starts a local ``prefect server`` on 127.0.0.1, prints its UI
+URL, and stops it when serving stops.
 """
 
 from __future__ import annotations
 
-from prefect import serve
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
-from flows.batch import stylize_batch
-from flows.chunk import stylize_chunk
+from nst_core.errors import NSTError
 
-__all__ = ["deployments", "serve_deployments"]
+__all__ = ["SERVED_NAME", "deployments", "serve_deployments", "check_names_are_free", "local_server"]
+
+#: Deployment name both served flows use; prefect.yaml never uses it.
+SERVED_NAME = "served"
 
 
-def deployments():
-    """The served deployments, named as in deployments/prefect.yaml; the API enforces their schemas."""
+def deployments(name: str = SERVED_NAME):
+    """The served deployments; the API enforces their parameter schemas."""
+    from flows.batch import stylize_batch
+    from flows.chunk import stylize_chunk
+    from tasks.models import RunOptions
+
+    chunk = f"stylize-chunk/{name}"
+    run_defaults = RunOptions(chunk_deployment=chunk).model_dump(mode="json")
     return [
-        stylize_batch.to_deployment(name="on-demand", enforce_parameter_schema=True,
-                                    description="Runs started from the Prefect UI's run form."),
-        stylize_chunk.to_deployment(name="worker", enforce_parameter_schema=True,
-                                    description="One chunk of pairs of a stylize-batch run."),
+        stylize_batch.to_deployment(
+            name=name, enforce_parameter_schema=True, parameters={"run": run_defaults},
+            tags=["nst-serve"],
+            description=(f"Served by `nst serve` on {_host()}: runs started from the UI's run form. "
+                         f"Fan-out 'workers' sends chunks to {chunk}."),
+        ),
+        stylize_chunk.to_deployment(
+            name=name, enforce_parameter_schema=True, tags=["nst-serve"],
+            description=f"Served by `nst serve` on {_host()}: one chunk of pairs of a stylize-batch/{name} run.",
+        ),
     ]
 
 
-def serve_deployments(limit: int | None = None) -> None:
-    serve(*deployments(), limit=limit)
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def check_names_are_free(names: list[str]) -> None:
+    """Refuse to serve over a deployment that a work pool runs (one `prefect deploy` made)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        for full in names:
+            try:
+                existing = client.read_deployment_by_name(full)
+            except ObjectNotFound:
+                continue
+            if existing.work_pool_name:
+                raise NSTError(
+                    f"deployment {full} already exists on work pool {existing.work_pool_name!r}; nst serve never "
+                    "modifies pool-backed deployments: choose another name with --name"
+                )
+
+
+def serve_deployments(limit: int | None = None, name: str = SERVED_NAME) -> None:
+    """Serve both flows until interrupted. Pausing on shutdown touches only the served names."""
+    from prefect import serve
+    from prefect.settings import get_current_settings
+
+    served = deployments(name)
+    check_names_are_free([f"stylize-batch/{name}", f"stylize-chunk/{name}"])
+    ui = get_current_settings().ui_url
+    if ui:
+        print(f"Prefect UI: {ui}/deployments  (start runs of stylize-batch/{name} from its Run button)", flush=True)
+    serve(*served, limit=limit)
+
+
+def _healthy(api_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as resp:
+            return resp.status == 200
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+@contextmanager
+def local_server(port: int, timeout: float = 120.0) -> Iterator[str]:
+    """A `prefect server start` on 127.0.0.1:port for as long as the block runs; yields its API URL.
+
+    A server already answering on that port is used as is (and left running).
+    """
+    api_url = f"http://127.0.0.1:{port}/api"
+    if _healthy(api_url):
+        yield api_url
+        return
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    cmd = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_UI_API_URL": api_url}
+    log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server never blocks on it
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not _healthy(api_url):
+            if proc.poll() is not None:
+                log.seek(0)
+                err = log.read().decode(errors="replace").strip().splitlines()
+                raise NSTError(f"prefect server on port {port} exited ({err[-1] if err else proc.returncode}); "
+                               "is the port in use? choose another with --port")
+            if time.monotonic() > deadline:
+                raise NSTError(f"prefect server on port {port} did not answer within {timeout:.0f} s")
+            time.sleep(0.5)
+        yield api_url
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()

@@ -5,46 +5,97 @@ Imports no torch, so deployments and forms load fast. StyleParams lives in nst_c
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, Tag, TypeAdapter
+from pydantic_core import CoreSchema
 
-__all__ = ["BatchSource", "OutputSpec", "RunOptions", "IMAGE_EXTENSIONS"]
+__all__ = ["BatchSource", "PrefixSource", "ManifestSource", "OutputSpec", "RunOptions", "IMAGE_EXTENSIONS"]
 
 #: Files a contents/styles prefix contributes, by extension (case-insensitive).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
-class BatchSource(BaseModel):
-    """Where the pairs come from: a manifest, or two prefixes paired cross or zip."""
+class PrefixSource(BaseModel):
+    """Content images and style images, each under a prefix or in a folder."""
 
-    model_config = ConfigDict(extra="forbid", title="Source")
+    model_config = ConfigDict(extra="forbid", title="Content and style prefixes")
 
-    manifest: str | None = Field(
-        default=None, title="Manifest",
-        description=(
-            "URI of a JSONL ({\"content\", \"style\", \"output\"?} per line) or CSV (header content,style[,output]) "
-            "manifest; entries are URIs or keys relative to the manifest's folder. Leave empty to use prefixes."
-        ),
+    kind: Literal["prefixes"] = Field(default="prefixes", title="Source kind")
+    contents: str = Field(
+        min_length=1, title="Content images", description="s3://bucket/prefix/ or folder of content images."
     )
-    contents: str | None = Field(
-        default=None, title="Content images", description="s3://bucket/prefix/ or folder of content images."
-    )
-    styles: str | None = Field(
-        default=None, title="Style images", description="s3://bucket/prefix/ or folder of style images."
+    styles: str = Field(
+        min_length=1, title="Style images", description="s3://bucket/prefix/ or folder of style images."
     )
     pairing: Literal["cross", "zip"] = Field(
         default="cross", title="Pairing",
         description="cross: every content with every style; zip: i-th content with i-th style (sorted, equal counts).",
     )
 
-    @model_validator(mode="after")
-    def _one_kind(self) -> BatchSource:
-        if self.manifest and (self.contents or self.styles):
-            raise ValueError("give either a manifest or contents + styles, not both")
-        if not self.manifest and not (self.contents and self.styles):
-            raise ValueError("give a manifest URI, or both contents and styles URIs")
-        return self
+    @property
+    def manifest(self) -> None:
+        """No manifest: lets consumers test ``source.manifest`` whatever the kind."""
+        return None
+
+
+class ManifestSource(BaseModel):
+    """A JSONL or CSV file listing the pairs."""
+
+    model_config = ConfigDict(extra="forbid", title="Manifest")
+
+    kind: Literal["manifest"] = Field(default="manifest", title="Source kind")
+    manifest: str = Field(
+        min_length=1, title="Manifest URI",
+        description=(
+            "URI of a JSONL ({\"content\", \"style\", \"output\"?} per line) or CSV (header content,style[,output]) "
+            "manifest; entries are URIs or keys relative to the manifest's folder."
+        ),
+    )
+
+
+def _source_kind(value: Any) -> str | None:
+    """The union member a value names: its ``kind``, else inferred from its fields (a manifest key means manifest)."""
+    if isinstance(value, dict):
+        return value.get("kind") or ("manifest" if "manifest" in value else "prefixes")
+    return getattr(value, "kind", None)
+
+
+_SourceUnion = Annotated[
+    Annotated[PrefixSource, Tag("prefixes")] | Annotated[ManifestSource, Tag("manifest")],
+    Discriminator(_source_kind, custom_error_type="source_kind",
+                  custom_error_message="source kind must be 'prefixes' or 'manifest'"),
+]
+_SOURCE = TypeAdapter(_SourceUnion)
+
+
+class BatchSource:
+    """Where the pairs come from: ``PrefixSource`` or ``ManifestSource``, told apart by ``kind``.
+
+    As a type (the flow's ``source`` parameter) it is that discriminated union, so the run form
+    shows only the fields of the chosen kind. Called, it validates keywords into the member they
+    name: ``BatchSource(contents=..., styles=...)`` or ``BatchSource(manifest=...)``.
+    """
+
+    def __new__(cls, **fields: Any) -> PrefixSource | ManifestSource:  # type: ignore[misc]
+        return _SOURCE.validate_python(fields)
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source_type: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return handler(_SourceUnion)
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> dict:
+        # The Prefect UI's form renders anyOf (a kind picker), not oneOf; the members exclude
+        # each other anyway (``kind`` constants, no extra fields), so the meaning is the same.
+        schema = handler(core_schema)
+        if "oneOf" in schema:
+            schema["anyOf"] = schema.pop("oneOf")
+        return schema
+
+    @classmethod
+    def validate(cls, value: Any) -> PrefixSource | ManifestSource:
+        return _SOURCE.validate_python(value)
 
 
 class OutputSpec(BaseModel):
@@ -58,6 +109,13 @@ class OutputSpec(BaseModel):
     )
     format: Literal["jpeg", "png", "webp"] = Field(default="jpeg", title="Format", description="Output image format.")
     quality: int = Field(default=92, ge=1, le=100, title="Quality", description="JPEG/WebP quality (1-100).")
+    link_expiry_hours: int = Field(
+        default=7 * 24, ge=1, le=7 * 24, title="Link expiry (hours)",
+        description=(
+            "S3 outputs: how long the presigned links in the run's artifacts (contact sheet, loss curve, images, "
+            "report) work. 168 hours (7 days) is the most S3 allows."
+        ),
+    )
 
 
 class RunOptions(BaseModel):
@@ -70,7 +128,11 @@ class RunOptions(BaseModel):
         description="The run ends Failed when more pairs than this fail; the others are written either way.",
     )
     skip_existing: bool = Field(
-        default=True, title="Skip existing", description="Skip pairs whose sidecar already exists (reruns redo nothing)."
+        default=True, title="Skip existing",
+        description=(
+            "Skip pairs that are done: image and sidecar exist and the sidecar's key matches this run's "
+            "(same inputs, params, weights, format and quality). Reruns redo nothing else."
+        ),
     )
     devices: list[str] = Field(
         default_factory=lambda: ["auto"], min_length=1, title="Devices",
@@ -80,6 +142,24 @@ class RunOptions(BaseModel):
         ),
     )
     io_workers: int = Field(default=8, ge=1, le=64, title="IO workers", description="Concurrent downloads/uploads.")
+    pair_timeout_s: float | None = Field(
+        default=None, gt=0, title="Pair time limit (s)",
+        description="A pair whose stylization runs longer than this fails alone (checked between loss evaluations).",
+    )
+    chunk_timeout_s: float = Field(
+        default=6 * 3600, gt=0, title="Chunk deadline (s)",
+        description=(
+            "fan-out: workers. Chunk runs not finished this long after they were started are cancelled "
+            "and their unfinished pairs reported failed (e.g. when no GPU worker is running)."
+        ),
+    )
+    allowed_sources: list[str] = Field(
+        default_factory=list, title="Allowed sources",
+        description=(
+            "URI prefixes / folders the run may read inputs from. Empty: the source's own prefixes, or the "
+            "manifest's folder. A manifest entry outside them fails its pair."
+        ),
+    )
     window: int = Field(
         default=16, ge=1, le=1024, title="Pairs in flight",
         description="At most this many pairs are downloaded/stylized/uploaded at once (bounds memory).",

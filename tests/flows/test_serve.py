@@ -1,42 +1,136 @@
+"""`nst serve` against a real Prefect API: its own deployment names, the prefect.yaml ones untouched."""
+
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 from prefect.settings import PREFECT_API_URL
 
 from flows.serve import deployments
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+YAML_NAMES = ("stylize-batch/nightly", "stylize-batch/on-demand", "stylize-chunk/worker")
+SERVED = ("stylize-batch/served", "stylize-chunk/served")
 
 
-def test_served_deployments_enforce_their_schema():
-    served = {d.name: d for d in deployments()}
-    assert set(served) == {"on-demand", "worker"}
+def test_served_deployments_have_their_own_names_and_chunk_target():
+    served = {d.flow_name + "/" + d.name: d for d in deployments()}
+    assert set(served) == set(SERVED)
     assert all(d.enforce_parameter_schema for d in served.values())
+    # the served batch deployment's chunk runs go to the served chunk deployment, not prefect.yaml's worker
+    assert served["stylize-batch/served"].parameters["run"]["chunk_deployment"] == "stylize-chunk/served"
 
 
-def test_nst_serve_registers_both_deployments():
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _snapshot(client, name: str) -> dict:
+    d = client.read_deployment_by_name(name)
+    return {"pull_steps": d.pull_steps, "paused": d.paused, "work_pool": d.work_pool_name,
+            "path": d.path, "entrypoint": d.entrypoint, "parameters": d.parameters,
+            "schedules": [(s.schedule.model_dump(mode="json"), s.active) for s in d.schedules]}
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_nst_serve_leaves_the_prefect_yaml_deployments_alone(tmp_path):
+    """Old code served stylize-batch/on-demand and stylize-chunk/worker: it replaced their pull
+    steps and paused them on exit. Now serve registers …/served and the pool-backed ones keep
+    their pull steps, pools and paused state after serve stops."""
     from prefect.client.orchestration import get_client
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve"], env=env, stdout=subprocess.PIPE,
+    for pool in ("nst-control", "nst-gpu"):
+        subprocess.run([PREFECT, "work-pool", "create", pool, "--type", "process"], env=env, cwd=ROOT,
+                       capture_output=True)  # may exist from another test of this session
+    deploy = subprocess.run([PREFECT, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--all"],
+                            env=env, cwd=ROOT, capture_output=True, text=True)
+    assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+    with get_client(sync_client=True) as client:
+        before = {n: _snapshot(client, n) for n in YAML_NAMES}
+    assert before["stylize-batch/nightly"]["schedules"][0][1] is False  # shipped inactive (placeholders)
+
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve"], env=env, cwd=ROOT, stdout=log.open("wb"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        found, deadline = set(), time.time() + 90
+        found, deadline = {}, time.time() + 120
         with get_client(sync_client=True) as client:
-            while time.time() < deadline and found != {"stylize-batch/on-demand", "stylize-chunk/worker"}:
+            while time.time() < deadline and len(found) < 2:
                 time.sleep(1)
-                for name in ("stylize-batch/on-demand", "stylize-chunk/worker"):
+                for name in SERVED:
                     try:
-                        client.read_deployment_by_name(name)
-                        found.add(name)
+                        found[name] = client.read_deployment_by_name(name)
                     except Exception:
                         pass
-        assert found == {"stylize-batch/on-demand", "stylize-chunk/worker"}
+        assert set(found) == set(SERVED), log.read_text()[-3000:]
         assert proc.poll() is None  # still serving
+        assert found["stylize-batch/served"].parameters["run"]["chunk_deployment"] == "stylize-chunk/served"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        _stop(proc)
+    with get_client(sync_client=True) as client:
+        after = {n: _snapshot(client, n) for n in YAML_NAMES}
+    assert after == before
+    assert all(after[n]["pull_steps"] for n in YAML_NAMES)
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_nst_serve_refuses_a_name_that_a_work_pool_deployment_uses():
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    subprocess.run([PREFECT, "work-pool", "create", "nst-control", "--type", "process"], env=env, cwd=ROOT,
+                   capture_output=True)
+    deploy = subprocess.run([PREFECT, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml",
+                             "--name", "on-demand"], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "serve", "--name", "on-demand"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "stylize-batch/on-demand already exists on work pool 'nst-control'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_nst_serve_without_api_url_starts_a_server_and_prints_its_ui_url(tmp_path):
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_UI_API_URL")}
+    env["PREFECT_HOME"] = str(tmp_path / "home")
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port)], env=env, cwd=ROOT,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, text = time.time() + 150, ""
+        while time.time() < deadline and "Prefect UI:" not in text:
+            time.sleep(1)
+            text = log.read_text()
+            assert proc.poll() is None, text
+        ui = re.search(r"Prefect UI: (\S+)", text)
+        assert ui and ui.group(1).startswith(f"http://127.0.0.1:{port}"), text
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=10) as resp:
+            assert resp.status == 200
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as resp:
+            assert resp.status == 200 and b"<html" in resp.read().lower()  # a UI is served there
+    finally:
+        _stop(proc)
+    with pytest.raises(OSError):  # the server it started stopped with it
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=5)
