@@ -1,11 +1,13 @@
 """Flow ``stylize-batch``: preflight, plan, windowed fan-out, report.
 
-1. Preflight before any fan-out: output writable (probe written and deleted), weights loadable,
-   source listable and non-empty, manifest rows valid. A failure ends the run with one message.
-2. Plan: list the output prefix once; name every pair; skip pairs whose sidecar exists.
-3. Fan out in a sliding window of ``run.window`` pairs: fetch (IO) -> stylize (one per device,
-   leased) -> write (image, then sidecar). IO of later pairs overlaps the compute of earlier ones.
-4. Report: ``{output}/_runs/{flow_run_name}.json``, a contact sheet beside it, Prefect artifacts.
+1. Preflight before any fan-out: output writable (a probe; no DeleteObject permission needed),
+   leftover temp files of a crashed run cleaned, weights loadable, source listable and non-empty.
+2. Plan (``tasks.plan``): identities, names and keys; inputs outside ``run.allowed_sources`` or
+   unidentifiable fail their pair. List the output once; skip pairs done by the one done rule
+   (``tasks.contract``: image and sidecar exist, the sidecar's key is the planned key).
+3. Run the rest: one ``pair`` task per pair in a sliding window of ``run.window`` (``tasks.pipeline``),
+   or one stylize-chunk run per chunk on the GPU pool (``fan_out: workers``), waited on with a deadline.
+4. Report: ``{output}/_runs/{flow_run_id}.json``, a contact sheet beside it, Prefect artifacts.
 5. Failed with "k of n pairs failed (report: URI)" when k > run.max_failures, else Completed.
 """
 
@@ -20,6 +22,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger
+from pydantic import Field
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -30,20 +33,28 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.models import BatchSource, OutputSpec, RunOptions
+from tasks.models import BatchSource, InvalidInputs, OutputSpec, RunOptions, batch_inputs
 from nst_core.errors import NSTError
 from nst_core.params import StyleParams
-from flows.pipeline import PipelineResult, Throttle, run_pairs
 from tasks.compute import expand_devices, run_on_device
-from tasks.plan import PairPlan, PreflightError, plan_pairs, source_entries
-from tasks.report import PairItem, contact_sheet, summary_markdown, table_rows, totals
-from tasks.storage import StorageError, open_storage, read_uri
+from tasks.contract import (PairPlan, ReportItem, chunk_key, chunk_report_key, done_in, report_key,
+                            totals)
+from tasks.pair import PairContext, stop_requested
+from tasks.pipeline import PipelineResult, Throttle, failed_item, run_pairs
+from tasks.plan import PreflightError, default_allowed_sources, plan_pairs, source_entries
+from tasks.report import contact_sheet, summary_markdown, table_rows
+from tasks.storage import LocalStorage, MissingObjectError, StorageError, open_storage, read_uri, retrying
 
-__all__ = ["stylize_batch", "preflight", "fan_out_to_workers", "on_pair_done"]
+__all__ = ["stylize_batch", "preflight", "fan_out_to_workers", "plan_chunks", "cancel_children", "on_pair_done",
+           "POLL_S"]
 
 #: Set by the CLI to draw a progress bar: called with (finished pairs, pairs to run).
 on_pair_done: contextvars.ContextVar[Callable[[int, int], None] | None] = contextvars.ContextVar(
     "on_pair_done", default=None)
+
+#: Seconds between two polls of the chunk runs (one batched API query each).
+POLL_S = 2.0
+PROBE_KEY = "_runs/.write-probe"
 
 
 def preflight(source: BatchSource, output: OutputSpec, params: StyleParams, devices: list[str]):
@@ -51,12 +62,16 @@ def preflight(source: BatchSource, output: OutputSpec, params: StyleParams, devi
     from nst_core.optimize import extractor_for
 
     out = open_storage(output.uri)
-    probe = f"_runs/.probe-{uuid.uuid4().hex}"
     try:
-        out.write(probe, b"probe")
-        out.delete(probe)
+        retrying(lambda: out.write(PROBE_KEY, b"probe"))
     except (StorageError, OSError) as err:
         raise PreflightError(f"output {output.uri} is not writable: {err}") from None
+    try:
+        out.delete(PROBE_KEY)
+    except (StorageError, OSError):
+        pass  # PutObject without DeleteObject is enough: the probe key is fixed, so it never piles up
+    if isinstance(out, LocalStorage):
+        out.clean_temp()
     try:
         first = params.model_copy(update={"device": devices[0]})
         weights_id = run_on_device(devices[0], lambda: extractor_for(first, opener=read_uri)).weights_id
@@ -65,87 +80,154 @@ def preflight(source: BatchSource, output: OutputSpec, params: StyleParams, devi
     return source_entries(source), weights_id
 
 
+def plan_chunks(todo: list[PairPlan], chunk_size: int, parent_id: str) -> list[tuple[str, list[PairPlan]]]:
+    """(idempotency key, pairs) per chunk. The key comes from the chunk's pairs, so a retried
+    parent that re-plans (some pairs now done) never mistakes an old child for a new chunk."""
+    chunks = [todo[i:i + chunk_size] for i in range(0, len(todo), chunk_size)]
+    return [(f"{parent_id}:chunk:{chunk_key(c)}", c) for c in chunks]
+
+
+def _parent_tag(parent_id: str) -> str:
+    return f"nst-parent:{parent_id}"
+
+
+def cancel_children(parent_id: str, message: str = "the parent stylize-batch run was cancelled") -> int:
+    """Cancel every unfinished chunk run of a parent (found by its tag). Returns how many."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.states import Cancelling
+
+    n = 0
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[_parent_tag(parent_id)])))
+        for child in runs:
+            if child.state and not child.state.is_final():
+                client.set_flow_run_state(child.id, Cancelling(message=message), force=True)
+                n += 1
+    return n
+
+
+def _on_cancel(flow, run, state) -> None:
+    cancel_children(str(run.id))
+
+
 def fan_out_to_workers(
     todo: list[PairPlan], output: OutputSpec, params: StyleParams, run: RunOptions, weights_id: str,
-    run_name: str, on_done: Callable[[int, int], None],
+    parent_id: str, on_done: Callable[[int, int], None],
 ) -> PipelineResult:
-    """One ``run.chunk_deployment`` run per chunk; wait for all; merge their chunk reports.
-
-    The idempotency key (this flow run's id + chunk number) makes a retried parent find its
-    children instead of starting them again. A chunk that fails without a report fails its pairs.
-    """
+    """One ``run.chunk_deployment`` run per chunk; wait for all (one query per poll, a deadline of
+    ``run.chunk_timeout_s``); merge their chunk reports. A chunk that ends without a readable
+    report: its pairs' sidecars decide which are done."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.deployments import run_deployment
+    from prefect.states import Cancelling
 
     from flows.chunk import decode_thumbs
 
     logger = get_run_logger()
     out = open_storage(output.uri)
-    parent_id = flow_run.get_id() or run_name
-    chunks = [todo[i:i + run.chunk_size] for i in range(0, len(todo), run.chunk_size)]
-    children = []
-    for n, chunk in enumerate(chunks):
-        report_key = f"_runs/{run_name}/chunk-{n:04d}.json"
+    worker_run = run.model_copy(update={"devices": ["auto"]})  # a worker leases the devices it has
+    children: dict[str, tuple[int, list[PairPlan], str]] = {}
+    for n, (idem, chunk) in enumerate(plan_chunks(todo, run.chunk_size, parent_id)):
+        report = chunk_report_key(parent_id, idem.rsplit(":", 1)[1])
         child = run_deployment(
             name=run.chunk_deployment,
             parameters={"pairs": [asdict(p) for p in chunk], "output": output.model_dump(mode="json"),
-                        "params": params.model_dump(mode="json"), "run": run.model_dump(mode="json"),
-                        "weights_id": weights_id, "report_key": report_key},
-            flow_run_name=f"{run_name}-chunk-{n:04d}",
-            idempotency_key=f"{parent_id}:chunk:{n}",
+                        "params": params.model_dump(mode="json"), "run": worker_run.model_dump(mode="json"),
+                        "weights_id": weights_id, "report_key": report},
+            flow_run_name=f"{flow_run.get_name() or 'stylize-batch'}-chunk-{n:04d}",
+            idempotency_key=idem,
+            tags=[_parent_tag(parent_id)],
             timeout=0,  # start them all, then wait below
             as_subflow=True,
         )
-        children.append((n, chunk, report_key, child.id))
+        children[str(child.id)] = (n, chunk, report)
     logger.info("started %d chunk runs of %s (chunk size %d)", len(children), run.chunk_deployment, run.chunk_size)
 
     result = PipelineResult()
-    pending = list(children)
     finished = 0
+
+    def settle(child_id: str, state_name: str, message: str, report: dict | None) -> None:
+        nonlocal finished
+        n, chunk, key = children[child_id]
+        by_index = {item["index"]: item for item in (report or {}).get("items", [])}
+        missing = [p for p in chunk if p.index not in by_index]
+        done = done_in(out, missing, list_once=False, io_workers=run.io_workers) if missing else set()
+        for p in chunk:
+            item = by_index.get(p.index)
+            if item is not None:
+                item.pop("index")
+                result.items[p.index] = ReportItem(**item)
+            elif p.index in done:
+                result.items[p.index] = ReportItem(p.content, p.style, "done", out.uri_for(p.image_key),
+                                                   out.uri_for(p.sidecar_key))
+            else:
+                result.items[p.index] = failed_item(p, f"chunk {n} ended {state_name}: {message}".rstrip(": "), out)
+            finished += 1
+            on_done(finished, len(todo))
+        if report:
+            room = run.contact_sheet_rows - len(result.thumbs)
+            result.thumbs += decode_thumbs(report.get("thumbs", []))[:max(room, 0)]
+        result.chunks.append({"chunk": n, "flow_run_id": child_id, "state": state_name, "report": out.uri_for(key),
+                              "worker": (report or {}).get("worker")})
+
+    def read_report(key: str) -> dict | None:
+        try:
+            return json.loads(retrying(lambda: out.read(key))[0])
+        except (StorageError, ValueError):
+            return None
+
+    deadline = time.monotonic() + run.chunk_timeout_s
     with get_client(sync_client=True) as client:
-        while pending:
-            still = []
-            for n, chunk, report_key, child_id in pending:
-                state = client.read_flow_run(child_id).state
-                if not (state and state.is_final()):
-                    still.append((n, chunk, report_key, child_id))
-                    continue
-                try:
-                    report = json.loads(out.read(report_key)[0])
-                except StorageError:
-                    report = None
-                by_index = {item["index"]: item for item in (report or {}).get("items", [])}
-                for p in chunk:
-                    item = by_index.get(p.index)
-                    if item is None:
-                        error = f"chunk {n} ended {state.name} without a result: {state.message or ''}".strip()
-                        result.items[p.index] = PairItem(p.content, p.style, "failed", out.uri_for(p.image_key),
-                                                         error=error)
-                    else:
-                        item.pop("index")
-                        result.items[p.index] = PairItem(**item)
-                    finished += 1
-                    on_done(finished, len(todo))
-                if report:
-                    room = run.contact_sheet_rows - len(result.thumbs)
-                    result.thumbs += decode_thumbs(report.get("thumbs", []))[:max(room, 0)]
-                result.chunks.append({"chunk": n, "flow_run_id": str(child_id), "state": state.name,
-                                      "report": out.uri_for(report_key),
-                                      "worker": (report or {}).get("worker")})
-            pending = still
-            if pending:
-                time.sleep(2.0)
+        while children.keys() - {c["flow_run_id"] for c in result.chunks}:
+            pending = [i for i in children if i not in {c["flow_run_id"] for c in result.chunks}]
+            try:
+                runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=pending)),
+                                             limit=len(pending))
+            except Exception as err:  # the API hiccuped: poll again, the deadline still holds
+                logger.warning("polling %d chunk runs failed (%s); retrying", len(pending), err)
+                runs = []
+            for child in runs:
+                if child.state and child.state.is_final():
+                    settle(str(child.id), child.state.name, child.state.message or "",
+                           read_report(children[str(child.id)][2]))
+            if time.monotonic() > deadline:
+                states = {str(c.id): c.state.name for c in runs if c.state}
+                for child_id in [i for i in pending if i not in {c["flow_run_id"] for c in result.chunks}]:
+                    state = states.get(child_id, "unknown")
+                    why = (f"not finished within chunk_timeout_s={run.chunk_timeout_s:g} s (still {state}"
+                           + ("; is a worker polling the chunk deployment's work pool?" if state in
+                              ("Scheduled", "Pending", "Late") else "") + "); cancelled")
+                    try:
+                        client.set_flow_run_state(child_id, Cancelling(message=why), force=True)
+                    except Exception as err:
+                        logger.warning("could not cancel chunk run %s: %s", child_id, err)
+                    settle(child_id, "Cancelled", why, read_report(children[child_id][2]))
+                break
+            time.sleep(POLL_S)
     result.chunks.sort(key=lambda c: c["chunk"])
     return result
 
 
-@flow(name="stylize-batch", task_runner=ThreadPoolTaskRunner(max_workers=3 * 1024 + 16), persist_result=False,
+# validate_parameters=False: the flow validates its arguments itself, first thing (batch_inputs),
+# so a run created without the API's schema check fails at once with one line, not a traceback.
+@flow(name="stylize-batch", task_runner=ThreadPoolTaskRunner(max_workers=1024 + 16), persist_result=False,
+      on_cancellation=[_on_cancel], validate_parameters=False,
       description="Stylize every content/style pair of a dataset (S3 or folder) and write results, sidecars and a run report.")
 def stylize_batch(
-    source: BatchSource,
-    output: OutputSpec,
-    params: StyleParams = StyleParams(),
-    run: RunOptions = RunOptions(),
+    source: BatchSource = Field(
+        description="The content/style pairs: two prefixes (content images, style images) or a manifest.",
+        json_schema_extra={"title": "Images to stylize"}),
+    output: OutputSpec = Field(
+        description="Where stylized images, JSON sidecars and the run report are written.",
+        json_schema_extra={"title": "Where results go"}),
+    params: StyleParams = Field(
+        StyleParams(), description="Image size, iterations, loss weights; advanced: VGG16 layers, weights, seed.",
+        json_schema_extra={"title": "Style settings"}),
+    run: RunOptions = Field(
+        RunOptions(), description="Failures tolerated, skipping, devices, fan-out to GPU workers.",
+        json_schema_extra={"title": "Run settings (advanced)"}),
 ):
     """Neural style transfer over a dataset in object storage or a folder.
 
@@ -155,24 +237,35 @@ def stylize_batch(
         params: Style-transfer parameters (VGG16 layers, loss weights, iterations, size, weights).
         run: How the run executes: failures tolerated, skipping, devices, fan-out to GPU workers.
     """
+    try:
+        source, output, params, run = batch_inputs(source, output, params, run)
+    except InvalidInputs as err:
+        return Failed(message=str(err))
     logger = get_run_logger()
-    run_name = flow_run.get_name() or f"local-{uuid.uuid4().hex[:8]}"
+    stop_requested.clear()
+    run_id = flow_run.get_id() or f"local-{uuid.uuid4().hex}"
+    run_name = flow_run.get_name() or run_id
     started = datetime.now(timezone.utc)
     devices = expand_devices(run.devices, params.device)
     out = open_storage(output.uri)
 
     entries, weights_id = preflight(source, output, params, devices)
-    plans = plan_pairs(entries, params, weights_id, output.format, run.io_workers)
-    existing = {info.key for info in out.list()} if run.skip_existing else set()  # listed once
-    items: list[PairItem | None] = [None] * len(plans)
+    allowed = run.allowed_sources or default_allowed_sources(source)
+    plans = plan_pairs(entries, params, weights_id, output.format, output.quality, run.io_workers, allowed)
+    done = done_in(out, plans, io_workers=run.io_workers) if run.skip_existing else set()  # output listed once
+    items: list[ReportItem | None] = [None] * len(plans)
     todo: list[PairPlan] = []
     for p in plans:
-        if p.sidecar_key in existing:
-            items[p.index] = PairItem(p.content, p.style, "skipped", out.uri_for(p.image_key))
+        if p.error:
+            items[p.index] = failed_item(p, p.error)
+            logger.error("pair %s x %s failed at planning: %s", p.content, p.style, p.error)
+        elif p.index in done:
+            items[p.index] = ReportItem(p.content, p.style, "skipped", out.uri_for(p.image_key),
+                                        out.uri_for(p.sidecar_key))
         else:
             todo.append(p)
-    logger.info("%d pairs: %d to run, %d already done; devices %s; weights %s",
-                len(plans), len(todo), len(plans) - len(todo), devices, weights_id)
+    logger.info("%d pairs: %d to run, %d already done, %d failed at planning; devices %s; weights %s",
+                len(plans), len(todo), len(done), sum(bool(p.error) for p in plans), devices, weights_id)
 
     progress_id = create_progress_artifact(0.0, description="pairs finished")
     update = Throttle(lambda pct: update_progress_artifact(progress_id, pct))  # throttled: big runs, few API calls
@@ -184,9 +277,11 @@ def stylize_batch(
         update(100.0 * finished / max(total, 1))
 
     if run.fan_out == "workers" and todo:
-        result = fan_out_to_workers(todo, output, params, run, weights_id, run_name, on_done)
+        result = fan_out_to_workers(todo, output, params, run, weights_id, run_id, on_done)
     else:
-        result = run_pairs(todo, output, params, run, devices, weights_id, on_done)
+        ctx = PairContext(output, params, devices, weights_id, run.labels, run.io_workers, run.pair_timeout_s,
+                          {"id": run_id, "name": run_name})
+        result = run_pairs(todo, ctx, run.window, run.contact_sheet_rows, on_done)
     for index, item in result.items.items():
         items[index] = item
     thumbs = result.thumbs
@@ -194,16 +289,15 @@ def stylize_batch(
 
     done_items = [i for i in items if i is not None]
     counts = totals(done_items)
-    report_key = f"_runs/{run_name}.json"
-    report_uri = out.uri_for(report_key)
+    report_uri = out.uri_for(report_key(run_id))
     sheet_uri = None
     if thumbs:
-        sheet_key = f"_runs/{run_name}-contact.jpg"
-        out.write(sheet_key, contact_sheet(thumbs), "image/jpeg")
+        sheet_key = f"_runs/{run_id}-contact.jpg"
+        retrying(lambda: out.write(sheet_key, contact_sheet(thumbs), "image/jpeg"))
         sheet_uri = out.uri_for(sheet_key)
     report = {
         "flow_run": run_name,
-        "flow_run_id": flow_run.get_id(),
+        "flow_run_id": run_id,
         "report": report_uri,
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -218,7 +312,7 @@ def stylize_batch(
         **({"chunks": result.chunks} if result.chunks else {}),
         "items": [i.as_dict() for i in done_items],
     }
-    out.write(report_key, json.dumps(report, indent=2).encode(), "application/json")
+    retrying(lambda: out.write(report_key(run_id), json.dumps(report, indent=2).encode(), "application/json"))
 
     failures = [i for i in done_items if i.status == "failed"]
     warning = run.labels.get("warning")
@@ -228,6 +322,7 @@ def stylize_batch(
     summary = f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed of {counts['pairs']} pairs"
     logger.info("%s (report: %s)", summary, report_uri)
     if counts["failed"] > run.max_failures:
-        return Failed(message=f"{counts['failed']} of {counts['pairs']} pairs failed (report: {report_uri})",
-                      data=report)
+        # No data=: Prefect 3 treats a Failed state's data as its exception ("Unexpected result
+        # for failed state" with the whole report otherwise). The report is in storage.
+        return Failed(message=f"{counts['failed']} of {counts['pairs']} pairs failed (report: {report_uri})")
     return Completed(message=f"{summary} (report: {report_uri})", data=report)

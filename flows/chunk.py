@@ -1,7 +1,7 @@
 """Flow ``stylize-chunk``: one chunk of a stylize-batch run, on a GPU worker.
 
 The parent plans (preflight, names, skips) and starts one run of this flow per chunk with
-``run_deployment``. The chunk writes its results to ``{output}/{report_key}`` — storage every
+``run_deployment``; the chunk report's schema and key are in ``tasks.contract``. The chunk writes its results to ``{output}/{report_key}`` — storage every
 machine shares — and the parent merges those into its one run report.
 """
 
@@ -17,12 +17,12 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.models import OutputSpec, RunOptions
-from flows.pipeline import run_pairs
 from nst_core.params import StyleParams
 from tasks.compute import expand_devices
-from tasks.plan import PairPlan
-from tasks.report import PairItem
-from tasks.storage import open_storage
+from tasks.contract import PairPlan, ReportItem, done_in
+from tasks.pair import PairContext
+from tasks.pipeline import run_pairs
+from tasks.storage import open_storage, retrying
 
 __all__ = ["stylize_chunk", "encode_thumbs", "decode_thumbs"]
 
@@ -35,7 +35,7 @@ def decode_thumbs(rows: list[list[str]]) -> list[tuple[bytes, bytes, bytes]]:
     return [tuple(base64.b64decode(t) for t in row) for row in rows]
 
 
-@flow(name="stylize-chunk", task_runner=ThreadPoolTaskRunner(max_workers=3 * 1024 + 16), persist_result=False,
+@flow(name="stylize-chunk", task_runner=ThreadPoolTaskRunner(max_workers=1024 + 16), persist_result=False,
       description="Stylize a planned list of pairs (started by stylize-batch with fan_out=workers).")
 def stylize_chunk(
     pairs: list[PairPlan],
@@ -48,10 +48,15 @@ def stylize_chunk(
     logger = get_run_logger()
     out = open_storage(output.uri)
     devices = expand_devices(run.devices, params.device)
-    todo = [p for p in pairs if not (run.skip_existing and out.exists(p.sidecar_key))]  # a retried chunk redoes nothing
+    # The same done rule as the parent's: a retried chunk redoes nothing that is done.
+    done = done_in(out, pairs, list_once=False, io_workers=run.io_workers) if run.skip_existing else set()
+    todo = [p for p in pairs if p.index not in done]
     logger.info("chunk of %d pairs (%d to run) on %s", len(pairs), len(todo), devices)
-    result = run_pairs(todo, output, params, run, devices, weights_id)
-    items = [result.items.get(p.index) or PairItem(p.content, p.style, "skipped", out.uri_for(p.image_key))
+    ctx = PairContext(output, params, devices, weights_id, run.labels, run.io_workers, run.pair_timeout_s,
+                      {"id": str(flow_run.get_id()), "name": flow_run.get_name()})
+    result = run_pairs(todo, ctx, run.window, run.contact_sheet_rows)
+    items = [result.items.get(p.index) or ReportItem(p.content, p.style, "skipped", out.uri_for(p.image_key),
+                                                     out.uri_for(p.sidecar_key))
              for p in pairs]
     report = {
         "flow_run": flow_run.get_name(),
@@ -60,5 +65,5 @@ def stylize_chunk(
         "items": [{"index": p.index, **item.as_dict()} for p, item in zip(pairs, items)],
         "thumbs": encode_thumbs(result.thumbs),
     }
-    out.write(report_key, json.dumps(report).encode(), "application/json")
+    retrying(lambda: out.write(report_key, json.dumps(report).encode(), "application/json"))
     return {"report": out.uri_for(report_key), "done": sum(i.status == "done" for i in items)}

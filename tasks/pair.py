@@ -1,52 +1,118 @@
-"""Prefect tasks for one pair: fetch (IO, retried), stylize (compute, never retried), write (IO, retried)."""
+"""The one Prefect task of a pair: fetch (retried IO) -> stylize (leased device, never retried) -> write.
+
+One task run per pair, named after the pair's output. Fetches and writes are plain calls with
+the storage layer's one retry budget (``storage.retrying``); many pair tasks run at once, so the
+IO of some pairs overlaps the compute of others while each device runs one stylize at a time.
+"""
 
 from __future__ import annotations
 
 import io
 import json
+import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.models import OutputSpec
-from nst_core.errors import WeightsError
+from nst_core.errors import NSTError, WeightsError
 from nst_core.params import StyleParams
 
 from .compute import io_slot, lease_device, run_on_device, targets_cache
-from .plan import PairPlan
-from .storage import is_transient, open_storage, read_uri
+from .contract import PairPlan, ReportItem, sidecar
+from .storage import open_storage, read_uri, retrying
 
-__all__ = ["PairOutcome", "fetch_image", "stylize_pair", "write_pair", "THUMB"]
+__all__ = ["PairContext", "PairDone", "PairTimeoutError", "PairStopped", "ObjectCache", "process_pair",
+           "stop_requested", "THUMB"]
 
 THUMB = 96  # contact-sheet cell, px
 
+#: Set (by the CLI on Ctrl-C) to stop every pair at its next loss evaluation or IO call.
+stop_requested = threading.Event()
 
-def _retry_transient(task, task_run, state) -> bool:
-    """Retry only throttling / 5xx / connection errors; a missing key or bad bytes fail at once."""
-    try:
-        state.result()
-    except Exception as err:
-        return is_transient(err)
-    return False
+
+class PairTimeoutError(NSTError):
+    """A pair ran past RunOptions.pair_timeout_s."""
+
+
+class PairStopped(NSTError):
+    """The run was interrupted before this pair finished (nothing of it was written)."""
+
+
+class ObjectCache:
+    """Bytes of input objects by (URI, identity), fetched once per run even when many pairs ask
+    at the same time; least recently used entries are dropped above ``max_bytes``."""
+
+    def __init__(self, max_bytes: int = 256 * 2**20):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self._loading: dict[tuple[str, str], Future] = {}
+        self._size = 0
+        self._lock = threading.Lock()
+        self.fetches = 0  # downloads made (tests and logs read it)
+
+    def get(self, uri: str, identity: str, fetch: Callable[[str], bytes]) -> bytes:
+        key = (uri, identity)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            pending = self._loading.get(key)
+            if pending is None:
+                pending = self._loading[key] = Future()
+                mine = True
+            else:
+                mine = False
+        if not mine:
+            return pending.result()
+        try:
+            data = fetch(uri)
+            self.fetches += 1
+        except BaseException as err:
+            with self._lock:
+                del self._loading[key]
+            pending.set_exception(err)
+            raise
+        with self._lock:
+            del self._loading[key]
+            if len(data) <= self.max_bytes:
+                self._items[key] = data
+                self._size += len(data)
+                while self._size > self.max_bytes:
+                    self._size -= len(self._items.popitem(last=False)[1])
+        pending.set_result(data)
+        return data
+
+
+class PairContext:
+    """What every pair of a run shares. A plain class on purpose: Prefect does not walk it
+    looking for futures, and it never leaves the process."""
+
+    def __init__(self, output, params: StyleParams, devices: list[str], weights_id: str,
+                 labels: dict[str, str] | None = None, io_workers: int = 8, pair_timeout_s: float | None = None,
+                 flow_run: dict | None = None, cache: ObjectCache | None = None):
+        self.output = output  # OutputSpec
+        self.storage = open_storage(output.uri)
+        self.params = params
+        self.devices = devices
+        self.weights_id = weights_id
+        self.labels = labels or {}
+        self.io_workers = io_workers
+        self.pair_timeout_s = pair_timeout_s
+        self.flow_run = flow_run or {}
+        self.cache = cache or ObjectCache()
 
 
 @dataclass
-class PairOutcome:
-    """What a stylized pair produced; bytes stay in memory only while the pair is in flight."""
+class PairDone:
+    """A finished pair: its report item and contact-sheet thumbnails (JPEG bytes)."""
 
-    image: bytes
-    sidecar: dict
-    thumbs: tuple[bytes, bytes, bytes] = field(repr=False)  # content, style, result (JPEG)
-
-
-@task(name="fetch", task_run_name="fetch {uri}", retries=3, retry_delay_seconds=[1, 4, 10],
-      retry_condition_fn=_retry_transient, cache_policy=NO_CACHE, persist_result=False)
-def fetch_image(uri: str, io_workers: int = 8) -> bytes:
-    with io_slot(io_workers):
-        return read_uri(uri)
+    item: ReportItem
+    thumbs: tuple[bytes, bytes, bytes] = field(repr=False)
 
 
 def _thumb(img) -> bytes:
@@ -57,30 +123,50 @@ def _thumb(img) -> bytes:
     return buf.getvalue()
 
 
-@task(name="stylize", task_run_name="stylize {pair.name}", cache_policy=NO_CACHE, persist_result=False)
-def stylize_pair(
-    pair: PairPlan, content: bytes, style: bytes, params: StyleParams, output: OutputSpec,
-    devices: list[str], weights_id: str, labels: dict[str, str],
-) -> PairOutcome:
-    """Decode, lease a device, stylize with cached style targets, encode. Bad input raises, naming it."""
+def _check_stop(pair: PairPlan) -> None:
+    if stop_requested.is_set():
+        raise PairStopped(f"{pair.name}: run interrupted before the pair finished")
+
+
+def _fetch(ctx: PairContext, uri: str, identity: str) -> bytes:
+    def once() -> bytes:
+        with io_slot(ctx.io_workers):
+            return read_uri(uri)
+
+    return ctx.cache.get(uri, identity, lambda _: retrying(once, should_stop=stop_requested.is_set))
+
+
+@task(name="pair", task_run_name="{pair.name}", cache_policy=NO_CACHE, persist_result=False)
+def process_pair(pair: PairPlan, ctx: PairContext) -> PairDone:
+    """Fetch both inputs, stylize on a leased device, write the image then the sidecar.
+    Raises (naming the input or the reason) when the pair fails; never retried as a whole."""
     from nst_core.imageio import decode_image, encode_image
     from nst_core.optimize import compute_style_targets, extractor_for, stylize, targets_key
 
     logger = get_run_logger()
+    params, out = ctx.params, ctx.storage
+    _check_stop(pair)
+    content = _fetch(ctx, pair.content, pair.content_identity)
+    style = _fetch(ctx, pair.style, pair.style_identity)
     content_pil = decode_image(content, pair.content).merged()
     style_img = decode_image(style, pair.style).rgb
-    t_wait = time.perf_counter()
     step = max(1, params.iterations // 4)
+    deadline: list[float] = []
 
     def progress(ev):
+        _check_stop(pair)
+        if ctx.pair_timeout_s is not None and time.monotonic() > deadline[0]:
+            raise PairTimeoutError(f"{pair.name}: over pair_timeout_s={ctx.pair_timeout_s:g} s "
+                                   f"at evaluation {ev.iteration} of {ev.total}")
         if ev.iteration % step == 0 or ev.iteration == ev.total:
             logger.info("%s: evaluation %d/%d, loss %.4g", pair.name, ev.iteration, ev.total, ev.loss)
 
     def compute(device: str):
+        deadline.append(time.monotonic() + (ctx.pair_timeout_s or 0))  # device time counts, not the wait
         p = params.model_copy(update={"device": device})
         extractor = extractor_for(p, opener=read_uri)
-        if extractor.weights_id != weights_id:  # a worker whose weights differ from what the run planned with
-            raise WeightsError(f"weights here are {extractor.weights_id}, but the run planned with {weights_id}")
+        if extractor.weights_id != ctx.weights_id:  # a worker whose weights differ from what the run planned with
+            raise WeightsError(f"weights here are {extractor.weights_id}, but the run planned with {ctx.weights_id}")
         targets = None
         if p.preserve_color != "histogram":  # histogram targets depend on each content
             key = (pair.style, pair.style_identity, device, targets_key(p, extractor, 1))
@@ -88,31 +174,25 @@ def stylize_pair(
                 key, lambda: compute_style_targets(style_img, p, extractor=extractor))
         return stylize(content_pil, style_img, p, progress=progress, targets=targets, opener=read_uri)
 
-    with lease_device(devices) as device:
+    t_wait = time.perf_counter()
+    with lease_device(ctx.devices) as device:
         waited = time.perf_counter() - t_wait
+        _check_stop(pair)
         result = run_on_device(device, lambda: compute(device))
-    image = encode_image(result.image, output.format, quality=output.quality)
-    sidecar = {
-        "content": pair.content,
-        "style": pair.style,
-        "output": open_storage(output.uri).uri_for(pair.image_key),
-        "key": pair.key,
-        "losses": result.losses,
-        **result.metadata,  # its weights_id was checked against the run's above
-        "seconds": {**result.metadata["seconds"], "device_wait": round(waited, 4)},
-        "labels": labels,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    return PairOutcome(image, sidecar, (_thumb(content_pil), _thumb(style_img), _thumb(result.image)))
-
-
-@task(name="write", task_run_name="write {pair.name}", retries=3, retry_delay_seconds=[1, 4, 10],
-      retry_condition_fn=_retry_transient, cache_policy=NO_CACHE, persist_result=False)
-def write_pair(pair: PairPlan, outcome: PairOutcome, output_uri: str, io_workers: int = 8) -> str:
-    """Image first, sidecar last: a sidecar means the pair is done."""
-    storage = open_storage(output_uri)
+    image = encode_image(result.image, ctx.output.format, quality=ctx.output.quality)
+    image_uri, sidecar_uri = out.uri_for(pair.image_key), out.uri_for(pair.sidecar_key)
+    meta = sidecar(pair, image_uri, result, ctx.labels, ctx.flow_run, {"device_wait": round(waited, 4)})
     fmt = pair.image_key.rsplit(".", 1)[-1]
-    with io_slot(io_workers):
-        storage.write(pair.image_key, outcome.image, content_type=f"image/{'jpeg' if fmt == 'jpg' else fmt}")
-        storage.write(pair.sidecar_key, json.dumps(outcome.sidecar, indent=2).encode(), "application/json")
-    return storage.uri_for(pair.image_key)
+
+    def write(key: str, data: bytes, content_type: str) -> None:
+        def once() -> None:
+            with io_slot(ctx.io_workers):
+                out.write(key, data, content_type)
+        retrying(once)
+
+    # The image first, the sidecar last: a sidecar with this key means the pair is done.
+    write(pair.image_key, image, f"image/{'jpeg' if fmt == 'jpg' else fmt}")
+    write(pair.sidecar_key, json.dumps(meta, indent=2).encode(), "application/json")
+    item = ReportItem(pair.content, pair.style, "done", image_uri, sidecar_uri,
+                      seconds=meta["seconds"].get("total"), losses=result.losses)
+    return PairDone(item, (_thumb(content_pil), _thumb(style_img), _thumb(result.image)))

@@ -1,34 +1,32 @@
-"""Turning a BatchSource into pairs with output names (DESIGN.md storage contract).
+"""Planning: a BatchSource -> pairs with identities, output names and keys (naming and keys:
+``tasks.contract``).
 
-Output of one pair: ``{content_stem}__{style_stem}__{key8}.{ext}`` plus the sidecar
-``{content_stem}__{style_stem}__{key8}.json``; key8 starts a SHA-256 of the content and style
-identities, the params (all but ``device``, which does not change what is asked for) and the
-weights id. A manifest's ``output`` column names the file instead (under the output prefix only).
+Reads are confined to ``RunOptions.allowed_sources`` (default: the source's own prefixes, or
+the manifest's folder). An input that is outside them, cannot be identified, or has an unsafe
+key fails its pair at planning, with the reason; the other pairs run.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
-import re
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from urllib.parse import urlparse
 
-from tasks.models import IMAGE_EXTENSIONS, BatchSource
+from tasks.models import IMAGE_EXTENSIONS
 from nst_core.errors import NSTError
 from nst_core.params import StyleParams
 
-from .storage import Storage, StorageError, UnsafeKeyError, open_storage, read_uri, safe_key, split_uri
+from .contract import EXTENSIONS, RUNS, PairPlan, output_name, pair_key
+from .storage import (Storage, StorageError, UnsafeKeyError, open_storage, read_uri, retrying, safe_key,
+                      split_uri)
 
-__all__ = ["PreflightError", "PairPlan", "SourceEntry", "list_images", "read_manifest", "source_entries",
-           "pair_key", "plan_pairs", "EXTENSIONS"]
-
-EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
-_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+__all__ = ["PreflightError", "SourceEntry", "list_images", "read_manifest", "source_entries",
+           "default_allowed_sources", "plan_pairs"]
 
 
 class PreflightError(NSTError):
@@ -43,30 +41,29 @@ class SourceEntry:
     where: str = ""  # "manifest.jsonl line 3", for error messages
     content_id: str = ""  # identities known from a listing (S3 ETag); "" = look up when planning
     style_id: str = ""
-
-
-@dataclass(frozen=True)
-class PairPlan:
-    index: int
-    content: str
-    style: str
-    style_identity: str
-    name: str  # output base key, relative to the output root, no extension
-    image_key: str
-    sidecar_key: str
-    key: str  # full SHA-256 hex
+    error: str = ""  # set: this pair fails at planning with this reason
 
 
 def _is_image(key: str) -> bool:
     return PurePosixPath(key).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def list_images(uri: str) -> list[tuple[str, str]]:
-    """(URI, identity from the listing) of the image objects under a prefix/folder, sorted by URI."""
+def list_images(uri: str) -> list[tuple[str, str, str]]:
+    """(URI, identity from the listing, error) of the image objects under a prefix/folder, sorted.
+
+    An object whose key would leave the prefix (a ``..`` segment) is returned with an error, so
+    its pairs fail alone instead of the whole listing.
+    """
     storage = open_storage(uri)
-    return sorted((storage.uri_for(info.key), info.identity) for info in storage.list() if _is_image(info.key))
-
-
+    out = []
+    for info in storage.list():
+        if not _is_image(info.key):
+            continue
+        try:
+            out.append((storage.uri_for(info.key), info.identity, ""))
+        except UnsafeKeyError as err:
+            out.append((f"{storage.uri.rstrip('/')}/{info.key}", "", f"refused: {err}"))
+    return sorted(out)
 def _resolve(entry: str, base: str) -> str:
     """A manifest entry: a full URI / absolute path as is, else a key relative to the manifest's folder."""
     if urlparse(entry).scheme in ("s3", "file") or entry.startswith("/"):
@@ -77,7 +74,7 @@ def _resolve(entry: str, base: str) -> str:
 def read_manifest(uri: str) -> list[SourceEntry]:
     """Rows of a JSONL or CSV manifest. Every problem names the manifest line."""
     try:
-        text = read_uri(uri).decode("utf-8-sig")
+        text = retrying(lambda: read_uri(uri)).decode("utf-8-sig")
     except (StorageError, UnicodeDecodeError) as err:
         raise PreflightError(f"manifest {uri}: cannot read: {err}") from None
     base = split_uri(uri)[0].uri
@@ -116,89 +113,128 @@ def read_manifest(uri: str) -> list[SourceEntry]:
     return entries
 
 
-def source_entries(source: BatchSource) -> list[SourceEntry]:
+def _source_kind(source) -> tuple[str | None, str | None, str | None, str]:
+    """(manifest, contents, styles, pairing) of a BatchSource, whichever shape it has."""
+    return (getattr(source, "manifest", None), getattr(source, "contents", None), getattr(source, "styles", None),
+            getattr(source, "pairing", "cross"))
+
+
+def source_entries(source) -> list[SourceEntry]:
     """The pairs a source names, in a stable order (style-major for cross, so targets are reused)."""
-    if source.manifest:
-        return read_manifest(source.manifest)
+    manifest, contents_uri, styles_uri, pairing = _source_kind(source)
+    if manifest:
+        return read_manifest(manifest)
     try:
-        contents, styles = list_images(source.contents), list_images(source.styles)
+        contents, styles = retrying(lambda: list_images(contents_uri)), retrying(lambda: list_images(styles_uri))
     except StorageError as err:
         raise PreflightError(f"source is not listable: {err}") from None
-    for uri, found in ((source.contents, contents), (source.styles, styles)):
+    for uri, found in ((contents_uri, contents), (styles_uri, styles)):
         if not found:
             raise PreflightError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {uri}")
-    if source.pairing == "zip":
+    if pairing == "zip":
         if len(contents) != len(styles):
             raise PreflightError(
-                f"pairing 'zip' needs equal counts: {len(contents)} content images under {source.contents} "
-                f"but {len(styles)} style images under {source.styles}"
+                f"pairing 'zip' needs equal counts: {len(contents)} content images under {contents_uri} "
+                f"but {len(styles)} style images under {styles_uri}"
             )
-        return [SourceEntry(c, s, content_id=ci, style_id=si) for (c, ci), (s, si) in zip(contents, styles)]
-    return [SourceEntry(c, s, content_id=ci, style_id=si) for s, si in styles for c, ci in contents]
+        return [SourceEntry(c, s, content_id=ci, style_id=si, error=ce or se)
+                for (c, ci, ce), (s, si, se) in zip(contents, styles)]
+    return [SourceEntry(c, s, content_id=ci, style_id=si, error=ce or se)
+            for s, si, se in styles for c, ci, ce in contents]
 
 
-def pair_key(content_identity: str, style_identity: str, params: StyleParams, weights_id: str) -> str:
-    """SHA-256 hex over what determines a result: both inputs, the params (not device), the weights."""
-    blob = json.dumps(
-        {"content": content_identity, "style": style_identity, "weights": weights_id,
-         "params": params.model_dump(mode="json", exclude={"device"})},
-        sort_keys=True,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()
+def _norm(uri: str, folder: bool = False) -> str:
+    """A URI in one comparable spelling: s3://bucket/key or an absolute local path."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        text = f"s3://{parsed.netloc}/{parsed.path.lstrip('/')}"
+    else:
+        text = os.path.abspath(os.path.expanduser(parsed.path if parsed.scheme == "file" else uri))
+    return text.rstrip("/") + "/" if folder else text
 
 
-def _stem(uri: str) -> str:
-    return _UNSAFE_CHARS.sub("_", PurePosixPath(urlparse(uri).path).stem) or "image"
+def default_allowed_sources(source) -> list[str]:
+    """The source's own prefixes, or the folder of its manifest."""
+    manifest, contents, styles, _ = _source_kind(source)
+    if manifest:
+        return [split_uri(manifest)[0].uri]
+    return [u for u in (contents, styles) if u]
 
 
-def _identities(entries: list[SourceEntry], io_workers: int) -> dict[str, str]:
-    """URI -> identity: from the source listing when known, else from one listing per folder that
-    holds many of them (manifests), else HEAD / sha256, concurrently. Unreadable inputs get ''
-    so their pairs fail alone later."""
-    known = {u: i for e in entries for u, i in ((e.content, e.content_id), (e.style, e.style_id)) if i}
+def _outside(uri: str, allowed: list[str]) -> bool:
+    try:
+        target = _norm(uri)
+    except (TypeError, ValueError):
+        return True
+    return not any(target.startswith(_norm(a, folder=True)) for a in allowed)
+
+
+def _identities(uris: set[str], known: dict[str, str], io_workers: int) -> dict[str, tuple[str, str]]:
+    """URI -> (identity, error): from the source listing when known, else from one listing per
+    folder that holds many of them (manifests), else HEAD / sha256 — each lookup retried when
+    transient; one that fails for good gives the reason instead of an identity."""
+    out = {u: (known[u], "") for u in uris if known.get(u)}
     wanted: dict[str, tuple[Storage, list[tuple[str, str]]]] = {}
-    for uri in {u for e in entries for u in (e.content, e.style)} - set(known):
-        storage, key = split_uri(uri)
+    for uri in uris - set(out):
+        try:
+            storage, key = split_uri(uri)
+        except StorageError as err:
+            out[uri] = ("", str(err))
+            continue
         wanted.setdefault(storage.uri, (storage, []))[1].append((uri, key))
 
-    def one_folder(item: tuple[Storage, list[tuple[str, str]]]) -> dict[str, str]:
+    def one_folder(item: tuple[Storage, list[tuple[str, str]]]) -> dict[str, tuple[str, str]]:
         storage, keys = item
         listed: dict[str, str] = {}
         if len(keys) > 8:
             try:
-                listed = {info.key: info.identity for info in storage.list() if info.identity}
+                listed = {info.key: info.identity for info in retrying(storage.list) if info.identity}
             except StorageError:
                 pass  # fall back to one lookup per object
-        out = {}
+        found = {}
         for uri, key in keys:
             try:
-                out[uri] = listed.get(key) or storage.identity(key)
-            except StorageError:
-                out[uri] = ""
-        return out
+                identity = listed.get(key) or retrying(lambda: storage.identity(key))
+                found[uri] = (identity, "") if identity else ("", f"{uri}: has no identity")
+            except StorageError as err:
+                found[uri] = ("", f"cannot read input: {err}")
+        return found
 
     with ThreadPoolExecutor(max_workers=io_workers) as pool:
         for part in pool.map(one_folder, wanted.values()):
-            known.update(part)
-    return known
+            out.update(part)
+    return out
 
 
 def plan_pairs(
-    entries: list[SourceEntry], params: StyleParams, weights_id: str, fmt: str, io_workers: int = 8
+    entries: list[SourceEntry], params: StyleParams, weights_id: str, fmt: str, quality: int = 92,
+    io_workers: int = 8, allowed_sources: list[str] | None = None,
 ) -> list[PairPlan]:
-    """Output names and keys for every entry. Missing inputs get an identity of '' and fail later, alone."""
-    identities = _identities(entries, io_workers)
+    """Output names and keys for every entry. A pair whose inputs are refused or cannot be
+    identified gets ``error`` (and no name): it is reported failed and never run."""
+    refused: dict[str, str] = {}
+    if allowed_sources is not None:
+        for uri in {u for e in entries for u in (e.content, e.style)}:
+            if _outside(uri, allowed_sources):
+                refused[uri] = f"{uri} is outside allowed_sources ({', '.join(allowed_sources)})"
+    known = {u: i for e in entries for u, i in ((e.content, e.content_id), (e.style, e.style_id)) if i}
+    look_up = {u for e in entries if not e.error for u in (e.content, e.style)} - set(refused)
+    identities = _identities(look_up, known, io_workers)
     plans, seen = [], {}
     for i, e in enumerate(entries):
-        key = pair_key(identities[e.content], identities[e.style], params, weights_id)
-        name = e.output or f"{_stem(e.content)}__{_stem(e.style)}__{key[:8]}"
-        if PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS:
-            name = str(PurePosixPath(name).with_suffix(""))
-        if name.split("/")[0] == "_runs":
-            raise PreflightError(f"{e.where or name}: output names may not start with _runs/ (run reports live there)")
+        error = e.error or refused.get(e.content) or refused.get(e.style) or ""
+        cid, cerr = identities.get(e.content, ("", ""))
+        sid, serr = identities.get(e.style, ("", ""))
+        error = error or cerr or serr
+        if error:
+            plans.append(PairPlan(i, e.content, e.style, cid, sid, "", "", "", "", error=error))
+            continue
+        key = pair_key(cid, sid, params, weights_id, fmt, quality)
+        name = output_name(e.content, e.style, key, e.output)
+        if name.split("/")[0] == RUNS:
+            raise PreflightError(f"{e.where or name}: output names may not start with {RUNS}/ (run reports live there)")
         if name in seen:
             raise PreflightError(f"{e.where or name}: output name {name!r} is used twice (also {seen[name]})")
         seen[name] = e.where or e.content
-        plans.append(PairPlan(i, e.content, e.style, identities[e.style], name,
-                              f"{name}.{EXTENSIONS[fmt]}", f"{name}.json", key))
+        plans.append(PairPlan(i, e.content, e.style, cid, sid, name, f"{name}.{EXTENSIONS[fmt]}", f"{name}.json", key))
     return plans

@@ -3,17 +3,25 @@
 Keys are relative POSIX paths under a storage's root. A key that would resolve outside the
 root (``..``, an absolute path, a URI of another bucket) raises ``UnsafeKeyError``: no write
 can land outside the output prefix, whatever a manifest says. boto3 appears only in this module.
+
+Bounded time: every S3 request has connect/read timeouts (``S3_TIMEOUTS``) and boto3 makes a
+single attempt; ``retrying()`` is the one retry budget (``RETRY_DELAYS``), for transient errors only.
+Writes are atomic: local files are written under ``{root}/.nst-tmp/`` and renamed into place
+(a crash leaves nothing visible; ``clean_temp()`` removes what a dead process left); S3 objects
+are written with one PutObject.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import tempfile
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlparse
 
 from nst_core.errors import NSTError
@@ -31,7 +39,22 @@ __all__ = [
     "read_uri",
     "safe_key",
     "is_transient",
+    "retrying",
+    "S3_TIMEOUTS",
+    "RETRY_DELAYS",
+    "TEMP_DIR",
 ]
+
+T = TypeVar("T")
+#: (connect, read) timeout of every S3 request, seconds. Env: NST_S3_CONNECT_TIMEOUT_S, NST_S3_READ_TIMEOUT_S.
+S3_TIMEOUTS = (float(os.environ.get("NST_S3_CONNECT_TIMEOUT_S", 10)), float(os.environ.get("NST_S3_READ_TIMEOUT_S", 60)))
+#: Waits between the attempts of one storage call (len + 1 attempts in all): the one retry budget.
+RETRY_DELAYS: tuple[float, ...] = (1.0, 4.0, 10.0)
+#: Local temp files live here under a storage root, outside every listing.
+TEMP_DIR = ".nst-tmp"
+# Files get the permissions the process's umask gives (mkstemp alone makes them 0600).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 class StorageError(NSTError):
@@ -121,9 +144,9 @@ class LocalStorage(Storage):
             raise StorageError(f"{base} is not a folder")
         out = []
         for dirpath, dirnames, filenames in os.walk(base):
-            dirnames.sort()
+            dirnames[:] = sorted(d for d in dirnames if not (d == TEMP_DIR and Path(dirpath) == self.root))
             for name in sorted(filenames):
-                if name.startswith(".nst-tmp-"):
+                if name.startswith(".nst-tmp-"):  # left by older versions
                     continue
                 path = Path(dirpath) / name
                 key = path.relative_to(self.root).as_posix()
@@ -146,13 +169,16 @@ class LocalStorage(Storage):
     def write(self, key: str, data: bytes, content_type: str | None = None) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".nst-tmp-", dir=path.parent)
+        temp_dir = self.root / TEMP_DIR
+        temp_dir.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{os.getpid()}-", dir=temp_dir)
         try:
             with os.fdopen(fd, "wb") as fh:
+                os.fchmod(fh.fileno(), 0o666 & ~_UMASK)
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            os.replace(tmp, path)  # same file system: atomic
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -163,6 +189,27 @@ class LocalStorage(Storage):
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def clean_temp(self) -> int:
+        """Remove temp files whose writer process is gone (a crash or kill -9). Returns how many."""
+        removed = 0
+        for path in (self.root / TEMP_DIR).glob("*"):
+            pid = path.name.split("-", 1)[0]
+            if pid.isdigit() and _alive(int(pid)):  # maybe still writing (this or another run)
+                continue
+            path.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
 
 _clients: dict[int, object] = {}
 _clients_lock = threading.Lock()
@@ -170,14 +217,15 @@ _clients_lock = threading.Lock()
 
 def _s3_client():
     """One boto3 client per process (clients are thread-safe): default credential chain,
-    AWS_ENDPOINT_URL_S3, adaptive retries."""
+    AWS_ENDPOINT_URL_S3, explicit timeouts, and ONE attempt per call: ``retrying`` is the retry budget."""
     import boto3
     from botocore.config import Config
 
     with _clients_lock:
         key = os.getpid()
         if key not in _clients:
-            config = Config(retries={"mode": "adaptive", "max_attempts": 8}, max_pool_connections=32)
+            config = Config(retries={"mode": "standard", "total_max_attempts": 1}, max_pool_connections=32,
+                            connect_timeout=S3_TIMEOUTS[0], read_timeout=S3_TIMEOUTS[1])
             _clients[key] = boto3.session.Session().client("s3", config=config)
         return _clients[key]
 
@@ -186,9 +234,32 @@ _TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTim
                     "InternalError", "ServiceUnavailable"}
 
 
+def _error_code(err: Exception) -> str:
+    response = getattr(err, "response", None)  # only ClientError carries one (and it may be None)
+    return str(((response or {}).get("Error") or {}).get("Code", "")) if isinstance(response, dict) else ""
+
+
 def _is_missing(err: Exception) -> bool:
-    code = getattr(err, "response", {}).get("Error", {}).get("Code", "")
-    return code in ("NoSuchKey", "404", "NotFound", "NoSuchBucket")
+    return _error_code(err) in ("NoSuchKey", "404", "NotFound", "NoSuchBucket")
+
+
+def _transient_types() -> tuple[type[BaseException], ...]:
+    """Errors without an HTTP answer that are worth retrying: connection trouble, timeouts, a body
+    cut short, a credential refresh that failed (the provider may answer next time)."""
+    from botocore import exceptions as bx
+
+    types: list[type[BaseException]] = [bx.ConnectionError, bx.HTTPClientError, bx.IncompleteReadError,
+                                        bx.CredentialRetrievalError, ConnectionError, TimeoutError]
+    for name in ("ResponseStreamingError", "ReadTimeoutError", "ConnectTimeoutError", "EndpointConnectionError"):
+        if hasattr(bx, name):
+            types.append(getattr(bx, name))
+    try:
+        from urllib3 import exceptions as ux
+
+        types += [ux.ProtocolError, ux.TimeoutError, ux.IncompleteRead]
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
 
 
 class S3Storage(Storage):
@@ -209,9 +280,16 @@ class S3Storage(Storage):
         return self.prefix + safe_key(key)
 
     def _wrap(self, err: Exception, key: str) -> StorageError:
-        from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
+        from botocore.exceptions import ClientError
 
-        uri = f"s3://{self.bucket}/{self._key(key) if key else self.prefix}"
+        if isinstance(err, StorageError):  # UnsafeKeyError from our own key check
+            return err
+        try:
+            uri = f"s3://{self.bucket}/{self._key(key) if key else self.prefix}"
+        except UnsafeKeyError:
+            uri = f"s3://{self.bucket}/{self.prefix}{key}"
+        if _error_code(err) == "NoSuchBucket":
+            return MissingObjectError(f"{uri}: bucket {self.bucket!r} does not exist")
         if _is_missing(err):
             return MissingObjectError(f"{uri}: no such object")
         if isinstance(err, ClientError):
@@ -220,8 +298,8 @@ class S3Storage(Storage):
             transient = status >= 500 or e.get("Code") in _TRANSIENT_CODES
             return StorageError(f"{uri}: {e.get('Code', 'error')}: {e.get('Message', '')}".rstrip(": "),
                                 transient=transient)
-        # Connection refused/reset, timeouts: the endpoint may come back.
-        transient = isinstance(err, (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError))
+        # Connection refused/reset, timeouts, a body cut short: the endpoint may come back.
+        transient = isinstance(err, _transient_types())
         return StorageError(f"{uri}: {type(err).__name__}: {err}", transient=transient)
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
@@ -249,10 +327,10 @@ class S3Storage(Storage):
             raise self._wrap(err, key) from None
 
     def write(self, key: str, data: bytes, content_type: str | None = None) -> None:
-        extra = {"ContentType": content_type} if content_type else None
+        extra = {"ContentType": content_type} if content_type else {}
         try:
-            # upload_fileobj is boto3's managed transfer: multipart above 8 MB, retried parts.
-            self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key), ExtraArgs=extra)
+            # One PutObject (up to 5 GB): atomic, so a crash never leaves a partial object visible.
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **extra)
         except Exception as err:
             raise self._wrap(err, key) from None
 
@@ -307,3 +385,17 @@ def is_transient(err: BaseException) -> bool:
     if isinstance(err, StorageError):
         return err.transient
     return isinstance(err, (ConnectionError, TimeoutError))
+
+
+def retrying(fn: Callable[[], T], delays: tuple[float, ...] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> T:
+    """``fn()``, retried after each transient error with the waits of ``delays`` (default
+    ``RETRY_DELAYS``); any other error, or the last transient one, is raised as is."""
+    waits = list(RETRY_DELAYS if delays is None else delays)
+    while True:
+        try:
+            return fn()
+        except Exception as err:
+            if not waits or not is_transient(err) or (should_stop and should_stop()):
+                raise
+            time.sleep(waits.pop(0))

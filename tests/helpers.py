@@ -34,3 +34,13 @@ def to_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)
     return buf.getvalue()
+
+
+def tiny_params(**fields):
+    """StyleParams for flow tests: random weights, tiny images, single scale where scales exist."""
+    from nst_core import StyleParams
+
+    base = {"weights": "random", "image_size": 32, "iterations": 3, "device": "cpu"}
+    if "scales" in StyleParams.model_fields:  # coarse-to-fine would shrink a 32 px image below VGG's pools
+        base["scales"] = 1
+    return StyleParams(**{**base, **fields})

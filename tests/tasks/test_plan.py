@@ -4,7 +4,8 @@ import pytest
 
 from tasks.models import BatchSource
 from nst_core import StyleParams
-from tasks.plan import PreflightError, pair_key, plan_pairs, read_manifest, source_entries
+from tasks.contract import pair_key
+from tasks.plan import PreflightError, default_allowed_sources, plan_pairs, read_manifest, source_entries
 
 from helpers import pattern, to_bytes
 
@@ -34,13 +35,6 @@ def test_empty_source_is_a_preflight_error(folders):
     (folders / "empty").mkdir()
     with pytest.raises(PreflightError, match="no image files"):
         source_entries(BatchSource(contents=str(folders / "empty"), styles=str(folders / "s")))
-
-
-def test_source_needs_one_kind():
-    with pytest.raises(ValueError, match="either a manifest"):
-        BatchSource(manifest="m.jsonl", contents="c")
-    with pytest.raises(ValueError, match="give a manifest URI"):
-        BatchSource(contents="c")
 
 
 def test_manifest_csv_and_jsonl(folders):
@@ -77,7 +71,12 @@ def test_output_names_and_keys(folders):
     # the key follows the bytes, not the file name
     (folders / "c" / "a.jpg").write_bytes(to_bytes(pattern((16, 16), "rings")))
     assert plan_pairs(entries, params, "random(seed=0)", "jpeg")[0].key != plans[0].key
-    assert pair_key("x", "y", params, "w") == pair_key("x", "y", params, "w")
+    assert pair_key("x", "y", params, "w", "jpeg", 92) == pair_key("x", "y", params, "w", "jpeg", 92)
+    # the output encoding is part of what a result is
+    assert plan_pairs(entries, params, "random(seed=0)", "png")[0].key != plans[0].key
+    assert plan_pairs(entries, params, "random(seed=0)", "jpeg", quality=50)[0].key != plans[0].key
+    with pytest.raises(ValueError, match="identities"):
+        pair_key("", "y", params, "w", "jpeg", 92)  # never hash an empty identity
 
 
 def test_duplicate_or_reserved_output_names_are_rejected(folders):
@@ -106,3 +105,55 @@ def test_s3_prefixes_are_listed_once_and_need_no_other_requests(bucket, monkeypa
     assert calls == ["list", "list"] and len(plans) == 3
     etag = client.head_object(Bucket=name, Key="s/x.png")["ETag"].strip('"')
     assert {p.style_identity for p in plans} == {etag}
+
+
+def test_an_unidentifiable_input_fails_its_pair_at_planning_with_the_reason(folders):
+    (folders / "m.csv").write_text("content,style\nc/a.jpg,s/s1.png\nc/gone.png,s/s1.png\n")
+    plans = plan_pairs(read_manifest(str(folders / "m.csv")), StyleParams(), "w", "jpeg")
+    assert not plans[0].error and plans[0].key
+    assert plans[1].key == "" and "gone.png" in plans[1].error and "no such file" in plans[1].error
+
+
+def test_identity_lookups_are_retried_when_transient(folders, monkeypatch):
+    from tasks import storage
+    from tasks.storage import StorageError
+
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0, 0))
+    real, calls = storage.LocalStorage.identity, []
+
+    def flaky(self, key):
+        calls.append(key)
+        if len(calls) == 1:
+            raise StorageError("SlowDown", transient=True)
+        return real(self, key)
+
+    monkeypatch.setattr(storage.LocalStorage, "identity", flaky)
+    (folders / "m.csv").write_text("content,style\nc/a.jpg,s/s1.png\n")
+    plans = plan_pairs(read_manifest(str(folders / "m.csv")), StyleParams(), "w", "jpeg", io_workers=1)
+    assert not plans[0].error and len(calls) == 3
+
+
+def test_reads_outside_allowed_sources_fail_their_pair(folders, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    (elsewhere / "secret.png").write_bytes(to_bytes(pattern((16, 16))))
+    (folders / "m.jsonl").write_text(
+        json.dumps({"content": "c/a.jpg", "style": "s/s1.png"}) + "\n"
+        + json.dumps({"content": str(elsewhere / "secret.png"), "style": "s/s1.png"}) + "\n")
+    source = BatchSource(manifest=str(folders / "m.jsonl"))
+    allowed = default_allowed_sources(source)
+    assert allowed == [str(folders)]
+    plans = plan_pairs(source_entries(source), StyleParams(), "w", "jpeg", allowed_sources=allowed)
+    assert not plans[0].error
+    assert "outside allowed_sources" in plans[1].error and plans[1].key == ""
+
+
+def test_a_dotdot_key_under_contents_fails_its_pairs_alone(bucket):
+    name, client = bucket
+    client.put_object(Bucket=name, Key="c/ok.png", Body=to_bytes(pattern((16, 16))))
+    client.put_object(Bucket=name, Key="c/sub/../x.png", Body=to_bytes(pattern((16, 16), seed=1)))
+    client.put_object(Bucket=name, Key="s/x.png", Body=to_bytes(pattern((16, 16), "style")))
+    entries = source_entries(BatchSource(contents=f"s3://{name}/c/", styles=f"s3://{name}/s/"))
+    plans = plan_pairs(entries, StyleParams(), "w", "jpeg")
+    assert len(plans) == 2
+    bad = [p for p in plans if p.error]
+    assert len(bad) == 1 and "sub/../x.png" in bad[0].content and "outside" in bad[0].error

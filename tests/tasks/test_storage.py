@@ -4,6 +4,7 @@ import socket
 import pytest
 
 from tasks.storage import (
+    TEMP_DIR,
     LocalStorage,
     MissingObjectError,
     StorageError,
@@ -83,7 +84,8 @@ def test_local_write_failing_midway_leaves_no_partial_file(tmp_path, monkeypatch
         storage.write("a.png", b"new-but-interrupted")
     with pytest.raises(OSError):
         storage.write("b.png", b"never")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != TEMP_DIR) == ["a.png"]
+    assert not list((tmp_path / TEMP_DIR).iterdir())
     assert (tmp_path / "a.png").read_bytes() == b"old"
 
 
@@ -117,3 +119,104 @@ def test_only_transient_errors_are_retried(bucket, monkeypatch):
         open_storage(f"s3://{name}/").read("a.png")
     assert is_transient(refused.value) and f"s3://{name}/a.png" in str(refused.value)
     assert is_transient(ConnectionResetError()) and not is_transient(ValueError("bad pixels"))
+
+
+def test_local_outputs_get_the_umask_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        LocalStorage(tmp_path).write("a.png", b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.png").stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0600
+
+
+def test_temp_files_are_outside_the_listing_and_a_dead_writers_are_cleaned(tmp_path):
+    import subprocess
+
+    storage = LocalStorage(tmp_path)
+    storage.write("a.png", b"x")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / TEMP_DIR / f"{dead.pid}-crashed").write_bytes(b"partial")
+    (tmp_path / TEMP_DIR / f"{os.getpid()}-writing").write_bytes(b"in progress")
+    assert [i.key for i in storage.list()] == ["a.png"]
+    assert storage.clean_temp() == 1
+    assert [p.name for p in (tmp_path / TEMP_DIR).iterdir()] == [f"{os.getpid()}-writing"]
+
+
+def test_s3_client_makes_one_attempt_with_timeouts(s3_endpoint):
+    from tasks import storage as storage_mod
+
+    config = storage_mod._s3_client().meta.config
+    assert config.retries["total_max_attempts"] == 1  # the retry budget is storage.retrying, not boto's
+    assert config.connect_timeout and config.read_timeout
+
+
+def test_errors_without_an_http_response_are_transient_not_a_crash(bucket, monkeypatch):
+    from botocore.exceptions import CredentialRetrievalError, IncompleteReadError, ReadTimeoutError
+
+    from tasks import storage as storage_mod
+
+    name, _ = bucket
+    for err in (IncompleteReadError(actual_bytes=3, expected_bytes=10),
+                ReadTimeoutError(endpoint_url="http://x"),
+                CredentialRetrievalError(provider="sso", error_msg="refresh failed")):
+        class Client:
+            def get_object(self, **kw):
+                raise err
+
+            head_object = get_object
+
+        monkeypatch.setattr(storage_mod, "_s3_client", lambda: Client())
+        s3 = open_storage(f"s3://{name}/")
+        with pytest.raises(StorageError) as caught:
+            s3.read("a.png")
+        assert is_transient(caught.value), err
+        with pytest.raises(StorageError):
+            s3.exists("a.png")
+
+
+def test_writing_into_a_missing_bucket_says_so(s3_endpoint):
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket-here' does not exist"):
+        open_storage("s3://no-such-bucket-here/out/").write("_runs/x", b"x")
+
+
+def test_an_endpoint_that_never_answers_fails_in_bounded_time(monkeypatch, s3_endpoint):
+    """Accepts the connection, never answers: the read timeout and the one retry budget end it."""
+    import threading
+    import time
+
+    from tasks import storage as storage_mod
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held, stop = [], threading.Event()
+
+    def accept():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    monkeypatch.setattr(storage_mod, "S3_TIMEOUTS", (1.0, 1.0))
+    monkeypatch.setattr(storage_mod, "RETRY_DELAYS", (0.1, 0.1))
+    storage_mod._clients.clear()
+    try:
+        t = time.monotonic()
+        with pytest.raises(StorageError, match="Timeout") as caught:
+            storage_mod.retrying(lambda: open_storage("s3://bkt/").read("a.png"))
+        assert is_transient(caught.value) and time.monotonic() - t < 60
+        assert len(held) == 3  # one connection per attempt: no hidden boto retries
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+        for conn in held:
+            conn.close()
+        storage_mod._clients.clear()

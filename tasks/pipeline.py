@@ -1,0 +1,100 @@
+"""The sliding window of pair tasks shared by stylize-batch and stylize-chunk (not a flow: the
+driver that submits one ``process_pair`` task per pair and collects them as they finish)."""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from prefect import get_run_logger
+
+from .contract import PairPlan, ReportItem
+from .pair import PairContext, PairDone, process_pair, stop_requested
+
+__all__ = ["PipelineResult", "run_pairs", "Throttle", "failed_item"]
+
+
+@dataclass
+class PipelineResult:
+    items: dict[int, ReportItem] = field(default_factory=dict)  # by PairPlan.index
+    thumbs: list[tuple[bytes, bytes, bytes]] = field(default_factory=list)  # first contact_sheet_rows done pairs
+    chunks: list[dict] = field(default_factory=list)  # fan-out: one line per child run
+
+
+def failed_item(p: PairPlan, error: str, storage=None) -> ReportItem:
+    """The report line of a pair that failed (its output URIs when it had a name)."""
+    output = storage.uri_for(p.image_key) if storage is not None and p.image_key else ""
+    sidecar = storage.uri_for(p.sidecar_key) if storage is not None and p.sidecar_key else ""
+    return ReportItem(p.content, p.style, "failed", output, sidecar, error=error)
+
+
+def _error_of(fut, outcome) -> str:
+    if isinstance(outcome, BaseException):
+        return str(outcome) or type(outcome).__name__
+    state = fut.state
+    return state.message or state.name
+
+
+def run_pairs(
+    todo: list[PairPlan], ctx: PairContext, window: int, contact_sheet_rows: int = 0,
+    on_done: Callable[[int, int], None] | None = None,
+) -> PipelineResult:
+    """Run ``todo`` with at most ``window`` pair tasks in flight, collecting whichever finishes
+    first (one slow pair never idles the other devices). Never raises for a bad pair."""
+    logger = get_run_logger()
+    result = PipelineResult()
+    finished = 0
+    done: queue.Queue = queue.Queue()
+
+    def collect() -> None:
+        nonlocal finished
+        while True:
+            try:
+                p, fut = done.get(timeout=1.0)  # a timeout keeps Ctrl-C responsive
+                break
+            except queue.Empty:
+                continue
+        outcome = fut.result(raise_on_failure=False)  # the task's return value, or its exception
+        if isinstance(outcome, PairDone):
+            result.items[p.index] = outcome.item
+            if len(result.thumbs) < contact_sheet_rows:
+                result.thumbs.append(outcome.thumbs)
+        else:
+            error = _error_of(fut, outcome)
+            result.items[p.index] = failed_item(p, error, ctx.storage)
+            logger.error("pair %s x %s failed: %s", p.content, p.style, error)
+        finished += 1
+        if on_done:
+            on_done(finished, len(todo))
+
+    inflight = 0
+    for p in todo:
+        if stop_requested.is_set():
+            break
+        fut = process_pair.submit(p, ctx)
+        fut.add_done_callback(lambda f, p=p: done.put((p, f)))
+        inflight += 1
+        while inflight >= window:
+            collect()
+            inflight -= 1
+    while inflight:
+        collect()
+        inflight -= 1
+    for p in todo:
+        result.items.setdefault(p.index, failed_item(p, "run interrupted before the pair started", ctx.storage))
+    return result
+
+
+class Throttle:
+    """Calls ``fn`` at most every ``seconds``, and always for the last value."""
+
+    def __init__(self, fn: Callable[[float], None], seconds: float = 2.0):
+        self.fn, self.seconds, self._last = fn, seconds, 0.0
+
+    def __call__(self, value: float, final: bool = False) -> None:
+        now = time.monotonic()
+        if final or now - self._last >= self.seconds:
+            self._last = now
+            self.fn(value)

@@ -1,0 +1,95 @@
+"""The sliding window: never more than run.window pairs in flight, and whichever finishes first is collected."""
+
+import logging
+import threading
+
+import pytest
+
+from tasks import pipeline
+from tasks.contract import PairPlan, ReportItem
+from tasks.pair import PairDone
+
+
+def plan(i: int) -> PairPlan:
+    return PairPlan(i, f"c{i}", "s", "cid", "sid", f"n{i}", f"n{i}.jpg", f"n{i}.json", "k")
+
+
+class Ctx:
+    storage = None
+
+
+class FakeFuture:
+    def __init__(self, value):
+        self.value, self._callbacks, self._done = value, [], False
+
+    def finish(self):
+        self._done = True
+        for fn in self._callbacks:
+            fn(self)
+
+    def add_done_callback(self, fn):
+        if self._done:
+            fn(self)
+        else:
+            self._callbacks.append(fn)
+
+    @property
+    def state(self):
+        class Done:
+            def is_completed(self):
+                return True
+        return Done()
+
+    def result(self, raise_on_failure=True):
+        return self.value
+
+
+@pytest.fixture(autouse=True)
+def quiet_logger(monkeypatch):
+    monkeypatch.setattr(pipeline, "get_run_logger", lambda: logging.getLogger("test"))
+
+
+def test_window_bounds_pairs_in_flight(monkeypatch):
+    tracker = {"in_flight": 0, "peak": 0}
+
+    class Task:
+        def submit(self, p, ctx):
+            tracker["in_flight"] += 1
+            tracker["peak"] = max(tracker["peak"], tracker["in_flight"])
+            fut = FakeFuture(PairDone(ReportItem(p.content, p.style, "done", "out"), (b"", b"", b"")))
+            threading.Timer(0, lambda: (tracker.__setitem__("in_flight", tracker["in_flight"] - 1), fut.finish())).start()
+            return fut
+
+    monkeypatch.setattr(pipeline, "process_pair", Task())
+    done = []
+    result = pipeline.run_pairs([plan(i) for i in range(2000)], Ctx(), 7, 3, lambda n, t: done.append(n))
+    assert tracker["peak"] <= 7
+    assert len(result.items) == 2000 and all(i.status == "done" for i in result.items.values())
+    assert len(result.thumbs) == 3 and done[-1] == 2000
+
+
+def test_window_collects_whichever_pair_finishes_first(monkeypatch):
+    """One slow pair must not hold the window: the others are collected (and new ones submitted) meanwhile."""
+    slow_released = threading.Event()
+    order = []
+
+    class Task:
+        def submit(self, p, ctx):
+            fut = FakeFuture(PairDone(ReportItem(p.content, p.style, "done", "out"), (b"", b"", b"")))
+            if p.index == 0:  # the slow pair: finishes only once 5 others were collected, or after 10 s
+                threading.Thread(target=lambda: (slow_released.wait(10), fut.finish()), daemon=True).start()
+            else:
+                threading.Timer(0.01, fut.finish).start()
+            return fut
+
+    def on_done(n, total):
+        order.append(n)
+        if n == 5:
+            slow_released.set()
+
+    monkeypatch.setattr(pipeline, "process_pair", Task())
+    result = pipeline.run_pairs([plan(i) for i in range(8)], Ctx(), 2, 0, on_done)
+    assert len(result.items) == 8
+    assert slow_released.is_set() and order == list(range(1, 9))
+    # pairs 1..5 were collected while pair 0 was still running (FIFO collection would wait 10 s for it)
+    assert list(result.items)[:5] == [1, 2, 3, 4, 5]
