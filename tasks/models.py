@@ -10,7 +10,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, Tag, TypeAdapter
 from pydantic_core import CoreSchema
 
-__all__ = ["BatchSource", "PrefixSource", "ManifestSource", "OutputSpec", "RunOptions", "IMAGE_EXTENSIONS"]
+__all__ = ["BatchSource", "PrefixSource", "ManifestSource", "OutputSpec", "RunOptions", "IMAGE_EXTENSIONS", "batch_inputs",
+           "InvalidInputs"]
 
 #: Files a contents/styles prefix contributes, by extension (case-insensitive).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -184,3 +185,40 @@ class RunOptions(BaseModel):
     labels: dict[str, str] = Field(
         default_factory=dict, title="Labels", description="Extra key/value notes recorded in every sidecar and the report."
     )
+
+
+class InvalidInputs(ValueError):
+    """The flow's arguments do not validate; the message is one line naming every bad field."""
+
+
+def batch_inputs(source: Any, output: Any, params: Any, run: Any) -> tuple:
+    """(source, output, params, run) validated into their models, whatever the caller sent.
+
+    The API checks a deployment's parameters against its schema only when enforcement is on;
+    a run created with "Validate parameters" unticked (or by an old client) reaches the flow with
+    raw values, so the flow validates them here, on entry, and fails with one line.
+    """
+    from pydantic import ValidationError
+    from pydantic.fields import FieldInfo
+
+    from nst_core.params import StyleParams
+
+    problems, models = [], []
+    for name, value, kinds, validate in (
+        ("source", source, (PrefixSource, ManifestSource), BatchSource.validate),
+        ("output", output, OutputSpec, OutputSpec.model_validate),
+        ("params", params, StyleParams, StyleParams.model_validate),
+        ("run", run, RunOptions, RunOptions.model_validate),
+    ):
+        try:
+            if isinstance(value, FieldInfo):  # the signature's default, when called as .fn
+                value = value.get_default(call_default_factory=True)
+            models.append(value if isinstance(value, kinds) else validate(value))
+        except ValidationError as err:
+            for e in err.errors():
+                loc = e["loc"][1:] if name == "source" and e["loc"][:1] in (("prefixes",), ("manifest",)) else e["loc"]
+                where = ".".join([name, *map(str, loc)])  # the union's tag left out: source.styles
+                problems.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+    if problems:
+        raise InvalidInputs("invalid parameters: " + "; ".join(problems))
+    return tuple(models)

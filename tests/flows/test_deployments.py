@@ -4,6 +4,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import yaml
 from prefect.utilities.callables import parameter_schema
 
@@ -40,6 +41,54 @@ def test_form_has_titles_descriptions_dropdowns_and_defaults():
     assert "content/style pairs" in schema["properties"]["source"]["description"]
 
 
+def test_form_titles_read_as_words_not_parameter_names():
+    """Old form: raw `source`, `params (Optional)`; now every group has a title a person understands."""
+    props = current_schema()["properties"]
+    titles = {name: p["title"] for name, p in props.items()}
+    assert titles == {"source": "Images to stylize", "output": "Where results go", "params": "Style settings",
+                      "run": "Run settings (advanced)"}
+    assert [n for n, _ in sorted(props.items(), key=lambda kv: kv[1]["position"])] == ["source", "output", "params",
+                                                                                        "run"]
+
+
+def test_source_is_a_choice_of_kind_with_plain_text_fields():
+    """Old form: one object with three `str | None` toggles; now a prefixes|manifest choice (anyOf,
+    which the UI renders as a picker) whose fields are required plain strings."""
+    schema = current_schema()
+    source = schema["properties"]["source"]
+    assert [m["$ref"] for m in source["anyOf"]] == ["#/definitions/PrefixSource", "#/definitions/ManifestSource"]
+    prefixes, manifest = schema["definitions"]["PrefixSource"], schema["definitions"]["ManifestSource"]
+    assert prefixes["properties"]["kind"]["const"] == "prefixes" and manifest["properties"]["kind"]["const"] == "manifest"
+    assert set(prefixes["required"]) == {"contents", "styles"} and manifest["required"] == ["manifest"]
+    for model in (prefixes, manifest):
+        for field in model["properties"].values():
+            assert "anyOf" not in field and field.get("type") == "string", field
+
+
+def test_source_kind_is_inferred_or_given():
+    from tasks.models import BatchSource, ManifestSource, PrefixSource
+
+    assert isinstance(BatchSource(contents="c/", styles="s/"), PrefixSource)
+    assert isinstance(BatchSource(manifest="m.jsonl"), ManifestSource)
+    assert isinstance(BatchSource.validate({"kind": "manifest", "manifest": "m.csv"}), ManifestSource)
+    with pytest.raises(ValueError):
+        BatchSource(kind="prefixes", manifest="m.jsonl")
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_run_that_skipped_the_api_schema_check_fails_at_once_with_one_line():
+    """A run created with "Validate parameters" unticked reaches the flow with raw values. Old code:
+    Prefect's own check failed it with a multi-line pydantic dump; now the flow's first step does,
+    in one line that names each bad field, before any storage or weights are touched."""
+    state = stylize_batch(source={"contents": "s3://b/c/"}, output={"uri": ""},
+                          params={"style_layers": ["relu9_9"]}, run={}, return_state=True)
+    assert state.is_failed()
+    message = state.message
+    assert message.startswith("invalid parameters: ") and "\n" not in message, message
+    for part in ("source.styles: Field required", "output.uri", "params.style_layers", "relu9_9"):
+        assert part in message, message
+
+
 def test_chunk_flow_takes_planned_pairs():
     schema = json.loads(json.dumps(parameter_schema(stylize_chunk).model_dump_for_openapi()))
     assert set(schema["required"]) == {"pairs", "output", "params", "run", "weights_id", "report_key"}
@@ -52,8 +101,18 @@ def test_prefect_yaml_declares_the_three_deployments():
     nightly = by_name["nightly"]
     assert nightly["entrypoint"] == "flows/batch.py:stylize_batch" and nightly["work_pool"]["name"] == "nst-control"
     assert nightly["schedules"][0]["cron"] == "0 2 * * *" and nightly["schedules"][0]["timezone"]
+    assert nightly["schedules"][0]["active"] is False  # its parameters are placeholders
+    assert nightly["parameters"]["source"]["kind"] == "prefixes"
     assert nightly["parameters"]["run"]["fan_out"] == "workers"
     assert "schedules" not in by_name["on-demand"]
     assert by_name["worker"]["entrypoint"] == "flows/chunk.py:stylize_chunk"
     assert by_name["worker"]["work_pool"]["name"] == "nst-gpu"
     assert all(d["enforce_parameter_schema"] for d in spec["deployments"])
+
+
+def test_prefect_yaml_gives_workers_their_storage_environment_without_secrets():
+    spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+    for d in spec["deployments"]:
+        env = d["work_pool"]["job_variables"]["env"]
+        assert env["AWS_ENDPOINT_URL_S3"] == "{{ $AWS_ENDPOINT_URL_S3 }}" and env["AWS_DEFAULT_REGION"]
+        assert not [k for k in env if any(w in k for w in ("KEY", "SECRET", "TOKEN", "PASSWORD"))], env
