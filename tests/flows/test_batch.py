@@ -169,3 +169,88 @@ def test_non_finite_loss_fails_the_pair_with_its_reason(tmp_path):
     report = json.loads(next((tmp_path / "out" / "_runs").glob("*.json")).read_text())
     assert "loss is not finite at evaluation 1" in report["items"][0]["error"]
     assert not list((tmp_path / "out").glob("*.jpg"))
+
+
+def _cross_folders(tmp_path, n_contents=2, n_styles=2):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "s").mkdir()
+    for i in range(n_contents):
+        pattern((32, 24), "content", i).save(tmp_path / "c" / f"c{i}.png")
+    for i in range(n_styles):
+        pattern((24, 32), "style", i).save(tmp_path / "s" / f"s{i}.png")
+    return BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s"))
+
+
+def _task_runs_of(state) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+
+
+def test_done_means_this_exact_result_exists(tmp_path, monkeypatch):
+    """One task run per pair, each object fetched once; a format change redoes every pair;
+    a sidecar without its image redoes that pair; reports are keyed by flow run id."""
+    from tasks import pair
+
+    source = _cross_folders(tmp_path)
+    reads = []
+    real_read = pair.read_uri
+    monkeypatch.setattr(pair, "read_uri", lambda uri: reads.append(uri.rsplit("/", 1)[1]) or real_read(uri))
+    out = tmp_path / "out"
+    first = run(source, OutputSpec(uri=str(out), format="jpeg"))
+    assert first.is_completed(), first.message
+    report = first.result()
+    assert report["totals"] == {"pairs": 4, "done": 4, "skipped": 0, "failed": 0}
+    fetched = [k for k in reads if k.endswith(".png")]
+    assert sorted(fetched) == ["c0.png", "c1.png", "s0.png", "s1.png"]  # each distinct object once
+    runs = _task_runs_of(first)
+    assert len(runs) == 4 and {r.name for r in runs} == {p.rsplit("/", 1)[1][:-4] for p in
+                                                         (i["output"] for i in report["items"])}
+    run_id = str(first.state_details.flow_run_id)
+    assert report["flow_run_id"] == run_id and report["report"].endswith(f"/_runs/{run_id}.json")
+    assert (out / "_runs" / f"{run_id}.json").exists() and report["flow_run"]
+    item = report["items"][0]
+    assert item["sidecar"] == item["output"][:-4] + ".json"
+    meta = json.loads((out / item["sidecar"].rsplit("/", 1)[1]).read_text())
+    assert meta["flow_run"] == {"id": run_id, "name": report["flow_run"]}
+    assert meta["identities"]["content"].startswith("sha256:") and meta["identities"]["style"].startswith("sha256:")
+    assert 1 <= len(meta["loss_history"]["total"]) <= 100 and meta["loss_history"]["evaluations"][-1] == 3
+    assert oct((out / item["output"].rsplit("/", 1)[1]).stat().st_mode & 0o777) != oct(0o600)
+
+    png = run(source, OutputSpec(uri=str(out), format="png"))
+    assert png.result()["totals"]["done"] == 4  # another format is another result
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 4
+
+    pngs[0].unlink()  # its sidecar stays behind
+    again = run(source, OutputSpec(uri=str(out), format="png"))
+    assert again.result()["totals"] == {"pairs": 4, "done": 1, "skipped": 3, "failed": 0}
+    assert pngs[0].exists()
+
+
+def test_a_manifest_named_output_is_redone_when_params_change(tmp_path):
+    source = _cross_folders(tmp_path, 1, 1)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"content": "c/c0.png", "style": "s/s0.png", "output": "named/x"}))
+    manifest = BatchSource(manifest=str(tmp_path / "m.jsonl"))
+    out = OutputSpec(uri=str(tmp_path / "out"))
+    assert run(manifest, out).result()["totals"]["done"] == 1
+    assert run(manifest, out).result()["totals"]["skipped"] == 1
+    changed = run(manifest, out, PARAMS.model_copy(update={"iterations": 2}))
+    assert changed.result()["totals"]["done"] == 1
+    assert json.loads((tmp_path / "out" / "named" / "x.json").read_text())["params"]["iterations"] == 2
+    del source
+
+
+def test_a_pair_over_its_time_limit_fails_alone_and_the_failed_state_is_clean(tmp_path):
+    source = _cross_folders(tmp_path, 1, 1)
+    state = run(source, OutputSpec(uri=str(tmp_path / "out")), PARAMS.model_copy(update={"iterations": 50}),
+                pair_timeout_s=1e-6)
+    assert state.is_failed() and state.message.startswith("1 of 1 pairs failed (report: ")
+    outcome = state.result(raise_on_failure=False)  # was: TypeError("Unexpected result for failed state")
+    assert not isinstance(outcome, TypeError)
+    report = json.loads(next((tmp_path / "out" / "_runs").glob("*.json")).read_text())
+    assert "over pair_timeout_s=1e-06 s at evaluation 1 of 50" in report["items"][0]["error"]
+    assert not list((tmp_path / "out").glob("*.jpg"))
