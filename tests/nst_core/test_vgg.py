@@ -1,11 +1,15 @@
 import hashlib
+import math
 
 import pytest
 import torch
 from torch import nn
 from torchvision.models import vgg16
+from torchvision.transforms.functional import pil_to_tensor
 
-from nst_core import VGG16_LAYERS, WeightsError
+from helpers import pattern
+from nst_core import VGG16_LAYERS, StyleParams, WeightsError
+from nst_core.losses import content_loss, gram_matrix, style_loss, weighted_sum
 from nst_core import vgg as vgg_mod
 from nst_core.vgg import layer_index, load_extractor, read_weights_bytes
 
@@ -136,3 +140,30 @@ def test_channels_last_extractor_has_channels_last_weights_and_is_cached_apart()
     got = ex(x.to(memory_format=ex.memory_format), ["relu2_1"])["relu2_1"]
     want = plain(x, ["relu2_1"])["relu2_1"]
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def _balance(ex, content, style, image, params):
+    """β-free style/content ratio: Σ_l w_l·style_l / content, on images (1, 3, H, W) in [0, 1]."""
+    fx = ex(image, [*params.content_layers, *params.style_layers])
+    fc, fs = ex(content, params.content_layers), ex(style, params.style_layers)
+    content_term = sum(content_loss(fx[n], fc[n]) for n in params.content_layers)
+    style_terms = {n: style_loss(gram_matrix(fx[n], True), gram_matrix(fs[n], True)) for n in params.style_layers}
+    weights = dict(zip(params.style_layers, [1 / len(params.style_layers)] * len(params.style_layers)))
+    return (weighted_sum(style_terms, weights) / content_term).item()
+
+
+def test_avg_pooling_keeps_the_style_content_balance_of_max_pooling():
+    params = StyleParams()  # the default layers
+    ratios = []
+    for seed in range(6):
+        content, style = (pil_to_tensor(pattern((64, 64), k, seed)).float().div(255)[None] for k in ("content", "style"))
+        image = 0.5 * content + 0.5 * style  # an image part-way between the two: both terms nonzero
+        balance = {}
+        for pooling in ("max", "avg"):
+            ex = load_extractor("random", layers=[*params.content_layers, *params.style_layers], pooling=pooling, seed=seed)
+            balance[pooling] = _balance(ex, content, style, image, params)
+        ratios.append(balance["avg"] / balance["max"])
+    # Unscaled average pooling shifts the balance 1.1-2.3x towards style on these nets (geometric mean 1.6).
+    geometric_mean = math.exp(sum(map(math.log, ratios)) / len(ratios))
+    assert 0.8 <= geometric_mean <= 1.2, ratios
+    assert all(2 / 3 <= r <= 1.5 for r in ratios), ratios
