@@ -1,85 +1,225 @@
-"""Run report, contact sheet and Prefect artifacts of a batch run."""
+"""Pictures and text of a finished batch run: contact sheet, loss curve, summary, table rows.
+
+Pure rendering (Pillow, no matplotlib): bytes and strings in, bytes and strings out. Reading
+the report and creating Prefect artifacts is tasks/artifacts.py's job; the report's schema
+is tasks/contract.py's.
+"""
 
 from __future__ import annotations
 
 import io
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import dataclass
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["PairItem", "totals", "contact_sheet", "summary_markdown", "table_rows"]
+__all__ = ["SheetRow", "contact_sheet", "loss_curve_png", "summary_markdown", "table_rows", "final_loss"]
 
-
-@dataclass
-class PairItem:
-    """One line of the run report."""
-
-    content: str
-    style: str
-    status: str  # done | skipped | failed
-    output: str
-    error: str | None = None
-    seconds: float | None = None
-    losses: dict | None = None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+_INK, _MUTED, _PAPER, _WARN = (40, 40, 40), (110, 110, 110), (250, 250, 250), (180, 20, 20)
 
 
-def totals(items: list[PairItem]) -> dict[str, int]:
-    return {
-        "pairs": len(items),
-        "done": sum(i.status == "done" for i in items),
-        "skipped": sum(i.status == "skipped" for i in items),
-        "failed": sum(i.status == "failed" for i in items),
-    }
+@dataclass(frozen=True)
+class SheetRow:
+    """One contact-sheet row: content, style and result thumbnails (encoded images) and a caption."""
+
+    content: bytes
+    style: bytes
+    result: bytes
+    caption: str = ""
 
 
-def contact_sheet(rows: list[tuple[bytes, bytes, bytes]], cell: int = 96) -> bytes:
-    """content | style | result thumbnails, one row per pair, as JPEG bytes."""
-    pad = 4
-    sheet = Image.new("RGB", (3 * (cell + pad) + pad, len(rows) * (cell + pad) + pad + 16), (245, 245, 245))
+def final_loss(item: dict) -> float | None:
+    """The item's final (best) total loss, if it has one."""
+    total = ((item.get("losses") or {}).get("final") or {}).get("total")
+    return total if isinstance(total, (int, float)) and math.isfinite(total) else None
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one bitmap size
+        return ImageFont.load_default()
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """``text`` cut with an ellipsis in the middle so it fits ``width`` pixels (file names keep their ends)."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    keep = len(text)
+    while keep > 4:
+        keep -= 1
+        cut = text[: keep // 2] + "…" + text[len(text) - keep // 2:]
+        if draw.textlength(cut, font=font) <= width:
+            return cut
+    return text[:4]
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if line and draw.textlength(trial, font=font) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return lines + ([line] if line else [])
+
+
+def contact_sheet(rows: list[SheetRow], cell: int = 128, warning: str | None = None) -> bytes:
+    """content | style | result, one row per pair, every cell ``cell`` x ``cell`` px, as JPEG bytes.
+
+    Each thumbnail is scaled to fit its cell and centred on it, so cells line up whatever the
+    images' shapes. A caption line under each row names the pair (file names, final loss); a
+    ``warning`` (e.g. random weights) is printed across the top in red.
+    """
+    pad, head, caption_h = 6, 20, 16
+    width = 3 * cell + 4 * pad
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    small, bold = _font(11), _font(13)
+    warn_lines = _wrap(probe, f"WARNING: {warning}", bold, width - 2 * pad) if warning else []
+    top = pad + len(warn_lines) * 16 + head
+    row_h = cell + caption_h + pad
+    sheet = Image.new("RGB", (width, top + len(rows) * row_h + pad), _PAPER)
     draw = ImageDraw.Draw(sheet)
+    for i, line in enumerate(warn_lines):
+        draw.text((pad, pad + 16 * i), line, fill=_WARN, font=bold)
     for col, label in enumerate(("content", "style", "result")):
-        draw.text((pad + col * (cell + pad), 2), label, fill=(60, 60, 60))
-    for r, thumbs in enumerate(rows):
-        for c, data in enumerate(thumbs):
-            img = Image.open(io.BytesIO(data))
-            x = pad + c * (cell + pad) + (cell - img.width) // 2
-            y = 16 + pad + r * (cell + pad) + (cell - img.height) // 2
-            sheet.paste(img, (x, y))
+        draw.text((pad + col * (cell + pad), top - head + 3), label, fill=_MUTED, font=small)
+    for r, row in enumerate(rows):
+        y0 = top + r * row_h
+        for c, data in enumerate((row.content, row.style, row.result)):
+            x0 = pad + c * (cell + pad)
+            draw.rectangle((x0, y0, x0 + cell - 1, y0 + cell - 1), fill=(232, 232, 232))
+            img = Image.open(io.BytesIO(data)).convert("RGB")
+            img.thumbnail((cell, cell))
+            sheet.paste(img, (x0 + (cell - img.width) // 2, y0 + (cell - img.height) // 2))
+        if row.caption:
+            draw.text((pad, y0 + cell + 2), _fit(draw, row.caption, small, width - 2 * pad), fill=_INK, font=small)
     buf = io.BytesIO()
-    sheet.save(buf, format="JPEG", quality=85)
+    sheet.save(buf, format="JPEG", quality=88)
     return buf.getvalue()
 
 
-def table_rows(items: list[PairItem], limit: int = 500) -> list[dict]:
-    """Rows for the Prefect table artifact (capped: the report file has them all)."""
+def loss_curve_png(curves: list[tuple[str, list[int], list[float]]], title: str = "total loss per evaluation",
+                   size: tuple[int, int] = (720, 420)) -> bytes:
+    """All pairs' total loss against evaluation number, one polyline each, on a log10 axis, as PNG bytes.
+
+    ``curves`` is ``[(label, evaluations, totals), ...]`` (a sidecar's compact ``loss_history``).
+    Log scale because the first evaluations are often 10-100x the last; non-positive or
+    non-finite values are left out of a line.
+    """
+    w, h = size
+    left, right, top, bottom = 70, 20, 34, 44
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    font = _font(12)
+    draw.text((left, 10), title, fill=_INK, font=_font(14))
+    points = [[(e, math.log10(t)) for e, t in zip(evs, totals) if isinstance(t, (int, float)) and t > 0
+               and math.isfinite(t)] for _, evs, totals in curves]
+    points = [p for p in points if p]
+    if not points:
+        draw.text((left, h // 2), "no loss history recorded", fill=_MUTED, font=font)
+        return _png(img)
+    xs = [x for p in points for x, _ in p]
+    ys = [y for p in points for _, y in p]
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+    y0, y1 = math.floor(min(ys)), math.ceil(max(ys))
+    if y1 == y0:
+        y1 = y0 + 1
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x0) / (x1 - x0) * (w - left - right),
+                h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
+
+    draw.rectangle((left, top, w - right, h - bottom), outline=_MUTED)
+    for decade in range(y0, y1 + 1):
+        _, y = at(x0, decade)
+        draw.line((left, y, w - right, y), fill=(225, 225, 225))
+        draw.text((6, y - 7), f"1e{decade}", fill=_MUTED, font=font)
+    for x in {x0, (x0 + x1) // 2, x1}:
+        px, _ = at(x, y0)
+        draw.text((px - 8, h - bottom + 6), str(int(x)), fill=_MUTED, font=font)
+    draw.text(((w - left) // 2, h - 18), "evaluation", fill=_MUTED, font=font)
+    for i, p in enumerate(points):
+        hue = (i * 0.61803) % 1.0
+        colour = tuple(int(255 * c) for c in _hsv(hue, 0.75, 0.8))
+        if len(p) == 1:
+            x, y = at(*p[0])
+            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
+        else:
+            draw.line([at(x, y) for x, y in p], fill=colour, width=2)
+    draw.text((w - right - 120, 10), f"{len(points)} pair(s), log scale", fill=_MUTED, font=font)
+    return _png(img)
+
+
+def _hsv(h: float, s: float, v: float) -> tuple[float, float, float]:
+    import colorsys
+
+    return colorsys.hsv_to_rgb(h, s, v)
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def _md_link(text: str, url: str | None) -> str:
+    return f"[{text}]({url})" if url else f"`{text}`"
+
+
+def table_rows(items: list[dict], link=None, limit: int = 500) -> list[dict]:
+    """Rows for the Prefect table artifact (capped: the report file has them all).
+
+    ``link(uri)`` returns a URL a browser can open (presigned for S3) or None; outputs and
+    sidecars are then Markdown links, which the UI's table renders.
+    """
     rows = []
     for item in items[:limit]:
-        final = (item.losses or {}).get("final", {})
+        loss = final_loss(item)
+        output, sidecar = item.get("output") or "", item.get("sidecar") or ""
+        out_url = link(output) if (link and output and item.get("status") != "failed") else None
+        side_url = link(sidecar) if (link and sidecar and item.get("status") != "failed") else None
         rows.append({
-            "content": item.content, "style": item.style, "status": item.status, "output": item.output,
-            "final_loss": round(final["total"], 6) if "total" in final else None,
-            "seconds": item.seconds, "error": item.error or "",
+            "content": item.get("content"), "style": item.get("style"), "status": item.get("status"),
+            "output": _md_link(output.rsplit("/", 1)[-1] or output, out_url) if output else "",
+            "sidecar": _md_link("json", side_url) if side_url else "",
+            "final_loss": f"{loss:.4g}" if loss is not None else "",
+            "seconds": item.get("seconds"), "error": item.get("error") or "",
         })
     return rows
 
 
-def summary_markdown(run_name: str, counts: dict, report_uri: str, sheet_uri: str | None,
-                     failures: list[PairItem], warning: str | None = None) -> str:
-    lines = [f"# stylize-batch `{run_name}`", ""]
+def summary_markdown(report: dict, links: dict[str, str | None], chunk_links: list[tuple[dict, str | None]],
+                     warning: str | None = None, rate: str | None = None) -> str:
+    """The run's summary: totals, links to the report, contact sheet and loss curve, chunk runs, failures."""
+    counts = report["totals"]
+    lines = [f"# stylize-batch `{report.get('flow_run')}`", ""]
     if warning:
         lines += [f"> **Warning:** {warning}", ""]
     lines += [
         "| pairs | done | skipped | failed |", "|---|---|---|---|",
         f"| {counts['pairs']} | {counts['done']} | {counts['skipped']} | {counts['failed']} |", "",
-        f"Report: `{report_uri}`",
     ]
-    if sheet_uri:
-        lines.append(f"Contact sheet: [{sheet_uri}]({sheet_uri})")
+    if rate:
+        lines += [rate, ""]
+    lines.append(f"- Run report: {_md_link(report['report'], links.get('report'))}")
+    if report.get("contact_sheet"):
+        lines.append(f"- Contact sheet: {_md_link(report['contact_sheet'], links.get('contact_sheet'))}")
+    if report.get("loss_curve"):
+        lines.append(f"- Loss curve: {_md_link(report['loss_curve'], links.get('loss_curve'))}")
+    if chunk_links:
+        lines += ["", "## Chunk runs", "", "| chunk | flow run | state | worker |", "|---|---|---|---|"]
+        for chunk, url in chunk_links:
+            worker = chunk.get("worker") or {}
+            where = f"{worker.get('host', '')} pid {worker.get('pid', '')}".strip() if worker else ""
+            lines.append(f"| {chunk.get('chunk')} | {_md_link(str(chunk.get('flow_run_id')), url)} | "
+                         f"{chunk.get('state')} | {where} |")
+    failures = [i for i in report.get("items", []) if i.get("status") == "failed"]
     if failures:
-        lines += ["", "## Failures", ""] + [f"- `{f.content}` × `{f.style}`: {f.error}" for f in failures[:20]]
+        lines += ["", "## Failures", ""] + [f"- `{f['content']}` × `{f['style']}`: {f.get('error')}"
+                                            for f in failures[:20]]
         if len(failures) > 20:
             lines.append(f"- … and {len(failures) - 20} more (see the report)")
     return "\n".join(lines)

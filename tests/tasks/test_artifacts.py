@@ -1,0 +1,114 @@
+"""A batch run's artifacts through a real Prefect API: images that load, links, keys, progress."""
+
+import io
+import json
+import urllib.request
+
+import pytest
+from PIL import Image
+
+from flows.batch import stylize_batch
+from helpers import pattern, to_bytes
+from nst_core.params import StyleParams
+from tasks.artifacts import RunProgress, artifact_key
+from tasks.models import BatchSource, OutputSpec, RunOptions
+
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_api")]
+
+PARAMS = StyleParams(weights="random", image_size=32, iterations=4, scales=1)
+WARNING = "RANDOM weights here: not real style transfer"
+
+
+def _artifacts(flow_run_id) -> dict[str, object]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    by_type = {}
+    for a in found:
+        by_type.setdefault(a.type, []).append(a)
+    return by_type
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        assert resp.status == 200
+        return resp.read()
+
+
+def test_s3_run_shows_contact_sheet_loss_curve_links_and_progress(bucket):
+    """Old flow: a table and a markdown summary naming s3:// URIs no browser can open, an
+    unlabelled sheet, no loss curve, a bare percentage. Now the sheet and loss curve are image
+    artifacts with presigned URLs that load, the table links each output and sidecar, a link
+    artifact opens the report, and the progress artifact states pairs/s."""
+    name, client = bucket
+    for i in range(2):
+        client.put_object(Bucket=name, Key=f"in/c/c{i}.png", Body=to_bytes(pattern((32, 24), "content", i)))
+    client.put_object(Bucket=name, Key="in/s/s0.png", Body=to_bytes(pattern((24, 32), "style")))
+    state = stylize_batch(BatchSource(contents=f"s3://{name}/in/c/", styles=f"s3://{name}/in/s/"),
+                          OutputSpec(uri=f"s3://{name}/out/", link_expiry_hours=2), PARAMS,
+                          RunOptions(labels={"warning": WARNING}), return_state=True)
+    assert state.is_completed(), state.message
+    report = state.result()
+    assert report["contact_sheet"].endswith("-contact.jpg") and report["loss_curve"].endswith("-loss.png")
+    arts = _artifacts(state.state_details.flow_run_id)
+
+    images = {a.description.split(" of ")[0]: a for a in arts["image"]}
+    assert set(images) == {"Contact sheet", "Loss curve"}
+    for what, art in images.items():
+        url = art.data
+        assert url.startswith("http://127.0.0.1") and "X-Amz-Expires=7200" in url, url
+        assert "valid 2 h" in art.description
+        assert Image.open(io.BytesIO(_get(url))).width > 0
+    sheet = Image.open(io.BytesIO(_get(images["Contact sheet"].data)))
+    assert sheet.height > 2 * 128  # two captioned rows plus the warning
+
+    table = json.loads(arts["table"][0].data)
+    assert all(r["output"].startswith("[") and "X-Amz-Signature" in r["output"] for r in table)
+    assert all(r["final_loss"] for r in table)
+    markdown = {a.description.split(" of ")[0]: a.data for a in arts["markdown"]}  # a link artifact is markdown
+    link = markdown["Run report"]
+    assert link.startswith(f"[{report['report']}](http")
+    assert json.loads(_get(link.split("](", 1)[1][:-1]))["flow_run_id"] == report["flow_run_id"]
+    progress = arts["progress"][0]
+    assert progress.data == 100.0 and "2 of 2 pairs finished" in progress.description
+    assert "pairs/s" in progress.description
+    summary = markdown["Summary"]
+    assert WARNING in summary and "Loss curve" in summary and "X-Amz-Signature" in summary
+    assert all(a.key is None for v in arts.values() for a in v)  # not a deployment run: unkeyed
+
+
+def test_local_folder_pictures_are_embedded(tmp_path):
+    """A file:// URL does not load in the UI's page; a local run's pictures are data: URLs."""
+    (tmp_path / "c").mkdir()
+    (tmp_path / "s").mkdir()
+    pattern((32, 24), "content").save(tmp_path / "c" / "a.png")
+    pattern((24, 32), "style").save(tmp_path / "s" / "b.png")
+    state = stylize_batch(BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s")),
+                          OutputSpec(uri=str(tmp_path / "out")), PARAMS, RunOptions(), return_state=True)
+    assert state.is_completed(), state.message
+    images = _artifacts(state.state_details.flow_run_id)["image"]
+    assert len(images) == 2
+    for art in images:
+        assert art.data.startswith("data:image/") and "embedded copy of" in art.description
+    assert (tmp_path / "out" / "_runs").is_dir() and list((tmp_path / "out" / "_runs").glob("*-loss.png"))
+
+
+def test_keys_follow_the_deployment_name(monkeypatch):
+    assert artifact_key("summary") is None
+    monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__NAME", "Nightly Run_2")
+    assert artifact_key("summary") == "stylize-batch-nightly-run-2-summary"
+    assert artifact_key("contact-sheet") == "stylize-batch-nightly-run-2-contact-sheet"
+
+
+def test_progress_description_has_rate_and_eta(monkeypatch):
+    import tasks.artifacts as artifacts
+
+    monkeypatch.setattr("prefect.artifacts.create_progress_artifact", lambda *a, **k: "id")
+    progress = RunProgress(10)
+    progress.started -= 20.0
+    text = progress.describe(4)
+    assert text.startswith("4 of 10 pairs finished, 0.20 pairs/s, ETA ") and "(in 30s)" in text
+    assert "took" in progress.describe(10)
+    assert artifacts._duration(3725) == "1h02m"

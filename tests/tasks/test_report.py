@@ -1,0 +1,78 @@
+"""Contact sheet and loss curve rendering (Pillow only)."""
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from helpers import pattern, to_bytes
+from tasks.report import SheetRow, contact_sheet, loss_curve_png, summary_markdown, table_rows
+
+
+def _rows():
+    shapes = [((64, 16), (16, 64), (48, 48)), ((20, 60), (60, 20), (30, 10))]
+    return [SheetRow(to_bytes(pattern(c, "content")), to_bytes(pattern(s, "style")), to_bytes(pattern(r, "other")),
+                     caption=f"c{n}.png × s{n}.png   final loss 1.23e+04") for n, (c, s, r) in enumerate(shapes)]
+
+
+def test_every_cell_is_the_same_size_whatever_the_image_shapes():
+    """Old sheet: thumbnails pasted at their own size (a 64x16 content left a strip); now every
+    image is fitted into an identical grey cell, so each cell's grey box is cell x cell."""
+    cell = 80
+    sheet = Image.open(io.BytesIO(contact_sheet(_rows(), cell=cell)))
+    assert sheet.width == 3 * cell + 4 * 6
+    arr = np.asarray(sheet.convert("RGB")).astype(int)
+    grey = np.all(np.abs(arr - 232) <= 6, axis=-1) | ~np.all(np.abs(arr - 250) <= 6, axis=-1)
+    # scan the middle row of the first row's cells: each cell spans exactly `cell` non-paper pixels
+    y = np.nonzero(grey[:, 6 + cell // 2])[0][0] + cell // 2
+    runs, run = [], 0
+    for v in grey[y]:
+        if v:
+            run += 1
+        elif run:
+            runs.append(run)
+            run = 0
+    assert [r for r in runs if r > 10] == [cell, cell, cell]
+
+
+def test_rows_have_captions_and_the_warning_is_on_the_sheet():
+    plain = Image.open(io.BytesIO(contact_sheet(_rows(), cell=64)))
+    warned = Image.open(io.BytesIO(contact_sheet(_rows(), cell=64, warning="RANDOM weights: not real style transfer")))
+    assert warned.height > plain.height  # room for the warning lines at the top
+    top = np.asarray(warned.convert("RGB"))[:20].astype(int)
+    assert ((top[..., 0] > 140) & (top[..., 1] < 80)).sum() > 20  # red text
+    # under each row of cells there is dark caption text
+    arr = np.asarray(plain.convert("L"))
+    first_row_bottom = 6 + 16 + 20 + 64  # pad + header + warning-free top + cell
+    strip = arr[first_row_bottom - 16 + 2: first_row_bottom + 2 + 12 - 16 + 16]
+    assert (strip < 100).sum() > 30
+
+
+def test_loss_curve_draws_every_pair_on_a_log_axis():
+    curves = [("a × b", [1, 11, 21, 30], [1e6, 1e4, 5e3, 4e3]), ("c × d", [1, 30], [3e5, 2e3]),
+              ("empty", [], [])]
+    img = Image.open(io.BytesIO(loss_curve_png(curves)))
+    assert img.format == "PNG" and img.size == (720, 420)
+    arr = np.asarray(img.convert("RGB")).astype(int)
+    saturated = (arr.max(-1) - arr.min(-1)) > 100  # coloured line pixels, not grey axes/text
+    assert saturated.sum() > 200
+    none = Image.open(io.BytesIO(loss_curve_png([])))
+    assert none.size == (720, 420)
+
+
+def test_table_links_outputs_and_summary_links_chunks():
+    items = [{"content": "s3://b/c/a.png", "style": "s3://b/s/x.png", "status": "done", "output": "s3://b/o/a__x.jpg",
+              "sidecar": "s3://b/o/a__x.json", "losses": {"final": {"total": 1234.5}}, "seconds": 1.0},
+             {"content": "s3://b/c/b.png", "style": "s3://b/s/x.png", "status": "failed", "output": "",
+              "error": "bad image"}]
+    rows = table_rows(items, link=lambda uri: "https://signed/" + uri.rsplit("/", 1)[-1])
+    assert rows[0]["output"] == "[a__x.jpg](https://signed/a__x.jpg)" and rows[0]["final_loss"] == "1234"
+    assert rows[0]["sidecar"] == "[json](https://signed/a__x.json)" and rows[1]["output"] == ""
+    report = {"flow_run": "r", "report": "s3://b/o/_runs/1.json", "totals": {"pairs": 2, "done": 1, "skipped": 0,
+                                                                             "failed": 1},
+              "contact_sheet": "s3://b/o/_runs/1-contact.jpg", "items": items}
+    md = summary_markdown(report, {"report": "https://signed/1.json"},
+                          [({"chunk": 0, "flow_run_id": "abc", "state": "Completed", "worker": {"host": "h", "pid": 7}},
+                            "http://ui/runs/flow-run/abc")], warning="random weights", rate="1 pairs in 1s")
+    assert "[abc](http://ui/runs/flow-run/abc)" in md and "[s3://b/o/_runs/1.json](https://signed/1.json)" in md
+    assert "**Warning:** random weights" in md and "bad image" in md
