@@ -167,3 +167,18 @@ def test_avg_pooling_keeps_the_style_content_balance_of_max_pooling():
     geometric_mean = math.exp(sum(map(math.log, ratios)) / len(ratios))
     assert 0.8 <= geometric_mean <= 1.2, ratios
     assert all(2 / 3 <= r <= 1.5 for r in ratios), ratios
+
+
+def test_style_weight_factor_predicts_the_balance_shift_of_imagenet_normalization(tmp_path):
+    params = StyleParams()
+    layers = [*params.content_layers, *params.style_layers]
+    caffe = load_extractor("random", layers=layers, seed=1)
+    path = tmp_path / "vgg.pth"
+    torch.save(caffe.layers.state_dict(), path)  # same weights; a bare state_dict gets ImageNet mean/std
+    imagenet = load_extractor(str(path), layers=layers)
+    assert caffe.input_scale == pytest.approx(255) and caffe.style_weight_factor == pytest.approx(1)
+    assert imagenet.input_scale == pytest.approx(4.42, rel=0.01)
+    content, style = (pil_to_tensor(pattern((48, 48), k, 1)).float().div(255)[None] for k in ("content", "style"))
+    image = 0.5 * content + 0.5 * style
+    shift = _balance(caffe, content, style, image, params) / _balance(imagenet, content, style, image, params)
+    assert shift == pytest.approx(imagenet.style_weight_factor, rel=0.05)  # ~3300, not "about 1000"
