@@ -81,12 +81,39 @@ def _run_flow(source, output, params, run):
         bar.update(done)
 
     token = on_pair_done.set(hook)
+    previous = _install_interrupt_handler()
     try:
         state = stylize_batch(source, output, params, run, return_state=True)
     finally:
         on_pair_done.reset(token)
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     print(state.message or state.name)
     return state
+
+
+def _install_interrupt_handler():
+    """Ctrl-C: stop every pair at its next evaluation and unwind (exit 130 within seconds; what
+    was written stays: writes are atomic). A second Ctrl-C, or 10 s later, exits at once."""
+    import threading
+
+    from tasks.pair import stop_requested
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_sigint(signum, frame):
+        if stop_requested.is_set():
+            os.write(2, b"\nnst: interrupted again, exiting now\n")
+            os._exit(130)
+        stop_requested.set()
+        os.write(2, b"\nnst: interrupted, stopping (Ctrl-C again to exit at once)\n")
+        watchdog = threading.Timer(10.0, lambda: os._exit(130))
+        watchdog.daemon = True
+        watchdog.start()
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGINT, on_sigint)
 
 
 def run_batch(args: argparse.Namespace) -> int:
