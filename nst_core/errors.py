@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["NSTError", "ImageDecodeError", "NonFiniteLossError", "WeightsError"]
+__all__ = ["NSTError", "ImageDecodeError", "ImageTooSmallError", "NonFiniteLossError", "WeightsError"]
 
 
 class NSTError(Exception):
@@ -15,6 +15,20 @@ class ImageDecodeError(NSTError):
     def __init__(self, name: str, reason: str):
         self.name, self.reason = name, reason
         super().__init__(f"{name}: {reason}")
+
+
+class ImageTooSmallError(ImageDecodeError):
+    """An image's shorter side is below what the requested VGG layers need. Names the input."""
+
+    def __init__(self, name: str, size: tuple[int, int], min_px: int):
+        self.size, self.min_px = size, min_px
+        width, height = size
+        super().__init__(
+            name,
+            f"{width}x{height} px is too small: the requested layers need each side to be at least "
+            f"{min_px} px (each VGG16 pool halves it); use a larger image_size, a less elongated "
+            "image, or shallower layers",
+        )
 
 
 class NonFiniteLossError(NSTError):

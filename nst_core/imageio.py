@@ -13,7 +13,7 @@ from pathlib import PurePath
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageDecodeError, NSTError
+from .errors import ImageDecodeError, ImageTooSmallError, NSTError
 
 __all__ = [
     "DecodedImage",
@@ -22,6 +22,7 @@ __all__ = [
     "decode_image",
     "split_alpha",
     "resize_longest",
+    "check_min_side",
     "encode_image",
     "format_for",
 ]
@@ -104,6 +105,16 @@ def resize_longest(img: Image.Image, size: int) -> Image.Image:
     scale = size / max(width, height)
     new = (max(1, round(width * scale)), max(1, round(height * scale)))
     return img if new == img.size else img.resize(new, Image.Resampling.LANCZOS)
+
+
+def check_min_side(img: Image.Image, min_px: int, what: str) -> None:
+    """Raise ImageTooSmallError naming ``what`` when a side of ``img`` is under ``min_px``.
+
+    Pass the image as the extractor will see it (after ``resize_longest``) and
+    ``nst_core.vgg.min_side(layers)``: a thinner image fails inside a VGG pool otherwise.
+    """
+    if min(img.size) < min_px:
+        raise ImageTooSmallError(what, img.size, min_px)
 
 
 def format_for(path: str) -> str:

@@ -32,6 +32,7 @@ __all__ = [
     "load_extractor",
     "resolve_device",
     "layer_index",
+    "min_side",
     "read_weights_bytes",
     "HOW_TO_SUPPLY_WEIGHTS",
     "clear_cache",
@@ -99,6 +100,16 @@ def resolve_device(name: str) -> torch.device:
 def layer_index(name: str) -> int:
     """Position of a named layer in vgg16().features."""
     return VGG16_LAYERS.index(name)
+
+
+def min_side(layer_names: Iterable[str]) -> int:
+    """Smallest image side (px) the extractor accepts for these layers: 2^(pools up to the deepest).
+
+    Each 2×2 pool halves (floor) the side and refuses an input under 2 px, so a side of
+    2^p px leaves 1 px after the p-th pool, and one pixel less fails there.
+    """
+    depth = max(layer_index(n) for n in layer_names)
+    return 2 ** sum(1 for name in VGG16_LAYERS[: depth + 1] if name.startswith("pool"))
 
 
 @dataclass(frozen=True, eq=False)

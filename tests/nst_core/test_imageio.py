@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nst_core import ImageDecodeError, NSTError
-from nst_core.imageio import decode_image, encode_image, format_for, resize_longest
+from nst_core import ImageDecodeError, NSTError, StyleParams
+from nst_core.errors import ImageTooSmallError
+from nst_core.imageio import check_min_side, decode_image, encode_image, format_for, resize_longest
+from nst_core.vgg import min_side
 
 from helpers import pattern, to_bytes
 
@@ -79,3 +81,14 @@ def test_format_for_extension():
     assert [format_for(p) for p in ("a.png", "b.JPG", "c.jpeg", "d.webp")] == ["png", "jpeg", "jpeg", "webp"]
     with pytest.raises(NSTError, match="unsupported output extension .gif"):
         format_for("x.gif")
+
+
+def test_thin_image_is_refused_with_its_name_size_and_the_minimum():
+    layers = [*StyleParams().content_layers, *StyleParams().style_layers]
+    thin = pattern((512, 12))
+    with pytest.raises(ImageTooSmallError) as err:
+        check_min_side(thin, min_side(layers), "thin.png")
+    msg = str(err.value)
+    assert err.value.name == "thin.png" and isinstance(err.value, ImageDecodeError)
+    assert "512x12" in msg and "16 px" in msg
+    check_min_side(pattern((16, 16)), min_side(layers), "ok.png")  # the minimum itself is accepted

@@ -11,7 +11,7 @@ from helpers import pattern
 from nst_core import VGG16_LAYERS, StyleParams, WeightsError
 from nst_core.losses import content_loss, gram_matrix, style_loss, weighted_sum
 from nst_core import vgg as vgg_mod
-from nst_core.vgg import layer_index, load_extractor, read_weights_bytes
+from nst_core.vgg import layer_index, load_extractor, min_side, read_weights_bytes
 
 
 @pytest.fixture(autouse=True)
@@ -182,3 +182,16 @@ def test_style_weight_factor_predicts_the_balance_shift_of_imagenet_normalizatio
     image = 0.5 * content + 0.5 * style
     shift = _balance(caffe, content, style, image, params) / _balance(imagenet, content, style, image, params)
     assert shift == pytest.approx(imagenet.style_weight_factor, rel=0.05)  # ~3300, not "about 1000"
+
+
+def test_min_side_follows_the_pools_before_the_deepest_layer():
+    params = StyleParams()
+    assert min_side([*params.content_layers, *params.style_layers]) == 16  # relu5_1: after 4 pools
+    assert min_side(["relu1_1", "conv1_2"]) == 1
+    assert min_side(["relu2_1"]) == 2 and min_side(["pool2"]) == 4 and min_side(["pool5"]) == 32
+    # The bound is tight: one pixel less breaks the extractor, the minimum runs.
+    ex = load_extractor("random", layers=["relu3_1"])
+    side = min_side(["relu3_1"])
+    assert ex(torch.rand(1, 3, side, 64), ["relu3_1"])["relu3_1"].shape[-2] == 1
+    with pytest.raises(RuntimeError, match="too small"):
+        ex(torch.rand(1, 3, side - 1, 64), ["relu3_1"])
