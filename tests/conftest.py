@@ -67,3 +67,74 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+@pytest.fixture
+def fault_proxy(s3_endpoint):
+    """An HTTP proxy on 127.0.0.1 in front of moto that answers about 20% of requests badly:
+    503 SlowDown-style errors, a dropped connection, or a body cut short. Yields its URL and a
+    counter of the faults it injected; stopped after the test."""
+    import http.client
+    import random
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import urlparse
+
+    target = urlparse(s3_endpoint)
+    rng, lock = random.Random(7), threading.Lock()
+    faults = {"503": 0, "drop": 0, "cut": 0, "ok": 0}
+    hop = {"connection", "keep-alive", "transfer-encoding", "proxy-connection"}
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def _handle(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            with lock:
+                roll = rng.random()
+            if roll < 0.08:
+                faults["503"] += 1
+                err = b"<Error><Code>ServiceUnavailable</Code><Message>injected</Message></Error>"
+                self.send_response(503)
+                self.send_header("Content-Length", str(len(err)))
+                self.end_headers()
+                self.wfile.write(err)
+                return
+            if roll < 0.14:
+                faults["drop"] += 1
+                self.close_connection = True
+                return  # no answer at all
+            upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+            upstream.request(self.command, self.path, body=body or None,
+                             headers={k: v for k, v in self.headers.items() if k.lower() not in hop})
+            resp = upstream.getresponse()
+            data = resp.read()
+            self.send_response(resp.status)
+            for k, v in resp.getheaders():
+                if k.lower() not in hop | {"content-length"}:
+                    self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if roll < 0.20 and self.command == "GET" and len(data) > 8:
+                faults["cut"] += 1
+                self.wfile.write(data[: len(data) // 2])  # the body cut short, then the connection closed
+                self.close_connection = True
+            else:
+                faults["ok"] += 1
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+            upstream.close()
+
+        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", faults
+    server.shutdown()
+    server.server_close()
+    thread.join()

@@ -254,3 +254,61 @@ def test_a_pair_over_its_time_limit_fails_alone_and_the_failed_state_is_clean(tm
     report = json.loads(next((tmp_path / "out" / "_runs").glob("*.json")).read_text())
     assert "over pair_timeout_s=1e-06 s at evaluation 1 of 50" in report["items"][0]["error"]
     assert not list((tmp_path / "out").glob("*.jpg"))
+
+
+def test_every_pair_is_done_through_a_proxy_that_fails_a_fifth_of_the_requests(bucket, fault_proxy, monkeypatch):
+    from tasks import storage
+
+    name, client = bucket
+    seed_bucket(client, name, broken=False)
+    url, faults = fault_proxy
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", url)
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.05,) * 6)
+    storage._clients.clear()
+    try:
+        source = BatchSource(contents=f"s3://{name}/in/contents/", styles=f"s3://{name}/in/styles/")
+        state = run(source, OutputSpec(uri=f"s3://{name}/out/"))
+        assert state.is_completed(), state.message
+        assert state.result()["totals"] == {"pairs": 4, "done": 4, "skipped": 0, "failed": 0}
+        assert faults["503"] + faults["drop"] + faults["cut"] >= 3, faults
+    finally:
+        storage._clients.clear()
+
+
+def test_an_output_endpoint_that_never_answers_ends_the_run_with_a_clear_error(tmp_path, monkeypatch, s3_endpoint):
+    import socket
+    import threading
+
+    from tasks import storage
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.2)
+    held, stop = [], threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    monkeypatch.setattr(storage, "S3_TIMEOUTS", (1.0, 1.0))
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.1, 0.1))
+    storage._clients.clear()
+    try:
+        source = _cross_folders(tmp_path, 1, 1)
+        state = run(source, OutputSpec(uri="s3://silent-bucket/out/"))
+        assert state.is_failed()
+        assert "is not writable" in state.message and "Timeout" in state.message
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+        for conn in held:
+            conn.close()
+        storage._clients.clear()
