@@ -1,6 +1,7 @@
-"""Bytes <-> images: EXIF orientation, modes, alpha, pixel limits, resizing, encoding.
+"""Bytes <-> images: EXIF orientation, colour profiles, modes, alpha, pixel limits, resizing, encoding.
 
-Every error names the input it is about (``ImageDecodeError(name, reason)``).
+Every error names the input it is about (``ImageDecodeError(name, reason)``). Decoded images
+are sRGB: an embedded ICC profile is converted on decode, and outputs carry an sRGB profile.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import PurePath
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from .errors import ImageDecodeError, ImageTooSmallError, NSTError
 
@@ -50,26 +51,68 @@ class DecodedImage:
         return rgba
 
 
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+_SRGB_ICC = _SRGB.tobytes()
+#: Which Pillow mode an ICC profile's colour space describes.
+_MODE_OF_SPACE = {"RGB": "RGB", "GRAY": "L", "CMYK": "CMYK"}
+
+
 def _to_8bit(img: Image.Image) -> Image.Image:
-    """16-bit and 32-bit single-channel modes -> L, scaling instead of clipping."""
-    arr = np.asarray(img)
-    if img.mode == "F":
-        scaled = np.clip(arr, 0, 255)
-    else:  # I, I;16, I;16B, ...: 16-bit samples stored in integers
-        scaled = np.clip(arr.astype(np.float64) / 257.0, 0, 255)
+    """High-bit-depth single-channel modes -> L, scaled by the range their samples use.
+
+    I;16*: 16-bit samples, /257. F: floats in [0, 1] (the usual convention) ×255; larger values
+    are taken as 0-255, then 0-65535. I (32-bit, e.g. TIFF): 0-255, 0-65535 or the full 32-bit
+    range, whichever the largest sample fits; the mode alone does not say which was meant.
+    Negative samples and NaN become 0.
+    """
+    arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    peak = float(arr.max()) if arr.size else 0.0
+    if img.mode.startswith("I;16"):
+        full = 65535.0
+    elif img.mode == "F" and peak <= 1.0:
+        full = 1.0
+    else:
+        full = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else 2.0**31 - 1
+    scaled = np.clip(arr * (255.0 / full), 0, 255)
     return Image.fromarray(scaled.round().astype(np.uint8), mode="L")
 
 
+def _to_srgb(img: Image.Image, icc: bytes) -> Image.Image:
+    """Samples described by ``icc`` -> sRGB (RGB). Mode L, RGB or CMYK in.
+
+    A profile that cannot be read, or that describes another colour space than the samples
+    (a stale profile left by an editor), is ignored and the samples are taken as sRGB, as web
+    browsers do: refusing the image would be worse than a small colour shift.
+    """
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if _MODE_OF_SPACE.get(profile.profile.xcolor_space.strip()) != img.mode:
+            return img
+        return ImageCms.profileToProfile(
+            img, profile, _SRGB, renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC, outputMode="RGB"
+        )
+    except (OSError, ValueError, ImageCms.PyCMSError):
+        return img
+
+
 def split_alpha(img: Image.Image) -> DecodedImage:
-    """Any Pillow mode -> RGB plus alpha (or None). Palette transparency becomes alpha."""
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
+    """Any Pillow mode -> sRGB RGB plus alpha (or None).
+
+    Palette transparency becomes alpha; an embedded ICC profile (``img.info["icc_profile"]``)
+    is converted to sRGB; alpha is kept as it is (it is not colour).
+    """
+    icc = img.info.get("icc_profile")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
         img = _to_8bit(img)
+    alpha = None
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         alpha = img.getchannel("A")
-        return DecodedImage(img.convert("RGB"), alpha)
-    return DecodedImage(img.convert("RGB"))
+        img = img.convert("L" if img.mode in ("LA", "La") else "RGB")
+    if icc:
+        img = _to_srgb(img, icc)
+    return DecodedImage(img.convert("RGB"), alpha)
 
 
 def decode_image(data: bytes, name: str, *, max_pixels: int = MAX_PIXELS) -> DecodedImage:
@@ -126,12 +169,16 @@ def format_for(path: str) -> str:
 
 
 def encode_image(img: Image.Image, fmt: str, *, quality: int = 92) -> bytes:
-    """Encode to png / jpeg / webp. Alpha (RGBA input) is kept for png and webp, dropped for jpeg."""
+    """Encode to png / jpeg / webp, tagged with an sRGB ICC profile (the engine works in sRGB).
+
+    Alpha (RGBA input) is kept for png and webp, dropped for jpeg.
+    """
     if fmt not in _PIL_FORMAT:
         raise NSTError(f"unsupported output format {fmt!r}; use one of {', '.join(_PIL_FORMAT)}")
     if fmt == "jpeg" and img.mode != "RGB":
         img = img.convert("RGB")
     buf = io.BytesIO()
     options = {"quality": quality} if fmt in ("jpeg", "webp") else {"optimize": False}
+    options["icc_profile"] = _SRGB_ICC
     img.save(buf, format=_PIL_FORMAT[fmt], **options)
     return buf.getvalue()

@@ -2,7 +2,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageCms
 
 from nst_core import ImageDecodeError, NSTError, StyleParams
 from nst_core.errors import ImageTooSmallError
@@ -92,3 +92,93 @@ def test_thin_image_is_refused_with_its_name_size_and_the_minimum():
     assert err.value.name == "thin.png" and isinstance(err.value, ImageDecodeError)
     assert "512x12" in msg and "16 px" in msg
     check_min_side(pattern((16, 16)), min_side(layers), "ok.png")  # the minimum itself is accepted
+
+
+# --- colour profiles and high-bit-depth modes ------------------------------------------------
+
+# sRGB's primaries adapted to the D50 profile connection space (the colorants of sRGB profiles).
+_SRGB_COLORANTS = {"r": (0.4361, 0.2225, 0.0139), "g": (0.3851, 0.7169, 0.0971), "b": (0.1431, 0.0606, 0.7141)}
+
+
+def _icc_rgb_profile(colorants: dict, gamma: float, description: str = "test RGB") -> bytes:
+    """A minimal ICC v2 RGB matrix/TRC display profile: one XYZ colorant and one gamma per channel."""
+    import struct
+
+    def s15(v):
+        return struct.pack(">i", round(v * 65536))
+
+    def xyz(v):
+        return b"XYZ " + b"\0" * 4 + b"".join(s15(c) for c in v)
+
+    ascii_desc = description.encode() + b"\0"
+    tags = {
+        b"desc": b"desc" + b"\0" * 4 + struct.pack(">I", len(ascii_desc)) + ascii_desc + b"\0" * (4 + 4 + 2 + 1 + 67),
+        b"wtpt": xyz((0.9642, 1.0, 0.8249)),
+        **{f"{c}XYZ".encode(): xyz(colorants[c]) for c in "rgb"},
+        **{f"{c}TRC".encode(): b"curv" + b"\0" * 4 + struct.pack(">IH", 1, round(gamma * 256)) + b"\0\0" for c in "rgb"},
+    }
+    offset = 128 + 4 + 12 * len(tags)
+    table, data = b"", b""
+    for sig, body in tags.items():
+        body += b"\0" * (-len(body) % 4)
+        table += sig + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    size = offset + len(data)
+    header = (
+        struct.pack(">I", size) + b"lcms" + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ " + b"\0" * 12
+        + b"acsp" + b"\0" * 24 + struct.pack(">I", 0) + b"".join(s15(c) for c in (0.9642, 1.0, 0.8249)) + b"\0" * 48
+    )
+    assert len(header) == 128
+    return header + struct.pack(">I", len(tags)) + table + data
+
+
+def _srgb_encode(linear: float) -> float:
+    return 12.92 * linear if linear <= 0.0031308 else 1.055 * linear ** (1 / 2.4) - 0.055
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_embedded_icc_profile_is_converted_to_srgb(fmt):
+    linear = _icc_rgb_profile(_SRGB_COLORANTS, gamma=1.0, description="linear sRGB")
+    grey = Image.new("RGB", (16, 12), (128, 128, 128))
+    decoded = decode_image(to_bytes(grey, fmt, icc_profile=linear), f"linear.{fmt}").rgb
+    # Samples are linear light: 128/255 of full intensity is sRGB-encoded as ~188, not 128.
+    expected = round(255 * _srgb_encode(128 / 255))
+    assert all(abs(v - expected) <= 2 for v in decoded.getpixel((5, 5))), decoded.getpixel((5, 5))
+
+
+def test_icc_primaries_decide_the_colour():
+    swapped = dict(_SRGB_COLORANTS, r=_SRGB_COLORANTS["g"], g=_SRGB_COLORANTS["r"])  # R and G primaries swapped
+    red_samples = Image.new("RGBA", (8, 8), (255, 0, 0, 100))
+    decoded = decode_image(to_bytes(red_samples, icc_profile=_icc_rgb_profile(swapped, gamma=2.2)), "swapped.png")
+    r, g, b = decoded.rgb.getpixel((3, 3))
+    assert g >= 250 and r <= 5 and b <= 5  # the first channel is green in this profile
+    assert decoded.alpha.getpixel((3, 3)) == 100  # alpha is not colour-managed
+
+
+def test_outputs_are_tagged_srgb_and_untagged_inputs_unchanged():
+    img = pattern((16, 12))
+    for fmt in ("png", "jpeg", "webp"):
+        out = Image.open(io.BytesIO(encode_image(img, fmt)))
+        assert "sRGB" in ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(out.info["icc_profile"])))
+    back = decode_image(encode_image(img, "png"), "round-trip.png").rgb  # sRGB -> sRGB: unchanged
+    diff = np.abs(np.asarray(back, dtype=int) - np.asarray(img, dtype=int))
+    assert diff.max() <= 1
+
+
+def _tiff(arr: np.ndarray, mode: str) -> bytes:
+    return to_bytes(Image.fromarray(arr, mode=mode) if mode != "I;16" else Image.frombytes(mode, arr.shape[::-1], arr.tobytes()), "TIFF")
+
+
+@pytest.mark.parametrize("name,data,low,high", [
+    ("unit-float.tif", lambda a: _tiff((a / 255).astype(np.float32), "F"), 0.0, 1.0),  # [0, 1] floats: black before
+    ("byte-float.tif", lambda a: _tiff(a.astype(np.float32), "F"), 0.0, 255.0),
+    ("16bit.tif", lambda a: _tiff((a * 257).astype(np.uint16), "I;16"), 0, 65535),
+    ("16bit.png", lambda a: to_bytes(Image.frombytes("I;16", (16, 4), (a * 257).astype("<u2").tobytes())), 0, 65535),
+    ("32bit-8bit-data.tif", lambda a: _tiff(a.astype(np.int32), "I"), 0, 255),  # was divided by 257: black
+    ("32bit-full.tif", lambda a: _tiff((a.astype(np.int64) * 8421504).astype(np.int32), "I"), 0, 2**31 - 1),
+])
+def test_high_bit_depth_modes_are_scaled_by_their_range(name, data, low, high):
+    levels = np.tile(np.array([0, 100, 200, 255] * 4, dtype=np.float64), (4, 1))  # (4, 16): 8-bit levels
+    decoded = decode_image(data(levels), name).rgb
+    got = np.asarray(decoded)[..., 0]
+    assert np.abs(got - levels).max() <= 1, (name, got[0, :4])
