@@ -35,20 +35,32 @@ def test_modes_become_rgb(mode):
         assert decoded.rgb.getpixel((15, 0)) == (255, 255, 255)
 
 
-@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
 def test_alpha_is_kept_aside(mode):
     rgba = pattern((16, 12)).convert("RGBA")
-    rgba.putalpha(Image.linear_gradient("L").resize((16, 12)))
-    img = rgba.convert(mode) if mode != "P" else pattern((16, 12)).convert("P")
-    if mode == "P":
-        img.info["transparency"] = img.getpixel((0, 0))
-    decoded = decode_image(to_bytes(img), "alpha.png")
-    assert decoded.rgb.mode == "RGB" and decoded.alpha is not None and decoded.alpha.size == (16, 12)
+    gradient = Image.linear_gradient("L").resize((16, 12))
+    rgba.putalpha(gradient)
+    decoded = decode_image(to_bytes(rgba.convert(mode)), "alpha.png")
+    assert decoded.rgb.mode == "RGB" and decoded.alpha is not None
+    assert np.array_equal(np.asarray(decoded.alpha), np.asarray(gradient))
+
+
+def test_palette_transparency_becomes_alpha():
+    img = pattern((16, 12)).convert("P")
+    transparent = img.getpixel((0, 0))
+    img.info["transparency"] = transparent
+    decoded = decode_image(to_bytes(img), "palette.png")
+    index = np.asarray(img)
+    assert np.array_equal(np.asarray(decoded.alpha) == 0, index == transparent)
 
 
 def test_pixel_limit_rejects_before_decoding():
     with pytest.raises(ImageDecodeError, match="big.png.*exceeds the limit of 1000"):
         decode_image(to_bytes(pattern((64, 64))), "big.png", max_pixels=1000)
+    # Only the header is there: a limit checked after decoding would report a truncated file instead.
+    header_only = to_bytes(Image.new("RGB", (4000, 3000)))[:64]
+    with pytest.raises(ImageDecodeError, match="4000x3000 = 12000000 pixels exceeds"):
+        decode_image(header_only, "huge.png", max_pixels=1_000_000)
 
 
 @pytest.mark.parametrize("data,reason", [

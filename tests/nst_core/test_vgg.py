@@ -21,12 +21,29 @@ def fresh_cache():
     vgg_mod.clear_cache()
 
 
+def _names_from_torchvision() -> list[str]:
+    """conv{block}_{n} / relu{block}_{n} / pool{block}, counted off torchvision's own vgg16 layout."""
+    names, block, conv = [], 1, 0
+    for module in vgg16(weights=None).features:
+        if isinstance(module, nn.Conv2d):
+            conv += 1
+            names.append(f"conv{block}_{conv}")
+        elif isinstance(module, nn.ReLU):
+            names.append(f"relu{block}_{conv}")
+        else:
+            assert isinstance(module, nn.MaxPool2d)
+            names.append(f"pool{block}")
+            block, conv = block + 1, 0
+    return names
+
+
 def test_layer_table_matches_torchvision():
-    kinds = {nn.Conv2d: "conv", nn.ReLU: "relu", nn.MaxPool2d: "pool"}
-    features = vgg16(weights=None).features  # torchvision's own layout, to check the name table against
-    assert len(features) == len(VGG16_LAYERS)
-    for module, name in zip(features, VGG16_LAYERS):
-        assert name.startswith(kinds[type(module)])
+    assert list(VGG16_LAYERS) == _names_from_torchvision()
+    # Each conv name points at a conv with the channel count of its block.
+    features = vgg16(weights=None).features
+    widths = {1: 64, 2: 128, 3: 256, 4: 512, 5: 512}
+    for name in ("conv1_1", "conv2_2", "conv3_3", "conv4_1", "conv5_3"):
+        assert features[layer_index(name)].out_channels == widths[int(name[4])]
 
 
 def test_truncates_after_deepest_layer_and_freezes():
