@@ -7,9 +7,13 @@ Exit codes: 0 ok, 1 a batch whose flow run failed, 2 bad input or parameters (on
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -63,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=run_serve)
 
     demo = sub.add_parser("demo", help="stylize the bundled sample images into ./demo-output/",
-                          description="Run stylize-batch on examples/ into ./demo-output/ (sized for a CPU in ~3 min).")
+                          description="Run stylize-batch on examples/ into ./demo-output/ (CPU: a few minutes; it "
+                                      "prints an estimate timed on this machine before it starts).")
     demo.add_argument("--output", default="demo-output", help="output folder (default: demo-output)")
     demo.set_defaults(handler=run_demo)
     return parser
@@ -73,23 +78,81 @@ def _run_flow(source, output, params, run):
     """Run stylize_batch in this process with a progress bar; prints and returns the final state."""
     from flows.batch import on_pair_done, stylize_batch
 
-    bar: ProgressBar | None = None
+    bar: _LineBar | None = None
 
     def hook(done: int, total: int) -> None:
         nonlocal bar
-        bar = bar or ProgressBar(total, "pairs ")
+        bar = bar or _LineBar(total, "pairs ")
         bar.update(done)
 
     token = on_pair_done.set(hook)
     previous = _install_interrupt_handler()
     try:
-        state = stylize_batch(source, output, params, run, return_state=True)
+        with _logs_start_on_their_own_line(lambda: bar):
+            state = stylize_batch(source, output, params, run, return_state=True)
     finally:
         on_pair_done.reset(token)
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-    print(state.message or state.name)
+    if _refusal(state) is None:  # a refusal is printed once, as the error line (run_batch)
+        print(state.message or state.name)
     return state
+
+
+def _refusal(state) -> str | None:
+    """The one-line reason when the flow refused its inputs before doing any work, else None."""
+    message = state.message or ""
+    return message if state.is_failed() and message.startswith(REFUSALS) else None
+
+
+#: How stylize_batch's Failed message starts when it refused the run before any work.
+REFUSALS = ("invalid parameters:", "preflight failed:")
+
+
+class _LineBar(ProgressBar):
+    """The progress bar, able to blank its unfinished line so a log line never shares it."""
+
+    open_line = False
+
+    def update(self, done: int, note: str = "") -> None:
+        super().update(done, note)
+        self.open_line = done < self.total
+
+    def clear(self) -> None:
+        if self.open_line:
+            self.stream.write("\r" + " " * 100 + "\r")
+            self.stream.flush()
+            self.open_line = False
+            self._last = 0.0  # the next update redraws it under the log line
+
+
+class _ClearBar(logging.Filter):
+    def __init__(self, get_bar):
+        super().__init__()
+        self.get_bar = get_bar
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        bar = self.get_bar()
+        if bar is not None:
+            bar.clear()
+        return True
+
+
+@contextmanager
+def _logs_start_on_their_own_line(get_bar):
+    """Every stream handler (Prefect's console one included) blanks the bar's line before it writes."""
+    handlers = {h for logger in [logging.getLogger(), *[logging.getLogger(n) for n in
+                                                           list(logging.root.manager.loggerDict)]]
+                for h in getattr(logger, "handlers", []) if isinstance(h, logging.StreamHandler)
+                and not isinstance(h, logging.FileHandler)}
+    guard = _ClearBar(get_bar)
+    for h in handlers:
+        h.addFilter(guard)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(guard)
 
 
 def _install_interrupt_handler():
@@ -121,9 +184,15 @@ def run_batch(args: argparse.Namespace) -> int:
         raise NSTError("--contents needs --styles (or use --manifest)")
     if args.manifest and args.styles:
         raise NSTError("--styles goes with --contents, not with --manifest")
+    for flag, uri in (("--contents", args.contents), ("--styles", args.styles), ("--manifest", args.manifest)):
+        local = uri[len("file://"):] if uri and uri.startswith("file://") else uri
+        if local and "://" not in local and not Path(local).exists():  # refuse before starting Prefect
+            raise NSTError(f"{flag} {uri}: no such {'file' if flag == '--manifest' else 'folder'}")
     source = model_from_args(ManifestSource if args.manifest else PrefixSource, args)
     output = OutputSpec(**{**{k: v for k, v in vars(args).items() if k in OutputSpec.model_fields}, "uri": args.output})
     state = _run_flow(source, output, model_from_args(StyleParams, args), model_from_args(RunOptions, args))
+    if (reason := _refusal(state)) is not None:
+        raise NSTError(reason)  # one line on stderr, exit 2
     return 0 if state.is_completed() else 1
 
 
@@ -153,7 +222,9 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     from flows.demo import demo_inputs
 
+    started = time.monotonic()
     state = _run_flow(*demo_inputs(args.output))
+    print(f"demo took {time.monotonic() - started:.0f} s in all")
     report = state.result(raise_on_failure=False)
     if isinstance(report, dict):
         print(f"images and sidecars: {report['output']['uri']}/")

@@ -80,3 +80,51 @@ def test_stylize_loads_weights_from_s3(data, bucket):
     missing = nst("stylize", "c/one.png", "s/st.png", "-o", "x.png", "--weights", f"s3://{name}/models/nope.pth",
                   cwd=data)
     assert missing.returncode == 2 and "no such object" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_batch_missing_folder_is_one_line_before_prefect_starts(data):
+    """Old: the flow started, preflight raised inside it and Prefect printed its traceback."""
+    proc = nst("batch", "--contents", "nope", "--styles", "s", "--output", "out", *FAST, cwd=data)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "nst: error: --contents nope: no such folder", proc.stderr
+
+
+def test_batch_preflight_failure_in_the_flow_is_one_line_no_traceback(data):
+    """A refusal the flow finds (an empty folder here) ends the run Failed with one message; the
+    CLI prints it once, as its error line, and exits 2. Old: a Prefect traceback on stderr."""
+    (data / "empty").mkdir()
+    proc = nst("batch", "--contents", "empty", "--styles", "s", "--output", "out", *FAST, cwd=data)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("nst: error:")]
+    assert len(errors) == 1 and "preflight failed: no image files" in errors[0] and "empty" in errors[0]
+    assert "preflight failed" not in proc.stdout
+
+
+def test_progress_bar_and_log_lines_never_share_a_line():
+    """Old: a log line written while the bar was drawn continued the bar's line."""
+    import io
+    import logging
+
+    from flows.cli import _LineBar, _logs_start_on_their_own_line
+
+    stream = io.StringIO()
+    logger = logging.getLogger("nst-test-bar")
+    handler = logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    logger.propagate = False
+    bar = _LineBar(3, "pairs ", stream=stream)
+    try:
+        with _logs_start_on_their_own_line(lambda: bar):
+            bar.update(1)
+            logger.warning("a log line")
+            bar.update(2)
+            logger.warning("another")
+            bar.update(3)
+    finally:
+        logger.removeHandler(handler)
+    for line in stream.getvalue().split("\n"):
+        visible = line.rsplit("\r", 1)[-1]  # what a terminal shows of that line
+        assert not ("pairs [" in visible and ("log line" in visible or "another" in visible)), repr(line)
+    shown = [line.rsplit("\r", 1)[-1].strip() for line in stream.getvalue().split("\n") if line.strip()]
+    assert shown[:2] == ["a log line", "another"] and shown[-1].startswith("pairs [") and "3/3" in shown[-1]
