@@ -1,8 +1,12 @@
 """VGG16 feature extractor: named layers, truncation, pooling, weight sources.
 
 Nothing is built or downloaded at import. ``load_extractor`` builds one frozen, eval-mode,
-truncated ``vgg16().features`` per (weights, pooling, device, dtype, depth) and caches it, so
-a process builds it once.
+truncated ``vgg16().features`` per (weights, pooling, device, dtype, depth, memory format) and
+caches it, so a process builds it once; the state dict behind it is read once per source.
+
+Weights files are never trusted: named torchvision weights are found in (or downloaded to) the
+torch hub cache and their SHA-256 is checked (pinned, else the prefix in torchvision's file
+name) before anything is unpickled; every source is loaded with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ __all__ = [
     "HOW_TO_SUPPLY_WEIGHTS",
     "clear_cache",
     "CAFFE_INPUT_SCALE",
+    "ScaledAvgPool2d",
 ]
+
 
 class _Named(NamedTuple):
     """A named torchvision checkpoint: where it downloads from and the normalization it was trained with."""
@@ -127,6 +133,11 @@ class FeatureExtractor:
     device: torch.device
     #: Memory format of the conv weights; convert inputs with ``x.to(memory_format=...)`` to match.
     memory_format: torch.memory_format = torch.contiguous_format
+
+    @property
+    def pool_scales(self) -> tuple[float, ...]:
+        """Factor of each average pool (empty with max pooling); see ``_avg_pool_scales``."""
+        return tuple(m.scale for m in self.layers if isinstance(m, ScaledAvgPool2d))
 
     @property
     def input_scale(self) -> float:
@@ -473,7 +484,10 @@ def load_extractor(
     depth = max(layer_index(n) for n in names)
     inplace = not any(n.startswith("conv") for n in names)
     device = resolve_device(device) if isinstance(device, str) else device
-    key = (weights, sha256, seed if weights == "random" else None, pooling, str(device), dtype, depth, inplace, memory_format)
+    key = (
+        weights, sha256, seed if weights == "random" else None,
+        pooling, str(device), dtype, depth, inplace, memory_format,
+    )
     with _cache_lock:
         if key in _cache:
             return _cache[key]

@@ -127,7 +127,7 @@ def _icc_rgb_profile(colorants: dict, gamma: float, description: str = "test RGB
         b"desc": b"desc" + b"\0" * 4 + struct.pack(">I", len(ascii_desc)) + ascii_desc + b"\0" * (4 + 4 + 2 + 1 + 67),
         b"wtpt": xyz((0.9642, 1.0, 0.8249)),
         **{f"{c}XYZ".encode(): xyz(colorants[c]) for c in "rgb"},
-        **{f"{c}TRC".encode(): b"curv" + b"\0" * 4 + struct.pack(">IH", 1, round(gamma * 256)) + b"\0\0" for c in "rgb"},
+        **{f"{c}TRC".encode(): b"curv" + b"\0" * 4 + struct.pack(">IH", 1, round(gamma * 256)) for c in "rgb"},
     }
     offset = 128 + 4 + 12 * len(tags)
     table, data = b"", b""
@@ -178,7 +178,8 @@ def test_outputs_are_tagged_srgb_and_untagged_inputs_unchanged():
 
 
 def _tiff(arr: np.ndarray, mode: str) -> bytes:
-    return to_bytes(Image.fromarray(arr, mode=mode) if mode != "I;16" else Image.frombytes(mode, arr.shape[::-1], arr.tobytes()), "TIFF")
+    img = Image.frombytes(mode, arr.shape[::-1], arr.tobytes()) if mode == "I;16" else Image.fromarray(arr, mode=mode)
+    return to_bytes(img, "TIFF")
 
 
 @pytest.mark.parametrize("name,data,low,high", [

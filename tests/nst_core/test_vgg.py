@@ -159,6 +159,10 @@ def test_channels_last_extractor_has_channels_last_weights_and_is_cached_apart()
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
+def _tensor(img):
+    return pil_to_tensor(img).float().div(255)[None]
+
+
 def _balance(ex, content, style, image, params):
     """β-free style/content ratio: Σ_l w_l·style_l / content, on images (1, 3, H, W) in [0, 1]."""
     fx = ex(image, [*params.content_layers, *params.style_layers])
@@ -173,11 +177,12 @@ def test_avg_pooling_keeps_the_style_content_balance_of_max_pooling():
     params = StyleParams()  # the default layers
     ratios = []
     for seed in range(6):
-        content, style = (pil_to_tensor(pattern((64, 64), k, seed)).float().div(255)[None] for k in ("content", "style"))
+        content, style = (_tensor(pattern((64, 64), kind, seed)) for kind in ("content", "style"))
         image = 0.5 * content + 0.5 * style  # an image part-way between the two: both terms nonzero
         balance = {}
         for pooling in ("max", "avg"):
-            ex = load_extractor("random", layers=[*params.content_layers, *params.style_layers], pooling=pooling, seed=seed)
+            layers = [*params.content_layers, *params.style_layers]
+            ex = load_extractor("random", layers=layers, pooling=pooling, seed=seed)
             balance[pooling] = _balance(ex, content, style, image, params)
         ratios.append(balance["avg"] / balance["max"])
     # Unscaled average pooling shifts the balance 1.1-2.3x towards style on these nets (geometric mean 1.6).
@@ -195,7 +200,7 @@ def test_style_weight_factor_predicts_the_balance_shift_of_imagenet_normalizatio
     imagenet = load_extractor(str(path), layers=layers)
     assert caffe.input_scale == pytest.approx(255) and caffe.style_weight_factor == pytest.approx(1)
     assert imagenet.input_scale == pytest.approx(4.42, rel=0.01)
-    content, style = (pil_to_tensor(pattern((48, 48), k, 1)).float().div(255)[None] for k in ("content", "style"))
+    content, style = (_tensor(pattern((48, 48), kind, 1)) for kind in ("content", "style"))
     image = 0.5 * content + 0.5 * style
     shift = _balance(caffe, content, style, image, params) / _balance(imagenet, content, style, image, params)
     assert shift == pytest.approx(imagenet.style_weight_factor, rel=0.05)  # ~3300, not "about 1000"
