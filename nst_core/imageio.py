@@ -112,7 +112,11 @@ def split_alpha(img: Image.Image) -> DecodedImage:
         img = img.convert("L" if img.mode in ("LA", "La") else "RGB")
     if icc:
         img = _to_srgb(img, icc)
-    return DecodedImage(img.convert("RGB"), alpha)
+    rgb = img.convert("RGB")
+    # The pixels are sRGB now; a profile left in info (the source's, or lcms's sRGB) would invite
+    # a second conversion by the next split_alpha (stylize() calls it on the images it is given).
+    rgb.info.pop("icc_profile", None)
+    return DecodedImage(rgb, alpha)
 
 
 def decode_image(data: bytes, name: str, *, max_pixels: int = MAX_PIXELS) -> DecodedImage:

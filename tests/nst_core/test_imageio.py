@@ -6,7 +6,7 @@ from PIL import Image, ImageCms
 
 from nst_core import ImageDecodeError, NSTError, StyleParams
 from nst_core.errors import ImageTooSmallError
-from nst_core.imageio import check_min_side, decode_image, encode_image, format_for, resize_longest
+from nst_core.imageio import check_min_side, decode_image, encode_image, format_for, resize_longest, split_alpha
 from nst_core.vgg import min_side
 
 from helpers import pattern, to_bytes
@@ -195,3 +195,13 @@ def test_high_bit_depth_modes_are_scaled_by_their_range(name, data, low, high):
     decoded = decode_image(data(levels), name).rgb
     got = np.asarray(decoded)[..., 0]
     assert np.abs(got - levels).max() <= 1, (name, got[0, :4])
+
+
+def test_decoded_images_carry_no_profile_so_conversion_happens_once():
+    linear = _icc_rgb_profile(_SRGB_COLORANTS, gamma=1.0)
+    grey = Image.new("L", (8, 8), 128)  # an RGB profile left on a greyscale image: ignored, not applied later
+    for img in (Image.new("RGB", (8, 8), (128, 128, 128)), grey):
+        decoded = decode_image(to_bytes(img, icc_profile=linear), "tagged.png")
+        assert "icc_profile" not in decoded.rgb.info
+        again = split_alpha(decoded.merged())  # what stylize() does with the image it is given
+        assert again.rgb.getpixel((3, 3)) == decoded.rgb.getpixel((3, 3))
