@@ -11,7 +11,7 @@ $(BIN)/python:
 
 # Reinstall only when pyproject.toml changes.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -e '.[dev,aws]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -22,6 +22,7 @@ from tasks.compute import expand_devices
 from tasks.contract import PairPlan, ReportItem, done_in
 from tasks.pair import PairContext
 from tasks.pipeline import run_pairs
+from tasks.credentials import activate
 from tasks.storage import open_storage, retrying
 
 __all__ = ["stylize_chunk", "encode_thumbs", "decode_thumbs"]
@@ -46,6 +47,7 @@ def stylize_chunk(
     report_key: str,
 ) -> dict:
     logger = get_run_logger()
+    activate(output.storage_credentials)  # the parent's credentials block, in this worker's process
     out = open_storage(output.uri)
     devices = expand_devices(run.devices, params.device)
     # The same done rule as the parent's: a retried chunk redoes nothing that is done.

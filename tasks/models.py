@@ -17,6 +17,12 @@ __all__ = ["BatchSource", "PrefixSource", "ManifestSource", "OutputSpec", "RunOp
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
+#: A required text field still shows in the form's starting value (as ""), so the form can tell
+#: which source kind a value is: the Prefect UI matches a value to the anyOf member sharing the
+#: most keys, and both members share ``kind``. The API still refuses "" (minLength 1).
+_EMPTY_IN_FORM = {"default": ""}
+
+
 class PrefixSource(BaseModel):
     """Content images and style images, each under a prefix or in a folder."""
 
@@ -24,10 +30,12 @@ class PrefixSource(BaseModel):
 
     kind: Literal["prefixes"] = Field(default="prefixes", title="Source kind")
     contents: str = Field(
-        min_length=1, title="Content images", description="s3://bucket/prefix/ or folder of content images."
+        min_length=1, title="Content images", description="s3://bucket/prefix/ or folder of content images.",
+        json_schema_extra=_EMPTY_IN_FORM,
     )
     styles: str = Field(
-        min_length=1, title="Style images", description="s3://bucket/prefix/ or folder of style images."
+        min_length=1, title="Style images", description="s3://bucket/prefix/ or folder of style images.",
+        json_schema_extra=_EMPTY_IN_FORM,
     )
     pairing: Literal["cross", "zip"] = Field(
         default="cross", title="Pairing",
@@ -52,6 +60,7 @@ class ManifestSource(BaseModel):
             "URI of a JSONL ({\"content\", \"style\", \"output\"?} per line) or CSV (header content,style[,output]) "
             "manifest; entries are URIs or keys relative to the manifest's folder."
         ),
+        json_schema_extra=_EMPTY_IN_FORM,
     )
 
 
@@ -115,6 +124,14 @@ class OutputSpec(BaseModel):
         description=(
             "S3 outputs: how long the presigned links in the run's artifacts (contact sheet, loss curve, images, "
             "report) work. 168 hours (7 days) is the most S3 allows."
+        ),
+    )
+    storage_credentials: str = Field(
+        default="", title="Storage credentials block (advanced)",
+        description=(
+            "Name of a Prefect AwsCredentials block (prefect-aws) used for every s3:// read and write of the run, "
+            "with its endpoint_url for MinIO/Ceph/R2. Empty: boto3's default chain (instance role, ~/.aws, "
+            "AWS_* variables)."
         ),
     )
 

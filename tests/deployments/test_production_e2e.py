@@ -122,7 +122,7 @@ def test_ui_run_fans_out_to_both_gpu_workers(production, bucket):
     status, run = run_like_the_ui(base, dep, {
         "source": {"contents": f"s3://{name}/in/c/", "styles": f"s3://{name}/in/s/"},
         "output": {"uri": f"s3://{name}/out/"},
-        "params": {"weights": "random", "image_size": 32, "iterations": 3},
+        "params": {"weights": "random", "image_size": 32, "iterations": 3, "scales": 1},
         "run": {"fan_out": "workers", "chunk_size": 1},
     })
     assert status == 201, run
@@ -157,21 +157,59 @@ def test_invalid_parameters_are_refused_by_the_api(production):
     assert status == 409 and "iterations" in body["detail"]
 
 
+def test_unknown_layer_is_refused_by_the_server(production):
+    """Old: style_layers was free text, so relu9_9 reached a worker and failed there."""
+    base = production["base"]
+    dep = deployment_id(base, "stylize-batch/on-demand")
+    status, body = run_like_the_ui(base, dep, {
+        "source": {"kind": "prefixes", "contents": "s3://b/c/", "styles": "s3://b/s/"}, "output": {"uri": "s3://b/o/"},
+        "params": {"style_layers": ["relu1_1", "relu9_9"]},
+    })
+    assert status == 409 and "relu9_9" in body["detail"], body
+
+
+def wait_final(base: str, run_id: str, seconds: float, home) -> dict:
+    deadline = time.time() + seconds
+    while True:
+        state = api(base, "GET", f"/flow_runs/{run_id}")[1]["state"]
+        if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return state
+        assert time.time() < deadline, f"flow run did not finish; worker logs in {home}"
+        time.sleep(2)
+
+
+def test_run_without_schema_check_fails_at_once_with_one_line(production):
+    """"Validate parameters" unticked in the UI: the API accepts anything; the flow refuses it on
+    entry with one line (old: a multi-line dump or a traceback from deep inside the worker)."""
+    base = production["base"]
+    dep = deployment_id(base, "stylize-batch/on-demand")
+    status, run = api(base, "POST", f"/deployments/{dep}/create_flow_run", {
+        "parameters": {"source": {"kind": "manifest"}, "output": {"uri": "s3://b/o/"},
+                       "params": {"style_layers": ["relu9_9"]}},
+        "enforce_parameter_schema": False, "state": {"type": "SCHEDULED"}})
+    assert status == 201, run
+    state = wait_final(base, run["id"], 240, production["home"])
+    assert state["type"] == "FAILED"
+    message = state["message"]
+    assert message.startswith("invalid parameters: source.manifest: Field required") and "\n" not in message, message
+    assert "relu9_9" in message
+
+
 def test_nightly_has_its_cron_schedule(production):
     status, body = api(production["base"], "GET", "/deployments/name/stylize-batch/nightly")
     assert status == 200
     schedule = body["schedules"][0]["schedule"]
     assert schedule["cron"] == "0 2 * * *" and schedule["timezone"] == "Europe/Berlin"
+    assert body["schedules"][0]["active"] is False  # placeholders: a person activates it
     assert body["enforce_parameter_schema"] is True and body["work_pool_name"] == "nst-control"
 
 
-def test_run_form_in_headless_chromium(production, tmp_path):
+def _browser(tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
 
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    assert chromium and driver, "Debian's chromium and chromium-driver are needed (make test installs them)"
+    assert chromium and driver, "Debian's chromium and chromium-driver are needed (make browser installs them)"
     os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never download a browser or driver
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
@@ -179,17 +217,112 @@ def test_run_form_in_headless_chromium(production, tmp_path):
                 "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic",
                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,2400"):
         options.add_argument(arg)
-    browser = webdriver.Chrome(service=Service(driver), options=options)
-    dep = deployment_id(production["base"], "stylize-batch/on-demand")
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def _field(browser, label: str):
+    """The input of the form property whose label is ``label`` (exact text), as a person finds it."""
+    from selenium.webdriver.common.by import By
+
+    for prop in browser.find_elements(By.CSS_SELECTOR, ".schema-form-property"):
+        names = prop.find_elements(By.CSS_SELECTOR, ":scope > .p-label__header .schema-form-property__label")
+        if names and names[0].text.strip() == label:
+            return prop.find_element(By.CSS_SELECTOR, "textarea, input")
+    raise AssertionError(f"no form field labelled {label!r}")
+
+
+def _type(browser, label: str, value: str) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    el = _field(browser, label)
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", el)
+    el.click()
+    el.send_keys(Keys.CONTROL, "a")
+    el.send_keys(Keys.DELETE)
+    el.send_keys(value)
+
+
+def _click_button(browser, text: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    button = next(b for b in browser.find_elements(By.TAG_NAME, "button") if b.text.strip() == text)
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", button)
+    button.click()
+
+
+def _wait_text(browser, needles: tuple[str, ...], seconds: float = 90) -> str:
+    from selenium.webdriver.common.by import By
+
+    deadline, text = time.time() + seconds, ""
+    while time.time() < deadline and not all(n in text for n in needles):
+        time.sleep(1)
+        text = browser.find_element(By.TAG_NAME, "body").text
+    return text
+
+
+def test_run_form_in_headless_chromium(production, bucket, tmp_path):
+    """A person's path: open the run form, choose the source kind, type the prefixes and the output,
+    set random weights and a tiny size, submit; the run completes and its contact-sheet artifact
+    shows an image that actually loaded in the browser (presigned S3 URL)."""
+    from selenium.webdriver.common.by import By
+
+    base, port = production["base"], production["port"]
+    name, client = bucket
+    for i in range(2):
+        client.put_object(Bucket=name, Key=f"form/c/c{i}.png", Body=to_bytes(pattern((40, 32), "content", i)))
+    client.put_object(Bucket=name, Key="form/s/s0.png", Body=to_bytes(pattern((32, 40), "style")))
+    dep = deployment_id(base, "stylize-batch/on-demand")
+    browser = _browser(tmp_path)
     try:
-        browser.get(f"http://127.0.0.1:{production['port']}/deployments/deployment/{dep}/run")
-        deadline, text = time.time() + 60, ""
-        while time.time() < deadline and not ("Iterations" in text and "Style weight" in text):
+        browser.get(f"http://127.0.0.1:{port}/deployments/deployment/{dep}/run")
+        text = _wait_text(browser, ("Images to stylize", "Iterations"))
+        for label in ("Images to stylize", "Where results go", "Style settings", "Content and style prefixes",
+                      "Manifest", "Iterations", "Style weight", "Image size (px)", "Output URI", "Fan-out"):
+            assert label in text, label
+        assert "params (Optional)" not in text and "source" not in text.split("Images to stylize")[0][-40:]
+        _click_button(browser, "Manifest")  # the form shows only the chosen kind's fields
+        assert "Manifest URI" in _wait_text(browser, ("Manifest URI",), 20)
+        _click_button(browser, "Content and style prefixes")
+        _wait_text(browser, ("Content images", "Style images"), 20)
+        _type(browser, "Content images", f"s3://{name}/form/c/")
+        _type(browser, "Style images", f"s3://{name}/form/s/")
+        _type(browser, "Output URI", f"s3://{name}/form/out/")
+        _type(browser, "VGG16 weights (advanced)", "random")
+        _type(browser, "Image size (px)", "32")
+        _type(browser, "Iterations", "3")
+        _type(browser, "Coarse-to-fine scales (advanced)", "1")
+        browser.save_screenshot(str(tmp_path / "run-form-filled.png"))
+        _click_button(browser, "Submit")
+        deadline = time.time() + 60
+        while "/runs/flow-run/" not in browser.current_url:
+            assert time.time() < deadline, "the form did not submit: " + browser.find_element(By.TAG_NAME, "body").text[-2000:]
             time.sleep(1)
-            text = browser.find_element(By.TAG_NAME, "body").text
-        browser.save_screenshot(str(tmp_path / "run-form.png"))
+        run_id = browser.current_url.split("/runs/flow-run/")[1].split("?")[0].split("/")[0]
+        browser.save_screenshot(str(tmp_path / "flow-run.png"))
+
+        status, run = api(base, "GET", f"/flow_runs/{run_id}")
+        assert run["parameters"]["source"]["contents"] == f"s3://{name}/form/c/", run["parameters"]
+        state = wait_final(base, run_id, 420, production["home"])
+        assert state["type"] == "COMPLETED", state["message"]
+
+        status, artifacts = api(base, "POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
+        assert status == 200
+        sheet = next(a for a in artifacts if a["type"] == "image" and a["description"].startswith("Contact sheet"))
+        assert sheet["key"] == "stylize-batch-on-demand-contact-sheet"
+        assert sheet["data"].startswith("http://127.0.0.1") and "X-Amz-Signature" in sheet["data"]
+        browser.get(f"http://127.0.0.1:{port}/artifacts/artifact/{sheet['id']}")
+        deadline, loaded = time.time() + 60, 0
+        while time.time() < deadline and not loaded:
+            time.sleep(1)
+            loaded = browser.execute_script(
+                "return Array.from(document.images).filter(i => i.src.includes('X-Amz-Signature'))"
+                ".map(i => i.complete ? i.naturalWidth : 0).reduce((a, b) => Math.max(a, b), 0)")
+        browser.save_screenshot(str(tmp_path / "contact-sheet-artifact.png"))
+        assert loaded > 0, "the contact sheet did not load in the browser"
+        browser.get(f"http://127.0.0.1:{port}/runs/flow-run/{run_id}?tab=Artifacts")
+        _wait_text(browser, ("Contact sheet",), 60)
+        browser.save_screenshot(str(tmp_path / "run-artifacts.png"))
     finally:
         browser.quit()
-    for label in ("Iterations", "Style weight", "Content weight", "Image size", "Output URI", "Fan-out"):
-        assert label in text, label
-    assert (tmp_path / "run-form.png").stat().st_size > 10_000
+    for shot in ("run-form-filled.png", "flow-run.png", "contact-sheet-artifact.png", "run-artifacts.png"):
+        assert (tmp_path / shot).stat().st_size > 10_000, shot

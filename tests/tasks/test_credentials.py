@@ -1,0 +1,92 @@
+"""storage_credentials: an AwsCredentials block saved on a real Prefect API, used against moto."""
+
+import json
+
+import pytest
+
+from helpers import pattern, to_bytes
+
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_api")]
+
+SECRET = "block-secret-never-to-be-seen-7f3a"
+
+
+def save_aws_credentials_block(name: str, endpoint: str) -> None:
+    """What `AwsCredentials(...).save(name)` stores (prefect-aws's block type slug, secret fields
+    marked), created through the API so the test needs no prefect-aws install."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import BlockDocumentCreate, BlockSchemaCreate, BlockTypeCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            block_type = client.read_block_type_by_slug("aws-credentials")
+        except ObjectNotFound:
+            block_type = client.create_block_type(BlockTypeCreate(name="AWS Credentials", slug="aws-credentials"))
+        schema = client.create_block_schema(BlockSchemaCreate(
+            block_type_id=block_type.id, capabilities=[], version="test",
+            fields={"title": "AwsCredentials", "type": "object", "block_type_slug": "aws-credentials",
+                    "secret_fields": ["aws_secret_access_key", "aws_session_token"],
+                    "block_schema_references": {},
+                    "properties": {"aws_access_key_id": {"type": "string"},
+                                   "aws_secret_access_key": {"type": "string", "format": "password",
+                                                             "writeOnly": True},
+                                   "region_name": {"type": "string"},
+                                   "aws_client_parameters": {"type": "object"}}}))
+        client.create_block_document(BlockDocumentCreate(
+            name=name, block_type_id=block_type.id, block_schema_id=schema.id,
+            data={"aws_access_key_id": "block-key-id", "aws_secret_access_key": SECRET, "region_name": "us-east-1",
+                  "aws_client_parameters": {"endpoint_url": endpoint}}))
+
+
+def test_a_run_uses_the_block_and_its_secret_goes_nowhere(bucket, s3_endpoint, monkeypatch, caplog, tmp_path):
+    """With the endpoint and keys removed from the environment, only the block can reach the
+    moto server: the run completes through it. Old code: no such option (OutputSpec refused the
+    field). The secret is in no sidecar, report, artifact or log line."""
+    from flows.batch import stylize_batch
+    from nst_core.params import StyleParams
+    from tasks import credentials, storage
+    from tasks.models import BatchSource, OutputSpec, RunOptions
+
+    name, client = bucket
+    client.put_object(Bucket=name, Key="in/c/a.png", Body=to_bytes(pattern((40, 32), "content")))
+    client.put_object(Bucket=name, Key="in/s/b.png", Body=to_bytes(pattern((32, 40), "style")))
+    save_aws_credentials_block("nst-moto", s3_endpoint)
+
+    for var in ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    storage._clients.clear()
+    storage._presigners.clear()
+    try:
+        state = stylize_batch(
+            BatchSource(contents=f"s3://{name}/in/c/", styles=f"s3://{name}/in/s/"),
+            OutputSpec(uri=f"s3://{name}/out/", storage_credentials="nst-moto"),
+            StyleParams(weights="random", image_size=32, iterations=3, scales=1), RunOptions(), return_state=True)
+        assert state.is_completed(), state.message
+        report = state.result()
+        assert report["output"]["storage_credentials"] == "nst-moto"  # the name only
+
+        objects = client.list_objects_v2(Bucket=name, Prefix="out/")["Contents"]
+        assert any(o["Key"].endswith(".json") and "/_runs/" not in o["Key"] for o in objects)
+        for o in objects:
+            assert SECRET.encode() not in client.get_object(Bucket=name, Key=o["Key"])["Body"].read(), o["Key"]
+
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+        with get_client(sync_client=True) as api:
+            arts = api.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+        assert arts and all(SECRET not in json.dumps([a.data, a.description], default=str) for a in arts)
+        assert SECRET not in caplog.text
+
+        missing = stylize_batch(
+            BatchSource(contents=f"s3://{name}/in/c/", styles=f"s3://{name}/in/s/"),
+            OutputSpec(uri=f"s3://{name}/out2/", storage_credentials="no-such-block"), return_state=True)
+        assert missing.is_failed() and "no aws-credentials block named 'no-such-block'" in missing.message
+    finally:
+        credentials.activate("")
+        storage._clients.clear()
+        storage._presigners.clear()
