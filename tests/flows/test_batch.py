@@ -312,3 +312,16 @@ def test_an_output_endpoint_that_never_answers_ends_the_run_with_a_clear_error(t
         for conn in held:
             conn.close()
         storage._clients.clear()
+
+
+def test_the_write_probe_needs_no_delete_permission(tmp_path, monkeypatch):
+    from flows.batch import preflight
+    from tasks import storage
+
+    def denied(self, key):
+        raise storage.StorageError(f"{key}: AccessDenied: DeleteObject")
+
+    monkeypatch.setattr(storage.LocalStorage, "delete", denied)
+    source = _cross_folders(tmp_path, 1, 1)
+    entries, weights_id = preflight(source, OutputSpec(uri=str(tmp_path / "out")), PARAMS, ["cpu"])
+    assert len(entries) == 1 and weights_id == "random(seed=0)"
