@@ -23,12 +23,6 @@ from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger
 from pydantic import Field
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -37,13 +31,14 @@ from tasks.models import BatchSource, InvalidInputs, OutputSpec, RunOptions, bat
 from nst_core.errors import NSTError
 from nst_core.params import StyleParams
 from tasks.compute import expand_devices, run_on_device
+from tasks.credentials import CredentialsError, activate
 from tasks.contract import (PairPlan, ReportItem, chunk_key, chunk_report_key, done_in, report_key,
                             totals)
 from tasks.pair import PairContext, stop_requested
-from tasks.pipeline import PipelineResult, Throttle, failed_item, run_pairs
+from tasks.pipeline import PipelineResult, failed_item, run_pairs
 from tasks.plan import PreflightError, default_allowed_sources, plan_pairs, source_entries
-from tasks.report import contact_sheet, summary_markdown, table_rows
-from tasks.storage import LocalStorage, MissingObjectError, StorageError, open_storage, read_uri, retrying
+from tasks.artifacts import RunProgress, publish_artifacts, write_pictures
+from tasks.storage import LocalStorage, StorageError, open_storage, read_uri, retrying
 
 __all__ = ["stylize_batch", "preflight", "fan_out_to_workers", "plan_chunks", "cancel_children", "on_pair_done",
            "POLL_S"]
@@ -239,7 +234,8 @@ def stylize_batch(
     """
     try:
         source, output, params, run = batch_inputs(source, output, params, run)
-    except InvalidInputs as err:
+        activate(output.storage_credentials)  # "" = boto3's default chain
+    except (InvalidInputs, CredentialsError) as err:
         return Failed(message=str(err))
     logger = get_run_logger()
     stop_requested.clear()
@@ -249,9 +245,13 @@ def stylize_batch(
     devices = expand_devices(run.devices, params.device)
     out = open_storage(output.uri)
 
-    entries, weights_id = preflight(source, output, params, devices)
-    allowed = run.allowed_sources or default_allowed_sources(source)
-    plans = plan_pairs(entries, params, weights_id, output.format, output.quality, run.io_workers, allowed)
+    try:
+        entries, weights_id = preflight(source, output, params, devices)
+        allowed = run.allowed_sources or default_allowed_sources(source)
+        plans = plan_pairs(entries, params, weights_id, output.format, output.quality, run.io_workers, allowed)
+    except PreflightError as err:  # a refusal before any work: one line, no traceback
+        logger.error("preflight failed: %s", err)
+        return Failed(message=f"preflight failed: {err}")
     done = done_in(out, plans, io_workers=run.io_workers) if run.skip_existing else set()  # output listed once
     items: list[ReportItem | None] = [None] * len(plans)
     todo: list[PairPlan] = []
@@ -267,14 +267,13 @@ def stylize_batch(
     logger.info("%d pairs: %d to run, %d already done, %d failed at planning; devices %s; weights %s",
                 len(plans), len(todo), len(done), sum(bool(p.error) for p in plans), devices, weights_id)
 
-    progress_id = create_progress_artifact(0.0, description="pairs finished")
-    update = Throttle(lambda pct: update_progress_artifact(progress_id, pct))  # throttled: big runs, few API calls
+    progress = RunProgress(len(todo))  # pairs/s and ETA; throttled: big runs, few API calls
     hook = on_pair_done.get()
 
     def on_done(finished: int, total: int) -> None:
         if hook:
             hook(finished, total)
-        update(100.0 * finished / max(total, 1))
+        progress.update(finished)
 
     if run.fan_out == "workers" and todo:
         result = fan_out_to_workers(todo, output, params, run, weights_id, run_id, on_done)
@@ -284,17 +283,17 @@ def stylize_batch(
         result = run_pairs(todo, ctx, run.window, run.contact_sheet_rows, on_done)
     for index, item in result.items.items():
         items[index] = item
-    thumbs = result.thumbs
-    update(100.0, final=True)
+    progress.update(len(todo), final=True)
 
     done_items = [i for i in items if i is not None]
     counts = totals(done_items)
     report_uri = out.uri_for(report_key(run_id))
-    sheet_uri = None
-    if thumbs:
-        sheet_key = f"_runs/{run_id}-contact.jpg"
-        retrying(lambda: out.write(sheet_key, contact_sheet(thumbs), "image/jpeg"))
-        sheet_uri = out.uri_for(sheet_key)
+    warning = run.labels.get("warning")
+    # local fan-out: the k-th thumbnail row is the k-th pair run_pairs finished (captions exact)
+    thumb_items = ([i.as_dict() for i in result.items.values() if i.status == "done"][:len(result.thumbs)]
+                   if run.fan_out == "local" else None)
+    pictures = write_pictures(out, run_id, [i.as_dict() for i in done_items], result.thumbs, thumb_items, warning,
+                              run.io_workers)
     report = {
         "flow_run": run_name,
         "flow_run_id": run_id,
@@ -308,17 +307,14 @@ def stylize_batch(
         "weights_id": weights_id,
         "devices": devices,
         "totals": counts,
-        "contact_sheet": sheet_uri,
+        **pictures,  # contact_sheet, loss_curve
         **({"chunks": result.chunks} if result.chunks else {}),
         "items": [i.as_dict() for i in done_items],
     }
     retrying(lambda: out.write(report_key(run_id), json.dumps(report, indent=2).encode(), "application/json"))
 
-    failures = [i for i in done_items if i.status == "failed"]
-    warning = run.labels.get("warning")
-    create_table_artifact(table_rows(done_items), key=None, description=f"pairs of {run_name}")
-    create_markdown_artifact(summary_markdown(run_name, counts, report_uri, sheet_uri, failures, warning),
-                             description=f"summary of {run_name}")
+    publish_artifacts(report, out, output.link_expiry_hours, warning,
+                      seconds=(datetime.now(timezone.utc) - started).total_seconds())
     summary = f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed of {counts['pairs']} pairs"
     logger.info("%s (report: %s)", summary, report_uri)
     if counts["failed"] > run.max_failures:

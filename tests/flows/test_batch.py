@@ -4,7 +4,6 @@ import pytest
 
 from flows.batch import stylize_batch
 from tasks.models import BatchSource, OutputSpec, RunOptions
-from nst_core import StyleParams
 from tasks.compute import targets_cache
 
 from helpers import pattern, tiny_params, to_bytes
