@@ -30,7 +30,11 @@ def _option_type(annotation) -> dict:
     if typing.get_origin(annotation) is typing.Literal:
         return {"choices": list(typing.get_args(annotation))}
     if typing.get_origin(annotation) is list:
-        return {**_option_type(args[0]), "nargs": "+"}
+        # No argparse choices for lists (layer names): the model refuses an unknown name with a
+        # message that lists the valid ones, instead of a 36-name usage line.
+        return {"type": str, "nargs": "+", "metavar": "NAME" if typing.get_origin(args[0]) is typing.Literal else None}
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
     return {"type": annotation if annotation in (int, float) else str}
 
 

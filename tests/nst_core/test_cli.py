@@ -53,6 +53,16 @@ def test_bad_input_exits_2_with_one_line(files, args, message):
     assert not (files / "o.png").exists()
 
 
+def test_unknown_layer_message_lists_every_valid_name(files):
+    from nst_core import VGG16_LAYERS
+
+    proc = nst("stylize", "content.jpg", "style.png", "-o", "o.png", "--weights", "random",
+               "--content-layers", "relu9_9", cwd=files)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    listed = proc.stderr.split("valid names are: ", 1)[1].strip().split(", ")
+    assert listed == list(VGG16_LAYERS)
+
+
 def test_missing_weights_file_exits_2(files):
     proc = nst("stylize", "content.jpg", "style.png", "-o", "o.png", "--weights", "nope.pth", cwd=files)
     assert proc.returncode == 2 and proc.stderr.strip() == "nst: error: weights file nope.pth does not exist"

@@ -7,7 +7,8 @@ from PIL import Image
 
 import nst_core.optimize as optimize
 from nst_core import NonFiniteLossError, NSTError, StyleParams, compute_style_targets, stylize
-from nst_core.optimize import _to_tensor, match_color, rgb_to_ycbcr
+from nst_core.optimize import _to_tensor, match_color, match_luminance, rgb_to_ycbcr
+from torchvision.transforms.functional import to_pil_image
 
 from helpers import pattern
 
@@ -81,14 +82,58 @@ def test_blend_weights_mix_style_grams(images):
         stylize(content, [style, other], params(style_blend_weights=[1, 1, 1]))
 
 
-def test_luminance_keeps_the_content_chroma(images):
+def _fp32_loss(image: Image.Image, content: Image.Image, style: Image.Image, p: StyleParams) -> float:
+    """The total loss of an 8-bit output image, recomputed from scratch in fp32 at its own size."""
+    from nst_core.losses import content_loss, gram_matrix, style_loss
+    from nst_core.optimize import _y, extractor_for
+
+    cpu = torch.device("cpu")
+    ex = extractor_for(p)
+    c_rgb = _to_tensor(content.resize(image.size, Image.Resampling.LANCZOS), cpu)
+    targets = compute_style_targets(style, p, extractor=ex, content=c_rgb).grams
+    out = _to_tensor(image.convert("RGB"), cpu)
+    if p.preserve_color == "luminance":
+        out, c_rgb = _y(out), _y(c_rgb)
+    grey = lambda t: t.expand(-1, 3, -1, -1) if t.shape[1] == 1 else t  # noqa: E731
+    with torch.no_grad():
+        fo = {k: v.float() for k, v in ex(grey(out).contiguous(memory_format=ex.memory_format),
+                                           p.content_layers + p.style_layers).items()}
+        fc = ex(grey(c_rgb).contiguous(memory_format=ex.memory_format), p.content_layers)
+        c = sum(content_loss(fo[n], fc[n].float()) for n in p.content_layers) / len(p.content_layers)
+        w = p.layer_weights()
+        s = sum(w[n] * style_loss(gram_matrix(fo[n], normalize=True), targets[n]) for n in p.style_layers)
+    return float(p.content_weight * c + p.style_weight * s)
+
+
+def test_luminance_final_loss_is_that_of_the_output_images_own_y(images):
+    # The old engine optimized RGB and put its R channel in as Y: the reported loss belonged to
+    # an image nobody received. Now the reported loss is the returned image's, within 8-bit rounding.
     content, style = images
-    result = stylize(content, style, params(preserve_color="luminance", iterations=10))
+    p = params(preserve_color="luminance", iterations=20, style_weight=1.0, init="noise")
+    result = stylize(content, style, p)
+    reported = result.losses["final"]["total"]
+    assert _fp32_loss(result.image, content, style, p) == pytest.approx(reported, rel=1e-4)
+    # and the content's chroma is kept
     out = rgb_to_ycbcr(_to_tensor(result.image, torch.device("cpu")))
     ref = rgb_to_ycbcr(_to_tensor(content, torch.device("cpu")))
-    # chroma within 8-bit rounding and gamut clipping of the content's; luminance changed
     assert (out[:, 1:] - ref[:, 1:]).abs().mean() < 0.02
-    assert (out[:, :1] - ref[:, :1]).abs().mean() > (out[:, 1:] - ref[:, 1:]).abs().mean()
+
+
+def test_luminance_style_gets_the_contents_luminance_mean_and_sigma():
+    style_y = _to_tensor(pattern((40, 40), "style"), torch.device("cpu"))[:, :1] * 0.3 + 0.6
+    content_y = _to_tensor(pattern((40, 30), "content"), torch.device("cpu"))[:, 1:2]
+    out = match_luminance(style_y, content_y)
+    assert out.mean().item() == pytest.approx(content_y.mean().item(), abs=0.01)
+    assert out.std().item() == pytest.approx(content_y.std().item(), rel=0.05)
+
+
+def test_luminance_targets_depend_on_the_content(images):
+    content, style = images
+    with pytest.raises(NSTError, match="per pair"):
+        compute_style_targets(style, params(preserve_color="luminance"))
+    targets = compute_style_targets(style, params())
+    with pytest.raises(NSTError, match="depend on the content"):
+        stylize(content, style, params(preserve_color="luminance"), targets=targets)
 
 
 def test_histogram_matching_gives_the_content_colour_statistics():
@@ -99,9 +144,29 @@ def test_histogram_matching_gives_the_content_colour_statistics():
     assert torch.allclose(torch.cov(out.reshape(3, -1)), torch.cov(ref.reshape(3, -1)), atol=0.005)
 
 
-def test_histogram_mode_runs(images):
-    result = stylize(*images, params(preserve_color="histogram", iterations=3))
-    assert result.metadata["params"]["preserve_color"] == "histogram"
+def test_histogram_mode_optimizes_against_the_colour_matched_style(images):
+    # The result is scored against the style recoloured to the content, not the raw style.
+    content, style = images
+    p = params(preserve_color="histogram", iterations=12, style_weight=1.0, scales=1, precision="fp32")
+    result = stylize(content, style, p)
+    c = _to_tensor(content, torch.device("cpu"))
+    matched = to_pil_image(match_color(_to_tensor(style, torch.device("cpu")), c)[0])
+    as_matched = _fp32_loss(result.image, content, matched, params(style_weight=1.0))
+    as_raw = _fp32_loss(result.image, content, style, params(style_weight=1.0))
+    assert as_matched == pytest.approx(result.losses["final"]["total"], rel=0.05)
+    assert abs(as_raw - result.losses["final"]["total"]) > 0.2 * result.losses["final"]["total"]
+
+
+def test_the_best_iterate_is_returned_when_the_last_is_worse(images):
+    content, style = images
+    # Adam with a huge step overshoots from the content: every later evaluation is worse.
+    p = params(optimizer="adam", learning_rate=1.0, iterations=8, scales=1, precision="fp32")
+    result = stylize(content, style, p)
+    totals = [h["total"] for h in result.history]
+    assert totals[-1] > 5 * min(totals)
+    # the returned pixels are the best iterate's, and the reported loss is theirs
+    assert result.losses["final"]["total"] == pytest.approx(min(totals), rel=0.02)
+    assert _fp32_loss(result.image, content, style, p) == pytest.approx(result.losses["final"]["total"], rel=1e-4)
 
 
 def test_alpha_goes_back_on_the_result(images):
@@ -118,6 +183,9 @@ def test_metadata_is_json_and_complete(images):
     meta = json.loads(json.dumps(result.metadata))
     assert meta["weights_id"] == "random(seed=0)" and meta["device"] == "cpu"
     assert meta["params"]["iterations"] == 2 and set(meta["seconds"]) == {"targets", "optimize", "total"}
+    assert meta["precision"] in ("fp32", "bf16") and meta["memory_format"] in ("contiguous", "channels_last")
+    assert sum(s["evaluations"] for s in meta["scales"]) == meta["evaluations"] == len(result.history)
+    assert meta["backend"]["threads"] >= 1
     assert {"torch", "torchvision", "pillow"} <= set(meta["versions"])
     assert set(result.losses["final"]) == {"content", "style", "tv", "total"}
 
@@ -127,3 +195,80 @@ def test_tv_weight_enters_the_total(images):
     first = result.history[0]
     assert first["tv"] > 0
     assert first["total"] == pytest.approx(first["content"] + 1e-3 * first["style"] + 10.0 * first["tv"], rel=1e-4)
+
+
+def test_split_budget_gives_each_scale_the_same_compute():
+    from nst_core.optimize import split_budget
+
+    assert split_budget(300, [10_000, 20_000, 40_000]) == [171, 85, 44]
+    assert split_budget(7, [1, 2, 4]) == [4, 2, 1]
+    assert split_budget(2, [1, 2, 4]) == [1, 0, 1]  # iterations stays an upper bound
+    assert split_budget(300, [5]) == [300]
+
+
+def test_scale_sizes_step_by_root_two_up_to_the_image_size():
+    from nst_core.optimize import scale_sizes
+
+    assert scale_sizes(StyleParams(image_size=512, scales=3)) == [256, 362, 512]
+    assert scale_sizes(StyleParams(image_size=384, scales=1)) == [384]
+
+
+def test_progress_total_counts_evaluations_over_all_scales(images):
+    events = []
+    result = stylize(*images, params(iterations=14, scales=3, init="noise"), progress=events.append)
+    assert [e.iteration for e in events] == list(range(1, 15)) and {e.total for e in events} == {14}
+    assert [e.scale for e in events] == sorted(e.scale for e in events) and events[-1].scale == events[-1].scales == 3
+    assert [e.size for e in events][-1] == 64 and events[0].size == 32
+    ran = result.metadata["scales"]
+    assert [s["evaluations"] for s in ran] == [7, 4, 3] and ran[-1]["size"] == [64, 48] and ran[0]["size"] == [32, 24]
+    # each scale starts from the previous result upsampled, not from scratch
+    assert result.history[7]["total"] < 0.8 * result.history[0]["total"]
+
+
+def test_style_targets_carry_one_set_of_grams_per_scale(images):
+    from nst_core.losses import gram_matrix
+    from nst_core.optimize import extractor_for
+
+    content, style = images
+    p = params(scales=2)
+    ex = extractor_for(p)
+    targets = compute_style_targets(style, p, extractor=ex)  # the batch task's call
+    assert sorted(targets.by_size) == [45, 64] and targets.grams is targets.by_size[64]
+    small = _to_tensor(style.resize((34, 45), Image.Resampling.LANCZOS), torch.device("cpu"))
+    with torch.no_grad():
+        f = ex(small.contiguous(memory_format=ex.memory_format), ["relu2_1"])["relu2_1"]
+    assert torch.allclose(targets.by_size[45]["relu2_1"], gram_matrix(f.float(), normalize=True), rtol=1e-4, atol=1e-4)
+    with pytest.raises(NSTError, match="other params"):
+        stylize(content, style, params(scales=3), targets=targets)
+
+
+def test_bf16_final_fp32_loss_within_a_few_percent_of_fp32(images):
+    fp32 = stylize(*images, params(iterations=30, scales=1, precision="fp32", init="noise"))
+    bf16 = stylize(*images, params(iterations=30, scales=1, precision="bf16", init="noise"))
+    assert bf16.metadata["precision"] == "bf16" and fp32.metadata["precision"] == "fp32"
+    assert bf16.losses["final"]["total"] == pytest.approx(fp32.losses["final"]["total"], rel=0.03)
+
+
+def test_final_loss_is_fp32_at_the_output_size_whatever_the_precision(images):
+    content, style = images
+    p = params(iterations=6, precision="bf16")
+    result = stylize(content, style, p)
+    assert result.losses["final"]["total"] == pytest.approx(_fp32_loss(result.image, content, style, p), rel=1e-4)
+
+
+def test_stop_tolerance_ends_early_and_records_the_evaluations_run(images):
+    from nst_core.params import STOP_WINDOW
+
+    result = stylize(*images, params(iterations=80, scales=1, stop_tolerance=0.9))
+    assert len(result.history) == STOP_WINDOW + 1 == result.metadata["evaluations"]
+    assert result.metadata["scales"][0] == {"size": [64, 48], "evaluations": STOP_WINDOW + 1, "planned": 80}
+    assert len(stylize(*images, params(iterations=30, scales=1)).history) == 30  # off by default
+
+
+def test_deterministic_mode_is_recorded_and_restored(images):
+    result = stylize(*images, params(iterations=2, deterministic=True))
+    backend = result.metadata["backend"]
+    assert backend["deterministic"] is True and backend["threads"] == torch.get_num_threads()
+    assert {"tf32_matmul", "tf32_cudnn", "cudnn_deterministic", "cudnn_benchmark"} <= set(backend)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert stylize(*images, params(iterations=2)).metadata["backend"]["deterministic"] is False

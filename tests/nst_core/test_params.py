@@ -30,6 +30,7 @@ def test_unknown_layer_lists_the_valid_names():
     {"init": "zeros"}, {"preserve_color": "yes"}, {"pooling": "min"}, {"device": "gpu"},
     {"style_layer_weights": [1.0, 2.0]}, {"style_layer_weights": [1, 1, 1, 1, float("nan")]},
     {"style_blend_weights": [-1.0]}, {"weights_sha256": "abc"}, {"learning_rate": 0}, {"colour": 1},
+    {"precision": "fp8"}, {"scales": 0}, {"stop_tolerance": 0}, {"stop_tolerance": 1.5}, {"device": "cuda:x"},
 ])
 def test_invalid_values_are_rejected(bad):
     with pytest.raises(ValidationError):
@@ -68,3 +69,32 @@ def test_readme_parameter_table_is_generated_from_the_model():
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert markdown_table() in readme, "regenerate the README table with: python -m nst_core.params"
+
+
+def test_schema_offers_layer_and_device_dropdowns_generated_from_the_one_table():
+    props = StyleParams.model_json_schema()["properties"]
+    for field in ("content_layers", "style_layers"):
+        assert props[field]["items"]["enum"] == list(VGG16_LAYERS)  # the UI's dropdown; the server refuses others
+    assert props["device"]["enum"][:4] == ["auto", "cpu", "mps", "cuda"] and "cuda:7" in props["device"]["enum"]
+    assert props["precision"]["enum"] == ["auto", "fp32", "tf32", "bf16", "fp16"]
+
+
+def test_bad_device_message_lists_the_choices():
+    with pytest.raises(ValidationError, match="device 'gpu' is not one of auto, cpu, mps, cuda, cuda:0"):
+        StyleParams(device="gpu")
+
+
+def test_fields_run_everyday_first_then_advanced():
+    names = list(StyleParams.model_fields)
+    assert names[:7] == ["image_size", "iterations", "style_weight", "content_weight", "preserve_color", "init",
+                         "tv_weight"]
+    assert names.index("device") > names.index("seed") > names.index("style_layers") > names.index("tv_weight")
+    advanced = names[names.index("content_layers"):]
+    assert all("(advanced)" in StyleParams.model_fields[n].title for n in advanced)
+
+
+def test_descriptions_say_what_the_engine_does():
+    fields = StyleParams.model_fields
+    assert "same seed, same output only for the same device, thread count and library versions" in fields[
+        "seed"].description
+    assert "Upper bound" in fields["iterations"].description and "zero gradient" in fields["iterations"].description
