@@ -126,7 +126,8 @@ def run_stylize(args: argparse.Namespace, opener: Callable[[str], bytes] | None 
     content_img = content.merged()
     bar = None if args.no_progress else ProgressBar(params.iterations, "stylize ")
     progress = (lambda ev: bar.update(ev.iteration, f"loss {ev.loss:.4g}")) if bar else None
-    result = stylize(content_img, [s.rgb for s in styles], params, progress=progress, opener=opener)
+    result = stylize(content_img, [s.rgb for s in styles], params, progress=progress, opener=opener,
+                     content_name=args.content, style_names=args.style)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(encode_image(result.image, fmt, quality=args.quality))

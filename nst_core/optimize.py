@@ -28,10 +28,10 @@ from torch import Tensor
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 from .errors import NonFiniteLossError, NSTError
-from .imageio import resize_longest, split_alpha
+from .imageio import check_min_side, resize_longest, split_alpha
 from .losses import content_loss, gram_matrix, style_loss, tv_loss, weighted_sum
 from .params import STOP_WINDOW, StyleParams
-from .vgg import FeatureExtractor, Opener, load_extractor, resolve_device
+from .vgg import FeatureExtractor, Opener, load_extractor, min_side, resolve_device
 
 __all__ = [
     "StyleProgress",
@@ -308,9 +308,23 @@ def targets_key(params: StyleParams, extractor: FeatureExtractor, n_styles: int)
 
 
 def _style_tensor(img: Image.Image, size: int, params: StyleParams, device: torch.device,
-                  content: Tensor | None) -> Tensor:
-    """A style image prepared as the optimization sees it (size, luminance, matched colours)."""
-    s = _to_tensor(resize_longest(split_alpha(img).rgb, size), device)
+                  content: Tensor | None, name: str = "style") -> Tensor:
+    """A style image prepared as the optimization sees it (size, luminance, matched colours).
+
+    At the output size a style thinner than the deepest layer needs is refused, naming it. At a
+    coarser scale it is enlarged to that minimum instead (its Grams are means over positions,
+    so a slightly larger style image gives comparable targets).
+    """
+    rgb = resize_longest(split_alpha(img).rgb, size)
+    need = min_side([*params.content_layers, *params.style_layers])
+    if size >= params.image_size:
+        check_min_side(rgb, need, name)
+    elif min(rgb.size) < need:
+        rgb = split_alpha(img).rgb
+        factor = need / min(rgb.size)
+        rgb = rgb.resize((max(need, round(rgb.width * factor)), max(need, round(rgb.height * factor))),
+                         Image.Resampling.LANCZOS)
+    s = _to_tensor(rgb, device)
     if params.preserve_color == "none":
         return s
     if content is None:
@@ -328,25 +342,28 @@ def compute_style_targets(
     extractor: FeatureExtractor | None = None,
     opener: Opener | None = None,
     content: Tensor | None = None,
+    style_names: Sequence[str] | None = None,
 ) -> StyleTargets:
     """Style Grams at every scale, blended over several style images by ``style_blend_weights``.
 
     Ĝ = Σ_i w_i·gram(a_l(S_i)) / (nH·nW) per style layer l and scale, in fp32 whatever the run's
     precision (computed once per style; the generated image's Grams are matched to exact
     targets). ``content`` (RGB, (1, 3, H, W)) is only needed, and only allowed to matter, with
-    ``preserve_color`` histogram or luminance.
+    ``preserve_color`` histogram or luminance. ``style_names`` name the styles in errors.
     """
     styles = [style] if isinstance(style, Image.Image) else list(style)
     if not styles:
         raise NSTError("at least one style image is needed")
     extractor = extractor or extractor_for(params, opener=opener)
     weights = params.blend_weights(len(styles))
+    names = list(style_names or [f"style image {i + 1}" if len(styles) > 1 else "style image"
+                                 for i in range(len(styles))])
     by_size: dict[int, dict[str, Tensor]] = {}
     with torch.no_grad():
         for size in scale_sizes(params):
             grams: dict[str, Tensor] = {}
-            for img, w in zip(styles, weights):
-                feats = _features(extractor, _style_tensor(img, size, params, extractor.device, content),
+            for img, w, name in zip(styles, weights, names):
+                feats = _features(extractor, _style_tensor(img, size, params, extractor.device, content, name),
                                   params.style_layers)
                 for name, f in feats.items():
                     g = w * gram_matrix(f.float(), normalize=True)
@@ -439,6 +456,8 @@ def stylize(
     progress: Callable[[StyleProgress], None] | None = None,
     targets: StyleTargets | None = None,
     opener: Opener | None = None,
+    content_name: str = "content image",
+    style_names: Sequence[str] | None = None,
 ) -> StyleResult:
     """Gatys style transfer of one content image to one style (or a blend of several).
 
@@ -446,6 +465,7 @@ def stylize(
     to fine over ``scale_sizes(params)`` with ``params.iterations`` loss evaluations in all
     (split by ``split_budget``), and returns the lowest-loss image evaluated at the last scale.
     ``targets`` (from ``compute_style_targets``) skips recomputing the style Grams.
+    ``content_name`` / ``style_names`` name the inputs in errors (an image too small for the layers).
     """
     params = params or StyleParams()
     t_start = time.perf_counter()
@@ -457,9 +477,12 @@ def stylize(
     luminance = params.preserve_color == "luminance"
 
     decoded = split_alpha(content)
-    c_rgb = _to_tensor(resize_longest(decoded.rgb, params.image_size), device)
+    need = min_side([*params.content_layers, *params.style_layers])
+    content_full = resize_longest(decoded.rgb, params.image_size)
+    check_min_side(content_full, need, content_name)
+    c_rgb = _to_tensor(content_full, device)
     if targets is None:
-        targets = compute_style_targets(style, params, extractor=extractor, content=c_rgb)
+        targets = compute_style_targets(style, params, extractor=extractor, content=c_rgb, style_names=style_names)
     elif targets_need_content(params):
         raise NSTError(f"targets cannot be reused with preserve_color={params.preserve_color!r} "
                        "(they depend on the content)")
@@ -473,7 +496,9 @@ def stylize(
         # Differs from optimizing RGB: one luminance channel is optimized (VGG sees it as grey)
         # and the content's chroma is put back at the end (Gatys et al. 2016, "Preserving color").
         works = {size: _y(w) for size, w in works.items()}
-    budget = split_budget(params.iterations, [w.shape[-1] * w.shape[-2] for w in works.values()])
+    # A coarse scale at which the content would be thinner than the layers need is left out.
+    sizes = [size for size in sizes if size == sizes[-1] or min(works[size].shape[-2:]) >= need]
+    budget = split_budget(params.iterations, [works[size].shape[-1] * works[size].shape[-2] for size in sizes])
     all_layers = list(dict.fromkeys([*params.content_layers, *params.style_layers]))
     scales = []
     with torch.no_grad():

@@ -272,3 +272,24 @@ def test_deterministic_mode_is_recorded_and_restored(images):
     assert {"tf32_matmul", "tf32_cudnn", "cudnn_deterministic", "cudnn_benchmark"} <= set(backend)
     assert not torch.are_deterministic_algorithms_enabled()
     assert stylize(*images, params(iterations=2)).metadata["backend"]["deterministic"] is False
+
+
+@pytest.mark.parametrize("size,image_size", [((512, 12), 64), ((64, 48), 16)])
+def test_thin_or_tiny_content_is_refused_naming_it(images, size, image_size):
+    from nst_core.errors import ImageTooSmallError
+
+    with pytest.raises(ImageTooSmallError, match=r"holiday\.jpg.*at least 16 px"):
+        stylize(pattern(size), images[1], params(image_size=image_size), content_name="holiday.jpg")
+
+
+def test_thin_style_is_refused_naming_it(images):
+    from nst_core.errors import ImageTooSmallError
+
+    with pytest.raises(ImageTooSmallError, match=r"waves\.png"):
+        stylize(images[0], pattern((300, 20)), params(), style_names=["waves.png"])
+
+
+def test_coarse_scales_too_thin_for_the_layers_are_left_out(images):
+    result = stylize(pattern((64, 16)), images[1], params(iterations=6, scales=3))
+    assert [s["size"] for s in result.metadata["scales"]] == [[64, 16]]
+    assert result.metadata["evaluations"] == 6
