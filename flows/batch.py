@@ -40,7 +40,7 @@ from tasks.plan import PreflightError, default_allowed_sources, plan_pairs, sour
 from tasks.artifacts import RunProgress, publish_artifacts, write_pictures
 from tasks.storage import LocalStorage, StorageError, open_storage, read_uri, retrying
 
-__all__ = ["stylize_batch", "preflight", "fan_out_to_workers", "plan_chunks", "cancel_children", "on_pair_done",
+__all__ = ["stylize_batch", "preflight", "fan_out_to_workers", "merge_chunk", "plan_chunks", "cancel_children", "on_pair_done",
            "POLL_S"]
 
 #: Set by the CLI to draw a progress bar: called with (finished pairs, pairs to run).
@@ -106,6 +106,25 @@ def _on_cancel(flow, run, state) -> None:
     cancel_children(str(run.id))
 
 
+def merge_chunk(n: int, chunk: list[PairPlan], state_name: str, message: str, report: dict | None, out,
+                io_workers: int = 8) -> dict[int, ReportItem]:
+    """A finished chunk's pairs as report items. Pairs its report lacks (or all, without a readable
+    report) are judged by the done rule on their sidecars before they are called failed."""
+    by_index = {item["index"]: item for item in (report or {}).get("items", [])}
+    missing = [p for p in chunk if p.index not in by_index]
+    done = done_in(out, missing, list_once=False, io_workers=io_workers) if missing else set()
+    items = {}
+    for p in chunk:
+        item = by_index.get(p.index)
+        if item is not None:
+            items[p.index] = ReportItem(**{k: v for k, v in item.items() if k != "index"})
+        elif p.index in done:
+            items[p.index] = ReportItem(p.content, p.style, "done", out.uri_for(p.image_key), out.uri_for(p.sidecar_key))
+        else:
+            items[p.index] = failed_item(p, f"chunk {n} ended {state_name}: {message}".rstrip(": "), out)
+    return items
+
+
 def fan_out_to_workers(
     todo: list[PairPlan], output: OutputSpec, params: StyleParams, run: RunOptions, weights_id: str,
     parent_id: str, on_done: Callable[[int, int], None],
@@ -146,19 +165,8 @@ def fan_out_to_workers(
     def settle(child_id: str, state_name: str, message: str, report: dict | None) -> None:
         nonlocal finished
         n, chunk, key = children[child_id]
-        by_index = {item["index"]: item for item in (report or {}).get("items", [])}
-        missing = [p for p in chunk if p.index not in by_index]
-        done = done_in(out, missing, list_once=False, io_workers=run.io_workers) if missing else set()
-        for p in chunk:
-            item = by_index.get(p.index)
-            if item is not None:
-                item.pop("index")
-                result.items[p.index] = ReportItem(**item)
-            elif p.index in done:
-                result.items[p.index] = ReportItem(p.content, p.style, "done", out.uri_for(p.image_key),
-                                                   out.uri_for(p.sidecar_key))
-            else:
-                result.items[p.index] = failed_item(p, f"chunk {n} ended {state_name}: {message}".rstrip(": "), out)
+        for index, item in merge_chunk(n, chunk, state_name, message, report, out, run.io_workers).items():
+            result.items[index] = item
             finished += 1
             on_done(finished, len(todo))
         if report:

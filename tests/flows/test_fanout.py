@@ -91,3 +91,16 @@ def test_cancelling_the_parent_cancels_its_chunk_runs(prefect_api):
         states = [client.read_flow_run(k.id).state.name for k in kids]
         assert all(s in ("Cancelling", "Cancelled") for s in states), states
         assert client.read_flow_run(other.id).state.name == "Scheduled"
+
+
+def test_a_chunk_without_a_readable_report_is_judged_by_its_sidecars(tmp_path):
+    from flows.batch import merge_chunk
+    from tasks.storage import open_storage
+
+    out = open_storage(str(tmp_path))
+    written, lost = plan(0), plan(1)
+    out.write(written.image_key, b"img")
+    out.write(written.sidecar_key, json.dumps({"key": written.key}).encode())
+    items = merge_chunk(3, [written, lost], "Crashed", "worker died", None, out)
+    assert items[0].status == "done" and items[0].sidecar.endswith("n0.json")
+    assert items[1].status == "failed" and items[1].error == "chunk 3 ended Crashed: worker died"
