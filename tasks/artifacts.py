@@ -94,7 +94,7 @@ def _name(uri: str) -> str:
 def _caption(item: dict, with_loss: bool = True) -> str:
     from tasks.report import final_loss
 
-    text = f"{_name(item['content'])} × {_name(item['style'])}"
+    text = f"{_name(item['content'])} + {_name(item['style'])}"  # ASCII: Pillow's default font has no ×
     loss = final_loss(item) if with_loss else None
     return f"{text}   final loss {loss:.4g}" if loss is not None else text
 

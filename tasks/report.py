@@ -92,7 +92,8 @@ def contact_sheet(rows: list[SheetRow], cell: int = 128, warning: str | None = N
             x0 = pad + c * (cell + pad)
             draw.rectangle((x0, y0, x0 + cell - 1, y0 + cell - 1), fill=(232, 232, 232))
             img = Image.open(io.BytesIO(data)).convert("RGB")
-            img.thumbnail((cell, cell))
+            scale = min(cell / img.width, cell / img.height)  # fit the cell, up or down
+            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.LANCZOS)
             sheet.paste(img, (x0 + (cell - img.width) // 2, y0 + (cell - img.height) // 2))
         if row.caption:
             draw.text((pad, y0 + cell + 2), _fit(draw, row.caption, small, width - 2 * pad), fill=_INK, font=small)

@@ -226,7 +226,7 @@ def _field(browser, label: str):
 
     for prop in browser.find_elements(By.CSS_SELECTOR, ".schema-form-property"):
         names = prop.find_elements(By.CSS_SELECTOR, ":scope > .p-label__header .schema-form-property__label")
-        if names and names[0].text.strip() == label:
+        if names and names[0].text.strip().removesuffix(" (Optional)") == label:
             return prop.find_element(By.CSS_SELECTOR, "textarea, input")
     raise AssertionError(f"no form field labelled {label!r}")
 
@@ -292,16 +292,18 @@ def test_run_form_in_headless_chromium(production, bucket, tmp_path):
         _type(browser, "Iterations", "3")
         _type(browser, "Coarse-to-fine scales (advanced)", "1")
         browser.save_screenshot(str(tmp_path / "run-form-filled.png"))
-        _click_button(browser, "Submit")
-        deadline = time.time() + 60
-        while "/runs/flow-run/" not in browser.current_url:
+        _click_button(browser, "Submit")  # the UI then shows the deployment's Runs tab
+        deadline, mine = time.time() + 60, []
+        while not mine:
             assert time.time() < deadline, "the form did not submit: " + browser.find_element(By.TAG_NAME, "body").text[-2000:]
             time.sleep(1)
-        run_id = browser.current_url.split("/runs/flow-run/")[1].split("?")[0].split("/")[0]
+            runs = api(base, "POST", "/flow_runs/filter", {"deployments": {"id": {"any_": [dep]}}})[1]
+            mine = [r for r in runs if (r["parameters"].get("source") or {}).get("contents") == f"s3://{name}/form/c/"]
+        run = mine[0]
+        run_id = run["id"]
+        assert run["parameters"]["source"]["styles"] == f"s3://{name}/form/s/", run["parameters"]
+        assert run["parameters"]["params"]["weights"] == "random" and run["parameters"]["params"]["iterations"] == 3
         browser.save_screenshot(str(tmp_path / "flow-run.png"))
-
-        status, run = api(base, "GET", f"/flow_runs/{run_id}")
-        assert run["parameters"]["source"]["contents"] == f"s3://{name}/form/c/", run["parameters"]
         state = wait_final(base, run_id, 420, production["home"])
         assert state["type"] == "COMPLETED", state["message"]
 
@@ -319,8 +321,12 @@ def test_run_form_in_headless_chromium(production, bucket, tmp_path):
                 ".map(i => i.complete ? i.naturalWidth : 0).reduce((a, b) => Math.max(a, b), 0)")
         browser.save_screenshot(str(tmp_path / "contact-sheet-artifact.png"))
         assert loaded > 0, "the contact sheet did not load in the browser"
-        browser.get(f"http://127.0.0.1:{port}/runs/flow-run/{run_id}?tab=Artifacts")
-        _wait_text(browser, ("Contact sheet",), 60)
+        browser.get(f"http://127.0.0.1:{port}/runs/flow-run/{run_id}")
+        _wait_text(browser, ("Artifacts",), 60)
+        tab = browser.find_elements(By.XPATH, "//*[normalize-space(text())='Artifacts']")
+        if tab:
+            tab[-1].click()
+            _wait_text(browser, ("stylize-batch-on-demand-summary",), 30)
         browser.save_screenshot(str(tmp_path / "run-artifacts.png"))
     finally:
         browser.quit()
