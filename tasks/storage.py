@@ -37,6 +37,7 @@ __all__ = [
     "open_storage",
     "split_uri",
     "read_uri",
+    "presigned_url",
     "safe_key",
     "is_transient",
     "retrying",
@@ -211,7 +212,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-_clients: dict[int, object] = {}
+_clients: dict[tuple[int, str], object] = {}  # (pid, credentials block)
 _clients_lock = threading.Lock()
 
 
@@ -221,12 +222,16 @@ def _s3_client():
     import boto3
     from botocore.config import Config
 
+    from tasks.credentials import client_options
+
+    block, options = client_options()  # the run's AwsCredentials block, or {}: boto3's default chain
     with _clients_lock:
-        key = os.getpid()
+        key = (os.getpid(), block)
         if key not in _clients:
             config = Config(retries={"mode": "standard", "total_max_attempts": 1}, max_pool_connections=32,
                             connect_timeout=S3_TIMEOUTS[0], read_timeout=S3_TIMEOUTS[1])
-            _clients[key] = boto3.session.Session().client("s3", config=config)
+            _clients[key] = boto3.session.Session(**options.get("session", {})).client(
+                "s3", config=config, endpoint_url=options.get("endpoint_url"), verify=options.get("verify"))
         return _clients[key]
 
 
@@ -399,3 +404,31 @@ def retrying(fn: Callable[[], T], delays: tuple[float, ...] | None = None,
             if not waits or not is_transient(err) or (should_stop and should_stop()):
                 raise
             time.sleep(waits.pop(0))
+
+
+_presigners: dict[tuple[int, str], object] = {}
+
+
+def presigned_url(uri: str, expires_s: int) -> str:
+    """A browser-openable GET URL for an s3:// object, signed locally (no request is made).
+
+    Signature V4 (its limit: 7 days), from a client of its own: the data client's default
+    signature may be the legacy V2 that newer regions refuse.
+    """
+    import boto3
+    from botocore.config import Config
+
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise StorageError(f"{uri}: only s3:// objects have presigned URLs")
+    from tasks.credentials import client_options
+
+    block, options = client_options()
+    with _clients_lock:
+        client = _presigners.get((os.getpid(), block))
+        if client is None:
+            client = _presigners[(os.getpid(), block)] = boto3.session.Session(**options.get("session", {})).client(
+                "s3", config=Config(signature_version="s3v4"), endpoint_url=options.get("endpoint_url"),
+                verify=options.get("verify"))
+    return client.generate_presigned_url("get_object", Params={"Bucket": parsed.netloc, "Key": parsed.path.lstrip("/")},
+                                         ExpiresIn=int(expires_s))
