@@ -10,6 +10,8 @@ baseline needed to first reach the default's final loss, and the ratio default /
     python benchmarks/speed.py [--size 384] [--evals 300] [--weights random] [--device auto]
     python benchmarks/speed.py --formats     # channels_last vs contiguous, fp32 vs bf16, VGG fwd+bwd
     python benchmarks/speed.py --memory 1024 # peak RSS of a default run at 1024 px, in a subprocess
+    python benchmarks/speed.py --table --size 512 --evals 500 --device cuda
+                                             # wall time per precision (fp32, tf32, bf16 single-scale) and default
 
 With random weights the loss plateaus early (~100 evaluations at 256 px); real weights keep
 improving for hundreds of evaluations, so the defaults are not tuned to that plateau.
@@ -78,6 +80,23 @@ def speed(args) -> None:
         print(f"ratio default / time-to-same-loss : {wall_d / reach:.3f}  (goal <= 0.5)")
 
 
+def table(args) -> None:
+    """Wall time of --evals evaluations at --size for each precision (single scale) and the default."""
+    content, style = sample_pair(args.size)
+    common = {"weights": args.weights, "image_size": args.size, "device": args.device, "seed": args.seed,
+              "iterations": args.evals}
+    runs = {f"{p} single-scale": StyleParams(**common, scales=1, precision=p) for p in ("fp32", "tf32", "bf16")}
+    runs["default"] = StyleParams(**common)
+    for p in runs.values():  # warm-up (cuDNN autotuning, extractor per layout)
+        stylize(content, style, p.model_copy(update={"iterations": 3}))
+    print(f"{args.size} px x {args.evals} evaluations, weights {args.weights}")
+    for name, p in runs.items():
+        result, wall, _ = timed(content, style, p)
+        print(f"  {name:>20}: {wall:7.2f} s  final fp32 loss {result.losses['final']['total']:.5g}  "
+              f"({result.metadata['precision']}, {result.metadata['memory_format']}, "
+              f"{result.metadata['evaluations']} evaluations)", flush=True)
+
+
 def formats(args) -> None:
     """Median VGG16 fwd+bwd (through relu5_1) per layout and precision, interleaved over rounds."""
     from nst_core.optimize import _features
@@ -141,11 +160,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--formats", action="store_true", help="measure memory formats and precisions instead")
     ap.add_argument("--memory", type=int, metavar="PX", help="measure peak memory at PX instead")
+    ap.add_argument("--table", action="store_true", help="wall time per precision and the default instead")
     args = ap.parse_args()
     if args.formats:
         formats(args)
     elif args.memory:
         memory(args)
+    elif args.table:
+        table(args)
     else:
         speed(args)
 

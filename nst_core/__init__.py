@@ -14,6 +14,7 @@ _LAZY = {
     "StyleResult": "optimize",
     "StyleTargets": "optimize",
     "compute_style_targets": "optimize",
+    "targets_need_content": "optimize",
     "stylize": "optimize",
     "gram_matrix": "losses",
     "content_loss": "losses",

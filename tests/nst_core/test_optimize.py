@@ -1,4 +1,5 @@
 import dataclasses
+import math
 import json
 
 import pytest
@@ -293,3 +294,15 @@ def test_coarse_scales_too_thin_for_the_layers_are_left_out(images):
     result = stylize(pattern((64, 16)), images[1], params(iterations=6, scales=3))
     assert [s["size"] for s in result.metadata["scales"]] == [[64, 16]]
     assert result.metadata["evaluations"] == 6
+
+
+def test_default_coarse_to_fine_is_no_worse_than_single_scale_fp32_at_equal_cost(images):
+    # Cost in evaluation-equivalents: an evaluation at a coarse scale counts (its pixels / output
+    # pixels) of one. Direction only, with a generous margin; speed itself is benchmarks/speed.py.
+    content, style = images
+    default = stylize(content, style, params(iterations=42, init="noise"))
+    full = 64 * 48
+    cost = sum(s["evaluations"] * s["size"][0] * s["size"][1] / full for s in default.metadata["scales"])
+    assert len(default.metadata["scales"]) == 3 and cost < 0.5 * 42
+    single = stylize(content, style, params(iterations=math.ceil(cost), init="noise", scales=1, precision="fp32"))
+    assert default.losses["final"]["total"] <= 1.1 * single.losses["final"]["total"]
