@@ -65,7 +65,8 @@ def production(tmp_path_factory, s3_endpoint):
     base = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": base, "PREFECT_UI_API_URL": base,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "1",
-           "PREFECT_WORKER_HEARTBEAT_SECONDS": "5"}
+           "PREFECT_WORKER_HEARTBEAT_SECONDS": "5",
+           "PREFECT_SERVER_DATABASE_TIMEOUT": "60"}  # SQLite busy waits on a loaded machine, not 500s
     procs = [start([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, home / "server.log")]
     try:
         deadline = time.time() + 120
@@ -293,9 +294,16 @@ def test_run_form_in_headless_chromium(production, bucket, tmp_path):
         _type(browser, "Coarse-to-fine scales (advanced)", "1")
         browser.save_screenshot(str(tmp_path / "run-form-filled.png"))
         _click_button(browser, "Submit")  # the UI then shows the deployment's Runs tab
-        deadline, mine = time.time() + 60, []
+        deadline, mine, tries = time.time() + 90, [], 1
         while not mine:
-            assert time.time() < deadline, "the form did not submit: " + browser.find_element(By.TAG_NAME, "body").text[-2000:]
+            body = browser.find_element(By.TAG_NAME, "body").text
+            assert time.time() < deadline, "the form did not submit: " + body[-2000:]
+            if "Oops. Something went wrong." in body and tries < 3 and "/run" in browser.current_url:
+                # the API answered 500 (SQLite busy on this shared 2-core box): submit again, as a person would
+                submit = next(b for b in browser.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Submit")
+                browser.execute_script("arguments[0].click()", submit)  # the error toast may cover it
+                time.sleep(3)
+                tries += 1
             time.sleep(1)
             runs = api(base, "POST", "/flow_runs/filter", {"deployments": {"id": {"any_": [dep]}}})[1]
             mine = [r for r in runs if (r["parameters"].get("source") or {}).get("contents") == f"s3://{name}/form/c/"]
