@@ -125,19 +125,19 @@ def loss_curve_png(curves: list[tuple[str, list[int], list[float]]], title: str 
     xs = [x for p in points for x, _ in p]
     ys = [y for p in points for _, y in p]
     x0, x1 = min(xs), max(max(xs), min(xs) + 1)
-    y0, y1 = math.floor(min(ys)), math.ceil(max(ys))
-    if y1 == y0:
-        y1 = y0 + 1
+    lo, hi = min(ys), max(ys)
+    pad = max(hi - lo, 0.02) * 0.08  # fit the data, not whole decades: late curves are often flat
+    y0, y1 = lo - pad, hi + pad
 
     def at(x: float, y: float) -> tuple[float, float]:
         return (left + (x - x0) / (x1 - x0) * (w - left - right),
                 h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
 
     draw.rectangle((left, top, w - right, h - bottom), outline=_MUTED)
-    for decade in range(y0, y1 + 1):
-        _, y = at(x0, decade)
+    for value in (lo, (lo + hi) / 2, hi) if hi - lo < 1 else range(math.ceil(y0), math.floor(y1) + 1):
+        _, y = at(x0, value)
         draw.line((left, y, w - right, y), fill=(225, 225, 225))
-        draw.text((6, y - 7), f"1e{decade}", fill=_MUTED, font=font)
+        draw.text((6, y - 7), f"{10 ** value:.3g}", fill=_MUTED, font=font)
     for x in {x0, (x0 + x1) // 2, x1}:
         px, _ = at(x, y0)
         draw.text((px - 8, h - bottom + 6), str(int(x)), fill=_MUTED, font=font)

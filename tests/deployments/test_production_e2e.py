@@ -320,23 +320,19 @@ def test_run_form_in_headless_chromium(production, bucket, tmp_path):
         sheet = next(a for a in artifacts if a["type"] == "image" and a["description"].startswith("Contact sheet"))
         assert sheet["key"] == "stylize-batch-on-demand-contact-sheet"
         assert sheet["data"].startswith("http://127.0.0.1") and "X-Amz-Signature" in sheet["data"]
-        browser.get(f"http://127.0.0.1:{port}/artifacts/artifact/{sheet['id']}")
-        deadline, loaded = time.time() + 60, 0
-        while time.time() < deadline and not loaded:
-            time.sleep(1)
-            loaded = browser.execute_script(
-                "return Array.from(document.images).filter(i => i.src.includes('X-Amz-Signature'))"
-                ".map(i => i.complete ? i.naturalWidth : 0).reduce((a, b) => Math.max(a, b), 0)")
-        browser.save_screenshot(str(tmp_path / "contact-sheet-artifact.png"))
-        assert loaded > 0, "the contact sheet did not load in the browser"
-        browser.get(f"http://127.0.0.1:{port}/runs/flow-run/{run_id}")
-        _wait_text(browser, ("Artifacts",), 60)
-        tab = browser.find_elements(By.XPATH, "//*[normalize-space(text())='Artifacts']")
-        if tab:
-            tab[-1].click()
-            _wait_text(browser, ("stylize-batch-on-demand-summary",), 30)
-        browser.save_screenshot(str(tmp_path / "run-artifacts.png"))
+        curve = next(a for a in artifacts if a["type"] == "image" and a["description"].startswith("Loss curve"))
+        assert curve["key"] == "stylize-batch-on-demand-loss-curve"
+        for art, shot in ((sheet, "contact-sheet-artifact.png"), (curve, "loss-curve-artifact.png")):
+            browser.get(f"http://127.0.0.1:{port}/artifacts/artifact/{art['id']}")
+            deadline, loaded = time.time() + 60, 0
+            while time.time() < deadline and not loaded:
+                time.sleep(1)
+                loaded = browser.execute_script(
+                    "return Array.from(document.images).filter(i => i.src.includes('X-Amz-Signature'))"
+                    ".map(i => i.complete ? i.naturalWidth : 0).reduce((a, b) => Math.max(a, b), 0)")
+            browser.save_screenshot(str(tmp_path / shot))
+            assert loaded > 0, f"{art['description']}: the image did not load in the browser"
     finally:
         browser.quit()
-    for shot in ("run-form-filled.png", "flow-run.png", "contact-sheet-artifact.png", "run-artifacts.png"):
+    for shot in ("run-form-filled.png", "flow-run.png", "contact-sheet-artifact.png", "loss-curve-artifact.png"):
         assert (tmp_path / shot).stat().st_size > 10_000, shot
