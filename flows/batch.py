@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -34,14 +35,14 @@ from tasks.compute import expand_devices, run_on_device
 from tasks.credentials import CredentialsError, activate
 from tasks.contract import (PairPlan, ReportItem, chunk_key, chunk_report_key, done_in, report_key,
                             totals)
-from tasks.pair import PairContext, stop_requested
+from tasks.pair import PairContext, PairStopped, stop_requested
 from tasks.pipeline import PipelineResult, failed_item, run_pairs
 from tasks.plan import PreflightError, default_allowed_sources, plan_pairs, source_entries
 from tasks.artifacts import RunProgress, publish_artifacts, write_pictures
 from tasks.storage import LocalStorage, StorageError, open_storage, read_uri, retrying
 
-__all__ = ["stylize_batch", "preflight", "fan_out_to_workers", "merge_chunk", "plan_chunks", "cancel_children", "on_pair_done",
-           "POLL_S"]
+__all__ = ["stylize_batch", "preflight", "fan_out_to_workers", "merge_chunk", "plan_chunks", "cancel_children",
+           "read_children", "start_chunk", "on_pair_done", "POLL_S", "API_PAGE", "START_TIMEOUT_S"]
 
 #: Set by the CLI to draw a progress bar: called with (finished pairs, pairs to run).
 on_pair_done: contextvars.ContextVar[Callable[[int, int], None] | None] = contextvars.ContextVar(
@@ -49,6 +50,13 @@ on_pair_done: contextvars.ContextVar[Callable[[int, int], None] | None] = contex
 
 #: Seconds between two polls of the chunk runs (one batched API query each).
 POLL_S = 2.0
+#: Flow runs per API read: Prefect's /flow_runs/filter answers 422 above PREFECT_SERVER_API_DEFAULT_LIMIT (200).
+API_PAGE = 200
+#: Queued chunks are cancelled after min(run.chunk_timeout_s, this) with no chunk running, started or
+#: finished (no worker polling the pool). Env: NST_CHUNK_START_TIMEOUT_S.
+START_TIMEOUT_S = float(os.environ.get("NST_CHUNK_START_TIMEOUT_S", 3600))
+#: A chunk that ended without completing is started again at most this many times by one plan.
+MAX_CHUNK_ATTEMPTS = 20
 PROBE_KEY = "_runs/.write-probe"
 
 
@@ -75,26 +83,53 @@ def preflight(source: BatchSource, output: OutputSpec, params: StyleParams, devi
     return source_entries(source), weights_id
 
 
-def plan_chunks(todo: list[PairPlan], chunk_size: int, parent_id: str) -> list[tuple[str, list[PairPlan]]]:
-    """(idempotency key, pairs) per chunk. The key comes from the chunk's pairs, so a retried
-    parent that re-plans (some pairs now done) never mistakes an old child for a new chunk."""
-    chunks = [todo[i:i + chunk_size] for i in range(0, len(todo), chunk_size)]
-    return [(f"{parent_id}:chunk:{chunk_key(c)}", c) for c in chunks]
+def plan_chunks(plans: list[PairPlan], chunk_size: int, parent_id: str,
+                done: set[int] | frozenset[int] = frozenset()) -> list[tuple[str, list[PairPlan]]]:
+    """(idempotency key, pairs) per chunk of the FULL plan, cut by position and keyed by all of the
+    chunk's pair keys. A retried parent that re-plans after some pairs finished cuts the same chunks
+    and finds the same children (still running or completed); chunks whose pairs are all in ``done``
+    (or failed at planning) are not started. A child skips the pairs of its chunk that are done."""
+    chunks = []
+    for i in range(0, len(plans), chunk_size):
+        chunk = [p for p in plans[i:i + chunk_size] if not p.error]
+        if any(p.index not in done for p in chunk):
+            chunks.append((f"{parent_id}:chunk:{chunk_key(chunk)}", chunk))
+    return chunks
 
 
 def _parent_tag(parent_id: str) -> str:
     return f"nst-parent:{parent_id}"
 
 
+def read_children(client, ids: list[str]):
+    """The flow runs with these ids, in pages the API accepts (it answers 422 above its limit)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs = []
+    for i in range(0, len(ids), API_PAGE):
+        page = ids[i:i + API_PAGE]
+        runs += client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=page)), limit=len(page))
+    return runs
+
+
 def cancel_children(parent_id: str, message: str = "the parent stylize-batch run was cancelled") -> int:
-    """Cancel every unfinished chunk run of a parent (found by its tag). Returns how many."""
+    """Cancel every unfinished chunk run of a parent (found by its tag, read in pages); finished
+    ones (Completed, Failed, ...) are left as they are. Returns how many were cancelled."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.client.schemas.sorting import FlowRunSort
     from prefect.states import Cancelling
 
-    n = 0
+    runs = []
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[_parent_tag(parent_id)])))
+        query = FlowRunFilter(tags=FlowRunFilterTags(all_=[_parent_tag(parent_id)]))
+        while True:  # read them all first: cancelling does not change the tag, so the pages stay put
+            page = client.read_flow_runs(flow_run_filter=query, sort=FlowRunSort.ID_DESC, limit=API_PAGE,
+                                         offset=len(runs))
+            runs += page
+            if len(page) < API_PAGE:
+                break
+        n = 0
         for child in runs:
             if child.state and not child.state.is_final():
                 client.set_flow_run_state(child.id, Cancelling(message=message), force=True)
@@ -104,6 +139,32 @@ def cancel_children(parent_id: str, message: str = "the parent stylize-batch run
 
 def _on_cancel(flow, run, state) -> None:
     cancel_children(str(run.id))
+
+
+def _on_crash(flow, run, state) -> None:
+    cancel_children(str(run.id), "the parent stylize-batch run crashed")
+
+
+def start_chunk(deployment: str, idem: str, parameters: dict, name: str, tags: list[str]):
+    """Start (or find, by idempotency key) one chunk run. Returns (flow run, its report key).
+
+    A run found by the key that is Completed is kept (its report is merged); one that ended
+    otherwise (Cancelled, Failed, Crashed) is replaced by a new attempt with its own key and
+    report key, so a retried parent redoes the chunk instead of reporting its failure again."""
+    from prefect.deployments import run_deployment
+
+    for attempt in range(MAX_CHUNK_ATTEMPTS):
+        key = idem if attempt == 0 else f"{idem}:attempt-{attempt}"
+        report = parameters["report_key"]
+        if attempt:
+            report = report.removesuffix(".json") + f"-attempt-{attempt}.json"
+        child = run_deployment(name=deployment, parameters={**parameters, "report_key": report},
+                               flow_run_name=name if attempt == 0 else f"{name}-attempt-{attempt}",
+                               idempotency_key=key, tags=tags, timeout=0,  # start them all, then wait
+                               as_subflow=True)
+        if not (child.state and child.state.is_final() and not child.state.is_completed()):
+            return child, (child.parameters or {}).get("report_key", report)
+    return child, (child.parameters or {}).get("report_key", report)  # every attempt ended badly: reported failed
 
 
 def merge_chunk(n: int, chunk: list[PairPlan], state_name: str, message: str, report: dict | None, out,
@@ -126,15 +187,31 @@ def merge_chunk(n: int, chunk: list[PairPlan], state_name: str, message: str, re
 
 
 def fan_out_to_workers(
-    todo: list[PairPlan], output: OutputSpec, params: StyleParams, run: RunOptions, weights_id: str,
-    parent_id: str, on_done: Callable[[int, int], None],
+    plans: list[PairPlan], done: set[int], output: OutputSpec, params: StyleParams, run: RunOptions,
+    weights_id: str, parent_id: str, on_done: Callable[[int, int], None],
 ) -> PipelineResult:
-    """One ``run.chunk_deployment`` run per chunk; wait for all (one query per poll, a deadline of
-    ``run.chunk_timeout_s``); merge their chunk reports. A chunk that ends without a readable
-    report: its pairs' sidecars decide which are done."""
+    """One ``run.chunk_deployment`` run per chunk of the plan (``plan_chunks``); wait for all (one
+    paged query per poll); merge their chunk reports. A chunk that ends without a readable report:
+    its pairs' sidecars decide which are done.
+
+    Deadlines: a chunk that started (left Scheduled) is cancelled ``run.chunk_timeout_s`` after
+    ITS start. Chunks still queued are cancelled only when nothing moved for
+    min(chunk_timeout_s, START_TIMEOUT_S): no chunk running and none started or finished that long
+    (no worker polls the pool, or `nst serve --limit 1`). Anything that ends the wait early (Ctrl-C,
+    an error, the stop flag) cancels the unfinished chunk runs first."""
+    try:
+        return _fan_out(plans, done, output, params, run, weights_id, parent_id, on_done)
+    except BaseException:
+        try:
+            cancel_children(parent_id, "the parent stylize-batch run stopped before its chunks finished")
+        except Exception as err:  # the API is gone too: nothing more to do here
+            get_run_logger().warning("could not cancel the chunk runs: %s", err)
+        raise
+
+
+def _fan_out(plans, done, output, params, run, weights_id, parent_id, on_done) -> PipelineResult:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.deployments import run_deployment
+    from prefect.client.schemas.objects import StateType
     from prefect.states import Cancelling
 
     from flows.chunk import decode_thumbs
@@ -142,33 +219,33 @@ def fan_out_to_workers(
     logger = get_run_logger()
     out = open_storage(output.uri)
     worker_run = run.model_copy(update={"devices": ["auto"]})  # a worker leases the devices it has
-    children: dict[str, tuple[int, list[PairPlan], str]] = {}
-    for n, (idem, chunk) in enumerate(plan_chunks(todo, run.chunk_size, parent_id)):
+    n_todo = sum(1 for p in plans if not p.error and p.index not in done)
+    children: dict[str, tuple[int, list[PairPlan], str]] = {}  # id -> (chunk number, pairs to run, report key)
+    for n, (idem, chunk) in enumerate(plan_chunks(plans, run.chunk_size, parent_id, done)):
+        if stop_requested.is_set():
+            raise PairStopped("run interrupted while starting its chunk runs")
         report = chunk_report_key(parent_id, idem.rsplit(":", 1)[1])
-        child = run_deployment(
-            name=run.chunk_deployment,
-            parameters={"pairs": [asdict(p) for p in chunk], "output": output.model_dump(mode="json"),
-                        "params": params.model_dump(mode="json"), "run": worker_run.model_dump(mode="json"),
-                        "weights_id": weights_id, "report_key": report},
-            flow_run_name=f"{flow_run.get_name() or 'stylize-batch'}-chunk-{n:04d}",
-            idempotency_key=idem,
-            tags=[_parent_tag(parent_id)],
-            timeout=0,  # start them all, then wait below
-            as_subflow=True,
-        )
-        children[str(child.id)] = (n, chunk, report)
+        child, report = start_chunk(
+            run.chunk_deployment, idem,
+            {"pairs": [asdict(p) for p in chunk], "output": output.model_dump(mode="json"),
+             "params": params.model_dump(mode="json"), "run": worker_run.model_dump(mode="json"),
+             "weights_id": weights_id, "report_key": report},
+            f"{flow_run.get_name() or 'stylize-batch'}-chunk-{n:04d}", [_parent_tag(parent_id)])
+        children[str(child.id)] = (n, [p for p in chunk if p.index not in done], report)
     logger.info("started %d chunk runs of %s (chunk size %d)", len(children), run.chunk_deployment, run.chunk_size)
 
     result = PipelineResult()
     finished = 0
+    settled: set[str] = set()
 
     def settle(child_id: str, state_name: str, message: str, report: dict | None) -> None:
         nonlocal finished
         n, chunk, key = children[child_id]
+        settled.add(child_id)
         for index, item in merge_chunk(n, chunk, state_name, message, report, out, run.io_workers).items():
             result.items[index] = item
             finished += 1
-            on_done(finished, len(todo))
+            on_done(finished, n_todo)
         if report:
             room = run.contact_sheet_rows - len(result.thumbs)
             result.thumbs += decode_thumbs(report.get("thumbs", []))[:max(room, 0)]
@@ -181,34 +258,55 @@ def fan_out_to_workers(
         except (StorageError, ValueError):
             return None
 
-    deadline = time.monotonic() + run.chunk_timeout_s
+    start_limit = min(run.chunk_timeout_s, START_TIMEOUT_S)
+    last_move = time.monotonic()  # when a chunk last started or finished, or one was seen running
+    started: dict[str, float] = {}  # child id -> when it was first seen out of Scheduled
+    states: dict[str, str] = {}  # child id -> last state name seen
     with get_client(sync_client=True) as client:
-        while children.keys() - {c["flow_run_id"] for c in result.chunks}:
-            pending = [i for i in children if i not in {c["flow_run_id"] for c in result.chunks}]
+
+        def cancel(child_id: str, why: str) -> None:
             try:
-                runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=pending)),
-                                             limit=len(pending))
-            except Exception as err:  # the API hiccuped: poll again, the deadline still holds
+                client.set_flow_run_state(child_id, Cancelling(message=why), force=True)
+            except Exception as err:
+                logger.warning("could not cancel chunk run %s: %s", child_id, err)
+            settle(child_id, "Cancelled", why, read_report(children[child_id][2]))
+
+        while pending := [i for i in children if i not in settled]:
+            if stop_requested.is_set():
+                for child_id in pending:
+                    cancel(child_id, "the run was interrupted before the chunk finished; cancelled")
+                break
+            try:
+                runs = read_children(client, pending)
+            except Exception as err:  # the API hiccuped: poll again, the deadlines still hold
                 logger.warning("polling %d chunk runs failed (%s); retrying", len(pending), err)
                 runs = []
+            now = time.monotonic()
             for child in runs:
-                if child.state and child.state.is_final():
-                    settle(str(child.id), child.state.name, child.state.message or "",
-                           read_report(children[str(child.id)][2]))
-            if time.monotonic() > deadline:
-                states = {str(c.id): c.state.name for c in runs if c.state}
-                for child_id in [i for i in pending if i not in {c["flow_run_id"] for c in result.chunks}]:
-                    state = states.get(child_id, "unknown")
-                    why = (f"not finished within chunk_timeout_s={run.chunk_timeout_s:g} s (still {state}"
-                           + ("; is a worker polling the chunk deployment's work pool?" if state in
-                              ("Scheduled", "Pending", "Late") else "") + "); cancelled")
-                    try:
-                        client.set_flow_run_state(child_id, Cancelling(message=why), force=True)
-                    except Exception as err:
-                        logger.warning("could not cancel chunk run %s: %s", child_id, err)
-                    settle(child_id, "Cancelled", why, read_report(children[child_id][2]))
-                break
-            time.sleep(POLL_S)
+                child_id = str(child.id)
+                if not child.state:
+                    continue
+                states[child_id] = child.state.name
+                if child.state.is_final():
+                    settle(child_id, child.state.name, child.state.message or "",
+                           read_report(children[child_id][2]))
+                    last_move = now
+                elif child.state.type != StateType.SCHEDULED and child_id not in started:
+                    started[child_id] = now
+            if any(i in started for i in pending if i not in settled):
+                last_move = now  # a chunk is running: the queued ones wait for its slot
+            for child_id in [i for i in pending if i not in settled]:
+                state = states.get(child_id, "unknown")
+                if child_id in started and now - started[child_id] > run.chunk_timeout_s:
+                    cancel(child_id, f"ran longer than chunk_timeout_s={run.chunk_timeout_s:g} s (still {state}); "
+                                     "cancelled")
+                elif child_id not in started and now - last_move > start_limit:
+                    cancel(child_id, f"not started within {start_limit:g} s (still {state}) while no chunk of this "
+                                     f"run was running; is a worker polling the work pool of {run.chunk_deployment}? "
+                                     "(with `nst serve`, --limit must be at least 2: this run takes one slot and "
+                                     "its chunks need another); cancelled")
+            if any(i not in settled for i in children):
+                time.sleep(POLL_S)
     result.chunks.sort(key=lambda c: c["chunk"])
     return result
 
@@ -216,7 +314,7 @@ def fan_out_to_workers(
 # validate_parameters=False: the flow validates its arguments itself, first thing (batch_inputs),
 # so a run created without the API's schema check fails at once with one line, not a traceback.
 @flow(name="stylize-batch", task_runner=ThreadPoolTaskRunner(max_workers=1024 + 16), persist_result=False,
-      on_cancellation=[_on_cancel], validate_parameters=False,
+      on_cancellation=[_on_cancel], on_crashed=[_on_crash], validate_parameters=False,
       description="Stylize every content/style pair of a dataset (S3 or folder) and write results, sidecars and a run report.")
 def stylize_batch(
     source: BatchSource = Field(
@@ -284,7 +382,7 @@ def stylize_batch(
         progress.update(finished)
 
     if run.fan_out == "workers" and todo:
-        result = fan_out_to_workers(todo, output, params, run, weights_id, run_id, on_done)
+        result = fan_out_to_workers(plans, done, output, params, run, weights_id, run_id, on_done)
     else:
         ctx = PairContext(output, params, devices, weights_id, run.labels, run.io_workers, run.pair_timeout_s,
                           {"id": run_id, "name": run_name})

@@ -24,7 +24,7 @@ def test_a_retried_parent_never_reuses_a_chunk_for_other_pairs():
     the position (the old way) would hand new pairs to an old child, which never runs them."""
     todo = [plan(i) for i in range(10)]
     first = dict(plan_chunks(todo, 4, "parent"))
-    retried = dict(plan_chunks(todo[4:], 4, "parent"))  # chunk 0 finished before the retry
+    retried = dict(plan_chunks(todo, 4, "parent", done={0, 1, 2, 3}))  # chunk 0 finished before the retry
     for key, pairs in retried.items():
         assert key not in first or [p.index for p in first[key]] == [p.index for p in pairs]
     assert sorted(p.index for pairs in retried.values() for p in pairs) == list(range(4, 10))
@@ -68,8 +68,8 @@ def test_no_gpu_worker_ends_failed_with_the_reason_and_cancels_the_chunks(tmp_pa
     run_id = str(state.state_details.flow_run_id)
     report = json.loads((tmp_path / "out" / "_runs" / f"{run_id}.json").read_text())
     errors = {i["error"] for i in report["items"]}
-    assert all("not finished within chunk_timeout_s=3 s (still Scheduled" in e for e in errors), errors
-    assert all("is a worker polling" in e for e in errors)
+    assert all("not started within 3 s (still Scheduled" in e for e in errors), errors
+    assert all("is a worker polling" in e and "--limit" in e for e in errors)
     with get_client(sync_client=True) as client:
         children = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"nst-parent:{run_id}"])))
@@ -104,3 +104,201 @@ def test_a_chunk_without_a_readable_report_is_judged_by_its_sidecars(tmp_path):
     items = merge_chunk(3, [written, lost], "Crashed", "worker died", None, out)
     assert items[0].status == "done" and items[0].sidecar.endswith("n0.json")
     assert items[1].status == "failed" and items[1].error == "chunk 3 ended Crashed: worker died"
+
+
+# --- more than 200 chunk runs: Prefect's API answers 422 to a page over 200 ---------------------------
+
+def test_cancel_children_pages_past_200_and_leaves_finished_ones_alone(prefect_api):
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.states import Completed, Scheduled
+
+    parent = f"p-{uuid.uuid4().hex[:8]}"
+    tag = f"nst-parent:{parent}"
+    with get_client(sync_client=True) as client:
+        for _ in range(201):
+            client.create_flow_run(stylize_chunk, tags=[tag], state=Scheduled())
+        done = client.create_flow_run(stylize_chunk, tags=[tag], state=Completed())
+        assert cancel_children(parent) == 201
+        runs = []
+        while page := client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])),
+                                            limit=200, offset=len(runs)):
+            runs += page
+        assert len(runs) == 202
+        assert client.read_flow_run(done.id).state.name == "Completed"
+        assert all(r.state.name in ("Cancelling", "Cancelled") for r in runs if r.id != done.id)
+
+
+def test_polling_more_than_200_chunk_runs_reads_them_all(prefect_api):
+    from prefect.client.orchestration import get_client
+    from prefect.states import Scheduled
+
+    with get_client(sync_client=True) as client:
+        ids = [str(client.create_flow_run(stylize_chunk, state=Scheduled()).id) for _ in range(201)]
+        runs = batch.read_children(client, ids)
+    assert sorted(str(r.id) for r in runs) == sorted(ids)
+
+
+# --- a retried parent: chunks from the full plan, by position ----------------------------------------
+
+def test_a_retried_parent_keeps_every_chunk_key_of_pairs_still_in_flight():
+    plans = [plan(i) for i in range(12)]
+    first = dict(plan_chunks(plans, 4, "parent"))
+    assert len(first) == 3
+    retried = dict(plan_chunks(plans, 4, "parent", done={0, 5}))  # 2 of 12 pairs finished before the retry
+    assert retried.keys() == first.keys()  # every old child (maybe still running) is found again by its key
+    for key, pairs in retried.items():
+        assert [p.index for p in pairs] == [p.index for p in first[key]]
+    all_done = dict(plan_chunks(plans, 4, "parent", done={0, 1, 2, 3}))
+    assert all_done.keys() == first.keys() - {next(iter(first))}  # a chunk whose pairs are all done is not started
+
+
+def test_a_cancelled_child_with_the_same_key_is_started_again(chunk_deployment_without_worker):
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(chunk_deployment_without_worker)
+        old = client.create_flow_run_from_deployment(deployment.id, idempotency_key="p:chunk:abc",
+                                                     parameters={"report_key": "_runs/p/chunk-abc.json"})
+        client.set_flow_run_state(old.id, Cancelled(), force=True)
+        child, report = batch.start_chunk(chunk_deployment_without_worker, "p:chunk:abc",
+                                          {"report_key": "_runs/p/chunk-abc.json"}, "chunk-0000", ["t"])
+        assert str(child.id) != str(old.id)
+        assert client.read_flow_run(child.id).state.name == "Scheduled"
+        assert report != "_runs/p/chunk-abc.json"  # the new attempt reports elsewhere
+        completed = client.create_flow_run_from_deployment(deployment.id, idempotency_key="p:chunk:done",
+                                                           parameters={"report_key": "_runs/p/chunk-done.json"})
+        client.set_flow_run_state(completed.id, Cancelled(), force=True)
+        from prefect.states import Completed
+
+        client.set_flow_run_state(completed.id, Completed(), force=True)
+        again, report = batch.start_chunk(chunk_deployment_without_worker, "p:chunk:done",
+                                          {"report_key": "x"}, "chunk-0001", ["t"])
+        assert str(again.id) == str(completed.id) and report == "_runs/p/chunk-done.json"  # merged, not redone
+
+
+# --- the parent stops (Ctrl-C, crash): its chunk runs stop too -----------------------------------------
+
+class FakeClock:
+    """Stands in for the ``time`` module in flows.batch: sleeping advances the clock and runs ``on_sleep``."""
+
+    def __init__(self, on_sleep=None, step=1.0):
+        self.now, self.step, self.on_sleep, self.sleeps = 1000.0, step, on_sleep, 0
+
+    def monotonic(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.sleeps += 1
+        self.now += self.step
+        if self.on_sleep:
+            self.on_sleep(self)
+
+
+def _folders(tmp_path, contents=3):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "s").mkdir()
+    for i in range(contents):
+        pattern((24, 24), "content", i).save(tmp_path / "c" / f"c{i}.png")
+    pattern((24, 24), "style").save(tmp_path / "s" / "s.png")
+    return BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s")), OutputSpec(uri=str(tmp_path / "out"))
+
+
+def _children(parent_id: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    with get_client(sync_client=True) as client:
+        return sorted(client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"nst-parent:{parent_id}"]))),
+            key=lambda r: r.name)
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_waiting_cancels_the_chunk_runs(tmp_path, monkeypatch, chunk_deployment_without_worker):
+    source, output = _folders(tmp_path)
+
+    def interrupt(clock):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch, "time", FakeClock(interrupt))
+    with pytest.raises(KeyboardInterrupt):
+        stylize_batch(source, output, tiny_params(),
+                      RunOptions(fan_out="workers", chunk_size=2, chunk_deployment=chunk_deployment_without_worker))
+    parents = {c.tags[0] for c in _recent_chunks(chunk_deployment_without_worker)}
+    assert len(parents) == 1
+    kids = _children(parents.pop().split(":", 1)[1])
+    assert len(kids) == 2 and all(k.state.name in ("Cancelling", "Cancelled") for k in kids), [k.state for k in kids]
+
+
+def _recent_chunks(deployment_name: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(deployment_filter=DeploymentFilter(
+            name=DeploymentFilterName(any_=[deployment_name.split("/", 1)[1]])), limit=200)
+
+
+# --- deadlines: a chunk is timed from its own start; queued chunks wait while others run ---------------
+
+@pytest.mark.slow
+def test_a_queued_chunk_is_timed_from_its_own_start(tmp_path, monkeypatch, chunk_deployment_without_worker):
+    """One worker: chunk 1 waits while chunk 0 runs. The whole run outlasts chunk_timeout_s, no chunk does."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Running
+
+    source, output = _folders(tmp_path)
+
+    def worker(clock):  # one chunk at a time, 60 s each, on a fake clock
+        kids = _recent_chunks(chunk_deployment_without_worker)
+        if not kids:
+            return
+        kids = _children(kids[0].tags[0].split(":", 1)[1])
+        t = clock.sleeps * clock.step
+        with get_client(sync_client=True) as client:
+            for n, when in ((0, 0), (1, 60)):
+                if t >= when and kids[n].state.name == "Scheduled":
+                    client.set_flow_run_state(kids[n].id, Running(), force=True)
+                if t >= when + 60 and kids[n].state.name == "Running":
+                    client.set_flow_run_state(kids[n].id, Completed(), force=True)
+
+    monkeypatch.setattr(batch, "time", FakeClock(worker, step=10.0))
+    state = stylize_batch(source, output, tiny_params(),
+                          RunOptions(fan_out="workers", chunk_size=2, chunk_timeout_s=90,
+                                     chunk_deployment=chunk_deployment_without_worker), return_state=True)
+    run_id = str(state.state_details.flow_run_id)
+    report = json.loads((tmp_path / "out" / "_runs" / f"{run_id}.json").read_text())
+    errors = [i["error"] for i in report["items"]]
+    # the chunks "completed" without writing anything, so their pairs fail, but none was cancelled
+    assert all("ended Completed" in e for e in errors), errors
+    assert all(k.state.name == "Completed" for k in _children(run_id))
+
+
+@pytest.mark.slow
+def test_a_chunk_running_past_its_deadline_is_cancelled_with_that_reason(tmp_path, monkeypatch,
+                                                                        chunk_deployment_without_worker):
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    source, output = _folders(tmp_path, contents=2)
+
+    def start(clock):
+        kids = _recent_chunks(chunk_deployment_without_worker)
+        if kids:
+            with get_client(sync_client=True) as client:
+                for k in _children(kids[0].tags[0].split(":", 1)[1]):
+                    if k.state.name == "Scheduled":
+                        client.set_flow_run_state(k.id, Running(), force=True)
+
+    monkeypatch.setattr(batch, "time", FakeClock(start, step=10.0))
+    state = stylize_batch(source, output, tiny_params(),
+                          RunOptions(fan_out="workers", chunk_size=2, chunk_timeout_s=50,
+                                     chunk_deployment=chunk_deployment_without_worker), return_state=True)
+    assert state.is_failed()
+    run_id = str(state.state_details.flow_run_id)
+    report = json.loads((tmp_path / "out" / "_runs" / f"{run_id}.json").read_text())
+    assert all("ran longer than chunk_timeout_s=50 s" in i["error"] for i in report["items"]), report["items"]
