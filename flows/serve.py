@@ -84,6 +84,9 @@ def serve_deployments(limit: int | None = None, name: str = SERVED_NAME) -> None
     from prefect import serve
     from prefect.settings import get_current_settings
 
+    if limit is not None and limit < 2:  # a batch run holds a slot while its chunk runs wait for one
+        raise NSTError(f"--limit must be at least 2 (got {limit}): a stylize-batch run takes one slot and, "
+                       "with fan-out 'workers', its chunk runs need another")
     served = deployments(name)
     check_names_are_free([f"stylize-batch/{name}", f"stylize-chunk/{name}"])
     ui = get_current_settings().ui_url

@@ -302,3 +302,13 @@ def test_a_chunk_running_past_its_deadline_is_cancelled_with_that_reason(tmp_pat
     run_id = str(state.state_details.flow_run_id)
     report = json.loads((tmp_path / "out" / "_runs" / f"{run_id}.json").read_text())
     assert all("ran longer than chunk_timeout_s=50 s" in i["error"] for i in report["items"]), report["items"]
+
+
+def test_serve_refuses_a_limit_that_deadlocks_fan_out(monkeypatch):
+    """`nst serve --limit 1`: the batch run takes the only slot and its chunks never start."""
+    from flows import serve
+    from nst_core.errors import NSTError
+
+    monkeypatch.setattr(serve, "check_names_are_free", lambda names: pytest.fail("refused before any API call"))
+    with pytest.raises(NSTError, match="--limit must be at least 2"):
+        serve.serve_deployments(limit=1)
