@@ -17,11 +17,17 @@ Write order
     ever visible under the output prefix.
 
 Done rule (the only skip rule; stylize-batch and stylize-chunk both use ``done_pairs``)
-    A pair is done when its image AND its sidecar exist and the sidecar's stored ``key``
-    equals the planned key. Anything else is redone, overwriting atomically.
+    A pair is done when its image AND its sidecar exist, the sidecar's stored ``key`` equals
+    the planned key, and the sidecar's ``image`` record matches the image that is there: its
+    size from the listing (or a HEAD), and on S3 its ETag. A manifest-named output keeps its name
+    when the key changes, so an image replaced without its sidecar (a crash between the two
+    writes, overlapping runs) is caught here. A sidecar without an ``image`` record (older
+    versions) counts only for key-named outputs, whose name changes with the key. Anything else
+    is redone, overwriting atomically.
 
 Sidecar fields (``sidecar()``)
-    content, style, output, key, identities {content, style}, losses {initial, final}
+    The engine's metadata first, then the contract's fields, which it can never overwrite:
+    content, style, output, key, image {size, identity}, identities {content, style}, losses {initial, final}
     (``final`` is the *best* evaluation: the image written is the lowest-loss one),
     loss_history (<= 100 evaluations, every k-th plus the last), flow_run {id, name},
     labels, created, and the engine's metadata (params, weights_id, device, size,
@@ -53,7 +59,7 @@ from nst_core.params import StyleParams
 
 __all__ = [
     "EXTENSIONS", "RUNS", "HISTORY_POINTS", "PairPlan", "ReportItem", "pair_key", "output_name", "chunk_key",
-    "report_key", "chunk_report_key", "sidecar", "loss_history", "done_pairs", "done_in", "totals",
+    "report_key", "chunk_report_key", "sidecar", "image_record", "loss_history", "done_pairs", "done_in", "totals",
 ]
 
 #: OutputSpec.format -> file extension.
@@ -153,17 +159,20 @@ def loss_history(history: list[dict[str, float]], points: int = HISTORY_POINTS) 
 
 
 def sidecar(plan: PairPlan, output_uri: str, result, labels: dict[str, str], flow_run: dict,
-            seconds: dict | None = None) -> dict:
-    """The JSON written beside a result (written last: see the done rule)."""
+            seconds: dict | None = None, image: dict | None = None) -> dict:
+    """The JSON written beside a result (written last: see the done rule). ``image``: {size,
+    identity} of the image as written. The engine's metadata comes first so that none of its
+    keys can overwrite a field of the contract."""
     return {
+        **result.metadata,
         "content": plan.content,
         "style": plan.style,
         "output": output_uri,
         "key": plan.key,
+        "image": image or {},
         "identities": {"content": plan.content_identity, "style": plan.style_identity},
         "losses": result.losses,  # "final" is the best (lowest total) evaluation: the image written
         "loss_history": loss_history(result.history),
-        **result.metadata,
         "seconds": {**result.metadata.get("seconds", {}), **(seconds or {})},
         "flow_run": flow_run,
         "labels": labels,
@@ -171,26 +180,44 @@ def sidecar(plan: PairPlan, output_uri: str, result, labels: dict[str, str], flo
     }
 
 
+def image_record(data: bytes, identity: str) -> dict:
+    """What the sidecar stores about its image: the size and the identity the write returned."""
+    return {"size": len(data), "identity": identity}
+
+
+def _image_matches(plan: PairPlan, meta: dict, listed) -> bool:
+    """The sidecar's image record against the image there now (``listed``: an ObjectInfo)."""
+    record = meta.get("image")
+    if not record:  # written by an older version: trust it only where the name carries the key
+        return plan.name.endswith(f"__{plan.key[:8]}")
+    if record.get("size") != listed.size:
+        return False
+    # S3 lists ETags; a local listing has none (hashing every file would slow a skip-all rerun): size only
+    return not (listed.identity and record.get("identity")) or listed.identity == record["identity"]
+
+
 def done_pairs(plans: list[PairPlan], read_sidecar: Callable[[str], bytes | None],
-               listed: set[str] | None = None, exists: Callable[[str], bool] | None = None,
+               listed: dict | None = None, info: Callable[[str], object] | None = None,
                io_workers: int = 8) -> set[int]:
     """Indexes of the plans that are done by the rule above.
 
-    ``listed``: every key under the output (one listing); without it, ``exists`` asks per image.
-    ``read_sidecar``: the sidecar's bytes, or None when it is missing.
+    ``listed``: key -> ObjectInfo of everything under the output (one listing); without it,
+    ``info`` gives one image's ObjectInfo (or None). ``read_sidecar``: its bytes, or None when missing.
     """
     candidates = [p for p in plans if not p.error and (
         listed is None or (p.image_key in listed and p.sidecar_key in listed))]
 
     def check(p: PairPlan) -> bool:
-        if listed is None and exists is not None and not exists(p.image_key):
+        image = listed[p.image_key] if listed is not None else info(p.image_key)
+        if image is None:
             return False
         raw = read_sidecar(p.sidecar_key)
         if raw is None:
             return False
         try:
-            return json.loads(raw).get("key") == p.key
-        except (ValueError, AttributeError):
+            meta = json.loads(raw)
+            return meta.get("key") == p.key and _image_matches(p, meta, image)
+        except (ValueError, AttributeError, TypeError):
             return False  # a damaged sidecar: redo the pair
 
     if not candidates:
@@ -210,8 +237,8 @@ def done_in(storage, plans: list[PairPlan], list_once: bool = True, io_workers: 
         except MissingObjectError:
             return None
 
-    listed = {info.key for info in retrying(storage.list)} if list_once else None
-    return done_pairs(plans, read_sidecar, listed, lambda k: retrying(lambda: storage.exists(k)), io_workers)
+    listed = {info.key: info for info in retrying(storage.list)} if list_once else None
+    return done_pairs(plans, read_sidecar, listed, lambda k: retrying(lambda: storage.info(k)), io_workers)
 
 
 def totals(items: list[ReportItem]) -> dict[str, int]:

@@ -23,7 +23,7 @@ from nst_core.errors import NSTError, WeightsError
 from nst_core.params import StyleParams
 
 from .compute import io_slot, lease_device, run_on_device, targets_cache
-from .contract import PairPlan, ReportItem, sidecar
+from .contract import PairPlan, ReportItem, image_record, sidecar
 from .storage import open_storage, read_uri, retrying
 
 __all__ = ["PairContext", "PairDone", "PairTimeoutError", "PairStopped", "ObjectCache", "process_pair",
@@ -181,17 +181,18 @@ def process_pair(pair: PairPlan, ctx: PairContext) -> PairDone:
         result = run_on_device(device, lambda: compute(device))
     image = encode_image(result.image, ctx.output.format, quality=ctx.output.quality)
     image_uri, sidecar_uri = out.uri_for(pair.image_key), out.uri_for(pair.sidecar_key)
-    meta = sidecar(pair, image_uri, result, ctx.labels, ctx.flow_run, {"device_wait": round(waited, 4)})
     fmt = pair.image_key.rsplit(".", 1)[-1]
 
-    def write(key: str, data: bytes, content_type: str) -> None:
-        def once() -> None:
+    def write(key: str, data: bytes, content_type: str) -> str:
+        def once() -> str:
             with io_slot(ctx.io_workers):
-                out.write(key, data, content_type)
-        retrying(once)
+                return out.write(key, data, content_type)
+        return retrying(once)
 
-    # The image first, the sidecar last: a sidecar with this key means the pair is done.
-    write(pair.image_key, image, f"image/{'jpeg' if fmt == 'jpg' else fmt}")
+    # The image first, the sidecar last: a sidecar with this key and this image's record means done.
+    identity = write(pair.image_key, image, f"image/{'jpeg' if fmt == 'jpg' else fmt}")
+    meta = sidecar(pair, image_uri, result, ctx.labels, ctx.flow_run, {"device_wait": round(waited, 4)},
+                   image_record(image, identity))
     write(pair.sidecar_key, json.dumps(meta, indent=2).encode(), "application/json")
     item = ReportItem(pair.content, pair.style, "done", image_uri, sidecar_uri,
                       seconds=meta["seconds"].get("total"), losses=result.losses)

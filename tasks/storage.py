@@ -107,10 +107,16 @@ class Storage:
         """(bytes, identity)."""
         raise NotImplementedError
 
-    def write(self, key: str, data: bytes, content_type: str | None = None) -> None:
+    def write(self, key: str, data: bytes, content_type: str | None = None) -> str:
+        """Write atomically; returns the identity the written object will list with where the
+        backend gives one at listing time (S3: its ETag), else its SHA-256."""
         raise NotImplementedError
 
     def exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def info(self, key: str) -> ObjectInfo | None:
+        """Size (and, on S3, ETag) of one object without reading it; None when it does not exist."""
         raise NotImplementedError
 
     def delete(self, key: str) -> None:
@@ -167,7 +173,7 @@ class LocalStorage(Storage):
     def identity(self, key: str) -> str:
         return self.read(key)[1]
 
-    def write(self, key: str, data: bytes, content_type: str | None = None) -> None:
+    def write(self, key: str, data: bytes, content_type: str | None = None) -> str:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         temp_dir = self.root / TEMP_DIR
@@ -183,6 +189,15 @@ class LocalStorage(Storage):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        return _sha256(data)
+
+    def info(self, key: str) -> ObjectInfo | None:
+        path = self._path(key)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        return ObjectInfo(safe_key(key), st.st_size, "") if path.is_file() else None
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -331,13 +346,23 @@ class S3Storage(Storage):
         except Exception as err:
             raise self._wrap(err, key) from None
 
-    def write(self, key: str, data: bytes, content_type: str | None = None) -> None:
+    def write(self, key: str, data: bytes, content_type: str | None = None) -> str:
         extra = {"ContentType": content_type} if content_type else {}
         try:
             # One PutObject (up to 5 GB): atomic, so a crash never leaves a partial object visible.
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **extra)
+            resp = self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **extra)
         except Exception as err:
             raise self._wrap(err, key) from None
+        return str(resp.get("ETag", "")).strip('"') or _sha256(data)
+
+    def info(self, key: str) -> ObjectInfo | None:
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as err:
+            if _is_missing(err):
+                return None
+            raise self._wrap(err, key) from None
+        return ObjectInfo(safe_key(key), int(head.get("ContentLength", -1)), str(head.get("ETag", "")).strip('"'))
 
     def exists(self, key: str) -> bool:
         try:

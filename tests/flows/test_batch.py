@@ -244,6 +244,36 @@ def test_a_manifest_named_output_is_redone_when_params_change(tmp_path):
     del source
 
 
+def test_a_named_output_whose_image_was_replaced_without_its_sidecar_is_redone(tmp_path, monkeypatch):
+    """Params A done; a run with params B writes its image, then dies before the sidecar (a crash,
+    or an overlapping run): the image is B's, the sidecar still says A. Rerunning A must redo it."""
+    from tasks.storage import LocalStorage, StorageError
+
+    _cross_folders(tmp_path, 1, 1)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"content": "c/c0.png", "style": "s/s0.png", "output": "named/x"}))
+    manifest = BatchSource(manifest=str(tmp_path / "m.jsonl"))
+    out = OutputSpec(uri=str(tmp_path / "out"), format="png")
+    assert run(manifest, out).result()["totals"]["done"] == 1
+    image_a = (tmp_path / "out" / "named" / "x.png").read_bytes()
+
+    real_write = LocalStorage.write
+
+    def no_sidecar(self, key, data, content_type=None):
+        if key == "named/x.json":
+            raise StorageError("injected: died before the sidecar")
+        return real_write(self, key, data, content_type)
+
+    with monkeypatch.context() as m:
+        m.setattr(LocalStorage, "write", no_sidecar)
+        b = run(manifest, out, PARAMS.model_copy(update={"image_size": 40}))
+    assert b.is_failed()
+    assert (tmp_path / "out" / "named" / "x.png").read_bytes() != image_a  # B's image, A's sidecar
+
+    again = run(manifest, out)
+    assert again.result()["totals"] == {"pairs": 1, "done": 1, "skipped": 0, "failed": 0}
+    assert (tmp_path / "out" / "named" / "x.png").read_bytes() == image_a
+
+
 def test_a_pair_over_its_time_limit_fails_alone_and_the_failed_state_is_clean(tmp_path):
     source = _cross_folders(tmp_path, 1, 1)
     state = run(source, OutputSpec(uri=str(tmp_path / "out")), PARAMS.model_copy(update={"iterations": 50}),

@@ -100,7 +100,7 @@ def test_a_chunk_without_a_readable_report_is_judged_by_its_sidecars(tmp_path):
     out = open_storage(str(tmp_path))
     written, lost = plan(0), plan(1)
     out.write(written.image_key, b"img")
-    out.write(written.sidecar_key, json.dumps({"key": written.key}).encode())
+    out.write(written.sidecar_key, json.dumps({"key": written.key, "image": {"size": 3}}).encode())
     items = merge_chunk(3, [written, lost], "Crashed", "worker died", None, out)
     assert items[0].status == "done" and items[0].sidecar.endswith("n0.json")
     assert items[1].status == "failed" and items[1].error == "chunk 3 ended Crashed: worker died"
