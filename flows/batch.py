@@ -91,7 +91,7 @@ def plan_chunks(plans: list[PairPlan], chunk_size: int, parent_id: str,
     (or failed at planning) are not started. A child skips the pairs of its chunk that are done."""
     chunks = []
     for i in range(0, len(plans), chunk_size):
-        chunk = [p for p in plans[i:i + chunk_size] if not p.error]
+        chunk = [p for p in plans[i:i + chunk_size] if p.runnable]
         if any(p.index not in done for p in chunk):
             chunks.append((f"{parent_id}:chunk:{chunk_key(chunk)}", chunk))
     return chunks
@@ -219,7 +219,7 @@ def _fan_out(plans, done, output, params, run, weights_id, parent_id, on_done) -
     logger = get_run_logger()
     out = open_storage(output.uri)
     worker_run = run.model_copy(update={"devices": ["auto"]})  # a worker leases the devices it has
-    n_todo = sum(1 for p in plans if not p.error and p.index not in done)
+    n_todo = sum(1 for p in plans if p.runnable and p.index not in done)
     children: dict[str, tuple[int, list[PairPlan], str]] = {}  # id -> (chunk number, pairs to run, report key)
     for n, (idem, chunk) in enumerate(plan_chunks(plans, run.chunk_size, parent_id, done)):
         if stop_requested.is_set():
@@ -365,6 +365,12 @@ def stylize_batch(
         if p.error:
             items[p.index] = failed_item(p, p.error)
             logger.error("pair %s x %s failed at planning: %s", p.content, p.style, p.error)
+        elif p.duplicate_of >= 0:
+            first = plans[p.duplicate_of]
+            items[p.index] = ReportItem(p.content, p.style, "skipped", out.uri_for(p.image_key),
+                                        out.uri_for(p.sidecar_key),
+                                        note=f"duplicate of pair {p.duplicate_of} ({first.content} x {first.style}): "
+                                             "the same result, made once")
         elif p.index in done:
             items[p.index] = ReportItem(p.content, p.style, "skipped", out.uri_for(p.image_key),
                                         out.uri_for(p.sidecar_key))

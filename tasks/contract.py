@@ -74,7 +74,9 @@ _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 @dataclass(frozen=True)
 class PairPlan:
-    """One planned pair. ``error`` set: it failed at planning (no name, no key) and is not run."""
+    """One planned pair. ``error`` set: it failed at planning (no name, no key) and is not run.
+    ``duplicate_of`` >= 0: the same pair (same key, same name) as the plan with that index: it is
+    reported skipped and not run again."""
 
     index: int
     content: str  # URI
@@ -86,6 +88,11 @@ class PairPlan:
     sidecar_key: str
     key: str  # the pair key: full SHA-256 hex
     error: str = ""
+    duplicate_of: int = -1
+
+    @property
+    def runnable(self) -> bool:
+        return not self.error and self.duplicate_of < 0
 
 
 @dataclass
@@ -100,6 +107,7 @@ class ReportItem:
     error: str | None = None
     seconds: float | None = None
     losses: dict | None = None
+    note: str | None = None  # e.g. why a pair was skipped
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -204,7 +212,7 @@ def done_pairs(plans: list[PairPlan], read_sidecar: Callable[[str], bytes | None
     ``listed``: key -> ObjectInfo of everything under the output (one listing); without it,
     ``info`` gives one image's ObjectInfo (or None). ``read_sidecar``: its bytes, or None when missing.
     """
-    candidates = [p for p in plans if not p.error and (
+    candidates = [p for p in plans if p.runnable and (
         listed is None or (p.image_key in listed and p.sidecar_key in listed))]
 
     def check(p: PairPlan) -> bool:

@@ -233,8 +233,16 @@ def plan_pairs(
         name = output_name(e.content, e.style, key, e.output)
         if name.split("/")[0] == RUNS:
             raise PreflightError(f"{e.where or name}: output names may not start with {RUNS}/ (run reports live there)")
-        if name in seen:
-            raise PreflightError(f"{e.where or name}: output name {name!r} is used twice (also {seen[name]})")
-        seen[name] = e.where or e.content
+        first = seen.get(name)
+        if first is not None and first[1] == key:  # the same result asked for twice: made once
+            plans.append(PairPlan(i, e.content, e.style, cid, sid, name, f"{name}.{EXTENSIONS[fmt]}", f"{name}.json",
+                                  key, duplicate_of=first[0]))
+            continue
+        if first is not None:  # another result under the same name: only this pair fails
+            plans.append(PairPlan(i, e.content, e.style, cid, sid, "", "", "", "", error=(
+                f"{e.where or e.content}: output name {name!r} is already the output of {first[2]} (other inputs "
+                "or parameters); give one of them another output name")))
+            continue
+        seen[name] = (i, key, e.where or e.content)
         plans.append(PairPlan(i, e.content, e.style, cid, sid, name, f"{name}.{EXTENSIONS[fmt]}", f"{name}.json", key))
     return plans

@@ -79,13 +79,41 @@ def test_output_names_and_keys(folders):
         pair_key("", "y", params, "w", "jpeg", 92)  # never hash an empty identity
 
 
-def test_duplicate_or_reserved_output_names_are_rejected(folders):
-    (folders / "m.csv").write_text("content,style,output\nc/a.jpg,s/s1.png,same\nc/b.png,s/s1.png,same.png\n")
-    with pytest.raises(PreflightError, match="used twice"):
-        plan_pairs(read_manifest(str(folders / "m.csv")), StyleParams(), "w", "png")
+def test_reserved_output_names_are_rejected(folders):
     (folders / "m.csv").write_text("content,style,output\nc/a.jpg,s/s1.png,_runs/x\n")
     with pytest.raises(PreflightError, match="_runs"):
         plan_pairs(read_manifest(str(folders / "m.csv")), StyleParams(), "w", "png")
+
+
+def test_an_output_name_collision_fails_only_the_colliding_pair(folders):
+    (folders / "c" / "b.png").write_bytes(to_bytes(pattern((16, 16), seed=3)))  # other bytes than a.jpg
+    (folders / "m.csv").write_text("content,style,output\nc/a.jpg,s/s1.png,same\nc/b.png,s/s1.png,same.png\n"
+                                   "c/a.jpg,s/s1.png,other\n")
+    plans = plan_pairs(read_manifest(str(folders / "m.csv")), StyleParams(), "w", "png")
+    assert not plans[0].error and plans[0].name == "same" and not plans[2].error
+    assert "output name 'same'" in plans[1].error and "line 2" in plans[1].error and plans[1].image_key == ""
+
+
+def test_a_repeated_pair_is_a_duplicate_not_a_failure(folders):
+    (folders / "m.csv").write_text("content,style,output\nc/a.jpg,s/s1.png,same\nc/a.jpg,s/s1.png,same\n")
+    plans = plan_pairs(read_manifest(str(folders / "m.csv")), StyleParams(), "w", "png")
+    assert not plans[1].error and plans[1].duplicate_of == 0 and plans[0].duplicate_of == -1
+    assert plans[1].image_key == plans[0].image_key and not plans[1].runnable and plans[0].runnable
+
+
+def test_same_file_name_in_two_folders(tmp_path):
+    """c/2023/IMG_1.png and c/2024/IMG_1.png: other bytes, other names; the same bytes, the same result."""
+    for year, seed in (("2023", 1), ("2024", 2)):
+        (tmp_path / "c" / year).mkdir(parents=True)
+        (tmp_path / "c" / year / "IMG_1.png").write_bytes(to_bytes(pattern((16, 16), seed=seed)))
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "s.png").write_bytes(to_bytes(pattern((16, 16), "style")))
+    source = BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s"))
+    plans = plan_pairs(source_entries(source), StyleParams(), "w", "png")
+    assert all(p.runnable for p in plans) and plans[0].name != plans[1].name
+    (tmp_path / "c" / "2024" / "IMG_1.png").write_bytes((tmp_path / "c" / "2023" / "IMG_1.png").read_bytes())
+    plans = plan_pairs(source_entries(source), StyleParams(), "w", "png")
+    assert not plans[1].error and plans[1].duplicate_of == 0 and plans[1].name == plans[0].name
 
 
 def test_s3_prefixes_are_listed_once_and_need_no_other_requests(bucket, monkeypatch):
