@@ -388,7 +388,9 @@ def stylize_batch(
         progress.update(finished)
 
     if run.fan_out == "workers" and todo:
-        result = fan_out_to_workers(plans, done, output, params, run, weights_id, run_id, on_done)
+        # the chunk runs read only where this run may: the resolved list, never the empty default
+        result = fan_out_to_workers(plans, done, output, params, run.model_copy(update={"allowed_sources": allowed}),
+                                    weights_id, run_id, on_done)
     else:
         ctx = PairContext(output, params, devices, weights_id, run.labels, run.io_workers, run.pair_timeout_s,
                           {"id": run_id, "name": run_name})

@@ -19,11 +19,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tasks.models import OutputSpec, RunOptions
 from nst_core.params import StyleParams
 from tasks.compute import expand_devices
-from tasks.contract import PairPlan, ReportItem, done_in
+from tasks.contract import RUNS, PairPlan, ReportItem, done_in, naming_problem
 from tasks.pair import PairContext
-from tasks.pipeline import run_pairs
+from tasks.pipeline import failed_item, run_pairs
+from tasks.plan import outside_allowed
 from tasks.credentials import activate
-from tasks.storage import open_storage, retrying
+from tasks.storage import open_storage, retrying, safe_key
 
 __all__ = ["stylize_chunk", "encode_thumbs", "decode_thumbs"]
 
@@ -49,16 +50,27 @@ def stylize_chunk(
     logger = get_run_logger()
     activate(output.storage_credentials)  # the parent's credentials block, in this worker's process
     out = open_storage(output.uri)
+    if safe_key(report_key).split("/")[0] != RUNS:
+        raise ValueError(f"report_key {report_key!r} must be under {RUNS}/")
     devices = expand_devices(run.devices, params.device)
+    # Anyone who can start a flow run can write these parameters: check what they ask for.
+    refused: dict[int, str] = {}
+    for p in pairs:
+        outside = [u for u in (p.content, p.style) if outside_allowed(u, run.allowed_sources)]
+        refused[p.index] = naming_problem(p, output.format) or (
+            f"{outside[0]} is outside allowed_sources ({', '.join(run.allowed_sources) or 'none given'})"
+            if outside else "")
+    valid = [p for p in pairs if not refused[p.index]]
     # The same done rule as the parent's: a retried chunk redoes nothing that is done.
-    done = done_in(out, pairs, list_once=False, io_workers=run.io_workers) if run.skip_existing else set()
-    todo = [p for p in pairs if p.index not in done]
-    logger.info("chunk of %d pairs (%d to run) on %s", len(pairs), len(todo), devices)
+    done = done_in(out, valid, list_once=False, io_workers=run.io_workers) if run.skip_existing else set()
+    todo = [p for p in valid if p.index not in done]
+    logger.info("chunk of %d pairs (%d to run, %d refused) on %s", len(pairs), len(todo),
+                len(pairs) - len(valid), devices)
     ctx = PairContext(output, params, devices, weights_id, run.labels, run.io_workers, run.pair_timeout_s,
                       {"id": str(flow_run.get_id()), "name": flow_run.get_name()})
     result = run_pairs(todo, ctx, run.window, run.contact_sheet_rows)
-    items = [result.items.get(p.index) or ReportItem(p.content, p.style, "skipped", out.uri_for(p.image_key),
-                                                     out.uri_for(p.sidecar_key))
+    items = [failed_item(p, refused[p.index]) if refused[p.index] else result.items.get(p.index)
+             or ReportItem(p.content, p.style, "skipped", out.uri_for(p.image_key), out.uri_for(p.sidecar_key))
              for p in pairs]
     report = {
         "flow_run": flow_run.get_name(),

@@ -58,7 +58,7 @@ from urllib.parse import urlparse
 from nst_core.params import StyleParams
 
 __all__ = [
-    "EXTENSIONS", "RUNS", "HISTORY_POINTS", "PairPlan", "ReportItem", "pair_key", "output_name", "chunk_key",
+    "EXTENSIONS", "RUNS", "HISTORY_POINTS", "PairPlan", "ReportItem", "pair_key", "output_name", "naming_problem", "chunk_key",
     "report_key", "chunk_report_key", "sidecar", "image_record", "loss_history", "done_pairs", "done_in", "totals",
 ]
 
@@ -137,6 +137,22 @@ def output_name(content: str, style: str, key: str, explicit: str | None = None)
     if explicit and PurePosixPath(name).suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"}:
         name = str(PurePosixPath(name).with_suffix(""))
     return name
+
+
+def naming_problem(plan: PairPlan, fmt: str) -> str:
+    """Why a plan's output keys break the naming rule ("" when they follow it): a safe name outside
+    ``_runs/``, the image ``{name}.{ext}`` of the run's format, the sidecar ``{name}.json``.
+    stylize-chunk checks the plans it is given: anyone who can start a flow run can write them."""
+    from .storage import UnsafeKeyError, safe_key
+
+    rule = f"{{name}}.{EXTENSIONS.get(fmt, fmt)} and {{name}}.json under the output, outside {RUNS}/"
+    try:
+        ok = safe_key(plan.name) == plan.name and plan.name.split("/")[0] != RUNS
+    except UnsafeKeyError:
+        ok = False
+    if not ok or plan.image_key != f"{plan.name}.{EXTENSIONS.get(fmt)}" or plan.sidecar_key != f"{plan.name}.json":
+        return f"output keys {plan.image_key!r}, {plan.sidecar_key!r} break the naming rule ({rule})"
+    return ""
 
 
 def chunk_key(pairs: list[PairPlan]) -> str:

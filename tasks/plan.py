@@ -26,7 +26,7 @@ from .storage import (Storage, StorageError, UnsafeKeyError, open_storage, read_
                       split_uri)
 
 __all__ = ["PreflightError", "SourceEntry", "list_images", "read_manifest", "source_entries",
-           "default_allowed_sources", "plan_pairs"]
+           "default_allowed_sources", "outside_allowed", "plan_pairs"]
 
 
 class PreflightError(NSTError):
@@ -161,7 +161,8 @@ def default_allowed_sources(source) -> list[str]:
     return [u for u in (contents, styles) if u]
 
 
-def _outside(uri: str, allowed: list[str]) -> bool:
+def outside_allowed(uri: str, allowed: list[str]) -> bool:
+    """True when ``uri`` is under none of the ``allowed`` prefixes/folders (none given: none is allowed)."""
     try:
         target = _norm(uri)
     except (TypeError, ValueError):
@@ -215,7 +216,7 @@ def plan_pairs(
     refused: dict[str, str] = {}
     if allowed_sources is not None:
         for uri in {u for e in entries for u in (e.content, e.style)}:
-            if _outside(uri, allowed_sources):
+            if outside_allowed(uri, allowed_sources):
                 refused[uri] = f"{uri} is outside allowed_sources ({', '.join(allowed_sources)})"
     known = {u: i for e in entries for u, i in ((e.content, e.content_id), (e.style, e.style_id)) if i}
     look_up = {u for e in entries if not e.error for u in (e.content, e.style)} - set(refused)

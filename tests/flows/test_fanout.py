@@ -75,6 +75,8 @@ def test_no_gpu_worker_ends_failed_with_the_reason_and_cancels_the_chunks(tmp_pa
             flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"nst-parent:{run_id}"])))
     assert len(children) == 2 and all(c.state.name in ("Cancelling", "Cancelled") for c in children)
     assert all(c.parameters["run"]["devices"] == ["auto"] for c in children)  # the parent's devices stay home
+    allowed = [str(tmp_path / "c"), str(tmp_path / "s")]
+    assert all(c.parameters["run"]["allowed_sources"] == allowed for c in children)  # resolved, not empty
 
 
 def test_cancelling_the_parent_cancels_its_chunk_runs(prefect_api):
@@ -312,3 +314,39 @@ def test_serve_refuses_a_limit_that_deadlocks_fan_out(monkeypatch):
     monkeypatch.setattr(serve, "check_names_are_free", lambda names: pytest.fail("refused before any API call"))
     with pytest.raises(NSTError, match="--limit must be at least 2"):
         serve.serve_deployments(limit=1)
+
+
+def test_a_chunk_checks_what_its_parameters_ask_for(tmp_path, prefect_api):
+    """stylize-chunk can be started by anyone who can start a flow run: it refuses inputs outside
+    allowed_sources (none given: nothing is allowed) and output keys that break the naming rule."""
+    from tasks import pair
+
+    source, output = _folders(tmp_path, contents=1)
+    content, style = str(tmp_path / "c" / "c0.png"), str(tmp_path / "s" / "s.png")
+    (tmp_path / "secret.png").write_bytes((tmp_path / "c" / "c0.png").read_bytes())
+
+    def p(i, content=content, name=None, image=None, sidecar=None):
+        name = name or f"c0__s__{i:08d}"
+        return PairPlan(i, content, style, "cid", "sid", name, image or f"{name}.jpg", sidecar or f"{name}.json",
+                        f"{i:08d}" + "0" * 56)
+
+    pairs = [p(0, content=str(tmp_path / "secret.png")), p(1, name="_runs/x"), p(2, image="other.jpg"),
+             p(3, sidecar="../escape.json")]
+    fetched = []
+    real = pair.read_uri
+    pair.read_uri, restore = (lambda uri: fetched.append(uri) or real(uri)), pair.read_uri
+    try:
+        result = stylize_chunk(pairs, output, tiny_params(), RunOptions(allowed_sources=[str(tmp_path / "c"),
+                                                                                         str(tmp_path / "s")]),
+                               "random(seed=0)", "_runs/parent/chunk-x.json")
+        unconfined = stylize_chunk([p(4)], output, tiny_params(), RunOptions(), "random(seed=0)",
+                                   "_runs/parent/chunk-y.json")
+    finally:
+        pair.read_uri = restore
+    report = json.loads((tmp_path / "out" / "_runs" / "parent" / "chunk-x.json").read_text())
+    errors = [i["error"] for i in report["items"]]
+    assert all(i["status"] == "failed" for i in report["items"]) and result["done"] == 0, errors
+    assert "outside allowed_sources" in errors[0]
+    assert all("naming rule" in e for e in errors[1:]), errors
+    assert unconfined["done"] == 0 and fetched == []
+    assert not (tmp_path / "escape.json").exists()
