@@ -57,30 +57,53 @@ API_PAGE = 200
 START_TIMEOUT_S = float(os.environ.get("NST_CHUNK_START_TIMEOUT_S", 3600))
 #: A chunk that ended without completing is started again at most this many times by one plan.
 MAX_CHUNK_ATTEMPTS = 20
-PROBE_KEY = "_runs/.write-probe"
 
 
-def preflight(source: BatchSource, output: OutputSpec, params: StyleParams, devices: list[str]):
-    """Checks that fail fast, before any fan-out. Returns (entries, weights_id)."""
+def preflight(source: BatchSource, output: OutputSpec, params: StyleParams, devices: list[str],
+              run: dict | None = None):
+    """Checks that fail fast, before any fan-out. Returns (entries, weights_id).
+
+    The write probe is the run's own report key, written with status "running" and overwritten by
+    the report at the end: nothing extra is left in the output, and no DeleteObject is needed."""
     from nst_core.optimize import extractor_for
 
     out = open_storage(output.uri)
+    own = run is None  # called on its own (no run report to come): remove the probe where allowed
+    run = run or {"id": f"preflight-{uuid.uuid4().hex}", "name": ""}
+    probe = json.dumps({"flow_run": run["name"], "flow_run_id": run["id"], "status": "running",
+                        "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}).encode()
     try:
-        retrying(lambda: out.write(PROBE_KEY, b"probe"))
+        retrying(lambda: out.write(report_key(run["id"]), probe, "application/json"))
     except (StorageError, OSError) as err:
         raise PreflightError(f"output {output.uri} is not writable: {err}") from None
     try:
-        out.delete(PROBE_KEY)
-    except (StorageError, OSError):
-        pass  # PutObject without DeleteObject is enough: the probe key is fixed, so it never piles up
-    if isinstance(out, LocalStorage):
-        out.clean_temp()
+        if isinstance(out, LocalStorage):
+            out.clean_temp()
+        try:
+            first = params.model_copy(update={"device": devices[0]})
+            weights_id = run_on_device(devices[0], lambda: extractor_for(first, opener=read_uri)).weights_id
+        except NSTError as err:
+            raise PreflightError(f"weights: {err}") from None
+        entries = source_entries(source)
+    except PreflightError as err:
+        _drop_probe(out, run["id"], f"preflight failed: {err}")
+        raise
+    if own:
+        _drop_probe(out, run["id"], "")
+    return entries, weights_id
+
+
+def _drop_probe(out, run_id: str, error: str) -> None:
+    """Remove the "running" report of a run that stops before its report; where deleting is not
+    allowed, overwrite it so that it says the run failed."""
     try:
-        first = params.model_copy(update={"device": devices[0]})
-        weights_id = run_on_device(devices[0], lambda: extractor_for(first, opener=read_uri)).weights_id
-    except NSTError as err:
-        raise PreflightError(f"weights: {err}") from None
-    return source_entries(source), weights_id
+        out.delete(report_key(run_id))
+    except (StorageError, OSError):
+        try:
+            retrying(lambda: out.write(report_key(run_id), json.dumps(
+                {"flow_run_id": run_id, "status": "failed", "error": error}).encode(), "application/json"))
+        except (StorageError, OSError):
+            pass
 
 
 def plan_chunks(plans: list[PairPlan], chunk_size: int, parent_id: str,
@@ -352,9 +375,13 @@ def stylize_batch(
     out = open_storage(output.uri)
 
     try:
-        entries, weights_id = preflight(source, output, params, devices)
+        entries, weights_id = preflight(source, output, params, devices, {"id": run_id, "name": run_name})
         allowed = run.allowed_sources or default_allowed_sources(source)
-        plans = plan_pairs(entries, params, weights_id, output.format, output.quality, run.io_workers, allowed)
+        try:
+            plans = plan_pairs(entries, params, weights_id, output.format, output.quality, run.io_workers, allowed)
+        except PreflightError as err:
+            _drop_probe(out, run_id, f"preflight failed: {err}")
+            raise
     except PreflightError as err:  # a refusal before any work: one line, no traceback
         logger.error("preflight failed: %s", err)
         return Failed(message=f"preflight failed: {err}")

@@ -355,3 +355,21 @@ def test_the_write_probe_needs_no_delete_permission(tmp_path, monkeypatch):
     source = _cross_folders(tmp_path, 1, 1)
     entries, weights_id = preflight(source, OutputSpec(uri=str(tmp_path / "out")), PARAMS, ["cpu"])
     assert len(entries) == 1 and weights_id == "random(seed=0)"
+
+
+def test_the_write_probe_is_the_runs_own_report(tmp_path, monkeypatch):
+    """No probe object is left behind, even without DeleteObject: the probe is the run's report key,
+    written with status "running" and overwritten by the report at the end."""
+    from tasks import storage
+
+    def denied(self, key):
+        raise storage.StorageError(f"{key}: AccessDenied: DeleteObject")
+
+    monkeypatch.setattr(storage.LocalStorage, "delete", denied)
+    source = _cross_folders(tmp_path, 1, 1)
+    state = run(source, OutputSpec(uri=str(tmp_path / "out")))
+    run_id = str(state.state_details.flow_run_id)
+    runs = tmp_path / "out" / "_runs"
+    assert [p.name for p in runs.iterdir() if p.name.startswith(".") or p.name == "write-probe"] == []
+    report = json.loads((runs / f"{run_id}.json").read_text())
+    assert report["totals"]["done"] == 1 and report.get("status") != "running"
