@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,9 +53,6 @@ S3_TIMEOUTS = (float(os.environ.get("NST_S3_CONNECT_TIMEOUT_S", 10)), float(os.e
 RETRY_DELAYS: tuple[float, ...] = (1.0, 4.0, 10.0)
 #: Local temp files live here under a storage root, outside every listing.
 TEMP_DIR = ".nst-tmp"
-# Files get the permissions the process's umask gives (mkstemp alone makes them 0600).
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 class StorageError(NSTError):
@@ -178,10 +175,12 @@ class LocalStorage(Storage):
         path.parent.mkdir(parents=True, exist_ok=True)
         temp_dir = self.root / TEMP_DIR
         temp_dir.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f"{os.getpid()}-", dir=temp_dir)
+        # Created 0666 by os.open, so the kernel applies the umask in force now (mkstemp makes 0600);
+        # the pid prefix tells clean_temp() whether the writer is still alive.
+        tmp = str(temp_dir / f"{os.getpid()}-{uuid.uuid4().hex}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         try:
             with os.fdopen(fd, "wb") as fh:
-                os.fchmod(fh.fileno(), 0o666 & ~_UMASK)
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())

@@ -121,13 +121,15 @@ def test_only_transient_errors_are_retried(bucket, monkeypatch):
     assert is_transient(ConnectionResetError()) and not is_transient(ValueError("bad pixels"))
 
 
-def test_local_outputs_get_the_umask_permissions(tmp_path):
-    old = os.umask(0o022)
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_local_outputs_get_the_umask_permissions(tmp_path, umask, mode):
+    """The umask in force at the write, not one captured at import (mkstemp alone gives 0600)."""
+    old = os.umask(umask)
     try:
         LocalStorage(tmp_path).write("a.png", b"x")
     finally:
         os.umask(old)
-    assert (tmp_path / "a.png").stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0600
+    assert (tmp_path / "a.png").stat().st_mode & 0o777 == mode
 
 
 def test_temp_files_are_outside_the_listing_and_a_dead_writers_are_cleaned(tmp_path):
