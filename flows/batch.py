@@ -194,14 +194,14 @@ def merge_chunk(n: int, chunk: list[PairPlan], state_name: str, message: str, re
                 io_workers: int = 8) -> dict[int, ReportItem]:
     """A finished chunk's pairs as report items. Pairs its report lacks (or all, without a readable
     report) are judged by the done rule on their sidecars before they are called failed."""
-    by_index = {item["index"]: item for item in (report or {}).get("items", [])}
-    missing = [p for p in chunk if p.index not in by_index]
+    by_key = {item.get("key"): item for item in (report or {}).get("items", [])}  # by pair key, not position
+    missing = [p for p in chunk if p.key not in by_key]
     done = done_in(out, missing, list_once=False, io_workers=io_workers) if missing else set()
     items = {}
     for p in chunk:
-        item = by_index.get(p.index)
+        item = by_key.get(p.key)
         if item is not None:
-            items[p.index] = ReportItem(**{k: v for k, v in item.items() if k != "index"})
+            items[p.index] = ReportItem(**{k: v for k, v in item.items() if k not in ("index", "key")})
         elif p.index in done:
             items[p.index] = ReportItem(p.content, p.style, "done", out.uri_for(p.image_key), out.uri_for(p.sidecar_key))
         else:

@@ -76,7 +76,7 @@ def stylize_chunk(
         "flow_run": flow_run.get_name(),
         "flow_run_id": flow_run.get_id(),
         "worker": {"host": socket.gethostname(), "pid": os.getpid(), "parent_pid": os.getppid(), "devices": devices},
-        "items": [{"index": p.index, **item.as_dict()} for p, item in zip(pairs, items)],
+        "items": [{"index": p.index, "key": p.key, **item.as_dict()} for p, item in zip(pairs, items)],
         "thumbs": encode_thumbs(result.thumbs),
     }
     retrying(lambda: out.write(report_key, json.dumps(report).encode(), "application/json"))

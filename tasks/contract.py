@@ -39,7 +39,8 @@ Run report ``{output}/_runs/{flow_run_id}.json`` (``report_key``)
     (one ``ReportItem`` per pair: content, style, status, output, sidecar, error, seconds, losses).
 
 Chunk report ``{output}/_runs/{parent_flow_run_id}/chunk-{chunk_key16}.json`` (``chunk_report_key``)
-    flow_run, flow_run_id, worker {host, pid, parent_pid, devices}, items (ReportItem + index),
+    flow_run, flow_run_id, worker {host, pid, parent_pid, devices}, items (ReportItem + index + key;
+    the parent merges them by the pair key),
     thumbs (base64 JPEG triples).
 """
 

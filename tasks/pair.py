@@ -24,9 +24,9 @@ from nst_core.params import StyleParams
 
 from .compute import io_slot, lease_device, run_on_device, targets_cache
 from .contract import PairPlan, ReportItem, image_record, sidecar
-from .storage import open_storage, read_uri, retrying
+from .storage import open_storage, read_object, read_uri, retrying
 
-__all__ = ["PairContext", "PairDone", "PairTimeoutError", "PairStopped", "ObjectCache", "process_pair",
+__all__ = ["PairContext", "PairDone", "PairTimeoutError", "PairStopped", "InputChangedError", "ObjectCache", "process_pair",
            "stop_requested", "THUMB"]
 
 THUMB = 96  # contact-sheet cell, px
@@ -37,6 +37,10 @@ stop_requested = threading.Event()
 
 class PairTimeoutError(NSTError):
     """A pair ran past RunOptions.pair_timeout_s."""
+
+
+class InputChangedError(NSTError):
+    """An input's bytes are not the ones the pair was planned (and keyed) with."""
 
 
 class PairStopped(NSTError):
@@ -131,7 +135,10 @@ def _check_stop(pair: PairPlan) -> None:
 def _fetch(ctx: PairContext, uri: str, identity: str) -> bytes:
     def once() -> bytes:
         with io_slot(ctx.io_workers):
-            return read_uri(uri)
+            data, read = read_object(uri)
+        if read != identity:  # its key was computed from other bytes: never write them under it
+            raise InputChangedError(f"{uri} changed during the run (planned as {identity}, read as {read})")
+        return data
 
     return ctx.cache.get(uri, identity, lambda _: retrying(once, should_stop=stop_requested.is_set))
 

@@ -37,6 +37,7 @@ __all__ = [
     "open_storage",
     "split_uri",
     "read_uri",
+    "read_object",
     "presigned_url",
     "safe_key",
     "is_transient",
@@ -407,6 +408,13 @@ def read_uri(uri: str) -> bytes:
     """Bytes of one object by full URI (weights, manifests)."""
     storage, key = split_uri(uri)
     return storage.read(key)[0]
+
+
+def read_object(uri: str) -> tuple[bytes, str]:
+    """(bytes, identity) of one object by full URI: the identity of the bytes read (S3: the GET's
+    ETag; local: their SHA-256), to compare with the identity planned."""
+    storage, key = split_uri(uri)
+    return storage.read(key)
 
 
 def is_transient(err: BaseException) -> bool:

@@ -197,8 +197,8 @@ def test_done_means_this_exact_result_exists(tmp_path, monkeypatch):
 
     source = _cross_folders(tmp_path)
     reads = []
-    real_read = pair.read_uri
-    monkeypatch.setattr(pair, "read_uri", lambda uri: reads.append(uri.rsplit("/", 1)[1]) or real_read(uri))
+    real_read = pair.read_object
+    monkeypatch.setattr(pair, "read_object", lambda uri: reads.append(uri.rsplit("/", 1)[1]) or real_read(uri))
     out = tmp_path / "out"
     first = run(source, OutputSpec(uri=str(out), format="jpeg"))
     assert first.is_completed(), first.message

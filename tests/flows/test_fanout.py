@@ -333,8 +333,8 @@ def test_a_chunk_checks_what_its_parameters_ask_for(tmp_path, prefect_api):
     pairs = [p(0, content=str(tmp_path / "secret.png")), p(1, name="_runs/x"), p(2, image="other.jpg"),
              p(3, sidecar="../escape.json")]
     fetched = []
-    real = pair.read_uri
-    pair.read_uri, restore = (lambda uri: fetched.append(uri) or real(uri)), pair.read_uri
+    real = pair.read_object
+    pair.read_object, restore = (lambda uri: fetched.append(uri) or real(uri)), pair.read_object
     try:
         result = stylize_chunk(pairs, output, tiny_params(), RunOptions(allowed_sources=[str(tmp_path / "c"),
                                                                                          str(tmp_path / "s")]),
@@ -342,7 +342,7 @@ def test_a_chunk_checks_what_its_parameters_ask_for(tmp_path, prefect_api):
         unconfined = stylize_chunk([p(4)], output, tiny_params(), RunOptions(), "random(seed=0)",
                                    "_runs/parent/chunk-y.json")
     finally:
-        pair.read_uri = restore
+        pair.read_object = restore
     report = json.loads((tmp_path / "out" / "_runs" / "parent" / "chunk-x.json").read_text())
     errors = [i["error"] for i in report["items"]]
     assert all(i["status"] == "failed" for i in report["items"]) and result["done"] == 0, errors

@@ -53,3 +53,38 @@ def test_object_cache_fetches_each_object_once_even_when_asked_at_once():
     cache.get("a", "1", fetch), cache.get("b", "1", fetch), cache.get("c", "1", fetch)  # 40 B each, 100 B budget
     cache.get("s3://b/style.png", "etag", fetch)
     assert calls.count("s3://b/style.png") == 2  # it was evicted by then: memory stays bounded
+
+
+def test_an_input_changed_since_planning_fails_its_pair(tmp_path):
+    from nst_core.errors import NSTError
+    from tasks.models import OutputSpec
+    from tasks.pair import PairContext, _fetch
+
+    from helpers import tiny_params
+
+    (tmp_path / "c.png").write_bytes(b"planned")
+    planned = storage.LocalStorage(tmp_path).read("c.png")[1]
+    ctx = PairContext(OutputSpec(uri=str(tmp_path / "out")), tiny_params(), ["cpu"], "w")
+    assert _fetch(ctx, str(tmp_path / "c.png"), planned) == b"planned"
+    (tmp_path / "c.png").write_bytes(b"replaced after planning")
+    with pytest.raises(NSTError, match="changed during the run"):
+        _fetch(ctx, str(tmp_path / "c.png"), planned + "-not-cached")  # a new cache entry: fetched again
+    with pytest.raises(NSTError, match="changed during the run"):
+        _fetch(PairContext(OutputSpec(uri=str(tmp_path / "out")), tiny_params(), ["cpu"], "w"),
+               str(tmp_path / "c.png"), planned)
+
+
+def test_chunk_report_items_are_merged_by_pair_key():
+    """Items find their pair by its key, whatever index the chunk report gives them."""
+    from flows.batch import merge_chunk
+    from tasks.contract import PairPlan
+
+    a = PairPlan(0, "a", "s", "i", "i", "na", "na.png", "na.json", "ka")
+    b = PairPlan(1, "b", "s", "i", "i", "nb", "nb.png", "nb.json", "kb")
+    report = {"items": [
+        {"index": 0, "key": "kb", "content": "b", "style": "s", "status": "done", "output": "nb.png"},
+        {"index": 1, "key": "ka", "content": "a", "style": "s", "status": "failed", "output": "na.png", "error": "x"},
+    ]}
+    items = merge_chunk(0, [a, b], "Completed", "", report, storage.LocalStorage("/nonexistent-out"))
+    assert items[0].content == "a" and items[0].status == "failed"
+    assert items[1].content == "b" and items[1].status == "done"
