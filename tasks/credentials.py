@@ -37,6 +37,17 @@ def _secret(value: Any) -> str | None:
     return getter() if getter else str(value)
 
 
+def _has_userinfo(url: Any) -> bool:
+    from urllib.parse import urlsplit
+
+    if not isinstance(url, str) or not url:
+        return False
+    try:
+        return "@" in urlsplit(url).netloc
+    except ValueError:
+        return True  # unparsable: refuse rather than let boto print it
+
+
 def load_block(name: str) -> dict[str, Any]:
     """Session arguments and endpoint from the ``aws-credentials`` block ``name`` (cached per process)."""
     from prefect.client.orchestration import get_client
@@ -62,6 +73,12 @@ def load_block(name: str) -> dict[str, Any]:
         "region_name": data.get("region_name"),
     }
     params = data.get("aws_client_parameters") or {}
+    if _has_userinfo(params.get("endpoint_url")):
+        # boto echoes the endpoint URL in connection errors, which land in logs, reports and state messages
+        raise CredentialsError(
+            f"storage_credentials: the endpoint_url of block {name!r} carries a user name or password "
+            "(user:password@host); put the keys in the block's key fields and give endpoint_url without them"
+        )
     options = {"session": {k: v for k, v in session.items() if v}, "endpoint_url": params.get("endpoint_url") or None,
                "verify": params.get("verify", True) if params.get("verify") is not None else True}
     with _lock:

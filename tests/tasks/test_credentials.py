@@ -90,3 +90,25 @@ def test_a_run_uses_the_block_and_its_secret_goes_nowhere(bucket, s3_endpoint, m
         credentials.activate("")
         storage._clients.clear()
         storage._presigners.clear()
+
+
+def test_an_endpoint_url_with_credentials_in_it_is_refused_without_echoing_them(tmp_path):
+    """boto puts the endpoint URL into its connection errors ('Could not connect to the endpoint
+    URL: "http://key:secret@..."'), which reached the preflight message, the log and the state.
+    Old code: the run failed in preflight with the secret in its message. Now: refused by name."""
+    from flows.batch import stylize_batch
+    from tasks import credentials, storage
+    from tasks.models import BatchSource, OutputSpec
+
+    save_aws_credentials_block("nst-userinfo", f"http://block-key-id:{SECRET}@127.0.0.1:9")
+    try:
+        state = stylize_batch(
+            BatchSource(contents="s3://b/in/c/", styles="s3://b/in/s/"),
+            OutputSpec(uri="s3://b/out/", storage_credentials="nst-userinfo"), return_state=True)
+        assert state.is_failed()
+        assert SECRET not in (state.message or "")
+        assert "nst-userinfo" in state.message and "endpoint_url" in state.message
+    finally:
+        credentials.activate("")
+        storage._clients.clear()
+        storage._presigners.clear()
