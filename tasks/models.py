@@ -5,9 +5,10 @@ Imports no torch, so deployments and forms load fast. StyleParams lives in nst_c
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, Tag, TypeAdapter
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, Tag, TypeAdapter
 from pydantic_core import CoreSchema
 
 __all__ = ["BatchSource", "PrefixSource", "ManifestSource", "OutputSpec", "RunOptions", "IMAGE_EXTENSIONS", "batch_inputs",
@@ -22,6 +23,30 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", "
 #: most keys, and both members share ``kind``. The API still refuses "" (minLength 1).
 _EMPTY_IN_FORM = {"default": ""}
 
+# The API checks only the JSON schema, so what the flow would refuse must be a schema pattern
+# too: a blank or space-padded URI ("s3://b/in/ ") names no prefix the run can list.
+_TRIMMED = r"^\S(.*\S)?$"
+_MANIFEST_NAME = r"^\S(.*\S)?\.([jJ][sS][oO][nN][lL]|[nN][dD][jJ][sS][oO][nN]|[cC][sS][vV])$"
+
+
+def _trimmed(value: str) -> str:
+    if value and not value.strip():
+        raise ValueError("must not be blank")
+    if value != value.strip():
+        raise ValueError("must not start or end with whitespace")
+    return value
+
+
+def _manifest_name(value: str) -> str:
+    _trimmed(value)
+    if not re.search(r"\.(jsonl|ndjson|csv)$", value, re.IGNORECASE):
+        raise ValueError("must name a .jsonl, .ndjson or .csv file (a manifest, not a folder or an image)")
+    return value
+
+
+_Uri = Annotated[str, AfterValidator(_trimmed)]
+_ManifestUri = Annotated[str, AfterValidator(_manifest_name)]
+
 
 class PrefixSource(BaseModel):
     """Content images and style images, each under a prefix or in a folder."""
@@ -29,13 +54,13 @@ class PrefixSource(BaseModel):
     model_config = ConfigDict(extra="forbid", title="Content and style prefixes")
 
     kind: Literal["prefixes"] = Field(default="prefixes", title="Source kind")
-    contents: str = Field(
+    contents: _Uri = Field(
         min_length=1, title="Content images", description="s3://bucket/prefix/ or folder of content images.",
-        json_schema_extra=_EMPTY_IN_FORM,
+        json_schema_extra={**_EMPTY_IN_FORM, "pattern": _TRIMMED},
     )
-    styles: str = Field(
+    styles: _Uri = Field(
         min_length=1, title="Style images", description="s3://bucket/prefix/ or folder of style images.",
-        json_schema_extra=_EMPTY_IN_FORM,
+        json_schema_extra={**_EMPTY_IN_FORM, "pattern": _TRIMMED},
     )
     pairing: Literal["cross", "zip"] = Field(
         default="cross", title="Pairing",
@@ -54,13 +79,13 @@ class ManifestSource(BaseModel):
     model_config = ConfigDict(extra="forbid", title="Manifest")
 
     kind: Literal["manifest"] = Field(default="manifest", title="Source kind")
-    manifest: str = Field(
+    manifest: _ManifestUri = Field(
         min_length=1, title="Manifest URI",
         description=(
             "URI of a JSONL ({\"content\", \"style\", \"output\"?} per line) or CSV (header content,style[,output]) "
             "manifest; entries are URIs or keys relative to the manifest's folder."
         ),
-        json_schema_extra=_EMPTY_IN_FORM,
+        json_schema_extra={**_EMPTY_IN_FORM, "pattern": _MANIFEST_NAME},
     )
 
 
@@ -113,9 +138,10 @@ class OutputSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", title="Output")
 
-    uri: str = Field(
+    uri: _Uri = Field(
         min_length=1, title="Output URI",
         description="s3://bucket/prefix/ or folder. Images, sidecars and run reports are written under it only.",
+        json_schema_extra={"pattern": _TRIMMED},
     )
     format: Literal["jpeg", "png", "webp"] = Field(default="jpeg", title="Format", description="Output image format.")
     quality: int = Field(default=92, ge=1, le=100, title="Quality", description="JPEG/WebP quality (1-100).")
@@ -126,8 +152,8 @@ class OutputSpec(BaseModel):
             "report) work. 168 hours (7 days) is the most S3 allows."
         ),
     )
-    storage_credentials: str = Field(
-        default="", title="Storage credentials block (advanced)",
+    storage_credentials: _Uri = Field(
+        default="", json_schema_extra={"pattern": r"^(\S(.*\S)?)?$"}, title="Storage credentials block (advanced)",
         description=(
             "Name of a Prefect AwsCredentials block (prefect-aws) used for every s3:// read and write of the run, "
             "with its endpoint_url for MinIO/Ceph/R2. Empty: boto3's default chain (instance role, ~/.aws, "

@@ -75,6 +75,30 @@ def test_source_kind_is_inferred_or_given():
         BatchSource(kind="prefixes", manifest="m.jsonl")
 
 
+@pytest.mark.parametrize("source, output", [
+    ({"kind": "prefixes", "contents": "   ", "styles": "s3://b/s/"}, {"uri": "s3://b/out/"}),
+    ({"kind": "prefixes", "contents": "s3://b/c/ ", "styles": "s3://b/s/"}, {"uri": "s3://b/out/"}),
+    ({"kind": "prefixes", "contents": "s3://b/c/", "styles": "s3://b/s/"}, {"uri": " "}),
+    ({"kind": "manifest", "manifest": "s3://b/pairs/"}, {"uri": "s3://b/out/"}),
+    ({"kind": "manifest", "manifest": "s3://b/in/photo.png"}, {"uri": "s3://b/out/"}),
+    ({"kind": "manifest", "manifest": "s3://b/pairs.json"}, {"uri": "s3://b/out/"}),
+])
+def test_values_the_flow_cannot_run_are_refused_by_the_api_schema_and_by_the_flow(source, output):
+    """Old schema: minLength 1 only, so the API accepted a blank or space-padded prefix and a
+    manifest that is a folder or an image; the run then failed on a worker. Now the schema the
+    API enforces refuses them, and the flow's own entry check says why in one line."""
+    from prefect.utilities.schema_tools.validation import validate
+
+    from tasks.models import InvalidInputs, batch_inputs
+
+    assert validate({"source": source, "output": output}, current_schema()), (source, output)
+    with pytest.raises(InvalidInputs) as err:
+        batch_inputs(source, output, {}, {})
+    assert "\n" not in str(err.value) and ("must" in str(err.value)), str(err.value)
+    ok = {"kind": "manifest", "manifest": "s3://b/My Pairs.CSV"}
+    assert not validate({"source": ok, "output": {"uri": "s3://b/out/"}}, current_schema())
+
+
 @pytest.mark.usefixtures("prefect_api")
 def test_a_run_that_skipped_the_api_schema_check_fails_at_once_with_one_line():
     """A run created with "Validate parameters" unticked reaches the flow with raw values. Old code:
