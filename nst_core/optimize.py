@@ -63,7 +63,9 @@ class StyleProgress:
     """
 
     iteration: int  # 1-based loss evaluation count, over all scales
-    total: int  # evaluations planned over all scales (an upper bound: early stops end sooner)
+    # evaluations planned over all scales; an early stop (stop_tolerance) lowers it at the event
+    # that stops, so the last event has iteration == total
+    total: int
     content: float
     style: float
     tv: float
@@ -180,7 +182,10 @@ def resolve_precision(requested: str, device: torch.device) -> str:
 
     ``auto``: bf16 on CUDA GPUs that have it and on CPUs with AVX512-BF16/AMX; else tf32 on
     CUDA (fp32 storage, TF32 matmuls and convolutions) and fp32 elsewhere (MPS included).
+    ``tf32`` off CUDA is fp32 (what actually runs, and what the sidecar records).
     """
+    if requested == "tf32" and device.type != "cuda":
+        return "fp32"  # TF32 is a CUDA tensor-core mode; elsewhere the run is plain fp32, recorded so
     if requested != "auto":
         return requested
     if device.type == "cuda":
@@ -237,6 +242,22 @@ def _backend_settings(device: torch.device, precision: str, deterministic: bool)
     finally:
         cuda.allow_tf32, cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic = saved[:4]
         torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])
+
+
+@contextlib.contextmanager
+def _exact_fp32() -> Iterator[None]:
+    """TF32 off for CUDA matmuls and convolutions (cuDNN allows TF32 by default), restored after.
+
+    The reported losses are "fp32 at the output size" whatever the run's precision; with cuDNN's
+    default they would be TF32 convolutions on a GPU. The flags are inert on CPU.
+    """
+    cuda, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (cuda.allow_tf32, cudnn.allow_tf32)
+    try:
+        cuda.allow_tf32 = cudnn.allow_tf32 = False
+        yield
+    finally:
+        cuda.allow_tf32, cudnn.allow_tf32 = saved
 
 
 def scale_sizes(params: StyleParams) -> list[int]:
@@ -468,10 +489,33 @@ def stylize(
     ``content_name`` / ``style_names`` name the inputs in errors (an image too small for the layers).
     """
     params = params or StyleParams()
+    device = resolve_device(params.device)
+    precision = resolve_precision(params.precision, device)
+    # Everything below runs under the run's backend settings, the style targets and content
+    # features included: in deterministic mode cuBLAS must see its workspace setting before its
+    # first product (the Grams), and precision="fp32" must not compute targets with TF32.
+    with _backend_settings(device, precision, params.deterministic) as backend:
+        return _stylize(content, style, params, precision, backend, progress=progress, targets=targets,
+                        opener=opener, content_name=content_name, style_names=style_names)
+
+
+def _stylize(
+    content: Image.Image,
+    style: Image.Image | Sequence[Image.Image],
+    params: StyleParams,
+    precision: str,
+    backend: dict,
+    *,
+    progress: Callable[[StyleProgress], None] | None,
+    targets: StyleTargets | None,
+    opener: Opener | None,
+    content_name: str,
+    style_names: Sequence[str] | None,
+) -> StyleResult:
+    """stylize()'s body, inside the run's backend settings (``backend``: what they are)."""
     t_start = time.perf_counter()
     extractor = extractor_for(params, opener=opener)
     device = extractor.device
-    precision = resolve_precision(params.precision, device)
     dtype = _DTYPES[precision]
     n_styles = 1 if isinstance(style, Image.Image) else len(style)
     luminance = params.preserve_color == "luminance"
@@ -515,53 +559,59 @@ def stylize(
     start = _init_image(params.init, scales[0].work, init_style, params.seed)
     history: list[dict[str, float]] = []
     ran: list[dict] = []
-    total_planned = sum(budget)
+    # Evaluations planned over all scales, as the progress events report it: an early stop at a
+    # scale drops that scale's unused budget, so the last event always has iteration == total.
+    planned = [sum(budget)]
     t_opt = time.perf_counter()
 
-    with _backend_settings(device, precision, params.deterministic) as backend:
-        x0 = start
-        for index, scale in enumerate(scales):
-            if index:
-                x0 = _upsample(best["image"], scale.work.shape[-2:])
-            x = x0.detach().clone().contiguous().requires_grad_(True)
-            optimizer = _make_optimizer(params, x, scale.evaluations)
-            best = {"total": math.inf, "image": x.detach().clone()}
-            seen: list[float] = []  # best total after each evaluation at this scale
+    x0 = start
+    for index, scale in enumerate(scales):
+        if index:
+            x0 = _upsample(best["image"], scale.work.shape[-2:])
+        x = x0.detach().clone().contiguous().requires_grad_(True)
+        optimizer = _make_optimizer(params, x, scale.evaluations)
+        best = {"total": math.inf, "image": x.detach().clone()}
+        seen: list[float] = []  # best total after each evaluation at this scale
 
-            def closure(x=x, optimizer=optimizer, scale=scale, best=best, seen=seen, index=index) -> Tensor:
-                optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    x.clamp_(0, 1)
-                c, s, tv = _terms(extractor, x, scale, params, all_layers, dtype)
-                total = _total(params, c, s, tv)
-                total.backward()
-                values = dict(zip(TERMS, torch.stack([c.detach(), s.detach(), tv.detach(), total.detach()]).tolist()))
-                history.append(values)
-                if not all(map(math.isfinite, values.values())):
-                    raise NonFiniteLossError(len(history), values)
-                if values["total"] < best["total"]:
-                    best["total"], best["image"] = values["total"], x.detach().clone()
-                seen.append(best["total"])
-                if progress is not None:
-                    progress(StyleProgress(len(history), total_planned, values["content"], values["style"],
-                                           values["tv"], values["total"], time.perf_counter() - t_opt,
-                                           index + 1, len(scales), scale.size))
-                if (params.stop_tolerance is not None and len(seen) > STOP_WINDOW
-                        and seen[-STOP_WINDOW - 1] - seen[-1] < params.stop_tolerance * abs(seen[-STOP_WINDOW - 1])):
-                    raise _Stop
-                return total
+        def closure(x=x, optimizer=optimizer, scale=scale, best=best, seen=seen, index=index) -> Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                x.clamp_(0, 1)
+            c, s, tv = _terms(extractor, x, scale, params, all_layers, dtype)
+            total = _total(params, c, s, tv)
+            total.backward()
+            values = dict(zip(TERMS, torch.stack([c.detach(), s.detach(), tv.detach(), total.detach()]).tolist()))
+            history.append(values)
+            if not all(map(math.isfinite, values.values())):
+                raise NonFiniteLossError(len(history), values)
+            if values["total"] < best["total"]:
+                best["total"], best["image"] = values["total"], x.detach().clone()
+            seen.append(best["total"])
+            stop = (params.stop_tolerance is not None and len(seen) > STOP_WINDOW
+                    and seen[-STOP_WINDOW - 1] - seen[-1] < params.stop_tolerance * abs(seen[-STOP_WINDOW - 1]))
+            if stop:
+                planned[0] -= scale.evaluations - len(seen)
+            if progress is not None:
+                progress(StyleProgress(len(history), planned[0], values["content"], values["style"],
+                                       values["tv"], values["total"], time.perf_counter() - t_opt,
+                                       index + 1, len(scales), scale.size))
+            if stop:
+                raise _Stop
+            return total
 
-            done_before = len(history)
-            try:
-                if params.optimizer == "lbfgs":
+        done_before = len(history)
+        try:
+            if params.optimizer == "lbfgs":
+                optimizer.step(closure)
+            else:
+                for _ in range(scale.evaluations):
                     optimizer.step(closure)
-                else:
-                    for _ in range(scale.evaluations):
-                        optimizer.step(closure)
-            except _Stop:
-                pass
-            ran.append({"size": list(scale.work.shape[-1:-3:-1]), "evaluations": len(history) - done_before,
-                        "planned": scale.evaluations})
+        except _Stop:
+            pass
+        else:  # L-BFGS ended the scale sooner (a zero gradient): later events count without the rest
+            planned[0] -= scale.evaluations - (len(history) - done_before)
+        ran.append({"size": list(scale.work.shape[-1:-3:-1]), "evaluations": len(history) - done_before,
+                    "planned": scale.evaluations})
     t_done = time.perf_counter()
 
     out = best["image"].clamp(0, 1)
@@ -574,7 +624,7 @@ def stylize(
     # The reported losses: fp32, at the output size, on the returned 8-bit image (for luminance
     # its own Y after the chroma went back and the gamut was clipped) and on the start.
     final_scale = scales[-1]
-    with torch.no_grad():
+    with torch.no_grad(), _exact_fp32():
         seen_out = _y(out) if luminance else out
         final = dict(zip(TERMS, torch.stack(_with_total(params, *_terms(
             extractor, seen_out, final_scale, params, all_layers, None))).tolist()))

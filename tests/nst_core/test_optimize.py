@@ -306,3 +306,43 @@ def test_default_coarse_to_fine_is_no_worse_than_single_scale_fp32_at_equal_cost
     assert len(default.metadata["scales"]) == 3 and cost < 0.5 * 42
     single = stylize(content, style, params(iterations=math.ceil(cost), init="noise", scales=1, precision="fp32"))
     assert default.losses["final"]["total"] <= 1.1 * single.losses["final"]["total"]
+
+
+def test_tf32_off_cuda_is_plain_fp32_and_recorded_so(images):
+    from nst_core.optimize import resolve_precision
+
+    assert resolve_precision("tf32", torch.device("cpu")) == "fp32"
+    assert stylize(*images, params(iterations=2, precision="tf32")).metadata["precision"] == "fp32"
+
+
+def test_targets_and_reported_losses_run_under_the_runs_settings(images, monkeypatch):
+    # Targets were computed before the deterministic/TF32 settings took effect (cuBLAS must see
+    # CUBLAS_WORKSPACE_CONFIG before its first product: the Grams), and the "fp32" reported losses
+    # after they were restored, i.e. with cuDNN's default TF32 convolutions on a GPU.
+    seen_targets, seen_terms = [], []
+    real_targets, real_terms = optimize.compute_style_targets, optimize._terms
+
+    def spy_targets(*a, **k):
+        seen_targets.append(torch.are_deterministic_algorithms_enabled())
+        return real_targets(*a, **k)
+
+    def spy_terms(*a, **k):
+        seen_terms.append((a[-1], torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return real_terms(*a, **k)
+
+    monkeypatch.setattr(optimize, "compute_style_targets", spy_targets)
+    monkeypatch.setattr(optimize, "_terms", spy_terms)
+    before = torch.backends.cudnn.allow_tf32
+    stylize(*images, params(iterations=3, scales=1, deterministic=True, precision="bf16"))
+    assert seen_targets == [True]
+    assert seen_terms[-2:] == [(None, False, False)] * 2  # final and initial: exact fp32
+    assert torch.backends.cudnn.allow_tf32 == before and not torch.are_deterministic_algorithms_enabled()
+
+
+@pytest.mark.parametrize("scales", [1, 2])
+def test_early_stop_progress_ends_with_iteration_equal_to_total(images, scales):
+    events = []
+    result = stylize(*images, params(iterations=120, scales=scales, stop_tolerance=0.9), progress=events.append)
+    assert all(e.iteration <= e.total for e in events)
+    assert [e.total for e in events] == sorted((e.total for e in events), reverse=True)
+    assert events[-1].iteration == events[-1].total == result.metadata["evaluations"] < 120
