@@ -27,10 +27,13 @@ from pathlib import Path
 
 from nst_core.errors import NSTError
 
-__all__ = ["SERVED_NAME", "deployments", "serve_deployments", "check_names_are_free", "local_server"]
+__all__ = ["SERVED_NAME", "deployments", "serve_deployments", "check_names_are_free", "prefect_yaml_names",
+           "local_server"]
 
 #: Deployment name both served flows use; prefect.yaml never uses it.
 SERVED_NAME = "served"
+#: Tag of the deployments nst serve registers (a name it may serve again).
+_SERVE_TAG = "nst-serve"
 
 
 def deployments(name: str = SERVED_NAME):
@@ -44,12 +47,12 @@ def deployments(name: str = SERVED_NAME):
     return [
         stylize_batch.to_deployment(
             name=name, enforce_parameter_schema=True, parameters={"run": run_defaults},
-            tags=["nst-serve"],
+            tags=[_SERVE_TAG],
             description=(f"Served by `nst serve` on {_host()}: runs started from the UI's run form. "
                          f"Fan-out 'workers' sends chunks to {chunk}."),
         ),
         stylize_chunk.to_deployment(
-            name=name, enforce_parameter_schema=True, tags=["nst-serve"],
+            name=name, enforce_parameter_schema=True, tags=[_SERVE_TAG],
             description=f"Served by `nst serve` on {_host()}: one chunk of pairs of a stylize-batch/{name} run.",
         ),
     ]
@@ -61,11 +64,31 @@ def _host() -> str:
     return socket.gethostname()
 
 
+PREFECT_YAML = Path(__file__).resolve().parent.parent / "deployments" / "prefect.yaml"
+def prefect_yaml_names(path: Path = PREFECT_YAML) -> set[str]:
+    """Deployment names deployments/prefect.yaml declares (``nightly``, ``on-demand``, ``worker``)."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except OSError:
+        return set()
+    return {d["name"] for d in doc.get("deployments") or [] if isinstance(d, dict) and d.get("name")}
+
+
 def check_names_are_free(names: list[str]) -> None:
-    """Refuse to serve over a deployment that a work pool runs (one `prefect deploy` made)."""
+    """Refuse a name prefect.yaml declares (deployed yet or not: a later `prefect deploy` and this
+    serve would take turns rewriting it), and any existing deployment nst serve did not make:
+    one a work pool runs, or another script's served deployment (serve rewrites and, on exit,
+    pauses what it serves)."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
+    reserved = prefect_yaml_names()
+    for full in names:
+        if full.rsplit("/", 1)[-1] in reserved:
+            raise NSTError(f"deployment {full} is declared in deployments/prefect.yaml (work-pool deployments); "
+                           "nst serve never takes those names: choose another name with --name")
     with get_client(sync_client=True) as client:
         for full in names:
             try:
@@ -77,6 +100,16 @@ def check_names_are_free(names: list[str]) -> None:
                     f"deployment {full} already exists on work pool {existing.work_pool_name!r}; nst serve never "
                     "modifies pool-backed deployments: choose another name with --name"
                 )
+            if _SERVE_TAG not in (existing.tags or []):
+                raise NSTError(
+                    f"deployment {full} already exists and nst serve did not create it (no {_SERVE_TAG!r} tag); "
+                    "serving would rewrite it and pause it on exit: choose another name with --name"
+                )
+
+
+def _check_name(name: str) -> None:
+    if not name or name != name.strip() or "/" in name:
+        raise NSTError(f"--name {name!r}: give a deployment name without '/' or surrounding spaces")
 
 
 def serve_deployments(limit: int | None = None, name: str = SERVED_NAME) -> None:
@@ -87,6 +120,7 @@ def serve_deployments(limit: int | None = None, name: str = SERVED_NAME) -> None
     if limit is not None and limit < 2:  # a batch run holds a slot while its chunk runs wait for one
         raise NSTError(f"--limit must be at least 2 (got {limit}): a stylize-batch run takes one slot and, "
                        "with fan-out 'workers', its chunk runs need another")
+    _check_name(name)
     served = deployments(name)
     check_names_are_free([f"stylize-batch/{name}", f"stylize-chunk/{name}"])
     ui = get_current_settings().ui_url

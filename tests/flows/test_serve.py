@@ -101,7 +101,7 @@ def test_nst_serve_refuses_a_name_that_a_work_pool_deployment_uses():
     out = subprocess.run([sys.executable, "-m", "flows.cli", "serve", "--name", "on-demand"], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
-    assert "stylize-batch/on-demand already exists on work pool 'nst-control'" in out.stderr
+    assert "stylize-batch/on-demand is declared in deployments/prefect.yaml" in out.stderr
     assert "Traceback" not in out.stderr
 
 
@@ -134,3 +134,46 @@ def test_nst_serve_without_api_url_starts_a_server_and_prints_its_ui_url(tmp_pat
         _stop(proc)
     with pytest.raises(OSError):  # the server it started stopped with it
         urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=5)
+
+
+def test_serve_refuses_the_prefect_yaml_names_even_before_they_are_deployed():
+    """Old code checked only deployments already on the server: `nst serve --name nightly` before
+    `prefect deploy` registered stylize-batch/nightly as a served deployment (paused on exit), and
+    the later deploy and this serve took turns rewriting it."""
+    from flows.serve import check_names_are_free, prefect_yaml_names
+    from nst_core.errors import NSTError
+
+    assert prefect_yaml_names() == {"nightly", "on-demand", "worker"}
+    for name in ("stylize-batch/nightly", "stylize-chunk/worker"):
+        with pytest.raises(NSTError, match="declared in deployments/prefect.yaml"):
+            check_names_are_free([name])
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_serve_refuses_an_existing_deployment_it_did_not_make():
+    """Old code refused only pool-backed ones: another script's served deployment of the same name
+    was rewritten and paused when nst serve stopped."""
+    from flows.batch import stylize_batch
+    from flows.serve import check_names_are_free, serve_deployments
+    from nst_core.errors import NSTError
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name="other-pool", type="process"))
+        except ObjectAlreadyExists:
+            pass
+    stylize_batch.to_deployment(name="pooled", work_pool_name="other-pool").apply()
+    with pytest.raises(NSTError, match="already exists on work pool 'other-pool'"):
+        check_names_are_free(["stylize-batch/pooled"])
+    stylize_batch.to_deployment(name="someone-elses").apply()
+    with pytest.raises(NSTError, match="nst serve did not create it"):
+        check_names_are_free(["stylize-batch/someone-elses"])
+    deployments("ours")[0].apply()  # one nst serve registered earlier: served again
+    check_names_are_free(["stylize-batch/ours"])
+    for bad in ("", "a/b", " x"):
+        with pytest.raises(NSTError, match="--name"):
+            serve_deployments(name=bad)
