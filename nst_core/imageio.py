@@ -98,12 +98,15 @@ def _to_srgb(img: Image.Image, icc: bytes) -> Image.Image:
 def split_alpha(img: Image.Image) -> DecodedImage:
     """Any Pillow mode -> sRGB RGB plus alpha (or None).
 
-    Palette transparency becomes alpha; an embedded ICC profile (``img.info["icc_profile"]``)
+    Palette transparency and a grey or RGB transparent colour key become alpha; an embedded ICC profile (``img.info["icc_profile"]``)
     is converted to sRGB; alpha is kept as it is (it is not colour).
     """
     icc = img.info.get("icc_profile")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode in ("1", "L", "RGB") and img.info.get("transparency") is not None:
+        # A transparent colour key (PNG tRNS on a grey or RGB image) is alpha too.
+        img = img.convert("LA" if img.mode in ("1", "L") else "RGBA")
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
         img = _to_8bit(img)
     alpha = None

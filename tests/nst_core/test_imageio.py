@@ -205,3 +205,17 @@ def test_decoded_images_carry_no_profile_so_conversion_happens_once():
         assert "icc_profile" not in decoded.rgb.info
         again = split_alpha(decoded.merged())  # what stylize() does with the image it is given
         assert again.rgb.getpixel((3, 3)) == decoded.rgb.getpixel((3, 3))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_transparent_colour_key_becomes_alpha(mode):
+    # PNG tRNS on a grey or RGB image (one colour marked transparent) was dropped: alpha None.
+    img = pattern((16, 12)).convert(mode)
+    key = img.getpixel((0, 0))
+    img.info["transparency"] = key
+    decoded = decode_image(to_bytes(img), "keyed.png")
+    assert decoded.alpha is not None
+    pixels = np.asarray(img)
+    hidden = pixels == key if mode == "L" else (pixels == np.array(key)).all(-1)
+    assert np.array_equal(np.asarray(decoded.alpha) == 0, hidden) and hidden.any() and not hidden.all()
+    assert decoded.rgb.mode == "RGB"
