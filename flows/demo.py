@@ -9,14 +9,14 @@ warning in every sidecar and the report. (The batch flow itself never falls back
 from __future__ import annotations
 
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.models import BatchSource, OutputSpec, RunOptions
 from nst_core.errors import WeightsError
 from nst_core.params import StyleParams
 
-__all__ = ["demo_inputs", "EXAMPLES"]
+__all__ = ["demo_inputs", "timed_probe", "Probe", "EXAMPLES"]
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 RANDOM_WEIGHTS_WARNING = (
@@ -33,12 +33,28 @@ def _minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
-def timed_probe(params: StyleParams) -> tuple[int, float]:
-    """(evaluations, seconds) of a short stylize of the first example pair with ``params``, on
-    the device's compute thread, after one untimed warm-up evaluation (allocator, kernels).
+@dataclass(frozen=True)
+class Probe:
+    """What a short timed stylize of one example pair measured (seconds, this machine)."""
 
-    The demo's estimate scales this by the real number of evaluations and pairs, so the duration
-    it states is measured on this machine, not assumed.
+    evaluations: int  # loss evaluations the probe ran
+    evaluating_s: float  # seconds those evaluations took
+    targets_s: float  # style targets and content features: the flow does this once per style
+    other_s: float  # the rest of one stylize (final fp32 loss, conversions): once per pair
+
+    def estimate(self, pairs: int, styles: int, iterations: int) -> float:
+        """Seconds for ``pairs`` pairs of ``iterations`` evaluations: only the evaluations scale with
+        ``iterations`` (scaling the whole probe would multiply its fixed part too)."""
+        per_evaluation = self.evaluating_s / max(self.evaluations, 1)
+        return pairs * (self.other_s + per_evaluation * iterations) + styles * self.targets_s
+
+
+def timed_probe(params: StyleParams) -> Probe:
+    """A short stylize of the first example pair with ``params``, on the device's compute thread,
+    after one untimed warm-up evaluation (allocator, kernels), split by the engine's own timings.
+
+    The demo's estimate is built from these parts, so the duration it states is measured on
+    this machine, not assumed.
     """
     from PIL import Image
 
@@ -47,17 +63,20 @@ def timed_probe(params: StyleParams) -> tuple[int, float]:
 
     device = expand_devices(["auto"], params.device)[0]
     content, style = Image.open(_images("contents")[0]), Image.open(_images("styles")[0])
-    probe = max(2, min(params.iterations, params.iterations // 10))
+    # enough evaluations that the coarse-to-fine split rounds like the real run's
+    probe = min(params.iterations, max(10, params.iterations // 10))
     warm = params.model_copy(update={"iterations": 1, "device": device})
     timed = params.model_copy(update={"iterations": probe, "device": device})
 
-    def run() -> float:
+    def run() -> Probe:
         stylize(content, style, warm)
-        start = time.perf_counter()
-        stylize(content, style, timed)
-        return time.perf_counter() - start
+        result = stylize(content, style, timed)
+        seconds = result.metadata["seconds"]
+        evaluating = seconds["optimize"]
+        return Probe(result.metadata["evaluations"], evaluating, seconds["targets"],
+                     max(seconds["total"] - seconds["targets"] - evaluating, 0.0))
 
-    return probe, run_on_device(device, run)
+    return run_on_device(device, run)
 
 
 def demo_inputs(output: str) -> tuple[BatchSource, OutputSpec, StyleParams, RunOptions]:
@@ -80,12 +99,13 @@ def demo_inputs(output: str) -> tuple[BatchSource, OutputSpec, StyleParams, RunO
     size = "full settings (GPU)" if on_gpu else "CPU settings"
     print(f"demo: {size}: image_size={params.image_size}, iterations={params.iterations}, "
           f"weights={params.weights}; writing to {output}/", file=sys.stderr)
-    pairs = len(_images("contents")) * len(_images("styles"))
-    probe, seconds = timed_probe(params)
-    estimate = pairs * seconds * params.iterations / probe
-    print(f"demo: a timed {probe}-evaluation probe took {seconds:.1f} s here, so {pairs} pairs x "
-          f"{params.iterations} evaluations should take about {_minutes(estimate)} (plus Prefect's start-up)",
-          file=sys.stderr)
+    styles = len(_images("styles"))
+    pairs = len(_images("contents")) * styles
+    probe = timed_probe(params)
+    estimate = probe.estimate(pairs, styles, params.iterations)
+    print(f"demo: a timed {probe.evaluations}-evaluation probe took {probe.evaluating_s:.1f} s here "
+          f"(+{probe.targets_s:.1f} s style targets, once per style), so {pairs} pairs x {params.iterations} "
+          f"evaluations should take about {_minutes(estimate)} (plus Prefect's start-up)", file=sys.stderr)
     return (
         BatchSource(contents=str(EXAMPLES / "contents"), styles=str(EXAMPLES / "styles")),
         OutputSpec(uri=output, format="jpeg"),

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from flows.demo import EXAMPLES, RANDOM_WEIGHTS_WARNING, demo_inputs
@@ -10,7 +11,9 @@ def test_demo_falls_back_to_random_weights_loudly(tmp_path, monkeypatch, capsys)
         raise OSError("no network")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    monkeypatch.setattr("flows.demo.timed_probe", lambda params: (8, 1.0))  # tested below
+    from flows.demo import Probe
+
+    monkeypatch.setattr("flows.demo.timed_probe", lambda params: Probe(8, 1.0, 0.5, 0.1))  # tested below
     source, output, params, run = demo_inputs(str(tmp_path / "demo-output"))
     assert params.weights == "random"
     assert run.labels["warning"] == RANDOM_WEIGHTS_WARNING  # recorded in every sidecar and the report
@@ -25,23 +28,33 @@ def test_examples_are_bundled():
 
 
 def test_demo_states_an_estimate_it_measured(tmp_path, monkeypatch, capsys):
-    """Old: a fixed "~3 min" claim. Now demo_inputs times a probe on this machine and prints the
-    estimate it implies; the estimate scales with the probe's measured seconds."""
+    """Old: the whole probe's seconds x iterations/probe, so the probe's fixed part (style targets
+    at every scale, the final fp32 loss) was multiplied ~10x and the stated duration was several
+    times what the demo took. Now only the evaluations scale; targets count once per style."""
     import flows.demo as demo
 
-    monkeypatch.setattr(demo, "timed_probe", lambda params: (8, 2.0))
+    probe = demo.Probe(evaluations=10, evaluating_s=2.0, targets_s=3.0, other_s=0.5)
+    monkeypatch.setattr(demo, "timed_probe", lambda params: probe)
     _, _, params, _ = demo.demo_inputs(str(tmp_path / "out"))
     err = capsys.readouterr().err
-    pairs = len(list((EXAMPLES / "contents").glob("*.png"))) * len(list((EXAMPLES / "styles").glob("*.png")))
-    expected = pairs * 2.0 * params.iterations / 8
+    styles = len(list((EXAMPLES / "styles").glob("*.png")))
+    pairs = len(list((EXAMPLES / "contents").glob("*.png"))) * styles
+    expected = pairs * (0.5 + 0.2 * params.iterations) + styles * 3.0
     shown = f"{expected:.0f} s" if expected < 90 else f"{expected / 60:.1f} min"
-    assert f"a timed 8-evaluation probe took 2.0 s here, so {pairs} pairs x {params.iterations} evaluations " \
-           f"should take about {shown}" in err
+    assert f"a timed 10-evaluation probe took 2.0 s here (+3.0 s style targets, once per style), so {pairs} pairs " \
+           f"x {params.iterations} evaluations should take about {shown}" in err
+    # the old formula's figure is not what is stated
+    old = pairs * (2.0 + 3.0 + 0.5) * params.iterations / 10
+    assert (f"{old:.0f} s" if old < 90 else f"{old / 60:.1f} min") not in err.split("should take about")[1].split("(")[0]
 
 
-def test_timed_probe_runs_the_real_engine():
+def test_timed_probe_runs_the_real_engine_and_splits_its_time():
     from flows.demo import timed_probe
     from nst_core.params import StyleParams
 
-    evaluations, seconds = timed_probe(StyleParams(weights="random", image_size=48, iterations=20, scales=1, device="cpu"))
-    assert evaluations == 2 and 0 < seconds < 60
+    probe = timed_probe(StyleParams(weights="random", image_size=48, iterations=20, scales=1, device="cpu"))
+    assert probe.evaluations == 10  # at least 10, so the coarse-to-fine split rounds like the real run
+    assert probe.evaluating_s > 0 and probe.targets_s > 0 and probe.other_s >= 0
+    # one pair at the probe's own length is the probe: the parts add back up
+    assert probe.estimate(1, 1, probe.evaluations) == pytest.approx(
+        probe.evaluating_s + probe.targets_s + probe.other_s)
