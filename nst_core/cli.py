@@ -113,6 +113,17 @@ def _read(path: str) -> bytes:
         raise NSTError(f"{path}: cannot read ({err.strerror or err})") from None
 
 
+def _write(path: Path, data: bytes | None) -> None:
+    """Write ``data`` to ``path`` (None: create the folder ``path``); failures are one NSTError line."""
+    try:
+        if data is None:
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path.write_bytes(data)
+    except OSError as err:
+        raise NSTError(f"{path}: cannot write ({err.strerror or err})") from None
+
+
 def run_stylize(args: argparse.Namespace, opener: Callable[[str], bytes] | None = None) -> int:
     from .imageio import decode_image, encode_image, format_for
     from .optimize import stylize
@@ -124,13 +135,17 @@ def run_stylize(args: argparse.Namespace, opener: Callable[[str], bytes] | None 
     content = decode_image(_read(args.content), args.content)
     styles = [decode_image(_read(p), p) for p in args.style]
     content_img = content.merged()
-    bar = None if args.no_progress else ProgressBar(params.iterations, "stylize ")
-    progress = (lambda ev: bar.update(ev.iteration, f"loss {ev.loss:.4g}")) if bar else None
-    result = stylize(content_img, [s.rgb for s in styles], params, progress=progress, opener=opener,
-                     content_name=args.content, style_names=args.style)
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(encode_image(result.image, fmt, quality=args.quality))
+    _write(out.parent, None)  # before the optimization: an unwritable output fails in a second, not after it
+    bar = None if args.no_progress else ProgressBar(params.iterations, "stylize ")
+
+    def progress(ev) -> None:
+        bar.total = ev.total  # an early stop (stop_tolerance) lowers it; the bar still ends full
+        bar.update(ev.iteration, f"loss {ev.loss:.4g}")
+
+    result = stylize(content_img, [s.rgb for s in styles], params, progress=progress if bar else None,
+                     opener=opener, content_name=args.content, style_names=args.style)
+    _write(out, encode_image(result.image, fmt, quality=args.quality))
     meta = {
         **result.metadata,
         "content": args.content,
@@ -138,7 +153,7 @@ def run_stylize(args: argparse.Namespace, opener: Callable[[str], bytes] | None 
         "output": str(out),
         "losses": result.losses,
     }
-    Path(f"{out}.json").write_text(json.dumps(meta, indent=2))
+    _write(Path(f"{out}.json"), json.dumps(meta, indent=2).encode())
     final = result.losses["final"]
     print(f"wrote {out} and {out}.json (loss {result.losses['initial']['total']:.4g} -> {final['total']:.4g}, "
           f"{result.metadata['evaluations']} evaluations, {result.metadata['seconds']['total']:.1f}s)")

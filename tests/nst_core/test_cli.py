@@ -44,6 +44,8 @@ def test_stylize_writes_image_and_sidecar(files):
     (["content.jpg", "style.png", "-o", "o.png", "--iterations", "0"], "iterations: Input should be greater"),
     (["content.jpg", "style.png", "-o", "o.png", "--style-layers", "relu9_9"], "valid names are: conv1_1"),
     (["content.jpg", "style.png", "-o", "o.png", "--optimizer", "sgd"], "invalid choice: 'sgd'"),
+    (["content.jpg", "style.png", "-o", "content.jpg/o.png"], "content.jpg: cannot write"),  # was a traceback
+    (["content.jpg", "style.png", "-o", "o.png", "--image-size", "16"], "content.jpg: 16x13 px is too small"),
 ])
 def test_bad_input_exits_2_with_one_line(files, args, message):
     proc = nst("stylize", *args, "--weights", "random", cwd=files)
@@ -66,3 +68,11 @@ def test_unknown_layer_message_lists_every_valid_name(files):
 def test_missing_weights_file_exits_2(files):
     proc = nst("stylize", "content.jpg", "style.png", "-o", "o.png", "--weights", "nope.pth", cwd=files)
     assert proc.returncode == 2 and proc.stderr.strip() == "nst: error: weights file nope.pth does not exist"
+
+
+def test_progress_bar_ends_full_after_an_early_stop(files):
+    proc = nst("stylize", "content.jpg", "style.png", "-o", "o.png", "--weights", "random", "--device", "cpu",
+               "--image-size", "32", "--iterations", "200", "--scales", "1", "--stop-tolerance", "0.9", cwd=files)
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((files / "o.png.json").read_text())
+    assert meta["evaluations"] < 200 and f"{meta['evaluations']}/{meta['evaluations']}" in proc.stderr
