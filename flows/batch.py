@@ -164,8 +164,30 @@ def _on_cancel(flow, run, state) -> None:
     cancel_children(str(run.id))
 
 
+def _mark_stopped(out, run_id: str, run_name: str, error: str) -> None:
+    """Replace the "running" report (the write probe) of a run that stops without its report."""
+    try:
+        out.write(report_key(run_id), json.dumps(
+            {"flow_run": run_name, "flow_run_id": run_id, "status": "crashed", "error": error,
+             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}).encode(), "application/json")
+    except Exception:
+        pass  # the storage may be what failed
+
+
 def _on_crash(flow, run, state) -> None:
-    cancel_children(str(run.id), "the parent stylize-batch run crashed")
+    """The process died under the flow (a crash the flow body did not see): stop the chunk runs and
+    replace the "running" report (the write probe) with one that says the run stopped (best effort)."""
+    try:
+        cancel_children(str(run.id), "the parent stylize-batch run crashed")
+    except Exception:
+        pass
+    try:
+        output = (run.parameters or {}).get("output") or {}
+        uri = output.get("uri") if isinstance(output, dict) else getattr(output, "uri", None)
+        if uri:
+            _mark_stopped(open_storage(uri), str(run.id), run.name, (state.message or state.name) if state else "")
+    except Exception:
+        pass
 
 
 def start_chunk(deployment: str, idem: str, parameters: dict, name: str, tags: list[str]):
@@ -373,93 +395,100 @@ def stylize_batch(
     started = datetime.now(timezone.utc)
     devices = expand_devices(run.devices, params.device)
     out = open_storage(output.uri)
+    reported = False  # the final report is written: never replace it
 
     try:
-        entries, weights_id = preflight(source, output, params, devices, {"id": run_id, "name": run_name})
-        allowed = run.allowed_sources or default_allowed_sources(source)
         try:
-            plans = plan_pairs(entries, params, weights_id, output.format, output.quality, run.io_workers, allowed)
-        except PreflightError as err:
-            _drop_probe(out, run_id, f"preflight failed: {err}")
-            raise
-    except PreflightError as err:  # a refusal before any work: one line, no traceback
-        logger.error("preflight failed: %s", err)
-        return Failed(message=f"preflight failed: {err}")
-    done = done_in(out, plans, io_workers=run.io_workers) if run.skip_existing else set()  # output listed once
-    items: list[ReportItem | None] = [None] * len(plans)
-    todo: list[PairPlan] = []
-    for p in plans:
-        if p.error:
-            items[p.index] = failed_item(p, p.error)
-            logger.error("pair %s x %s failed at planning: %s", p.content, p.style, p.error)
-        elif p.duplicate_of >= 0:
-            first = plans[p.duplicate_of]
-            items[p.index] = ReportItem(p.content, p.style, "skipped", out.uri_for(p.image_key),
-                                        out.uri_for(p.sidecar_key),
-                                        note=f"duplicate of pair {p.duplicate_of} ({first.content} x {first.style}): "
-                                             "the same result, made once")
-        elif p.index in done:
-            items[p.index] = ReportItem(p.content, p.style, "skipped", out.uri_for(p.image_key),
-                                        out.uri_for(p.sidecar_key))
+            entries, weights_id = preflight(source, output, params, devices, {"id": run_id, "name": run_name})
+            allowed = run.allowed_sources or default_allowed_sources(source)
+            try:
+                plans = plan_pairs(entries, params, weights_id, output.format, output.quality, run.io_workers, allowed)
+            except PreflightError as err:
+                _drop_probe(out, run_id, f"preflight failed: {err}")
+                raise
+        except PreflightError as err:  # a refusal before any work: one line, no traceback
+            logger.error("preflight failed: %s", err)
+            return Failed(message=f"preflight failed: {err}")
+        done = done_in(out, plans, io_workers=run.io_workers) if run.skip_existing else set()  # output listed once
+        items: list[ReportItem | None] = [None] * len(plans)
+        todo: list[PairPlan] = []
+        for p in plans:
+            if p.error:
+                items[p.index] = failed_item(p, p.error)
+                logger.error("pair %s x %s failed at planning: %s", p.content, p.style, p.error)
+            elif p.duplicate_of >= 0:
+                first = plans[p.duplicate_of]
+                items[p.index] = ReportItem(p.content, p.style, "skipped", out.uri_for(p.image_key),
+                                            out.uri_for(p.sidecar_key),
+                                            note=f"duplicate of pair {p.duplicate_of} ({first.content} x {first.style}): "
+                                                 "the same result, made once")
+            elif p.index in done:
+                items[p.index] = ReportItem(p.content, p.style, "skipped", out.uri_for(p.image_key),
+                                            out.uri_for(p.sidecar_key))
+            else:
+                todo.append(p)
+        logger.info("%d pairs: %d to run, %d already done, %d failed at planning; devices %s; weights %s",
+                    len(plans), len(todo), len(done), sum(bool(p.error) for p in plans), devices, weights_id)
+
+        progress = RunProgress(len(todo))  # pairs/s and ETA; throttled: big runs, few API calls
+        hook = on_pair_done.get()
+
+        def on_done(finished: int, total: int) -> None:
+            if hook:
+                hook(finished, total)
+            progress.update(finished)
+
+        if run.fan_out == "workers" and todo:
+            # the chunk runs read only where this run may: the resolved list, never the empty default
+            result = fan_out_to_workers(plans, done, output, params, run.model_copy(update={"allowed_sources": allowed}),
+                                        weights_id, run_id, on_done)
         else:
-            todo.append(p)
-    logger.info("%d pairs: %d to run, %d already done, %d failed at planning; devices %s; weights %s",
-                len(plans), len(todo), len(done), sum(bool(p.error) for p in plans), devices, weights_id)
+            ctx = PairContext(output, params, devices, weights_id, run.labels, run.io_workers, run.pair_timeout_s,
+                              {"id": run_id, "name": run_name})
+            result = run_pairs(todo, ctx, run.window, run.contact_sheet_rows, on_done)
+        for index, item in result.items.items():
+            items[index] = item
+        progress.update(len(todo), final=True)
 
-    progress = RunProgress(len(todo))  # pairs/s and ETA; throttled: big runs, few API calls
-    hook = on_pair_done.get()
+        done_items = [i for i in items if i is not None]
+        counts = totals(done_items)
+        report_uri = out.uri_for(report_key(run_id))
+        warning = run.labels.get("warning")
+        # local fan-out: the k-th thumbnail row is the k-th pair run_pairs finished (captions exact)
+        thumb_items = ([i.as_dict() for i in result.items.values() if i.status == "done"][:len(result.thumbs)]
+                       if run.fan_out == "local" else None)
+        pictures = write_pictures(out, run_id, [i.as_dict() for i in done_items], result.thumbs, thumb_items, warning,
+                                  run.io_workers)
+        report = {
+            "flow_run": run_name,
+            "flow_run_id": run_id,
+            "report": report_uri,
+            "started": started.isoformat(timespec="seconds"),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source": source.model_dump(mode="json"),
+            "output": output.model_dump(mode="json"),
+            "params": params.model_dump(mode="json"),
+            "run": run.model_dump(mode="json"),
+            "weights_id": weights_id,
+            "devices": devices,
+            "totals": counts,
+            **pictures,  # contact_sheet, loss_curve
+            **({"chunks": result.chunks} if result.chunks else {}),
+            "items": [i.as_dict() for i in done_items],
+        }
+        retrying(lambda: out.write(report_key(run_id), json.dumps(report, indent=2).encode(), "application/json"))
+        reported = True
 
-    def on_done(finished: int, total: int) -> None:
-        if hook:
-            hook(finished, total)
-        progress.update(finished)
-
-    if run.fan_out == "workers" and todo:
-        # the chunk runs read only where this run may: the resolved list, never the empty default
-        result = fan_out_to_workers(plans, done, output, params, run.model_copy(update={"allowed_sources": allowed}),
-                                    weights_id, run_id, on_done)
-    else:
-        ctx = PairContext(output, params, devices, weights_id, run.labels, run.io_workers, run.pair_timeout_s,
-                          {"id": run_id, "name": run_name})
-        result = run_pairs(todo, ctx, run.window, run.contact_sheet_rows, on_done)
-    for index, item in result.items.items():
-        items[index] = item
-    progress.update(len(todo), final=True)
-
-    done_items = [i for i in items if i is not None]
-    counts = totals(done_items)
-    report_uri = out.uri_for(report_key(run_id))
-    warning = run.labels.get("warning")
-    # local fan-out: the k-th thumbnail row is the k-th pair run_pairs finished (captions exact)
-    thumb_items = ([i.as_dict() for i in result.items.values() if i.status == "done"][:len(result.thumbs)]
-                   if run.fan_out == "local" else None)
-    pictures = write_pictures(out, run_id, [i.as_dict() for i in done_items], result.thumbs, thumb_items, warning,
-                              run.io_workers)
-    report = {
-        "flow_run": run_name,
-        "flow_run_id": run_id,
-        "report": report_uri,
-        "started": started.isoformat(timespec="seconds"),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": source.model_dump(mode="json"),
-        "output": output.model_dump(mode="json"),
-        "params": params.model_dump(mode="json"),
-        "run": run.model_dump(mode="json"),
-        "weights_id": weights_id,
-        "devices": devices,
-        "totals": counts,
-        **pictures,  # contact_sheet, loss_curve
-        **({"chunks": result.chunks} if result.chunks else {}),
-        "items": [i.as_dict() for i in done_items],
-    }
-    retrying(lambda: out.write(report_key(run_id), json.dumps(report, indent=2).encode(), "application/json"))
-
-    publish_artifacts(report, out, output.link_expiry_hours, warning,
-                      seconds=(datetime.now(timezone.utc) - started).total_seconds())
-    summary = f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed of {counts['pairs']} pairs"
-    logger.info("%s (report: %s)", summary, report_uri)
-    if counts["failed"] > run.max_failures:
-        # No data=: Prefect 3 treats a Failed state's data as its exception ("Unexpected result
-        # for failed state" with the whole report otherwise). The report is in storage.
-        return Failed(message=f"{counts['failed']} of {counts['pairs']} pairs failed (report: {report_uri})")
-    return Completed(message=f"{summary} (report: {report_uri})", data=report)
+        publish_artifacts(report, out, output.link_expiry_hours, warning,
+                          seconds=(datetime.now(timezone.utc) - started).total_seconds())
+        summary = f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed of {counts['pairs']} pairs"
+        logger.info("%s (report: %s)", summary, report_uri)
+        if counts["failed"] > run.max_failures:
+            # No data=: Prefect 3 treats a Failed state's data as its exception ("Unexpected result
+            # for failed state" with the whole report otherwise). The report is in storage.
+            return Failed(message=f"{counts['failed']} of {counts['pairs']} pairs failed (report: {report_uri})")
+        return Completed(message=f"{summary} (report: {report_uri})", data=report)
+    except BaseException as err:  # Ctrl-C, SIGTERM, an unhandled error: the report must not say "running"
+        if not reported:
+            _mark_stopped(out, run_id, run_name, f"{type(err).__name__}: {err}".rstrip(": "))
+        raise

@@ -373,3 +373,16 @@ def test_the_write_probe_is_the_runs_own_report(tmp_path, monkeypatch):
     assert [p.name for p in runs.iterdir() if p.name.startswith(".") or p.name == "write-probe"] == []
     report = json.loads((runs / f"{run_id}.json").read_text())
     assert report["totals"]["done"] == 1 and report.get("status") != "running"
+
+
+def test_a_repeated_row_is_done_once_and_a_name_collision_fails_alone(tmp_path):
+    _cross_folders(tmp_path, 2, 1)
+    rows = [{"content": "c/c0.png", "style": "s/s0.png", "output": "x"}] * 2 + [
+        {"content": "c/c1.png", "style": "s/s0.png", "output": "x"}, {"content": "c/c1.png", "style": "s/s0.png"}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    state = run(BatchSource(manifest=str(tmp_path / "m.jsonl")), OutputSpec(uri=str(tmp_path / "out")))
+    report = json.loads((tmp_path / "out" / "_runs" / f"{state.state_details.flow_run_id}.json").read_text())
+    assert report["totals"] == {"pairs": 4, "done": 2, "skipped": 1, "failed": 1}
+    items = report["items"]
+    assert items[1]["status"] == "skipped" and "duplicate of pair 0" in items[1]["note"]
+    assert items[2]["status"] == "failed" and "output name 'x'" in items[2]["error"]

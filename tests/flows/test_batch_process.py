@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -57,13 +58,24 @@ def _wait_for(predicate, deadline_s: float, proc: subprocess.Popen) -> None:
 
 
 def _visible_outputs_are_whole(out: Path) -> None:
+    """What a reader of the output sees: whole images and sidecars at the top, reports under _runs/,
+    nothing else. Temp files live only under .nst-tmp/ (outside every listing), named {pid}-{hex}."""
+    from tasks.storage import TEMP_DIR, LocalStorage
+
+    if not out.exists():
+        return
     for path in out.iterdir():
-        assert not path.name.startswith(".nst-tmp-"), path
+        assert path.name in (TEMP_DIR, "_runs") or (path.is_file() and path.suffix in (".jpg", ".json")), path
+    for info in LocalStorage(out).list():
+        path = out / info.key
+        assert info.key.startswith("_runs/") or "/" not in info.key, info.key
         if path.suffix == ".jpg":
             with Image.open(path) as img:
                 img.load()  # a partial JPEG raises here
         elif path.suffix == ".json":
             json.loads(path.read_text())
+    for path in (out / TEMP_DIR).glob("*") if (out / TEMP_DIR).exists() else []:
+        assert re.fullmatch(r"\d+-[0-9a-f]{32}", path.name), path
 
 
 def test_ctrl_c_then_kill_9_then_rerun(tmp_path):
@@ -101,7 +113,10 @@ def test_ctrl_c_then_kill_9_then_rerun(tmp_path):
         output = proc.communicate(timeout=400)[0].decode()
         assert proc.returncode == 0, output[-3000:]
         reports = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
-        last = max(reports, key=lambda r: r["finished"])
+        # the killed run's report still says "running" (its write probe); Ctrl-C's says "crashed"
+        assert [r.get("status") for r in reports].count("running") == 1
+        assert [r.get("status") for r in reports].count("crashed") == 1
+        last = max((r for r in reports if "totals" in r), key=lambda r: r["finished"])
         assert last["totals"]["pairs"] == PAIRS and last["totals"]["failed"] == 0
         assert last["totals"]["skipped"] == len(done) and last["totals"]["done"] == PAIRS - len(done)
         assert {p.name: p.stat().st_mtime_ns for p in _sidecars(out) if p.name in done} == done
