@@ -94,6 +94,15 @@ def activate(name: str) -> None:
     global _active
     if name:
         load_block(name)
+    else:
+        import os
+
+        for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+            if _has_userinfo(os.environ.get(var)):  # boto would echo it in every connection error
+                raise CredentialsError(
+                    f"{var} carries a user name or password (user:password@host); give the endpoint without "
+                    "them and the keys through boto3's credential chain or a storage_credentials block"
+                )
     with _lock:
         _active = name
 

@@ -112,3 +112,22 @@ def test_an_endpoint_url_with_credentials_in_it_is_refused_without_echoing_them(
         credentials.activate("")
         storage._clients.clear()
         storage._presigners.clear()
+
+
+def test_an_endpoint_variable_with_credentials_in_it_is_refused_without_echoing_them(monkeypatch):
+    """The same leak through boto3's default chain: AWS_ENDPOINT_URL_S3=http://key:secret@host put
+    the secret into the preflight message. Old code: it did; now the run is refused by the
+    variable's name at entry."""
+    from flows.batch import stylize_batch
+    from tasks import storage
+    from tasks.models import BatchSource, OutputSpec
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://key:{SECRET}@127.0.0.1:9")
+    storage._clients.clear()
+    try:
+        state = stylize_batch(BatchSource(contents="s3://b/in/c/", styles="s3://b/in/s/"),
+                              OutputSpec(uri="s3://b/out/"), return_state=True)
+        assert state.is_failed()
+        assert SECRET not in (state.message or "") and "AWS_ENDPOINT_URL_S3" in state.message
+    finally:
+        storage._clients.clear()
