@@ -337,7 +337,9 @@ def _style_tensor(img: Image.Image, size: int, params: StyleParams, device: torc
     so a slightly larger style image gives comparable targets).
     """
     rgb = resize_longest(split_alpha(img).rgb, size)
-    need = min_side([*params.content_layers, *params.style_layers])
+    # Only the style layers see the style: a deeper content layer must not refuse a thin style
+    # (nor change its Grams, which targets_key does not cover).
+    need = min_side(params.style_layers)
     if size >= params.image_size:
         check_min_side(rgb, need, name)
     elif min(rgb.size) < need:
@@ -386,9 +388,9 @@ def compute_style_targets(
             for img, w, name in zip(styles, weights, names):
                 feats = _features(extractor, _style_tensor(img, size, params, extractor.device, content, name),
                                   params.style_layers)
-                for name, f in feats.items():
+                for layer, f in feats.items():
                     g = w * gram_matrix(f.float(), normalize=True)
-                    grams[name] = grams[name] + g if name in grams else g
+                    grams[layer] = grams[layer] + g if layer in grams else g
             by_size[size] = grams
     return StyleTargets(by_size, targets_key(params, extractor, len(styles)))
 
@@ -554,8 +556,10 @@ def _stylize(
     t_targets = time.perf_counter() - t_start
 
     first_style = style if isinstance(style, Image.Image) else style[0]
-    init_style = (_style_tensor(first_style, scales[0].size, params, device, c_rgb)
-                  if params.init == "style" else None)
+    # init="style" with a blend starts from the first style image (a pixel blend would be a mix
+    # no style looks like).
+    init_style = (_style_tensor(first_style, scales[0].size, params, device, c_rgb,
+                                (style_names or ["style image"])[0]) if params.init == "style" else None)
     start = _init_image(params.init, scales[0].work, init_style, params.seed)
     history: list[dict[str, float]] = []
     ran: list[dict] = []

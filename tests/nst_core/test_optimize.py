@@ -346,3 +346,15 @@ def test_early_stop_progress_ends_with_iteration_equal_to_total(images, scales):
     assert all(e.iteration <= e.total for e in events)
     assert [e.total for e in events] == sorted((e.total for e in events), reverse=True)
     assert events[-1].iteration == events[-1].total == result.metadata["evaluations"] < 120
+
+
+def test_a_thin_style_is_measured_against_the_style_layers_only(images):
+    # The style only goes through the style layers: relu2_1 needs 2 px, so a 64x4 style is fine
+    # even with a deeper content layer (relu4_2 needs 8 px); it was refused.
+    p = params(content_layers=["relu4_2"], style_layers=["relu1_1", "relu2_1"], iterations=2)
+    result = stylize(images[0], pattern((320, 20), "style"), p)
+    assert result.metadata["evaluations"] == 2
+    a = compute_style_targets(pattern((320, 20), "style"), p)
+    b = compute_style_targets(pattern((320, 20), "style"), params(content_layers=["relu1_1"],
+                                                                  style_layers=["relu1_1", "relu2_1"]))
+    assert a.key == b.key and all(torch.equal(a.by_size[k][n], b.by_size[k][n]) for k in a.by_size for n in a.by_size[k])
