@@ -3,8 +3,8 @@
 Normalization, and why (it keeps good α/β independent of image size; tests/nst_core/test_losses.py
 shows the style/content ratio stays put between 64 px and 128 px):
 
-- content: ``½·‖a_G − a_C‖² / (nH·nW·nC)`` — the paper's ½·‖·‖², divided by the element count.
-  The unnormalized sum grows with the number of positions, so α would have to shrink with
+- content: ``½·‖a_G − a_C‖² / (nH·nW·nC)`` — differs from Gatys et al.'s plain ½·‖·‖² sum
+  (divided by the element count) because the unnormalized sum grows with the number of positions, so α would have to shrink with
   image size; the per-element mean does not.
 - style, per layer: ``‖G_G − G_S‖² / (2·nH·nW·nC)²`` — the article's coefficient 1/(2·nH·nW·nC)
   applied to the Gram difference (Gatys et al.'s 1/(4·N²·M²)). Gram entries are sums over the
@@ -12,7 +12,8 @@ shows the style/content ratio stays put between 64 px and 128 px):
   keeps wide layers from swamping narrow ones. We store Grams already divided by nH·nW
   (``gram_matrix(x, normalize=True)``) so a style image of another size gives a comparable
   target; the loss is then ``‖Ĝ_G − Ĝ_S‖² / (2·nC)²``, the same number.
-- total variation: mean squared difference of neighbouring pixels, on [0,1] images.
+- total variation: mean squared difference of neighbouring pixels, on [0,1] images. Not in
+  Gatys et al. (jcjohnson/neural-style adds it against high-frequency noise); off by default.
 - total: ``α·content + β·Σ_l w_l·style_l + γ·tv`` with layer weights w_l summing to 1.
 """
 

@@ -8,6 +8,8 @@ Departures from Gatys et al. (2016), each marked where it happens:
   crowsonkb/style-transfer-pytorch we optimize at sizes √2 apart, each scale starting from the
   previous result upsampled, because most of the structure settles at low resolution for a
   fraction of the cost. ``scales=1`` is the paper's single-scale method.
+- clamping to [0, 1] before each evaluation and returning the best evaluated image, not the
+  last (in the closure);
 - reduced precision (``params.precision``): the VGG pass may run in bf16/fp16 under autocast;
   Grams, losses, the image and the optimizer state stay fp32, and the final loss is always
   recomputed in fp32 at the output size so runs at different settings compare.
@@ -332,8 +334,9 @@ def _style_tensor(img: Image.Image, size: int, params: StyleParams, device: torc
                   content: Tensor | None, name: str = "style") -> Tensor:
     """A style image prepared as the optimization sees it (size, luminance, matched colours).
 
-    At the output size a style thinner than the deepest layer needs is refused, naming it. At a
-    coarser scale it is enlarged to that minimum instead (its Grams are means over positions,
+    At the output size a style thinner than the deepest style layer needs is refused, naming it.
+    At a coarser scale it is enlarged to that minimum instead (differs from Gatys et al., who have
+    no coarse scales) (its Grams are means over positions,
     so a slightly larger style image gives comparable targets).
     """
     rgb = resize_longest(split_alpha(img).rgb, size)
@@ -579,6 +582,9 @@ def _stylize(
 
         def closure(x=x, optimizer=optimizer, scale=scale, best=best, seen=seen, index=index) -> Tensor:
             optimizer.zero_grad(set_to_none=True)
+            # Differs from Gatys et al. (unconstrained pixels) because an image outside [0, 1]
+            # is not one we can return, and VGG was trained on in-range inputs; the clamp is a
+            # projection before each evaluation, so the loss reported is that of a valid image.
             with torch.no_grad():
                 x.clamp_(0, 1)
             c, s, tv = _terms(extractor, x, scale, params, all_layers, dtype)
@@ -588,6 +594,8 @@ def _stylize(
             history.append(values)
             if not all(map(math.isfinite, values.values())):
                 raise NonFiniteLossError(len(history), values)
+            # Differs from Gatys et al. (the last iterate) because Adam and L-BFGS without a line
+            # search can end on a worse step: each scale keeps its lowest-loss evaluated image.
             if values["total"] < best["total"]:
                 best["total"], best["image"] = values["total"], x.detach().clone()
             seen.append(best["total"])

@@ -1,5 +1,8 @@
 """VGG16 feature extractor: named layers, truncation, pooling, weight sources.
 
+Differs from Gatys et al., who used VGG19, because the design fixes VGG16 (torchvision's
+Caffe-ported features are the default weights); the layer names and defaults are VGG16's.
+
 Nothing is built or downloaded at import. ``load_extractor`` builds one frozen, eval-mode,
 truncated ``vgg16().features`` per (weights, pooling, device, dtype, depth, memory format) and
 caches it, so a process builds it once; the state dict behind it is read once per source.
