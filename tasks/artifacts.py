@@ -212,9 +212,11 @@ def publish_artifacts(report: dict, out, expiry_hours: int, warning: str | None 
 
     items = report.get("items", [])
     rows = table_rows(items, link=lambda uri: browser_url(uri, expiry_hours))
+    which = f"first {len(rows)} of {len(items)} pairs (all are in the run report)" if len(rows) < len(items) else "pairs"
     ids["table"] = create_table_artifact(rows, key=artifact_key("pairs"),
-                                         description=f"Pairs of {run_name}: outputs and sidecars ({expiry_note})"
-                                         if report["report"].startswith("s3://") else f"Pairs of {run_name}")
+                                         description=f"{which.capitalize()} of {run_name}: outputs and sidecars "
+                                                     f"({expiry_note})" if report["report"].startswith("s3://")
+                                         else f"{which.capitalize()} of {run_name}")
     ids["report"] = create_link_artifact(links["report"] or report["report"], link_text=report["report"],
                                          key=artifact_key("report"),
                                          description=f"Run report of {run_name}"

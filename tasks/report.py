@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["SheetRow", "contact_sheet", "loss_curve_png", "summary_markdown", "table_rows", "final_loss"]
+__all__ = ["SheetRow", "contact_sheet", "loss_curve_png", "summary_markdown", "table_rows", "final_loss",
+           "MAX_TABLE_ROWS", "MAX_CHUNK_ROWS"]
 
 _INK, _MUTED, _PAPER, _WARN = (40, 40, 40), (110, 110, 110), (250, 250, 250), (180, 20, 20)
 
@@ -170,7 +171,12 @@ def _md_link(text: str, url: str | None) -> str:
     return f"[{text}]({url})" if url else f"`{text}`"
 
 
-def table_rows(items: list[dict], link=None, limit: int = 500) -> list[dict]:
+#: Rows of the pairs table artifact and of the summary's chunk-run table; the report has them all.
+MAX_TABLE_ROWS = 500
+MAX_CHUNK_ROWS = 100
+
+
+def table_rows(items: list[dict], link=None, limit: int = MAX_TABLE_ROWS) -> list[dict]:
     """Rows for the Prefect table artifact (capped: the report file has them all).
 
     ``link(uri)`` returns a URL a browser can open (presigned for S3) or None; outputs and
@@ -212,11 +218,15 @@ def summary_markdown(report: dict, links: dict[str, str | None], chunk_links: li
         lines.append(f"- Loss curve: {_md_link(report['loss_curve'], links.get('loss_curve'))}")
     if chunk_links:
         lines += ["", "## Chunk runs", "", "| chunk | flow run | state | worker |", "|---|---|---|---|"]
-        for chunk, url in chunk_links:
+        for chunk, url in chunk_links[:MAX_CHUNK_ROWS]:
             worker = chunk.get("worker") or {}
             where = f"{worker.get('host', '')} pid {worker.get('pid', '')}".strip() if worker else ""
             lines.append(f"| {chunk.get('chunk')} | {_md_link(str(chunk.get('flow_run_id')), url)} | "
                          f"{chunk.get('state')} | {where} |")
+        if len(chunk_links) > MAX_CHUNK_ROWS:  # 10,000 pairs in chunks of 1 must not make a 10,000-row page
+            not_completed = [c for c, _ in chunk_links[MAX_CHUNK_ROWS:] if c.get("state") != "Completed"]
+            lines += ["", f"… and {len(chunk_links) - MAX_CHUNK_ROWS} more chunk runs "
+                          f"({len(not_completed)} of them not Completed; all are in the report)"]
     failures = [i for i in report.get("items", []) if i.get("status") == "failed"]
     if failures:
         lines += ["", "## Failures", ""] + [f"- `{f['content']}` × `{f['style']}`: {f.get('error')}"

@@ -76,3 +76,21 @@ def test_table_links_outputs_and_summary_links_chunks():
                             "http://ui/runs/flow-run/abc")], warning="random weights", rate="1 pairs in 1s")
     assert "[abc](http://ui/runs/flow-run/abc)" in md and "[s3://b/o/_runs/1.json](https://signed/1.json)" in md
     assert "**Warning:** random weights" in md and "bad image" in md
+
+
+def test_a_huge_run_keeps_its_summary_and_table_small():
+    """10,000 pairs in chunks of one: old summary listed all 10,000 chunk runs (a page the UI
+    chokes on); now 100 rows and a count, and the table stops at 500 rows."""
+    from tasks.report import MAX_CHUNK_ROWS, MAX_TABLE_ROWS
+
+    items = [{"content": f"c{i}.png", "style": "s.png", "status": "done" if i % 7 else "failed",
+              "output": f"/o/c{i}.jpg", "sidecar": f"/o/c{i}.jpg.json", "error": None if i % 7 else "bad",
+              "losses": {"final": {"total": 1.0}}} for i in range(10_000)]
+    chunks = [({"chunk": i, "flow_run_id": f"id{i}", "state": "Completed" if i % 9 else "Failed"}, None)
+              for i in range(10_000)]
+    report = {"flow_run": "big", "report": "/o/_runs/x.json", "items": items,
+              "totals": {"pairs": 10_000, "done": 8571, "skipped": 0, "failed": 1429}}
+    text = summary_markdown(report, {}, chunks)
+    assert sum(1 for line in text.splitlines() if line.startswith("| ") and "id" in line) == MAX_CHUNK_ROWS
+    assert f"and {10_000 - MAX_CHUNK_ROWS} more chunk runs" in text and len(text) < 50_000
+    assert len(table_rows(items)) == MAX_TABLE_ROWS
