@@ -34,13 +34,11 @@ class ImageTooSmallError(ImageDecodeError):
 class NonFiniteLossError(NSTError):
     """The loss became NaN or infinite; names the loss evaluation where it happened."""
 
-    def __init__(self, iteration: int, terms: dict[str, float]):
+    def __init__(self, iteration: int, terms: dict[str, float], *, what: str = "loss",
+                 advice: str = "lower the style/content weights or the learning rate"):
         self.iteration, self.terms = iteration, terms
         shown = ", ".join(f"{k}={v:g}" for k, v in terms.items())
-        super().__init__(
-            f"loss is not finite at evaluation {iteration} ({shown}); "
-            "lower the style/content weights or the learning rate"
-        )
+        super().__init__(f"{what} is not finite at evaluation {iteration} ({shown}); {advice}")
 
 
 class WeightsError(NSTError):

@@ -188,6 +188,8 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     """
     if requested == "tf32" and device.type != "cuda":
         return "fp32"  # TF32 is a CUDA tensor-core mode; elsewhere the run is plain fp32, recorded so
+    if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise NSTError(f"precision='bf16' requested but {device} has no bf16 support; use auto, tf32 or fp16")
     if requested != "auto":
         return requested
     if device.type == "cuda":
@@ -594,6 +596,13 @@ def _stylize(
             history.append(values)
             if not all(map(math.isfinite, values.values())):
                 raise NonFiniteLossError(len(history), values)
+            # A finite loss with a non-finite gradient (a reduced-precision backward overflowing)
+            # would send the optimizer to NaN pixels and be reported one evaluation late, as a loss
+            # problem; name it here.
+            if not bool(torch.isfinite(x.grad).all()):
+                raise NonFiniteLossError(len(history), values, what="gradient", advice=(
+                    "use precision=fp32" if dtype is not None else
+                    "lower the style/content weights or the learning rate"))
             # Differs from Gatys et al. (the last iterate) because Adam and L-BFGS without a line
             # search can end on a worse step: each scale keeps its lowest-loss evaluated image.
             if values["total"] < best["total"]:

@@ -358,3 +358,27 @@ def test_a_thin_style_is_measured_against_the_style_layers_only(images):
     b = compute_style_targets(pattern((320, 20), "style"), params(content_layers=["relu1_1"],
                                                                   style_layers=["relu1_1", "relu2_1"]))
     assert a.key == b.key and all(torch.equal(a.by_size[k][n], b.by_size[k][n]) for k in a.by_size for n in a.by_size[k])
+
+
+def test_a_non_finite_gradient_is_named_at_its_evaluation(images, monkeypatch):
+    # Finite loss, NaN gradient (what a reduced-precision backward overflowing looks like): it was
+    # reported one evaluation later as a non-finite loss, after the optimizer had made the pixels NaN.
+    real = optimize._terms
+
+    def nan_gradient(extractor, x, *rest):
+        c, s, tv = real(extractor, x, *rest)
+        return c + 0 * torch.sqrt(x.min() * 0), s, tv  # d sqrt(0) = inf: 0·inf = NaN in the gradient
+
+    monkeypatch.setattr(optimize, "_terms", nan_gradient)
+    with pytest.raises(NonFiniteLossError, match="gradient is not finite at evaluation 1.*precision=fp32") as err:
+        stylize(*images, params(scales=1, precision="bf16"))
+    assert err.value.iteration == 1
+
+
+def test_bf16_on_a_gpu_without_it_is_a_clear_error(monkeypatch):
+    from nst_core.optimize import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    with pytest.raises(NSTError, match="no bf16 support"):
+        resolve_precision("bf16", torch.device("cuda"))
+    assert resolve_precision("auto", torch.device("cuda")) == "tf32"
