@@ -18,6 +18,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.models import OutputSpec, RunOptions
 from nst_core.params import StyleParams
+from tasks.artifacts import ThumbRow
 from tasks.compute import expand_devices
 from tasks.contract import RUNS, PairPlan, ReportItem, done_in, naming_problem
 from tasks.pair import PairContext
@@ -29,12 +30,15 @@ from tasks.storage import open_storage, retrying, safe_key
 __all__ = ["stylize_chunk", "encode_thumbs", "decode_thumbs"]
 
 
-def encode_thumbs(thumbs: list[tuple[bytes, bytes, bytes]]) -> list[list[str]]:
-    return [[base64.b64encode(t).decode() for t in row] for row in thumbs]
+def encode_thumbs(thumbs: list[tuple[bytes, bytes, bytes]], items: list[ReportItem] = ()) -> list[list[str]]:
+    """Rows of base64 thumbnails, each followed by the content and style URIs of ``items[i]`` (its
+    pair: the parent captions the contact sheet from them)."""
+    return [[*(base64.b64encode(t).decode() for t in row[:3]), *((items[n].content, items[n].style)
+             if n < len(items) else ())] for n, row in enumerate(thumbs)]
 
 
-def decode_thumbs(rows: list[list[str]]) -> list[tuple[bytes, bytes, bytes]]:
-    return [tuple(base64.b64decode(t) for t in row) for row in rows]
+def decode_thumbs(rows: list[list[str]]) -> list[ThumbRow]:
+    return [ThumbRow(tuple(base64.b64decode(t) for t in row[:3]), *row[3:5]) for row in rows]
 
 
 @flow(name="stylize-chunk", task_runner=ThreadPoolTaskRunner(max_workers=1024 + 16), persist_result=False,
@@ -77,7 +81,8 @@ def stylize_chunk(
         "flow_run_id": flow_run.get_id(),
         "worker": {"host": socket.gethostname(), "pid": os.getpid(), "parent_pid": os.getppid(), "devices": devices},
         "items": [{"index": p.index, "key": p.key, **item.as_dict()} for p, item in zip(pairs, items)],
-        "thumbs": encode_thumbs(result.thumbs),
+        # run_pairs keeps the thumbnails of the first pairs it saw done, in that order
+        "thumbs": encode_thumbs(result.thumbs, [i for i in result.items.values() if i.status == "done"]),
     }
     retrying(lambda: out.write(report_key, json.dumps(report).encode(), "application/json"))
     return {"report": out.uri_for(report_key), "done": sum(i.status == "done" for i in items)}

@@ -26,8 +26,8 @@ from datetime import datetime, timedelta, timezone
 
 from tasks.report import SheetRow, contact_sheet, loss_curve_png, summary_markdown, table_rows
 
-__all__ = ["artifact_key", "browser_url", "image_url", "write_pictures", "RunProgress", "publish_artifacts",
-           "MAX_EMBEDDED_BYTES"]
+__all__ = ["artifact_key", "browser_url", "image_url", "write_pictures", "ThumbRow", "RunProgress",
+           "publish_artifacts", "MAX_EMBEDDED_BYTES"]
 
 #: A picture larger than this is not embedded as a data: URL (the artifact lives in the API's database).
 MAX_EMBEDDED_BYTES = 1_500_000
@@ -99,21 +99,38 @@ def _caption(item: dict, with_loss: bool = True) -> str:
     return f"{text}   final loss {loss:.4g}" if loss is not None else text
 
 
+class ThumbRow(tuple):
+    """A contact-sheet row's (content, style, result) thumbnail bytes, plus the pair it shows
+    (its content and style URIs) when it travelled without its report item (a chunk report)."""
+
+    def __new__(cls, images, content: str = "", style: str = ""):
+        row = super().__new__(cls, images)
+        row.content, row.style = content, style
+        return row
+
+
 def write_pictures(out, run_id: str, items: list[dict], thumbs: list[tuple[bytes, bytes, bytes]],
                    thumb_items: list[dict] | None = None, warning: str | None = None, io_workers: int = 8,
                    curves_limit: int = 200) -> dict[str, str | None]:
     """Contact sheet (``_runs/{run_id}-contact.jpg``) and loss curve (``_runs/{run_id}-loss.png``).
 
     ``thumb_items[i]`` is the report item ``thumbs[i]`` shows (its caption: file names and final
-    loss); rows without one are left uncaptioned rather than guessed. Returns their URIs (None
-    when there was nothing to draw) to record in the report.
+    loss); a ``ThumbRow`` without one is matched to its done item by content and style; rows
+    with neither are left uncaptioned rather than guessed. Returns their URIs (None when there
+    was nothing to draw) to record in the report.
     """
     from tasks.storage import retrying
 
     uris: dict[str, str | None] = {"contact_sheet": None, "loss_curve": None}
     if thumbs:
-        captions = [_caption(i) for i in (thumb_items or [])]
-        rows = [SheetRow(*t, caption=captions[n] if n < len(captions) else "") for n, t in enumerate(thumbs)]
+        given = list(thumb_items or [])
+        by_pair = {(i.get("content"), i.get("style")): i for i in items if i.get("status") == "done"}
+
+        def caption(n: int, row) -> str:
+            item = given[n] if n < len(given) else by_pair.get((getattr(row, "content", ""), getattr(row, "style", "")))
+            return _caption(item) if item else ""
+
+        rows = [SheetRow(*t[:3], caption=caption(n, t)) for n, t in enumerate(thumbs)]
         key = f"_runs/{run_id}-contact.jpg"
         data = contact_sheet(rows, warning=warning)
         retrying(lambda: out.write(key, data, "image/jpeg"))

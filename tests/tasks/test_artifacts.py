@@ -112,3 +112,25 @@ def test_progress_description_has_rate_and_eta(monkeypatch):
     assert text.startswith("4 of 10 pairs finished, 0.20 pairs/s, ETA ") and "(in 30s)" in text
     assert "took" in progress.describe(10)
     assert artifacts._duration(3725) == "1h02m"
+
+
+def test_fan_out_contact_sheet_rows_are_captioned_from_the_chunk_reports(tmp_path, monkeypatch):
+    """fan_out: workers. Old code: a chunk report's thumbnails carried no pair identity and the
+    parent passed no thumb_items, so every contact-sheet row was uncaptioned. Now each row
+    travels with its content and style URIs and finds its report item (file names, final loss)."""
+    import tasks.artifacts as artifacts
+    from flows.chunk import decode_thumbs, encode_thumbs
+    from tasks.contract import ReportItem
+    from tasks.storage import open_storage
+
+    thumb = to_bytes(pattern((16, 16), "content"))
+    chunk_items = [ReportItem(f"s3://b/c/{n}.png", "s3://b/s/x.png", "done", f"s3://b/o/{n}.jpg",
+                              losses={"final": {"total": 10.0 + n}}) for n in (7, 3)]
+    report = json.loads(json.dumps({"thumbs": encode_thumbs([(thumb, thumb, thumb)] * 2, chunk_items)}))
+    rows = decode_thumbs(report["thumbs"])
+    assert [tuple(r) for r in rows] == [(thumb, thumb, thumb)] * 2
+    parent_items = [i.as_dict() for i in reversed(chunk_items)]  # the parent's report: plan order
+    seen = {}
+    monkeypatch.setattr(artifacts, "contact_sheet", lambda rows, warning=None: seen.setdefault("rows", rows) and b"x")
+    artifacts.write_pictures(open_storage(str(tmp_path)), "run", parent_items, rows, None)
+    assert [r.caption for r in seen["rows"]] == ["7.png + x.png   final loss 17", "3.png + x.png   final loss 13"]
