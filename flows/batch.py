@@ -1,12 +1,15 @@
 """Flow ``stylize-batch``: preflight, plan, windowed fan-out, report.
 
-1. Preflight before any fan-out: output writable (a probe; no DeleteObject permission needed),
+1. Preflight before any fan-out: output writable (the probe is the run's report key with status
+   "running", overwritten at the end; "crashed" if the run stops without its report),
    leftover temp files of a crashed run cleaned, weights loadable, source listable and non-empty.
 2. Plan (``tasks.plan``): identities, names and keys; inputs outside ``run.allowed_sources`` or
    unidentifiable fail their pair. List the output once; skip pairs done by the one done rule
    (``tasks.contract``: image and sidecar exist, the sidecar's key is the planned key).
 3. Run the rest: one ``pair`` task per pair in a sliding window of ``run.window`` (``tasks.pipeline``),
-   or one stylize-chunk run per chunk on the GPU pool (``fan_out: workers``), waited on with a deadline.
+   or one stylize-chunk run per chunk of the full plan on the GPU pool (``fan_out: workers``; keys,
+   restarts and deadlines: ``plan_chunks``, ``start_chunk``, ``fan_out_to_workers``). Cancelling,
+   interrupting or crashing the parent cancels its unfinished chunk runs.
 4. Report: ``{output}/_runs/{flow_run_id}.json``, a contact sheet beside it, Prefect artifacts.
 5. Failed with "k of n pairs failed (report: URI)" when k > run.max_failures, else Completed.
 """

@@ -34,9 +34,12 @@ Sidecar fields (``sidecar()``)
     evaluations, seconds, versions).
 
 Run report ``{output}/_runs/{flow_run_id}.json`` (``report_key``)
+    Written first as {flow_run, flow_run_id, status: "running", started} (the preflight write probe),
+    replaced by the report below at the end, or by {status: "crashed", error} when the run stops early.
     flow_run (name), flow_run_id, report, started, finished, source, output, params, run,
     weights_id, devices, totals {pairs, done, skipped, failed}, contact_sheet, chunks?, items
-    (one ``ReportItem`` per pair: content, style, status, output, sidecar, error, seconds, losses).
+    (one ``ReportItem`` per pair: content, style, status, output, sidecar, error, seconds, losses, note;
+    a repeated pair is "skipped" with a note naming the pair it duplicates).
 
 Chunk report ``{output}/_runs/{parent_flow_run_id}/chunk-{chunk_key16}.json`` (``chunk_report_key``)
     flow_run, flow_run_id, worker {host, pid, parent_pid, devices}, items (ReportItem + index + key;
