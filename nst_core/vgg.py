@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import pickle
 import re
@@ -247,6 +248,19 @@ def _torch_load(source: Path | io.BytesIO, label: str) -> object:
         raise WeightsError(f"weights {label} are not a loadable state_dict file ({_one_line(err)})") from None
 
 
+def _three(value: object, what: str, label: str) -> tuple[float, float, float]:
+    """A checkpoint's per-channel ``mean`` / ``std``: three finite numbers (std > 0), else WeightsError."""
+    try:
+        items = value.tolist() if isinstance(value, Tensor) else list(value)  # type: ignore[arg-type]
+        numbers = tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        numbers = ()
+    if len(numbers) != 3 or not all(map(math.isfinite, numbers)) or (what == "std" and min(numbers) <= 0):
+        raise WeightsError(f"weights {label}: {what!r} must be 3 finite numbers (one per RGB channel"
+                           f"{', > 0' if what == 'std' else ''}), got {value!r:.80}")
+    return numbers  # type: ignore[return-value]
+
+
 def _features_state(obj: object, label: str) -> tuple[dict, tuple | None]:
     """A loaded checkpoint -> ({"N.weight"|"N.bias": tensor}, (mean, std) or None).
 
@@ -258,7 +272,7 @@ def _features_state(obj: object, label: str) -> tuple[dict, tuple | None]:
     mean_std = None
     if "state_dict" in obj:
         if "mean" in obj and "std" in obj:
-            mean_std = (tuple(map(float, obj["mean"])), tuple(map(float, obj["std"])))
+            mean_std = (_three(obj["mean"], "mean", label), _three(obj["std"], "std", label))
         obj = obj["state_dict"]
         if not isinstance(obj, dict):
             raise WeightsError(f"weights {label}: 'state_dict' holds a {type(obj).__name__}, not a dict")
@@ -275,7 +289,10 @@ def _features_state(obj: object, label: str) -> tuple[dict, tuple | None]:
                 f"weights {label}: key {key!r} is not a VGG16 features key; expected 'features.N.weight' "
                 "or 'N.weight' (and .bias; 'module.' / 'model.' prefixes are stripped)"
             )
-        features[name] = obj[key]
+        value = obj[key]
+        if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise WeightsError(f"weights {label}: {key!r} holds NaN or infinite values")
+        features[name] = value
     if not features:
         raise WeightsError(f"weights {label} hold no VGG16 features keys (expected 'features.N.weight' or 'N.weight')")
     return features, mean_std

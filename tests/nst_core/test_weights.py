@@ -192,3 +192,24 @@ def test_opened_weights_are_read_once_per_process(tmp_path):
         load_extractor("s3://bucket/vgg.pth", layers=layers, dtype=dtype, opener=opener)
     load_extractor("s3://bucket/vgg.pth", layers=["relu3_1"], pooling="avg", opener=opener)
     assert seen == ["s3://bucket/vgg.pth"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"mean": torch.tensor(0.5), "std": torch.tensor(0.2)}, "'mean' must be 3 finite numbers"),  # TypeError before
+    ({"mean": [0.5], "std": [0.2]}, "'mean' must be 3 finite numbers"),  # RuntimeError (view) before
+    ({"mean": [0.5] * 3, "std": [0.0] * 3}, "'std' must be 3 finite numbers"),  # loaded: NaN features before
+])
+def test_bad_mean_or_std_is_one_weights_error(tmp_path, extra, message):
+    path = tmp_path / "vgg.pth"
+    torch.save({"state_dict": _random_features(), **extra}, path)
+    with pytest.raises(WeightsError, match=message):
+        load_extractor(str(path), layers=["relu1_1"])
+
+
+def test_non_finite_weights_are_refused_at_load(tmp_path):
+    features = _random_features()
+    features["2.weight"][0, 0, 0, 0] = float("nan")
+    path = tmp_path / "vgg.pth"
+    torch.save(features, path)
+    with pytest.raises(WeightsError, match="'2.weight' holds NaN"):
+        load_extractor(str(path), layers=["relu1_1"])
