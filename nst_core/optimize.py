@@ -387,7 +387,11 @@ def compute_style_targets(
     names = list(style_names or [f"style image {i + 1}" if len(styles) > 1 else "style image"
                                  for i in range(len(styles))])
     by_size: dict[int, dict[str, Tensor]] = {}
-    with torch.no_grad():
+    # Under the run's deterministic setting, and in exact fp32 (no TF32) whatever the precision:
+    # the batch tasks call this outside stylize(), once per style and device.
+    device = extractor.device
+    with _backend_settings(device, resolve_precision(params.precision, device), params.deterministic), \
+            _exact_fp32(), torch.no_grad():
         for size in scale_sizes(params):
             grams: dict[str, Tensor] = {}
             for img, w, name in zip(styles, weights, names):
@@ -552,7 +556,8 @@ def _stylize(
     budget = split_budget(params.iterations, [works[size].shape[-1] * works[size].shape[-2] for size in sizes])
     all_layers = list(dict.fromkeys([*params.content_layers, *params.style_layers]))
     scales = []
-    with torch.no_grad():
+    # Content targets in exact fp32 too: the reported fp32 losses are measured against them.
+    with torch.no_grad(), _exact_fp32():
         for size, n in zip(sizes, budget):
             if n == 0:  # a budget too small to reach this coarse scale
                 continue

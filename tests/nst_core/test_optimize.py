@@ -382,3 +382,19 @@ def test_bf16_on_a_gpu_without_it_is_a_clear_error(monkeypatch):
     with pytest.raises(NSTError, match="no bf16 support"):
         resolve_precision("bf16", torch.device("cuda"))
     assert resolve_precision("auto", torch.device("cuda")) == "tf32"
+
+
+def test_style_targets_alone_are_exact_fp32_and_follow_deterministic(images, monkeypatch):
+    # The batch tasks compute targets outside stylize(): they ran with whatever TF32 / determinism
+    # the process had (cuDNN allows TF32 by default), not what the params ask.
+    seen = []
+    real = optimize._features
+
+    def spy(*a, **k):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.are_deterministic_algorithms_enabled()))
+        return real(*a, **k)
+
+    monkeypatch.setattr(optimize, "_features", spy)
+    compute_style_targets(images[1], params(deterministic=True, precision="bf16", scales=1))
+    assert seen == [(False, True)]
+    assert torch.backends.cudnn.allow_tf32 and not torch.are_deterministic_algorithms_enabled()
