@@ -148,7 +148,7 @@ def process_pair(pair: PairPlan, ctx: PairContext) -> PairDone:
     """Fetch both inputs, stylize on a leased device, write the image then the sidecar.
     Raises (naming the input or the reason) when the pair fails; never retried as a whole."""
     from nst_core.imageio import decode_image, encode_image
-    from nst_core.optimize import compute_style_targets, extractor_for, stylize, targets_key
+    from nst_core.optimize import compute_style_targets, extractor_for, stylize, targets_key, targets_need_content
 
     logger = get_run_logger()
     params, out = ctx.params, ctx.storage
@@ -175,11 +175,12 @@ def process_pair(pair: PairPlan, ctx: PairContext) -> PairDone:
         if extractor.weights_id != ctx.weights_id:  # a worker whose weights differ from what the run planned with
             raise WeightsError(f"weights here are {extractor.weights_id}, but the run planned with {ctx.weights_id}")
         targets = None
-        if p.preserve_color != "histogram":  # histogram targets depend on each content
+        if not targets_need_content(p):  # histogram / luminance targets depend on each content
             key = (pair.style, pair.style_identity, device, targets_key(p, extractor, 1))
             targets = targets_cache.get_or_compute(
                 key, lambda: compute_style_targets(style_img, p, extractor=extractor))
-        return stylize(content_pil, style_img, p, progress=progress, targets=targets, opener=read_uri)
+        return stylize(content_pil, style_img, p, progress=progress, targets=targets, opener=read_uri,
+                       content_name=pair.content, style_names=[pair.style])
 
     t_wait = time.perf_counter()
     with lease_device(ctx.devices) as device:

@@ -386,3 +386,19 @@ def test_a_repeated_row_is_done_once_and_a_name_collision_fails_alone(tmp_path):
     items = report["items"]
     assert items[1]["status"] == "skipped" and "duplicate of pair 0" in items[1]["note"]
     assert items[2]["status"] == "failed" and "output name 'x'" in items[2]["error"]
+
+
+@pytest.mark.parametrize("colour", ["luminance", "histogram"])
+def test_colour_preserving_runs_finish_with_per_content_targets(tmp_path, colour):
+    """Luminance targets depend on each content's Y statistics, as histogram targets on its colours:
+    a batch must not share them across contents (it failed every luminance pair)."""
+    for i in range(2):
+        (tmp_path / "c").mkdir(exist_ok=True)
+        pattern((32, 24), "content", i).save(tmp_path / "c" / f"{i}.png")
+    (tmp_path / "s").mkdir()
+    pattern((24, 32), "style", 0).save(tmp_path / "s" / "s.png")
+    state = run(BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s")),
+                OutputSpec(uri=str(tmp_path / "out"), format="png"), tiny_params(preserve_color=colour))
+    assert state.is_completed(), state.message
+    report = json.loads(next((tmp_path / "out" / "_runs").glob("*.json")).read_text())
+    assert [i["status"] for i in report["items"]] == ["done", "done"], report["items"]
