@@ -398,3 +398,26 @@ def test_style_targets_alone_are_exact_fp32_and_follow_deterministic(images, mon
     compute_style_targets(images[1], params(deterministic=True, precision="bf16", scales=1))
     assert seen == [(False, True)]
     assert torch.backends.cudnn.allow_tf32 and not torch.are_deterministic_algorithms_enabled()
+
+
+def test_same_seed_same_pixels_in_a_fresh_process(images, tmp_path):
+    # Within one process a leak (RNG state, a cached extractor built differently) repeats itself;
+    # a fresh interpreter with the same thread count must give the same bytes.
+    import subprocess
+    import sys
+
+    content, style = images
+    content.save(tmp_path / "c.png")
+    style.save(tmp_path / "s.png")
+    p = params(init="noise", seed=5, iterations=4, pooling="avg")
+    torch.manual_seed(123)  # the caller's RNG state must not matter
+    here = stylize(content, style, p).image.tobytes()
+    code = (
+        "import sys, torch; from PIL import Image; from nst_core import StyleParams, stylize\n"
+        f"torch.set_num_threads({torch.get_num_threads()})\n"
+        f"p = StyleParams.model_validate_json({p.model_dump_json()!r})\n"
+        f"r = stylize(Image.open({str(tmp_path / 'c.png')!r}).convert('RGB'), Image.open({str(tmp_path / 's.png')!r}).convert('RGB'), p)\n"
+        "sys.stdout.buffer.write(r.image.tobytes())\n"
+    )
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, timeout=300).stdout
+    assert there == here
