@@ -274,10 +274,14 @@ def split_budget(total: int, pixels: Sequence[int]) -> list[int]:
     """Evaluations per scale: the same share of compute for each, so most evaluations run small.
 
     An evaluation costs about its pixel count, so scale k gets total·(1/p_k)/Σ(1/p_j)
-    evaluations (at √2 steps: 4:2:1 for three scales), at least one each; the sum is ``total``.
+    evaluations (at √2 steps: 4:2:1 for three scales); a coarse scale gets none rather than a
+    useless single one, and the output size at least one; the sum is ``total``.
     """
     inv = [1.0 / p for p in pixels]
     shares = [int(total * w / sum(inv)) for w in inv]  # floors; a coarse scale may get none
+    # A coarse scale of one evaluation changes nothing: the step after a scale's last evaluation
+    # is never evaluated, and the next scale starts from the best evaluated image (its start).
+    shares = [0 if n == 1 else n for n in shares[:-1]] + shares[-1:]
     shares[-1] = total - sum(shares[:-1])  # >= 1: at least the output size is optimized
     return shares
 

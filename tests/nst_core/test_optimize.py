@@ -203,7 +203,8 @@ def test_split_budget_gives_each_scale_the_same_compute():
 
     assert split_budget(300, [10_000, 20_000, 40_000]) == [171, 85, 44]
     assert split_budget(7, [1, 2, 4]) == [4, 2, 1]
-    assert split_budget(2, [1, 2, 4]) == [1, 0, 1]  # iterations stays an upper bound
+    assert split_budget(2, [1, 2, 4]) == [0, 0, 2]  # iterations stays an upper bound
+    assert split_budget(5, [1, 2, 4]) == [2, 0, 3]  # one evaluation at a scale would change nothing
     assert split_budget(300, [5]) == [300]
 
 
@@ -421,3 +422,11 @@ def test_same_seed_same_pixels_in_a_fresh_process(images, tmp_path):
     )
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, timeout=300).stdout
     assert there == here
+
+
+def test_a_coarse_scale_never_runs_a_single_useless_evaluation(images):
+    # With one evaluation a scale only measures its start (its step is never evaluated), so it
+    # cost an evaluation the output size did not get.
+    result = stylize(*images, params(iterations=5, scales=3, init="noise"))
+    assert all(s["evaluations"] != 1 for s in result.metadata["scales"][:-1])
+    assert result.metadata["evaluations"] == 5
