@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -210,17 +211,30 @@ def _memory_format(device: torch.device, precision: str) -> torch.memory_format:
     return torch.contiguous_format
 
 
+_settings_lock = threading.Lock()
+_settings_users = 0  # runs inside _backend_settings now, over all threads
+_settings_saved: tuple = ()  # the process's settings before the first of them entered
+
+
 @contextlib.contextmanager
 def _backend_settings(device: torch.device, precision: str, deterministic: bool) -> Iterator[dict]:
     """TF32 and determinism switches for one run, restored afterwards; yields what was in effect.
 
-    These are process-wide torch settings: one run per process at a time sets them (the batch
-    tasks lease one device per task and run one pair per device).
+    These are process-wide torch settings. Runs on several devices of one process (the batch
+    tasks run one pair per leased device, in a thread per device) overlap: the settings in force
+    are what the overlapping runs set (each sidecar records those in force when its run started;
+    a batch shares one params), and the process's own come back when the last run exits (a
+    per-run restore would leave the first run's settings behind when runs exit out of order).
     """
+    global _settings_users, _settings_saved
     cuda = torch.backends.cuda.matmul
     cudnn = torch.backends.cudnn
-    saved = (cuda.allow_tf32, cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic,
-             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    with _settings_lock:
+        if _settings_users == 0:
+            _settings_saved = (cuda.allow_tf32, cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic,
+                               torch.are_deterministic_algorithms_enabled(),
+                               torch.is_deterministic_algorithms_warn_only_enabled())
+        _settings_users += 1
     try:
         if device.type == "cuda":
             # TF32 only where the run asked for fp32-with-TF32 or reduced precision (the fp32
@@ -244,8 +258,12 @@ def _backend_settings(device: torch.device, precision: str, deterministic: bool)
             "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
         }
     finally:
-        cuda.allow_tf32, cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic = saved[:4]
-        torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])
+        with _settings_lock:
+            _settings_users -= 1
+            if _settings_users == 0:
+                saved = _settings_saved
+                cuda.allow_tf32, cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic = saved[:4]
+                torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])
 
 
 @contextlib.contextmanager

@@ -430,3 +430,18 @@ def test_a_coarse_scale_never_runs_a_single_useless_evaluation(images):
     result = stylize(*images, params(iterations=5, scales=3, init="noise"))
     assert all(s["evaluations"] != 1 for s in result.metadata["scales"][:-1])
     assert result.metadata["evaluations"] == 5
+
+
+def test_overlapping_runs_leave_the_process_settings_as_they_found_them():
+    # Two devices' runs in one process exit out of order: a per-run restore left the first
+    # run's deterministic mode on for the rest of the process.
+    from nst_core.optimize import _backend_settings
+
+    cpu = torch.device("cpu")
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic)
+    first, second = _backend_settings(cpu, "fp32", True), _backend_settings(cpu, "fp32", False)
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    second.__exit__(None, None, None)
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic) == before == (False, False)
