@@ -138,3 +138,40 @@ def fault_proxy(s3_endpoint):
     server.shutdown()
     server.server_close()
     thread.join()
+
+
+@pytest.fixture
+def silent_s3(monkeypatch, s3_endpoint):
+    """An S3 endpoint on 127.0.0.1 that accepts connections and never answers; 1 s timeouts and
+    0.1 s retry waits. Yields the list of accepted connections (one per attempt)."""
+    import socket
+    import threading
+
+    from tasks import storage
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.2)
+    held, stop = [], threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    monkeypatch.setattr(storage, "S3_TIMEOUTS", (1.0, 1.0))
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.1, 0.1))
+    storage._clients.clear()
+    yield held
+    stop.set()
+    thread.join()
+    listener.close()
+    for conn in held:
+        conn.close()
+    storage._clients.clear()

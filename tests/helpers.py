@@ -44,3 +44,18 @@ def tiny_params(**fields):
     if "scales" in StyleParams.model_fields:  # coarse-to-fine would shrink a 32 px image below VGG's pools
         base["scales"] = 1
     return StyleParams(**{**base, **fields})
+
+
+def stop_process(proc, timeout: float = 30) -> None:
+    """SIGTERM a process started with start_new_session=True (its whole group), SIGKILL after ``timeout``."""
+    import os
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import pattern, to_bytes
+from helpers import pattern, stop_process, to_bytes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -45,16 +44,6 @@ def api(base: str, method: str, path: str, body: dict | None = None) -> tuple[in
 def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +80,7 @@ def production(tmp_path_factory, s3_endpoint):
         yield {"base": base, "port": port, "home": home, "workers": workers}
     finally:
         for proc in reversed(procs):
-            stop(proc)
+            stop_process(proc, timeout=20)
 
 
 def api_ok(base: str) -> bool:

@@ -305,43 +305,11 @@ def test_every_pair_is_done_through_a_proxy_that_fails_a_fifth_of_the_requests(b
         storage._clients.clear()
 
 
-def test_an_output_endpoint_that_never_answers_ends_the_run_with_a_clear_error(tmp_path, monkeypatch, s3_endpoint):
-    import socket
-    import threading
-
-    from tasks import storage
-
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    listener.settimeout(0.2)
-    held, stop = [], threading.Event()
-
-    def accept():
-        while not stop.is_set():
-            try:
-                held.append(listener.accept()[0])
-            except OSError:
-                pass
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{listener.getsockname()[1]}")
-    monkeypatch.setattr(storage, "S3_TIMEOUTS", (1.0, 1.0))
-    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.1, 0.1))
-    storage._clients.clear()
-    try:
-        source = _cross_folders(tmp_path, 1, 1)
-        state = run(source, OutputSpec(uri="s3://silent-bucket/out/"))
-        assert state.is_failed()
-        assert "is not writable" in state.message and "Timeout" in state.message
-    finally:
-        stop.set()
-        thread.join()
-        listener.close()
-        for conn in held:
-            conn.close()
-        storage._clients.clear()
+def test_an_output_endpoint_that_never_answers_ends_the_run_with_a_clear_error(tmp_path, silent_s3):
+    source = _cross_folders(tmp_path, 1, 1)
+    state = run(source, OutputSpec(uri="s3://silent-bucket/out/"))
+    assert state.is_failed()
+    assert "is not writable" in state.message and "Timeout" in state.message
 
 
 def test_the_write_probe_needs_no_delete_permission(tmp_path, monkeypatch):

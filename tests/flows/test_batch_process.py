@@ -19,7 +19,7 @@ from nst_core import StyleParams
 
 from helpers import pattern
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.usefixtures("prefect_api")]
 
 ROOT = Path(__file__).resolve().parents[2]
 PAIRS = 4
@@ -35,10 +35,12 @@ def _command(tmp_path: Path) -> list[str]:
 
 
 def _start(tmp_path: Path) -> subprocess.Popen:
+    """`nst batch` against the session's Prefect API (a kill -9 of the command leaves the API up, as
+    a real server would be; starting an ephemeral one per process took ~50 s each here)."""
+    from prefect.settings import PREFECT_API_URL
+
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-           "PYTHONPATH": str(ROOT)}
-    env.pop("PREFECT_API_URL", None)
+           "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(_command(tmp_path), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)  # its own process group: the test can stop all of it
 

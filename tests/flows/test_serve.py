@@ -2,7 +2,6 @@
 
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +13,8 @@ import pytest
 from prefect.settings import PREFECT_API_URL
 
 from flows.serve import deployments
+
+from helpers import stop_process
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -30,15 +31,6 @@ def test_served_deployments_have_their_own_names_and_chunk_target():
     # the served batch deployment's chunk runs go to the served chunk deployment, not prefect.yaml's worker
     assert served["stylize-batch/served"].parameters["run"]["chunk_deployment"] == "stylize-chunk/served"
 
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _snapshot(client, name: str) -> dict:
@@ -83,7 +75,7 @@ def test_nst_serve_leaves_the_prefect_yaml_deployments_alone(tmp_path):
         assert proc.poll() is None  # still serving
         assert found["stylize-batch/served"].parameters["run"]["chunk_deployment"] == "stylize-chunk/served"
     finally:
-        _stop(proc)
+        stop_process(proc, timeout=60)
     with get_client(sync_client=True) as client:
         after = {n: _snapshot(client, n) for n in YAML_NAMES}
     assert after == before
@@ -131,7 +123,7 @@ def test_nst_serve_without_api_url_starts_a_server_and_prints_its_ui_url(tmp_pat
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as resp:
             assert resp.status == 200 and b"<html" in resp.read().lower()  # a UI is served there
     finally:
-        _stop(proc)
+        stop_process(proc, timeout=60)
     with pytest.raises(OSError):  # the server it started stopped with it
         urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=5)
 
