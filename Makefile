@@ -31,6 +31,9 @@ demo: $(STAMP)
 bench: $(STAMP)
 	PREFECT_HOME=$${PREFECT_HOME:-$(CURDIR)/.prefect-home} $(BIN)/python benchmarks/engine.py
 	PREFECT_HOME=$${PREFECT_HOME:-$(CURDIR)/.prefect-home} $(BIN)/python benchmarks/batch.py
+	PREFECT_HOME=$${PREFECT_HOME:-$(CURDIR)/.prefect-home} $(BIN)/python benchmarks/speed.py
+	PREFECT_HOME=$${PREFECT_HOME:-$(CURDIR)/.prefect-home} $(BIN)/python benchmarks/speed.py --memory 1024
+	PREFECT_HOME=$${PREFECT_HOME:-$(CURDIR)/.prefect-home} $(BIN)/python benchmarks/scale.py --pairs 500
 
 clean:
 	rm -rf $(VENV) demo-output

@@ -350,3 +350,41 @@ def test_a_chunk_checks_what_its_parameters_ask_for(tmp_path, prefect_api):
     assert all("naming rule" in e for e in errors[1:]), errors
     assert unconfined["done"] == 0 and fetched == []
     assert not (tmp_path / "escape.json").exists()
+
+
+@pytest.mark.slow
+def test_a_transient_api_error_while_polling_is_retried(tmp_path, monkeypatch, chunk_deployment_without_worker):
+    """The first two polls fail (a read timeout from the API); the parent polls again and merges the
+    chunks once they end, instead of crashing or cancelling them."""
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed
+
+    source, output = _folders(tmp_path, contents=2)
+    real_read, failures = batch.read_children, []
+
+    def flaky_read(client, ids):
+        if len(failures) < 2:
+            failures.append(ids)
+            raise httpx.ReadTimeout("the API did not answer")
+        return real_read(client, ids)
+
+    def finish(clock):  # a worker that completes every chunk after the failed polls
+        kids = _recent_chunks(chunk_deployment_without_worker)
+        if len(failures) == 2 and kids:
+            with get_client(sync_client=True) as client:
+                for k in _children(kids[0].tags[0].split(":", 1)[1]):
+                    if not k.state.is_final():
+                        client.set_flow_run_state(k.id, Completed(), force=True)
+
+    monkeypatch.setattr(batch, "read_children", flaky_read)
+    monkeypatch.setattr(batch, "time", FakeClock(finish))
+    state = stylize_batch(source, output, tiny_params(),
+                          RunOptions(fan_out="workers", chunk_size=1, chunk_deployment=chunk_deployment_without_worker),
+                          return_state=True)
+    assert len(failures) == 2
+    run_id = str(state.state_details.flow_run_id)
+    report = json.loads((tmp_path / "out" / "_runs" / f"{run_id}.json").read_text())
+    # the chunks "completed" without writing anything (no worker ran them): judged as such, not cancelled
+    assert all("ended Completed" in i["error"] for i in report["items"]), report["items"]
+    assert all(k.state.name == "Completed" for k in _children(run_id))
