@@ -139,11 +139,6 @@ class FeatureExtractor:
     memory_format: torch.memory_format = torch.contiguous_format
 
     @property
-    def pool_scales(self) -> tuple[float, ...]:
-        """Factor of each average pool (empty with max pooling); see ``_avg_pool_scales``."""
-        return tuple(m.scale for m in self.layers if isinstance(m, ScaledAvgPool2d))
-
-    @property
     def input_scale(self) -> float:
         """Units of the normalized input per unit of a [0, 1] pixel: 1/std, averaged over channels.
 
