@@ -17,7 +17,8 @@ import time
 import torch
 
 from nst_core import StyleParams, compute_style_targets, stylize
-from nst_core.optimize import _DTYPES, extractor_for
+from nst_core.backend import DTYPES as _DTYPES
+from nst_core.vgg import extractor_for
 
 from helpers_bench import sample_pair
 
@@ -53,8 +54,7 @@ def main() -> None:
     extractor = extractor_for(params)
     targets = compute_style_targets(style, params)
     stylize(content, style, params.model_copy(update={"iterations": 2}), targets=targets)  # warm-up
-    from nst_core.optimize import _to_tensor
-    from nst_core.imageio import resize_longest
+    from nst_core.imageio import resize_longest, to_tensor as _to_tensor
 
     x = _to_tensor(resize_longest(content, args.size), extractor.device).contiguous(
         memory_format=extractor.memory_format)

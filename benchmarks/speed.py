@@ -99,7 +99,6 @@ def table(args) -> None:
 
 def formats(args) -> None:
     """Median VGG16 fwd+bwd (through relu5_1) per layout and precision, interleaved over rounds."""
-    from nst_core.optimize import _features
     from nst_core.vgg import load_extractor
 
     layers = ["relu4_2", "relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
@@ -117,7 +116,7 @@ def formats(args) -> None:
             t = time.perf_counter()
             for _ in range(3):
                 with torch.autocast(ex.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    feats = _features(ex, xi, layers)
+                    feats = ex(xi, layers)
                 sum(f.float().sum() for f in feats.values()).backward()
             if ex.device.type == "cuda":
                 torch.cuda.synchronize()

@@ -2,6 +2,12 @@
 
 Imports neither prefect nor boto3 and builds or downloads nothing at import. Names that need
 torch load on first use, so ``from nst_core import StyleParams`` (flows, forms) stays light.
+
+Where things are: ``optimize`` (stylize: the loop in named steps), ``objective`` (α·content +
+β·style + γ·tv), ``losses`` (the terms), ``targets`` (style Grams per scale), ``schedule``
+(coarse-to-fine sizes and budgets), ``backend`` (precision, TF32/determinism switches),
+``colour``, ``vgg`` (the feature extractor), ``weights`` (sources and verification),
+``pooling``, ``imageio`` (bytes <-> images <-> tensors), ``params``, ``errors``, ``cli``.
 """
 
 from importlib import import_module
@@ -12,10 +18,13 @@ from .params import VGG16_LAYERS, StyleParams
 _LAZY = {
     "StyleProgress": "optimize",
     "StyleResult": "optimize",
-    "StyleTargets": "optimize",
-    "compute_style_targets": "optimize",
-    "targets_need_content": "optimize",
     "stylize": "optimize",
+    "StyleTargets": "targets",
+    "compute_style_targets": "targets",
+    "targets_need_content": "targets",
+    "targets_key": "targets",
+    "Objective": "objective",
+    "extractor_for": "vgg",
     "gram_matrix": "losses",
     "content_loss": "losses",
     "style_loss": "losses",

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from .errors import NSTError
 from .params import StyleParams
+from .validation import format_validation_error
 
 __all__ = ["add_model_options", "model_from_args", "add_stylize_parser", "run_stylize", "ProgressBar", "one_line"]
 
@@ -62,11 +63,7 @@ def model_from_args(model: type[BaseModel], args: argparse.Namespace):
 def one_line(err: Exception) -> str:
     """A validation or NST error as one line for stderr."""
     if isinstance(err, ValidationError):
-        parts = []
-        for e in err.errors():
-            where = ".".join(str(p) for p in e["loc"]) or "params"
-            parts.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
-        return "invalid parameters: " + "; ".join(parts)
+        return format_validation_error(err)
     return str(err)
 
 

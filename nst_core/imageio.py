@@ -20,18 +20,27 @@ __all__ = [
     "DecodedImage",
     "MAX_PIXELS",
     "FORMATS",
+    "FORMAT_EXTENSIONS",
+    "IMAGE_EXTENSIONS",
     "decode_image",
     "split_alpha",
     "resize_longest",
     "check_min_side",
     "encode_image",
     "format_for",
+    "to_tensor",
+    "quantize",
+    "to_image",
 ]
 
 #: Largest accepted input, width·height. Larger files are rejected before their pixels are decoded.
 MAX_PIXELS = 64_000_000
+#: Output formats and their file extensions (the first is the one written): the one list of them.
+FORMAT_EXTENSIONS = {"jpeg": (".jpg", ".jpeg"), "png": (".png",), "webp": (".webp",)}
 #: Output formats by file extension.
-FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+FORMATS = {ext: fmt for fmt, exts in FORMAT_EXTENSIONS.items() for ext in exts}
+#: Image files by extension (lowercase): the output formats and the ones decode_image reads besides.
+IMAGE_EXTENSIONS = (*FORMATS, ".bmp", ".tif", ".tiff", ".gif")
 _PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 
@@ -189,3 +198,30 @@ def encode_image(img: Image.Image, fmt: str, *, quality: int = 92) -> bytes:
     options["icc_profile"] = _SRGB_ICC
     img.save(buf, format=_PIL_FORMAT[fmt], **options)
     return buf.getvalue()
+
+
+def to_tensor(img: Image.Image, device) -> "torch.Tensor":
+    """PIL RGB -> (1, 3, H, W) float32 in [0, 1] on ``device``."""
+    from torchvision.transforms.functional import pil_to_tensor
+
+    import torch
+
+    return pil_to_tensor(img).to(device=device, dtype=torch.float32).div_(255).unsqueeze(0).contiguous()
+
+
+def quantize(x: "torch.Tensor") -> "torch.Tensor":
+    """[0, 1] floats -> uint8, rounded (to_pil_image on floats truncates: half a level darker on
+    average). (B, C, H, W) -> (B, C, H, W)."""
+    import torch
+
+    return x.clamp(0, 1).mul(255).round_().to(torch.uint8)
+
+
+def to_image(x8: "torch.Tensor", alpha: Image.Image | None = None) -> Image.Image:
+    """(1, 3, H, W) uint8 -> PIL RGB, or RGBA with ``alpha`` resized onto it."""
+    from torchvision.transforms.functional import to_pil_image
+
+    image = to_pil_image(x8[0].cpu())
+    if alpha is not None:
+        image.putalpha(alpha.resize(image.size, Image.Resampling.LANCZOS))
+    return image

@@ -3,7 +3,7 @@ import torch
 
 from nst_core import StyleParams
 from nst_core.losses import content_loss, gram_matrix, style_loss, tv_loss, weighted_sum
-from nst_core.optimize import _to_tensor
+from nst_core.imageio import to_tensor as _to_tensor
 from nst_core.imageio import resize_longest
 from nst_core.vgg import load_extractor
 

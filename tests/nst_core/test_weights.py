@@ -7,6 +7,7 @@ import torch
 
 from nst_core import WeightsError
 from nst_core import vgg as vgg_mod
+from nst_core import weights as weights_mod
 from nst_core.vgg import load_extractor
 
 FEATURES_FILE = "vgg16_features-amdegroot-88682ab5.pth"  # torchvision's name for imagenet1k_features
@@ -64,7 +65,7 @@ def test_planted_pickle_in_the_hub_cache_is_never_unpickled(tmp_path, monkeypatc
         load_extractor("imagenet1k_features", layers=["relu1_1"], sha256=digest)
     assert not marker.exists(), "the planted pickle was unpickled and ran its code"
     msg = str(err.value)
-    assert isinstance(err.value, WeightsError) and "not a plain state_dict" in msg
+    assert isinstance(err.value, WeightsError) and "holds pickled Python objects" in msg
     assert "\n" not in msg and "will likely succeed" not in msg
 
 
@@ -77,8 +78,8 @@ def test_hub_checkpoint_whose_name_prefix_matches_its_hash_loads(tmp_path, monke
     digest = hashlib.sha256(staging.read_bytes()).hexdigest()
     name = f"vgg16-{digest[:8]}.pth"
     staging.rename(checkpoints / name)
-    named = vgg_mod._NAMED_WEIGHTS["imagenet1k_v1"]
-    monkeypatch.setitem(vgg_mod._NAMED_WEIGHTS, "imagenet1k_v1", named._replace(url=f"https://example.invalid/{name}"))
+    named = weights_mod._NAMED_WEIGHTS["imagenet1k_v1"]
+    monkeypatch.setitem(weights_mod._NAMED_WEIGHTS, "imagenet1k_v1", named._replace(url=f"https://example.invalid/{name}"))
     ex = load_extractor("imagenet1k_v1", layers=["relu2_1"])
     assert torch.equal(ex.layers[2].weight, features["2.weight"])
     assert ex.weights_id == f"torchvision:{name}"
@@ -102,8 +103,8 @@ def test_missing_hub_checkpoint_is_downloaded_with_the_hash_prefix(tmp_path, mon
         staging.replace(dst)
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
-    named = vgg_mod._NAMED_WEIGHTS["imagenet1k_v1"]
-    monkeypatch.setitem(vgg_mod._NAMED_WEIGHTS, "imagenet1k_v1", named._replace(url=f"https://example.invalid/{name}"))
+    named = weights_mod._NAMED_WEIGHTS["imagenet1k_v1"]
+    monkeypatch.setitem(weights_mod._NAMED_WEIGHTS, "imagenet1k_v1", named._replace(url=f"https://example.invalid/{name}"))
     ex = load_extractor("imagenet1k_v1", layers=["relu1_1"])
     assert calls == [(f"https://example.invalid/{name}", digest[:8])]
     assert (checkpoints / name).is_file() and torch.equal(ex.layers[0].weight, features["0.weight"])
@@ -155,7 +156,7 @@ def test_file_sha256_is_streamed_in_chunks(tmp_path, monkeypatch):
     path = tmp_path / "vgg.pth"
     torch.save(_random_features(), path)
     size = path.stat().st_size
-    monkeypatch.setattr(vgg_mod, "_CHUNK", 1 << 16)
+    monkeypatch.setattr(weights_mod, "_CHUNK", 1 << 16)
     reads = []
     real_open = open
 
@@ -173,7 +174,7 @@ def test_file_sha256_is_streamed_in_chunks(tmp_path, monkeypatch):
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr(vgg_mod, "open", lambda p, mode="r": Spy(real_open(p, mode)), raising=False)
+    monkeypatch.setattr(weights_mod, "open", lambda p, mode="r": Spy(real_open(p, mode)), raising=False)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     assert load_extractor(str(path), layers=["relu1_1"], sha256=digest).weights_id == f"sha256:{digest}"
     assert reads and all(0 < n <= 1 << 16 for n in reads) and len(reads) >= size // (1 << 16)
@@ -213,3 +214,38 @@ def test_non_finite_weights_are_refused_at_load(tmp_path):
     torch.save(features, path)
     with pytest.raises(WeightsError, match="'2.weight' holds NaN"):
         load_extractor(str(path), layers=["relu1_1"])
+
+
+def test_the_bytes_loaded_are_the_bytes_hashed(tmp_path, monkeypatch):
+    # The file was hashed, then opened again by torch.load: a file swapped in between was loaded
+    # unverified. Now torch.load gets the very bytes whose digest was checked.
+    path = tmp_path / "vgg.pth"
+    torch.save(_random_features(), path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    seen = []
+    real = torch.load
+
+    def spy(source, *a, **k):
+        seen.append(hashlib.sha256(source.getvalue()).hexdigest() if hasattr(source, "getvalue") else str(source))
+        return real(source, *a, **k)
+
+    monkeypatch.setattr(torch, "load", spy)
+    load_extractor(str(path), layers=["relu1_1"], sha256=digest)
+    assert seen == [digest]
+
+
+def test_a_refusal_says_what_and_why_in_our_words_and_no_torch_warning_escapes(tmp_path, recwarn):
+    import warnings
+
+    warnings.simplefilter("always")
+    bad = tmp_path / "module.pth"
+    torch.save(torch.nn.Linear(2, 2), bad)
+    with pytest.raises(WeightsError) as err:
+        load_extractor(str(bad), layers=["relu1_1"])
+    msg = str(err.value)
+    assert "torch.nn.modules.linear.Linear" in msg and "could run code" in msg
+    assert "weights_only" not in msg and "succeed" not in msg and "Please" not in msg
+    good = tmp_path / "vgg.pth"
+    torch.save(_random_features(), good)
+    load_extractor(str(good), layers=["relu1_1"])
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning) and "torch" in str(w.filename)]

@@ -1,0 +1,72 @@
+"""Colour handling: YCbCr, luminance matching and affine colour transfer (Gatys et al. 2016,
+"Preserving colour in neural artistic style transfer"). Tensors in [0, 1], (B, C, H, W)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["rgb_to_ycbcr", "ycbcr_to_rgb", "luminance", "with_chroma_of", "match_luminance", "match_color"]
+
+
+def rgb_to_ycbcr(x: Tensor) -> Tensor:
+    """BT.601 RGB -> YCbCr, all in [0, 1]. (B, 3, H, W) -> (B, 3, H, W)."""
+    r, g, b = x.unbind(1)
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    return torch.stack([y, 0.564 * (b - y) + 0.5, 0.713 * (r - y) + 0.5], 1)
+
+
+def ycbcr_to_rgb(x: Tensor) -> Tensor:
+    """Inverse of rgb_to_ycbcr. (B, 3, H, W) -> (B, 3, H, W)."""
+    y, cb, cr = x.unbind(1)
+    cb, cr = cb - 0.5, cr - 0.5
+    return torch.stack([y + 1.403 * cr, y - 0.714 * cr - 0.344 * cb, y + 1.773 * cb], 1)
+
+
+def luminance(x: Tensor) -> Tensor:
+    """Y of an RGB image. (B, 3, H, W) -> (B, 1, H, W)."""
+    return rgb_to_ycbcr(x)[:, :1]
+
+
+def with_chroma_of(y: Tensor, rgb: Tensor) -> Tensor:
+    """An optimized luminance put back with the chroma (Cb, Cr) of ``rgb``, gamut clipped.
+    (B, 1, H, W), (B, 3, H, W) -> (B, 3, H, W)."""
+    return ycbcr_to_rgb(torch.cat([y, rgb_to_ycbcr(rgb)[:, 1:]], 1)).clamp(0, 1)
+
+
+def match_luminance(style_y: Tensor, content_y: Tensor) -> Tensor:
+    """Give the style's luminance the content's mean and σ (Gatys et al. 2016, "Preserving color").
+
+    Y' = (Y_s − μ_s)·σ_c/σ_s + μ_c, clamped to [0, 1] (the range the optimized image lives in).
+    (1, 1, H, W), (1, 1, H', W') -> (1, 1, H, W).
+    """
+    mu_s, sd_s = style_y.mean(), style_y.std().clamp_min(1e-5)
+    return ((style_y - mu_s) * (content_y.std() / sd_s) + content_y.mean()).clamp(0, 1)
+
+
+def _sqrtm(cov: Tensor, power: float) -> Tensor:
+    """cov^power for a symmetric PSD 3x3 matrix via eigendecomposition."""
+    vals, vecs = torch.linalg.eigh(cov)
+    return vecs @ torch.diag(vals.clamp_min(1e-8) ** power) @ vecs.T
+
+
+def _pixel_stats(t: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean (3, 1) and covariance (3, 3) of a (1, 3, H, W) image's pixels, in float64."""
+    flat = t.reshape(3, -1).double()
+    mu = flat.mean(1, keepdim=True)
+    centered = flat - mu
+    eye = torch.eye(3, dtype=flat.dtype, device=flat.device)
+    return mu, centered @ centered.T / flat.shape[1] + 1e-5 * eye
+
+
+def match_color(source: Tensor, reference: Tensor) -> Tensor:
+    """Affine colour transfer: give ``source`` the mean and covariance of ``reference``'s pixels.
+
+    x' = Σ_r^½ Σ_s^-½ (x − μ_s) + μ_r (Gatys et al. 2016, "Preserving color", image analogies
+    variant). (1, 3, H, W), (1, 3, H', W') -> (1, 3, H, W), clamped to [0, 1].
+    """
+    mu_s, cov_s = _pixel_stats(source)
+    mu_r, cov_r = _pixel_stats(reference)
+    transform = _sqrtm(cov_r, 0.5) @ _sqrtm(cov_s, -0.5)
+    out = transform @ (source.reshape(3, -1).double() - mu_s) + mu_r
+    return out.reshape(source.shape).to(source.dtype).clamp(0, 1)

@@ -1,0 +1,277 @@
+"""VGG16 weights: where they come from, how they are verified, how they are read.
+
+Weights files are never trusted: named torchvision weights are found in (or downloaded to) the
+torch hub cache and their SHA-256 is checked (pinned, else the prefix in torchvision's file
+name) before anything is unpickled; every source is loaded with ``weights_only=True``, from the
+very bytes that were hashed (a file swapped after the check is never the one loaded).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import pickle
+import re
+import threading
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import urlparse
+
+import torch
+from torch import Tensor
+from torchvision.models import VGG16_Weights
+
+from .errors import WeightsError
+
+__all__ = ["Opener", "HOW_TO_SUPPLY_WEIGHTS", "LoadedWeights", "load_weights", "read_weights_bytes", "clear_weights"]
+
+
+class _Named(NamedTuple):
+    """A named torchvision checkpoint: where it downloads from and the normalization it was trained with."""
+
+    url: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def _named(enum: VGG16_Weights) -> _Named:
+    transforms = enum.transforms()  # a small transform object; nothing is downloaded
+    return _Named(enum.url, tuple(transforms.mean), tuple(transforms.std))
+
+
+_NAMED_WEIGHTS = {
+    "imagenet1k_features": _named(VGG16_Weights.IMAGENET1K_FEATURES),  # Caffe port: 0-255 inputs, mean only
+    "imagenet1k_v1": _named(VGG16_Weights.IMAGENET1K_V1),
+}
+_IMAGENET_MEAN_STD = (_NAMED_WEIGHTS["imagenet1k_v1"].mean, _NAMED_WEIGHTS["imagenet1k_v1"].std)
+# Random weights see the default weights' input scale (0-255, mean removed), so the default
+# α/β strike a comparable balance and the losses are large enough for L-BFGS's curvature test.
+_CAFFE_MEAN_STD = (_NAMED_WEIGHTS["imagenet1k_features"].mean, _NAMED_WEIGHTS["imagenet1k_features"].std)
+#: torchvision (and torch.hub) put the first hex digits of a checkpoint's SHA-256 in its file name.
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")
+#: Bytes read at a time when hashing a weights file (never the whole file in memory).
+_CHUNK = 1 << 20
+#: What a key of a VGG16 features state_dict looks like once prefixes are stripped.
+_FEATURE_KEY = re.compile(r"\d+\.(weight|bias)")
+_WRAPPER_PREFIXES = ("module.", "model.")  # DataParallel / Lightning-style wrappers
+
+HOW_TO_SUPPLY_WEIGHTS = (
+    "copy {file} into {hub}/checkpoints/ (TORCH_HOME), or pass weights=PATH|file://...|s3://... "
+    "of a VGG16 state_dict, or weights='random' for a smoke run"
+)
+
+Opener = Callable[[str], bytes]
+
+def _read_hashed(path: Path) -> tuple[bytes, str]:
+    """A file's bytes and their SHA-256, read once in ``_CHUNK``-sized pieces: what is loaded
+    afterwards is exactly what was hashed."""
+    digest, parts = hashlib.sha256(), []
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+            parts.append(chunk)
+    return b"".join(parts), digest.hexdigest()
+
+
+def _one_line(err: BaseException) -> str:
+    """The first line of an exception's message, without terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    return next((part.strip() for part in text.splitlines() if part.strip()), type(err).__name__)
+
+
+def _refused_global(err: BaseException) -> str:
+    """What a weights_only load refused, in our words: the pickled global it met, if named.
+
+    torch's own text advises that re-running with weights_only=False "will likely succeed":
+    advice to switch off the very check that stopped the file, so it is never relayed.
+    """
+    match = re.search(r"GLOBAL ([\w.]+)", str(err)) or re.search(r"global:? ([\w.]+)", str(err), re.I)
+    return match.group(1) if match else ""
+
+
+def _local_path(uri: str) -> Path | None:
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file") or (len(parsed.scheme) == 1 and os.name == "nt"):
+        return Path(parsed.path if parsed.scheme == "file" else uri).expanduser()
+    return None
+
+
+def read_weights_bytes(uri: str, opener: Opener | None = None) -> bytes:
+    """Bytes of a state_dict at a local path / file:// URI, or any other URI through ``opener``."""
+    path = _local_path(uri)
+    if path is not None:
+        if not path.is_file():
+            raise WeightsError(f"weights file {uri} does not exist")
+        return path.read_bytes()
+    if opener is None:
+        raise WeightsError(f"weights URI {uri}: no reader for scheme {urlparse(uri).scheme!r} here")
+    try:
+        return opener(uri)
+    except Exception as err:  # the opener's own errors (missing key, denied) become one clear message
+        raise WeightsError(f"could not read weights {uri}: {_one_line(err)}") from err
+
+
+def _check_digest(label: str, digest: str, sha256: str | None, prefix: str | None = None) -> None:
+    """Refuse a file whose SHA-256 is not the pinned one (or, unpinned, lacks its name's prefix)."""
+    if sha256 is not None:
+        if digest != sha256.lower():
+            raise WeightsError(f"weights {label} have sha256 {digest}, expected {sha256.lower()}")
+    elif prefix is not None and not digest.startswith(prefix):
+        raise WeightsError(
+            f"weights {label} have sha256 {digest}, but their file name promises one starting {prefix}; "
+            "refusing to load them (delete the file to download it again)"
+        )
+
+
+def _torch_load(data: bytes, label: str) -> object:
+    """``torch.load(weights_only=True)`` of these bytes: tensors and plain containers only, never code.
+
+    torch's UserWarnings about the file (pickle protocols, storage types) are not the user's
+    business and stay off their stderr; a refusal is one WeightsError line.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = _refused_global(err)
+        raise WeightsError(
+            f"weights {label} refused: the file holds pickled Python objects"
+            f"{f' ({found})' if found else ''}, not only tensors, and loading it could run code; "
+            "only plain VGG16 state_dicts are loaded"
+        ) from None
+    except Exception as err:
+        raise WeightsError(f"weights {label} are not a loadable state_dict file ({_one_line(err)})") from None
+
+
+def _three(value: object, what: str, label: str) -> tuple[float, float, float]:
+    """A checkpoint's per-channel ``mean`` / ``std``: three finite numbers (std > 0), else WeightsError."""
+    try:
+        items = value.tolist() if isinstance(value, Tensor) else list(value)  # type: ignore[arg-type]
+        numbers = tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        numbers = ()
+    if len(numbers) != 3 or not all(map(math.isfinite, numbers)) or (what == "std" and min(numbers) <= 0):
+        raise WeightsError(f"weights {label}: {what!r} must be 3 finite numbers (one per RGB channel"
+                           f"{', > 0' if what == 'std' else ''}), got {value!r:.80}")
+    return numbers  # type: ignore[return-value]
+
+
+def _features_state(obj: object, label: str) -> tuple[dict, tuple | None]:
+    """A loaded checkpoint -> ({"N.weight"|"N.bias": tensor}, (mean, std) or None).
+
+    Takes vgg16().state_dict() ("features.N.*", "classifier.*" dropped), vgg16().features'
+    ("N.*"), either under "module." / "model." wrappers, or {"state_dict", "mean", "std"}.
+    """
+    if not isinstance(obj, dict):
+        raise WeightsError(f"weights {label} hold a {type(obj).__name__}, not a state_dict")
+    mean_std = None
+    if "state_dict" in obj:
+        if "mean" in obj and "std" in obj:
+            mean_std = (_three(obj["mean"], "mean", label), _three(obj["std"], "std", label))
+        obj = obj["state_dict"]
+        if not isinstance(obj, dict):
+            raise WeightsError(f"weights {label}: 'state_dict' holds a {type(obj).__name__}, not a dict")
+    features = {}
+    for key in obj:
+        name = str(key)
+        while name.startswith(_WRAPPER_PREFIXES):
+            name = name.split(".", 1)[1]
+        if name.startswith("classifier."):
+            continue
+        name = name.removeprefix("features.")
+        if not _FEATURE_KEY.fullmatch(name):
+            raise WeightsError(
+                f"weights {label}: key {key!r} is not a VGG16 features key; expected 'features.N.weight' "
+                "or 'N.weight' (and .bias; 'module.' / 'model.' prefixes are stripped)"
+            )
+        value = obj[key]
+        if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise WeightsError(f"weights {label}: {key!r} holds NaN or infinite values")
+        features[name] = value
+    if not features:
+        raise WeightsError(f"weights {label} hold no VGG16 features keys (expected 'features.N.weight' or 'N.weight')")
+    return features, mean_std
+
+
+class LoadedWeights(NamedTuple):
+    """A features state_dict ready to load into vgg16().features, its normalization and its id."""
+
+    features: dict | None  # None: random weights
+    mean_std: tuple
+    weights_id: str
+
+
+# Loaded state dicts per (source identity, pinned sha256), so one weights file is read (an s3://
+# one downloaded) once per process, however many (device, dtype, depth, pooling) extractors use it.
+_states: dict[tuple, LoadedWeights] = {}
+_states_lock = threading.Lock()
+
+
+def _hub_checkpoint(name: str, spec: _Named) -> Path:
+    """``$TORCH_HOME/hub/checkpoints/<file>`` of named weights, downloaded first if missing."""
+    file_name = Path(urlparse(spec.url).path).name
+    path = Path(torch.hub.get_dir()) / "checkpoints" / file_name
+    if not path.is_file():
+        # The engine's only network access: named weights asked for and not in the cache.
+        match = _HASH_IN_NAME.search(file_name)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(
+                spec.url, str(path), hash_prefix=match.group(1) if match else None, progress=False
+            )
+        except Exception as err:
+            hint = HOW_TO_SUPPLY_WEIGHTS.format(file=file_name, hub=torch.hub.get_dir())
+            raise WeightsError(f"VGG16 weights {name!r} are not available ({_one_line(err)}); {hint}") from err
+    return path
+
+
+def load_weights(weights: str, sha256: str | None, seed: int, opener: Opener | None) -> LoadedWeights:
+    """The features state_dict (None for random), its (mean, std) and the weights id.
+
+    Every file is hashed before it is unpickled, and unpickled with ``weights_only=True``
+    from the bytes that were hashed.
+    """
+    if weights == "random":
+        return LoadedWeights(None, _CAFFE_MEAN_STD, f"random(seed={seed})")
+    spec = _NAMED_WEIGHTS.get(weights)
+    path = _hub_checkpoint(weights, spec) if spec else _local_path(weights)
+    if path is not None:
+        if not path.is_file():
+            raise WeightsError(f"weights file {weights} does not exist")
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, sha256)
+    else:
+        key = (weights, sha256)
+    with _states_lock:
+        if key in _states:
+            return _states[key]
+    if spec is not None:
+        data, digest = _read_hashed(path)
+        match = _HASH_IN_NAME.search(path.name)
+        _check_digest(str(path), digest, sha256, match.group(1) if match else None)
+        features, mean_std = _features_state(_torch_load(data, str(path)), str(path))[0], (spec.mean, spec.std)
+        weights_id = f"torchvision:{path.name}"
+    else:
+        if path is not None:
+            data, digest = _read_hashed(path)
+        else:
+            data = read_weights_bytes(weights, opener)
+            digest = hashlib.sha256(data).hexdigest()
+        _check_digest(weights, digest, sha256)
+        features, mean_std = _features_state(_torch_load(data, weights), weights)
+        mean_std, weights_id = mean_std or _IMAGENET_MEAN_STD, f"sha256:{digest}"
+    loaded = LoadedWeights(features, mean_std, weights_id)
+    with _states_lock:
+        _states[key] = loaded
+    return loaded
+
+
+def clear_weights() -> None:
+    """Forget every loaded state dict (tests; freeing memory)."""
+    with _states_lock:
+        _states.clear()
