@@ -82,7 +82,7 @@ def timed_probe(params: StyleParams) -> Probe:
 def demo_inputs(output: str) -> tuple[BatchSource, OutputSpec, StyleParams, RunOptions]:
     import torch
 
-    from nst_core.optimize import extractor_for
+    from nst_core.vgg import extractor_for
     from tasks.compute import expand_devices, run_on_device
 
     on_gpu = torch.cuda.is_available()

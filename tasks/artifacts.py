@@ -12,7 +12,8 @@ What a browser can open: S3 objects get presigned GET URLs valid ``output.link_e
 (default and S3's maximum: 7 days; the descriptions say until when). A local folder has no
 URL a browser may load from the UI's http page (``file://`` is blocked there), so its contact
 sheet and loss curve are embedded in the image artifacts as ``data:`` URLs (small: JPEG/PNG
-thumbnails), and the table names local files as plain paths.
+thumbnails), and the table names local files as plain paths. Links are signed, and sidecars
+read, with the credentials of the output storage they are given (``Storage.credentials``).
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
+from tasks.contract import DONE, contact_sheet_key, loss_curve_key
+from tasks.credentials import DEFAULT_CHAIN, StorageCredentials
 from tasks.report import SheetRow, contact_sheet, loss_curve_png, summary_markdown, table_rows
 
-__all__ = ["artifact_key", "browser_url", "image_url", "write_pictures", "ThumbRow", "RunProgress",
-           "publish_artifacts", "MAX_EMBEDDED_BYTES"]
+__all__ = ["artifact_key", "browser_url", "image_url", "write_pictures", "RunProgress", "publish_artifacts",
+           "MAX_EMBEDDED_BYTES"]
 
 #: A picture larger than this is not embedded as a data: URL (the artifact lives in the API's database).
 MAX_EMBEDDED_BYTES = 1_500_000
@@ -46,24 +49,26 @@ def artifact_key(kind: str, flow_name: str = "stylize-batch") -> str | None:
     return re.sub("-{2,}", "-", key)
 
 
-def browser_url(uri: str, expiry_hours: int) -> str | None:
+def browser_url(uri: str, expiry_hours: int, credentials: StorageCredentials = DEFAULT_CHAIN) -> str | None:
     """A URL a browser can GET for ``uri``: presigned for s3:// (no network call), else None."""
     if not uri or not uri.startswith("s3://"):
         return None
     from tasks.storage import presigned_url
 
-    return presigned_url(uri, int(expiry_hours * 3600))
+    return presigned_url(uri, int(expiry_hours * 3600), credentials)
 
 
-def image_url(uri: str, data: bytes, mime: str, expiry_hours: int) -> str | None:
+def image_url(uri: str, data: bytes, mime: str, expiry_hours: int,
+              credentials: StorageCredentials = DEFAULT_CHAIN) -> str | None:
     """Presigned URL for S3; a data: URL for anything else when small enough."""
-    url = browser_url(uri, expiry_hours)
+    url = browser_url(uri, expiry_hours, credentials)
     if url is None and len(data) <= MAX_EMBEDDED_BYTES:
         url = f"data:{mime};base64,{base64.b64encode(data).decode()}"
     return url
 
 
-def _read_histories(items: list[dict], io_workers: int, limit: int) -> list[tuple[str, list[int], list[float]]]:
+def _read_histories(items: list[dict], io_workers: int, limit: int,
+                    credentials: StorageCredentials) -> list[tuple[str, list[int], list[float]]]:
     """(label, evaluations, totals) of up to ``limit`` done pairs, from the report item when it has
     the compact history, else from its sidecar (one read each, concurrently; unreadable ones skipped)."""
     from tasks.storage import StorageError, split_uri
@@ -72,7 +77,7 @@ def _read_histories(items: list[dict], io_workers: int, limit: int) -> list[tupl
         hist = item.get("loss_history") or item.get("history")
         if not hist and item.get("sidecar"):
             try:
-                storage, key = split_uri(item["sidecar"])
+                storage, key = split_uri(item["sidecar"], credentials)
                 hist = json.loads(storage.read(key)[0]).get("loss_history")
             except (StorageError, OSError, ValueError):
                 return None
@@ -82,7 +87,7 @@ def _read_histories(items: list[dict], io_workers: int, limit: int) -> list[tupl
         evaluations = hist.get("evaluations") or [1 + i * hist.get("every", 1) for i in range(len(totals))]
         return _caption(item, with_loss=False), evaluations, totals
 
-    done = [i for i in items if i.get("status") == "done"][:limit]
+    done = [i for i in items if i.get("status") == DONE][:limit]
     with ThreadPoolExecutor(max_workers=max(1, min(io_workers, 16))) as pool:
         return [c for c in pool.map(one, done) if c]
 
@@ -99,20 +104,10 @@ def _caption(item: dict, with_loss: bool = True) -> str:
     return f"{text}   final loss {loss:.4g}" if loss is not None else text
 
 
-class ThumbRow(tuple):
-    """A contact-sheet row's (content, style, result) thumbnail bytes, plus the pair it shows
-    (its content and style URIs) when it travelled without its report item (a chunk report)."""
-
-    def __new__(cls, images, content: str = "", style: str = ""):
-        row = super().__new__(cls, images)
-        row.content, row.style = content, style
-        return row
-
-
 def write_pictures(out, run_id: str, items: list[dict], thumbs: list[tuple[bytes, bytes, bytes]],
                    thumb_items: list[dict] | None = None, warning: str | None = None, io_workers: int = 8,
                    curves_limit: int = 200) -> dict[str, str | None]:
-    """Contact sheet (``_runs/{run_id}-contact.jpg``) and loss curve (``_runs/{run_id}-loss.png``).
+    """Contact sheet (``contact_sheet_key``) and loss curve (``loss_curve_key``) of run ``run_id``.
 
     ``thumb_items[i]`` is the report item ``thumbs[i]`` shows (its caption: file names and final
     loss); a ``ThumbRow`` without one is matched to its done item by content and style; rows
@@ -124,20 +119,20 @@ def write_pictures(out, run_id: str, items: list[dict], thumbs: list[tuple[bytes
     uris: dict[str, str | None] = {"contact_sheet": None, "loss_curve": None}
     if thumbs:
         given = list(thumb_items or [])
-        by_pair = {(i.get("content"), i.get("style")): i for i in items if i.get("status") == "done"}
+        by_pair = {(i.get("content"), i.get("style")): i for i in items if i.get("status") == DONE}
 
         def caption(n: int, row) -> str:
             item = given[n] if n < len(given) else by_pair.get((getattr(row, "content", ""), getattr(row, "style", "")))
             return _caption(item) if item else ""
 
         rows = [SheetRow(*t[:3], caption=caption(n, t)) for n, t in enumerate(thumbs)]
-        key = f"_runs/{run_id}-contact.jpg"
+        key = contact_sheet_key(run_id)
         data = contact_sheet(rows, warning=warning)
         retrying(lambda: out.write(key, data, "image/jpeg"))
         uris["contact_sheet"] = out.uri_for(key)
-    curves = _read_histories(items, io_workers, curves_limit)
+    curves = _read_histories(items, io_workers, curves_limit, out.credentials)
     if curves:
-        key = f"_runs/{run_id}-loss.png"
+        key = loss_curve_key(run_id)
         title = f"total loss per evaluation, {len(curves)} pair(s)" + (" (random weights)" if warning else "")
         data = loss_curve_png(curves, title=title)
         retrying(lambda: out.write(key, data, "image/png"))
@@ -210,25 +205,30 @@ def publish_artifacts(report: dict, out, expiry_hours: int, warning: str | None 
     expiry_note = f"links valid {expiry_hours} h, until {until:%Y-%m-%d %H:%M} UTC"
     run_name = report.get("flow_run")
     ids: dict[str, object] = {}
-    links: dict[str, str | None] = {"report": browser_url(report["report"], expiry_hours)}
+    credentials = out.credentials
+
+    def link(uri: str) -> str | None:
+        return browser_url(uri, expiry_hours, credentials)
+
+    links: dict[str, str | None] = {"report": link(report["report"])}
 
     for kind, mime, what in (("contact_sheet", "image/jpeg", "Contact sheet"), ("loss_curve", "image/png", "Loss curve")):
         uri = report.get(kind)
         if not uri:
             continue
         try:
-            storage, key = split_uri(uri)
-            url = image_url(uri, storage.read(key)[0], mime, expiry_hours)
+            storage, key = split_uri(uri, credentials)
+            url = image_url(uri, storage.read(key)[0], mime, expiry_hours, credentials)
         except (StorageError, OSError):
             url = None
-        links[kind] = browser_url(uri, expiry_hours)
+        links[kind] = link(uri)
         if url:
             how = expiry_note if url.startswith("http") else f"embedded copy of {uri}"
             ids[kind] = create_image_artifact(url, key=artifact_key(kind.replace("_", "-")),
                                               description=f"{what} of {run_name} ({how})")
 
     items = report.get("items", [])
-    rows = table_rows(items, link=lambda uri: browser_url(uri, expiry_hours))
+    rows = table_rows(items, link=link)
     which = f"first {len(rows)} of {len(items)} pairs (all are in the run report)" if len(rows) < len(items) else "pairs"
     ids["table"] = create_table_artifact(rows, key=artifact_key("pairs"),
                                          description=f"{which.capitalize()} of {run_name}: outputs and sidecars "

@@ -8,11 +8,12 @@ from __future__ import annotations
 import contextvars
 import queue
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TypeVar
+
+from .lru import LRU
 
 __all__ = ["expand_devices", "lease_device", "run_on_device", "TargetsCache", "targets_cache", "io_slot"]
 
@@ -89,21 +90,18 @@ class TargetsCache:
 
     def __init__(self, max_entries: int = 32):
         self.max_entries = max_entries
-        self._items: OrderedDict[tuple, object] = OrderedDict()
+        self._items: LRU[object] = LRU(max_entries)
         self._lock = threading.Lock()
         self.computed = 0  # how many times a target was built (tests and logs read it)
 
     def get_or_compute(self, key: tuple, compute: Callable[[], object]):
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
+        value = self._items.get(key)
+        if value is not None:
+            return value
         value = compute()  # callers hold the device lease, so one device never computes a key twice at once
         with self._lock:
             self.computed += 1
-            self._items[key] = value
-            while len(self._items) > self.max_entries:
-                self._items.popitem(last=False)
+        self._items.put(key, value)
         return value
 
 

@@ -1,9 +1,12 @@
-"""The storage contract of a batch run, in one place (DESIGN.md "Storage contract").
+"""The storage contract of a batch run, in one place (the design card's "Storage contract",
+../shared/DESIGN.md): storage keys, the pair key, sidecar fields, write order, the done rule, and
+every report body, status and row. Flows and tasks build these through the functions below.
 
-Naming
+Naming (``image_key``, ``sidecar_key``)
     One pair's result is ``{output}/{name}.{ext}`` and its sidecar ``{output}/{name}.json``.
     ``name`` is ``{content_stem}__{style_stem}__{key8}`` (``key8`` = the first 8 hex digits of
-    the pair key), or the manifest row's own ``output`` name (under the output prefix only).
+    the pair key), or the manifest row's own ``output`` name (under the output prefix only, never
+    under ``_runs/``).
 
 Pair key
     SHA-256 hex of the content and style *identities* (S3 ETag or the file's SHA-256), every
@@ -34,21 +37,28 @@ Sidecar fields (``sidecar()``)
     evaluations, seconds, versions).
 
 Run report ``{output}/_runs/{flow_run_id}.json`` (``report_key``)
-    Written first as {flow_run, flow_run_id, status: "running", started} (the preflight write probe),
-    replaced by the report below at the end, or by {status: "crashed", error} when the run stops early.
-    flow_run (name), flow_run_id, report, started, finished, source, output, params, run,
-    weights_id, devices, totals {pairs, done, skipped, failed}, contact_sheet, chunks?, items
-    (one ``ReportItem`` per pair: content, style, status, output, sidecar, error, seconds, losses, note;
-    a repeated pair is "skipped" with a note naming the pair it duplicates).
+    Written first as ``running_report`` {flow_run, flow_run_id, status: "running", started} (the
+    preflight write probe), replaced by ``run_report`` at the end, or by ``stopped_report``
+    {status: "crashed" (the run stopped early) or "failed" (refused in preflight), error} without it.
+    ``run_report``: flow_run (name), flow_run_id, report, started, finished, source, output, params,
+    run, weights_id, devices, totals {pairs, done, skipped, failed}, contact_sheet, loss_curve,
+    chunks?, items (one ``ReportItem`` per pair: content, style, status, output, sidecar, error,
+    seconds, losses, note; built by ``done_item``, ``skipped_item`` — a repeated pair is skipped
+    with a note naming the pair it duplicates — and ``failed_item``). Beside it:
+    ``{flow_run_id}-contact.jpg`` (``contact_sheet_key``) and ``{flow_run_id}-loss.png``
+    (``loss_curve_key``).
 
-Chunk report ``{output}/_runs/{parent_flow_run_id}/chunk-{chunk_key16}.json`` (``chunk_report_key``)
-    flow_run, flow_run_id, worker {host, pid, parent_pid, devices}, items (ReportItem + index + key;
-    the parent merges them by the pair key),
-    thumbs (base64 JPEG triples).
+Chunk report ``{output}/_runs/{parent_flow_run_id}/chunk-{chunk_key16}.json`` (``chunk_report_key``;
+a restarted chunk's ``…-attempt-N.json``: ``attempt_report_key``)
+    ``chunk_report``: flow_run, flow_run_id, worker {host, pid, parent_pid, devices}, items
+    (ReportItem + index + key; the parent merges them by the pair key: ``chunk_items``), thumbs
+    (``encode_thumbs``: rows of 5 fields, the content, style and result thumbnails as base64
+    JPEG, then the pair's content and style URIs).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -59,17 +69,26 @@ from datetime import datetime, timezone
 from pathlib import PurePosixPath
 from urllib.parse import urlparse
 
+from nst_core.imageio import FORMAT_EXTENSIONS, FORMATS
 from nst_core.params import StyleParams
 
 __all__ = [
-    "EXTENSIONS", "RUNS", "HISTORY_POINTS", "PairPlan", "ReportItem", "pair_key", "output_name", "naming_problem", "chunk_key",
-    "report_key", "chunk_report_key", "sidecar", "image_record", "loss_history", "done_pairs", "done_in", "totals",
+    "EXTENSIONS", "RUNS", "HISTORY_POINTS", "RUNNING", "CRASHED", "DONE", "SKIPPED", "FAILED",
+    "PairPlan", "ReportItem", "ThumbRow", "pair_key", "output_name", "image_key", "sidecar_key", "in_runs",
+    "naming_problem", "chunk_key", "report_key", "chunk_report_key", "attempt_report_key", "contact_sheet_key",
+    "loss_curve_key", "sidecar", "image_record", "loss_history", "done_pairs", "done_in", "totals", "timestamp",
+    "done_item", "skipped_item", "failed_item", "running_report", "stopped_report", "run_report", "chunk_report",
+    "chunk_items", "encode_thumbs", "decode_thumbs", "report_bytes",
 ]
 
-#: OutputSpec.format -> file extension.
-EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+#: OutputSpec.format -> the extension its images are written with.
+EXTENSIONS = {fmt: exts[0].lstrip(".") for fmt, exts in FORMAT_EXTENSIONS.items()}
 #: Run and chunk reports (and the contact sheet) live under this folder of the output.
 RUNS = "_runs"
+#: A run report's status while the run goes (the write probe), and when it stopped without its report.
+RUNNING, CRASHED = "running", "crashed"
+#: A pair's status in a report (and a run report's, when preflight refused the run: FAILED).
+DONE, SKIPPED, FAILED = "done", "skipped", "failed"
 #: At most this many points of a pair's loss history go into its sidecar.
 HISTORY_POINTS = 100
 
@@ -98,6 +117,19 @@ class PairPlan:
     def runnable(self) -> bool:
         return not self.error and self.duplicate_of < 0
 
+    @classmethod
+    def named(cls, index: int, content: str, style: str, content_identity: str, style_identity: str, name: str,
+              key: str, fmt: str, duplicate_of: int = -1) -> PairPlan:
+        """A plan with its output: ``image_key`` and ``sidecar_key`` from ``name`` and the format."""
+        return cls(index, content, style, content_identity, style_identity, name, image_key(name, fmt),
+                   sidecar_key(name), key, duplicate_of=duplicate_of)
+
+    @classmethod
+    def refused(cls, index: int, content: str, style: str, content_identity: str, style_identity: str,
+                error: str) -> PairPlan:
+        """A plan that failed at planning: no name, no keys."""
+        return cls(index, content, style, content_identity, style_identity, "", "", "", "", error=error)
+
 
 @dataclass
 class ReportItem:
@@ -105,7 +137,7 @@ class ReportItem:
 
     content: str
     style: str
-    status: str  # done | skipped | failed
+    status: str  # DONE | SKIPPED | FAILED
     output: str  # image URI ("" when the pair failed before it had a name)
     sidecar: str = ""  # sidecar URI
     error: str | None = None
@@ -138,9 +170,23 @@ def _stem(uri: str) -> str:
 def output_name(content: str, style: str, key: str, explicit: str | None = None) -> str:
     """The output base name of a pair (no extension); a manifest's explicit name wins."""
     name = explicit or f"{_stem(content)}__{_stem(style)}__{key[:8]}"
-    if explicit and PurePosixPath(name).suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"}:
+    if explicit and PurePosixPath(name).suffix.lower() in FORMATS:
         name = str(PurePosixPath(name).with_suffix(""))
     return name
+
+
+def image_key(name: str, fmt: str) -> str:
+    """The result image of output name ``name`` in OutputSpec.format ``fmt``."""
+    return f"{name}.{EXTENSIONS[fmt]}"
+
+
+def sidecar_key(name: str) -> str:
+    return f"{name}.json"
+
+
+def in_runs(key: str) -> bool:
+    """True for a key under ``_runs/``, where reports live and no pair may write."""
+    return key.split("/")[0] == RUNS
 
 
 def naming_problem(plan: PairPlan, fmt: str) -> str:
@@ -151,10 +197,10 @@ def naming_problem(plan: PairPlan, fmt: str) -> str:
 
     rule = f"{{name}}.{EXTENSIONS.get(fmt, fmt)} and {{name}}.json under the output, outside {RUNS}/"
     try:
-        ok = safe_key(plan.name) == plan.name and plan.name.split("/")[0] != RUNS
+        ok = safe_key(plan.name) == plan.name and not in_runs(plan.name)
     except UnsafeKeyError:
         ok = False
-    if not ok or plan.image_key != f"{plan.name}.{EXTENSIONS.get(fmt)}" or plan.sidecar_key != f"{plan.name}.json":
+    if not ok or plan.image_key != image_key(plan.name, fmt) or plan.sidecar_key != sidecar_key(plan.name):
         return f"output keys {plan.image_key!r}, {plan.sidecar_key!r} break the naming rule ({rule})"
     return ""
 
@@ -170,8 +216,27 @@ def report_key(flow_run_id: str) -> str:
     return f"{RUNS}/{flow_run_id}.json"
 
 
+def contact_sheet_key(flow_run_id: str) -> str:
+    return f"{RUNS}/{flow_run_id}-contact.jpg"
+
+
+def loss_curve_key(flow_run_id: str) -> str:
+    return f"{RUNS}/{flow_run_id}-loss.png"
+
+
 def chunk_report_key(parent_flow_run_id: str, key: str) -> str:
+    """``key``: the chunk's identity (``chunk_key``)."""
     return f"{RUNS}/{parent_flow_run_id}/chunk-{key[:16]}.json"
+
+
+def attempt_report_key(report: str, attempt: int) -> str:
+    """The report key of the ``attempt``-th restart of a chunk whose first run reports to ``report``."""
+    return report if attempt == 0 else report.removesuffix(".json") + f"-attempt-{attempt}.json"
+
+
+def timestamp(when: datetime | None = None) -> str:
+    """The UTC time stamps of reports and sidecars (now, by default)."""
+    return (when or datetime.now(timezone.utc)).isoformat(timespec="seconds")
 
 
 def loss_history(history: list[dict[str, float]], points: int = HISTORY_POINTS) -> dict:
@@ -204,7 +269,7 @@ def sidecar(plan: PairPlan, output_uri: str, result, labels: dict[str, str], flo
         "seconds": {**result.metadata.get("seconds", {}), **(seconds or {})},
         "flow_run": flow_run,
         "labels": labels,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": timestamp(),
     }
 
 
@@ -272,8 +337,113 @@ def done_in(storage, plans: list[PairPlan], list_once: bool = True, io_workers: 
 def totals(items: list[ReportItem]) -> dict[str, int]:
     return {
         "pairs": len(items),
-        "done": sum(i.status == "done" for i in items),
-        "skipped": sum(i.status == "skipped" for i in items),
-        "failed": sum(i.status == "failed" for i in items),
+        "done": sum(i.status == DONE for i in items),
+        "skipped": sum(i.status == SKIPPED for i in items),
+        "failed": sum(i.status == FAILED for i in items),
     }
+
+
+# --- report items -------------------------------------------------------------------------------------
+
+def done_item(plan: PairPlan, storage, **measured) -> ReportItem:
+    """A pair whose image and sidecar are written; ``measured``: seconds, losses."""
+    return ReportItem(plan.content, plan.style, DONE, storage.uri_for(plan.image_key),
+                      storage.uri_for(plan.sidecar_key), **measured)
+
+
+def skipped_item(plan: PairPlan, storage, duplicate_of: PairPlan | None = None) -> ReportItem:
+    """A pair not run: done by the done rule, or (``duplicate_of``) the same result as an earlier pair."""
+    note = None
+    if duplicate_of is not None:
+        note = (f"duplicate of pair {duplicate_of.index} ({duplicate_of.content} x {duplicate_of.style}): "
+                "the same result, made once")
+    return ReportItem(plan.content, plan.style, SKIPPED, storage.uri_for(plan.image_key),
+                      storage.uri_for(plan.sidecar_key), note=note)
+
+
+def failed_item(plan: PairPlan, error: str, storage=None) -> ReportItem:
+    """A pair that failed, with the reason (and its output URIs when it had a name)."""
+    output = storage.uri_for(plan.image_key) if storage is not None and plan.image_key else ""
+    sidecar_uri = storage.uri_for(plan.sidecar_key) if storage is not None and plan.sidecar_key else ""
+    return ReportItem(plan.content, plan.style, FAILED, output, sidecar_uri, error=error)
+
+
+# --- report bodies -----------------------------------------------------------------------------------
+
+def report_bytes(report: dict, indent: int | None = None) -> bytes:
+    """A report (run or chunk) as written: JSON, UTF-8 (``application/json``)."""
+    return json.dumps(report, indent=indent).encode()
+
+
+def running_report(run: dict, started: datetime | None = None) -> dict:
+    """The write probe: ``run`` is {id, name}."""
+    return {"flow_run": run["name"], "flow_run_id": run["id"], "status": RUNNING, "started": timestamp(started)}
+
+
+def stopped_report(run: dict, status: str, error: str) -> dict:
+    """What replaces the write probe of a run that ends without its report: CRASHED (interrupted,
+    killed, an unhandled error) or FAILED (refused in preflight, where the probe cannot be deleted)."""
+    return {"flow_run": run.get("name"), "flow_run_id": run["id"], "status": status, "error": error,
+            "finished": timestamp()}
+
+
+def run_report(run: dict, report_uri: str, started: datetime, inputs: dict, weights_id: str, devices: list[str],
+               items: list[ReportItem], pictures: dict, chunks: list[dict]) -> dict:
+    """The full run report. ``inputs``: the flow's pydantic arguments by name (source, output,
+    params, run); ``pictures``: {contact_sheet, loss_curve} URIs; ``chunks``: one line per chunk run."""
+    return {
+        "flow_run": run["name"],
+        "flow_run_id": run["id"],
+        "report": report_uri,
+        "started": timestamp(started),
+        "finished": timestamp(),
+        **{name: model.model_dump(mode="json") for name, model in inputs.items()},
+        "weights_id": weights_id,
+        "devices": devices,
+        "totals": totals(items),
+        **pictures,
+        **({"chunks": chunks} if chunks else {}),
+        "items": [i.as_dict() for i in items],
+    }
+
+
+def chunk_report(run: dict, worker: dict, plans: list[PairPlan], items: list[ReportItem],
+                 thumbs: list[tuple[bytes, bytes, bytes]], thumb_items: list[ReportItem]) -> dict:
+    """A chunk's report: ``items[i]`` is ``plans[i]``'s; ``thumbs[n]`` shows ``thumb_items[n]``'s pair."""
+    return {
+        "flow_run": run["name"],
+        "flow_run_id": run["id"],
+        "worker": worker,
+        "items": [{"index": p.index, "key": p.key, **item.as_dict()} for p, item in zip(plans, items)],
+        "thumbs": encode_thumbs(thumbs, thumb_items),
+    }
+
+
+def chunk_items(report: dict | None) -> dict[str, ReportItem]:
+    """A chunk report's items by pair key (merged by key, never by position)."""
+    return {item.get("key"): ReportItem(**{k: v for k, v in item.items() if k not in ("index", "key")})
+            for item in (report or {}).get("items", [])}
+
+
+# --- contact-sheet rows ------------------------------------------------------------------------------
+
+class ThumbRow(tuple):
+    """A contact-sheet row's (content, style, result) thumbnail bytes, plus the pair it shows
+    (its content and style URIs) when it travelled without its report item (a chunk report)."""
+
+    def __new__(cls, images, content: str = "", style: str = ""):
+        row = super().__new__(cls, images)
+        row.content, row.style = content, style
+        return row
+
+
+def encode_thumbs(thumbs: list[tuple[bytes, bytes, bytes]], items: list[ReportItem] = ()) -> list[list[str]]:
+    """Rows of 5 fields: the three thumbnails in base64, then the content and style URIs of
+    ``items[n]`` (its pair: the parent captions the contact sheet from them; left out without one)."""
+    return [[*(base64.b64encode(t).decode() for t in row[:3]),
+             *((items[n].content, items[n].style) if n < len(items) else ())] for n, row in enumerate(thumbs)]
+
+
+def decode_thumbs(rows: list[list[str]]) -> list[ThumbRow]:
+    return [ThumbRow(tuple(base64.b64decode(t) for t in row[:3]), *row[3:5]) for row in rows]
 

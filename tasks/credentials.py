@@ -1,33 +1,60 @@
-"""Storage credentials from a Prefect ``AwsCredentials`` block (prefect-aws), next to boto3's chain.
+"""Storage credentials as a value: a Prefect ``AwsCredentials`` block (prefect-aws), or boto3's chain.
 
 ``OutputSpec.storage_credentials`` names the block ("" = boto3's default chain: instance role,
-~/.aws, AWS_* variables). A flow run ``activate``s it on entry; ``client_options`` then gives
-tasks/storage.py the session arguments and endpoint for every S3 client of that process.
+~/.aws, AWS_* variables). A flow run ``resolve``s that name once, on entry, into a frozen
+``StorageCredentials`` and passes it to everything that touches storage (``open_storage(uri,
+credentials)``, ``read_uri``, ``PairContext``); tasks/storage.py caches one boto3 client per
+credentials value (its hash). Nothing here is process-global: two runs in one process with two
+blocks each sign with their own keys, and a block edited between runs is read again.
 
 The block is read as a block document (``aws-credentials`` type, secrets included) through the
 Prefect API, so a worker needs prefect-aws only to *create* such blocks (``pip install
 'prefect-nst[aws]'``; the UI's Blocks page offers the type once it is registered), not to use
-them. The secret values live only in memory here: they are never logged, and nothing this
-package writes (sidecars, reports, artifacts) records more than the block's name.
+them. The secret values live only in memory: the repr leaves them out, nothing logs them, and
+nothing this package writes (sidecars, reports, artifacts) records more than the block's name.
 """
 
 from __future__ import annotations
 
-import threading
+import os
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
-__all__ = ["BLOCK_TYPE", "CredentialsError", "activate", "active_block", "client_options", "load_block"]
+__all__ = ["BLOCK_TYPE", "CredentialsError", "StorageCredentials", "DEFAULT_CHAIN", "resolve"]
 
 #: The block type slug prefect-aws registers for AwsCredentials.
 BLOCK_TYPE = "aws-credentials"
 
-_lock = threading.Lock()
-_active: str = ""
-_loaded: dict[str, dict[str, Any]] = {}
-
 
 class CredentialsError(ValueError):
     """The named credentials block cannot be used; the message names the block, never a secret."""
+
+
+@dataclass(frozen=True)
+class StorageCredentials:
+    """What an S3 client is built from. Frozen and hashed by its values (clients are cached by it);
+    the key fields are left out of the repr, so printing or logging one shows no secret."""
+
+    block: str = ""  # the block's name, the only part ever recorded; "" = boto3's default chain
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    profile_name: str | None = None
+    region_name: str | None = None
+    endpoint_url: str | None = None  # None: boto3's own (AWS_ENDPOINT_URL_S3, ~/.aws/config, AWS)
+    verify: bool | str = True  # TLS verification, or a CA bundle path
+
+    def session_args(self) -> dict[str, str]:
+        """Keyword arguments of ``boto3.session.Session`` (only those set)."""
+        args = {"aws_access_key_id": self.access_key_id, "aws_secret_access_key": self.secret_access_key,
+                "aws_session_token": self.session_token, "profile_name": self.profile_name,
+                "region_name": self.region_name}
+        return {k: v for k, v in args.items() if v}
+
+
+#: boto3's default credential chain, with its own endpoint resolution.
+DEFAULT_CHAIN = StorageCredentials()
 
 
 def _secret(value: Any) -> str | None:
@@ -38,8 +65,6 @@ def _secret(value: Any) -> str | None:
 
 
 def _has_userinfo(url: Any) -> bool:
-    from urllib.parse import urlsplit
-
     if not isinstance(url, str) or not url:
         return False
     try:
@@ -48,14 +73,19 @@ def _has_userinfo(url: Any) -> bool:
         return True  # unparsable: refuse rather than let boto print it
 
 
-def load_block(name: str) -> dict[str, Any]:
-    """Session arguments and endpoint from the ``aws-credentials`` block ``name`` (cached per process)."""
+def _check_environment() -> None:
+    for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        if _has_userinfo(os.environ.get(var)):  # boto would echo it in every connection error
+            raise CredentialsError(
+                f"{var} carries a user name or password (user:password@host); give the endpoint without "
+                "them and the keys through boto3's credential chain or a storage_credentials block"
+            )
+
+
+def _read_block(name: str) -> dict[str, Any]:
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
-    with _lock:
-        if name in _loaded:
-            return _loaded[name]
     try:
         with get_client(sync_client=True) as client:
             doc = client.read_block_document_by_name(name, block_type_slug=BLOCK_TYPE, include_secrets=True)
@@ -64,56 +94,32 @@ def load_block(name: str) -> dict[str, Any]:
             f"storage_credentials: no {BLOCK_TYPE} block named {name!r} on the Prefect server "
             "(create one on the UI's Blocks page, or leave it empty for boto3's default chain)"
         ) from None
-    data = doc.data or {}
-    session = {
-        "aws_access_key_id": data.get("aws_access_key_id"),
-        "aws_secret_access_key": _secret(data.get("aws_secret_access_key")),
-        "aws_session_token": _secret(data.get("aws_session_token")),
-        "profile_name": data.get("profile_name"),
-        "region_name": data.get("region_name"),
-    }
+    return doc.data or {}
+
+
+def resolve(name: str) -> StorageCredentials:
+    """The credentials block ``name`` read now ("" = ``DEFAULT_CHAIN``), checked: a missing block, or
+    an endpoint URL with ``user:password@`` in it (boto echoes endpoint URLs into its errors, which
+    reach logs, reports and state messages), raises ``CredentialsError`` naming only the block or
+    the variable. Read on every call, never cached: a flow run resolves once, on entry."""
+    if not name:
+        _check_environment()
+        return DEFAULT_CHAIN
+    data = _read_block(name)
     params = data.get("aws_client_parameters") or {}
     if _has_userinfo(params.get("endpoint_url")):
-        # boto echoes the endpoint URL in connection errors, which land in logs, reports and state messages
         raise CredentialsError(
             f"storage_credentials: the endpoint_url of block {name!r} carries a user name or password "
             "(user:password@host); put the keys in the block's key fields and give endpoint_url without them"
         )
-    options = {"session": {k: v for k, v in session.items() if v}, "endpoint_url": params.get("endpoint_url") or None,
-               "verify": params.get("verify", True) if params.get("verify") is not None else True}
-    with _lock:
-        _loaded[name] = options
-    return options
-
-
-def activate(name: str) -> None:
-    """Make block ``name`` ("" = boto3's default chain) the credentials of this process's S3 clients.
-
-    Loads (and so checks) the block first: a missing block fails the run at once, by name.
-    """
-    global _active
-    if name:
-        load_block(name)
-    else:
-        import os
-
-        for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
-            if _has_userinfo(os.environ.get(var)):  # boto would echo it in every connection error
-                raise CredentialsError(
-                    f"{var} carries a user name or password (user:password@host); give the endpoint without "
-                    "them and the keys through boto3's credential chain or a storage_credentials block"
-                )
-    with _lock:
-        _active = name
-
-
-def active_block() -> str:
-    return _active
-
-
-def client_options() -> tuple[str, dict[str, Any]]:
-    """(block name, options) for building an S3 client now: ``{}`` means boto3's default chain."""
-    name = _active
-    if not name:
-        return "", {}
-    return name, load_block(name)
+    verify = params.get("verify")
+    return StorageCredentials(
+        block=name,
+        access_key_id=data.get("aws_access_key_id") or None,
+        secret_access_key=_secret(data.get("aws_secret_access_key")) or None,
+        session_token=_secret(data.get("aws_session_token")) or None,
+        profile_name=data.get("profile_name") or None,
+        region_name=data.get("region_name") or None,
+        endpoint_url=params.get("endpoint_url") or None,
+        verify=True if verify is None else verify,
+    )

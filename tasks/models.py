@@ -11,11 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, Tag, TypeAdapter
 from pydantic_core import CoreSchema
 
-__all__ = ["BatchSource", "PrefixSource", "ManifestSource", "OutputSpec", "RunOptions", "IMAGE_EXTENSIONS", "batch_inputs",
-           "InvalidInputs"]
-
-#: Files a contents/styles prefix contributes, by extension (case-insensitive).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+__all__ = ["BatchSource", "PrefixSource", "ManifestSource", "OutputSpec", "RunOptions", "batch_inputs", "InvalidInputs"]
 
 
 #: A required text field still shows in the form's starting value (as ""), so the form can tell
@@ -245,6 +241,7 @@ def batch_inputs(source: Any, output: Any, params: Any, run: Any) -> tuple:
     from pydantic.fields import FieldInfo
 
     from nst_core.params import StyleParams
+    from nst_core.validation import format_validation_error, validation_problems
 
     problems, models = [], []
     for name, value, kinds, validate in (
@@ -257,11 +254,8 @@ def batch_inputs(source: Any, output: Any, params: Any, run: Any) -> tuple:
             if isinstance(value, FieldInfo):  # the signature's default, when called as .fn
                 value = value.get_default(call_default_factory=True)
             models.append(value if isinstance(value, kinds) else validate(value))
-        except ValidationError as err:
-            for e in err.errors():
-                loc = e["loc"][1:] if name == "source" and e["loc"][:1] in (("prefixes",), ("manifest",)) else e["loc"]
-                where = ".".join([name, *map(str, loc)])  # the union's tag left out: source.styles
-                problems.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+        except ValidationError as err:  # the source union's tag is left out: source.styles
+            problems += validation_problems(err, name, skip_tags=("prefixes", "manifest") if name == "source" else ())
     if problems:
-        raise InvalidInputs("invalid parameters: " + "; ".join(problems))
+        raise InvalidInputs(format_validation_error(problems))
     return tuple(models)

@@ -11,7 +11,6 @@ import io
 import json
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -23,7 +22,9 @@ from nst_core.errors import NSTError, WeightsError
 from nst_core.params import StyleParams
 
 from .compute import io_slot, lease_device, run_on_device, targets_cache
-from .contract import PairPlan, ReportItem, image_record, sidecar
+from .contract import PairPlan, ReportItem, done_item, image_record, sidecar
+from .credentials import DEFAULT_CHAIN, StorageCredentials
+from .lru import LRU
 from .storage import open_storage, read_object, read_uri, retrying
 
 __all__ = ["PairContext", "PairDone", "PairTimeoutError", "PairStopped", "InputChangedError", "ObjectCache", "process_pair",
@@ -53,24 +54,21 @@ class ObjectCache:
 
     def __init__(self, max_bytes: int = 256 * 2**20):
         self.max_bytes = max_bytes
-        self._items: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self._items: LRU[bytes] = LRU(max_bytes, weigh=len)
         self._loading: dict[tuple[str, str], Future] = {}
-        self._size = 0
         self._lock = threading.Lock()
         self.fetches = 0  # downloads made (tests and logs read it)
 
     def get(self, uri: str, identity: str, fetch: Callable[[str], bytes]) -> bytes:
         key = (uri, identity)
         with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
+            data = self._items.get(key)
+            if data is not None:
+                return data
             pending = self._loading.get(key)
-            if pending is None:
+            mine = pending is None
+            if mine:
                 pending = self._loading[key] = Future()
-                mine = True
-            else:
-                mine = False
         if not mine:
             return pending.result()
         try:
@@ -83,24 +81,23 @@ class ObjectCache:
             raise
         with self._lock:
             del self._loading[key]
-            if len(data) <= self.max_bytes:
-                self._items[key] = data
-                self._size += len(data)
-                while self._size > self.max_bytes:
-                    self._size -= len(self._items.popitem(last=False)[1])
+            self._items.put(key, data)
         pending.set_result(data)
         return data
 
 
 class PairContext:
-    """What every pair of a run shares. A plain class on purpose: Prefect does not walk it
-    looking for futures, and it never leaves the process."""
+    """What every pair of a run shares, the run's resolved storage credentials included (every
+    read and write of its pairs signs with them). A plain class on purpose: Prefect does not walk
+    it looking for futures, and it never leaves the process."""
 
     def __init__(self, output, params: StyleParams, devices: list[str], weights_id: str,
                  labels: dict[str, str] | None = None, io_workers: int = 8, pair_timeout_s: float | None = None,
-                 flow_run: dict | None = None, cache: ObjectCache | None = None):
+                 flow_run: dict | None = None, cache: ObjectCache | None = None,
+                 credentials: StorageCredentials = DEFAULT_CHAIN):
         self.output = output  # OutputSpec
-        self.storage = open_storage(output.uri)
+        self.credentials = credentials
+        self.storage = open_storage(output.uri, credentials)
         self.params = params
         self.devices = devices
         self.weights_id = weights_id
@@ -109,6 +106,10 @@ class PairContext:
         self.pair_timeout_s = pair_timeout_s
         self.flow_run = flow_run or {}
         self.cache = cache or ObjectCache()
+
+    def opener(self, uri: str) -> bytes:
+        """Bytes of a URI the engine asks for (weights), read with the run's credentials."""
+        return read_uri(uri, self.credentials)
 
 
 @dataclass
@@ -135,7 +136,7 @@ def _check_stop(pair: PairPlan) -> None:
 def _fetch(ctx: PairContext, uri: str, identity: str) -> bytes:
     def once() -> bytes:
         with io_slot(ctx.io_workers):
-            data, read = read_object(uri)
+            data, read = read_object(uri, ctx.credentials)
         if read != identity:  # its key was computed from other bytes: never write them under it
             raise InputChangedError(f"{uri} changed during the run (planned as {identity}, read as {read})")
         return data
@@ -148,10 +149,11 @@ def process_pair(pair: PairPlan, ctx: PairContext) -> PairDone:
     """Fetch both inputs, stylize on a leased device, write the image then the sidecar.
     Raises (naming the input or the reason) when the pair fails; never retried as a whole."""
     from nst_core.imageio import decode_image, encode_image
-    from nst_core.optimize import compute_style_targets, extractor_for, stylize, targets_key, targets_need_content
+    from nst_core import compute_style_targets, extractor_for, stylize, targets_key, targets_need_content
 
     logger = get_run_logger()
     params, out = ctx.params, ctx.storage
+    opener = ctx.opener
     _check_stop(pair)
     content = _fetch(ctx, pair.content, pair.content_identity)
     style = _fetch(ctx, pair.style, pair.style_identity)
@@ -171,7 +173,7 @@ def process_pair(pair: PairPlan, ctx: PairContext) -> PairDone:
     def compute(device: str):
         deadline.append(time.monotonic() + (ctx.pair_timeout_s or 0))  # device time counts, not the wait
         p = params.model_copy(update={"device": device})
-        extractor = extractor_for(p, opener=read_uri)
+        extractor = extractor_for(p, opener=opener)
         if extractor.weights_id != ctx.weights_id:  # a worker whose weights differ from what the run planned with
             raise WeightsError(f"weights here are {extractor.weights_id}, but the run planned with {ctx.weights_id}")
         targets = None
@@ -179,7 +181,7 @@ def process_pair(pair: PairPlan, ctx: PairContext) -> PairDone:
             key = (pair.style, pair.style_identity, device, targets_key(p, extractor, 1))
             targets = targets_cache.get_or_compute(
                 key, lambda: compute_style_targets(style_img, p, extractor=extractor))
-        return stylize(content_pil, style_img, p, progress=progress, targets=targets, opener=read_uri,
+        return stylize(content_pil, style_img, p, progress=progress, targets=targets, opener=opener,
                        content_name=pair.content, style_names=[pair.style])
 
     t_wait = time.perf_counter()
@@ -188,8 +190,6 @@ def process_pair(pair: PairPlan, ctx: PairContext) -> PairDone:
         _check_stop(pair)
         result = run_on_device(device, lambda: compute(device))
     image = encode_image(result.image, ctx.output.format, quality=ctx.output.quality)
-    image_uri, sidecar_uri = out.uri_for(pair.image_key), out.uri_for(pair.sidecar_key)
-    fmt = pair.image_key.rsplit(".", 1)[-1]
 
     def write(key: str, data: bytes, content_type: str) -> str:
         def once() -> str:
@@ -198,10 +198,9 @@ def process_pair(pair: PairPlan, ctx: PairContext) -> PairDone:
         return retrying(once)
 
     # The image first, the sidecar last: a sidecar with this key and this image's record means done.
-    identity = write(pair.image_key, image, f"image/{'jpeg' if fmt == 'jpg' else fmt}")
-    meta = sidecar(pair, image_uri, result, ctx.labels, ctx.flow_run, {"device_wait": round(waited, 4)},
+    identity = write(pair.image_key, image, f"image/{ctx.output.format}")
+    meta = sidecar(pair, out.uri_for(pair.image_key), result, ctx.labels, ctx.flow_run, {"device_wait": round(waited, 4)},
                    image_record(image, identity))
     write(pair.sidecar_key, json.dumps(meta, indent=2).encode(), "application/json")
-    item = ReportItem(pair.content, pair.style, "done", image_uri, sidecar_uri,
-                      seconds=meta["seconds"].get("total"), losses=result.losses)
+    item = done_item(pair, out, seconds=meta["seconds"].get("total"), losses=result.losses)
     return PairDone(item, (_thumb(content_pil), _thumb(style_img), _thumb(result.image)))

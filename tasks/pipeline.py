@@ -4,16 +4,15 @@ driver that submits one ``process_pair`` task per pair and collects them as they
 from __future__ import annotations
 
 import queue
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prefect import get_run_logger
 
-from .contract import PairPlan, ReportItem
+from .contract import PairPlan, ReportItem, failed_item
 from .pair import PairContext, PairDone, process_pair, stop_requested
 
-__all__ = ["PipelineResult", "run_pairs", "Throttle", "failed_item"]
+__all__ = ["PipelineResult", "run_pairs"]
 
 
 @dataclass
@@ -21,13 +20,6 @@ class PipelineResult:
     items: dict[int, ReportItem] = field(default_factory=dict)  # by PairPlan.index
     thumbs: list[tuple[bytes, bytes, bytes]] = field(default_factory=list)  # first contact_sheet_rows done pairs
     chunks: list[dict] = field(default_factory=list)  # fan-out: one line per child run
-
-
-def failed_item(p: PairPlan, error: str, storage=None) -> ReportItem:
-    """The report line of a pair that failed (its output URIs when it had a name)."""
-    output = storage.uri_for(p.image_key) if storage is not None and p.image_key else ""
-    sidecar = storage.uri_for(p.sidecar_key) if storage is not None and p.sidecar_key else ""
-    return ReportItem(p.content, p.style, "failed", output, sidecar, error=error)
 
 
 def _error_of(fut, outcome) -> str:
@@ -85,16 +77,3 @@ def run_pairs(
     for p in todo:
         result.items.setdefault(p.index, failed_item(p, "run interrupted before the pair started", ctx.storage))
     return result
-
-
-class Throttle:
-    """Calls ``fn`` at most every ``seconds``, and always for the last value."""
-
-    def __init__(self, fn: Callable[[float], None], seconds: float = 2.0):
-        self.fn, self.seconds, self._last = fn, seconds, 0.0
-
-    def __call__(self, value: float, final: bool = False) -> None:
-        now = time.monotonic()
-        if final or now - self._last >= self.seconds:
-            self._last = now
-            self.fn(value)

@@ -1,6 +1,7 @@
 """Planning: a BatchSource -> pairs with identities, output names and keys (naming and keys:
 ``tasks.contract``).
 
+Every read signs with the run's ``StorageCredentials`` (``credentials=``; default: boto3's chain).
 Reads are confined to ``RunOptions.allowed_sources`` (default: the source's own prefixes, or
 the manifest's folder). An input that is outside them, cannot be identified, or has an unsafe
 key fails its pair at planning, with the reason; the other pairs run.
@@ -17,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from urllib.parse import urlparse
 
-from tasks.models import IMAGE_EXTENSIONS
 from nst_core.errors import NSTError
+from nst_core.imageio import IMAGE_EXTENSIONS
 from nst_core.params import StyleParams
 
-from .contract import EXTENSIONS, RUNS, PairPlan, output_name, pair_key
+from .contract import RUNS, PairPlan, in_runs, output_name, pair_key
+from .credentials import DEFAULT_CHAIN, StorageCredentials
 from .storage import (Storage, StorageError, UnsafeKeyError, open_storage, read_uri, retrying, safe_key,
                       split_uri)
 
@@ -48,13 +50,13 @@ def _is_image(key: str) -> bool:
     return PurePosixPath(key).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def list_images(uri: str) -> list[tuple[str, str, str]]:
+def list_images(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> list[tuple[str, str, str]]:
     """(URI, identity from the listing, error) of the image objects under a prefix/folder, sorted.
 
     An object whose key would leave the prefix (a ``..`` segment) is returned with an error, so
     its pairs fail alone instead of the whole listing.
     """
-    storage = open_storage(uri)
+    storage = open_storage(uri, credentials)
     out = []
     for info in storage.list():
         if not _is_image(info.key):
@@ -64,6 +66,8 @@ def list_images(uri: str) -> list[tuple[str, str, str]]:
         except UnsafeKeyError as err:
             out.append((f"{storage.uri.rstrip('/')}/{info.key}", "", f"refused: {err}"))
     return sorted(out)
+
+
 def _resolve(entry: str, base: str) -> str:
     """A manifest entry: a full URI / absolute path as is, else a key relative to the manifest's folder."""
     if urlparse(entry).scheme in ("s3", "file") or entry.startswith("/"):
@@ -71,10 +75,10 @@ def _resolve(entry: str, base: str) -> str:
     return f"{base.rstrip('/')}/{safe_key(entry)}"
 
 
-def read_manifest(uri: str) -> list[SourceEntry]:
+def read_manifest(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> list[SourceEntry]:
     """Rows of a JSONL or CSV manifest. Every problem names the manifest line."""
     try:
-        text = retrying(lambda: read_uri(uri)).decode("utf-8-sig")
+        text = retrying(lambda: read_uri(uri, credentials)).decode("utf-8-sig")
     except (StorageError, UnicodeDecodeError) as err:
         raise PreflightError(f"manifest {uri}: cannot read: {err}") from None
     base = split_uri(uri)[0].uri
@@ -119,13 +123,14 @@ def _source_kind(source) -> tuple[str | None, str | None, str | None, str]:
             getattr(source, "pairing", "cross"))
 
 
-def source_entries(source) -> list[SourceEntry]:
+def source_entries(source, credentials: StorageCredentials = DEFAULT_CHAIN) -> list[SourceEntry]:
     """The pairs a source names, in a stable order (style-major for cross, so targets are reused)."""
     manifest, contents_uri, styles_uri, pairing = _source_kind(source)
     if manifest:
-        return read_manifest(manifest)
+        return read_manifest(manifest, credentials)
     try:
-        contents, styles = retrying(lambda: list_images(contents_uri)), retrying(lambda: list_images(styles_uri))
+        contents = retrying(lambda: list_images(contents_uri, credentials))
+        styles = retrying(lambda: list_images(styles_uri, credentials))
     except StorageError as err:
         raise PreflightError(f"source is not listable: {err}") from None
     for uri, found in ((contents_uri, contents), (styles_uri, styles)):
@@ -170,7 +175,8 @@ def outside_allowed(uri: str, allowed: list[str]) -> bool:
     return not any(target.startswith(_norm(a, folder=True)) for a in allowed)
 
 
-def _identities(uris: set[str], known: dict[str, str], io_workers: int) -> dict[str, tuple[str, str]]:
+def _identities(uris: set[str], known: dict[str, str], io_workers: int,
+                credentials: StorageCredentials) -> dict[str, tuple[str, str]]:
     """URI -> (identity, error): from the source listing when known, else from one listing per
     folder that holds many of them (manifests), else HEAD / sha256 — each lookup retried when
     transient; one that fails for good gives the reason instead of an identity."""
@@ -178,7 +184,7 @@ def _identities(uris: set[str], known: dict[str, str], io_workers: int) -> dict[
     wanted: dict[str, tuple[Storage, list[tuple[str, str]]]] = {}
     for uri in uris - set(out):
         try:
-            storage, key = split_uri(uri)
+            storage, key = split_uri(uri, credentials)
         except StorageError as err:
             out[uri] = ("", str(err))
             continue
@@ -209,7 +215,7 @@ def _identities(uris: set[str], known: dict[str, str], io_workers: int) -> dict[
 
 def plan_pairs(
     entries: list[SourceEntry], params: StyleParams, weights_id: str, fmt: str, quality: int = 92,
-    io_workers: int = 8, allowed_sources: list[str] | None = None,
+    io_workers: int = 8, allowed_sources: list[str] | None = None, credentials: StorageCredentials = DEFAULT_CHAIN,
 ) -> list[PairPlan]:
     """Output names and keys for every entry. A pair whose inputs are refused or cannot be
     identified gets ``error`` (and no name): it is reported failed and never run."""
@@ -220,7 +226,7 @@ def plan_pairs(
                 refused[uri] = f"{uri} is outside allowed_sources ({', '.join(allowed_sources)})"
     known = {u: i for e in entries for u, i in ((e.content, e.content_id), (e.style, e.style_id)) if i}
     look_up = {u for e in entries if not e.error for u in (e.content, e.style)} - set(refused)
-    identities = _identities(look_up, known, io_workers)
+    identities = _identities(look_up, known, io_workers, credentials)
     plans, seen = [], {}
     for i, e in enumerate(entries):
         error = e.error or refused.get(e.content) or refused.get(e.style) or ""
@@ -228,22 +234,21 @@ def plan_pairs(
         sid, serr = identities.get(e.style, ("", ""))
         error = error or cerr or serr
         if error:
-            plans.append(PairPlan(i, e.content, e.style, cid, sid, "", "", "", "", error=error))
+            plans.append(PairPlan.refused(i, e.content, e.style, cid, sid, error))
             continue
         key = pair_key(cid, sid, params, weights_id, fmt, quality)
         name = output_name(e.content, e.style, key, e.output)
-        if name.split("/")[0] == RUNS:
+        if in_runs(name):
             raise PreflightError(f"{e.where or name}: output names may not start with {RUNS}/ (run reports live there)")
         first = seen.get(name)
         if first is not None and first[1] == key:  # the same result asked for twice: made once
-            plans.append(PairPlan(i, e.content, e.style, cid, sid, name, f"{name}.{EXTENSIONS[fmt]}", f"{name}.json",
-                                  key, duplicate_of=first[0]))
+            plans.append(PairPlan.named(i, e.content, e.style, cid, sid, name, key, fmt, duplicate_of=first[0]))
             continue
         if first is not None:  # another result under the same name: only this pair fails
-            plans.append(PairPlan(i, e.content, e.style, cid, sid, "", "", "", "", error=(
+            plans.append(PairPlan.refused(i, e.content, e.style, cid, sid, (
                 f"{e.where or e.content}: output name {name!r} is already the output of {first[2]} (other inputs "
                 "or parameters); give one of them another output name")))
             continue
         seen[name] = (i, key, e.where or e.content)
-        plans.append(PairPlan(i, e.content, e.style, cid, sid, name, f"{name}.{EXTENSIONS[fmt]}", f"{name}.json", key))
+        plans.append(PairPlan.named(i, e.content, e.style, cid, sid, name, key, fmt))
     return plans

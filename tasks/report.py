@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .contract import FAILED
+
 __all__ = ["SheetRow", "contact_sheet", "loss_curve_png", "summary_markdown", "table_rows", "final_loss",
            "MAX_TABLE_ROWS", "MAX_CHUNK_ROWS"]
 
@@ -186,8 +188,8 @@ def table_rows(items: list[dict], link=None, limit: int = MAX_TABLE_ROWS) -> lis
     for item in items[:limit]:
         loss = final_loss(item)
         output, sidecar = item.get("output") or "", item.get("sidecar") or ""
-        out_url = link(output) if (link and output and item.get("status") != "failed") else None
-        side_url = link(sidecar) if (link and sidecar and item.get("status") != "failed") else None
+        out_url = link(output) if (link and output and item.get("status") != FAILED) else None
+        side_url = link(sidecar) if (link and sidecar and item.get("status") != FAILED) else None
         rows.append({
             "content": item.get("content"), "style": item.get("style"), "status": item.get("status"),
             "output": _md_link(output.rsplit("/", 1)[-1] or output, out_url) if output else "",
@@ -227,7 +229,7 @@ def summary_markdown(report: dict, links: dict[str, str | None], chunk_links: li
             not_completed = [c for c, _ in chunk_links[MAX_CHUNK_ROWS:] if c.get("state") != "Completed"]
             lines += ["", f"… and {len(chunk_links) - MAX_CHUNK_ROWS} more chunk runs "
                           f"({len(not_completed)} of them not Completed; all are in the report)"]
-    failures = [i for i in report.get("items", []) if i.get("status") == "failed"]
+    failures = [i for i in report.get("items", []) if i.get("status") == FAILED]
     if failures:
         lines += ["", "## Failures", ""] + [f"- `{f['content']}` × `{f['style']}`: {f.get('error')}"
                                             for f in failures[:20]]

@@ -4,6 +4,10 @@ Keys are relative POSIX paths under a storage's root. A key that would resolve o
 root (``..``, an absolute path, a URI of another bucket) raises ``UnsafeKeyError``: no write
 can land outside the output prefix, whatever a manifest says. boto3 appears only in this module.
 
+Credentials are a value (``tasks.credentials.StorageCredentials``): every S3Storage, and every
+function that opens one from a URI, takes the run's credentials (default: boto3's chain), and
+``s3_client`` caches one boto3 client per credentials value. ``clear_clients()`` drops them.
+
 Bounded time: every S3 request has connect/read timeouts (``S3_TIMEOUTS``) and boto3 makes a
 single attempt; ``retrying()`` is the one retry budget (``RETRY_DELAYS``), for transient errors only.
 Writes are atomic: local files are written under ``{root}/.nst-tmp/`` and renamed into place
@@ -26,6 +30,8 @@ from urllib.parse import urlparse
 
 from nst_core.errors import NSTError
 
+from .credentials import DEFAULT_CHAIN, StorageCredentials
+
 __all__ = [
     "StorageError",
     "MissingObjectError",
@@ -39,6 +45,8 @@ __all__ = [
     "read_uri",
     "read_object",
     "presigned_url",
+    "s3_client",
+    "clear_clients",
     "safe_key",
     "is_transient",
     "retrying",
@@ -94,9 +102,11 @@ def _sha256(data: bytes) -> str:
 
 
 class Storage:
-    """Interface: list / read / write / exists / delete under one root URI."""
+    """Interface: list / read / write / exists / delete under one root URI. ``credentials``: what
+    it signs S3 requests with (a local folder has none to use, and keeps the default)."""
 
     uri: str
+    credentials: StorageCredentials = DEFAULT_CHAIN
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         raise NotImplementedError
@@ -227,27 +237,32 @@ def _alive(pid: int) -> bool:
     return True
 
 
-_clients: dict[tuple[int, str], object] = {}  # (pid, credentials block)
+_clients: dict[tuple[int, StorageCredentials], object] = {}  # (pid, credentials) -> boto3 client
 _clients_lock = threading.Lock()
 
 
-def _s3_client():
-    """One boto3 client per process (clients are thread-safe): default credential chain,
-    AWS_ENDPOINT_URL_S3, explicit timeouts, and ONE attempt per call: ``retrying`` is the retry budget."""
+def s3_client(credentials: StorageCredentials = DEFAULT_CHAIN):
+    """The boto3 S3 client of ``credentials`` in this process, built once per credentials value
+    (clients are thread-safe; the cache key is the value's hash, never a name). Explicit timeouts
+    and ONE attempt per call: ``retrying`` is the retry budget. Signature V4, which presigned URLs
+    need too (its limit: 7 days)."""
     import boto3
     from botocore.config import Config
 
-    from tasks.credentials import client_options
-
-    block, options = client_options()  # the run's AwsCredentials block, or {}: boto3's default chain
     with _clients_lock:
-        key = (os.getpid(), block)
+        key = (os.getpid(), credentials)  # a forked child builds its own
         if key not in _clients:
             config = Config(retries={"mode": "standard", "total_max_attempts": 1}, max_pool_connections=32,
-                            connect_timeout=S3_TIMEOUTS[0], read_timeout=S3_TIMEOUTS[1])
-            _clients[key] = boto3.session.Session(**options.get("session", {})).client(
-                "s3", config=config, endpoint_url=options.get("endpoint_url"), verify=options.get("verify"))
+                            connect_timeout=S3_TIMEOUTS[0], read_timeout=S3_TIMEOUTS[1], signature_version="s3v4")
+            _clients[key] = boto3.session.Session(**credentials.session_args()).client(
+                "s3", config=config, endpoint_url=credentials.endpoint_url, verify=credentials.verify)
         return _clients[key]
+
+
+def clear_clients() -> None:
+    """Forget every cached S3 client (tests that change the endpoint or the environment call it)."""
+    with _clients_lock:
+        _clients.clear()
 
 
 _TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
@@ -285,16 +300,17 @@ def _transient_types() -> tuple[type[BaseException], ...]:
 class S3Storage(Storage):
     """``s3://bucket/prefix``. Large objects go through boto3's managed (multipart) transfers."""
 
-    def __init__(self, bucket: str, prefix: str = ""):
+    def __init__(self, bucket: str, prefix: str = "", credentials: StorageCredentials = DEFAULT_CHAIN):
         if not bucket:
             raise StorageError("an s3:// URI needs a bucket: s3://bucket/prefix")
         self.bucket = bucket
         self.prefix = safe_key(prefix) + "/" if prefix.strip("/") else ""
         self.uri = f"s3://{bucket}/{self.prefix}"
+        self.credentials = credentials
 
     @property
     def client(self):
-        return _s3_client()
+        return s3_client(self.credentials)
 
     def _key(self, key: str) -> str:
         return self.prefix + safe_key(key)
@@ -380,11 +396,12 @@ class S3Storage(Storage):
             raise self._wrap(err, key) from None
 
 
-def open_storage(uri: str) -> Storage:
-    """``s3://bucket/prefix`` -> S3Storage; a folder path or ``file://`` URI -> LocalStorage."""
+def open_storage(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> Storage:
+    """``s3://bucket/prefix`` -> S3Storage signing with ``credentials``; a folder path or ``file://``
+    URI -> LocalStorage."""
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
-        return S3Storage(parsed.netloc, parsed.path.lstrip("/"))
+        return S3Storage(parsed.netloc, parsed.path.lstrip("/"), credentials)
     if parsed.scheme == "file":
         return LocalStorage(parsed.path)
     if parsed.scheme and len(parsed.scheme) > 1:
@@ -392,7 +409,7 @@ def open_storage(uri: str) -> Storage:
     return LocalStorage(uri)
 
 
-def split_uri(uri: str) -> tuple[Storage, str]:
+def split_uri(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> tuple[Storage, str]:
     """An object URI -> (storage of its folder, key)."""
     parsed = urlparse(uri)
     path = parsed.path if parsed.scheme in ("s3", "file") else uri
@@ -400,20 +417,20 @@ def split_uri(uri: str) -> tuple[Storage, str]:
     if not name:
         raise StorageError(f"{uri}: not an object URI")
     if parsed.scheme == "s3":
-        return S3Storage(parsed.netloc, folder.lstrip("/")), name
+        return S3Storage(parsed.netloc, folder.lstrip("/"), credentials), name
     return LocalStorage(folder or "."), name
 
 
-def read_uri(uri: str) -> bytes:
+def read_uri(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> bytes:
     """Bytes of one object by full URI (weights, manifests)."""
-    storage, key = split_uri(uri)
+    storage, key = split_uri(uri, credentials)
     return storage.read(key)[0]
 
 
-def read_object(uri: str) -> tuple[bytes, str]:
+def read_object(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> tuple[bytes, str]:
     """(bytes, identity) of one object by full URI: the identity of the bytes read (S3: the GET's
     ETag; local: their SHA-256), to compare with the identity planned."""
-    storage, key = split_uri(uri)
+    storage, key = split_uri(uri, credentials)
     return storage.read(key)
 
 
@@ -438,29 +455,11 @@ def retrying(fn: Callable[[], T], delays: tuple[float, ...] | None = None,
             time.sleep(waits.pop(0))
 
 
-_presigners: dict[tuple[int, str], object] = {}
-
-
-def presigned_url(uri: str, expires_s: int) -> str:
-    """A browser-openable GET URL for an s3:// object, signed locally (no request is made).
-
-    Signature V4 (its limit: 7 days), from a client of its own: the data client's default
-    signature may be the legacy V2 that newer regions refuse.
-    """
-    import boto3
-    from botocore.config import Config
-
+def presigned_url(uri: str, expires_s: int, credentials: StorageCredentials = DEFAULT_CHAIN) -> str:
+    """A browser-openable GET URL for an s3:// object, signed locally with ``credentials`` (no
+    request is made; Signature V4, so at most 7 days)."""
     parsed = urlparse(uri)
     if parsed.scheme != "s3" or not parsed.netloc:
         raise StorageError(f"{uri}: only s3:// objects have presigned URLs")
-    from tasks.credentials import client_options
-
-    block, options = client_options()
-    with _clients_lock:
-        client = _presigners.get((os.getpid(), block))
-        if client is None:
-            client = _presigners[(os.getpid(), block)] = boto3.session.Session(**options.get("session", {})).client(
-                "s3", config=Config(signature_version="s3v4"), endpoint_url=options.get("endpoint_url"),
-                verify=options.get("verify"))
-    return client.generate_presigned_url("get_object", Params={"Bucket": parsed.netloc, "Key": parsed.path.lstrip("/")},
-                                         ExpiresIn=int(expires_s))
+    return s3_client(credentials).generate_presigned_url(
+        "get_object", Params={"Bucket": parsed.netloc, "Key": parsed.path.lstrip("/")}, ExpiresIn=int(expires_s))

@@ -36,10 +36,10 @@ def s3_endpoint():
     os.environ.pop("AWS_SESSION_TOKEN", None)
     from tasks import storage
 
-    storage._clients.clear()
+    storage.clear_clients()
     yield url
     server.stop()
-    storage._clients.clear()
+    storage.clear_clients()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
@@ -167,11 +167,11 @@ def silent_s3(monkeypatch, s3_endpoint):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{listener.getsockname()[1]}")
     monkeypatch.setattr(storage, "S3_TIMEOUTS", (1.0, 1.0))
     monkeypatch.setattr(storage, "RETRY_DELAYS", (0.1, 0.1))
-    storage._clients.clear()
+    storage.clear_clients()
     yield held
     stop.set()
     thread.join()
     listener.close()
     for conn in held:
         conn.close()
-    storage._clients.clear()
+    storage.clear_clients()

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from flows import batch
-from flows.batch import cancel_children, plan_chunks, stylize_batch
+from flows import batch, fanout
+from flows.batch import stylize_batch
+from flows.fanout import cancel_children, plan_chunks
 from flows.chunk import stylize_chunk
 from tasks.contract import PairPlan
 from tasks.models import BatchSource, OutputSpec, RunOptions
@@ -54,7 +55,7 @@ def test_no_gpu_worker_ends_failed_with_the_reason_and_cancels_the_chunks(tmp_pa
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 
-    monkeypatch.setattr(batch, "POLL_S", 0.2)
+    monkeypatch.setattr(fanout, "POLL_S", 0.2)
     (tmp_path / "c").mkdir()
     (tmp_path / "s").mkdir()
     for i in range(3):
@@ -79,7 +80,8 @@ def test_no_gpu_worker_ends_failed_with_the_reason_and_cancels_the_chunks(tmp_pa
     assert all(c.parameters["run"]["allowed_sources"] == allowed for c in children)  # resolved, not empty
 
 
-def test_cancelling_the_parent_cancels_its_chunk_runs(prefect_api):
+def test_cancel_children_cancels_that_parents_chunk_runs_only(prefect_api):
+    """The helper alone; cancelling a real parent run: the e2e test at the end of this file."""
     from prefect.client.orchestration import get_client
     from prefect.states import Scheduled
 
@@ -96,7 +98,7 @@ def test_cancelling_the_parent_cancels_its_chunk_runs(prefect_api):
 
 
 def test_a_chunk_without_a_readable_report_is_judged_by_its_sidecars(tmp_path):
-    from flows.batch import merge_chunk
+    from flows.fanout import merge_chunk
     from tasks.storage import open_storage
 
     out = open_storage(str(tmp_path))
@@ -139,7 +141,7 @@ def test_polling_more_than_200_chunk_runs_reads_them_all(prefect_api):
 
     with get_client(sync_client=True) as client:
         ids = [str(client.create_flow_run(stylize_chunk, state=Scheduled()).id) for _ in range(201)]
-        runs = batch.read_children(client, ids)
+        runs = fanout.read_children(client, ids)
     assert sorted(str(r.id) for r in runs) == sorted(ids)
 
 
@@ -166,7 +168,7 @@ def test_a_cancelled_child_with_the_same_key_is_started_again(chunk_deployment_w
         old = client.create_flow_run_from_deployment(deployment.id, idempotency_key="p:chunk:abc",
                                                      parameters={"report_key": "_runs/p/chunk-abc.json"})
         client.set_flow_run_state(old.id, Cancelled(), force=True)
-        child, report = batch.start_chunk(chunk_deployment_without_worker, "p:chunk:abc",
+        child, report = fanout.start_chunk(chunk_deployment_without_worker, "p:chunk:abc",
                                           {"report_key": "_runs/p/chunk-abc.json"}, "chunk-0000", ["t"])
         assert str(child.id) != str(old.id)
         assert client.read_flow_run(child.id).state.name == "Scheduled"
@@ -177,7 +179,7 @@ def test_a_cancelled_child_with_the_same_key_is_started_again(chunk_deployment_w
         from prefect.states import Completed
 
         client.set_flow_run_state(completed.id, Completed(), force=True)
-        again, report = batch.start_chunk(chunk_deployment_without_worker, "p:chunk:done",
+        again, report = fanout.start_chunk(chunk_deployment_without_worker, "p:chunk:done",
                                           {"report_key": "x"}, "chunk-0001", ["t"])
         assert str(again.id) == str(completed.id) and report == "_runs/p/chunk-done.json"  # merged, not redone
 
@@ -185,7 +187,7 @@ def test_a_cancelled_child_with_the_same_key_is_started_again(chunk_deployment_w
 # --- the parent stops (Ctrl-C, crash): its chunk runs stop too -----------------------------------------
 
 class FakeClock:
-    """Stands in for the ``time`` module in flows.batch: sleeping advances the clock and runs ``on_sleep``."""
+    """Stands in for the ``time`` module in flows.fanout: sleeping advances the clock and runs ``on_sleep``."""
 
     def __init__(self, on_sleep=None, step=1.0):
         self.now, self.step, self.on_sleep, self.sleeps = 1000.0, step, on_sleep, 0
@@ -226,7 +228,7 @@ def test_ctrl_c_while_waiting_cancels_the_chunk_runs(tmp_path, monkeypatch, chun
     def interrupt(clock):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(batch, "time", FakeClock(interrupt))
+    monkeypatch.setattr(fanout, "time", FakeClock(interrupt))
     with pytest.raises(KeyboardInterrupt):
         stylize_batch(source, output, tiny_params(),
                       RunOptions(fan_out="workers", chunk_size=2, chunk_deployment=chunk_deployment_without_worker))
@@ -268,7 +270,7 @@ def test_a_queued_chunk_is_timed_from_its_own_start(tmp_path, monkeypatch, chunk
                 if t >= when + 60 and kids[n].state.name == "Running":
                     client.set_flow_run_state(kids[n].id, Completed(), force=True)
 
-    monkeypatch.setattr(batch, "time", FakeClock(worker, step=10.0))
+    monkeypatch.setattr(fanout, "time", FakeClock(worker, step=10.0))
     state = stylize_batch(source, output, tiny_params(),
                           RunOptions(fan_out="workers", chunk_size=2, chunk_timeout_s=90,
                                      chunk_deployment=chunk_deployment_without_worker), return_state=True)
@@ -296,7 +298,7 @@ def test_a_chunk_running_past_its_deadline_is_cancelled_with_that_reason(tmp_pat
                     if k.state.name == "Scheduled":
                         client.set_flow_run_state(k.id, Running(), force=True)
 
-    monkeypatch.setattr(batch, "time", FakeClock(start, step=10.0))
+    monkeypatch.setattr(fanout, "time", FakeClock(start, step=10.0))
     state = stylize_batch(source, output, tiny_params(),
                           RunOptions(fan_out="workers", chunk_size=2, chunk_timeout_s=50,
                                      chunk_deployment=chunk_deployment_without_worker), return_state=True)
@@ -334,7 +336,7 @@ def test_a_chunk_checks_what_its_parameters_ask_for(tmp_path, prefect_api):
              p(3, sidecar="../escape.json")]
     fetched = []
     real = pair.read_object
-    pair.read_object, restore = (lambda uri: fetched.append(uri) or real(uri)), pair.read_object
+    pair.read_object, restore = (lambda uri, *creds: fetched.append(uri) or real(uri, *creds)), pair.read_object
     try:
         result = stylize_chunk(pairs, output, tiny_params(), RunOptions(allowed_sources=[str(tmp_path / "c"),
                                                                                          str(tmp_path / "s")]),
@@ -361,7 +363,7 @@ def test_a_transient_api_error_while_polling_is_retried(tmp_path, monkeypatch, c
     from prefect.states import Completed
 
     source, output = _folders(tmp_path, contents=2)
-    real_read, failures = batch.read_children, []
+    real_read, failures = fanout.read_children, []
 
     def flaky_read(client, ids):
         if len(failures) < 2:
@@ -377,8 +379,8 @@ def test_a_transient_api_error_while_polling_is_retried(tmp_path, monkeypatch, c
                     if not k.state.is_final():
                         client.set_flow_run_state(k.id, Completed(), force=True)
 
-    monkeypatch.setattr(batch, "read_children", flaky_read)
-    monkeypatch.setattr(batch, "time", FakeClock(finish))
+    monkeypatch.setattr(fanout, "read_children", flaky_read)
+    monkeypatch.setattr(fanout, "time", FakeClock(finish))
     state = stylize_batch(source, output, tiny_params(),
                           RunOptions(fan_out="workers", chunk_size=1, chunk_deployment=chunk_deployment_without_worker),
                           return_state=True)
@@ -388,3 +390,86 @@ def test_a_transient_api_error_while_polling_is_retried(tmp_path, monkeypatch, c
     # the chunks "completed" without writing anything (no worker ran them): judged as such, not cancelled
     assert all("ended Completed" in i["error"] for i in report["items"]), report["items"]
     assert all(k.state.name == "Completed" for k in _children(run_id))
+
+
+# --- the UI's Cancel on a parent run: its on_cancellation hook cancels the chunk runs ------------------
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_cancelling_a_parent_run_through_the_api_cancels_its_chunk_runs(tmp_path, chunk_deployment_without_worker):
+    """stylize-batch served by `nst serve` (a Prefect Runner) in its own process, with two chunk runs
+    on a pool no worker polls: one marked Running (as if a worker had it), one queued. The parent
+    is set Cancelling through the API, as the UI's Cancel does. The runner stops the parent's
+    process (whose flow body cancels what it started on its way out) and then runs the parent's
+    on_cancellation hook, which cancels the chunk runs again under its own message. The running
+    chunk's state history must show that message: proof that the hook ran and did its job
+    (Prefect's runner calls hooks with keywords: a hook whose parameters are not named flow,
+    flow_run, state fails there, and only there)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import uuid
+    from pathlib import Path
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.responses import SetStateStatus
+    from prefect.settings import PREFECT_API_URL
+    from prefect.states import Cancelling, Running
+
+    from helpers import stop_process
+
+    root = Path(__file__).resolve().parents[2]
+    name = f"cancel-{uuid.uuid4().hex[:8]}"
+    source, output = _folders(tmp_path, contents=4)  # two chunks of two pairs
+    run = RunOptions(fan_out="workers", chunk_size=2, chunk_deployment=chunk_deployment_without_worker)
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PYTHONPATH": str(root)}
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--name", name], cwd=root, env=env,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_for(what, predicate, deadline_s):
+        end = time.monotonic() + deadline_s
+        while not (found := predicate()):
+            assert proc.poll() is None, f"the runner exited ({proc.returncode}): {log.read_text()[-3000:]}"
+            assert time.monotonic() < end, f"timed out waiting for {what}: {log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        return found
+
+    try:
+        with get_client(sync_client=True) as client:
+            def served():
+                try:
+                    return client.read_deployment_by_name(f"stylize-batch/{name}")
+                except Exception:
+                    return None
+
+            deployment = wait_for("the served deployment", served, 120)
+            parent = client.create_flow_run_from_deployment(deployment.id, parameters={
+                "source": source.model_dump(mode="json"), "output": output.model_dump(mode="json"),
+                "params": tiny_params().model_dump(mode="json"), "run": run.model_dump(mode="json")})
+
+            def chunks_started():
+                state = client.read_flow_run(parent.id).state
+                assert not state.is_final(), f"the parent ended {state.name}: {state.message}"
+                return len(_children(str(parent.id))) == 2
+
+            wait_for("the parent to start its two chunk runs", chunks_started, 180)
+            assert client.read_flow_run(parent.id).state.type == StateType.RUNNING
+            running, queued = _children(str(parent.id))
+            client.set_flow_run_state(running.id, Running(), force=True)  # a worker picked this one up
+
+            answer = client.set_flow_run_state(parent.id, Cancelling(message="cancelled in the UI"))
+            assert answer.status == SetStateStatus.ACCEPT, answer
+
+            def cancelled_by_the_hook():
+                return any("parent stylize-batch run was cancelled" in (s.message or "")
+                           for s in client.read_flow_run_states(running.id))
+
+            wait_for("the parent's on_cancellation hook to cancel the running chunk", cancelled_by_the_hook, 60)
+            wait_for("the parent to end Cancelled", lambda: client.read_flow_run(parent.id).state.is_cancelled(), 60)
+            assert all(client.read_flow_run(k.id).state.name in ("Cancelling", "Cancelled") for k in (running, queued))
+    finally:
+        stop_process(proc, timeout=30)

@@ -119,7 +119,7 @@ def test_fan_out_contact_sheet_rows_are_captioned_from_the_chunk_reports(tmp_pat
     parent passed no thumb_items, so every contact-sheet row was uncaptioned. Now each row
     travels with its content and style URIs and finds its report item (file names, final loss)."""
     import tasks.artifacts as artifacts
-    from flows.chunk import decode_thumbs, encode_thumbs
+    from tasks.contract import decode_thumbs, encode_thumbs
     from tasks.contract import ReportItem
     from tasks.storage import open_storage
 

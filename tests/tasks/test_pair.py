@@ -76,7 +76,7 @@ def test_an_input_changed_since_planning_fails_its_pair(tmp_path):
 
 def test_chunk_report_items_are_merged_by_pair_key():
     """Items find their pair by its key, whatever index the chunk report gives them."""
-    from flows.batch import merge_chunk
+    from flows.fanout import merge_chunk
     from tasks.contract import PairPlan
 
     a = PairPlan(0, "a", "s", "i", "i", "na", "na.png", "na.json", "ka")

@@ -114,7 +114,7 @@ def test_only_transient_errors_are_retried(bucket, monkeypatch):
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     client = boto3.client("s3", endpoint_url=dead, config=Config(retries={"max_attempts": 1}, connect_timeout=2))
-    monkeypatch.setattr(storage_mod, "_s3_client", lambda: client)
+    monkeypatch.setattr(storage_mod, "s3_client", lambda credentials=None: client)
     with pytest.raises(StorageError) as refused:
         open_storage(f"s3://{name}/").read("a.png")
     assert is_transient(refused.value) and f"s3://{name}/a.png" in str(refused.value)
@@ -149,7 +149,7 @@ def test_temp_files_are_outside_the_listing_and_a_dead_writers_are_cleaned(tmp_p
 def test_s3_client_makes_one_attempt_with_timeouts(s3_endpoint):
     from tasks import storage as storage_mod
 
-    config = storage_mod._s3_client().meta.config
+    config = storage_mod.s3_client().meta.config
     assert config.retries["total_max_attempts"] == 1  # the retry budget is storage.retrying, not boto's
     assert config.connect_timeout and config.read_timeout
 
@@ -169,7 +169,7 @@ def test_errors_without_an_http_response_are_transient_not_a_crash(bucket, monke
 
             head_object = get_object
 
-        monkeypatch.setattr(storage_mod, "_s3_client", lambda: Client())
+        monkeypatch.setattr(storage_mod, "s3_client", lambda credentials=None: Client())
         s3 = open_storage(f"s3://{name}/")
         with pytest.raises(StorageError) as caught:
             s3.read("a.png")
@@ -191,3 +191,57 @@ def test_an_endpoint_that_never_answers_fails_in_bounded_time(silent_s3):
         storage_mod.retrying(lambda: open_storage("s3://bkt/").read("a.png"))
     assert is_transient(caught.value)
     assert len(silent_s3) == 3  # one connection per attempt: no hidden boto retries, then it gives up
+
+
+def test_two_credentials_in_one_process_each_sign_with_their_own_keys(bucket, s3_endpoint, monkeypatch):
+    """Credentials are values: two storages opened with different keys, used at the same time from
+    several threads, each sign every request with their own access key (seen on the requests boto
+    sends). Old code: one process-global "active" block signed for every storage."""
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
+    import botocore.endpoint
+
+    from tasks.credentials import StorageCredentials
+    from tasks.storage import presigned_url
+
+    name, _ = bucket
+    signed: list[tuple[str, str]] = []
+    real_send = botocore.endpoint.Endpoint._send
+
+    def send(self, request):
+        auth = request.headers.get("Authorization") or b""
+        auth = auth.decode() if isinstance(auth, bytes) else auth
+        signed.append((request.url, re.search(r"Credential=([^/]+)/", auth).group(1)))
+        return real_send(self, request)
+
+    monkeypatch.setattr(botocore.endpoint.Endpoint, "_send", send)
+    alpha, beta = (StorageCredentials(block=who, access_key_id=f"AKID{who.upper()}", secret_access_key=f"secret-{who}",
+                                      region_name="us-east-1", endpoint_url=s3_endpoint) for who in ("alpha", "beta"))
+    stores = {"alpha": open_storage(f"s3://{name}/alpha/", alpha), "beta": open_storage(f"s3://{name}/beta/", beta)}
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: stores["alpha" if i % 2 else "beta"].write(f"{i}.txt", b"x"), range(8)))
+    assert stores["alpha"].read("1.txt")[0] == b"x" and stores["beta"].list()
+    assert len(signed) >= 10
+    for url, key_id in signed:
+        assert key_id == ("AKIDALPHA" if f"/{name}/alpha/" in url else "AKIDBETA"), (url, key_id)
+    assert "AKIDALPHA" in presigned_url(f"s3://{name}/alpha/1.txt", 60, alpha)
+    assert "AKIDBETA" in presigned_url(f"s3://{name}/beta/0.txt", 60, beta)
+
+
+def test_clients_are_cached_by_the_credentials_value_whose_repr_shows_no_secret():
+    from tasks import storage as storage_mod
+    from tasks.credentials import StorageCredentials
+
+    def creds(secret: str) -> StorageCredentials:
+        return StorageCredentials(block="b", access_key_id="AKIDX", secret_access_key=secret, session_token="tok-xyz",
+                                  region_name="us-east-1", endpoint_url="http://127.0.0.1:9")
+
+    one, same, other = creds("s3cr3t-one"), creds("s3cr3t-one"), creds("s3cr3t-two")
+    assert hash(one) == hash(same) and one == same and one != other
+    assert storage_mod.s3_client(one) is storage_mod.s3_client(same)
+    assert storage_mod.s3_client(one) is not storage_mod.s3_client(other)  # a rotated key: a client of its own
+    for text in (repr(one), str(one), repr(open_storage("s3://bkt/x/", one).credentials)):
+        assert "s3cr3t" not in text and "AKIDX" not in text and "tok-xyz" not in text and "'b'" in text, text
+    storage_mod.clear_clients()
+    assert storage_mod._clients == {}
