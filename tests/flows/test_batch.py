@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -98,7 +99,7 @@ def test_zip_on_local_folders(tmp_path):
     assert state.is_completed(), state.message
     outs = sorted(p.name for p in (tmp_path / "out").glob("*.webp"))
     assert [o.split("__")[:2] for o in outs] == [["0", "0"], ["1", "1"]]
-    assert not list((tmp_path / "out").rglob(".nst-tmp-*"))
+    _no_temp_left(tmp_path / "out")
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -113,6 +114,18 @@ def test_zip_on_local_folders(tmp_path):
     assert summaries and "Contact sheet" in summaries[0]
     table = json.loads(by_type["table"].data) if isinstance(by_type["table"].data, str) else by_type["table"].data
     assert [row["status"] for row in table] == ["done", "done"]
+
+
+def _no_temp_left(out):
+    """Local writes go to ``{out}/.nst-tmp/{pid}-{hex}`` and are renamed into place: after a run that
+    folder exists (the writer used it: this check cannot go vacuous) and is empty, and no other
+    hidden file (the retired ``.nst-tmp-*`` names included) is left anywhere in the output."""
+    from tasks.storage import TEMP_DIR
+
+    temp = out / TEMP_DIR
+    assert temp.is_dir(), f"no {TEMP_DIR}/ under {out}: where do local writes stage now?"
+    assert list(temp.iterdir()) == []
+    assert [p for p in out.rglob(".*") if p != temp] == []
 
 
 def test_manifests_jsonl_and_csv_with_a_missing_key(bucket):
@@ -198,7 +211,8 @@ def test_done_means_this_exact_result_exists(tmp_path, monkeypatch):
     source = _cross_folders(tmp_path)
     reads = []
     real_read = pair.read_object
-    monkeypatch.setattr(pair, "read_object", lambda uri: reads.append(uri.rsplit("/", 1)[1]) or real_read(uri))
+    monkeypatch.setattr(pair, "read_object",
+                        lambda uri, *credentials: reads.append(uri.rsplit("/", 1)[1]) or real_read(uri, *credentials))
     out = tmp_path / "out"
     first = run(source, OutputSpec(uri=str(out), format="jpeg"))
     assert first.is_completed(), first.message
@@ -218,7 +232,6 @@ def test_done_means_this_exact_result_exists(tmp_path, monkeypatch):
     assert meta["flow_run"] == {"id": run_id, "name": report["flow_run"]}
     assert meta["identities"]["content"].startswith("sha256:") and meta["identities"]["style"].startswith("sha256:")
     assert 1 <= len(meta["loss_history"]["total"]) <= 100 and meta["loss_history"]["evaluations"][-1] == 3
-    assert oct((out / item["output"].rsplit("/", 1)[1]).stat().st_mode & 0o777) != oct(0o600)
 
     png = run(source, OutputSpec(uri=str(out), format="png"))
     assert png.result()["totals"]["done"] == 4  # another format is another result
@@ -229,6 +242,24 @@ def test_done_means_this_exact_result_exists(tmp_path, monkeypatch):
     again = run(source, OutputSpec(uri=str(out), format="png"))
     assert again.result()["totals"] == {"pairs": 4, "done": 1, "skipped": 3, "failed": 0}
     assert pngs[0].exists()
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_written_files_take_the_mode_the_umask_implies(tmp_path, umask, mode):
+    """Every file a run writes (image, sidecar, report, contact sheet) is created 0666 minus the
+    umask, as `cp` would: not mkstemp's 0600, and not one fixed mode whatever the umask says."""
+    source = _cross_folders(tmp_path, 1, 1)
+    out = tmp_path / "out"
+    previous = os.umask(umask)
+    try:
+        state = run(source, OutputSpec(uri=str(out), format="png"))
+    finally:
+        os.umask(previous)
+    assert state.is_completed(), state.message
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {p.suffix for p in files} >= {".png", ".json", ".jpg"}  # image, sidecar and report, contact sheet
+    assert {p.relative_to(out).as_posix(): oct(p.stat().st_mode & 0o777) for p in files} == {
+        p.relative_to(out).as_posix(): oct(mode) for p in files}
 
 
 def test_a_manifest_named_output_is_redone_when_params_change(tmp_path):
@@ -293,8 +324,9 @@ def test_every_pair_is_done_through_a_proxy_that_fails_a_fifth_of_the_requests(b
     seed_bucket(client, name, broken=False)
     url, faults = fault_proxy
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", url)
-    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.05,) * 6)
-    storage._clients.clear()
+    # the shipped budget (1 + len(RETRY_DELAYS) attempts), only with shorter waits
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.05,) * len(storage.RETRY_DELAYS))
+    storage.clear_clients()
     try:
         source = BatchSource(contents=f"s3://{name}/in/contents/", styles=f"s3://{name}/in/styles/")
         state = run(source, OutputSpec(uri=f"s3://{name}/out/"))
@@ -302,7 +334,7 @@ def test_every_pair_is_done_through_a_proxy_that_fails_a_fifth_of_the_requests(b
         assert state.result()["totals"] == {"pairs": 4, "done": 4, "skipped": 0, "failed": 0}
         assert faults["503"] + faults["drop"] + faults["cut"] >= 3, faults
     finally:
-        storage._clients.clear()
+        storage.clear_clients()
 
 
 def test_an_output_endpoint_that_never_answers_ends_the_run_with_a_clear_error(tmp_path, silent_s3):

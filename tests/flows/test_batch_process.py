@@ -23,6 +23,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.usefixtures("prefec
 
 ROOT = Path(__file__).resolve().parents[2]
 PAIRS = 4
+#: After Ctrl-C, `nst batch` exits within this long whatever it is doing (flows/cli.py: "a second
+#: Ctrl-C, or 10 s later, exits at once"): a promise of the product, not a benchmark.
+EXIT_AFTER_CTRL_C_S = 10
+#: Signal delivery, os._exit and the kernel reaping the process group; not room for a slower exit.
+SLACK_S = 5
 
 
 def _command(tmp_path: Path) -> list[str]:
@@ -94,9 +99,13 @@ def test_ctrl_c_then_kill_9_then_rerun(tmp_path):
         procs.append(proc)
         _wait_for(lambda: len(_sidecars(out)) >= 1, 240, proc)
         os.killpg(proc.pid, signal.SIGINT)
-        t = time.monotonic()
-        assert proc.wait(timeout=60) == 130, proc.stdout.read().decode()[-2000:]
-        assert time.monotonic() - t < 60
+        signalled = time.monotonic()
+        try:
+            code = proc.wait(timeout=EXIT_AFTER_CTRL_C_S + SLACK_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"nst batch still running {time.monotonic() - signalled:.1f} s after Ctrl-C "
+                        f"(it promises to exit within {EXIT_AFTER_CTRL_C_S} s)")
+        assert code == 130, proc.stdout.read().decode()[-2000:]
         _visible_outputs_are_whole(out)
 
         # 2. kill -9 mid-run.
