@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo bench install browser clean
+.PHONY: test demo bench install browser clean gpu-wheels
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,18 @@ bench: $(STAMP)
 	PREFECT_HOME=$${PREFECT_HOME:-$(CURDIR)/.prefect-home} $(BIN)/python benchmarks/speed.py
 	PREFECT_HOME=$${PREFECT_HOME:-$(CURDIR)/.prefect-home} $(BIN)/python benchmarks/speed.py --memory 1024
 	PREFECT_HOME=$${PREFECT_HOME:-$(CURDIR)/.prefect-home} $(BIN)/python benchmarks/scale.py --pairs 500
+
+# Wheels benchmarks/gpu.sh installs on a lent GPU machine that has Python 3.12, torch, torchvision,
+# Pillow, numpy and pytest but no network: pydantic and its dependencies, pinned to what .venv
+# has, for CPython 3.12 on manylinux x86-64 (pip matches each manylinux tag exactly).
+GPU_WHEELS := pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+              typing-extensions==4.16.0
+gpu-wheels:
+	rm -rf .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl $(GPU_WHEELS)
+	@ls .whl
 
 clean:
 	rm -rf $(VENV) demo-output

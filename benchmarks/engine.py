@@ -5,6 +5,12 @@ and a 256 px image, single scale in fp32 (scales=1, precision=fp32: per-evaluati
 coarse-to-fine speed-up, which benchmarks/speed.py measures); the medians are compared.
 Goal: ratio <= 1.10 (the Grams are ~6% of the FLOPs).
 
+Like with like: the bare pass runs under the backend settings stylize runs under (run_settings:
+cuDNN autotuning as a run sets it; precision_section: TF32 only for precision=tf32), at the
+precision stylize resolves (tf32 off CUDA is fp32), with its autocast dtype and memory format.
+Outside a run, cuDNN convolves "fp32" in TF32 (torch's default) and autotunes nothing, so the
+bare pass would measure other kernels than the ones stylize runs.
+
     python benchmarks/engine.py [--size 256] [--evals 20] [--rounds 3] [--device auto]
 """
 
@@ -18,6 +24,7 @@ import torch
 
 from nst_core import StyleParams, compute_style_targets, stylize
 from nst_core.backend import DTYPES as _DTYPES
+from nst_core.backend import precision_section, resolve_precision, run_settings, uses_tf32
 from nst_core.vgg import extractor_for
 
 from helpers_bench import sample_pair
@@ -56,16 +63,31 @@ def main() -> None:
     stylize(content, style, params.model_copy(update={"iterations": 2}), targets=targets)  # warm-up
     from nst_core.imageio import resize_longest, to_tensor as _to_tensor
 
-    x = _to_tensor(resize_longest(content, args.size), extractor.device).contiguous(
-        memory_format=extractor.memory_format)
+    device = extractor.device
+    precision = resolve_precision(args.precision, device)  # what stylize runs at (tf32 off CUDA: fp32)
+    x = _to_tensor(resize_longest(content, args.size), device).contiguous(memory_format=extractor.memory_format)
+
+    def bare_pass(evals: int) -> tuple[float, dict]:
+        with run_settings(device, precision, params.deterministic) as settings, \
+                precision_section(uses_tf32(precision)):
+            return bare_forward_backward(extractor, x, evals, _DTYPES[precision]), {
+                "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                "tf32": (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32),
+                "deterministic": settings["deterministic"]}
+
+    bare_pass(2)  # warm-up, as stylize had
     ours, bare = [], []
     for _ in range(args.rounds):
         result = stylize(content, style, params, targets=targets)
         ours.append(result.metadata["seconds"]["optimize"] / result.metadata["evaluations"])
-        bare.append(bare_forward_backward(extractor, x, args.evals, _DTYPES[args.precision]))
+        seconds, seen = bare_pass(args.evals)
+        bare.append(seconds)
     o, b = statistics.median(ours), statistics.median(bare)
-    print(f"device {extractor.device}, {x.shape[-1]}x{x.shape[-2]} px, {args.evals} evaluations x {args.rounds} rounds, "
+    meta = result.metadata
+    print(f"device {device}, {x.shape[-1]}x{x.shape[-2]} px, {args.evals} evaluations x {args.rounds} rounds, "
           f"torch threads {torch.get_num_threads()}")
+    print(f"both at precision {precision} ({meta['precision']} in stylize), {meta['memory_format']}, "
+          f"cudnn.benchmark {seen['cudnn_benchmark']}, TF32 matmul/cudnn {seen['tf32']} in the bare pass")
     print(f"stylize per loss evaluation : {o * 1000:8.1f} ms")
     print(f"bare VGG16 forward+backward : {b * 1000:8.1f} ms  (truncated at {len(extractor.layers)} layers)")
     print(f"ratio                       : {o / b:8.3f}  (goal <= 1.10)")

@@ -1,17 +1,117 @@
 #!/usr/bin/env bash
-# Device checks for a lent GPU machine, in one short run (see README "Performance").
-# Usage (repo root, with .venv carried or built): bash benchmarks/gpu.sh
-# Prints: engine overhead at 256/512 px; 512 px x 500 evaluations wall time for fp32, TF32, bf16
-# (single scale) and the default (goal <= 5 s on an H200); the speed.py ratio (goal <= 0.5).
-set -euo pipefail
+# Device checks for a lent GPU machine, in one command well inside 10 minutes (README "Performance").
+#
+# Needs only an interpreter with torch, torchvision, Pillow, numpy and pytest (the lent
+# nvidia-h200: python3 is Python 3.12 with torch 2.11 and torchvision 0.26, and no network) plus
+# the wheels `make gpu-wheels` puts in .whl/: pydantic and its dependencies, installed into a
+# temporary --target folder only when `$PYTHON -c 'import pydantic'` fails. No .venv, no
+# `make install`, no prefect or boto3: everything here is nst_core.
+#
+# On the lent machine, from this repository's root:
+#   make gpu-wheels                       # here, once: .whl/ (ignored by git, about 3 MB)
+#   device tool: run(carry=[".whl"], command="PYTHON=python3 bash benchmarks/gpu.sh", timeout_s=600)
+# With $OUT set (the device tool sets it) the whole log also lands in $OUT/gpu.log.
+#
+# Environment:
+#   PYTHON          interpreter (python3)
+#   WHEELS          folder of the wheels (.whl)
+#   NST_GPU_DEVICE  device of the benchmarks and of the engine tests (cuda); "cpu" runs the
+#                   whole script path on a machine without a GPU
+#   GPU_SH_QUICK=1  tiny sizes, few evaluations and a few tests: proves the path on a small CPU
+#   GPU_SH_STEP_TIMEOUT  seconds one benchmark may take before it is stopped and counted failed (240)
+#   GPU_SH_TEST_TIMEOUT  likewise for the engine tests (300)
+#
+# Prints: engine overhead at 256 px (fp32) and 512 px (bf16), the bare VGG pass under the same
+# backend settings as stylize; 512 px x 500 evaluations wall time for fp32, TF32, bf16
+# (single scale) and the default (goal <= 5 s on an H200); the speed.py ratio (goal <= 0.5);
+# channels_last vs contiguous; then the engine tests with NST_TEST_DEVICE=$NST_GPU_DEVICE.
+# Every step runs even if one before it failed; the exit status is 1 if any failed.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || make install
-export PREFECT_HOME="${PREFECT_HOME:-$PWD/.prefect-home}" PREFECT_SERVER_ANALYTICS_ENABLED=false
-PY=.venv/bin/python
-$PY -c "import torch; print('cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '', 'bf16', torch.cuda.is_available() and torch.cuda.is_bf16_supported())"
-$PY benchmarks/engine.py --device cuda --size 256 --evals 50 --rounds 3
-$PY benchmarks/engine.py --device cuda --size 512 --evals 50 --rounds 3 --precision bf16
-$PY benchmarks/speed.py --device cuda --table --size 512 --evals 500
-$PY benchmarks/speed.py --device cuda --size 512 --evals 500
-$PY benchmarks/speed.py --device cuda --formats --size 512 --rounds 5
-$PY -m pytest -q -p no:cacheprovider tests/nst_core/test_optimize.py tests/nst_core/test_losses.py
+if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
+  exec > >(tee "$OUT/gpu.log") 2>&1
+fi
+export PYTHONUNBUFFERED=1
+PYTHON="${PYTHON:-python3}"
+WHEELS="${WHEELS:-.whl}"
+DEV="${NST_GPU_DEVICE:-cuda}"
+QUICK="${GPU_SH_QUICK:-0}"
+GPU_SH_STEP_TIMEOUT="${GPU_SH_STEP_TIMEOUT:-240}"
+GPU_SH_TEST_TIMEOUT="${GPU_SH_TEST_TIMEOUT:-300}"
+START=$SECONDS
+
+# pydantic (nst_core.params) from the carried wheels, only where the interpreter lacks it.
+if ! "$PYTHON" -c 'import pydantic' 2>/dev/null; then
+  if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    echo "gpu.sh: $PYTHON has no pydantic and $WHEELS/ holds no wheels: run 'make gpu-wheels' and carry .whl" >&2
+    exit 2
+  fi
+  SITE="$(mktemp -d "${TMPDIR:-/tmp}/gpu-sh-site.XXXXXX")"
+  trap 'rm -rf "$SITE"' EXIT
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
+    --target "$SITE" "$WHEELS"/*.whl || { echo "gpu.sh: installing $WHEELS/*.whl failed" >&2; exit 2; }
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  echo "installed $(cd "$WHEELS" && ls *.whl | tr '\n' ' ')into $SITE"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+"$PYTHON" - "$DEV" <<'EOF' || exit 2
+import sys
+
+import pydantic
+import torch
+import torchvision
+
+import nst_core
+
+dev = sys.argv[1]
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+      f"pydantic {pydantic.VERSION}, nst_core from {nst_core.__file__}")
+mods = sorted(m for m in sys.modules if m.split(".")[0] in ("prefect", "boto3", "botocore"))
+assert not mods, f"nst_core imported {mods}"
+if dev.startswith("cuda"):
+    if not torch.cuda.is_available():
+        sys.exit(f"gpu.sh: NST_GPU_DEVICE={dev} but torch sees no CUDA device (built for CUDA {torch.version.cuda}); "
+                 "NST_GPU_DEVICE=cpu runs the script path without one")
+    d = torch.device(dev)
+    print(f"device {dev}: {torch.cuda.get_device_name(d)}, capability {torch.cuda.get_device_capability(d)}, "
+          f"{torch.cuda.get_device_properties(d).total_memory / 2**30:.0f} GiB")
+else:
+    print(f"device {dev} (torch threads {torch.get_num_threads()})")
+EOF
+
+if [ "$QUICK" = 1 ]; then
+  S1=64 S2=96 EV=4 ROUNDS=2 TS=64 TEV=12 FR=2
+  TESTS=(tests/nst_core/test_optimize.py tests/nst_core/test_backend.py
+         -k "lbfgs_halves or tf32_off_cuda or targets_and_reported_losses or precision_follows or bf16_runs_keep")
+else
+  S1=256 S2=512 EV=50 ROUNDS=3 TS=512 TEV=500 FR=5
+  TESTS=(tests/nst_core/test_optimize.py tests/nst_core/test_losses.py tests/nst_core/test_backend.py)
+fi
+
+FAILED=()
+step() {  # step SECONDS NAME COMMAND...: timed, bounded, and counted
+  local limit="$1" name="$2" t0=$SECONDS rc
+  shift 2
+  echo
+  echo "== $name"
+  timeout --kill-after=10 "$limit" "$@"
+  rc=$?
+  echo "-- $name: rc $rc, $((SECONDS - t0)) s"
+  [ "$rc" = 0 ] || FAILED+=("$name (rc $rc)")
+}
+
+step "$GPU_SH_STEP_TIMEOUT" "engine overhead, ${S1} px fp32" "$PYTHON" benchmarks/engine.py --device "$DEV" --size "$S1" --evals "$EV" --rounds "$ROUNDS"
+step "$GPU_SH_STEP_TIMEOUT" "engine overhead, ${S2} px bf16" "$PYTHON" benchmarks/engine.py --device "$DEV" --size "$S2" --evals "$EV" --rounds "$ROUNDS" --precision bf16
+step "$GPU_SH_STEP_TIMEOUT" "wall time per precision, ${TS} px x ${TEV}" "$PYTHON" benchmarks/speed.py --device "$DEV" --table --size "$TS" --evals "$TEV"
+step "$GPU_SH_STEP_TIMEOUT" "default vs single-scale fp32, ${TS} px" "$PYTHON" benchmarks/speed.py --device "$DEV" --size "$TS" --evals "$TEV"
+step "$GPU_SH_STEP_TIMEOUT" "memory formats, ${TS} px" "$PYTHON" benchmarks/speed.py --device "$DEV" --formats --size "$TS" --rounds "$FR"
+step "$GPU_SH_TEST_TIMEOUT" "engine tests on $DEV" env NST_TEST_DEVICE="$DEV" "$PYTHON" -m pytest -q -p no:cacheprovider -ra "${TESTS[@]}"
+
+echo
+echo "gpu.sh: $((SECONDS - START)) s in all on $DEV"
+if [ ${#FAILED[@]} -gt 0 ]; then
+  printf 'failed: %s\n' "${FAILED[@]}"
+  exit 1
+fi
+echo "all steps passed"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 from PIL import Image
@@ -28,6 +29,16 @@ def pattern(size: tuple[int, int], kind: str = "content", seed: int = 0) -> Imag
         r = np.hypot(x - 0.5, y - 0.5)
         img = np.stack([np.sin(30 * r), np.cos(20 * r), x], -1) * 0.5 + 0.5
     return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
+
+
+def engine_device() -> str:
+    """The device the engine tests' params() run on: NST_TEST_DEVICE, default "cpu".
+
+    benchmarks/gpu.sh sets it to "cuda" so that the engine tests really run on the GPU;
+    tests/nst_core/conftest.py refuses a CUDA device that is not there and skips, with reasons,
+    the tests that are CPU-specific by nature.
+    """
+    return os.environ.get("NST_TEST_DEVICE", "").strip() or "cpu"
 
 
 def to_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
