@@ -12,6 +12,12 @@
 4. Report: ``{output}/_runs/{flow_run_id}.json``, a contact sheet beside it, Prefect artifacts.
 5. Verdict: Failed with "k of n pairs failed (report: URI)" when k > run.max_failures, else Completed.
 
+After preflight, reports of this output that still say "running" while their flow runs ended
+(or are unknown to the Prefect API) are marked crashed (``flows.orphans``). Storage that stops
+answering mid-run (``tasks.storage.StorageHealth``, shared by the run's storage calls) ends the
+run: no pair is started any more, the rest are reported "not run: storage unreachable since
+HH:MM:SS UTC", the report gets one try, and the run ends Failed with that reason (``_outage``).
+
 The storage credentials block named by ``output.storage_credentials`` is resolved once, on entry,
 and every storage call of the run gets that value (``tasks.credentials``).
 """
@@ -30,20 +36,26 @@ from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.fanout import cancel_children, fan_out_to_workers
+from flows.quiet import quiet_returned_failures
+from flows.orphans import mark_crashed_reports
 from nst_core.errors import NSTError
 from nst_core.params import StyleParams
-from tasks.artifacts import RunProgress, publish_artifacts, write_pictures
+from tasks.artifacts import RunProgress, publish_artifacts, run_label, run_warning, write_pictures
 from tasks.compute import expand_devices, run_on_device
-from tasks.contract import (CRASHED, DONE, FAILED, PairPlan, ReportItem, done_in, failed_item, report_bytes,
+from tasks.contract import (CRASHED, DONE, FAILED, SKIPPED, PairPlan, ReportItem, done_in, failed_item, report_bytes,
                             report_key, run_report, running_report, skipped_item, stopped_report)
 from tasks.credentials import DEFAULT_CHAIN, CredentialsError, StorageCredentials, resolve
-from tasks.models import BatchSource, InvalidInputs, OutputSpec, RunOptions, batch_inputs
+from tasks.models import BatchSource, InvalidInputs, OutputSpec, RunOptions, StyleForm, batch_inputs
 from tasks.pair import PairContext, stop_requested
 from tasks.pipeline import PipelineResult, run_pairs
 from tasks.plan import PreflightError, default_allowed_sources, plan_pairs, source_entries
-from tasks.storage import LocalStorage, Storage, StorageError, open_storage, read_uri, retrying
+from tasks.storage import (LocalStorage, Storage, StorageError, StorageHealth, StorageUnreachableError, open_storage,
+                           read_uri, retrying)
 
 __all__ = ["stylize_batch", "preflight", "on_pair_done"]
+
+# A refused run ends Failed with its one line, without the engine's traceback of the returned state.
+quiet_returned_failures()
 
 #: Set by the CLI to draw a progress bar: called with (finished pairs, pairs to run).
 on_pair_done: contextvars.ContextVar[Callable[[int, int], None] | None] = contextvars.ContextVar(
@@ -63,7 +75,7 @@ def preflight(source: BatchSource, output: OutputSpec, params: StyleParams, devi
     run = run or {"id": f"preflight-{uuid.uuid4().hex}", "name": ""}
     probe = report_bytes(running_report(run))
     try:
-        retrying(lambda: out.write(report_key(run["id"]), probe, "application/json"))
+        retrying(lambda: out.write(_report_key(run), probe, "application/json"))
     except (StorageError, OSError) as err:
         raise PreflightError(f"output {output.uri} is not writable: {err}") from None
     try:
@@ -83,14 +95,20 @@ def preflight(source: BatchSource, output: OutputSpec, params: StyleParams, devi
     return entries, extractor.weights_id
 
 
+def _report_key(run: dict) -> str:
+    """This attempt's report key (``run``: {id, name, attempt}): a Retry of a finished run (the same
+    flow run id, run again) writes its own, never over an earlier attempt's."""
+    return report_key(run["id"], run.get("attempt", 1))
+
+
 def _drop_probe(out: Storage, run: dict, error: str) -> None:
     """Remove the "running" report of a run that stops before its report; where deleting is not
     allowed, overwrite it so that it says the run failed."""
     try:
-        out.delete(report_key(run["id"]))
+        out.delete(_report_key(run))
     except (StorageError, OSError):
         try:
-            retrying(lambda: out.write(report_key(run["id"]), report_bytes(stopped_report(run, FAILED, error)),
+            retrying(lambda: out.write(_report_key(run), report_bytes(stopped_report(run, FAILED, error)),
                                        "application/json"))
         except (StorageError, OSError):
             pass
@@ -99,7 +117,7 @@ def _drop_probe(out: Storage, run: dict, error: str) -> None:
 def _mark_stopped(out: Storage, run: dict, error: str) -> None:
     """Replace the "running" report (the write probe) of a run that stops without its report."""
     try:
-        out.write(report_key(run["id"]), report_bytes(stopped_report(run, CRASHED, error)), "application/json")
+        out.write(_report_key(run), report_bytes(stopped_report(run, CRASHED, error)), "application/json")
     except Exception:
         pass  # the storage may be what failed
 
@@ -122,7 +140,7 @@ def _on_crash(flow, flow_run, state) -> None:
             output = output.model_dump()
         if output.get("uri"):
             out = open_storage(output["uri"], resolve(output.get("storage_credentials") or ""))
-            _mark_stopped(out, {"id": str(flow_run.id), "name": flow_run.name},
+            _mark_stopped(out, {"id": str(flow_run.id), "name": flow_run.name, "attempt": flow_run.run_count or 1},
                           (state.message or state.name) if state else "")
     except Exception:
         pass
@@ -141,13 +159,17 @@ class _Batch:
     devices: list[str] = field(init=False)
     out: Storage = field(init=False)
     started: datetime = field(init=False)
+    health: StorageHealth = field(init=False)  # every storage call of the run reports here
 
     def __post_init__(self):
         run_id = runtime.flow_run.get_id() or f"local-{uuid.uuid4().hex}"
-        self.flow_run = {"id": run_id, "name": runtime.flow_run.get_name() or run_id}
+        # attempt: Prefect's Retry runs a finished flow run again under the same id (run_count 2, 3, ...)
+        self.flow_run = {"id": run_id, "name": runtime.flow_run.get_name() or run_id,
+                         "attempt": max(1, runtime.flow_run.get_run_count() or 1)}
         self.started = datetime.now(timezone.utc)
         self.devices = expand_devices(self.run.devices, self.params.device)
         self.out = open_storage(self.output.uri, self.credentials)
+        self.health = StorageHealth()
 
 
 def _plan(b: _Batch) -> tuple[list[PairPlan], str, list[str]]:
@@ -167,12 +189,12 @@ def _skip(b: _Batch, plans: list[PairPlan], weights_id: str) -> tuple[dict[int, 
     """The report items of the pairs not to run (failed at planning, repeated, done by the done rule
     on one listing of the output), and the pairs to run. Returns (items by index, to run, done)."""
     logger = get_run_logger()
-    done = done_in(b.out, plans, io_workers=b.run.io_workers) if b.run.skip_existing else set()
+    done = done_in(b.out, plans, io_workers=b.run.io_workers, health=b.health) if b.run.skip_existing else set()
     items: dict[int, ReportItem] = {}
     todo: list[PairPlan] = []
     for p in plans:
         if p.error:
-            items[p.index] = failed_item(p, p.error)
+            items[p.index] = failed_item(p, p.error, b.out)  # with the output its row asked for, if any
             logger.error("pair %s x %s failed at planning: %s", p.content, p.style, p.error)
         elif p.duplicate_of >= 0:
             items[p.index] = skipped_item(p, b.out, duplicate_of=plans[p.duplicate_of])
@@ -186,10 +208,11 @@ def _skip(b: _Batch, plans: list[PairPlan], weights_id: str) -> tuple[dict[int, 
 
 
 def _run(b: _Batch, plans: list[PairPlan], todo: list[PairPlan], done: set[int], weights_id: str,
-         allowed: list[str]) -> PipelineResult:
+         allowed: list[str], already: int = 0) -> PipelineResult:
     """``todo`` in a window of pair tasks here, or in chunk runs on the GPU pool; progress is
-    reported to the progress artifact (throttled) and the CLI's bar."""
-    progress = RunProgress(len(todo))
+    reported to the progress artifact (throttled; ``already``: pairs skipped as done) and the CLI's bar."""
+    progress = RunProgress(len(todo), pairs=len(plans), already=already,
+                           run_name=run_label(b.flow_run["name"], b.flow_run["attempt"]))
     hook = on_pair_done.get()
 
     def on_done(finished: int, total: int) -> None:
@@ -200,10 +223,11 @@ def _run(b: _Batch, plans: list[PairPlan], todo: list[PairPlan], done: set[int],
     if b.run.fan_out == "workers" and todo:
         # the chunk runs read only where this run may: the resolved list, never the empty default
         result = fan_out_to_workers(plans, done, b.output, b.params, b.run.model_copy(update={"allowed_sources": allowed}),
-                                    weights_id, b.flow_run["id"], on_done, b.credentials)
+                                    weights_id, b.flow_run["id"], on_done, b.credentials, b.health)
     else:
         ctx = PairContext(b.output, b.params, b.devices, weights_id, b.run.labels, b.run.io_workers,
-                          b.run.pair_timeout_s, b.flow_run, credentials=b.credentials)
+                          b.run.pair_timeout_s, {"id": b.flow_run["id"], "name": b.flow_run["name"]},
+                          credentials=b.credentials, health=b.health)
         result = run_pairs(todo, ctx, b.run.window, b.run.contact_sheet_rows, on_done)
     progress.update(len(todo), final=True)
     return result
@@ -215,13 +239,34 @@ def _write_report(b: _Batch, items: list[ReportItem], result: PipelineResult, we
     thumb_items = ([i.as_dict() for i in result.items.values() if i.status == DONE][:len(result.thumbs)]
                    if b.run.fan_out == "local" else None)
     pictures = write_pictures(b.out, b.flow_run["id"], [i.as_dict() for i in items], result.thumbs, thumb_items,
-                              b.run.labels.get("warning"), b.run.io_workers)
-    key = report_key(b.flow_run["id"])
+                              run_warning(weights_id, b.run.labels), b.run.io_workers, attempt=b.flow_run["attempt"])
+    key = _report_key(b.flow_run)
     report = run_report(b.flow_run, b.out.uri_for(key), b.started,
                         {"source": b.source, "output": b.output, "params": b.params, "run": b.run},
                         weights_id, b.devices, items, pictures, result.chunks)
     retrying(lambda: b.out.write(key, report_bytes(report, indent=2), "application/json"))
     return report
+
+
+def _outage(b: _Batch, items: list[ReportItem], result: PipelineResult, weights_id: str) -> State:
+    """The end of a run whose storage stopped answering: the report (no pictures: they need the
+    storage) gets one try, bounded by the request timeouts; the artifacts show the pairs; Failed."""
+    since = b.health.unreachable_since()
+    key = _report_key(b.flow_run)
+    report = run_report(b.flow_run, b.out.uri_for(key), b.started,
+                        {"source": b.source, "output": b.output, "params": b.params, "run": b.run},
+                        weights_id, b.devices, items, {"contact_sheet": None, "loss_curve": None}, result.chunks)
+    try:
+        b.out.write(key, report_bytes(report, indent=2), "application/json")
+        written = ""
+    except (StorageError, OSError):
+        written = ", not written: the next run on this output marks it crashed"
+    publish_artifacts(report, b.out, b.output.link_expiry_hours, run_warning(weights_id, b.run.labels))
+    counts = report["totals"]
+    message = (f"{StorageUnreachableError(since)}: {counts['failed']} of {counts['pairs']} pairs failed "
+               f"(report: {report['report']}{written})")
+    get_run_logger().error(message)
+    return Failed(message=message)
 
 
 def _verdict(report: dict, max_failures: int) -> State:
@@ -247,12 +292,12 @@ def stylize_batch(
     output: OutputSpec = Field(
         description="Where stylized images, JSON sidecars and the run report are written.",
         json_schema_extra={"title": "Where results go"}),
-    params: StyleParams = Field(
-        StyleParams(), description="Image size, iterations, loss weights; advanced: VGG16 layers, weights, seed.",
+    params: StyleForm = Field(
+        StyleParams(), description="Everyday first: size, iterations, loss weights; then layers, weights, seed.",
         json_schema_extra={"title": "Style settings"}),
     run: RunOptions = Field(
-        RunOptions(), description="Failures tolerated, skipping, devices, fan-out to GPU workers.",
-        json_schema_extra={"title": "Run settings (advanced)"}),
+        RunOptions(), description="Where the work runs (fan-out to GPU workers), failures tolerated, limits.",
+        json_schema_extra={"title": "Run settings"}),
 ):
     """Neural style transfer over a dataset in object storage or a folder.
 
@@ -276,12 +321,15 @@ def stylize_batch(
         except PreflightError as err:  # a refusal before any work: one line, no traceback
             get_run_logger().error("preflight failed: %s", err)
             return Failed(message=f"preflight failed: {err}")
+        mark_crashed_reports(b.out, b.flow_run)
         items, todo, done = _skip(b, plans, weights_id)
-        result = _run(b, plans, todo, done, weights_id, allowed)
+        result = _run(b, plans, todo, done, weights_id, allowed, already=sum(i.status == SKIPPED for i in items.values()))
         items.update(result.items)
+        if b.health.unreachable_since() is not None:
+            return _outage(b, [items[p.index] for p in plans if p.index in items], result, weights_id)
         report = _write_report(b, [items[p.index] for p in plans if p.index in items], result, weights_id)
         reported = True
-        publish_artifacts(report, b.out, output.link_expiry_hours, run.labels.get("warning"),
+        publish_artifacts(report, b.out, output.link_expiry_hours, run_warning(weights_id, run.labels),
                           seconds=(datetime.now(timezone.utc) - b.started).total_seconds())
         return _verdict(report, run.max_failures)
     except BaseException as err:  # Ctrl-C, SIGTERM, an unhandled error: the report must not say "running"

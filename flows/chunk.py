@@ -4,7 +4,9 @@ The parent plans (preflight, names, skips) and starts one run of this flow per c
 ``run_deployment`` (``flows.fanout``). The chunk resolves the parent's storage credentials block
 itself, writes its results and its chunk report (``tasks.contract.chunk_report``) to
 ``{output}/{report_key}`` — storage every machine shares — and the parent merges those into its
-one run report.
+one run report. When its storage is declared unreachable (``tasks.storage.StorageHealth``) it
+stops starting pairs and ends Failed with "storage unreachable since HH:MM:SS UTC: k of n pairs
+not run", writing no report (the parent judges it by that state and ends too).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import socket
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.models import OutputSpec, RunOptions
@@ -25,7 +28,7 @@ from tasks.credentials import resolve
 from tasks.pair import PairContext
 from tasks.pipeline import run_pairs
 from tasks.plan import outside_allowed
-from tasks.storage import open_storage, retrying, safe_key
+from tasks.storage import StorageHealth, StorageUnreachableError, open_storage, retrying, safe_key
 
 __all__ = ["stylize_chunk"]
 
@@ -60,15 +63,23 @@ def stylize_chunk(
     devices = expand_devices(run.devices, params.device)
     refused = _refusals(pairs, output.format, run.allowed_sources)
     valid = [p for p in pairs if not refused[p.index]]
-    # The same done rule as the parent's: a retried chunk redoes nothing that is done.
-    done = done_in(out, valid, list_once=False, io_workers=run.io_workers) if run.skip_existing else set()
+    health = StorageHealth()
+    try:  # the same done rule as the parent's: a retried chunk redoes nothing that is done
+        done = done_in(out, valid, list_once=False, io_workers=run.io_workers, health=health) if run.skip_existing else set()
+    except StorageUnreachableError:
+        done = set()  # run_pairs starts no pair once the storage is declared unreachable
     todo = [p for p in valid if p.index not in done]
     logger.info("chunk of %d pairs (%d to run, %d refused) on %s", len(pairs), len(todo),
                 len(pairs) - len(valid), devices)
     this_run = {"id": flow_run.get_id(), "name": flow_run.get_name()}
     ctx = PairContext(output, params, devices, weights_id, run.labels, run.io_workers, run.pair_timeout_s,
-                      {**this_run, "id": str(this_run["id"])}, credentials=credentials)
+                      {**this_run, "id": str(this_run["id"])}, credentials=credentials, health=health)
     result = run_pairs(todo, ctx, run.window, run.contact_sheet_rows)
+    since = health.unreachable_since()
+    if since is not None:  # its report could not be written either: the state carries the reason
+        finished = done | {i for i, item in result.items.items() if item.status == DONE}
+        not_done = sum(1 for p in pairs if p.index not in finished)
+        return Failed(message=f"{StorageUnreachableError(since)}: {not_done} of {len(pairs)} pairs not run")
     items = [failed_item(p, refused[p.index]) if refused[p.index] else result.items.get(p.index)
              or skipped_item(p, out) for p in pairs]
     worker = {"host": socket.gethostname(), "pid": os.getpid(), "parent_pid": os.getppid(), "devices": devices}

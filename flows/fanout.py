@@ -1,12 +1,20 @@
 """Fan-out to GPU workers (``run.fan_out: workers``): one stylize-chunk run per chunk of the plan.
 
-1. ``plan_chunks``: chunks cut from the FULL plan by position, each keyed by its pairs' keys, so a
-   retried parent finds its children again; chunks whose pairs are all done are not started.
-2. ``start_chunk``: start (or find, by idempotency key) one chunk run; a chunk run that ended
-   badly is started again as ``…-attempt-N``.
+1. ``plan_chunks``: chunks cut from the FULL plan by position, each keyed by its content alone
+   (the output and its pairs' keys and names: ``contract.chunk_key``), never by its parent; chunks
+   whose pairs are all done are not started.
+2. ``start_chunks``: a chunk whose content already has a Scheduled, Pending or Running run — any
+   parent's, e.g. one killed with ``kill -9`` whose chunk runs went on — is adopted (waited for,
+   merged, tagged with this parent so cancelling it reaches the run); otherwise ``start_chunk``
+   starts one. Every chunk run carries its content tag (``content_tag``); its idempotency key is
+   the tag and the number of runs that content had before, so a run that already ended (last
+   night's, whose failed pairs need another try) is never taken for it, while two parents starting
+   the same content at the same moment still get one run.
 3. ``ChunkWatcher``: wait for them, one paged API query per poll (``poll``), every wait with a
    deadline (``check_deadlines``), each finished chunk merged as it ends (``settle``,
-   ``merge_chunk``: its report's items by pair key, else its pairs' sidecars).
+   ``merge_chunk``: its report's items by pair key, else its pairs' sidecars). A chunk that ends
+   with "storage unreachable since …", or storage that stops answering the parent, ends the wait:
+   the other chunk runs are cancelled and their pairs reported with the reason.
 
 Anything that ends the wait early (Ctrl-C, an error, the stop flag) cancels the unfinished chunk
 runs first (``cancel_children``).
@@ -31,10 +39,12 @@ from tasks.credentials import DEFAULT_CHAIN, StorageCredentials
 from tasks.models import OutputSpec, RunOptions
 from tasks.pair import PairStopped, stop_requested
 from tasks.pipeline import PipelineResult
-from tasks.storage import Storage, StorageError, open_storage, retrying
+from tasks.storage import (Storage, StorageError, StorageHealth, StorageUnreachableError, open_storage,
+                           retrying)
 
-__all__ = ["fan_out_to_workers", "plan_chunks", "start_chunk", "merge_chunk", "read_children", "cancel_children",
-           "parent_tag", "Chunk", "ChunkWatcher", "POLL_S", "API_PAGE", "START_TIMEOUT_S", "MAX_CHUNK_ATTEMPTS"]
+__all__ = ["fan_out_to_workers", "plan_chunks", "start_chunks", "start_chunk", "live_chunk_runs", "merge_chunk",
+           "read_children", "cancel_children", "parent_tag", "content_tag", "Chunk", "ChunkWatcher", "POLL_S",
+           "API_PAGE", "START_TIMEOUT_S", "MAX_CHUNK_ATTEMPTS"]
 
 #: Seconds between two polls of the chunk runs (one batched API query each).
 POLL_S = 2.0
@@ -43,21 +53,24 @@ API_PAGE = 200
 #: Queued chunks are cancelled after min(run.chunk_timeout_s, this) with no chunk running, started or
 #: finished (no worker polling the pool). Env: NST_CHUNK_START_TIMEOUT_S.
 START_TIMEOUT_S = float(os.environ.get("NST_CHUNK_START_TIMEOUT_S", 3600))
-#: A chunk that ended without completing is started again at most this many times by one plan.
+#: Idempotency keys of a chunk's content tried by one parent past those its earlier runs took.
 MAX_CHUNK_ATTEMPTS = 20
+#: The states of a chunk run a new parent adopts instead of starting another.
+LIVE_STATES = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING]
 
 
-def plan_chunks(plans: list[PairPlan], chunk_size: int, parent_id: str,
+def plan_chunks(plans: list[PairPlan], chunk_size: int, output_uri: str,
                 done: set[int] | frozenset[int] = frozenset()) -> list[tuple[str, list[PairPlan]]]:
-    """(idempotency key, pairs) per chunk of the FULL plan, cut by position and keyed by all of the
-    chunk's pair keys. A retried parent that re-plans after some pairs finished cuts the same chunks
-    and finds the same children (still running or completed); chunks whose pairs are all in ``done``
-    (or failed at planning) are not started. A child skips the pairs of its chunk that are done."""
+    """(content key, pairs) per chunk of the FULL plan, cut by position and keyed by the output and
+    all of the chunk's pair keys and names (``chunk_key``). Any parent that plans the same source
+    with the same settings, after some pairs finished or not, cuts the same chunks under the same
+    keys; chunks whose pairs are all in ``done`` (or failed at planning) are not started. A child
+    skips the pairs of its chunk that are done."""
     chunks = []
     for i in range(0, len(plans), chunk_size):
         chunk = [p for p in plans[i:i + chunk_size] if p.runnable]
         if any(p.index not in done for p in chunk):
-            chunks.append((f"{parent_id}:chunk:{chunk_key(chunk)}", chunk))
+            chunks.append((chunk_key(chunk, output_uri), chunk))
     return chunks
 
 
@@ -65,6 +78,48 @@ def parent_tag(parent_id: str) -> str:
     """The tag every chunk run of a parent carries (how ``cancel_children`` finds them)."""
     return f"nst-parent:{parent_id}"
 
+
+def content_tag(key: str) -> str:
+    """The tag every run of a chunk's content carries, whichever parent started it."""
+    return f"nst-chunk:{key[:32]}"
+
+
+def _runs_of(client, key: str) -> int:
+    """How many chunk runs this content had so far (any state, any parent)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    return client.count_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[content_tag(key)])))
+
+
+def live_chunk_runs(client, keys: list[str]) -> dict:
+    """Content key -> a Scheduled, Pending or Running chunk run of that content (any parent's)."""
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
+                                                FlowRunFilterTags)
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    by_tag = {content_tag(k): k for k in keys}
+    tags, found = list(by_tag), {}
+    for i in range(0, len(tags), API_PAGE):
+        query = FlowRunFilter(tags=FlowRunFilterTags(any_=tags[i:i + API_PAGE]),
+                              state=FlowRunFilterState(type=FlowRunFilterStateType(any_=LIVE_STATES)))
+        offset = 0
+        while True:
+            page = client.read_flow_runs(flow_run_filter=query, sort=FlowRunSort.ID_DESC, limit=API_PAGE,
+                                         offset=offset)
+            for run in page:
+                for tag in run.tags:
+                    if tag in by_tag:
+                        found.setdefault(by_tag[tag], run)
+            if len(page) < API_PAGE:
+                break
+            offset += API_PAGE
+    return found
+
+
+def _join(client, child, parent_id: str) -> None:
+    """Tag a chunk run that another parent started with this one too: cancelling this parent reaches it."""
+    if parent_tag(parent_id) not in (child.tags or []):
+        client.update_flow_run(child.id, tags=[*(child.tags or []), parent_tag(parent_id)])
 
 def read_children(client, ids: list[str]):
     """The flow runs with these ids, in pages the API accepts (it answers 422 above its limit)."""
@@ -102,35 +157,44 @@ def cancel_children(parent_id: str, message: str = "the parent stylize-batch run
     return n
 
 
-def start_chunk(deployment: str, idem: str, parameters: dict, name: str, tags: list[str]):
-    """Start (or find, by idempotency key) one chunk run. Returns (flow run, its report key).
+def start_chunk(client, deployment: str, key: str, parameters: dict, name: str, tags: list[str],
+                earlier: int | None = None):
+    """Start one run of chunk content ``key`` (tagged ``content_tag(key)``), or get the one another
+    parent started at the same moment. Returns the flow run (its parameters name its report).
 
-    A run found by the key that is Completed is kept (its report is merged); one that ended
-    otherwise (Cancelled, Failed, Crashed) is replaced by a new attempt with its own key and
-    report key, so a retried parent redoes the chunk instead of reporting its failure again."""
+    The idempotency key is the content tag and ``earlier``, the number of runs this content had
+    (counted before the caller looked for live ones: then two parents racing agree on it). A run
+    that already ended under the key (one of a deleted run's successors) is skipped for the next
+    key: a finished run is never taken for pairs still to do. Each key reports elsewhere."""
     from prefect.deployments import run_deployment
 
+    tag = content_tag(key)
+    earlier = _runs_of(client, key) if earlier is None else earlier
     for attempt in range(MAX_CHUNK_ATTEMPTS):
-        report = attempt_report_key(parameters["report_key"], attempt)
-        child = run_deployment(name=deployment, parameters={**parameters, "report_key": report},
+        generation = earlier + attempt
+        child = run_deployment(name=deployment,
+                               parameters={**parameters,
+                                           "report_key": attempt_report_key(parameters["report_key"], generation)},
                                flow_run_name=name if attempt == 0 else f"{name}-attempt-{attempt}",
-                               idempotency_key=idem if attempt == 0 else f"{idem}:attempt-{attempt}",
-                               tags=tags, timeout=0,  # start them all, then wait
+                               idempotency_key=f"{tag}:{generation}", tags=[*tags, tag],
+                               timeout=0,  # start them all, then wait
                                as_subflow=True)
-        if not (child.state and child.state.is_final() and not child.state.is_completed()):
+        if not (child.state and child.state.is_final()):
             break
-    # the run's own parameters name its report (a run found by its key may predate this attempt's key);
-    # when every attempt ended badly, the last one is reported failed
-    return child, (child.parameters or {}).get("report_key", report)
+    return child  # when every key was taken by an ended run, the last is reported as it ended
 
 
 def merge_chunk(n: int, chunk: list[PairPlan], state_name: str, message: str, report: dict | None, out: Storage,
-                io_workers: int = 8) -> dict[int, ReportItem]:
+                io_workers: int = 8, health: StorageHealth | None = None) -> dict[int, ReportItem]:
     """A finished chunk's pairs as report items. Pairs its report lacks (or all, without a readable
-    report) are judged by the done rule on their sidecars before they are called failed."""
+    report) are judged by the done rule on their sidecars before they are called failed (all of
+    them, when the storage is unreachable)."""
     by_key = chunk_items(report)  # by pair key, not position
     missing = [p for p in chunk if p.key not in by_key]
-    done = done_in(out, missing, list_once=False, io_workers=io_workers) if missing else set()
+    try:
+        done = done_in(out, missing, list_once=False, io_workers=io_workers, health=health) if missing else set()
+    except StorageError:
+        done = set()
     items = {}
     for p in chunk:
         if p.key in by_key:
@@ -165,8 +229,9 @@ class ChunkWatcher:
     (no worker polls the pool, or `nst serve --limit 1`)."""
 
     def __init__(self, client, chunks: list[Chunk], out: Storage, run: RunOptions, on_done: Callable[[int, int], None],
-                 n_todo: int):
+                 n_todo: int, health: StorageHealth | None = None):
         self.client, self.out, self.run, self.on_done, self.n_todo = client, out, run, on_done, n_todo
+        self.health = health or StorageHealth()
         self.chunks = {c.flow_run_id: c for c in chunks}
         self.result = PipelineResult()
         self.finished = 0  # pairs merged so far
@@ -185,6 +250,11 @@ class ChunkWatcher:
                     self.cancel(chunk, "the run was interrupted before the chunk finished; cancelled")
                 break
             self.check_deadlines(self.poll())
+            since = self.health.unreachable_since()
+            if since is not None:  # each chunk would wait out the outage on its own, one after another
+                for chunk in self.pending:
+                    self.cancel(chunk, f"not run: {StorageUnreachableError(since)}; cancelled")
+                break
             if self.pending:
                 time.sleep(POLL_S)
         self.result.chunks.sort(key=lambda c: c["chunk"])
@@ -235,11 +305,23 @@ class ChunkWatcher:
         self.settle(chunk, "Cancelled", why)
 
     def settle(self, chunk: Chunk, state_name: str, message: str) -> None:
-        """Merge a finished chunk: its pairs' items, its thumbnails (while the sheet has room), a chunk line."""
+        """Merge a finished chunk: its pairs' items, its thumbnails (while the sheet has room), a chunk line.
+        A chunk that ended with "storage unreachable since …" (it wrote no report) declares the outage
+        here; once it is declared, no storage is read: every pair of the chunk fails with the reason."""
         chunk.settled = True
-        report = self._read_report(chunk.report_key)
-        for index, item in merge_chunk(chunk.number, chunk.pairs, state_name, message, report, self.out,
-                                       self.run.io_workers).items():
+        since = StorageUnreachableError.parse(message)
+        if since is not None:
+            self.health.declare(since)
+        since = self.health.unreachable_since()
+        report = None if since else self._read_report(chunk.report_key)
+        if since is None:
+            items = merge_chunk(chunk.number, chunk.pairs, state_name, message, report, self.out, self.run.io_workers,
+                                self.health)
+        else:
+            why = f"chunk {chunk.number} ended {state_name}: {message}" if StorageUnreachableError.parse(message) \
+                else f"not run: {StorageUnreachableError(since)} (chunk {chunk.number} ended {state_name})"
+            items = {p.index: failed_item(p, why, self.out) for p in chunk.pairs}
+        for index, item in items.items():
             self.result.items[index] = item
             self.finished += 1
             self.on_done(self.finished, self.n_todo)
@@ -251,47 +333,63 @@ class ChunkWatcher:
 
     def _read_report(self, key: str) -> dict | None:
         try:
-            return json.loads(retrying(lambda: self.out.read(key))[0])
+            return json.loads(retrying(lambda: self.out.read(key), health=self.health)[0])
         except (StorageError, ValueError):
             return None
 
 
 def start_chunks(plans: list[PairPlan], done: set[int], output: OutputSpec, params: StyleParams, run: RunOptions,
                  weights_id: str, parent_id: str) -> list[Chunk]:
-    """One ``run.chunk_deployment`` run per chunk of ``plan_chunks``, tagged with the parent."""
+    """One ``run.chunk_deployment`` run per chunk of ``plan_chunks``, tagged with the parent and
+    its content; a chunk whose content has a live run already (any parent's) adopts that run."""
+    from prefect.client.orchestration import get_client
+
     worker_run = run.model_copy(update={"devices": ["auto"]})  # a worker leases the devices it has
-    chunks = []
-    for n, (idem, pairs) in enumerate(plan_chunks(plans, run.chunk_size, parent_id, done)):
-        if stop_requested.is_set():
-            raise PairStopped("run interrupted while starting its chunk runs")
-        child, report = start_chunk(
-            run.chunk_deployment, idem,
-            {"pairs": [asdict(p) for p in pairs], "output": output.model_dump(mode="json"),
-             "params": params.model_dump(mode="json"), "run": worker_run.model_dump(mode="json"),
-             "weights_id": weights_id, "report_key": chunk_report_key(parent_id, idem.rsplit(":", 1)[1])},
-            f"{flow_run.get_name() or 'stylize-batch'}-chunk-{n:04d}", [parent_tag(parent_id)])
-        chunks.append(Chunk(n, [p for p in pairs if p.index not in done], report, str(child.id)))
-    get_run_logger().info("started %d chunk runs of %s (chunk size %d)", len(chunks), run.chunk_deployment,
-                          run.chunk_size)
+    planned = plan_chunks(plans, run.chunk_size, output.uri, done)
+    chunks, adopted = [], 0
+    with get_client(sync_client=True) as client:
+        earlier = [_runs_of(client, key) for key, _ in planned]  # counted first: see start_chunk
+        live = live_chunk_runs(client, [key for key, _ in planned])
+        for n, ((key, pairs), count) in enumerate(zip(planned, earlier)):
+            if stop_requested.is_set():
+                raise PairStopped("run interrupted while starting its chunk runs")
+            child = live.get(key)
+            if child is None:
+                child = start_chunk(
+                    client, run.chunk_deployment, key,
+                    {"pairs": [asdict(p) for p in pairs], "output": output.model_dump(mode="json"),
+                     "params": params.model_dump(mode="json"), "run": worker_run.model_dump(mode="json"),
+                     "weights_id": weights_id, "report_key": chunk_report_key(parent_id, key)},
+                    f"{flow_run.get_name() or 'stylize-batch'}-chunk-{n:04d}", [parent_tag(parent_id)], count)
+            adopted += parent_tag(parent_id) not in (child.tags or [])
+            _join(client, child, parent_id)
+            # the run's own parameters name its report (an adopted run reports under its first parent)
+            chunks.append(Chunk(n, [p for p in pairs if p.index not in done],
+                                (child.parameters or {}).get("report_key", ""), str(child.id)))
+    get_run_logger().info("%d chunk runs of %s (chunk size %d): %d started, %d adopted from other parents "
+                          "(still scheduled or running)", len(chunks), run.chunk_deployment, run.chunk_size,
+                          len(chunks) - adopted, adopted)
     return chunks
 
 
 def fan_out_to_workers(
     plans: list[PairPlan], done: set[int], output: OutputSpec, params: StyleParams, run: RunOptions,
     weights_id: str, parent_id: str, on_done: Callable[[int, int], None],
-    credentials: StorageCredentials = DEFAULT_CHAIN,
+    credentials: StorageCredentials = DEFAULT_CHAIN, health: StorageHealth | None = None,
 ) -> PipelineResult:
     """Start the chunk runs of the plan (``start_chunks``), wait for all (``ChunkWatcher``) and merge
-    their chunk reports, read with ``credentials`` (each chunk run resolves its own from ``output``).
-    Anything that ends the wait early (Ctrl-C, an error, the stop flag) cancels the unfinished
-    chunk runs first."""
+    their chunk reports, read with ``credentials`` (each chunk run resolves its own from ``output``)
+    and heard by ``health`` (the parent's StorageHealth: an outage there, or in a chunk run, ends
+    the wait). Anything that ends the wait early (Ctrl-C, an error, the stop flag) cancels the
+    unfinished chunk runs first."""
     from prefect.client.orchestration import get_client
 
     try:
         chunks = start_chunks(plans, done, output, params, run, weights_id, parent_id)
         n_todo = sum(1 for p in plans if p.runnable and p.index not in done)
         with get_client(sync_client=True) as client:
-            watcher = ChunkWatcher(client, chunks, open_storage(output.uri, credentials), run, on_done, n_todo)
+            watcher = ChunkWatcher(client, chunks, open_storage(output.uri, credentials), run, on_done, n_todo,
+                                   health)
             return watcher.wait()
     except BaseException:
         try:

@@ -43,7 +43,9 @@ def deployments(name: str = SERVED_NAME):
     from tasks.models import RunOptions
 
     chunk = f"stylize-chunk/{name}"
-    run_defaults = RunOptions(chunk_deployment=chunk).model_dump(mode="json")
+    # unset values left out: the form shows no "None" toggle, so the schema types them without null,
+    # and Prefect checks a new deployment's parameters without the null allowance its runs get
+    run_defaults = RunOptions(chunk_deployment=chunk).model_dump(mode="json", exclude_none=True)
     return [
         stylize_batch.to_deployment(
             name=name, enforce_parameter_schema=True, parameters={"run": run_defaults},

@@ -12,13 +12,15 @@ Where things are: ``optimize`` (stylize: the loop in named steps), ``objective``
 
 from importlib import import_module
 
-from .errors import ImageDecodeError, NonFiniteLossError, NSTError, WeightsError
+from .errors import DeviceMemoryError, ImageDecodeError, NonFiniteLossError, NSTError, WeightsError
 from .params import VGG16_LAYERS, StyleParams
 
 _LAZY = {
     "StyleProgress": "optimize",
     "StyleResult": "optimize",
     "stylize": "optimize",
+    "stylize_many": "optimize",
+    "StylePair": "optimize",
     "StyleTargets": "targets",
     "compute_style_targets": "targets",
     "targets_need_content": "targets",
@@ -31,7 +33,7 @@ _LAZY = {
     "tv_loss": "losses",
 }
 
-__all__ = ["NSTError", "ImageDecodeError", "NonFiniteLossError", "WeightsError", "StyleParams", "VGG16_LAYERS", *_LAZY]
+__all__ = ["NSTError", "DeviceMemoryError", "ImageDecodeError", "NonFiniteLossError", "WeightsError", "StyleParams", "VGG16_LAYERS", *_LAZY]
 
 
 def __getattr__(name: str):

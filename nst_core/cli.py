@@ -138,7 +138,7 @@ def run_stylize(args: argparse.Namespace, opener: Callable[[str], bytes] | None 
 
     def progress(ev) -> None:
         bar.total = ev.total  # an early stop (stop_tolerance) lowers it; the bar still ends full
-        bar.update(ev.iteration, f"loss {ev.loss:.4g}")
+        bar.update(ev.iteration, f"loss {ev.loss:.4g}" + (f" at {ev.where}" if ev.where else ""))
 
     result = stylize(content_img, [s.rgb for s in styles], params, progress=progress if bar else None,
                      opener=opener, content_name=args.content, style_names=args.style)

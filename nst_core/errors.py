@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["NSTError", "ImageDecodeError", "ImageTooSmallError", "NonFiniteLossError", "WeightsError"]
+__all__ = ["NSTError", "ImageDecodeError", "ImageTooSmallError", "NonFiniteLossError", "WeightsError", "DeviceMemoryError"]
 
 
 class NSTError(Exception):
@@ -43,3 +43,12 @@ class NonFiniteLossError(NSTError):
 
 class WeightsError(NSTError):
     """VGG16 weights could not be loaded or failed their hash check."""
+
+
+class DeviceMemoryError(NSTError):
+    """The device ran out of memory for one pair; what it held is freed and the next pair can run."""
+
+    def __init__(self, name: str, size: int, device: str):
+        self.name, self.size, self.device = name, size, device
+        super().__init__(f"{name}: out of memory on {device} at image_size={size}; "
+                         "reduce image_size or use tile_size")

@@ -82,25 +82,31 @@ def gram_matrix(features: Tensor, normalize: bool = False) -> Tensor:
     return _Gram.apply(_flat(features), 1.0 / (h * w) if normalize else 1.0)
 
 
-def content_loss(generated: Tensor, target: Tensor) -> Tensor:
-    """½·‖a_G − a_C‖² / (nH·nW·nC), averaged over the batch. Both (B, nC, nH, nW) -> scalar."""
-    return 0.5 * (generated - target).pow(2).mean()
+def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
+    """(B,) -> the batch mean (a scalar), or the (B,) values themselves ("none": independent pairs)."""
+    return per_sample if reduction == "none" else per_sample.mean()
 
 
-def style_loss(gram_generated: Tensor, gram_target: Tensor) -> Tensor:
-    """‖Ĝ_G − Ĝ_S‖² / (2·nC)² for Grams normalized by nH·nW. (B, nC, nC) -> scalar (batch mean).
+def content_loss(generated: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    """½·‖a_G − a_C‖² / (nH·nW·nC) per sample. Both (B, nC, nH, nW) -> scalar (batch mean) or (B,)."""
+    return _reduce(0.5 * (generated - target).pow(2).flatten(1).mean(1), reduction)
+
+
+def style_loss(gram_generated: Tensor, gram_target: Tensor, reduction: str = "mean") -> Tensor:
+    """‖Ĝ_G − Ĝ_S‖² / (2·nC)² for Grams normalized by nH·nW. (B, nC, nC) -> scalar (batch mean) or (B,).
 
     Equal to the article's ‖G_G − G_S‖²·(1/(2·nH·nW·nC))² on unnormalized Grams.
     """
     b, c, _ = gram_generated.shape
-    return (gram_generated - gram_target).pow(2).sum() / (4 * c * c * b)
+    return _reduce((gram_generated - gram_target).pow(2).flatten(1).sum(1) / (4 * c * c), reduction)
 
 
-def tv_loss(image: Tensor) -> Tensor:
-    """Total variation: mean (x[i+1,j]−x[i,j])² + mean (x[i,j+1]−x[i,j])². (B, 3, H, W) -> scalar."""
+def tv_loss(image: Tensor, reduction: str = "mean") -> Tensor:
+    """Total variation: mean (x[i+1,j]−x[i,j])² + mean (x[i,j+1]−x[i,j])² per sample.
+    (B, C, H, W) -> scalar (batch mean) or (B,)."""
     dy = image[..., 1:, :] - image[..., :-1, :]
     dx = image[..., :, 1:] - image[..., :, :-1]
-    return dy.pow(2).mean() + dx.pow(2).mean()
+    return _reduce(dy.pow(2).flatten(1).mean(1) + dx.pow(2).flatten(1).mean(1), reduction)
 
 
 def weighted_sum(terms: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:

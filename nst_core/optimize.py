@@ -1,19 +1,20 @@
-"""stylize(): the optimization, in named steps — prepare, optimize each scale, finish, measure,
-describe.
+"""stylize() / stylize_many(): the optimization, in named steps — prepare each pair, optimize
+each scale (all pairs of one shape in one tensor), finish, measure, describe.
 
 The optimizer sees tensors and a device only: decoding and encoding live in ``imageio``, the
 objective in ``objective``, style targets in ``targets``, the scale schedule in ``schedule``,
-precision and torch's switches in ``backend``, colour in ``colour``.
+precision and torch's switches in ``backend``, colour in ``colour``, L-BFGS in ``lbfgs``.
 
 Departures from Gatys et al. (2016), each marked where it happens: coarse to fine
-(``schedule``); clamping to [0, 1] before each evaluation and returning the best evaluated image,
-not the last (``_optimize_scale``); reduced precision for the VGG pass (``objective``), with the
-reported losses always recomputed in exact fp32 at the output size (``_measure``); luminance-only
-optimization (``_prepare``).
+(``schedule``, ``_scale_start``); clamping to [0, 1] before each evaluation and returning the
+best evaluated image, not the last (``_optimize_scale``); reduced precision for the VGG pass
+(``objective``), with the reported losses always recomputed in exact fp32 at the output size
+(``_finish``); luminance-only optimization (``_prepare``).
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -25,27 +26,43 @@ from torch import Tensor
 
 from .backend import DTYPES, precision_section, resolve_precision, run_settings, uses_tf32
 from .colour import luminance, with_chroma_of
-from .errors import NonFiniteLossError, NSTError
+from .errors import DeviceMemoryError, NonFiniteLossError, NSTError
 from .imageio import DecodedImage, check_min_side, quantize, resize_longest, split_alpha, to_image, to_tensor
+from .lbfgs import BatchedLBFGS
 from .objective import TERMS, Objective
 from .params import STOP_WINDOW, StyleParams
 from .schedule import scale_sizes, split_budget
 from .targets import StyleTargets, compute_style_targets, style_tensor, targets_key, targets_need_content
 from .vgg import FeatureExtractor, Opener, extractor_for, min_side, resolve_device
 
-__all__ = ["StyleProgress", "StyleResult", "stylize"]
+__all__ = ["StyleProgress", "StyleResult", "StylePair", "stylize", "stylize_many"]
+
+#: L-BFGS pairs of (s, y) kept. At 256 px and 150 evaluations 20 reached the same loss as 50
+#: (1.7858 vs 1.7861 from noise), and its two-loop step cost 16 ms per evaluation at 512x384 on
+#: 2 CPU cores against 35 ms (50) and 48 ms (torch's default 100).
+HISTORY = 20
+#: Evaluations between two reads of the losses on a GPU (history, progress, finiteness, stops):
+#: each read waits for the device, and at small sizes a VGG pass is shorter than that wait.
+#: Elsewhere a read costs nothing and happens every evaluation.
+GPU_READ_EVERY = 8
+#: With precision="auto" at reduced precision, this share of the output size's evaluations runs
+#: in exact fp32 at the end, continuing the same L-BFGS; the image returned is the best of them.
+#: Differs from a plain bf16 run because bf16 gradients carry ~0.4% rounding, as large as the
+#: loss differences L-BFGS steers by near the end (measured: bf16 alone ended 2% above fp32 at
+#: 256 px / 30 evaluations on a photo pair, 8% at 64 px); the exact tail recovers that.
+EXACT_TAIL = 1 / 3
 
 
 @dataclass(frozen=True)
 class StyleProgress:
-    """One loss evaluation, as seen by a progress callback.
+    """One loss evaluation of one pair, as seen by a progress callback.
 
     Losses are at the working precision and at the current scale's size (the final fp32 loss at
     the output size is in ``StyleResult.losses``): with several scales the loss jumps between
-    them, so show ``scale``/``scales`` and ``size`` beside it.
+    them, so show ``where`` beside it.
     """
 
-    iteration: int  # 1-based loss evaluation count, over all scales
+    iteration: int  # 1-based loss evaluation count of this pair, over all scales
     # evaluations planned over all scales; an early stop (stop_tolerance) lowers it at the event
     # that stops, so the last event has iteration == total
     total: int
@@ -58,6 +75,13 @@ class StyleProgress:
     scales: int = 1  # number of scales
     size: int = 0  # longest side of the current scale, px
     shape: tuple[int, int] = (0, 0)  # (width, height) of the current scale, px
+    pair: int = 0  # index of the pair in stylize_many's list (0 for stylize)
+
+    @property
+    def where(self) -> str:
+        """``scale 2/3 (181×136)`` with several scales, "" with one: the loss jumps at each scale
+        change, and a reader must not take the rise for divergence."""
+        return f"scale {self.scale}/{self.scales} ({self.shape[0]}×{self.shape[1]})" if self.scales > 1 else ""
 
 
 @dataclass
@@ -72,52 +96,57 @@ class StyleResult:
     metadata: dict
 
 
+@dataclass(frozen=True)
+class StylePair:
+    """One (content, style) pair for stylize_many; ``targets`` and the names as for stylize."""
+
+    content: Image.Image
+    style: Image.Image | Sequence[Image.Image]
+    targets: StyleTargets | None = None
+    content_name: str = "content image"
+    style_names: Sequence[str] | None = None
+
+
 @dataclass
 class _Stage:
-    """One scale: what it optimizes against and how many evaluations it gets."""
+    """One scale of one pair: the content as optimized and its style Grams."""
 
     size: int
-    objective: Objective
-    work: Tensor  # the content as optimized: (1, 3, H, W) RGB or (1, 1, H, W) luminance
+    work: Tensor  # (1, 3, H, W) RGB or (1, 1, H, W) luminance
+    grams: dict[str, Tensor]
     evaluations: int
+    precision: str
+    exact_tail: int = 0  # the last evaluations run in exact fp32 (EXACT_TAIL)
 
 
 @dataclass
 class _Job:
-    """Everything prepared before the first evaluation."""
+    """One pair, prepared: everything before the first evaluation, and its record as it runs."""
 
-    extractor: FeatureExtractor
     decoded: DecodedImage  # the content (alpha kept apart)
     content: Tensor  # (1, 3, H, W) RGB at the output size
     stages: list[_Stage]
     start: Tensor  # the first scale's starting image
     styles: int
+    seconds_targets: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    ran: list[dict] = field(default_factory=list)
+    planned: int = 0
+    error: NSTError | None = None
+
+    @property
+    def shapes(self) -> tuple:
+        """What pairs of one optimization step must share: every scale's shape."""
+        return tuple(tuple(stage.work.shape) for stage in self.stages)
+
+    def scale_of(self, index: int) -> tuple[int, int]:
+        """(1-based scale, scales) of a stage: an exact-fp32 tail is the same scale again."""
+        sizes = list(dict.fromkeys(stage.size for stage in self.stages))
+        return sizes.index(self.stages[index].size) + 1, len(sizes)
 
 
 class _Stop(Exception):
-    """Raised inside the closure to end a scale early (stop_tolerance)."""
-
-
-class _Events:
-    """Per-evaluation bookkeeping over all scales: history, the planned total, progress events."""
-
-    def __init__(self, planned: int, progress: Callable[[StyleProgress], None] | None, scales: int):
-        self.history: list[dict[str, float]] = []
-        self.planned = planned  # an early stop lowers it, so the last event has iteration == total
-        self.progress, self.scales = progress, scales
-        self.started = time.perf_counter()
-
-    def record(self, values: dict[str, float]) -> int:
-        """Keep one evaluation's values; returns its 1-based number over all scales."""
-        self.history.append(values)
-        return len(self.history)
-
-    def emit(self, values: dict[str, float], index: int, stage: _Stage) -> None:
-        if self.progress is not None:
-            height, width = stage.work.shape[-2:]
-            self.progress(StyleProgress(len(self.history), self.planned, values["content"], values["style"],
-                                        values["tv"], values["total"], time.perf_counter() - self.started,
-                                        index + 1, self.scales, stage.size, (width, height)))
+    """Every pair of the step stopped (early stop, uphill direction, failure): end the scale."""
 
 
 def stylize(
@@ -134,53 +163,86 @@ def stylize(
     """Gatys style transfer of one content image to one style (or a blend of several).
 
     Minimizes α·content + β·Σ_l w_l·style_l + γ·tv (``Objective``) over the pixels, clamped to
-    [0, 1], coarse to fine over ``scale_sizes(params)`` with ``params.iterations`` loss
-    evaluations in all (``split_budget``), and returns the lowest-loss image evaluated at the
-    last scale. ``targets`` (from ``compute_style_targets``) skips recomputing the style Grams.
+    [0, 1], over ``scale_sizes(params)`` with ``params.iterations`` loss evaluations in all
+    (``split_budget``), and returns the lowest-loss image evaluated at the last scale.
+    ``targets`` (from ``compute_style_targets``) skips recomputing the style Grams.
     ``content_name`` / ``style_names`` name the inputs in errors (an image too small for the layers).
+    """
+    [result] = stylize_many([StylePair(content, style, targets, content_name, style_names)], params,
+                            progress=progress, opener=opener)
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def stylize_many(
+    pairs: Sequence[StylePair | tuple],
+    params: StyleParams | None = None,
+    *,
+    progress: Callable[[StyleProgress], None] | None = None,
+    opener: Opener | None = None,
+) -> list[StyleResult | NSTError]:
+    """Several pairs, each the same optimization as its own ``stylize`` call, optimized together.
+
+    Pairs whose scales have the same shapes run as one (B, C, H, W) tensor through one VGG pass
+    per evaluation (no padding: it would change the Grams); each keeps its own targets, L-BFGS
+    history, step, best image, losses and history. Returns one StyleResult per pair, in order,
+    or the pair's own NSTError (a bad input, a non-finite loss) while the others finish.
     """
     params = params or StyleParams()
     device = resolve_device(params.device)
-    precision = resolve_precision(params.precision, device)
+    precision = resolve_precision(params.precision, device, params.image_size)
+    pairs = [p if isinstance(p, StylePair) else StylePair(*p) for p in pairs]
+    results: list[StyleResult | NSTError | None] = [None] * len(pairs)
     # Everything runs under the run's settings, the targets included: in deterministic mode cuBLAS
     # must see its workspace setting before its first product (the Grams).
     with run_settings(device, precision, params.deterministic) as backend:
-        t_start = time.perf_counter()
-        job = _prepare(content, style, params, targets, opener, content_name, style_names)
-        t_targets = time.perf_counter() - t_start
-        events = _Events(sum(s.evaluations for s in job.stages), progress, len(job.stages))
-        x, ran = job.start, []
-        for index, stage in enumerate(job.stages):
-            if index:
-                x = _upsample(x, stage.work.shape[-2:])
-            x, evaluations = _optimize_scale(stage, x, params, precision, events, index)
-            ran.append({"size": [stage.work.shape[-1], stage.work.shape[-2]], "evaluations": evaluations,
-                        "planned": stage.evaluations})
-        t_optimized = time.perf_counter()
-        out8 = quantize(with_chroma_of(x, job.content) if x.shape[1] == 1 else x)
-        losses = _measure(job, out8, params)
-        image = to_image(out8, job.decoded.alpha)
-        seconds = {"targets": round(t_targets, 4), "optimize": round(t_optimized - events.started, 4),
-                   "total": round(time.perf_counter() - t_start, 4)}
-        metadata = _metadata(job, params, precision, backend, image, events, ran, seconds)
-    return StyleResult(image, losses, events.history, metadata)
+        extractor = extractor_for(params, opener=opener)
+        jobs: dict[int, _Job] = {}
+        for i, pair in enumerate(pairs):
+            try:
+                jobs[i] = _prepare(pair, params, extractor, precision)
+            except NSTError as err:
+                results[i] = err
+        groups: dict[tuple, list[int]] = {}
+        for i, job in jobs.items():
+            groups.setdefault(job.shapes, []).append(i)
+        for indexes in groups.values():
+            out_of_memory = False
+            try:
+                for i, result in zip(indexes, _run_step(indexes, [jobs[i] for i in indexes], params, precision,
+                                                        extractor, backend, progress)):
+                    results[i] = result
+            except torch.OutOfMemoryError:
+                out_of_memory = True  # handled outside: the traceback (and the tensors its frames hold) dies here
+            if out_of_memory:
+                _free(device)
+                for i in indexes:
+                    results[i] = DeviceMemoryError(pairs[i].content_name, params.image_size, str(device))
+    return results  # type: ignore[return-value]
 
 
-def _prepare(content: Image.Image, style: Image.Image | Sequence[Image.Image], params: StyleParams,
-             targets: StyleTargets | None, opener: Opener | None, content_name: str,
-             style_names: Sequence[str] | None) -> _Job:
-    """Decode and size the content, get the style targets, build one objective per scale, and
-    the starting image."""
-    extractor = extractor_for(params, opener=opener)
+def _free(device: torch.device) -> None:
+    """Return what a failed step held to the device (its frames are gone by now)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _prepare(pair: StylePair, params: StyleParams, extractor: FeatureExtractor, precision: str) -> _Job:
+    """Decode and size the content, get the style targets, the content at each scale, and the
+    starting image."""
+    t0 = time.perf_counter()
     device = extractor.device
+    style, targets = pair.style, pair.targets
     n_styles = 1 if isinstance(style, Image.Image) else len(style)
-    decoded = split_alpha(content)
+    decoded = split_alpha(pair.content)
     need = min_side([*params.content_layers, *params.style_layers])
     content_full = resize_longest(decoded.rgb, params.image_size)
-    check_min_side(content_full, need, content_name)
+    check_min_side(content_full, need, pair.content_name)
     c_rgb = to_tensor(content_full, device)
     if targets is None:
-        targets = compute_style_targets(style, params, extractor=extractor, content=c_rgb, style_names=style_names)
+        targets = compute_style_targets(style, params, extractor=extractor, content=c_rgb, style_names=pair.style_names)
     elif targets_need_content(params):
         raise NSTError(f"targets cannot be reused with preserve_color={params.preserve_color!r} "
                        "(they depend on the content)")
@@ -197,15 +259,18 @@ def _prepare(content: Image.Image, style: Image.Image | Sequence[Image.Image], p
     # A coarse scale at which the content would be thinner than the layers need is left out.
     sizes = [size for size in sizes if size == sizes[-1] or min(works[size].shape[-2:]) >= need]
     budget = split_budget(params.iterations, [works[s].shape[-1] * works[s].shape[-2] for s in sizes])
-    stages = [_Stage(size, Objective.build(extractor, params, works[size], targets.by_size[size]), works[size], n)
+    stages = [_Stage(size, works[size], targets.by_size[size], n, precision)
               for size, n in zip(sizes, budget) if n > 0]  # n == 0: a budget too small to reach this coarse scale
+    if params.precision == "auto" and DTYPES[precision] is not None:
+        stages[-1].exact_tail = round(EXACT_TAIL * stages[-1].evaluations)
     # init="style" with a blend starts from the first style image (a pixel blend would be a mix
     # no style looks like).
     first_style = style if isinstance(style, Image.Image) else style[0]
-    init_style = (style_tensor(first_style, stages[0].size, params, device, c_rgb, (style_names or ["style image"])[0])
+    init_style = (style_tensor(first_style, stages[0].size, params, device, c_rgb, (pair.style_names or ["style image"])[0])
                   if params.init == "style" else None)
     start = _init_image(params.init, stages[0].work, init_style, params.seed)
-    return _Job(extractor, decoded, c_rgb, stages, start, n_styles)
+    return _Job(decoded, c_rgb, stages, start, n_styles, time.perf_counter() - t0,
+                planned=sum(s.evaluations for s in stages))
 
 
 def _init_image(kind: str, content: Tensor, style: Tensor | None, seed: int) -> Tensor:
@@ -221,90 +286,212 @@ def _upsample(x: Tensor, size: tuple[int, int]) -> Tensor:
     return torch.nn.functional.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
 
 
-def _make_optimizer(params: StyleParams, x: Tensor, evaluations: int) -> torch.optim.Optimizer:
-    if params.optimizer == "adam":
-        return torch.optim.Adam([x], lr=params.step_size())
-    # max_iter = max_eval = evaluations: one step() runs the scale's whole budget, and tolerances
-    # of 0 keep it from stopping early except at an exactly zero gradient, so `iterations` counts
-    # loss evaluations. History 20: at 256 px and 150 evaluations it reached the same loss as 50
-    # (1.7858 vs 1.7861 from noise), and its two-loop step costs 16 ms per evaluation at 512x384
-    # on 2 CPU cores against 35 ms (50) and 48 ms (torch's default 100); on a GPU those are
-    # hundreds of small kernel launches.
-    return torch.optim.LBFGS(
-        [x], lr=params.step_size(), max_iter=evaluations, max_eval=evaluations,
-        tolerance_grad=0.0, tolerance_change=0.0, history_size=20,
-    )
+def _run_step(indexes: list[int], jobs: list[_Job], params: StyleParams, precision: str,
+              extractor: FeatureExtractor, backend: dict, progress) -> list[StyleResult | NSTError]:
+    """Optimize pairs of one shape together, scale by scale, then finish each."""
+    t_opt = time.perf_counter()
+    log = _Log(indexes, jobs, progress, t_opt)
+    x = torch.cat([job.start for job in jobs])
+    for index in range(len(jobs[0].stages)):
+        stages = [job.stages[index] for job in jobs]
+        objective = Objective.build(extractor, params, torch.cat([s.work for s in stages]), [s.grams for s in stages])
+        if index:
+            size = stages[0].work.shape[-2:]
+            x = _scale_start(objective, x if x.shape[-2:] == size else _upsample(x, size),
+                             torch.cat([_own_start(job, index, params) for job in jobs]), precision)
+        x = _optimize_scale(objective, x, stages[0].evaluations, params, stages[0].precision, log, index,
+                            stages[0].exact_tail)
+        for job, stage in zip(jobs, stages):
+            job.ran.append({"size": [stage.work.shape[-1], stage.work.shape[-2]], "precision": stage.precision,
+                            "exact_tail": stage.exact_tail,
+                            "evaluations": log.ran_in_stage.get(id(job), 0), "planned": stage.evaluations})
+    seconds = time.perf_counter() - t_opt
+    return _finish(jobs, x, objective, params, precision, extractor, backend, seconds)
 
 
-def _optimize_scale(stage: _Stage, x0: Tensor, params: StyleParams, precision: str, events: _Events,
-                    index: int) -> tuple[Tensor, int]:
-    """Run one scale's budget from x0. Returns (its lowest-loss evaluated image, evaluations run)."""
+def _own_start(job: _Job, index: int, params: StyleParams) -> Tensor:
+    """The image a single-scale run at this scale's size would start from."""
+    work = job.stages[index].work
+    if params.init == "content":
+        return work
+    return job.start if job.start.shape[-2:] == work.shape[-2:] else _upsample(job.start, work.shape[-2:])
+
+
+def _scale_start(objective: Objective, upsampled: Tensor, own: Tensor, precision: str) -> Tensor:
+    """Where a finer scale starts, per pair: the coarser result upsampled, unless its own start
+    is better.
+
+    Differs from plain coarse to fine (crowsonkb's included), which always continues from the
+    upsampled result: when the coarse scales could not express the style (a tiny image, a
+    high-frequency texture), the blurred upsampled image can sit far above what this size
+    starts from, and a short final scale never recovers (measured: 64 px noise × noise ended
+    600× above its start). Two forward passes per scale change, not counted as evaluations.
+    """
+    with torch.no_grad(), precision_section(uses_tf32(precision)):
+        ours = objective(upsampled, DTYPES[precision])[:, 3]
+        theirs = objective(own, DTYPES[precision])[:, 3]
+    return torch.where((ours <= theirs)[:, None, None, None], upsampled, own.clamp(0, 1))
+
+
+class _Log:
+    """What the host learns of a step's evaluations: each pair's history, progress events,
+    failures and stops. On a GPU it reads the device every GPU_READ_EVERY evaluations."""
+
+    def __init__(self, indexes: list[int], jobs: list[_Job], progress, started: float):
+        self.indexes, self.jobs, self.progress, self.started = indexes, jobs, progress, started
+        self.ran_in_stage: dict[int, int] = {}
+        self.pending: list[tuple] = []
+
+    def add(self, terms: Tensor, active: Tensor, loss_ok: Tensor, grad_ok: Tensor, stopped: Tensor) -> None:
+        self.pending.append((terms.detach(), active, loss_ok, grad_ok, stopped))
+
+    def flush(self, index: int, objective_shape: tuple, evaluations: int, reduced: bool) -> None:
+        """Read the pending evaluations back and account for them pair by pair."""
+        if not self.pending:
+            return
+        stacked = [torch.stack(column).tolist() for column in zip(*self.pending)]  # one read of the device
+        self.pending.clear()
+        height, width = objective_shape
+        for terms, active, loss_ok, grad_ok, stopped in zip(*stacked):
+            for b, job in enumerate(self.jobs):
+                if not active[b] or job.error is not None:
+                    continue
+                values = dict(zip(TERMS, terms[b]))
+                job.history.append(values)
+                ran = self.ran_in_stage[id(job)] = self.ran_in_stage.get(id(job), 0) + 1
+                if not loss_ok[b]:
+                    job.error = NonFiniteLossError(len(job.history), values)
+                    continue
+                if not grad_ok[b]:
+                    # A finite loss with a non-finite gradient (a reduced-precision backward
+                    # overflowing) would send the optimizer to NaN pixels and be reported one
+                    # evaluation late, as a loss problem; name it here.
+                    job.error = NonFiniteLossError(len(job.history), values, what="gradient", advice=(
+                        "use precision=fp32" if reduced else "lower the style/content weights or the learning rate"))
+                    continue
+                if stopped[b]:
+                    job.planned -= evaluations - ran
+                if self.progress is not None:
+                    scale, scales = job.scale_of(index)
+                    self.progress(StyleProgress(
+                        len(job.history), job.planned, values["content"], values["style"], values["tv"],
+                        values["total"], time.perf_counter() - self.started, scale, scales,
+                        job.stages[index].size, (width, height), self.indexes[b]))
+
+    def start_stage(self) -> None:
+        self.ran_in_stage = {}
+
+
+def _optimize_scale(objective: Objective, x0: Tensor, evaluations: int, params: StyleParams, precision: str,
+                    log: _Log, index: int, exact_tail: int = 0) -> Tensor:
+    """Run one scale's budget from x0 (B, C, H, W). Returns each pair's lowest-loss evaluated image
+    (with an ``exact_tail``, the lowest of the exact fp32 evaluations at the end)."""
     dtype = DTYPES[precision]
+    read_every = GPU_READ_EVERY if x0.is_cuda else 1
+    log.start_stage()
     x = x0.detach().clone().contiguous().requires_grad_(True)
-    optimizer = _make_optimizer(params, x, stage.evaluations)
-    best = {"total": math.inf, "image": x.detach().clone()}
-    seen: list[float] = []  # best total after each evaluation at this scale
-    done_before = len(events.history)
-
-    def closure() -> Tensor:
-        optimizer.zero_grad(set_to_none=True)
+    b = x.shape[0]
+    frozen = torch.tensor([job.error is not None for job in log.jobs], device=x.device)
+    lbfgs = BatchedLBFGS(x, params.step_size(), HISTORY) if params.optimizer == "lbfgs" else None
+    adam = torch.optim.Adam([x], lr=params.step_size()) if lbfgs is None else None
+    best_total = x.new_full((b,), math.inf)
+    best = x.detach().clone()
+    seen: list[Tensor] = []  # best total after each evaluation at this scale, (B,) each
+    shape = tuple(x.shape[-2:])
+    for e in range(evaluations):
+        if e == evaluations - exact_tail:  # from here on exact fp32, judged by exact losses only
+            dtype, precision = None, "fp32"
+            best_total = torch.full_like(best_total, math.inf)
         # Differs from Gatys et al. (unconstrained pixels) because an image outside [0, 1] is not
         # one we can return, and VGG was trained on in-range inputs; the clamp is a projection
         # before each evaluation, so the loss reported is that of a valid image.
         with torch.no_grad():
             x.clamp_(0, 1)
+        x.grad = None
         with precision_section(uses_tf32(precision)):
-            terms = stage.objective(x, dtype)
-            terms[3].backward()
-        values = dict(zip(TERMS, terms.detach().tolist()))
-        evaluation = events.record(values)
-        if not all(map(math.isfinite, values.values())):
-            raise NonFiniteLossError(evaluation, values)
-        # A finite loss with a non-finite gradient (a reduced-precision backward overflowing)
-        # would send the optimizer to NaN pixels and be reported one evaluation late, as a loss
-        # problem; name it here.
-        if not bool(torch.isfinite(x.grad).all()):
-            raise NonFiniteLossError(evaluation, values, what="gradient", advice=(
-                "use precision=fp32" if dtype is not None else "lower the style/content weights or the learning rate"))
-        # Differs from Gatys et al. (the last iterate) because Adam and L-BFGS without a line
-        # search can end on a worse step: each scale keeps its lowest-loss evaluated image.
-        if values["total"] < best["total"]:
-            best["total"], best["image"] = values["total"], x.detach().clone()
-        seen.append(best["total"])
-        stop = (params.stop_tolerance is not None and len(seen) > STOP_WINDOW
-                and seen[-STOP_WINDOW - 1] - seen[-1] < params.stop_tolerance * abs(seen[-STOP_WINDOW - 1]))
-        if stop:
-            events.planned -= stage.evaluations - len(seen)
-        events.emit(values, index, stage)
-        if stop:
-            raise _Stop
-        return terms[3]
+            terms = objective(x, dtype)
+            terms[:, 3].sum().backward()  # pair b's gradient is that of its own total
+        with torch.no_grad():
+            active = ~frozen
+            loss_ok = torch.isfinite(terms).all(1)
+            grad_ok = torch.isfinite(x.grad.flatten(1)).all(1)
+            # Differs from Gatys et al. (the last iterate) because Adam and L-BFGS without a line
+            # search can end on a worse step: each pair keeps its lowest-loss evaluated image.
+            better = active & loss_ok & grad_ok & (terms[:, 3] < best_total)
+            best_total = torch.where(better, terms[:, 3], best_total)
+            best = torch.where(better[:, None, None, None], x.detach(), best)
+            seen.append(best_total)
+            stopped = torch.zeros_like(active)
+            if params.stop_tolerance is not None and len(seen) > STOP_WINDOW:
+                before = seen[-STOP_WINDOW - 1]
+                stopped = active & (before - best_total < params.stop_tolerance * before.abs())
+            log.add(terms, active, loss_ok, grad_ok, stopped)
+            frozen = frozen | ~loss_ok | ~grad_ok | stopped
+            last = e == evaluations - 1
+            if last or (e + 1) % read_every == 0:
+                log.flush(index, shape, evaluations, dtype is not None)
+                if bool(frozen.all()):
+                    break
+            if last:
+                break
+            if lbfgs is not None:
+                grad = torch.where((loss_ok & grad_ok)[:, None, None, None], x.grad, torch.zeros_like(x.grad))
+                lbfgs.step(x.data, grad, frozen)
+                ended = frozen.logical_not() & ~lbfgs.descending  # torch's LBFGS would end the scale here
+                frozen = frozen | ended
+            else:
+                kept = x.detach().clone()
+                adam.step()
+                x.data = torch.where(frozen[:, None, None, None], kept, x.data)
+    log.flush(index, shape, evaluations, dtype is not None)
+    # A pair whose L-BFGS direction went uphill ended its scale sooner: later events count without the rest
+    for job in log.jobs:
+        ran = log.ran_in_stage.get(id(job), 0)
+        if job.error is None and ran < evaluations and not params.stop_tolerance:
+            job.planned -= evaluations - ran
+    return best.clamp(0, 1)
 
-    try:
-        if params.optimizer == "lbfgs":
-            optimizer.step(closure)
-        else:
-            for _ in range(stage.evaluations):
-                optimizer.step(closure)
-    except _Stop:
-        pass
-    else:  # L-BFGS ended the scale sooner (a zero gradient): later events count without the rest
-        events.planned -= stage.evaluations - (len(events.history) - done_before)
-    return best["image"].clamp(0, 1), len(events.history) - done_before
 
+def _finish(jobs: list[_Job], x: Tensor, objective: Objective, params: StyleParams, precision: str,
+            extractor: FeatureExtractor, backend: dict, seconds: float) -> list[StyleResult | NSTError]:
+    """8-bit images, their exact fp32 losses, and each pair's record.
 
-def _measure(job: _Job, out8: Tensor, params: StyleParams) -> dict[str, dict[str, float]]:
-    """The reported losses: exact fp32 at the output size, on the returned 8-bit image (for
-    luminance its own Y after the chroma went back and the gamut was clipped) and on the start."""
-    final = job.stages[-1]
-    out = out8.float().div_(255)
-    if final.work.shape[1] == 1:
-        out = luminance(out)
-    if params.init == "content":
-        first = final.work  # the content itself, not its coarse copy upsampled
-    else:
-        first = job.start if len(job.stages) == 1 else _upsample(job.start, final.work.shape[-2:])
-    return {"initial": final.objective.measure(first.clamp(0, 1)), "final": final.objective.measure(out)}
+    The reported losses: fp32 at the output size, on the returned 8-bit image (for luminance its
+    own Y after the chroma went back and the gamut was clipped) and on the start.
+    """
+    content = torch.cat([job.content for job in jobs])
+    out8 = quantize(with_chroma_of(x, content) if x.shape[1] == 1 else x)
+    seen = out8.float().div_(255)
+    if x.shape[1] == 1:
+        seen = luminance(seen)
+    final_size = jobs[0].stages[-1].work.shape[-2:]
+    firsts = torch.cat([_own_start(job, len(job.stages) - 1, params) if params.init == "content"
+                        else (job.start if len(job.stages) == 1 else _upsample(job.start, final_size)) for job in jobs])
+    finals, initials = objective.measure(seen), objective.measure(firsts.clamp(0, 1))
+    results: list[StyleResult | NSTError] = []
+    for b, job in enumerate(jobs):
+        if job.error is not None:
+            results.append(job.error)
+            continue
+        image = to_image(out8[b:b + 1], job.decoded.alpha)
+        metadata = {
+            "params": params.model_dump(mode="json"),
+            "weights_id": extractor.weights_id,
+            "device": str(extractor.device),
+            "size": list(image.size),
+            "evaluations": len(job.history),
+            "precision": precision,
+            "memory_format": "channels_last" if extractor.memory_format == torch.channels_last else "contiguous",
+            "scales": job.ran,
+            "styles": job.styles,
+            "pairs_per_step": len(jobs),
+            "backend": backend,
+            "seconds": {"targets": round(job.seconds_targets, 4), "optimize": round(seconds, 4),
+                        "total": round(job.seconds_targets + seconds, 4)},
+            "versions": _versions(),
+        }
+        results.append(StyleResult(image, {"initial": initials[b], "final": finals[b]}, job.history, metadata))
+    return results
 
 
 def _versions() -> dict[str, str]:
@@ -317,22 +504,3 @@ def _versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[pkg] = "unknown"
     return out
-
-
-def _metadata(job: _Job, params: StyleParams, precision: str, backend: dict, image: Image.Image,
-              events: _Events, ran: list[dict], seconds: dict) -> dict:
-    """What produced the result, JSON-able (the sidecar's engine part)."""
-    return {
-        "params": params.model_dump(mode="json"),
-        "weights_id": job.extractor.weights_id,
-        "device": str(job.extractor.device),
-        "size": list(image.size),
-        "evaluations": len(events.history),
-        "precision": precision,
-        "memory_format": "channels_last" if job.extractor.memory_format == torch.channels_last else "contiguous",
-        "scales": ran,
-        "styles": job.styles,
-        "backend": backend,
-        "seconds": seconds,
-        "versions": _versions(),
-    }

@@ -81,19 +81,11 @@ class StyleParams(BaseModel):
     )
     iterations: int = Field(
         default=300, ge=1, le=100_000, title="Iterations",
-        description=(
-            "Upper bound on loss evaluations (forward+backward passes), summed over all scales. "
-            "L-BFGS stops sooner at a zero gradient, and so does the optional early stop."
-        ),
+        description="Upper bound on loss evaluations, summed over all scales; L-BFGS stops sooner at a zero gradient.",
     )
     style_weight: float = Field(
         default=1e-3, ge=0, allow_inf_nan=False, title="Style weight",
-        description=(
-            "β: weight of the style loss. Tuned for the default Caffe-ported features; "
-            "imagenet1k_v1 (and bare state_dict files, ImageNet mean/std) see inputs 57.6x smaller, "
-            "so the style/content balance moves by 57.6² ≈ 3300x (measured 3297-3359x on random "
-            "VGG16 nets): raise β about 3300x with them."
-        ),
+        description="β: weight of the style loss; raise it about 3300x with imagenet1k_v1 weights (see README).",
     )
     content_weight: float = Field(
         default=1.0, ge=0, allow_inf_nan=False, title="Content weight",
@@ -101,11 +93,7 @@ class StyleParams(BaseModel):
     )
     preserve_color: Literal["none", "luminance", "histogram"] = Field(
         default="none", title="Preserve colour",
-        description=(
-            "none: take the style's colours; luminance: transfer on luminance only (style luminance "
-            "matched to the content's mean and σ) and keep the content's chroma; histogram: match the "
-            "style's colours to the content before the transfer."
-        ),
+        description="none: the style's colours; luminance: keep the content's chroma; histogram: match colours first.",
     )
     init: Literal["content", "noise", "style"] = Field(
         default="content", title="Start from", description="What the optimization starts from."
@@ -122,83 +110,64 @@ class StyleParams(BaseModel):
     content_layers: list[VGG16Layer] = Field(  # type: ignore[valid-type]
         default_factory=lambda: list(DEFAULT_CONTENT_LAYERS),
         min_length=1,
-        title="Content layers (advanced)",
+        title="Content layers",
         description="VGG16 layers whose activations the result must keep from the content image.",
     )
     style_layers: list[VGG16Layer] = Field(  # type: ignore[valid-type]
         default_factory=lambda: list(DEFAULT_STYLE_LAYERS),
         min_length=1,
-        title="Style layers (advanced)",
+        title="Style layers",
         description="VGG16 layers whose Gram matrices the result must match to the style image.",
     )
     style_layer_weights: list[float] | None = Field(
         default=None,
-        title="Style layer weights (advanced)",
+        title="Style layer weights",
         description="One weight per style layer; empty means equal weights. Normalized to sum 1.",
     )
     pooling: Literal["max", "avg"] = Field(
-        default="max", title="Pooling (advanced)",
+        default="max", title="Pooling",
         description="VGG pooling; Gatys et al. report smoother results with avg.",
     )
     weights: str = Field(
-        default="imagenet1k_features", min_length=1, title="VGG16 weights (advanced)",
-        description=(
-            "imagenet1k_features (Caffe-ported, torchvision), imagenet1k_v1, random (smoke runs), "
-            "or a path / file:// / s3:// URI of a VGG16 state_dict."
-        ),
+        default="imagenet1k_features", min_length=1, title="VGG16 weights",
+        description="imagenet1k_features, imagenet1k_v1, random (smoke runs), or a path, file:// or s3:// state_dict.",
     )
     weights_sha256: str | None = Field(
-        default=None, pattern=r"^[0-9a-fA-F]{64}$", title="Weights SHA-256 (advanced)",
+        default=None, pattern=r"^[0-9a-fA-F]{64}$", title="Weights SHA-256",
         description="If set, the weights file's SHA-256 (a state_dict, or torchvision's cached file) must match.",
     )
     seed: int = Field(
-        default=0, ge=0, le=2**63 - 1, title="Seed (advanced)",
-        description=(
-            "Seeds noise init and random weights: same seed, same output only for the same device, "
-            "thread count and library versions."
-        ),
+        default=0, ge=0, le=2**63 - 1, title="Seed",
+        description="Reproducible: same seed, same output only for the same device, thread count and library versions.",
     )
     optimizer: Literal["lbfgs", "adam"] = Field(
-        default="lbfgs", title="Optimizer (advanced)",
+        default="lbfgs", title="Optimizer",
         description="L-BFGS converges in fewer evaluations; Adam uses less memory.",
     )
     learning_rate: float | None = Field(
-        default=None, gt=0, allow_inf_nan=False, title="Learning rate (advanced)",
+        default=None, gt=0, allow_inf_nan=False, title="Learning rate",
         description="Step size on [0,1] pixels; empty means the optimizer's default (L-BFGS 1.0, Adam 0.02).",
     )
     scales: int = Field(
-        default=3, ge=1, le=6, title="Coarse-to-fine scales (advanced)",
-        description=(
-            "Optimize at this many sizes, each √2 larger, ending at image_size; each starts from the "
-            "previous result upsampled, and each scale gets an equal share of compute, so most "
-            "evaluations run small. 1 is the plain single-scale method."
-        ),
+        # 1: coarse to fine lost to the single-scale method on real photographs (benchmarks/quality.py,
+        # README "Quality"), so it is an option, not the default.
+        default=1, ge=1, le=6, title="Coarse-to-fine scales",
+        description="Optimize at this many sizes √2 apart, ending at image_size; 1 is the paper's single-scale method.",
     )
     precision: Literal["auto", "fp32", "tf32", "bf16", "fp16"] = Field(
-        default="auto", title="Precision (advanced)",
-        description=(
-            "Arithmetic of the VGG pass (autocast); Grams, losses, image and optimizer stay fp32 and "
-            "the final loss is always recomputed in fp32. auto: bf16 on CUDA GPUs with bf16 and on "
-            "CPUs with AVX512-BF16/AMX, else tf32 on CUDA (TF32 matmuls/convolutions) and fp32 elsewhere."
-        ),
+        default="auto", title="Precision",
+        description="VGG pass arithmetic, losses fp32; auto: bf16 from 256 px where native (sm_80+ GPUs, AMX), else fp32.",
     )
     stop_tolerance: float | None = Field(
-        default=None, gt=0, lt=1, allow_inf_nan=False, title="Early-stop tolerance (advanced)",
-        description=(
-            f"Stop a scale when the best loss improved by less than this fraction over its last "
-            f"{STOP_WINDOW} evaluations; empty runs the whole budget (real weights keep improving "
-            "for hundreds of evaluations)."
-        ),
+        default=None, gt=0, lt=1, allow_inf_nan=False, title="Early-stop tolerance",
+        description=f"Stop a scale when the best loss improved less than this fraction in {STOP_WINDOW} evaluations; empty: never.",
     )
     deterministic: bool = Field(
-        default=False, title="Deterministic algorithms (advanced)",
-        description=(
-            "torch.use_deterministic_algorithms (and the cuBLAS workspace setting on GPUs): "
-            "repeatable on one machine, usually slower."
-        ),
+        default=False, title="Deterministic algorithms",
+        description="torch.use_deterministic_algorithms (and cuBLAS settings): repeatable on one machine, usually slower.",
     )
     device: Device = Field(  # type: ignore[valid-type]
-        default="auto", title="Device (advanced)",
+        default="auto", title="Device",
         description="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.",
     )
 

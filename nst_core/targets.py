@@ -122,7 +122,7 @@ def compute_style_targets(
     # Under the run's deterministic setting, and in exact fp32 (no TF32) whatever the precision:
     # the batch tasks call this outside stylize(), once per style and device.
     device = extractor.device
-    with run_settings(device, resolve_precision(params.precision, device), params.deterministic), \
+    with run_settings(device, resolve_precision(params.precision, device, params.image_size), params.deterministic), \
             exact_fp32(), torch.no_grad():
         for size in scale_sizes(params):
             grams: dict[str, Tensor] = {}

@@ -228,5 +228,5 @@ def extractor_for(params: StyleParams, *, opener: Opener | None = None) -> Featu
         sha256=params.weights_sha256,
         seed=params.seed,
         opener=opener,
-        memory_format=memory_format(device, resolve_precision(params.precision, device)),
+        memory_format=memory_format(device, resolve_precision(params.precision, device, params.image_size)),
     )

@@ -1,12 +1,15 @@
 """A batch run's results where Prefect users look: the flow run's Artifacts tab and Artifacts page.
 
 - ``write_pictures``: the contact sheet and the loss curve, written under ``{output}/_runs/``
-  beside the run report (rendered by tasks/report.py).
-- ``RunProgress``: a progress artifact whose description carries pairs/s and the ETA.
+  beside the run report (rendered by tasks/report.py), with ``run_warning`` across the top.
+- ``RunProgress``: a progress artifact whose description carries pairs/s and the ETA; the last
+  state is always sent.
 - ``publish_artifacts``: image artifacts (contact sheet, loss curve), a table of pairs with
   links to each output and sidecar, a link artifact to the run report, and a summary that links
   the chunk runs. Keys are per deployment (``stylize-batch-nightly-summary``), so scheduled runs
   build a history on the Artifacts page; runs outside a deployment create unkeyed artifacts.
+  The UI titles a keyed card with its key, so every description starts with what the artifact
+  is, of which run (and attempt), and what it shows, in words.
 
 What a browser can open: S3 objects get presigned GET URLs valid ``output.link_expiry_hours``
 (default and S3's maximum: 7 days; the descriptions say until when). A local folder has no
@@ -20,17 +23,23 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
-from tasks.contract import DONE, contact_sheet_key, loss_curve_key
+from tasks.contract import DONE, SKIPPED, contact_sheet_key, loss_curve_key
 from tasks.credentials import DEFAULT_CHAIN, StorageCredentials
-from tasks.report import SheetRow, contact_sheet, loss_curve_png, summary_markdown, table_rows
+from tasks.report import Curve, SheetRow, contact_sheet, file_name, loss_curve_png, summary_markdown, table_rows
 
-__all__ = ["artifact_key", "browser_url", "image_url", "write_pictures", "RunProgress", "publish_artifacts",
-           "MAX_EMBEDDED_BYTES"]
+__all__ = ["artifact_key", "browser_url", "image_url", "write_pictures", "run_warning", "run_label", "RunProgress",
+           "publish_artifacts", "MAX_EMBEDDED_BYTES", "RANDOM_WEIGHTS_WARNING"]
+
+#: On the pictures and the summary of every run whose weights id says random (chosen or a fallback).
+RANDOM_WEIGHTS_WARNING = ("RANDOM VGG16 weights (weights=random): these images show the pipeline working, "
+                          "not real style transfer")
 
 #: A picture larger than this is not embedded as a data: URL (the artifact lives in the API's database).
 MAX_EMBEDDED_BYTES = 1_500_000
@@ -67,54 +76,60 @@ def image_url(uri: str, data: bytes, mime: str, expiry_hours: int,
     return url
 
 
-def _read_histories(items: list[dict], io_workers: int, limit: int,
-                    credentials: StorageCredentials) -> list[tuple[str, list[int], list[float]]]:
-    """(label, evaluations, totals) of up to ``limit`` done pairs, from the report item when it has
-    the compact history, else from its sidecar (one read each, concurrently; unreadable ones skipped)."""
+def run_warning(weights_id: str, labels: dict[str, str] | None = None) -> str | None:
+    """What the pictures and the summary must say first: the run's ``warning`` label (the demo's
+    fallback explains itself), else the random-weights warning for any run on random weights."""
+    given = (labels or {}).get("warning")
+    return given or (RANDOM_WEIGHTS_WARNING if weights_id.startswith("random") else None)
+
+
+def _read_histories(items: list[dict], io_workers: int, limit: int, credentials: StorageCredentials) -> list[Curve]:
+    """The loss curves of up to ``limit`` pairs done by this run (or, when it did none, of the pairs
+    it skipped as already done: their results exist), from each sidecar's ``loss_history`` and
+    ``scales`` (one read each, concurrently; unreadable ones skipped)."""
     from tasks.storage import StorageError, split_uri
 
     def one(item: dict):
-        hist = item.get("loss_history") or item.get("history")
+        hist, scales = item.get("loss_history") or item.get("history"), ()
         if not hist and item.get("sidecar"):
             try:
                 storage, key = split_uri(item["sidecar"], credentials)
-                hist = json.loads(storage.read(key)[0]).get("loss_history")
-            except (StorageError, OSError, ValueError):
+                meta = json.loads(storage.read(key)[0])
+                hist, scales = meta.get("loss_history"), meta.get("scales") or ()
+            except (StorageError, OSError, ValueError, AttributeError):
                 return None
         if not hist or not hist.get("total"):
             return None
         totals = hist["total"]
         evaluations = hist.get("evaluations") or [1 + i * hist.get("every", 1) for i in range(len(totals))]
-        return _caption(item, with_loss=False), evaluations, totals
+        return Curve(_caption(item, with_loss=False), evaluations, totals, list(scales))
 
-    done = [i for i in items if i.get("status") == DONE][:limit]
+    done = [i for i in items if i.get("status") == DONE] or [i for i in items if i.get("status") == SKIPPED]
     with ThreadPoolExecutor(max_workers=max(1, min(io_workers, 16))) as pool:
-        return [c for c in pool.map(one, done) if c]
-
-
-def _name(uri: str) -> str:
-    return uri.rstrip("/").rsplit("/", 1)[-1]
+        return [c for c in pool.map(one, done[:limit]) if c]
 
 
 def _caption(item: dict, with_loss: bool = True) -> str:
     from tasks.report import final_loss
 
-    text = f"{_name(item['content'])} + {_name(item['style'])}"  # ASCII: Pillow's default font has no ×
+    text = f"{file_name(item['content'])} + {file_name(item['style'])}"  # ASCII: Pillow's default font has no ×
     loss = final_loss(item) if with_loss else None
     return f"{text}   final loss {loss:.4g}" if loss is not None else text
 
 
 def write_pictures(out, run_id: str, items: list[dict], thumbs: list[tuple[bytes, bytes, bytes]],
                    thumb_items: list[dict] | None = None, warning: str | None = None, io_workers: int = 8,
-                   curves_limit: int = 200) -> dict[str, str | None]:
-    """Contact sheet (``contact_sheet_key``) and loss curve (``loss_curve_key``) of run ``run_id``.
+                   curves_limit: int = 200, attempt: int = 1) -> dict[str, str | None]:
+    """Contact sheet (``contact_sheet_key``) and loss curve (``loss_curve_key``) of attempt
+    ``attempt`` of run ``run_id``.
 
     ``thumb_items[i]`` is the report item ``thumbs[i]`` shows (its caption: file names and final
     loss); a ``ThumbRow`` without one is matched to its done item by content and style; rows
-    with neither are left uncaptioned rather than guessed. Returns their URIs (None when there
-    was nothing to draw) to record in the report.
+    with neither are left uncaptioned rather than guessed. An attempt that stylized nothing (a
+    Retry of a finished run) has no thumbnails: it points at the latest earlier attempt's sheet.
+    Returns their URIs (None when there is nothing to show) to record in the report.
     """
-    from tasks.storage import retrying
+    from tasks.storage import StorageError, retrying
 
     uris: dict[str, str | None] = {"contact_sheet": None, "loss_curve": None}
     if thumbs:
@@ -126,14 +141,23 @@ def write_pictures(out, run_id: str, items: list[dict], thumbs: list[tuple[bytes
             return _caption(item) if item else ""
 
         rows = [SheetRow(*t[:3], caption=caption(n, t)) for n, t in enumerate(thumbs)]
-        key = contact_sheet_key(run_id)
+        key = contact_sheet_key(run_id, attempt)
         data = contact_sheet(rows, warning=warning)
         retrying(lambda: out.write(key, data, "image/jpeg"))
         uris["contact_sheet"] = out.uri_for(key)
+    else:
+        for earlier in range(attempt - 1, 0, -1):
+            try:
+                if retrying(lambda: out.info(contact_sheet_key(run_id, earlier))) is not None:
+                    uris["contact_sheet"] = out.uri_for(contact_sheet_key(run_id, earlier))
+                    break
+            except (StorageError, OSError):
+                break  # no picture is better than a failed run
     curves = _read_histories(items, io_workers, curves_limit, out.credentials)
     if curves:
-        key = loss_curve_key(run_id)
-        title = f"total loss per evaluation, {len(curves)} pair(s)" + (" (random weights)" if warning else "")
+        key = loss_curve_key(run_id, attempt)
+        random = warning and "random" in warning.lower()
+        title = f"total loss per evaluation, {len(curves)} pair(s)" + (" (RANDOM weights)" if random else "")
         data = loss_curve_png(curves, title=title)
         retrying(lambda: out.write(key, data, "image/png"))
         uris["loss_curve"] = out.uri_for(key)
@@ -141,21 +165,32 @@ def write_pictures(out, run_id: str, items: list[dict], thumbs: list[tuple[bytes
 
 
 class RunProgress:
-    """The run's progress artifact: percent done, with pairs/s and the ETA in its description.
+    """The run's progress artifact: the pairs finished out of those to run (plus how many were
+    already done), with pairs/s and the ETA in its description.
 
-    Updates are throttled (a 10,000-pair run makes a few hundred API calls, not 10,000).
+    Updates within ``every_s`` of the last one sent are held back (a 10,000-pair run makes a few
+    hundred API calls, not 10,000), and the latest one held is sent when the interval ends, so the
+    card never stays behind when a chunk's pairs arrive at once. ``close`` drops a pending one.
     """
 
-    def __init__(self, total: int, every_s: float = 2.0):
+    def __init__(self, total: int, every_s: float = 2.0, pairs: int | None = None, already: int = 0,
+                 run_name: str | None = None):
         from prefect.artifacts import create_progress_artifact
 
         self.total, self.every_s = total, every_s
+        self.pairs, self.already = (total + already if pairs is None else pairs), already
+        self.prefix = f"Progress of run {run_name}: " if run_name else ""
         self.started = time.monotonic()
         self._last = 0.0
+        self._held: int | None = None
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
         self.id = create_progress_artifact(0.0, key=artifact_key("progress"),
-                                           description=f"0 of {total} pairs finished")
+                                           description=self.prefix + self.describe(0))
 
     def describe(self, finished: int, now: float | None = None) -> str:
+        if self.total == 0:
+            return f"{self.already} of {self.pairs} already done, nothing to run"
         elapsed = max((now or time.monotonic()) - self.started, 1e-6)
         rate = finished / elapsed
         text = f"{finished} of {self.total} pairs finished, {rate:.2f} pairs/s"
@@ -164,17 +199,47 @@ class RunProgress:
             text += f", ETA {eta:%H:%M:%S} UTC (in {_duration((self.total - finished) / rate)})"
         elif finished >= self.total:
             text += f", took {_duration(elapsed)}"
-        return text
+        return text + (f"; {self.already} of {self.pairs} already done" if self.already else "")
 
     def update(self, finished: int, final: bool = False) -> None:
+        with self._lock:
+            wait = self._last + self.every_s - time.monotonic()
+            if final or wait <= 0:
+                self._cancel()
+                self._send(finished, final)
+            else:
+                self._held = finished
+                if self._timer is None:  # send the latest held state when the interval ends
+                    self._timer = threading.Timer(wait, self._flush)
+                    self._timer.daemon = True
+                    self._timer.start()
+
+    def close(self) -> None:
+        with self._lock:
+            self._cancel()
+
+    def _flush(self) -> None:
+        with self._lock:
+            self._timer = None
+            if self._held is not None:
+                self._send(self._held, False)
+
+    def _cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._held = None
+
+    def _send(self, finished: int, final: bool) -> None:
         from prefect.artifacts import update_progress_artifact
 
         now = time.monotonic()
-        if not final and now - self._last < self.every_s:
-            return
         self._last = now
-        pct = 100.0 * finished / max(self.total, 1)
-        update_progress_artifact(self.id, 100.0 if final else pct, description=self.describe(finished, now))
+        pct = 100.0 if final or self.total == 0 else 100.0 * finished / self.total
+        try:
+            update_progress_artifact(self.id, pct, description=self.prefix + self.describe(finished, now))
+        except Exception as err:  # a progress card must never fail a run
+            logging.getLogger(__name__).warning("could not update the progress artifact: %s", err)
 
 
 def _duration(seconds: float) -> str:
@@ -191,6 +256,12 @@ def _ui_url(path: str) -> str | None:
     return f"{ui.rstrip('/')}/{path}" if ui else None
 
 
+def run_label(name: str | None, attempt: int = 1) -> str:
+    """How descriptions name a run: its name, and which attempt (Prefect's Retry runs the same
+    flow run again, and all its attempts' artifacts show on the one run page)."""
+    return f"{name} (attempt {attempt})" if attempt > 1 else f"{name}"
+
+
 def publish_artifacts(report: dict, out, expiry_hours: int, warning: str | None = None,
                       seconds: float | None = None) -> dict[str, object]:
     """Create the run's artifacts from its report dict (the one written to ``report["report"]``).
@@ -203,7 +274,8 @@ def publish_artifacts(report: dict, out, expiry_hours: int, warning: str | None 
 
     until = datetime.now(timezone.utc) + timedelta(hours=expiry_hours)
     expiry_note = f"links valid {expiry_hours} h, until {until:%Y-%m-%d %H:%M} UTC"
-    run_name = report.get("flow_run")
+    attempt = report.get("attempt", 1)
+    run = run_label(report.get("flow_run"), attempt)
     ids: dict[str, object] = {}
     credentials = out.credentials
 
@@ -211,8 +283,13 @@ def publish_artifacts(report: dict, out, expiry_hours: int, warning: str | None 
         return browser_url(uri, expiry_hours, credentials)
 
     links: dict[str, str | None] = {"report": link(report["report"])}
-
-    for kind, mime, what in (("contact_sheet", "image/jpeg", "Contact sheet"), ("loss_curve", "image/png", "Loss curve")):
+    shows = {
+        "contact_sheet": ("Contact sheet", "content, style and result of each pair, captioned with the file names "
+                                           "and the final loss"),
+        "loss_curve": ("Loss curve", "total loss per evaluation of each pair, log scale; a dashed line marks "
+                                     "where each finer scale starts"),
+    }
+    for kind, mime in (("contact_sheet", "image/jpeg"), ("loss_curve", "image/png")):
         uri = report.get(kind)
         if not uri:
             continue
@@ -223,26 +300,31 @@ def publish_artifacts(report: dict, out, expiry_hours: int, warning: str | None 
             url = None
         links[kind] = link(uri)
         if url:
+            what, shown = shows[kind]
+            if attempt > 1 and f"-attempt-{attempt}-" not in uri:
+                shown += ", drawn by an earlier attempt (this one stylized nothing)"
             how = expiry_note if url.startswith("http") else f"embedded copy of {uri}"
             ids[kind] = create_image_artifact(url, key=artifact_key(kind.replace("_", "-")),
-                                              description=f"{what} of {run_name} ({how})")
+                                              description=f"{what} of run {run}: {shown} ({how}).")
 
     items = report.get("items", [])
     rows = table_rows(items, link=link)
-    which = f"first {len(rows)} of {len(items)} pairs (all are in the run report)" if len(rows) < len(items) else "pairs"
-    ids["table"] = create_table_artifact(rows, key=artifact_key("pairs"),
-                                         description=f"{which.capitalize()} of {run_name}: outputs and sidecars "
-                                                     f"({expiry_note})" if report["report"].startswith("s3://")
-                                         else f"{which.capitalize()} of {run_name}")
-    ids["report"] = create_link_artifact(links["report"] or report["report"], link_text=report["report"],
-                                         key=artifact_key("report"),
-                                         description=f"Run report of {run_name}"
-                                         + (f" ({expiry_note})" if links["report"] else ""))
+    which = f"; the first {len(rows)} of {len(items)} (the run report has all)" if len(rows) < len(items) else ""
+    links_note = f" ({expiry_note})" if report["report"].startswith("s3://") else ""
+    ids["table"] = create_table_artifact(
+        rows, key=artifact_key("pairs"),
+        description=f"Pairs of run {run}: status, file names, output and sidecar, final loss, seconds and error "
+                    f"of each pair{which}{links_note}.")
+    ids["report"] = create_link_artifact(
+        links["report"] or report["report"], link_text=report["report"], key=artifact_key("report"),
+        description=f"Run report of run {run}: the JSON record of every pair (inputs, outputs, losses, errors) "
+                    "and of the run's settings" + (f" ({expiry_note})" if links["report"] else "") + ".")
     chunk_links = [(c, _ui_url(f"runs/flow-run/{c['flow_run_id']}")) for c in report.get("chunks", [])]
     counts = report["totals"]
     rate = None
     if seconds and counts.get("done"):
         rate = f"{counts['done']} pairs in {_duration(seconds)}: {counts['done'] / seconds:.2f} pairs/s"
-    ids["summary"] = create_markdown_artifact(summary_markdown(report, links, chunk_links, warning, rate),
-                                              key=artifact_key("summary"), description=f"Summary of {run_name}")
+    ids["summary"] = create_markdown_artifact(
+        summary_markdown(report, links, chunk_links, warning, rate), key=artifact_key("summary"),
+        description=f"Summary of run {run}: totals, pairs/s, links to the report and pictures, chunk runs and failures.")
     return ids

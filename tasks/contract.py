@@ -46,10 +46,14 @@ Run report ``{output}/_runs/{flow_run_id}.json`` (``report_key``)
     seconds, losses, note; built by ``done_item``, ``skipped_item`` — a repeated pair is skipped
     with a note naming the pair it duplicates — and ``failed_item``). Beside it:
     ``{flow_run_id}-contact.jpg`` (``contact_sheet_key``) and ``{flow_run_id}-loss.png``
-    (``loss_curve_key``).
+    (``loss_curve_key``). A later attempt of the same flow run (Prefect's Retry) writes all three
+    as ``{flow_run_id}-attempt-N…`` (``run_stem``; the report says ``attempt``): no attempt
+    overwrites an earlier one's record. An attempt that drew no contact sheet (all pairs skipped)
+    points at the latest earlier attempt's.
 
-Chunk report ``{output}/_runs/{parent_flow_run_id}/chunk-{chunk_key16}.json`` (``chunk_report_key``;
-a restarted chunk's ``…-attempt-N.json``: ``attempt_report_key``)
+Chunk report ``{output}/_runs/{parent_flow_run_id}/chunk-{chunk_key16}.json`` (``chunk_report_key``,
+under the parent that started the chunk run; the chunk key is its content, ``chunk_key``; a later run
+of the same content, which had N runs before, reports to ``…-attempt-N.json``: ``attempt_report_key``)
     ``chunk_report``: flow_run, flow_run_id, worker {host, pid, parent_pid, devices}, items
     (ReportItem + index + key; the parent merges them by the pair key: ``chunk_items``), thumbs
     (``encode_thumbs``: rows of 5 fields, the content, style and result thumbnails as base64
@@ -76,7 +80,7 @@ __all__ = [
     "EXTENSIONS", "RUNS", "HISTORY_POINTS", "RUNNING", "CRASHED", "DONE", "SKIPPED", "FAILED",
     "PairPlan", "ReportItem", "ThumbRow", "pair_key", "output_name", "image_key", "sidecar_key", "in_runs",
     "naming_problem", "chunk_key", "report_key", "chunk_report_key", "attempt_report_key", "contact_sheet_key",
-    "loss_curve_key", "sidecar", "image_record", "loss_history", "done_pairs", "done_in", "totals", "timestamp",
+    "loss_curve_key", "run_stem", "sidecar", "image_record", "loss_history", "done_pairs", "done_in", "totals", "timestamp",
     "done_item", "skipped_item", "failed_item", "running_report", "stopped_report", "run_report", "chunk_report",
     "chunk_items", "encode_thumbs", "decode_thumbs", "report_bytes",
 ]
@@ -126,9 +130,11 @@ class PairPlan:
 
     @classmethod
     def refused(cls, index: int, content: str, style: str, content_identity: str, style_identity: str,
-                error: str) -> PairPlan:
-        """A plan that failed at planning: no name, no keys."""
-        return cls(index, content, style, content_identity, style_identity, "", "", "", "", error=error)
+                error: str, name: str = "", fmt: str = "") -> PairPlan:
+        """A plan that failed at planning: no pair key, no sidecar. ``name``: the output its manifest
+        row asked for (the report names it, so a user finds the row); never written."""
+        return cls(index, content, style, content_identity, style_identity, name,
+                   image_key(name, fmt) if name else "", "", "", error=error)
 
 
 @dataclass
@@ -205,23 +211,31 @@ def naming_problem(plan: PairPlan, fmt: str) -> str:
     return ""
 
 
-def chunk_key(pairs: list[PairPlan]) -> str:
-    """A chunk's identity from its content (its pair keys and names), not its position: a retried
-    parent that re-plans finds the child holding exactly these pairs, or starts a new one."""
-    blob = "\n".join(f"{p.key} {p.name}" for p in pairs)
+def chunk_key(pairs: list[PairPlan], output_uri: str) -> str:
+    """A chunk's identity from its content alone: the output it writes to and its pairs' keys
+    (which cover the inputs, every parameter, the weights and the encoding) and names; never its
+    parent or its position. Any parent that plans the same pairs finds the chunk runs holding them."""
+    blob = "\n".join([output_uri.rstrip("/"), *(f"{p.key} {p.name}" for p in pairs)])
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def report_key(flow_run_id: str) -> str:
-    return f"{RUNS}/{flow_run_id}.json"
+def run_stem(flow_run_id: str, attempt: int = 1) -> str:
+    """The name a run attempt's files share under ``_runs/``: the flow run id, and ``{id}-attempt-N``
+    for its N-th attempt (Prefect's Retry runs the same flow run id again), so that a later attempt
+    never overwrites an earlier one's record."""
+    return flow_run_id if attempt <= 1 else f"{flow_run_id}-attempt-{attempt}"
 
 
-def contact_sheet_key(flow_run_id: str) -> str:
-    return f"{RUNS}/{flow_run_id}-contact.jpg"
+def report_key(flow_run_id: str, attempt: int = 1) -> str:
+    return f"{RUNS}/{run_stem(flow_run_id, attempt)}.json"
 
 
-def loss_curve_key(flow_run_id: str) -> str:
-    return f"{RUNS}/{flow_run_id}-loss.png"
+def contact_sheet_key(flow_run_id: str, attempt: int = 1) -> str:
+    return f"{RUNS}/{run_stem(flow_run_id, attempt)}-contact.jpg"
+
+
+def loss_curve_key(flow_run_id: str, attempt: int = 1) -> str:
+    return f"{RUNS}/{run_stem(flow_run_id, attempt)}-loss.png"
 
 
 def chunk_report_key(parent_flow_run_id: str, key: str) -> str:
@@ -230,7 +244,7 @@ def chunk_report_key(parent_flow_run_id: str, key: str) -> str:
 
 
 def attempt_report_key(report: str, attempt: int) -> str:
-    """The report key of the ``attempt``-th restart of a chunk whose first run reports to ``report``."""
+    """The report key of the ``attempt``-th later run of a chunk whose first run reports to ``report``."""
     return report if attempt == 0 else report.removesuffix(".json") + f"-attempt-{attempt}.json"
 
 
@@ -319,19 +333,21 @@ def done_pairs(plans: list[PairPlan], read_sidecar: Callable[[str], bytes | None
         return {p.index for p, ok in zip(candidates, pool.map(check, candidates)) if ok}
 
 
-def done_in(storage, plans: list[PairPlan], list_once: bool = True, io_workers: int = 8) -> set[int]:
+def done_in(storage, plans: list[PairPlan], list_once: bool = True, io_workers: int = 8, health=None) -> set[int]:
     """``done_pairs`` against a Storage: one listing of the output (a run), or one HEAD per image
-    (a chunk, whose pairs are few). Reads are retried when transient."""
+    (a chunk, whose pairs are few). Reads are retried when transient; ``health``: the run's
+    StorageHealth (raises StorageUnreachableError once the storage is declared unreachable)."""
     from .storage import MissingObjectError, retrying
 
     def read_sidecar(key: str) -> bytes | None:
         try:
-            return retrying(lambda: storage.read(key))[0]
+            return retrying(lambda: storage.read(key), health=health)[0]
         except MissingObjectError:
             return None
 
-    listed = {info.key: info for info in retrying(storage.list)} if list_once else None
-    return done_pairs(plans, read_sidecar, listed, lambda k: retrying(lambda: storage.info(k)), io_workers)
+    listed = {info.key: info for info in retrying(storage.list, health=health)} if list_once else None
+    return done_pairs(plans, read_sidecar, listed, lambda k: retrying(lambda: storage.info(k), health=health),
+                      io_workers)
 
 
 def totals(items: list[ReportItem]) -> dict[str, int]:
@@ -362,7 +378,8 @@ def skipped_item(plan: PairPlan, storage, duplicate_of: PairPlan | None = None) 
 
 
 def failed_item(plan: PairPlan, error: str, storage=None) -> ReportItem:
-    """A pair that failed, with the reason (and its output URIs when it had a name)."""
+    """A pair that failed, with the reason (and its output URIs when it had a name; a pair that
+    failed at planning has only the image its manifest row asked for)."""
     output = storage.uri_for(plan.image_key) if storage is not None and plan.image_key else ""
     sidecar_uri = storage.uri_for(plan.sidecar_key) if storage is not None and plan.sidecar_key else ""
     return ReportItem(plan.content, plan.style, FAILED, output, sidecar_uri, error=error)
@@ -394,6 +411,7 @@ def run_report(run: dict, report_uri: str, started: datetime, inputs: dict, weig
     return {
         "flow_run": run["name"],
         "flow_run_id": run["id"],
+        "attempt": run.get("attempt", 1),
         "report": report_uri,
         "started": timestamp(started),
         "finished": timestamp(),

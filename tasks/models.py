@@ -1,6 +1,8 @@
 """The batch parameters: pydantic models the Prefect UI renders as a grouped form.
 
-Imports no torch, so deployments and forms load fast. StyleParams lives in nst_core.params.
+Imports no torch, so deployments and forms load fast. StyleParams lives in nst_core.params; the
+flow's form shows it through ``StyleForm``. ``form_schema`` shapes every model's JSON schema
+for a person and for the server's refusals (the pydantic validation is unchanged).
 """
 
 from __future__ import annotations
@@ -11,13 +13,67 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, Tag, TypeAdapter
 from pydantic_core import CoreSchema
 
-__all__ = ["BatchSource", "PrefixSource", "ManifestSource", "OutputSpec", "RunOptions", "batch_inputs", "InvalidInputs"]
+from nst_core.params import StyleParams
+
+__all__ = ["BatchSource", "PrefixSource", "ManifestSource", "OutputSpec", "RunOptions", "StyleForm", "form_schema",
+           "batch_inputs", "InvalidInputs"]
 
 
 #: A required text field still shows in the form's starting value (as ""), so the form can tell
 #: which source kind a value is: the Prefect UI matches a value to the anyOf member sharing the
-#: most keys, and both members share ``kind``. The API still refuses "" (minLength 1).
+#: most keys (``kind`` is not shown, see ``form_schema``). The API still refuses "".
 _EMPTY_IN_FORM = {"default": ""}
+#: What the server says about an empty required text: jsonschema's ``not`` message repeats its
+#: schema ("'' should not be valid under {'description': 'must not be empty', 'maxLength': 0}").
+_NOT_EMPTY = {"description": "must not be empty", "maxLength": 0}
+
+
+def form_schema(schema: dict[str, Any], cls: type | None = None) -> None:
+    """Shape a model's JSON schema for the Prefect run form and the server's refusals, in place.
+
+    - A constant (a union member's ``kind``) cannot change, so the form does not show it: it
+      leaves ``properties`` for ``patternProperties`` (accepted, not rendered) and the member
+      refuses another value with a ``not`` at its own level, so that the server's message names
+      the bad field of the member the value meant, not the other member's ``kind``.
+    - Optional values (``X | None``) show as a plain X input, not a "None" toggle: unset is None,
+      and the server's schema preprocessing still accepts an explicit null.
+    - An empty required text (minLength 1) fails ONE keyword, ``not`` with "must not be empty"
+      (jsonschema reports the anyOf itself when two keywords tie on one field), and a pattern
+      lets "" through to it.
+    - The model's description is its docstring's first paragraph: one line in the form.
+    """
+    constants = []
+    for name, prop in list(schema.get("properties", {}).items()):
+        if "const" in prop:
+            del schema["properties"][name]
+            schema.setdefault("patternProperties", {})[f"^{re.escape(name)}$"] = {}
+            constants.append({"required": [name], "properties": {name: {"not": {"const": prop["const"]}}}})
+            continue
+        members = prop.get("anyOf", [])
+        if len(members) == 2 and {"type": "null"} in members:
+            prop.pop("anyOf")
+            prop.update(next(m for m in members if m != {"type": "null"}))
+            if prop.get("default", ...) is None:
+                del prop["default"]
+        if prop.get("type") == "string" and prop.get("minLength") == 1:
+            del prop["minLength"]
+            prop["not"] = dict(_NOT_EMPTY)
+            if "pattern" in prop and not re.search(prop["pattern"], ""):
+                prop["pattern"] = f"^$|{prop['pattern']}"
+    if constants:
+        schema["not"] = constants[0] if len(constants) == 1 else {"anyOf": constants}
+    if schema.get("description"):
+        schema["description"] = " ".join(schema["description"].split("\n\n")[0].split())
+
+
+class _FormSchema:
+    """``Annotated[Model, _FormSchema()]``: ``form_schema`` applied to a model defined elsewhere."""
+
+    def __get_pydantic_json_schema__(self, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> dict:
+        schema = handler(core_schema)
+        form_schema(handler.resolve_ref_schema(schema))
+        return schema
+
 
 # The API checks only the JSON schema, so what the flow would refuse must be a schema pattern
 # too: a blank or space-padded URI ("s3://b/in/ ") names no prefix the run can list.
@@ -47,7 +103,7 @@ _ManifestUri = Annotated[str, AfterValidator(_manifest_name)]
 class PrefixSource(BaseModel):
     """Content images and style images, each under a prefix or in a folder."""
 
-    model_config = ConfigDict(extra="forbid", title="Content and style prefixes")
+    model_config = ConfigDict(extra="forbid", title="Content and style prefixes", json_schema_extra=form_schema)
 
     kind: Literal["prefixes"] = Field(default="prefixes", title="Source kind")
     contents: _Uri = Field(
@@ -72,15 +128,12 @@ class PrefixSource(BaseModel):
 class ManifestSource(BaseModel):
     """A JSONL or CSV file listing the pairs."""
 
-    model_config = ConfigDict(extra="forbid", title="Manifest")
+    model_config = ConfigDict(extra="forbid", title="Manifest", json_schema_extra=form_schema)
 
     kind: Literal["manifest"] = Field(default="manifest", title="Source kind")
     manifest: _ManifestUri = Field(
         min_length=1, title="Manifest URI",
-        description=(
-            "URI of a JSONL ({\"content\", \"style\", \"output\"?} per line) or CSV (header content,style[,output]) "
-            "manifest; entries are URIs or keys relative to the manifest's folder."
-        ),
+        description="A .jsonl or .csv file of pairs: content, style, optional output name (README: Sources).",
         json_schema_extra={**_EMPTY_IN_FORM, "pattern": _MANIFEST_NAME},
     )
 
@@ -132,7 +185,7 @@ class BatchSource:
 class OutputSpec(BaseModel):
     """Where and how results are written."""
 
-    model_config = ConfigDict(extra="forbid", title="Output")
+    model_config = ConfigDict(extra="forbid", title="Output", json_schema_extra=form_schema)
 
     uri: _Uri = Field(
         min_length=1, title="Output URI",
@@ -143,79 +196,57 @@ class OutputSpec(BaseModel):
     quality: int = Field(default=92, ge=1, le=100, title="Quality", description="JPEG/WebP quality (1-100).")
     link_expiry_hours: int = Field(
         default=7 * 24, ge=1, le=7 * 24, title="Link expiry (hours)",
-        description=(
-            "S3 outputs: how long the presigned links in the run's artifacts (contact sheet, loss curve, images, "
-            "report) work. 168 hours (7 days) is the most S3 allows."
-        ),
+        description="How long the S3 links in the run's artifacts work; 168 h (7 days) is S3's maximum.",
     )
     storage_credentials: _Uri = Field(
-        default="", json_schema_extra={"pattern": r"^(\S(.*\S)?)?$"}, title="Storage credentials block (advanced)",
-        description=(
-            "Name of a Prefect AwsCredentials block (prefect-aws) used for every s3:// read and write of the run, "
-            "with its endpoint_url for MinIO/Ceph/R2. Empty: boto3's default chain (instance role, ~/.aws, "
-            "AWS_* variables)."
-        ),
+        default="", json_schema_extra={"pattern": r"^(\S(.*\S)?)?$"}, title="Storage credentials block",
+        description="A Prefect AwsCredentials block for every s3:// read and write; empty: boto3's default chain.",
     )
 
 
 class RunOptions(BaseModel):
     """How the run is executed and judged."""
 
-    model_config = ConfigDict(extra="forbid", title="Run options")
+    model_config = ConfigDict(extra="forbid", title="Run options", json_schema_extra=form_schema)
 
+    fan_out: Literal["local", "workers"] = Field(
+        default="local", title="Fan-out",
+        description="workers: one stylize-chunk run per chunk on the GPU pool; local: in this run's process.",
+    )
     max_failures: int = Field(
         default=0, ge=0, title="Max failures",
         description="The run ends Failed when more pairs than this fail; the others are written either way.",
     )
+    chunk_size: int = Field(
+        default=50, ge=1, le=10_000, title="Chunk size", description="Pairs per stylize-chunk run (fan-out: workers)."
+    )
     skip_existing: bool = Field(
         default=True, title="Skip existing",
-        description=(
-            "Skip pairs that are done: image and sidecar exist and the sidecar's key matches this run's "
-            "(same inputs, params, weights, format and quality). Reruns redo nothing else."
-        ),
+        description="Skip pairs whose image and sidecar already match this run's inputs, params and format.",
     )
     devices: list[str] = Field(
         default_factory=lambda: ["auto"], min_length=1, title="Devices",
-        description=(
-            "Devices to lease, one stylize task each at a time. 'auto' follows the style params' device: "
-            "every visible GPU for auto/cuda, else MPS, else CPU."
-        ),
+        description="Devices to use, one pair each at a time; auto: every visible GPU, else MPS, else CPU.",
     )
-    io_workers: int = Field(default=8, ge=1, le=64, title="IO workers", description="Concurrent downloads/uploads.")
     pair_timeout_s: float | None = Field(
         default=None, gt=0, title="Pair time limit (s)",
         description="A pair whose stylization runs longer than this fails alone (checked between loss evaluations).",
     )
     chunk_timeout_s: float = Field(
         default=6 * 3600, gt=0, title="Chunk deadline (s)",
-        description=(
-            "fan-out: workers. Chunk runs not finished this long after they were started are cancelled "
-            "and their unfinished pairs reported failed (e.g. when no GPU worker is running)."
-        ),
-    )
-    allowed_sources: list[str] = Field(
-        default_factory=list, title="Allowed sources",
-        description=(
-            "URI prefixes / folders the run may read inputs from. Empty: the source's own prefixes, or the "
-            "manifest's folder. A manifest entry outside them fails its pair."
-        ),
+        description="Fan-out workers: a chunk run not finished this long after it starts is cancelled.",
     )
     window: int = Field(
         default=16, ge=1, le=1024, title="Pairs in flight",
         description="At most this many pairs are downloaded/stylized/uploaded at once (bounds memory).",
     )
+    io_workers: int = Field(default=8, ge=1, le=64, title="IO workers", description="Concurrent downloads/uploads.")
     contact_sheet_rows: int = Field(
         default=24, ge=0, le=200, title="Contact sheet rows", description="Pairs shown on the contact sheet (0: none)."
     )
-    fan_out: Literal["local", "workers"] = Field(
-        default="local", title="Fan-out",
-        description=(
-            "local: stylize in this flow run's process; workers: start one stylize-chunk run per chunk "
-            "on the GPU work pool and merge their results."
-        ),
-    )
-    chunk_size: int = Field(
-        default=50, ge=1, le=10_000, title="Chunk size", description="Pairs per stylize-chunk run (fan-out: workers)."
+    allowed_sources: list[str] = Field(
+        default_factory=list, title="Allowed sources",
+        description="Prefixes or folders inputs may come from; empty: the source's own, or the manifest's folder.",
     )
     chunk_deployment: str = Field(
         default="stylize-chunk/worker", min_length=3, title="Chunk deployment",
@@ -224,6 +255,10 @@ class RunOptions(BaseModel):
     labels: dict[str, str] = Field(
         default_factory=dict, title="Labels", description="Extra key/value notes recorded in every sidecar and the report."
     )
+
+
+#: StyleParams as the run form shows it (``form_schema``; the model itself lives in nst_core).
+StyleForm = Annotated[StyleParams, _FormSchema()]
 
 
 class InvalidInputs(ValueError):
@@ -240,7 +275,6 @@ def batch_inputs(source: Any, output: Any, params: Any, run: Any) -> tuple:
     from pydantic import ValidationError
     from pydantic.fields import FieldInfo
 
-    from nst_core.params import StyleParams
     from nst_core.validation import format_validation_error, validation_problems
 
     problems, models = [], []

@@ -1,8 +1,10 @@
 """The one Prefect task of a pair: fetch (retried IO) -> stylize (leased device, never retried) -> write.
 
 One task run per pair, named after the pair's output. Fetches and writes are plain calls with
-the storage layer's one retry budget (``storage.retrying``); many pair tasks run at once, so the
-IO of some pairs overlaps the compute of others while each device runs one stylize at a time.
+the storage layer's one retry budget (``storage.retrying``) and the run's ``StorageHealth``; many
+pair tasks run at once, so the IO of some pairs overlaps the compute of others while each device
+runs one stylize at a time. A pair stops at its next loss evaluation when the run is interrupted
+or its storage is declared unreachable.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from .compute import io_slot, lease_device, run_on_device, targets_cache
 from .contract import PairPlan, ReportItem, done_item, image_record, sidecar
 from .credentials import DEFAULT_CHAIN, StorageCredentials
 from .lru import LRU
-from .storage import open_storage, read_object, read_uri, retrying
+from .storage import StorageHealth, open_storage, read_object, read_uri, retrying
 
 __all__ = ["PairContext", "PairDone", "PairTimeoutError", "PairStopped", "InputChangedError", "ObjectCache", "process_pair",
            "stop_requested", "THUMB"]
@@ -88,15 +90,17 @@ class ObjectCache:
 
 class PairContext:
     """What every pair of a run shares, the run's resolved storage credentials included (every
-    read and write of its pairs signs with them). A plain class on purpose: Prefect does not walk
-    it looking for futures, and it never leaves the process."""
+    read and write of its pairs signs with them), and its StorageHealth (every attempt reports
+    there). A plain class on purpose: Prefect does not walk it looking for futures, and it never
+    leaves the process."""
 
     def __init__(self, output, params: StyleParams, devices: list[str], weights_id: str,
                  labels: dict[str, str] | None = None, io_workers: int = 8, pair_timeout_s: float | None = None,
                  flow_run: dict | None = None, cache: ObjectCache | None = None,
-                 credentials: StorageCredentials = DEFAULT_CHAIN):
+                 credentials: StorageCredentials = DEFAULT_CHAIN, health: StorageHealth | None = None):
         self.output = output  # OutputSpec
         self.credentials = credentials
+        self.health = health or StorageHealth()
         self.storage = open_storage(output.uri, credentials)
         self.params = params
         self.devices = devices
@@ -128,9 +132,10 @@ def _thumb(img) -> bytes:
     return buf.getvalue()
 
 
-def _check_stop(pair: PairPlan) -> None:
+def _check_stop(pair: PairPlan, ctx: PairContext) -> None:
     if stop_requested.is_set():
         raise PairStopped(f"{pair.name}: run interrupted before the pair finished")
+    ctx.health.check()  # its result could not be written: stop computing it
 
 
 def _fetch(ctx: PairContext, uri: str, identity: str) -> bytes:
@@ -141,7 +146,7 @@ def _fetch(ctx: PairContext, uri: str, identity: str) -> bytes:
             raise InputChangedError(f"{uri} changed during the run (planned as {identity}, read as {read})")
         return data
 
-    return ctx.cache.get(uri, identity, lambda _: retrying(once, should_stop=stop_requested.is_set))
+    return ctx.cache.get(uri, identity, lambda _: retrying(once, should_stop=stop_requested.is_set, health=ctx.health))
 
 
 @task(name="pair", task_run_name="{pair.name}", cache_policy=NO_CACHE, persist_result=False)
@@ -154,7 +159,7 @@ def process_pair(pair: PairPlan, ctx: PairContext) -> PairDone:
     logger = get_run_logger()
     params, out = ctx.params, ctx.storage
     opener = ctx.opener
-    _check_stop(pair)
+    _check_stop(pair, ctx)
     content = _fetch(ctx, pair.content, pair.content_identity)
     style = _fetch(ctx, pair.style, pair.style_identity)
     content_pil = decode_image(content, pair.content).merged()
@@ -163,12 +168,14 @@ def process_pair(pair: PairPlan, ctx: PairContext) -> PairDone:
     deadline: list[float] = []
 
     def progress(ev):
-        _check_stop(pair)
+        _check_stop(pair, ctx)
         if ctx.pair_timeout_s is not None and time.monotonic() > deadline[0]:
             raise PairTimeoutError(f"{pair.name}: over pair_timeout_s={ctx.pair_timeout_s:g} s "
                                    f"at evaluation {ev.iteration} of {ev.total}")
         if ev.iteration % step == 0 or ev.iteration == ev.total:
-            logger.info("%s: evaluation %d/%d, loss %.4g", pair.name, ev.iteration, ev.total, ev.loss)
+            where = ev.where  # the loss jumps where a finer scale starts: say which
+            logger.info("%s: evaluation %d/%d%s, loss %.4g", pair.name, ev.iteration, ev.total,
+                        f" ({where})" if where else "", ev.loss)
 
     def compute(device: str):
         deadline.append(time.monotonic() + (ctx.pair_timeout_s or 0))  # device time counts, not the wait
@@ -187,7 +194,7 @@ def process_pair(pair: PairPlan, ctx: PairContext) -> PairDone:
     t_wait = time.perf_counter()
     with lease_device(ctx.devices) as device:
         waited = time.perf_counter() - t_wait
-        _check_stop(pair)
+        _check_stop(pair, ctx)
         result = run_on_device(device, lambda: compute(device))
     image = encode_image(result.image, ctx.output.format, quality=ctx.output.quality)
 
@@ -195,7 +202,7 @@ def process_pair(pair: PairPlan, ctx: PairContext) -> PairDone:
         def once() -> str:
             with io_slot(ctx.io_workers):
                 return out.write(key, data, content_type)
-        return retrying(once)
+        return retrying(once, health=ctx.health)
 
     # The image first, the sidecar last: a sidecar with this key and this image's record means done.
     identity = write(pair.image_key, image, f"image/{ctx.output.format}")

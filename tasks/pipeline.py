@@ -1,5 +1,9 @@
 """The sliding window of pair tasks shared by stylize-batch and stylize-chunk (not a flow: the
-driver that submits one ``process_pair`` task per pair and collects them as they finish)."""
+driver that submits one ``process_pair`` task per pair and collects them as they finish).
+
+It stops starting pairs when the run is interrupted or its storage is declared unreachable
+(``ctx.health``); pairs never started are reported failed with the reason ("not run: storage
+unreachable since HH:MM:SS UTC"), and a rerun does exactly those (the done rule skips the rest)."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from prefect import get_run_logger
 
 from .contract import PairPlan, ReportItem, failed_item
 from .pair import PairContext, PairDone, process_pair, stop_requested
+from .storage import StorageUnreachableError
 
 __all__ = ["PipelineResult", "run_pairs"]
 
@@ -63,7 +68,7 @@ def run_pairs(
 
     inflight = 0
     for p in todo:
-        if stop_requested.is_set():
+        if stop_requested.is_set() or ctx.health.unreachable_since():
             break
         fut = process_pair.submit(p, ctx)
         fut.add_done_callback(lambda f, p=p: done.put((p, f)))
@@ -74,6 +79,8 @@ def run_pairs(
     while inflight:
         collect()
         inflight -= 1
+    since = ctx.health.unreachable_since()
+    why = f"not run: {StorageUnreachableError(since)}" if since else "run interrupted before the pair started"
     for p in todo:
-        result.items.setdefault(p.index, failed_item(p, "run interrupted before the pair started", ctx.storage))
+        result.items.setdefault(p.index, failed_item(p, why, ctx.storage))
     return result

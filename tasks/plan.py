@@ -233,8 +233,9 @@ def plan_pairs(
         cid, cerr = identities.get(e.content, ("", ""))
         sid, serr = identities.get(e.style, ("", ""))
         error = error or cerr or serr
-        if error:
-            plans.append(PairPlan.refused(i, e.content, e.style, cid, sid, error))
+        if error:  # the report keeps the name the row asked for (a generated name needs the key)
+            requested = output_name(e.content, e.style, "", e.output) if e.output else ""
+            plans.append(PairPlan.refused(i, e.content, e.style, cid, sid, error, requested, fmt))
             continue
         key = pair_key(cid, sid, params, weights_id, fmt, quality)
         name = output_name(e.content, e.style, key, e.output)
@@ -247,7 +248,7 @@ def plan_pairs(
         if first is not None:  # another result under the same name: only this pair fails
             plans.append(PairPlan.refused(i, e.content, e.style, cid, sid, (
                 f"{e.where or e.content}: output name {name!r} is already the output of {first[2]} (other inputs "
-                "or parameters); give one of them another output name")))
+                "or parameters); give one of them another output name"), name, fmt))
             continue
         seen[name] = (i, key, e.where or e.content)
         plans.append(PairPlan.named(i, e.content, e.style, cid, sid, name, key, fmt))

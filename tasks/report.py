@@ -15,8 +15,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .contract import FAILED
 
-__all__ = ["SheetRow", "contact_sheet", "loss_curve_png", "summary_markdown", "table_rows", "final_loss",
-           "MAX_TABLE_ROWS", "MAX_CHUNK_ROWS"]
+__all__ = ["SheetRow", "Curve", "contact_sheet", "loss_curve_png", "summary_markdown", "table_rows", "final_loss",
+           "file_name", "MAX_TABLE_ROWS", "MAX_CHUNK_ROWS"]
 
 _INK, _MUTED, _PAPER, _WARN = (40, 40, 40), (110, 110, 110), (250, 250, 250), (180, 20, 20)
 
@@ -29,6 +29,39 @@ class SheetRow:
     style: bytes
     result: bytes
     caption: str = ""
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One pair's total loss per evaluation (a sidecar's compact ``loss_history``) and its scales
+    (the sidecar's ``scales``: ``[{"size": [w, h], "evaluations": n, ...}, ...]``, coarse to fine)."""
+
+    label: str
+    evaluations: list[int]
+    totals: list[float]
+    scales: list[dict] = ()
+
+    def scale_starts(self) -> list[tuple[float, str]]:
+        """(x between the last evaluation of a scale and the first of the next, "scale k/S (w×h)")
+        for every scale after the first."""
+        marks, done = [], 0
+        for k, scale in enumerate(self.scales[:-1]):
+            done += int(scale.get("evaluations") or 0)
+            w, h = self.scales[k + 1].get("size") or ("?", "?")
+            marks.append((done + 0.5, f"scale {k + 2}/{len(self.scales)} ({w}x{h})"))
+        return marks
+
+    def first_scale(self) -> str:
+        """ "scale 1/S (w×h)" with several scales, else "". """
+        if len(self.scales) < 2:
+            return ""
+        w, h = self.scales[0].get("size") or ("?", "?")
+        return f"scale 1/{len(self.scales)} ({w}x{h})"
+
+
+def file_name(uri: str) -> str:
+    """The last part of a URI or path: what a person recognizes in a table or a caption."""
+    return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
 def final_loss(item: dict) -> float | None:
@@ -105,28 +138,34 @@ def contact_sheet(rows: list[SheetRow], cell: int = 128, warning: str | None = N
     return buf.getvalue()
 
 
-def loss_curve_png(curves: list[tuple[str, list[int], list[float]]], title: str = "total loss per evaluation",
-                   size: tuple[int, int] = (720, 420)) -> bytes:
+def loss_curve_png(curves: list, title: str = "total loss per evaluation",
+                   size: tuple[int, int] = (720, 420), legend_rows: int = 8) -> bytes:
     """All pairs' total loss against evaluation number, one polyline each, on a log10 axis, as PNG bytes.
 
-    ``curves`` is ``[(label, evaluations, totals), ...]`` (a sidecar's compact ``loss_history``).
-    Log scale because the first evaluations are often 10-100x the last; non-positive or
-    non-finite values are left out of a line.
+    ``curves``: ``Curve``s (or ``(label, evaluations, totals[, scales])`` tuples). Log scale because
+    the first evaluations are often 10-100x the last; non-positive or non-finite values are left
+    out of a line. With several scales the loss jumps where a finer scale starts (a new image size,
+    a new sum): a dashed line marks each start and a line is not drawn across it. A legend under
+    the plot names the first ``legend_rows`` pairs in their colours; ``size`` is the plot's, the
+    legend adds its height.
     """
+    curves = [c if isinstance(c, Curve) else Curve(*c) for c in curves]
     w, h = size
     left, right, top, bottom = 70, 20, 34, 44
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
     font = _font(12)
+    lines = [(c, [(e, math.log10(t)) for e, t in zip(c.evaluations, c.totals)
+                  if isinstance(t, (int, float)) and t > 0 and math.isfinite(t)]) for c in curves]
+    lines = [(c, p) for c, p in lines if p]
+    shown = lines[:legend_rows]
+    legend_h = (len(shown) + (len(lines) > len(shown))) * 16 + 8 if lines else 0
+    img = Image.new("RGB", (w, h + legend_h), "white")
+    draw = ImageDraw.Draw(img)
     draw.text((left, 10), title, fill=_INK, font=_font(14))
-    points = [[(e, math.log10(t)) for e, t in zip(evs, totals) if isinstance(t, (int, float)) and t > 0
-               and math.isfinite(t)] for _, evs, totals in curves]
-    points = [p for p in points if p]
-    if not points:
+    if not lines:
         draw.text((left, h // 2), "no loss history recorded", fill=_MUTED, font=font)
         return _png(img)
-    xs = [x for p in points for x, _ in p]
-    ys = [y for p in points for _, y in p]
+    xs = [x for _, p in lines for x, _ in p]
+    ys = [y for _, p in lines for _, y in p]
     x0, x1 = min(xs), max(max(xs), min(xs) + 1)
     lo, hi = min(ys), max(ys)
     pad = max(hi - lo, 0.02) * 0.08  # fit the data, not whole decades: late curves are often flat
@@ -145,16 +184,70 @@ def loss_curve_png(curves: list[tuple[str, list[int], list[float]]], title: str 
         px, _ = at(x, y0)
         draw.text((px - 8, h - bottom + 6), str(int(x)), fill=_MUTED, font=font)
     draw.text(((w - left) // 2, h - 18), "evaluation", fill=_MUTED, font=font)
-    for i, p in enumerate(points):
-        hue = (i * 0.61803) % 1.0
-        colour = tuple(int(255 * c) for c in _hsv(hue, 0.75, 0.8))
-        if len(p) == 1:
-            x, y = at(*p[0])
-            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
-        else:
-            draw.line([at(x, y) for x, y in p], fill=colour, width=2)
-    draw.text((w - right - 120, 10), f"{len(points)} pair(s), log scale", fill=_MUTED, font=font)
+    first = next((c.first_scale() for c, _ in lines if c.first_scale()), "")
+    _scale_marks(draw, first, [m for c, _ in lines for m in c.scale_starts()], at, (left, w - right),
+                 (top, h - bottom), font)
+    for i, (curve, p) in enumerate(lines):
+        colour = _colour(i)
+        cuts = [x for x, _ in curve.scale_starts()]
+        for part in _split(p, cuts):
+            if len(part) == 1:
+                x, y = at(*part[0])
+                draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
+            else:
+                draw.line([at(x, y) for x, y in part], fill=colour, width=2)
+    draw.text((w - right - 120, 10), f"{len(lines)} pair(s), log scale", fill=_MUTED, font=font)
+    for row, (curve, _) in enumerate(shown):
+        y = h + 4 + 16 * row
+        draw.rectangle((left, y + 3, left + 18, y + 10), fill=_colour(row))
+        draw.text((left + 26, y), curve.label, fill=_INK, font=font)
+    if len(lines) > len(shown):
+        draw.text((left + 26, h + 4 + 16 * len(shown)), f"... and {len(lines) - len(shown)} more pairs",
+                  fill=_MUTED, font=font)
     return _png(img)
+
+
+def _colour(i: int) -> tuple[int, int, int]:
+    return tuple(int(255 * c) for c in _hsv((i * 0.61803) % 1.0, 0.75, 0.8))
+
+
+def _split(points: list[tuple[float, float]], cuts: list[float]) -> list[list[tuple[float, float]]]:
+    """``points`` in pieces, one per scale: no line joins the last evaluation of a scale to the first
+    of the next (their losses are sums over different image sizes)."""
+    parts: list[list[tuple[float, float]]] = [[]]
+    bounds = iter(sorted(cuts) + [math.inf])
+    cut = next(bounds)
+    for x, y in points:
+        while x > cut:
+            cut = next(bounds)
+            if parts[-1]:
+                parts.append([])
+        parts[-1].append((x, y))
+    return [part for part in parts if part]
+
+
+def _scale_marks(draw: ImageDraw.ImageDraw, first: str, marks: list[tuple[float, str]], at,
+                 across: tuple[float, float], span: tuple[float, float], font, most: int = 12) -> None:
+    """A dashed vertical line where each scale starts, labelled once per position (pairs of one run
+    usually share them; an early stop moves a pair's); ``first`` labels the first scale. Labels
+    take two rows in turn so that neighbours do not overlap."""
+    seen: dict[float, str] = {}
+    for x, label in marks:
+        seen.setdefault(round(x, 1), label)
+    labels = [(across[0], first)] if first else []
+    for x, label in sorted(seen.items())[:most]:
+        px, _ = at(x, 0)
+        y = span[0]
+        while y < span[1]:
+            draw.line((px, y, px, min(y + 6, span[1])), fill=(120, 120, 160), width=1)
+            y += 9
+        labels.append((px, label))
+    if len(labels) > 7:
+        return  # too many to read: the lines say enough
+    for row, (px, label) in enumerate(labels):
+        width = draw.textlength(label, font=font)
+        x = px + 4 if px + 4 + width <= across[1] else px - 4 - width
+        draw.text((x, span[0] + 3 + 14 * (row % 2)), label, fill=_MUTED, font=font)
 
 
 def _hsv(h: float, s: float, v: float) -> tuple[float, float, float]:
@@ -179,23 +272,26 @@ MAX_CHUNK_ROWS = 100
 
 
 def table_rows(items: list[dict], link=None, limit: int = MAX_TABLE_ROWS) -> list[dict]:
-    """Rows for the Prefect table artifact (capped: the report file has them all).
+    """Rows for the Prefect table artifact (capped: the report file has them all): status, content
+    and style file names, output and sidecar, final loss, seconds (one decimal), error.
 
     ``link(uri)`` returns a URL a browser can open (presigned for S3) or None; outputs and
     sidecars are then Markdown links, which the UI's table renders.
     """
     rows = []
     for item in items[:limit]:
-        loss = final_loss(item)
+        loss, seconds = final_loss(item), item.get("seconds")
         output, sidecar = item.get("output") or "", item.get("sidecar") or ""
         out_url = link(output) if (link and output and item.get("status") != FAILED) else None
         side_url = link(sidecar) if (link and sidecar and item.get("status") != FAILED) else None
-        rows.append({
-            "content": item.get("content"), "style": item.get("style"), "status": item.get("status"),
-            "output": _md_link(output.rsplit("/", 1)[-1] or output, out_url) if output else "",
+        rows.append({  # file names, so that the table fits a screen; the report has the full URIs
+            "status": item.get("status"),
+            "content": file_name(item.get("content") or ""), "style": file_name(item.get("style") or ""),
+            "output": _md_link(file_name(output) or output, out_url) if output else "",
             "sidecar": _md_link("json", side_url) if side_url else "",
             "final_loss": f"{loss:.4g}" if loss is not None else "",
-            "seconds": item.get("seconds"), "error": item.get("error") or "",
+            "seconds": f"{seconds:.1f}" if isinstance(seconds, (int, float)) else "",
+            "error": item.get("error") or "",
         })
     return rows
 
@@ -204,9 +300,15 @@ def summary_markdown(report: dict, links: dict[str, str | None], chunk_links: li
                      warning: str | None = None, rate: str | None = None) -> str:
     """The run's summary: totals, links to the report, contact sheet and loss curve, chunk runs, failures."""
     counts = report["totals"]
-    lines = [f"# stylize-batch `{report.get('flow_run')}`", ""]
+    attempt = report.get("attempt", 1)
+    lines = [f"# stylize-batch `{report.get('flow_run')}`" + (f", attempt {attempt}" if attempt > 1 else ""), ""]
     if warning:
         lines += [f"> **Warning:** {warning}", ""]
+    if attempt > 1:
+        lines += [f"Attempt {attempt} of this flow run (a Retry): each attempt keeps its own report; "
+                  "the first one's is `_runs/{flow_run_id}.json`.", ""]
+    if counts["pairs"] and not counts["done"] and counts["skipped"] == counts["pairs"]:
+        lines += [f"{counts['skipped']} of {counts['pairs']} already done: nothing was stylized.", ""]
     lines += [
         "| pairs | done | skipped | failed |", "|---|---|---|---|",
         f"| {counts['pairs']} | {counts['done']} | {counts['skipped']} | {counts['failed']} |", "",

@@ -10,6 +10,9 @@ function that opens one from a URI, takes the run's credentials (default: boto3'
 
 Bounded time: every S3 request has connect/read timeouts (``S3_TIMEOUTS``) and boto3 makes a
 single attempt; ``retrying()`` is the one retry budget (``RETRY_DELAYS``), for transient errors only.
+A run's ``StorageHealth`` hears of every attempt made with it and declares the storage unreachable
+when every attempt failed for ``OUTAGE_S``; from then on ``retrying`` gives up at once
+(``StorageUnreachableError``), so a run whose endpoint died ends in minutes, not pair by pair.
 Writes are atomic: local files are written under ``{root}/.nst-tmp/`` and renamed into place
 (a crash leaves nothing visible; ``clean_temp()`` removes what a dead process left); S3 objects
 are written with one PutObject.
@@ -19,11 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlparse
@@ -36,6 +41,8 @@ __all__ = [
     "StorageError",
     "MissingObjectError",
     "UnsafeKeyError",
+    "StorageUnreachableError",
+    "StorageHealth",
     "ObjectInfo",
     "Storage",
     "LocalStorage",
@@ -53,6 +60,8 @@ __all__ = [
     "S3_TIMEOUTS",
     "RETRY_DELAYS",
     "TEMP_DIR",
+    "OUTAGE_S",
+    "OUTAGE_MIN_FAILURES",
 ]
 
 T = TypeVar("T")
@@ -62,6 +71,12 @@ S3_TIMEOUTS = (float(os.environ.get("NST_S3_CONNECT_TIMEOUT_S", 10)), float(os.e
 RETRY_DELAYS: tuple[float, ...] = (1.0, 4.0, 10.0)
 #: Local temp files live here under a storage root, outside every listing.
 TEMP_DIR = ".nst-tmp"
+#: Storage is declared unreachable when no attempt succeeded for this long while at least
+#: OUTAGE_MIN_FAILURES attempts failed with transient errors. Env: NST_STORAGE_OUTAGE_S (read per run).
+#: With the S3 timeouts above, a run then ends within OUTAGE_S + 60 s (the attempts in flight
+#: time out) + 70 s (one try at its report): about 4 minutes after the endpoint died.
+OUTAGE_S = 120.0
+OUTAGE_MIN_FAILURES = 3
 
 
 class StorageError(NSTError):
@@ -78,6 +93,77 @@ class MissingObjectError(StorageError):
 
 class UnsafeKeyError(StorageError):
     """A key would resolve outside its storage root."""
+
+
+_UNREACHABLE = re.compile(r"storage unreachable since (\d\d):(\d\d):(\d\d) UTC")
+
+
+class StorageUnreachableError(StorageError):
+    """The run's storage was declared unreachable (``StorageHealth``): no further attempt is made."""
+
+    def __init__(self, since: datetime):
+        super().__init__(f"storage unreachable since {since:%H:%M:%S} UTC")
+        self.since = since
+
+    @staticmethod
+    def parse(text: str) -> datetime | None:
+        """The time in a message this error wrote (a chunk run's state), as the last such UTC time
+        up to now; None when the message is not one."""
+        found = _UNREACHABLE.search(text or "")
+        if not found:
+            return None
+        now = datetime.now(timezone.utc)
+        since = now.replace(hour=int(found[1]), minute=int(found[2]), second=int(found[3]), microsecond=0)
+        return since - timedelta(days=1) if since > now else since
+
+
+class StorageHealth:
+    """Whether a run's storage still answers, from the attempts ``retrying(..., health=)`` makes.
+
+    Declared unreachable when, for ``outage_s`` seconds, no attempt succeeded and at least
+    ``min_failures`` failed with transient errors (timeouts, refused or dropped connections, 5xx):
+    timed from the start of the first failed attempt since the last answer, which is when the
+    endpoint was last known to work. An error that is an answer (404, access denied) counts as
+    reachable. Once declared it stays declared: the run stops starting work and ends. One per run
+    (a value the run passes to its calls, like its credentials), thread-safe."""
+
+    def __init__(self, outage_s: float | None = None, min_failures: int = OUTAGE_MIN_FAILURES):
+        self.outage_s = float(os.environ.get("NST_STORAGE_OUTAGE_S", OUTAGE_S)) if outage_s is None else outage_s
+        self.min_failures = min_failures
+        self._lock = threading.Lock()
+        self._failing: tuple[float, datetime] | None = None  # (monotonic, UTC) start of the streak's first attempt
+        self._failures = 0
+        self._since: datetime | None = None  # set once declared
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self._failing, self._failures = None, 0
+
+    def failed(self, started: float, started_at: datetime) -> None:
+        """A transient failure of an attempt that started at ``started`` (time.monotonic()) / ``started_at``."""
+        with self._lock:
+            if self._failing is None or started < self._failing[0]:
+                self._failing = (started, started_at)
+            self._failures += 1
+
+    def declare(self, since: datetime) -> None:
+        """Declared from elsewhere (a chunk run that found its storage unreachable)."""
+        with self._lock:
+            self._since = self._since or since
+
+    def unreachable_since(self) -> datetime | None:
+        """When the storage stopped answering, once declared unreachable; else None."""
+        with self._lock:
+            if (self._since is None and self._failing is not None and self._failures >= self.min_failures
+                    and time.monotonic() - self._failing[0] >= self.outage_s):
+                self._since = self._failing[1]
+            return self._since
+
+    def check(self) -> None:
+        """Raise ``StorageUnreachableError`` once declared."""
+        since = self.unreachable_since()
+        if since is not None:
+            raise StorageUnreachableError(since)
 
 
 @dataclass(frozen=True)
@@ -442,17 +528,31 @@ def is_transient(err: BaseException) -> bool:
 
 
 def retrying(fn: Callable[[], T], delays: tuple[float, ...] | None = None,
-             should_stop: Callable[[], bool] | None = None) -> T:
+             should_stop: Callable[[], bool] | None = None, health: StorageHealth | None = None) -> T:
     """``fn()``, retried after each transient error with the waits of ``delays`` (default
-    ``RETRY_DELAYS``); any other error, or the last transient one, is raised as is."""
+    ``RETRY_DELAYS``); any other error, or the last transient one, is raised as is. ``health``
+    hears of every attempt; once it declares the storage unreachable no attempt is made and
+    ``StorageUnreachableError`` is raised."""
     waits = list(RETRY_DELAYS if delays is None else delays)
     while True:
+        if health is not None:
+            health.check()
+        started, started_at = time.monotonic(), datetime.now(timezone.utc)
         try:
-            return fn()
+            result = fn()
         except Exception as err:
-            if not waits or not is_transient(err) or (should_stop and should_stop()):
+            transient = is_transient(err)
+            if health is not None:
+                health.failed(started, started_at) if transient else health.succeeded()
+                if transient and health.unreachable_since() is not None:
+                    raise StorageUnreachableError(health.unreachable_since()) from err
+            if not waits or not transient or (should_stop and should_stop()):
                 raise
             time.sleep(waits.pop(0))
+        else:
+            if health is not None:
+                health.succeeded()
+            return result
 
 
 def presigned_url(uri: str, expires_s: int, credentials: StorageCredentials = DEFAULT_CHAIN) -> str:

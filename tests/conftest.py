@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -69,20 +70,18 @@ def prefect_api():
         yield
 
 
-@pytest.fixture
-def fault_proxy(s3_endpoint):
-    """An HTTP proxy on 127.0.0.1 in front of moto that answers about 20% of requests badly:
-    503 SlowDown-style errors, a dropped connection, or a body cut short. Yields its URL and a
-    counter of the faults it injected; stopped after the test."""
+@contextlib.contextmanager
+def _proxy_to(s3_endpoint: str, intercept, answer):
+    """An HTTP proxy on 127.0.0.1 in front of moto, stopped on exit; yields its URL.
+    ``intercept(handler)`` may deal with a request itself (return True) instead of forwarding it;
+    ``answer(handler, status, data)`` writes a forwarded answer's body (the status line and the
+    headers are sent already)."""
     import http.client
-    import random
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from urllib.parse import urlparse
 
     target = urlparse(s3_endpoint)
-    rng, lock = random.Random(7), threading.Lock()
-    faults = {"503": 0, "drop": 0, "cut": 0, "ok": 0}
     hop = {"connection", "keep-alive", "transfer-encoding", "proxy-connection"}
 
     class Handler(BaseHTTPRequestHandler):
@@ -93,20 +92,8 @@ def fault_proxy(s3_endpoint):
 
         def _handle(self):
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            with lock:
-                roll = rng.random()
-            if roll < 0.08:
-                faults["503"] += 1
-                err = b"<Error><Code>ServiceUnavailable</Code><Message>injected</Message></Error>"
-                self.send_response(503)
-                self.send_header("Content-Length", str(len(err)))
-                self.end_headers()
-                self.wfile.write(err)
+            if intercept(self):
                 return
-            if roll < 0.14:
-                faults["drop"] += 1
-                self.close_connection = True
-                return  # no answer at all
             upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
             upstream.request(self.command, self.path, body=body or None,
                              headers={k: v for k, v in self.headers.items() if k.lower() not in hop})
@@ -118,14 +105,7 @@ def fault_proxy(s3_endpoint):
                     self.send_header(k, v)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            if roll < 0.20 and self.command == "GET" and len(data) > 8:
-                faults["cut"] += 1
-                self.wfile.write(data[: len(data) // 2])  # the body cut short, then the connection closed
-                self.close_connection = True
-            else:
-                faults["ok"] += 1
-                if self.command != "HEAD":
-                    self.wfile.write(data)
+            answer(self, resp.status, data)
             upstream.close()
 
         do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
@@ -134,10 +114,68 @@ def fault_proxy(s3_endpoint):
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", faults
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def _write_body(handler, status: int, data: bytes) -> None:
+    if handler.command != "HEAD":
+        handler.wfile.write(data)
+
+
+@pytest.fixture
+def fault_proxy(s3_endpoint):
+    """An HTTP proxy on 127.0.0.1 in front of moto that answers about 20% of requests badly:
+    503 SlowDown-style errors, a dropped connection, or a body cut short. Yields its URL and a
+    counter of the faults it injected; stopped after the test."""
+    import random
+    import threading
+
+    rng, lock = random.Random(7), threading.Lock()
+    faults = {"503": 0, "drop": 0, "cut": 0, "ok": 0}
+
+    def intercept(handler) -> bool:
+        with lock:
+            handler.roll = rng.random()
+        if handler.roll < 0.08:
+            faults["503"] += 1
+            err = b"<Error><Code>ServiceUnavailable</Code><Message>injected</Message></Error>"
+            handler.send_response(503)
+            handler.send_header("Content-Length", str(len(err)))
+            handler.end_headers()
+            handler.wfile.write(err)
+            return True
+        if handler.roll < 0.14:
+            faults["drop"] += 1
+            handler.close_connection = True
+            return True  # no answer at all
+        return False
+
+    def answer(handler, status: int, data: bytes) -> None:
+        if handler.roll < 0.20 and handler.command == "GET" and len(data) > 8:
+            faults["cut"] += 1
+            handler.wfile.write(data[: len(data) // 2])  # the body cut short, then the connection closed
+            handler.close_connection = True
+        else:
+            faults["ok"] += 1
+            _write_body(handler, status, data)
+
+    with _proxy_to(s3_endpoint, intercept, answer) as url:
+        yield url, faults
+
+
+def _short_s3_timeouts(monkeypatch, endpoint: str) -> None:
+    """S3 requests go to ``endpoint`` with 1 s timeouts and 0.1 s retry waits (2 retries)."""
+    from tasks import storage
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    monkeypatch.setattr(storage, "S3_TIMEOUTS", (1.0, 1.0))
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.1, 0.1))
+    storage.clear_clients()
 
 
 @pytest.fixture
@@ -164,14 +202,58 @@ def silent_s3(monkeypatch, s3_endpoint):
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{listener.getsockname()[1]}")
-    monkeypatch.setattr(storage, "S3_TIMEOUTS", (1.0, 1.0))
-    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.1, 0.1))
-    storage.clear_clients()
+    _short_s3_timeouts(monkeypatch, f"http://127.0.0.1:{listener.getsockname()[1]}")
     yield held
     stop.set()
     thread.join()
     listener.close()
     for conn in held:
         conn.close()
+    storage.clear_clients()
+
+
+@pytest.fixture
+def s3_that_goes_silent(monkeypatch, s3_endpoint):
+    """A proxy on 127.0.0.1 in front of moto that forwards every request until ``silent_after``
+    pair sidecars (``….json`` outside ``_runs/``) were written, then accepts and never answers
+    (until ``restore()``); 1 s timeouts and 0.1 s retry waits. Yields a namespace: ``silent_after``
+    (set it before the run), ``silenced_at`` (time.monotonic() when it went silent), ``restore()``."""
+    import threading
+    import time
+    import types
+    from urllib.parse import urlparse
+
+    from tasks import storage
+
+    lock, ended = threading.Lock(), threading.Event()
+    state = types.SimpleNamespace(silent_after=3, sidecars=0, silenced_at=None)
+
+    def restore():
+        with lock:
+            state.silent_after, state.silenced_at = 10**9, None
+
+    def intercept(handler) -> bool:
+        with lock:
+            silent = state.silenced_at is not None
+        if silent:  # accepted, never answered: the client's read timeout ends it
+            ended.wait(30)
+            handler.close_connection = True
+        return silent
+
+    def answer(handler, status: int, data: bytes) -> None:
+        _write_body(handler, status, data)
+        path = urlparse(handler.path).path
+        if handler.command == "PUT" and path.endswith(".json") and "/_runs/" not in path and status == 200:
+            with lock:
+                state.sidecars += 1
+                if state.sidecars >= state.silent_after and state.silenced_at is None:
+                    state.silenced_at = time.monotonic()
+
+    state.restore = restore
+    with _proxy_to(s3_endpoint, intercept, answer) as url:
+        _short_s3_timeouts(monkeypatch, url)
+        try:
+            yield state
+        finally:
+            ended.set()
     storage.clear_clients()

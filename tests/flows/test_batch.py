@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -134,7 +135,7 @@ def test_manifests_jsonl_and_csv_with_a_missing_key(bucket):
     jsonl = "\n".join(json.dumps(r) for r in [
         {"content": "contents/c0.png", "style": "styles/s0.jpg", "output": "named/first"},
         {"content": f"s3://{name}/in/contents/c1.png", "style": "styles/s1.jpg"},
-        {"content": "contents/missing.png", "style": "styles/s1.jpg"},
+        {"content": "contents/missing.png", "style": "styles/s1.jpg", "output": "named/lost"},
     ])
     client.put_object(Bucket=name, Key="in/m.jsonl", Body=jsonl.encode())
     client.put_object(Bucket=name, Key="in/m.csv", Body=b"content,style\ncontents/c1.png,styles/s0.jpg\n")
@@ -145,6 +146,7 @@ def test_manifests_jsonl_and_csv_with_a_missing_key(bucket):
     assert report["totals"] == {"pairs": 3, "done": 2, "skipped": 0, "failed": 1}
     missing = [i for i in report["items"] if i["status"] == "failed"][0]
     assert "in/contents/missing.png" in missing["error"] and "no such object" in missing["error"]
+    assert missing["output"] == f"s3://{name}/out/named/lost.jpg"  # the row's own name, to find it by
     assert {"out/named/first.jpg", "out/named/first.json"} <= set(keys(client, name))
 
     state = run(BatchSource(manifest=f"s3://{name}/in/m.csv"), OutputSpec(uri=f"s3://{name}/csv-out/"))
@@ -402,3 +404,46 @@ def test_colour_preserving_runs_finish_with_per_content_targets(tmp_path, colour
     assert state.is_completed(), state.message
     report = json.loads(next((tmp_path / "out" / "_runs").glob("*.json")).read_text())
     assert [i["status"] for i in report["items"]] == ["done", "done"], report["items"]
+
+
+def test_a_retried_run_keeps_every_attempts_report(tmp_path):
+    """Prefect's Retry button sets a finished run back to Scheduled and runs the SAME flow run id
+    again. Old code wrote that attempt's "running" probe and then its "0 done, 2 skipped" report
+    over `_runs/{id}.json` (pictures None, losses null): the first attempt's record was gone and
+    its artifacts linked to the overwritten file. Now each attempt keeps its own report; the
+    retry's says how much was already done and points at the pictures and sidecars that exist."""
+    from prefect.client.orchestration import get_client
+    from prefect.flow_engine import run_flow
+    from prefect.states import AwaitingRetry
+
+    source = _cross_folders(tmp_path, 2, 1)
+    out = tmp_path / "out"
+    parameters = {"source": source.model_dump(mode="json"), "output": {"uri": str(out)},
+                  "params": PARAMS.model_dump(mode="json"), "run": {}}
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow(stylize_batch)
+        deployment = client.create_deployment(flow_id=flow_id, name=f"retry-{tmp_path.name}",
+                                              entrypoint="flows/batch.py:stylize_batch")
+        flow_run = client.create_flow_run_from_deployment(deployment, parameters=parameters)
+        first = run_flow(stylize_batch, flow_run=client.read_flow_run(flow_run.id), return_type="state")
+        assert first.is_completed(), first.message
+        run_id = str(flow_run.id)
+        first_report = out / "_runs" / f"{run_id}.json"
+        recorded = first_report.read_bytes()
+        assert json.loads(recorded)["totals"]["done"] == 2
+        pictures = {p.name: p.read_bytes() for p in (out / "_runs").glob(f"{run_id}-*")}
+        assert set(pictures) == {f"{run_id}-contact.jpg", f"{run_id}-loss.png"}
+
+        client.set_flow_run_state(flow_run.id, AwaitingRetry(message="Retry from the UI"))  # what the button sends
+        second = run_flow(stylize_batch, flow_run=client.read_flow_run(flow_run.id), return_type="state")
+        assert second.is_completed(), second.message
+        assert client.read_flow_run(flow_run.id).run_count == 2
+
+    assert first_report.read_bytes() == recorded  # the first attempt's record is untouched
+    assert {p.name: p.read_bytes() for p in (out / "_runs").glob(f"{run_id}-*") if p.name in pictures} == pictures
+    retry = json.loads((out / "_runs" / f"{run_id}-attempt-2.json").read_text())
+    assert retry["attempt"] == 2 and retry["totals"] == {"pairs": 2, "done": 0, "skipped": 2, "failed": 0}
+    assert retry["contact_sheet"] == str(out / "_runs" / f"{run_id}-contact.jpg")  # the pictures that exist
+    assert retry["loss_curve"] and (out / "_runs" / retry["loss_curve"].rsplit("/", 1)[1]).exists()
+    assert all(Path(i["sidecar"]).exists() for i in retry["items"])  # the records that exist
+    assert f"{run_id}-attempt-2.json" in second.message

@@ -46,7 +46,7 @@ def test_form_titles_read_as_words_not_parameter_names():
     props = current_schema()["properties"]
     titles = {name: p["title"] for name, p in props.items()}
     assert titles == {"source": "Images to stylize", "output": "Where results go", "params": "Style settings",
-                      "run": "Run settings (advanced)"}
+                      "run": "Run settings"}
     assert [n for n, _ in sorted(props.items(), key=lambda kv: kv[1]["position"])] == ["source", "output", "params",
                                                                                         "run"]
 
@@ -58,7 +58,9 @@ def test_source_is_a_choice_of_kind_with_plain_text_fields():
     source = schema["properties"]["source"]
     assert [m["$ref"] for m in source["anyOf"]] == ["#/definitions/PrefixSource", "#/definitions/ManifestSource"]
     prefixes, manifest = schema["definitions"]["PrefixSource"], schema["definitions"]["ManifestSource"]
-    assert prefixes["properties"]["kind"]["const"] == "prefixes" and manifest["properties"]["kind"]["const"] == "manifest"
+    for model, kind in ((prefixes, "prefixes"), (manifest, "manifest")):  # kind: accepted and checked, not shown
+        assert "kind" not in model["properties"] and "^kind$" in model["patternProperties"]
+        assert model["not"] == {"required": ["kind"], "properties": {"kind": {"not": {"const": kind}}}}
     assert set(prefixes["required"]) == {"contents", "styles"} and manifest["required"] == ["manifest"]
     for model in (prefixes, manifest):
         for field in model["properties"].values():
@@ -140,3 +142,85 @@ def test_prefect_yaml_gives_workers_their_storage_environment_without_secrets():
         env = d["work_pool"]["job_variables"]["env"]
         assert env["AWS_ENDPOINT_URL_S3"] == "{{ $AWS_ENDPOINT_URL_S3 }}" and env["AWS_DEFAULT_REGION"]
         assert not [k for k in env if any(w in k for w in ("KEY", "SECRET", "TOKEN", "PASSWORD"))], env
+
+
+def _server_refusal(parameters: dict) -> str:
+    """What the Prefect server answers (409 detail) when a run's parameters break the deployment's
+    schema: the same check, the same message (prefect.server.api.deployments.create_flow_run...)."""
+    from prefect.utilities.schema_tools.validation import ValidationError, validate
+
+    with pytest.raises(ValidationError) as err:
+        validate(parameters, current_schema(), raise_on_error=True)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("source, field", [
+    ({"contents": "", "styles": "s3://b/s/"}, "source.contents"),
+    ({"kind": "prefixes", "contents": "", "styles": "s3://b/s/"}, "source.contents"),
+    ({"kind": "prefixes", "contents": "s3://b/c/", "styles": ""}, "source.styles"),
+    ({"kind": "manifest", "manifest": ""}, "source.manifest"),
+])
+def test_the_servers_refusal_of_an_empty_field_names_it(source, field):
+    """Old: "Validation failed for field 'source'. Failure reason: {...} is not valid under any of
+    the given schemas" (and 'source.kind': "'prefixes' was expected" for an empty manifest)."""
+    message = _server_refusal({"source": source, "output": {"uri": "s3://b/o/"}, "params": {"iterations": 0}})
+    assert f"field '{field}'" in message and "must not be empty" in message, message
+    message = _server_refusal({"source": {"contents": "s3://b/c/", "styles": "s3://b/s/"}, "output": {"uri": ""}})
+    assert "field 'output.uri'" in message and "must not be empty" in message, message
+
+
+def test_the_schema_still_refuses_what_the_flow_refuses():
+    from prefect.utilities.schema_tools.validation import validate
+
+    ok = {"output": {"uri": "s3://b/o/"}}
+    for bad in ({"kind": "manifest", "contents": "s3://b/c/", "styles": "s3://b/s/"},
+                {"kind": "other", "contents": "s3://b/c/", "styles": "s3://b/s/"},
+                {"kind": "prefixes", "manifest": "s3://b/m.csv"},
+                {"contents": " s3://b/c/", "styles": "s3://b/s/"}):
+        assert validate({"source": bad, **ok}, current_schema()), bad
+    for good in ({"contents": "s3://b/c/", "styles": "s3://b/s/"}, {"kind": "manifest", "manifest": "s3://b/m.csv"},
+                 {"kind": "prefixes", "contents": "s3://b/c/", "styles": "s3://b/s/", "pairing": "zip"}):
+        assert not validate({"source": good, **ok}, current_schema()), good
+
+
+def _properties(schema: dict):
+    for name, model in schema["definitions"].items():
+        for field, prop in model.get("properties", {}).items():
+            yield f"{name}.{field}", prop
+
+
+def test_the_form_shows_only_what_a_person_can_change_in_one_line_each():
+    """Old form: a "Source kind — const and cannot be changed" box, "Property is type None" toggles
+    (anyOf with null), "(advanced) (Optional)" labels and paragraph-long descriptions."""
+    schema = current_schema()
+    for name, prop in _properties(schema):
+        assert "const" not in prop, name  # nothing the person cannot change
+        assert not any(m.get("type") == "null" for m in prop.get("anyOf", [])), name  # no None toggle
+        assert "(advanced)" not in prop["title"], name
+        assert len(prop.get("description", "")) <= 100 and "\n" not in prop.get("description", ""), name
+    for name, prop in schema["properties"].items():
+        assert len(prop["description"]) <= 100 and "(advanced)" not in prop["title"], name
+    for name, model in schema["definitions"].items():
+        assert len(model.get("description", "")) <= 100 and "\n" not in model.get("description", ""), name
+    run = list(schema["definitions"]["RunOptions"]["properties"])
+    assert run[:3] == ["fan_out", "max_failures", "chunk_size"], run  # the everyday run settings first
+
+
+def test_production_deployments_send_work_to_the_gpu_pool_by_default():
+    """Old on-demand: no parameters, so fan_out defaulted to local and a run started with only the
+    required fields stylized on the light control pool."""
+    spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+    by_name = {d["name"]: d for d in spec["deployments"]}
+    for name in ("nightly", "on-demand"):
+        assert by_name[name]["work_pool"]["name"] == "nst-control"
+        assert by_name[name]["parameters"]["run"]["fan_out"] == "workers", name
+        chunk = by_name[name]["parameters"]["run"].get("chunk_deployment", "stylize-chunk/worker")
+        assert chunk == "stylize-chunk/" + by_name["worker"]["name"] and by_name["worker"]["work_pool"]["name"] == "nst-gpu"
+
+
+def test_the_nightly_description_says_when_in_which_timezone():
+    """The UI shows the schedule as "At 02:00 AM every day" without its timezone."""
+    spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+    nightly = next(d for d in spec["deployments"] if d["name"] == "nightly")
+    minute, hour = nightly["schedules"][0]["cron"].split()[:2]
+    assert f"{int(hour):02d}:{int(minute):02d} {nightly['schedules'][0]['timezone']}" in nightly["description"]

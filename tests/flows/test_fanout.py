@@ -24,12 +24,26 @@ def test_a_retried_parent_never_reuses_a_chunk_for_other_pairs():
     """Re-planning after some chunks finished shifts pairs between chunk positions; a key made from
     the position (the old way) would hand new pairs to an old child, which never runs them."""
     todo = [plan(i) for i in range(10)]
-    first = dict(plan_chunks(todo, 4, "parent"))
-    retried = dict(plan_chunks(todo, 4, "parent", done={0, 1, 2, 3}))  # chunk 0 finished before the retry
+    first = dict(plan_chunks(todo, 4, "s3://b/out/"))
+    retried = dict(plan_chunks(todo, 4, "s3://b/out/", done={0, 1, 2, 3}))  # chunk 0 finished before the retry
     for key, pairs in retried.items():
         assert key not in first or [p.index for p in first[key]] == [p.index for p in pairs]
     assert sorted(p.index for pairs in retried.values() for p in pairs) == list(range(4, 10))
-    assert dict(plan_chunks(todo, 4, "parent")).keys() == first.keys()  # the same plan finds the same children
+    assert dict(plan_chunks(todo, 4, "s3://b/out/")).keys() == first.keys()  # the same plan finds the same children
+
+
+def test_a_chunk_is_keyed_by_its_content_and_output_never_by_its_parent():
+    """Any parent that plans the same pairs into the same output names the same chunks (so a new
+    parent finds the running chunk runs of a dead one); another output prefix is other work."""
+    import inspect
+
+    todo = [plan(i) for i in range(4)]
+    assert "parent_id" not in inspect.signature(plan_chunks).parameters
+    keys = [key for key, _ in plan_chunks(todo, 2, "s3://b/out/")]
+    assert keys == [key for key, _ in plan_chunks(list(todo), 2, "s3://b/out/")]
+    assert not set(keys) & {key for key, _ in plan_chunks(todo, 2, "s3://b/other/")}
+    renamed = [todo[0], PairPlan(1, "c1", "s", "cid", "sid", "renamed", "renamed.jpg", "renamed.json", "key1")]
+    assert [key for key, _ in plan_chunks(renamed, 2, "s3://b/out/")] != keys[:1]
 
 
 @pytest.fixture
@@ -149,39 +163,38 @@ def test_polling_more_than_200_chunk_runs_reads_them_all(prefect_api):
 
 def test_a_retried_parent_keeps_every_chunk_key_of_pairs_still_in_flight():
     plans = [plan(i) for i in range(12)]
-    first = dict(plan_chunks(plans, 4, "parent"))
+    first = dict(plan_chunks(plans, 4, "out"))
     assert len(first) == 3
-    retried = dict(plan_chunks(plans, 4, "parent", done={0, 5}))  # 2 of 12 pairs finished before the retry
+    retried = dict(plan_chunks(plans, 4, "out", done={0, 5}))  # 2 of 12 pairs finished before the retry
     assert retried.keys() == first.keys()  # every old child (maybe still running) is found again by its key
     for key, pairs in retried.items():
         assert [p.index for p in pairs] == [p.index for p in first[key]]
-    all_done = dict(plan_chunks(plans, 4, "parent", done={0, 1, 2, 3}))
+    all_done = dict(plan_chunks(plans, 4, "out", done={0, 1, 2, 3}))
     assert all_done.keys() == first.keys() - {next(iter(first))}  # a chunk whose pairs are all done is not started
 
 
-def test_a_cancelled_child_with_the_same_key_is_started_again(chunk_deployment_without_worker):
+def test_a_chunk_run_that_ended_is_never_returned_for_its_content(chunk_deployment_without_worker):
+    """Last night's run of the same chunk (Completed, maybe with failed pairs; or Cancelled) is never
+    found again by an idempotency key: the pairs that are not done need a new run, reporting elsewhere."""
     from prefect.client.orchestration import get_client
-    from prefect.states import Cancelled
+    from prefect.states import Cancelled, Completed
 
+    tag = fanout.content_tag("abc")
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name(chunk_deployment_without_worker)
-        old = client.create_flow_run_from_deployment(deployment.id, idempotency_key="p:chunk:abc",
+        old = client.create_flow_run_from_deployment(deployment.id, idempotency_key=f"{tag}:0", tags=[tag],
                                                      parameters={"report_key": "_runs/p/chunk-abc.json"})
-        client.set_flow_run_state(old.id, Cancelled(), force=True)
-        child, report = fanout.start_chunk(chunk_deployment_without_worker, "p:chunk:abc",
-                                          {"report_key": "_runs/p/chunk-abc.json"}, "chunk-0000", ["t"])
-        assert str(child.id) != str(old.id)
+        client.set_flow_run_state(old.id, Completed(), force=True)
+        # the next key taken by a run without the tag (as after old runs were deleted): skipped as well
+        taken = client.create_flow_run_from_deployment(deployment.id, idempotency_key=f"{tag}:1",
+                                                       parameters={"report_key": "_runs/q/chunk-abc.json"})
+        client.set_flow_run_state(taken.id, Cancelled(), force=True)
+        child = fanout.start_chunk(client, chunk_deployment_without_worker, "abc",
+                                   {"report_key": "_runs/p/chunk-abc.json"}, "chunk-0000", ["nst-parent:p"])
+        assert str(child.id) not in (str(old.id), str(taken.id))
         assert client.read_flow_run(child.id).state.name == "Scheduled"
-        assert report != "_runs/p/chunk-abc.json"  # the new attempt reports elsewhere
-        completed = client.create_flow_run_from_deployment(deployment.id, idempotency_key="p:chunk:done",
-                                                           parameters={"report_key": "_runs/p/chunk-done.json"})
-        client.set_flow_run_state(completed.id, Cancelled(), force=True)
-        from prefect.states import Completed
-
-        client.set_flow_run_state(completed.id, Completed(), force=True)
-        again, report = fanout.start_chunk(chunk_deployment_without_worker, "p:chunk:done",
-                                          {"report_key": "x"}, "chunk-0001", ["t"])
-        assert str(again.id) == str(completed.id) and report == "_runs/p/chunk-done.json"  # merged, not redone
+        assert child.parameters["report_key"] == "_runs/p/chunk-abc-attempt-2.json"  # not the old run's report
+        assert {tag, "nst-parent:p"} <= set(child.tags)
 
 
 # --- the parent stops (Ctrl-C, crash): its chunk runs stop too -----------------------------------------
@@ -232,10 +245,15 @@ def test_ctrl_c_while_waiting_cancels_the_chunk_runs(tmp_path, monkeypatch, chun
     with pytest.raises(KeyboardInterrupt):
         stylize_batch(source, output, tiny_params(),
                       RunOptions(fan_out="workers", chunk_size=2, chunk_deployment=chunk_deployment_without_worker))
-    parents = {c.tags[0] for c in _recent_chunks(chunk_deployment_without_worker)}
+    parents = {_parent_id(c) for c in _recent_chunks(chunk_deployment_without_worker)}
     assert len(parents) == 1
-    kids = _children(parents.pop().split(":", 1)[1])
+    kids = _children(parents.pop())
     assert len(kids) == 2 and all(k.state.name in ("Cancelling", "Cancelled") for k in kids), [k.state for k in kids]
+
+
+def _parent_id(chunk_run) -> str:
+    """The parent a chunk run was started by (its nst-parent tag; the API keeps tags sorted)."""
+    return next(t for t in chunk_run.tags if t.startswith("nst-parent:")).split(":", 1)[1]
 
 
 def _recent_chunks(deployment_name: str):
@@ -261,7 +279,7 @@ def test_a_queued_chunk_is_timed_from_its_own_start(tmp_path, monkeypatch, chunk
         kids = _recent_chunks(chunk_deployment_without_worker)
         if not kids:
             return
-        kids = _children(kids[0].tags[0].split(":", 1)[1])
+        kids = _children(_parent_id(kids[0]))
         t = clock.sleeps * clock.step
         with get_client(sync_client=True) as client:
             for n, when in ((0, 0), (1, 60)):
@@ -294,7 +312,7 @@ def test_a_chunk_running_past_its_deadline_is_cancelled_with_that_reason(tmp_pat
         kids = _recent_chunks(chunk_deployment_without_worker)
         if kids:
             with get_client(sync_client=True) as client:
-                for k in _children(kids[0].tags[0].split(":", 1)[1]):
+                for k in _children(_parent_id(kids[0])):
                     if k.state.name == "Scheduled":
                         client.set_flow_run_state(k.id, Running(), force=True)
 
@@ -375,7 +393,7 @@ def test_a_transient_api_error_while_polling_is_retried(tmp_path, monkeypatch, c
         kids = _recent_chunks(chunk_deployment_without_worker)
         if len(failures) == 2 and kids:
             with get_client(sync_client=True) as client:
-                for k in _children(kids[0].tags[0].split(":", 1)[1]):
+                for k in _children(_parent_id(kids[0])):
                     if not k.state.is_final():
                         client.set_flow_run_state(k.id, Completed(), force=True)
 
@@ -473,3 +491,108 @@ def test_cancelling_a_parent_run_through_the_api_cancels_its_chunk_runs(tmp_path
             assert all(client.read_flow_run(k.id).state.name in ("Cancelling", "Cancelled") for k in (running, queued))
     finally:
         stop_process(proc, timeout=30)
+
+
+# --- a new parent adopts the chunk runs of a dead one (kill -9: no hook ran) ----------------------------
+
+def _complete_every_chunk(deployment_name: str):
+    """A fake GPU worker (a FakeClock's on_sleep): the deployment's unfinished chunk runs complete,
+    writing nothing."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed
+
+    def on_sleep(clock):
+        with get_client(sync_client=True) as client:
+            for run in _recent_chunks(deployment_name):
+                if not run.state.is_final():
+                    client.set_flow_run_state(run.id, Completed(), force=True)
+
+    return on_sleep
+
+
+def _tagged(tag: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])))
+
+
+@pytest.mark.slow
+def test_a_new_parent_adopts_a_running_chunk_of_a_dead_one_and_reruns_a_finished_ones_pairs(
+        tmp_path, monkeypatch, chunk_deployment_without_worker):
+    """Chunk 0 is still running for a parent that died (its tag names that parent); chunk 1 ran last
+    night and completed (its failed pairs need another try). The new parent waits for chunk 0's run and
+    merges it instead of starting another, and starts a new run for chunk 1."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Running
+
+    from tasks.plan import plan_pairs, source_entries
+
+    source, output = _folders(tmp_path, contents=4)
+    params = tiny_params()
+    plans = plan_pairs(source_entries(source), params, "random(seed=0)", output.format, output.quality)
+    (key0, _), (key1, _) = plan_chunks(plans, 2, output.uri)
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(chunk_deployment_without_worker)
+        orphan = client.create_flow_run_from_deployment(
+            deployment.id, tags=["nst-parent:dead", fanout.content_tag(key0)],
+            idempotency_key=f"{fanout.content_tag(key0)}:0", parameters={"report_key": "_runs/dead/chunk-0.json"})
+        client.set_flow_run_state(orphan.id, Running(), force=True)
+        last_night = client.create_flow_run_from_deployment(
+            deployment.id, tags=["nst-parent:yesterday", fanout.content_tag(key1)],
+            idempotency_key=f"{fanout.content_tag(key1)}:0", parameters={"report_key": "_runs/yesterday/c.json"})
+        client.set_flow_run_state(last_night.id, Completed(), force=True)
+
+    monkeypatch.setattr(fanout, "time", FakeClock(_complete_every_chunk(chunk_deployment_without_worker)))
+    state = stylize_batch(source, output, params, RunOptions(fan_out="workers", chunk_size=2,
+                                                             chunk_deployment=chunk_deployment_without_worker),
+                          return_state=True)
+    run_id = str(state.state_details.flow_run_id)
+    report = json.loads((tmp_path / "out" / "_runs" / f"{run_id}.json").read_text())
+    ran = {c["chunk"]: c["flow_run_id"] for c in report["chunks"]}
+    assert ran[0] == str(orphan.id)  # adopted: merged, not doubled
+    assert ran[1] != str(last_night.id)  # a finished run is never taken for the pairs still to do
+    assert [str(r.id) for r in _tagged(fanout.content_tag(key0))] == [str(orphan.id)]
+    assert len(_tagged(fanout.content_tag(key1))) == 2
+    assert fanout.parent_tag(run_id) in [t for r in _tagged(fanout.content_tag(key0)) for t in r.tags]
+
+
+@pytest.mark.slow
+def test_a_parent_whose_chunk_lost_storage_cancels_the_others_and_ends_failed_with_the_reason(
+        tmp_path, monkeypatch, chunk_deployment_without_worker):
+    """A chunk run ends Failed with "storage unreachable since …" (it could not write its report): the
+    parent does not wait for the others (each would wait out the outage on its own, one after another),
+    cancels them, reports every pair with the reason and ends Failed, without reading storage for them."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Failed, Running
+
+    source, output = _folders(tmp_path, contents=4)
+    reads = []
+
+    def chunk0_loses_storage(clock):
+        kids = _recent_chunks(chunk_deployment_without_worker)
+        if not kids:
+            return
+        kids = _children(_parent_id(kids[0]))
+        with get_client(sync_client=True) as client:
+            for n, kid in enumerate(kids):
+                if kid.state.name == "Scheduled":
+                    client.set_flow_run_state(kid.id, Running(), force=True)
+                elif n == 0 and clock.sleeps >= 2 and kid.state.name == "Running":
+                    client.set_flow_run_state(kid.id, Failed(
+                        message="storage unreachable since 12:34:56 UTC: 2 of 2 pairs not run"), force=True)
+
+    monkeypatch.setattr(fanout, "time", FakeClock(chunk0_loses_storage))
+    monkeypatch.setattr(fanout.ChunkWatcher, "_read_report", lambda self, key: reads.append(key))
+    state = stylize_batch(source, output, tiny_params(),
+                          RunOptions(fan_out="workers", chunk_size=2, chunk_timeout_s=30,
+                                     chunk_deployment=chunk_deployment_without_worker), return_state=True)
+    assert state.is_failed() and "storage unreachable since 12:34:56 UTC" in state.message, state.message
+    run_id = str(state.state_details.flow_run_id)
+    report = json.loads((tmp_path / "out" / "_runs" / f"{run_id}.json").read_text())
+    assert [i["status"] for i in report["items"]] == ["failed"] * 4
+    assert all("storage unreachable since 12:34:56 UTC" in i["error"] for i in report["items"]), report["items"]
+    assert reads == []
+    kids = _children(run_id)
+    assert [k.state.name for k in kids][0] == "Failed" and kids[1].state.name in ("Cancelling", "Cancelled")

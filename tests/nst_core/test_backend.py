@@ -144,3 +144,12 @@ def test_bf16_runs_keep_their_fp32_grams_exact():
     # The README says Grams and losses stay fp32; with TF32 on under bf16 they were not.
     assert not backend.uses_tf32("bf16") and not backend.uses_tf32("fp16") and not backend.uses_tf32("fp32")
     assert backend.uses_tf32("tf32")
+
+
+def test_auto_is_fp32_for_small_outputs(monkeypatch):
+    _capability(monkeypatch, 9, 0)
+    assert resolve_precision("auto", CUDA, 255) == "fp32" and resolve_precision("auto", CUDA, 256) == "bf16"
+    assert resolve_precision("bf16", CUDA, 64) == "bf16"  # asked for: honoured
+    monkeypatch.setattr(backend, "_cpu_has_bf16", lambda: True)
+    assert resolve_precision("auto", torch.device("cpu"), 64) == "fp32"
+    assert resolve_precision("auto", torch.device("cpu"), 512) == "bf16"

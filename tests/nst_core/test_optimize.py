@@ -1,6 +1,7 @@
 import dataclasses
 import math
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,11 +15,11 @@ from nst_core.objective import Objective
 from nst_core.vgg import FeatureExtractor
 from torchvision.transforms.functional import to_pil_image
 
-from helpers import pattern
+from helpers import engine_device, pattern
 
 
 def params(**kw) -> StyleParams:
-    return StyleParams(**{"weights": "random", "device": "cpu", "image_size": 64, "iterations": 8, **kw})
+    return StyleParams(**{"weights": "random", "device": engine_device(), "image_size": 64, "iterations": 8, **kw})
 
 
 def test_lbfgs_halves_the_loss_in_20_evaluations(images):
@@ -203,6 +204,7 @@ def test_progress_total_counts_evaluations_over_all_scales(images):
     assert [e.iteration for e in events] == list(range(1, 15)) and {e.total for e in events} == {14}
     assert [e.scale for e in events] == sorted(e.scale for e in events) and events[-1].scale == events[-1].scales == 3
     assert [e.size for e in events][-1] == 64 and events[0].size == 32
+    assert events[0].where == "scale 1/3 (32×24)" and events[-1].where == "scale 3/3 (64×48)"
     ran = result.metadata["scales"]
     assert [s["evaluations"] for s in ran] == [7, 4, 3] and ran[-1]["size"] == [64, 48] and ran[0]["size"] == [32, 24]
     # each scale starts from the previous result upsampled, not from scratch
@@ -245,7 +247,8 @@ def test_stop_tolerance_ends_early_and_records_the_evaluations_run(images):
 
     result = stylize(*images, params(iterations=80, scales=1, stop_tolerance=0.9))
     assert len(result.history) == STOP_WINDOW + 1 == result.metadata["evaluations"]
-    assert result.metadata["scales"][0] == {"size": [64, 48], "evaluations": STOP_WINDOW + 1, "planned": 80}
+    assert result.metadata["scales"][0] == {"size": [64, 48], "evaluations": STOP_WINDOW + 1, "planned": 80,
+                                            "precision": "fp32", "exact_tail": 0}
     assert len(stylize(*images, params(iterations=30, scales=1)).history) == 30  # off by default
 
 
@@ -279,17 +282,38 @@ def test_coarse_scales_too_thin_for_the_layers_are_left_out(images):
     assert result.metadata["evaluations"] == 6
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: the coarse-to-fine default loses to single-scale fp32 here")
-def test_default_coarse_to_fine_is_no_worse_than_single_scale_fp32_at_equal_cost(images):
-    # Cost in evaluation-equivalents: an evaluation at a coarse scale counts (its pixels / output
-    # pixels) of one. Direction only, with a generous margin; speed itself is benchmarks/speed.py.
-    content, style = images
-    default = stylize(content, style, params(iterations=42, init="noise"))
-    full = 64 * 48
-    cost = sum(s["evaluations"] * s["size"][0] * s["size"][1] / full for s in default.metadata["scales"])
-    assert len(default.metadata["scales"]) == 3 and cost < 0.5 * 42
-    single = stylize(content, style, params(iterations=math.ceil(cost), init="noise", scales=1, precision="fp32"))
-    assert default.losses["final"]["total"] <= single.losses["final"]["total"]
+PHOTOS = Path(__file__).resolve().parents[2] / "examples" / "photos"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("content,style", [("chelsea", "gravel"), ("camera", "brick")])  # gravel: high frequency
+def test_the_default_is_never_worse_than_single_scale_fp32_at_equal_evaluations(content, style):
+    # The coarse-to-fine default lost to the paper's method on real photographs (1.15-1.47x);
+    # the default (single scale, bf16 from 256 px where native) must reach a final fp32 loss no
+    # higher, 2% slack for bf16 rounding, at an equal count of evaluations.
+    c = Image.open(PHOTOS / "contents" / f"{content}.png").convert("RGB")
+    s = Image.open(PHOTOS / "styles" / f"{style}.png").convert("RGB")
+    default = stylize(c, s, params(iterations=30, image_size=256))
+    single = stylize(c, s, params(iterations=30, image_size=256, scales=1, precision="fp32"))
+    assert default.metadata["evaluations"] == single.metadata["evaluations"] == 30
+    assert default.losses["final"]["total"] <= 1.02 * single.losses["final"]["total"]
+
+
+def _noise(seed: int) -> Image.Image:
+    gen = torch.Generator().manual_seed(seed)
+    return to_pil_image(torch.rand(3, 48, 64, generator=gen))
+
+
+@pytest.mark.parametrize("scales", [None, 3])
+def test_noise_on_noise_never_ends_far_above_where_it_started(scales):
+    # 64 px noise x noise, 20 evaluations: coarse to fine ended 600x above its start (0.008 ->
+    # 4.94), the blurred upsampled coarse result far from anything the output size starts from.
+    p = params(iterations=20, **({"scales": scales} if scales else {}))
+    result = stylize(_noise(1), _noise(2), p)
+    single = stylize(_noise(1), _noise(2), params(iterations=20, scales=1, precision="fp32"))
+    assert result.losses["final"]["total"] <= result.losses["initial"]["total"]
+    if scales is None:  # the default
+        assert result.losses["final"]["total"] <= 1.02 * single.losses["final"]["total"]
 
 
 def test_tf32_off_cuda_is_plain_fp32_and_recorded_so(images):
@@ -404,3 +428,27 @@ def test_a_coarse_scale_never_runs_a_single_useless_evaluation(images):
     result = stylize(*images, params(iterations=5, scales=3, init="noise"))
     assert all(s["evaluations"] != 1 for s in result.metadata["scales"][:-1])
     assert result.metadata["evaluations"] == 5
+
+
+def test_out_of_memory_is_one_line_naming_the_pair_and_frees_what_it_held(images, monkeypatch):
+    import weakref
+
+    from nst_core import DeviceMemoryError
+
+    held = []
+    real = Objective.__call__
+
+    def oom(self, x, dtype=None):
+        big = torch.empty(1 << 20)
+        held.append(weakref.ref(big))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 23.65 GiB total)")
+
+    monkeypatch.setattr(Objective, "__call__", oom)
+    with pytest.raises(DeviceMemoryError) as err:
+        stylize(*images, params(), content_name="scan-0042.tif")
+    msg = str(err.value)
+    assert msg == "scan-0042.tif: out of memory on cpu at image_size=64; reduce image_size or use tile_size"
+    assert err.value.__context__ is None and err.value.__cause__ is None  # no traceback keeps the tensors
+    assert held and held[0]() is None
+    monkeypatch.setattr(Objective, "__call__", real)
+    assert stylize(*images, params(iterations=2)).metadata["evaluations"] == 2  # the next pair runs

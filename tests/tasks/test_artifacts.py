@@ -79,8 +79,8 @@ def test_s3_run_shows_contact_sheet_loss_curve_links_and_progress(bucket):
     assert all(a.key is None for v in arts.values() for a in v)  # not a deployment run: unkeyed
 
 
-def test_local_folder_pictures_are_embedded(tmp_path):
-    """A file:// URL does not load in the UI's page; a local run's pictures are data: URLs."""
+def _local_run(tmp_path):
+    """One pair from local folders into tmp_path/out, random weights, no labels; its final state."""
     (tmp_path / "c").mkdir()
     (tmp_path / "s").mkdir()
     pattern((32, 24), "content").save(tmp_path / "c" / "a.png")
@@ -88,6 +88,12 @@ def test_local_folder_pictures_are_embedded(tmp_path):
     state = stylize_batch(BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s")),
                           OutputSpec(uri=str(tmp_path / "out")), PARAMS, RunOptions(), return_state=True)
     assert state.is_completed(), state.message
+    return state
+
+
+def test_local_folder_pictures_are_embedded(tmp_path):
+    """A file:// URL does not load in the UI's page; a local run's pictures are data: URLs."""
+    state = _local_run(tmp_path)
     images = _artifacts(state.state_details.flow_run_id)["image"]
     assert len(images) == 2
     for art in images:
@@ -134,3 +140,64 @@ def test_fan_out_contact_sheet_rows_are_captioned_from_the_chunk_reports(tmp_pat
     monkeypatch.setattr(artifacts, "contact_sheet", lambda rows, warning=None: seen.setdefault("rows", rows) and b"x")
     artifacts.write_pictures(open_storage(str(tmp_path)), "run", parent_items, rows, None)
     assert [r.caption for r in seen["rows"]] == ["7.png + x.png   final loss 17", "3.png + x.png   final loss 13"]
+
+
+def _recording_progress(monkeypatch):
+    sent = []
+    monkeypatch.setattr("prefect.artifacts.create_progress_artifact", lambda *a, **k: "id")
+    monkeypatch.setattr("prefect.artifacts.update_progress_artifact",
+                        lambda artifact_id, progress, description=None, **k: sent.append((progress, description)))
+    return sent
+
+
+def test_progress_always_sends_the_last_state(monkeypatch):
+    """Old card: updates within 2 s were dropped and the last one never sent, so when a chunk's
+    pairs arrived at once the card stayed behind ("1 of 8" after 2 pairs) until the run ended.
+    Now the last state is sent as soon as the interval allows, without waiting for another update."""
+    import time
+
+    sent = _recording_progress(monkeypatch)
+    progress = RunProgress(8, every_s=0.3)
+    for finished in (1, 2):  # one chunk of two pairs, merged at once
+        progress.update(finished)
+    deadline = time.monotonic() + 5
+    while not (sent and sent[-1][1].startswith("2 of 8")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sent[-1][0] == 25.0 and sent[-1][1].startswith("2 of 8 pairs finished"), sent
+    progress.close()
+
+
+def test_progress_of_a_run_with_nothing_to_do_says_so(monkeypatch):
+    """Old card of an all-skipped run: "0 of 0 pairs finished, 0.00 pairs/s, took 0s"."""
+    sent = _recording_progress(monkeypatch)
+    progress = RunProgress(0, pairs=8, already=8)
+    progress.update(0, final=True)
+    assert sent[-1][0] == 100.0 and sent[-1][1].startswith("8 of 8 already done"), sent
+    partly = RunProgress(3, pairs=8, already=5)
+    partly.update(3, final=True)
+    assert sent[-1][1].startswith("3 of 3 pairs finished") and "5 of 8 already done" in sent[-1][1], sent
+
+
+HUMAN_TITLES = ("Contact sheet", "Loss curve", "Pairs", "Run report", "Summary", "Progress")
+
+
+def test_every_artifact_is_described_for_a_person_and_random_weights_are_on_the_pictures(tmp_path):
+    """Artifact cards are titled with their machine keys (stylize-batch-on-demand-contact-sheet), so
+    each description starts with what it is, of which run, and what it shows. Old: the progress card
+    had only its numbers, and weights="random" chosen in the form put no warning on the contact sheet
+    (only the demo's fallback did); now every random-weights run says so on its pictures."""
+    import numpy as np
+
+    state = _local_run(tmp_path)
+    report = state.result()
+    arts = [a for kind in _artifacts(state.state_details.flow_run_id).values() for a in kind]
+    assert len(arts) == 6
+    for art in arts:
+        title, _, rest = art.description.partition(" of run ")
+        assert title in HUMAN_TITLES and rest.startswith(f"{report['flow_run']}: ") and len(rest.split()) >= 5, \
+            art.description
+    sheet = np.asarray(Image.open(tmp_path / "out" / "_runs" / f"{report['flow_run_id']}-contact.jpg").convert("RGB"))
+    top = sheet[:24].astype(int)
+    assert ((top[..., 0] > 140) & (top[..., 1] < 80)).sum() > 20  # the red warning line
+    summary = next(a for a in arts if a.description.startswith("Summary")).data
+    assert "random" in summary.lower() and "Warning" in summary

@@ -8,6 +8,7 @@ import pytest
 from tasks import pipeline
 from tasks.contract import PairPlan, ReportItem
 from tasks.pair import PairDone
+from tasks.storage import StorageHealth
 
 
 def plan(i: int) -> PairPlan:
@@ -16,6 +17,9 @@ def plan(i: int) -> PairPlan:
 
 class Ctx:
     storage = None
+
+    def __init__(self):
+        self.health = StorageHealth()
 
 
 class FakeFuture:
@@ -93,3 +97,27 @@ def test_window_collects_whichever_pair_finishes_first(monkeypatch):
     assert slow_released.is_set() and order == list(range(1, 9))
     # pairs 1..5 were collected while pair 0 was still running (FIFO collection would wait 10 s for it)
     assert list(result.items)[:5] == [1, 2, 3, 4, 5]
+
+
+def test_no_pair_is_started_once_storage_is_declared_unreachable(monkeypatch):
+    """Storage goes away while the third pair runs: the window starts no further pair, and the pairs
+    never started are reported "not run: storage unreachable since HH:MM:SS UTC"."""
+    from datetime import datetime, timezone
+
+    started = []
+    ctx = Ctx()
+
+    class Task:
+        def submit(self, p, ctx):
+            started.append(p.index)
+            if p.index == 2:
+                ctx.health.declare(datetime(2025, 1, 1, 3, 4, 5, tzinfo=timezone.utc))
+            fut = FakeFuture(PairDone(ReportItem(p.content, p.style, "done", "out"), (b"", b"", b"")))
+            threading.Timer(0.01, fut.finish).start()
+            return fut
+
+    monkeypatch.setattr(pipeline, "process_pair", Task())
+    result = pipeline.run_pairs([plan(i) for i in range(10)], ctx, 2)
+    assert started == [0, 1, 2]
+    assert [result.items[i].status for i in range(3)] == ["done"] * 3
+    assert {result.items[i].error for i in range(3, 10)} == {"not run: storage unreachable since 03:04:05 UTC"}

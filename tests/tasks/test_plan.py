@@ -91,7 +91,22 @@ def test_an_output_name_collision_fails_only_the_colliding_pair(folders):
                                    "c/a.jpg,s/s1.png,other\n")
     plans = plan_pairs(read_manifest(str(folders / "m.csv")), StyleParams(), "w", "png")
     assert not plans[0].error and plans[0].name == "same" and not plans[2].error
-    assert "output name 'same'" in plans[1].error and "line 2" in plans[1].error and plans[1].image_key == ""
+    assert "output name 'same'" in plans[1].error and "line 2" in plans[1].error
+    assert plans[1].name == "same" and plans[1].image_key == "same.png" and not plans[1].runnable
+
+
+def test_a_pair_failed_at_planning_keeps_the_output_name_its_row_asked_for(folders):
+    """The report item of a row that fails at planning names the output the row asked for, so a
+    user can find the row; a pair without its own name had none yet (its name carries its key)."""
+    from tasks.contract import failed_item
+    from tasks.storage import open_storage
+
+    (folders / "m.csv").write_text("content,style,output\nc/gone.png,s/s1.png,sub/mine.webp\nc/gone.png,s/s1.png,\n")
+    plans = plan_pairs(read_manifest(str(folders / "m.csv")), StyleParams(), "w", "png")
+    assert all(p.error and not p.runnable and p.key == "" for p in plans)
+    out = open_storage(str(folders / "out"))
+    assert failed_item(plans[0], plans[0].error, out).output == str(folders / "out" / "sub" / "mine.png")
+    assert failed_item(plans[1], plans[1].error, out).output == ""
 
 
 def test_a_repeated_pair_is_a_duplicate_not_a_failure(folders):

@@ -52,7 +52,7 @@ def test_loss_curve_draws_every_pair_on_a_log_axis():
     curves = [("a × b", [1, 11, 21, 30], [1e6, 1e4, 5e3, 4e3]), ("c × d", [1, 30], [3e5, 2e3]),
               ("empty", [], [])]
     img = Image.open(io.BytesIO(loss_curve_png(curves)))
-    assert img.format == "PNG" and img.size == (720, 420)
+    assert img.format == "PNG" and img.width == 720 and img.height > 420  # the plot, then the legend
     arr = np.asarray(img.convert("RGB")).astype(int)
     saturated = (arr.max(-1) - arr.min(-1)) > 100  # coloured line pixels, not grey axes/text
     assert saturated.sum() > 200
@@ -94,3 +94,37 @@ def test_a_huge_run_keeps_its_summary_and_table_small():
     assert sum(1 for line in text.splitlines() if line.startswith("| ") and "id" in line) == MAX_CHUNK_ROWS
     assert f"and {10_000 - MAX_CHUNK_ROWS} more chunk runs" in text and len(text) < 50_000
     assert len(table_rows(items)) == MAX_TABLE_ROWS
+
+
+def test_table_shows_file_names_and_seconds_to_one_decimal():
+    """Old table: full s3:// input URIs pushed output, loss, seconds and error off-screen, and seconds
+    had every digit. Now the inputs are file names (the report keeps the URIs), seconds one decimal."""
+    items = [{"content": "s3://bucket/a/long/prefix/photos/harbour.png", "style": "s3://bucket/styles/waves.jpg",
+              "status": "done", "output": "s3://bucket/out/harbour__waves__1234abcd.jpg",
+              "sidecar": "s3://bucket/out/harbour__waves__1234abcd.json", "seconds": 12.3456,
+              "losses": {"final": {"total": 2.5}}}]
+    row = table_rows(items)[0]
+    assert row["content"] == "harbour.png" and row["style"] == "waves.jpg"
+    assert row["seconds"] == "12.3" and row["output"] == "`harbour__waves__1234abcd.jpg`"
+    assert list(row)[:3] == ["status", "content", "style"]
+
+
+def _curve_image(curves, **kw):
+    return np.asarray(Image.open(io.BytesIO(loss_curve_png(curves, **kw))).convert("RGB")).astype(int)
+
+
+def test_loss_curve_marks_each_scale_and_has_a_legend():
+    """Old curve: no legend, and the loss jumped at each scale change with nothing saying why. Now
+    a dashed line marks where each scale starts, and a legend names each pair under the plot."""
+    evs = list(range(1, 21))
+    totals = [100.0 / i for i in range(1, 11)] + [300.0 / i for i in range(1, 11)]  # the jump at scale 2
+    scales = [{"size": [90, 68], "evaluations": 10}, {"size": [128, 96], "evaluations": 10}]
+    marked = _curve_image([("a.png + b.png", evs, totals, scales), ("c.png + b.png", evs, totals[::-1], scales)])
+    plain = _curve_image([("a.png + b.png", evs, totals), ("c.png + b.png", evs, totals[::-1])])
+    differs = np.abs(marked - plain).sum(-1) > 60
+    columns = np.nonzero(differs[60:330].sum(0) > 150)[0]  # a vertical mark across the plot
+    left, right, width = 70, 20, 720
+    at_boundary = left + (10.5 - 1) / (20 - 1) * (width - left - right)
+    assert len(columns) and all(abs(c - at_boundary) <= 4 for c in columns), (columns, at_boundary)
+    saturated = (plain.max(-1) - plain.min(-1)) > 100
+    assert saturated[392:].sum() > 40  # coloured legend swatches under the axis

@@ -245,3 +245,84 @@ def test_clients_are_cached_by_the_credentials_value_whose_repr_shows_no_secret(
         assert "s3cr3t" not in text and "AKIDX" not in text and "tok-xyz" not in text and "'b'" in text, text
     storage_mod.clear_clients()
     assert storage_mod._clients == {}
+
+
+# --- a storage endpoint that dies mid-run: StorageHealth ends the retrying -------------------------------
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def monotonic(self):
+        return self.now
+
+
+def test_storage_is_declared_unreachable_after_every_attempt_failed_for_the_outage_time(monkeypatch):
+    from datetime import datetime, timezone
+
+    from tasks import storage
+    from tasks.storage import StorageHealth
+
+    clock = Clock()
+    monkeypatch.setattr(storage.time, "monotonic", clock.monotonic)
+    health = StorageHealth(outage_s=120, min_failures=3)
+    first = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    health.failed(clock.now, first)
+    clock.now += 60
+    health.failed(clock.now - 1, first)
+    health.failed(clock.now, first)
+    assert health.unreachable_since() is None  # three failures, but only for 60 s
+    clock.now += 59
+    assert health.unreachable_since() is None
+    health.succeeded()  # an answer (even a 404) resets the streak
+    clock.now += 100
+    assert health.unreachable_since() is None
+    health.failed(clock.now, first)
+    clock.now += 121
+    assert health.unreachable_since() is None  # a long streak of one failure is not enough
+    health.failed(clock.now, first)
+    health.failed(clock.now, first)
+    assert health.unreachable_since() == first
+    health.succeeded()  # once declared, the run ends: a late answer does not undo it
+    assert health.unreachable_since() == first
+
+
+def test_the_outage_time_comes_from_the_environment(monkeypatch):
+    from tasks.storage import OUTAGE_S, StorageHealth
+
+    assert OUTAGE_S == 120 and StorageHealth().outage_s == 120
+    monkeypatch.setenv("NST_STORAGE_OUTAGE_S", "2.5")
+    assert StorageHealth().outage_s == 2.5
+
+
+def test_retrying_stops_at_once_when_storage_is_declared_unreachable(monkeypatch):
+    from tasks import storage
+    from tasks.storage import StorageHealth, StorageUnreachableError, retrying
+
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    health = StorageHealth(outage_s=0, min_failures=2)
+    calls = []
+
+    def dead():
+        calls.append(1)
+        raise StorageError("s3://b/k: ReadTimeoutError", transient=True)
+
+    with pytest.raises(StorageUnreachableError, match=r"storage unreachable since \d\d:\d\d:\d\d UTC"):
+        retrying(dead, delays=(1, 1, 1, 1, 1), health=health)
+    assert len(calls) == 2  # the second failure declared the outage: no third attempt
+    with pytest.raises(StorageUnreachableError):
+        retrying(dead, health=health)  # a call after the declaration makes no attempt at all
+    assert len(calls) == 2
+
+
+def test_an_error_that_is_an_answer_keeps_storage_reachable(monkeypatch):
+    from tasks.storage import StorageHealth, retrying
+
+    health = StorageHealth(outage_s=0, min_failures=1)
+
+    def missing():
+        raise MissingObjectError("s3://b/k: no such object")
+
+    with pytest.raises(MissingObjectError):
+        retrying(missing, health=health)
+    assert health.unreachable_since() is None

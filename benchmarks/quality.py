@@ -1,0 +1,123 @@
+"""The default against the paper's method on real photographs: loss, time, time to equal loss.
+
+For every content × style of the benchmark set (examples/photos: chelsea, camera × brick,
+gravel; examples/: houses, harbour × mosaic, waves) at each --sizes px: the default params
+against single-scale fp32 L-BFGS (``scales=1, precision=fp32``), same objective, same weights,
+same --evaluations. Printed per pair:
+
+- wall seconds of each run (targets included, extractors warm);
+- final loss of each: fp32 at the output size on the returned 8-bit image (what is written);
+- loss ratio default / single-scale (goal <= 1.02 on every pair);
+- when single-scale first reached the default's final loss (its loss trajectory, fp32 at the
+  output size on the float image, timed from the call), and time ratio default / that time
+  (goal: geometric mean <= 0.5). "never": single-scale did not reach it in its whole budget;
+  the time ratio is then printed as a bound, "<" default / single-scale's whole time.
+
+    python benchmarks/quality.py [--sizes 256 512] [--evaluations 300] [--set photos|examples|all]
+                                 [--weights random] [--device auto] [--param scales=1 ...]
+
+--param overrides a field of the default side (to measure a candidate default).
+With random weights the loss plateaus early; real weights keep improving much longer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nst_core import StyleParams, stylize  # noqa: E402
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+SETS = {
+    "photos": (EXAMPLES / "photos" / "contents", EXAMPLES / "photos" / "styles"),
+    "examples": (EXAMPLES / "contents", EXAMPLES / "styles"),
+}
+
+
+def pairs(which: str) -> list[tuple[Path, Path]]:
+    """(content, style) paths of the chosen set(s), sorted."""
+    out = []
+    for name in (SETS if which == "all" else [which]):
+        contents, styles = SETS[name]
+        out += [(c, s) for c in sorted(contents.glob("*.png")) for s in sorted(styles.glob("*.png"))]
+    return out
+
+
+def run(content: Image.Image, style: Image.Image, params: StyleParams) -> tuple:
+    """(final fp32 loss, wall seconds, [(seconds since the call, best loss so far)] per evaluation)."""
+    trajectory: list[tuple[float, float]] = []
+    t0 = time.perf_counter()
+    best = [math.inf]
+
+    def progress(event) -> None:
+        best[0] = min(best[0], event.loss)
+        trajectory.append((time.perf_counter() - t0, best[0]))
+
+    result = stylize(content, style, params, progress=progress)
+    return result.losses["final"]["total"], time.perf_counter() - t0, trajectory
+
+
+def geomean(values: list[float]) -> float:
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    ap.add_argument("--evaluations", type=int, default=300)
+    ap.add_argument("--set", default="all", choices=["all", *SETS])
+    ap.add_argument("--weights", default="random")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--param", action="append", default=[], help="FIELD=JSON for the default side, e.g. scales=1")
+    args = ap.parse_args()
+
+    overrides = {k: json.loads(v) if v[:1] in "[{0123456789-tfn\"" else v
+                 for k, v in (p.split("=", 1) for p in args.param)}
+    common = {"weights": args.weights, "device": args.device, "seed": args.seed, "iterations": args.evaluations}
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, threads "
+          f"{torch.get_num_threads()}, weights {args.weights}, {args.evaluations} evaluations; default side "
+          f"{StyleParams(**common, **overrides).model_dump(include={'scales', 'precision', 'stop_tolerance'})}")
+    print(f"{'content x style':<24} {'px':>4} {'default s':>9} {'loss':>9} {'single s':>9} {'loss':>9} "
+          f"{'loss ratio':>10} {'reached at':>10} {'time ratio':>10}")
+    loss_ratios, time_ratios, worst = [], [], (0.0, "")
+    warm = set()
+    for size in args.sizes:
+        for content_path, style_path in pairs(args.set):
+            content = Image.open(content_path).convert("RGB")
+            style = Image.open(style_path).convert("RGB")
+            default = StyleParams(**common, image_size=size, **overrides)
+            single = StyleParams(**common, image_size=size, scales=1, precision="fp32")
+            for p in (default, single):  # build each extractor and touch each kernel once
+                key = (p.precision, p.scales, size)
+                if key not in warm:
+                    stylize(content, style, p.model_copy(update={"iterations": 3}))
+                    warm.add(key)
+            d_loss, d_wall, _ = run(content, style, default)
+            s_loss, s_wall, trajectory = run(content, style, single)
+            reached = next((t for t, best in trajectory if best <= d_loss), None)
+            ratio = d_loss / s_loss
+            t_ratio = d_wall / (reached if reached is not None else s_wall)
+            loss_ratios.append(ratio)
+            time_ratios.append(t_ratio)
+            worst = max(worst, (ratio, f"{content_path.stem} x {style_path.stem} @ {size}"))
+            print(f"{content_path.stem + ' x ' + style_path.stem:<24} {size:>4} {d_wall:>9.1f} {d_loss:>9.4g} "
+                  f"{s_wall:>9.1f} {s_loss:>9.4g} {ratio:>10.3f} "
+                  f"{(f'{reached:.1f}' if reached is not None else 'never'):>10} "
+                  f"{(f'{t_ratio:.3f}' if reached is not None else f'<{t_ratio:.3f}'):>10}", flush=True)
+    print(f"geometric mean: loss ratio {geomean(loss_ratios):.3f} (worst {worst[0]:.3f}: {worst[1]}; goal <= 1.02 "
+          f"on every pair), time ratio {geomean(time_ratios):.3f} (goal <= 0.5; a 'never' pair counts its bound)")
+
+
+if __name__ == "__main__":
+    main()

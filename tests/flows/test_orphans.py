@@ -1,0 +1,71 @@
+"""Run reports left "running" by runs that are gone (kill -9, a lost machine) are marked crashed
+by the next run on the same output."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from flows.batch import stylize_batch
+from tasks.contract import report_bytes, running_report
+from tasks.models import BatchSource, OutputSpec, RunOptions
+
+from helpers import pattern, tiny_params
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
+
+
+def test_running_reports_whose_runs_ended_or_are_unknown_are_marked_crashed(tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Crashed, Running
+
+    for folder, kind in (("c", "content"), ("s", "style")):
+        (tmp_path / folder).mkdir()
+        pattern((24, 24), kind).save(tmp_path / folder / f"{kind}.png")
+    runs = tmp_path / "out" / "_runs"
+    runs.mkdir(parents=True)
+    with get_client(sync_client=True) as client:
+        ended, crashed, alive = (client.create_flow_run(stylize_batch, name=name, state=state)
+                                 for name, state in (("ended", Completed()), ("killed", Crashed()), ("alive", Running())))
+    unknown = str(uuid.uuid4())
+    for run_id, name in ((ended.id, "ended"), (crashed.id, "killed"), (alive.id, "alive"), (unknown, "elsewhere")):
+        (runs / f"{run_id}.json").write_bytes(report_bytes(running_report({"id": str(run_id), "name": name})))
+    finished = {"flow_run_id": str(ended.id), "totals": {"pairs": 1}, "items": []}
+    (runs / "finished.json").write_text(json.dumps(finished))  # a full report: never touched
+
+    state = stylize_batch(BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s")),
+                          OutputSpec(uri=str(tmp_path / "out")), tiny_params(), RunOptions(), return_state=True)
+    assert state.is_completed(), state.message
+
+    def report(run_id) -> dict:
+        return json.loads((runs / f"{run_id}.json").read_text())
+
+    assert report(ended.id)["status"] == "crashed" and "ended Completed" in report(ended.id)["error"]
+    assert report(crashed.id)["status"] == "crashed" and "ended Crashed" in report(crashed.id)["error"]
+    assert report(unknown)["status"] == "crashed" and "unknown to the Prefect API" in report(unknown)["error"]
+    assert report(ended.id)["flow_run"] == "ended"  # the run's name is kept
+    assert report(alive.id)["status"] == "running"  # still running as far as the API knows
+    assert json.loads((runs / "finished.json").read_text()) == finished
+    own = report(state.state_details.flow_run_id)
+    assert own["totals"]["done"] == 1
+
+
+def test_an_earlier_attempt_of_this_run_that_still_says_running_is_marked_crashed(tmp_path, monkeypatch):
+    """Prefect's Retry runs a flow run again under its id: attempt 2 knows attempt 1 is over."""
+    import logging
+
+    from flows import orphans
+    from tasks.storage import open_storage
+
+    monkeypatch.setattr(orphans, "get_run_logger", lambda: logging.getLogger("test"))
+    runs = tmp_path / "_runs"
+    runs.mkdir()
+    run = {"id": "11111111-2222-3333-4444-555555555555", "name": "nightly"}
+    (runs / f"{run['id']}.json").write_bytes(report_bytes(running_report(run)))
+    (runs / f"{run['id']}-attempt-2.json").write_bytes(report_bytes(running_report(run)))
+    assert orphans.mark_crashed_reports(open_storage(str(tmp_path)), {**run, "attempt": 2}) == 1
+    first = json.loads((runs / f"{run['id']}.json").read_text())
+    assert first["status"] == "crashed" and first["error"] == "attempt 2 of its flow run started"
+    assert json.loads((runs / f"{run['id']}-attempt-2.json").read_text())["status"] == "running"  # this one

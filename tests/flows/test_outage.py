@@ -1,0 +1,96 @@
+"""A storage endpoint that dies mid-run: the run stops starting pairs, reports the rest "not run:
+storage unreachable since HH:MM:SS UTC" and ends Failed within the bound; a rerun finishes them."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+
+from flows.batch import stylize_batch
+from flows.chunk import stylize_chunk
+from tasks.models import BatchSource, OutputSpec, RunOptions
+
+from helpers import pattern, tiny_params, to_bytes
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
+
+#: NST_STORAGE_OUTAGE_S for these tests (the shipped default is 120 s); requests time out after 1 s.
+OUTAGE_S = 2.0
+SINCE = re.compile(r"storage unreachable since \d\d:\d\d:\d\d UTC")
+PARAMS = tiny_params(image_size=16, iterations=1)
+
+
+def _seed(client, bucket: str, contents: int, styles: int) -> BatchSource:
+    for i in range(contents):
+        client.put_object(Bucket=bucket, Key=f"in/c/c{i:02d}.png", Body=to_bytes(pattern((24, 24), "content", i)))
+    for i in range(styles):
+        client.put_object(Bucket=bucket, Key=f"in/s/s{i}.png", Body=to_bytes(pattern((24, 24), "style", i)))
+    return BatchSource(contents=f"s3://{bucket}/in/c/", styles=f"s3://{bucket}/in/s/")
+
+
+def _name(uri: str) -> str:
+    return uri.rsplit("/", 1)[-1]
+
+
+def _table_rows(flow_run_id) -> list[dict]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), type=ArtifactFilterType(any_=["table"])))
+    data = found[0].data
+    return json.loads(data) if isinstance(data, str) else data
+
+
+def test_an_endpoint_that_goes_silent_mid_run_ends_it_failed_in_time_and_a_rerun_finishes_the_rest(
+        bucket, s3_that_goes_silent, monkeypatch):
+    name, client = bucket
+    monkeypatch.setenv("NST_STORAGE_OUTAGE_S", str(OUTAGE_S))
+    source = _seed(client, name, contents=10, styles=4)  # 40 pairs
+    output = OutputSpec(uri=f"s3://{name}/out/")
+    s3_that_goes_silent.silent_after = 3  # silent once the third pair's sidecar is written
+
+    state = stylize_batch(source, output, PARAMS, RunOptions(window=2), return_state=True)
+    ended = time.monotonic()
+    assert s3_that_goes_silent.silenced_at is not None
+    # outage_s of failing attempts, the attempts then in flight (1 s timeouts), one try at the report: seconds
+    assert ended - s3_that_goes_silent.silenced_at < OUTAGE_S + 12, ended - s3_that_goes_silent.silenced_at
+    assert state.is_failed() and SINCE.search(state.message), state.message
+    rows = _table_rows(state.state_details.flow_run_id)
+    not_run = [r for r in rows if r["status"] == "failed" and SINCE.fullmatch(r["error"].removeprefix("not run: "))]
+    assert len(not_run) >= 30, rows
+    failed_first = {(_name(r["content"]), _name(r["style"])) for r in rows if r["status"] == "failed"}
+    first_id = str(state.state_details.flow_run_id)
+
+    s3_that_goes_silent.restore()
+    again = stylize_batch(source, output, PARAMS, RunOptions(), return_state=True)
+    assert again.is_completed(), again.message
+    report = again.result()
+    assert report["totals"]["failed"] == 0 and report["totals"]["pairs"] == 40
+    assert {(_name(i["content"]), _name(i["style"])) for i in report["items"] if i["status"] == "done"} == failed_first
+    assert report["totals"]["skipped"] == 40 - len(failed_first) >= 3
+    # the first run could not replace its "running" report; this run marked it crashed
+    first = json.loads(client.get_object(Bucket=name, Key=f"out/_runs/{first_id}.json")["Body"].read())
+    assert first["status"] == "crashed", first
+
+
+def test_a_chunk_whose_storage_is_silent_ends_failed_with_the_reason_and_writes_no_report(
+        bucket, s3_that_goes_silent, monkeypatch):
+    from tasks.plan import plan_pairs, source_entries
+
+    name, client = bucket
+    monkeypatch.setenv("NST_STORAGE_OUTAGE_S", str(OUTAGE_S))
+    source = _seed(client, name, contents=4, styles=1)
+    output = OutputSpec(uri=f"s3://{name}/out/")
+    plans = plan_pairs(source_entries(source), tiny_params(), "random(seed=0)", output.format, output.quality)
+    s3_that_goes_silent.silenced_at = time.monotonic()
+    started = time.monotonic()
+    state = stylize_chunk(plans, output, tiny_params(), RunOptions(allowed_sources=[f"s3://{name}/in/"]),
+                          "random(seed=0)", "_runs/parent/chunk-x.json", return_state=True)
+    assert time.monotonic() - started < OUTAGE_S + 12
+    assert state.is_failed() and SINCE.search(state.message) and "4 of 4 pairs not run" in state.message, state.message
+    assert "Contents" not in client.list_objects_v2(Bucket=name, Prefix="out/")  # the parent judges it by its state

@@ -1,0 +1,85 @@
+"""The batched L-BFGS is torch's L-BFGS (no line search) run on each problem separately."""
+
+import pytest
+import torch
+
+from nst_core.lbfgs import BatchedLBFGS
+
+
+def _rosenbrock(x):  # (B, 2, 3) -> (B,): independent, non-quadratic, curvature pairs that vary
+    a, b = x[:, 0], x[:, 1]
+    return ((1 - a) ** 2 + 5 * (b - a ** 2) ** 2).flatten(1).sum(1)
+
+
+def _torch_trajectory(x0, evaluations, lr, history):
+    x = x0.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([x], lr=lr, max_iter=evaluations, max_eval=evaluations, tolerance_grad=0.0,
+                            tolerance_change=0.0, history_size=history)
+    seen = []
+
+    def closure():
+        opt.zero_grad()
+        loss = _rosenbrock(x).sum()
+        loss.backward()
+        seen.append(loss.item())
+        return loss
+
+    opt.step(closure)
+    return seen
+
+
+def _ours(x0, evaluations, lr, history):
+    x = x0.clone().requires_grad_(True)
+    opt = BatchedLBFGS(x, lr, history)
+    frozen = torch.zeros(x.shape[0], dtype=torch.bool)
+    seen = []
+    for e in range(evaluations):
+        x.grad = None
+        losses = _rosenbrock(x)
+        losses.sum().backward()
+        seen.append(losses.detach().clone())
+        if e < evaluations - 1:
+            opt.step(x.data, x.grad, frozen | ~opt.descending)
+    return torch.stack(seen)
+
+
+@pytest.mark.parametrize("history", [3, 20])
+def test_each_problem_follows_torchs_lbfgs_exactly(history):
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand(3, 2, 3, generator=gen, dtype=torch.float64) * 2 - 1
+    ours = _ours(x0, 25, 1.0, history)
+    for b in range(3):  # each problem alone through torch's optimizer
+        theirs = _torch_trajectory(x0[b:b + 1], 25, 1.0, history)
+        assert ours[: len(theirs), b].tolist() == pytest.approx(theirs, rel=1e-9, abs=1e-12)
+
+
+def test_a_frozen_problem_does_not_move_and_the_others_do_not_notice():
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.rand(2, 2, 3, generator=gen, dtype=torch.float64)
+    x = x0.clone().requires_grad_(True)
+    opt = BatchedLBFGS(x, 1.0, 5)
+    frozen = torch.tensor([True, False])
+    for _ in range(10):
+        x.grad = None
+        _rosenbrock(x).sum().backward()
+        opt.step(x.data, x.grad, frozen)
+    assert torch.equal(x.detach()[0], x0[0])
+    alone = _ours(x0[1:], 11, 1.0, 5)
+    x.grad = None
+    assert _rosenbrock(x.detach())[1].item() == pytest.approx(alone[-1, 0].item(), rel=1e-9)
+
+
+def test_no_host_reads_in_a_step(monkeypatch):
+    # A GPU run stalls at every read of a device value; the step must make none.
+    x = torch.rand(2, 3, 4, 4, requires_grad=True)
+    opt = BatchedLBFGS(x, 1.0, 4)
+    frozen = torch.zeros(2, dtype=torch.bool)
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name, **k: reads.append(_name) or _real(self, *a, **k))
+    for _ in range(6):
+        x.grad = None
+        (x ** 2).flatten(1).sum(1).sum().backward()
+        opt.step(x.data, x.grad, frozen)
+    assert reads == []
