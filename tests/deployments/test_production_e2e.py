@@ -32,13 +32,20 @@ def free_port() -> int:
 
 
 def api(base: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(f"{base}{path}", method=method, data=json.dumps(body).encode() if body else None,
-                                 headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"null")
+    """One API call. A 503 (the SQLite server busy with the workers' writes: "Service Unavailable")
+    is asked again, as a person in the UI would, for up to ~30 s; any other answer is returned."""
+    for wait in (0.5, 1, 2, 4, 8, 16, 0):
+        req = urllib.request.Request(f"{base}{path}", method=method, data=json.dumps(body).encode() if body else None,
+                                     headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as err:
+            status, answer = err.code, json.loads(err.read() or b"null")
+        if status != 503 or not wait:
+            return status, answer
+        time.sleep(wait)
+    return status, answer
 
 
 def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
