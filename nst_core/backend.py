@@ -47,9 +47,10 @@ def cuda_capability(device: torch.device) -> tuple[int, int]:
 
 #: Below this output size (longest side, px) ``auto`` runs fp32: reduced precision saves little
 #: there (a small pass is overhead-bound) and its rounding is as large as the loss differences
-#: L-BFGS steers by (measured at 64 px: bf16 ended 8% above fp32 on a photo pair at 40
-#: evaluations, and a noise pair ended above its start); from 256 px bf16 measured within
-#: 0.1% of fp32 (README "Quality").
+#: L-BFGS steers by (measured at 64 px: bf16 ended 8% above fp32 on chelsea × gravel at 40
+#: evaluations, and a noise pair ended above its start). From 256 px the run gets an exact-fp32
+#: tail (optimize.EXACT_TAIL), because bf16 alone still ended 2% above fp32 there (camera ×
+#: brick, 30 evaluations).
 REDUCED_MIN_SIZE = 256
 
 

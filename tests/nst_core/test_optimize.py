@@ -452,3 +452,24 @@ def test_out_of_memory_is_one_line_naming_the_pair_and_frees_what_it_held(images
     assert held and held[0]() is None
     monkeypatch.setattr(Objective, "__call__", real)
     assert stylize(*images, params(iterations=2)).metadata["evaluations"] == 2  # the next pair runs
+
+
+def test_an_exact_tail_that_goes_astray_never_replaces_a_better_reduced_precision_image(images, monkeypatch):
+    # The tail's best was chosen among its own evaluations only: a tail that wandered off returned
+    # an image worse than the bf16 phase had found (harbour x waves ended 2x the fp32 run's loss).
+    from nst_core.lbfgs import BatchedLBFGS
+
+    p = params(image_size=256, iterations=9)  # auto: bf16 with a 3-evaluation exact tail, where native
+    calls, real = [], BatchedLBFGS.step
+
+    def astray(self, x, g, frozen):
+        calls.append(1)
+        real(self, x, g, frozen)
+        if len(calls) >= 6:  # the steps into the tail land on noise
+            x.copy_(torch.rand_like(x))
+
+    monkeypatch.setattr(BatchedLBFGS, "step", astray)
+    result = stylize(*images, p)
+    if not result.metadata["scales"][-1]["exact_tail"]:
+        pytest.skip("auto precision is fp32 on this machine (no native bf16): no exact tail to test")
+    assert result.losses["final"]["total"] < result.losses["initial"]["total"]
