@@ -447,3 +447,21 @@ def test_a_retried_run_keeps_every_attempts_report(tmp_path):
     assert retry["loss_curve"] and (out / "_runs" / retry["loss_curve"].rsplit("/", 1)[1]).exists()
     assert all(Path(i["sidecar"]).exists() for i in retry["items"])  # the records that exist
     assert f"{run_id}-attempt-2.json" in second.message
+
+
+def test_coarse_to_fine_runs_through_the_batch_and_its_sidecar_records_each_scale(tmp_path):
+    """Issue 14: every other flow test pins scales=1; here the flow runs two scales (45 and 64 px)
+    and the sidecar's engine metadata lists both, so a flow that dropped ``scales`` fails here."""
+    (tmp_path / "c").mkdir()
+    (tmp_path / "s").mkdir()
+    pattern((64, 48), "content", 0).save(tmp_path / "c" / "c.png")
+    pattern((48, 48), "style", 0).save(tmp_path / "s" / "s.png")
+    state = run(BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s")),
+                OutputSpec(uri=str(tmp_path / "out"), format="png"), tiny_params(image_size=64, scales=2, iterations=6))
+    assert state.is_completed(), state.message
+    [sidecar] = [p for p in (tmp_path / "out").glob("*.json")]
+    meta = json.loads(sidecar.read_text())
+    assert meta["params"]["scales"] == 2
+    assert [s["size"] for s in meta["scales"]] == [[45, 34], [64, 48]]  # coarse to fine, the output last
+    assert all(s["evaluations"] > 0 for s in meta["scales"])  # each scale ran
+    assert meta["size"] == [64, 48] and sidecar.with_suffix(".png").exists()
