@@ -73,7 +73,8 @@ def stylize_chunk(
                 len(pairs) - len(valid), devices)
     this_run = {"id": flow_run.get_id(), "name": flow_run.get_name()}
     ctx = PairContext(output, params, devices, weights_id, run.labels, run.io_workers, run.pair_timeout_s,
-                      {**this_run, "id": str(this_run["id"])}, credentials=credentials, health=health)
+                      {**this_run, "id": str(this_run["id"])}, credentials=credentials, health=health,
+                      pairs_per_step=run.pairs_per_step)
     result = run_pairs(todo, ctx, run.window, run.contact_sheet_rows)
     since = health.unreachable_since()
     if since is not None:  # its report could not be written either: the state carries the reason

@@ -24,6 +24,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "decode_image",
     "split_alpha",
+    "fit_longest",
     "resize_longest",
     "check_min_side",
     "encode_image",
@@ -158,11 +159,16 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = MAX_PIXELS) -> Dec
         raise ImageDecodeError(name, f"corrupt or truncated image: {err}") from None
 
 
+def fit_longest(size: tuple[int, int], longest: int) -> tuple[int, int]:
+    """(width, height) of an image of ``size`` resized so that its longest side is ``longest`` px."""
+    width, height = size
+    scale = longest / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def resize_longest(img: Image.Image, size: int) -> Image.Image:
     """Resize so the longest side is ``size`` px, keeping the aspect ratio (Lanczos)."""
-    width, height = img.size
-    scale = size / max(width, height)
-    new = (max(1, round(width * scale)), max(1, round(height * scale)))
+    new = fit_longest(img.size, size)
     return img if new == img.size else img.resize(new, Image.Resampling.LANCZOS)
 
 

@@ -15,7 +15,8 @@ from typing import TypeVar
 
 from .lru import LRU
 
-__all__ = ["expand_devices", "lease_device", "run_on_device", "TargetsCache", "targets_cache", "io_slot"]
+__all__ = ["expand_devices", "lease_device", "try_lease", "release_device", "run_on_device", "TargetsCache",
+           "targets_cache", "io_slot"]
 
 T = TypeVar("T")
 
@@ -37,20 +38,39 @@ _leases: dict[tuple[str, ...], queue.Queue] = {}
 _leases_lock = threading.Lock()
 
 
-@contextmanager
-def lease_device(devices: list[str]) -> Iterator[str]:
-    """Hold one device of ``devices`` exclusively: one stylize per device at a time in this process."""
+def _pool(devices: list[str] | tuple[str, ...]) -> queue.Queue:
+    """The free devices of ``devices`` in this process (one queue per device set)."""
     key = tuple(devices)
     with _leases_lock:
         if key not in _leases:
             _leases[key] = queue.Queue()
             for d in devices:
                 _leases[key].put(d)
-    device = _leases[key].get()
+        return _leases[key]
+
+
+@contextmanager
+def lease_device(devices: list[str]) -> Iterator[str]:
+    """Hold one device of ``devices`` exclusively: one stylize step per device at a time in this process."""
+    device = _pool(devices).get()
     try:
         yield device
     finally:
-        _leases[key].put(device)
+        release_device(devices, device)
+
+
+def try_lease(devices: list[str] | tuple[str, ...]) -> str | None:
+    """A free device of ``devices``, now held by the caller, or None (never waits): the device
+    steps (``tasks.steps``) poll for a device while they also wait for their pair to be taken."""
+    try:
+        return _pool(devices).get_nowait()
+    except queue.Empty:
+        return None
+
+
+def release_device(devices: list[str] | tuple[str, ...], device: str) -> None:
+    """Give back a device leased with ``try_lease``."""
+    _pool(devices).put(device)
 
 
 _device_threads: dict[str, ThreadPoolExecutor] = {}

@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, Tag, TypeAdapter
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, GetCoreSchemaHandler, GetJsonSchemaHandler,
+                      Tag, TypeAdapter, field_validator)
 from pydantic_core import CoreSchema
 
 from nst_core.params import StyleParams
@@ -226,7 +227,11 @@ class RunOptions(BaseModel):
     )
     devices: list[str] = Field(
         default_factory=lambda: ["auto"], min_length=1, title="Devices",
-        description="Devices to use, one pair each at a time; auto: every visible GPU, else MPS, else CPU.",
+        description="Devices to use, one step of pairs each at a time; auto: every visible GPU, else MPS, else CPU.",
+    )
+    pairs_per_step: Literal["auto"] | int = Field(
+        default="auto", title="Pairs per device step",
+        description="Pairs of one output size optimized together per device step; auto: by GPU memory, 1 on CPU.",
     )
     pair_timeout_s: float | None = Field(
         default=None, gt=0, title="Pair time limit (s)",
@@ -255,6 +260,14 @@ class RunOptions(BaseModel):
     labels: dict[str, str] = Field(
         default_factory=dict, title="Labels", description="Extra key/value notes recorded in every sidecar and the report."
     )
+
+
+    @field_validator("pairs_per_step")
+    @classmethod
+    def _pairs_per_step(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError("pairs_per_step must be at least 1 (or auto)")
+        return v
 
 
 #: StyleParams as the run form shows it (``form_schema``; the model itself lives in nst_core).

@@ -1,10 +1,14 @@
-"""The one Prefect task of a pair: fetch (retried IO) -> stylize (leased device, never retried) -> write.
+"""The one Prefect task of a pair: fetch (retried IO) -> stylize (in a device step, never retried) -> write.
 
 One task run per pair, named after the pair's output. Fetches and writes are plain calls with
 the storage layer's one retry budget (``storage.retrying``) and the run's ``StorageHealth``; many
-pair tasks run at once, so the IO of some pairs overlaps the compute of others while each device
-runs one stylize at a time. A pair stops at its next loss evaluation when the run is interrupted
-or its storage is declared unreachable.
+pair tasks run at once, so the IO of some pairs overlaps the compute of others. The compute is a
+device step (``tasks.steps``): the pair waits for a device with the others of its output shape
+and is optimized together with up to ``RunOptions.pairs_per_step`` - 1 of them (one
+``stylize_many``), one step per device at a time; its result or error comes back to its own
+task, which writes it or fails with it alone. A pair stops at its next loss evaluation when the
+run is interrupted, its storage is declared unreachable or it passes ``pair_timeout_s``; the
+other pairs of its step then stop with it, each with its own reason.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from prefect.cache_policies import NO_CACHE
 from nst_core.errors import NSTError, WeightsError
 from nst_core.params import StyleParams
 
-from .compute import io_slot, lease_device, run_on_device, targets_cache
+from .compute import io_slot, run_on_device, targets_cache
 from .contract import PairPlan, ReportItem, done_item, image_record, sidecar
 from .credentials import DEFAULT_CHAIN, StorageCredentials
 from .lru import LRU
+from .steps import StepRequest, device_steps
 from .storage import StorageHealth, open_storage, read_object, read_uri, retrying
 
 __all__ = ["PairContext", "PairDone", "PairTimeoutError", "PairStopped", "InputChangedError", "ObjectCache", "process_pair",
@@ -97,7 +102,8 @@ class PairContext:
     def __init__(self, output, params: StyleParams, devices: list[str], weights_id: str,
                  labels: dict[str, str] | None = None, io_workers: int = 8, pair_timeout_s: float | None = None,
                  flow_run: dict | None = None, cache: ObjectCache | None = None,
-                 credentials: StorageCredentials = DEFAULT_CHAIN, health: StorageHealth | None = None):
+                 credentials: StorageCredentials = DEFAULT_CHAIN, health: StorageHealth | None = None,
+                 pairs_per_step: int | str = 1):
         self.output = output  # OutputSpec
         self.credentials = credentials
         self.health = health or StorageHealth()
@@ -110,6 +116,12 @@ class PairContext:
         self.pair_timeout_s = pair_timeout_s
         self.flow_run = flow_run or {}
         self.cache = cache or ObjectCache()
+        self.pairs_per_step = pairs_per_step  # RunOptions.pairs_per_step
+        self.steps = device_steps(devices)
+
+    def announce(self, pair: PairPlan) -> None:
+        """``pair`` was submitted: a device step of this run may wait for it to arrive (tasks.steps)."""
+        self.steps.announce(self, pair.index)
 
     def opener(self, uri: str) -> bytes:
         """Bytes of a URI the engine asks for (weights), read with the run's credentials."""
@@ -149,53 +161,110 @@ def _fetch(ctx: PairContext, uri: str, identity: str) -> bytes:
     return ctx.cache.get(uri, identity, lambda _: retrying(once, should_stop=stop_requested.is_set, health=ctx.health))
 
 
+@dataclass(eq=False)
+class _PairInputs:
+    """A pair as its device step sees it: decoded inputs, and its checks between evaluations."""
+
+    pair: PairPlan
+    ctx: PairContext
+    content: object  # PIL image, alpha kept
+    style: object  # PIL image, RGB
+    logger: object  # its task run's logger: the step may run in another pair's task
+    deadline: float = 0.0  # pair_timeout_s from its step's start: device time counts, not the wait
+
+    def check(self, ev=None) -> None:
+        """Raise when the pair must stop: Ctrl-C, a storage outage, or past pair_timeout_s."""
+        _check_stop(self.pair, self.ctx)
+        if self.ctx.pair_timeout_s is not None and self.deadline and time.monotonic() > self.deadline:
+            at = f" at evaluation {ev.iteration} of {ev.total}" if ev is not None else ""
+            raise PairTimeoutError(f"{self.pair.name}: over pair_timeout_s={self.ctx.pair_timeout_s:g} s{at}")
+
+    def progress(self, ev) -> None:
+        self.check(ev)
+        step = max(1, self.ctx.params.iterations // 4)
+        if ev.iteration % step == 0 or ev.iteration == ev.total:
+            where = ev.where  # the loss jumps where a finer scale starts: say which
+            self.logger.info("%s: evaluation %d/%d%s, loss %.4g", self.pair.name, ev.iteration, ev.total,
+                             f" ({where})" if where else "", ev.loss)
+
+    def stopped_with_step(self, err: Exception) -> Exception:
+        """This pair's own reason when another pair's stop or time limit ended their step."""
+        try:
+            self.check()
+        except NSTError as own:
+            return own
+        return err if not isinstance(err, (PairStopped, PairTimeoutError)) else NSTError(
+            f"{self.pair.name}: its device step ended early ({err})")
+
+
+def _stylize_step(ctx: PairContext, device: str, requests: list[StepRequest]) -> list:
+    """One device step: the requests' pairs through one ``stylize_many`` on ``device``. Returns one
+    StyleResult or exception per request; a pair's bad style fails it alone, before the step."""
+    from nst_core import StylePair, compute_style_targets, extractor_for, stylize_many, targets_key, targets_need_content
+
+    inputs: list[_PairInputs] = [r.payload for r in requests]  # type: ignore[misc]
+    p = ctx.params.model_copy(update={"device": device})
+
+    def on_device() -> list:
+        for x in inputs:
+            x.deadline = time.monotonic() + (ctx.pair_timeout_s or 0)
+        extractor = extractor_for(p, opener=ctx.opener)
+        if extractor.weights_id != ctx.weights_id:  # a worker whose weights differ from what the run planned with
+            raise WeightsError(f"weights here are {extractor.weights_id}, but the run planned with {ctx.weights_id}")
+        outcomes: list = [None] * len(inputs)
+        live: list[int] = []
+        pairs = []
+        for i, x in enumerate(inputs):
+            targets = None
+            try:
+                if not targets_need_content(p):  # histogram / luminance targets depend on each content
+                    key = (x.pair.style, x.pair.style_identity, device, targets_key(p, extractor, 1))
+                    targets = targets_cache.get_or_compute(key, lambda x=x: compute_style_targets(
+                        x.style, p, extractor=extractor, style_names=[x.pair.style]))
+            except NSTError as err:
+                outcomes[i] = err
+                continue
+            live.append(i)
+            pairs.append(StylePair(x.content, x.style, targets, x.pair.content, [x.pair.style]))
+        if not pairs:
+            return outcomes
+        try:
+            results = stylize_many(pairs, p, progress=lambda ev: inputs[live[ev.pair]].progress(ev), opener=ctx.opener)
+        except NSTError as err:  # one pair's stop or time limit ends the step for all of them
+            results = [inputs[i].stopped_with_step(err) for i in live]
+        for i, result in zip(live, results):
+            outcomes[i] = result
+        return outcomes
+
+    return run_on_device(device, on_device)
+
+
 @task(name="pair", task_run_name="{pair.name}", cache_policy=NO_CACHE, persist_result=False)
 def process_pair(pair: PairPlan, ctx: PairContext) -> PairDone:
-    """Fetch both inputs, stylize on a leased device, write the image then the sidecar.
-    Raises (naming the input or the reason) when the pair fails; never retried as a whole."""
-    from nst_core.imageio import decode_image, encode_image
-    from nst_core import compute_style_targets, extractor_for, stylize, targets_key, targets_need_content
+    """Fetch both inputs, stylize in a device step (``tasks.steps``: with up to
+    ``pairs_per_step`` - 1 other pairs of the same output shape), write the image then the
+    sidecar. Raises (naming the input or the reason) when the pair fails; never retried as a whole."""
+    try:
+        return _process(pair, ctx)
+    finally:
+        ctx.steps.settle(ctx, pair.index)  # a step waiting for it waits no more
 
-    logger = get_run_logger()
-    params, out = ctx.params, ctx.storage
-    opener = ctx.opener
+
+def _process(pair: PairPlan, ctx: PairContext) -> PairDone:
+    from nst_core.imageio import decode_image, encode_image, fit_longest
+
+    out = ctx.storage
     _check_stop(pair, ctx)
     content = _fetch(ctx, pair.content, pair.content_identity)
     style = _fetch(ctx, pair.style, pair.style_identity)
-    content_pil = decode_image(content, pair.content).merged()
-    style_img = decode_image(style, pair.style).rgb
-    step = max(1, params.iterations // 4)
-    deadline: list[float] = []
-
-    def progress(ev):
-        _check_stop(pair, ctx)
-        if ctx.pair_timeout_s is not None and time.monotonic() > deadline[0]:
-            raise PairTimeoutError(f"{pair.name}: over pair_timeout_s={ctx.pair_timeout_s:g} s "
-                                   f"at evaluation {ev.iteration} of {ev.total}")
-        if ev.iteration % step == 0 or ev.iteration == ev.total:
-            where = ev.where  # the loss jumps where a finer scale starts: say which
-            logger.info("%s: evaluation %d/%d%s, loss %.4g", pair.name, ev.iteration, ev.total,
-                        f" ({where})" if where else "", ev.loss)
-
-    def compute(device: str):
-        deadline.append(time.monotonic() + (ctx.pair_timeout_s or 0))  # device time counts, not the wait
-        p = params.model_copy(update={"device": device})
-        extractor = extractor_for(p, opener=opener)
-        if extractor.weights_id != ctx.weights_id:  # a worker whose weights differ from what the run planned with
-            raise WeightsError(f"weights here are {extractor.weights_id}, but the run planned with {ctx.weights_id}")
-        targets = None
-        if not targets_need_content(p):  # histogram / luminance targets depend on each content
-            key = (pair.style, pair.style_identity, device, targets_key(p, extractor, 1))
-            targets = targets_cache.get_or_compute(
-                key, lambda: compute_style_targets(style_img, p, extractor=extractor))
-        return stylize(content_pil, style_img, p, progress=progress, targets=targets, opener=opener,
-                       content_name=pair.content, style_names=[pair.style])
-
-    t_wait = time.perf_counter()
-    with lease_device(ctx.devices) as device:
-        waited = time.perf_counter() - t_wait
-        _check_stop(pair, ctx)
-        result = run_on_device(device, lambda: compute(device))
+    inputs = _PairInputs(pair, ctx, decode_image(content, pair.content).merged(), decode_image(style, pair.style).rgb,
+                         get_run_logger())
+    request = StepRequest(ctx, fit_longest(inputs.content.size, ctx.params.image_size), ctx.pairs_per_step,
+                          lambda device, requests: _stylize_step(ctx, device, requests), inputs.check, inputs)
+    ctx.steps.run(request, pair.index)
+    if isinstance(request.outcome, BaseException):
+        raise request.outcome
+    result = request.outcome
     image = encode_image(result.image, ctx.output.format, quality=ctx.output.quality)
 
     def write(key: str, data: bytes, content_type: str) -> str:
@@ -206,8 +275,8 @@ def process_pair(pair: PairPlan, ctx: PairContext) -> PairDone:
 
     # The image first, the sidecar last: a sidecar with this key and this image's record means done.
     identity = write(pair.image_key, image, f"image/{ctx.output.format}")
-    meta = sidecar(pair, out.uri_for(pair.image_key), result, ctx.labels, ctx.flow_run, {"device_wait": round(waited, 4)},
-                   image_record(image, identity))
+    meta = sidecar(pair, out.uri_for(pair.image_key), result, ctx.labels, ctx.flow_run,
+                   {"device_wait": round(request.waited, 4)}, image_record(image, identity))
     write(pair.sidecar_key, json.dumps(meta, indent=2).encode(), "application/json")
     item = done_item(pair, out, seconds=meta["seconds"].get("total"), losses=result.losses)
-    return PairDone(item, (_thumb(content_pil), _thumb(style_img), _thumb(result.image)))
+    return PairDone(item, (_thumb(inputs.content), _thumb(inputs.style), _thumb(result.image)))

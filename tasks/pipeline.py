@@ -70,6 +70,7 @@ def run_pairs(
     for p in todo:
         if stop_requested.is_set() or ctx.health.unreachable_since():
             break
+        ctx.announce(p)  # a device step may wait for it (tasks.steps)
         fut = process_pair.submit(p, ctx)
         fut.add_done_callback(lambda f, p=p: done.put((p, f)))
         inflight += 1

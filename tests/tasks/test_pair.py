@@ -88,3 +88,30 @@ def test_chunk_report_items_are_merged_by_pair_key():
     items = merge_chunk(0, [a, b], "Completed", "", report, storage.LocalStorage("/nonexistent-out"))
     assert items[0].content == "a" and items[0].status == "failed"
     assert items[1].content == "b" and items[1].status == "done"
+
+
+def test_ctrl_c_stops_every_pair_of_a_device_step_each_with_its_own_reason(tmp_path):
+    from helpers import pattern, tiny_params
+    from tasks.contract import PairPlan
+    from tasks.models import OutputSpec
+    from tasks.pair import PairContext, PairStopped, _PairInputs, _stylize_step, stop_requested
+    from tasks.steps import StepRequest
+
+    ctx = PairContext(OutputSpec(uri=str(tmp_path / "out")), tiny_params(iterations=20), ["cpu"], "random(seed=0)",
+                      pairs_per_step=3)
+
+    class CtrlCAtTheFirstLogLine:  # the pair logs at evaluation 5: Ctrl-C then
+        def info(self, *args):
+            stop_requested.set()
+
+    requests = []
+    for i in range(3):
+        plan = PairPlan.named(i, "c.png", f"s{i}.png", "cid", f"sid{i}", f"c__s{i}", "k", "png")
+        inputs = _PairInputs(plan, ctx, pattern((40, 32)), pattern((32, 40), "style", i), CtrlCAtTheFirstLogLine())
+        requests.append(StepRequest(ctx, (32, 26), 3, None, payload=inputs))
+    try:
+        outcomes = _stylize_step(ctx, "cpu", requests)
+    finally:
+        stop_requested.clear()
+    assert all(isinstance(o, PairStopped) for o in outcomes), outcomes
+    assert [str(o).split(":")[0] for o in outcomes] == ["c__s0", "c__s1", "c__s2"]

@@ -21,6 +21,9 @@ class Ctx:
     def __init__(self):
         self.health = StorageHealth()
 
+    def announce(self, p):
+        pass
+
 
 class FakeFuture:
     def __init__(self, value):
