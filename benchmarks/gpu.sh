@@ -24,7 +24,9 @@
 # Prints: engine overhead at 256 px (fp32) and 512 px (bf16), the bare VGG pass under the same
 # backend settings as stylize; 512 px x 500 evaluations wall time for fp32, TF32, bf16
 # (single scale) and the default (goal <= 5 s on an H200); the speed.py ratio (goal <= 0.5);
-# channels_last vs contiguous; then the engine tests with NST_TEST_DEVICE=$NST_GPU_DEVICE.
+# channels_last vs contiguous; pairs per hour with N = 1, 2, 4 ... 32 pairs per device step and
+# auto at 512 px against N = 1 (goal: >= 4x at some N; benchmarks/throughput.py); then the engine
+# tests with NST_TEST_DEVICE=$NST_GPU_DEVICE.
 # Every step runs even if one before it failed; the exit status is 1 if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -81,11 +83,11 @@ else:
 EOF
 
 if [ "$QUICK" = 1 ]; then
-  S1=64 S2=96 EV=4 ROUNDS=2 TS=64 TEV=12 FR=2
+  S1=64 S2=96 EV=4 ROUNDS=2 TS=64 TEV=12 FR=2 THR_NS=(1 2) THR_EV=2
   TESTS=(tests/nst_core/test_optimize.py tests/nst_core/test_backend.py
          -k "lbfgs_halves or tf32_off_cuda or targets_and_reported_losses or precision_follows or bf16_runs_keep")
 else
-  S1=256 S2=512 EV=50 ROUNDS=3 TS=512 TEV=500 FR=5
+  S1=256 S2=512 EV=50 ROUNDS=3 TS=512 TEV=500 FR=5 THR_NS=(1 2 4 8 16 32) THR_EV=50
   TESTS=(tests/nst_core/test_optimize.py tests/nst_core/test_losses.py tests/nst_core/test_backend.py)
 fi
 
@@ -106,6 +108,7 @@ step "$GPU_SH_STEP_TIMEOUT" "engine overhead, ${S2} px bf16" "$PYTHON" benchmark
 step "$GPU_SH_STEP_TIMEOUT" "wall time per precision, ${TS} px x ${TEV}" "$PYTHON" benchmarks/speed.py --device "$DEV" --table --size "$TS" --evals "$TEV"
 step "$GPU_SH_STEP_TIMEOUT" "default vs single-scale fp32, ${TS} px" "$PYTHON" benchmarks/speed.py --device "$DEV" --size "$TS" --evals "$TEV"
 step "$GPU_SH_STEP_TIMEOUT" "memory formats, ${TS} px" "$PYTHON" benchmarks/speed.py --device "$DEV" --formats --size "$TS" --rounds "$FR"
+step "$GPU_SH_STEP_TIMEOUT" "pairs per device step, ${TS} px x ${THR_EV}" "$PYTHON" benchmarks/throughput.py --device "$DEV" --sizes "$TS" --ns "${THR_NS[@]}" --iterations "$THR_EV"
 step "$GPU_SH_TEST_TIMEOUT" "engine tests on $DEV" env NST_TEST_DEVICE="$DEV" "$PYTHON" -m pytest -q -p no:cacheprovider -ra "${TESTS[@]}"
 
 echo

@@ -7,6 +7,7 @@
    unidentifiable fail their pair. List the output once; skip pairs done by the one done rule
    (``tasks.contract``: image and sidecar exist, the sidecar's key is the planned key).
 3. Run the rest: one ``pair`` task per pair in a sliding window of ``run.window`` (``tasks.pipeline``),
+   computed in device steps of up to ``run.pairs_per_step`` pairs of one output size (``tasks.steps``),
    or one stylize-chunk run per chunk of the full plan on the GPU pool (``fan_out: workers``:
    ``flows.fanout``). Cancelling, interrupting or crashing the parent cancels its unfinished chunk runs.
 4. Report: ``{output}/_runs/{flow_run_id}.json``, a contact sheet beside it, Prefect artifacts.

@@ -116,7 +116,8 @@ class PairContext:
         self.pair_timeout_s = pair_timeout_s
         self.flow_run = flow_run or {}
         self.cache = cache or ObjectCache()
-        self.pairs_per_step = pairs_per_step  # RunOptions.pairs_per_step
+        # RunOptions.pairs_per_step; a context built without a run (tests) steps one pair at a time
+        self.pairs_per_step = pairs_per_step
         self.steps = device_steps(devices)
 
     def announce(self, pair: PairPlan) -> None:
