@@ -124,6 +124,10 @@ class PairContext:
         """``pair`` was submitted: a device step of this run may wait for it to arrive (tasks.steps)."""
         self.steps.announce(self, pair.index)
 
+    def settle(self, pair: PairPlan) -> None:
+        """``pair`` reached its step or ended without one: no step waits for it any more."""
+        self.steps.settle(self, pair.index)
+
     def opener(self, uri: str) -> bytes:
         """Bytes of a URI the engine asks for (weights), read with the run's credentials."""
         return read_uri(uri, self.credentials)
@@ -229,10 +233,19 @@ def _stylize_step(ctx: PairContext, device: str, requests: list[StepRequest]) ->
             pairs.append(StylePair(x.content, x.style, targets, x.pair.content, [x.pair.style]))
         if not pairs:
             return outcomes
+        raised: dict[int, NSTError] = {}  # by position in ``pairs``: the pair whose check ended the step
+
+        def progress(ev) -> None:
+            try:
+                inputs[live[ev.pair]].progress(ev)
+            except NSTError as err:
+                raised[ev.pair] = err
+                raise
+
         try:
-            results = stylize_many(pairs, p, progress=lambda ev: inputs[live[ev.pair]].progress(ev), opener=ctx.opener)
+            results = stylize_many(pairs, p, progress=progress, opener=ctx.opener)
         except NSTError as err:  # one pair's stop or time limit ends the step for all of them
-            results = [inputs[i].stopped_with_step(err) for i in live]
+            results = [raised.get(k) or inputs[i].stopped_with_step(err) for k, i in enumerate(live)]
         for i, result in zip(live, results):
             outcomes[i] = result
         return outcomes
@@ -248,7 +261,7 @@ def process_pair(pair: PairPlan, ctx: PairContext) -> PairDone:
     try:
         return _process(pair, ctx)
     finally:
-        ctx.steps.settle(ctx, pair.index)  # a step waiting for it waits no more
+        ctx.settle(pair)  # a step waiting for it waits no more
 
 
 def _process(pair: PairPlan, ctx: PairContext) -> PairDone:

@@ -66,11 +66,17 @@ def run_pairs(
         if on_done:
             on_done(finished, len(todo))
 
-    inflight = 0
+    # A device step may wait for announced pairs (tasks.steps). The first window is announced before
+    # any pair starts: announced one by one, a first pair could reach a device before the loop had
+    # announced the rest, and start a step alone.
+    for p in todo[:window]:
+        ctx.announce(p)
+    inflight, submitted = 0, 0
     for p in todo:
         if stop_requested.is_set() or ctx.health.unreachable_since():
             break
-        ctx.announce(p)  # a device step may wait for it (tasks.steps)
+        ctx.announce(p)
+        submitted += 1
         fut = process_pair.submit(p, ctx)
         fut.add_done_callback(lambda f, p=p: done.put((p, f)))
         inflight += 1
@@ -80,6 +86,8 @@ def run_pairs(
     while inflight:
         collect()
         inflight -= 1
+    for p in todo[submitted:window]:
+        ctx.settle(p)  # announced, never started: no step waits for it
     since = ctx.health.unreachable_since()
     why = f"not run: {StorageUnreachableError(since)}" if since else "run interrupted before the pair started"
     for p in todo:

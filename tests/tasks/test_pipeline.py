@@ -24,6 +24,9 @@ class Ctx:
     def announce(self, p):
         pass
 
+    def settle(self, p):
+        pass
+
 
 class FakeFuture:
     def __init__(self, value):
@@ -124,3 +127,37 @@ def test_no_pair_is_started_once_storage_is_declared_unreachable(monkeypatch):
     assert started == [0, 1, 2]
     assert [result.items[i].status for i in range(3)] == ["done"] * 3
     assert {result.items[i].error for i in range(3, 10)} == {"not run: storage unreachable since 03:04:05 UTC"}
+
+
+class Announcing(Ctx):
+    def __init__(self):
+        super().__init__()
+        self.announced, self.settled = set(), set()
+
+    def announce(self, p):
+        self.announced.add(p.index)
+
+    def settle(self, p):
+        self.settled.add(p.index)
+
+
+def test_the_first_window_is_announced_before_any_pair_starts(monkeypatch):
+    """Issue 17: announced one by one, a first pair reached its device before the others were
+    announced and started a step alone (a flow test saw steps of 1 with pairs_per_step=3)."""
+    from datetime import datetime, timezone
+
+    ctx, seen = Announcing(), []
+
+    class Task:
+        def submit(self, p, ctx):
+            seen.append(set(ctx.announced))
+            if p.index == 1:  # the storage goes away: pairs 2 and 3 were announced and never start
+                ctx.health.declare(datetime(2025, 1, 1, tzinfo=timezone.utc))
+            fut = FakeFuture(PairDone(ReportItem(p.content, p.style, "done", "out"), (b"", b"", b"")))
+            threading.Timer(0, fut.finish).start()
+            return fut
+
+    monkeypatch.setattr(pipeline, "process_pair", Task())
+    pipeline.run_pairs([plan(i) for i in range(10)], ctx, 4)
+    assert seen[0] == {0, 1, 2, 3}
+    assert ctx.settled == {2, 3}  # no device step waits for them
