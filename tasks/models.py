@@ -32,6 +32,7 @@ _NOT_EMPTY = {"description": "must not be empty", "maxLength": 0}
 def form_schema(schema: dict[str, Any], cls: type | None = None) -> None:
     """Shape a model's JSON schema for the Prefect run form and the server's refusals, in place.
 
+    - A constant member of a field's union (``Literal["auto"] | int``) shows as a one-choice select.
     - A constant (a union member's ``kind``) cannot change, so the form does not show it: it
       leaves ``properties`` for ``patternProperties`` (accepted, not rendered) and the member
       refuses another value with a ``not`` at its own level, so that the server's message names
@@ -51,6 +52,9 @@ def form_schema(schema: dict[str, Any], cls: type | None = None) -> None:
             constants.append({"required": [name], "properties": {name: {"not": {"const": prop["const"]}}}})
             continue
         members = prop.get("anyOf", [])
+        for member in members:  # "auto" | N: a one-choice select, not a const box the form cannot change
+            if "const" in member:
+                member["enum"] = [member.pop("const")]
         if len(members) == 2 and {"type": "null"} in members:
             prop.pop("anyOf")
             prop.update(next(m for m in members if m != {"type": "null"}))

@@ -224,3 +224,13 @@ def test_the_nightly_description_says_when_in_which_timezone():
     nightly = next(d for d in spec["deployments"] if d["name"] == "nightly")
     minute, hour = nightly["schedules"][0]["cron"].split()[:2]
     assert f"{int(hour):02d}:{int(minute):02d} {nightly['schedules'][0]['timezone']}" in nightly["description"]
+
+
+def test_no_field_renders_as_a_const_box():
+    """A ``Literal["auto"] | int`` field's schema had a ``const`` member, which the run form shows as
+    "const and cannot be changed" (CI's headless-Chromium test caught it); each is a one-choice enum."""
+    schema = current_schema()
+    for model in schema["definitions"].values():
+        for name, prop in model.get("properties", {}).items():
+            assert all("const" not in member for member in prop.get("anyOf", [])), name
+    assert schema["definitions"]["RunOptions"]["properties"]["pairs_per_step"]["anyOf"][0]["enum"] == ["auto"]
