@@ -27,6 +27,8 @@ def _option_type(annotation) -> dict:
     """argparse kwargs for a pydantic field annotation: type, choices, nargs."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        if len(args) > 1:  # e.g. tile_size: auto or a number; the model parses and refuses
+            return {"type": str, "metavar": "|".join(_shown(a) for a in args)}
         return _option_type(args[0])
     if typing.get_origin(annotation) is typing.Literal:
         return {"choices": list(typing.get_args(annotation))}
@@ -37,6 +39,13 @@ def _option_type(annotation) -> dict:
     if annotation is bool:
         return {"action": argparse.BooleanOptionalAction}
     return {"type": annotation if annotation in (int, float) else str}
+
+
+def _shown(annotation) -> str:
+    """How one member of a union reads in a metavar: its literal values or its type's name."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return "|".join(map(str, typing.get_args(annotation)))
+    return getattr(annotation, "__name__", str(annotation)).upper()
 
 
 def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], *, skip: tuple[str, ...] = ()) -> None:
@@ -50,7 +59,7 @@ def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], *
         shown = " ".join(map(str, default)) if isinstance(default, list) else default
         group.add_argument(
             "--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS,
-            help=f"{info.description} (default: {shown})", **kwargs,
+            help=f"{info.description} (default: {shown})".replace("%", "%%"), **kwargs,  # argparse formats help
         )
 
 

@@ -4,7 +4,7 @@ targets it holds (like pystiche's perceptual loss). The terms themselves are ``n
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -12,12 +12,31 @@ from torch import Tensor
 from .backend import exact_fp32
 from .losses import content_loss, gram_matrix, style_loss, tv_loss, weighted_sum
 from .params import StyleParams
+from .tiling import Tile, Tiling, layer_factor, tiled_features, tiled_maps
 from .vgg import FeatureExtractor
 
-__all__ = ["TERMS", "Objective"]
+__all__ = ["TERMS", "Objective", "LossScale"]
 
 #: The entries of an objective's value, in order.
 TERMS = ("content", "style", "tv", "total")
+
+
+@dataclass
+class LossScale:
+    """fp16's dynamic loss scale (as torch.amp.GradScaler's): start at 2^16, halve on an
+    overflowing gradient, double after GROW_EVERY evaluations without one, at most 2^24."""
+
+    value: float = 2.0**16
+    good: int = 0
+    GROW_EVERY = 100
+
+    def overflowed(self) -> None:
+        self.value, self.good = self.value / 2, 0
+
+    def passed(self) -> None:
+        self.good += 1
+        if self.good >= self.GROW_EVERY:
+            self.value, self.good = min(self.value * 2, 2.0**24), 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -26,45 +45,139 @@ class Objective:
 
     ``content_feats[layer]``: (B, nC, nH, nW) fp32 features of the contents as optimized (RGB, or
     luminance); ``style_grams[layer]``: (B, nC, nC) fp32 Grams normalized by nH·nW. Pair b's terms
-    depend on image b alone, so one batched pass is B independent objectives.
+    depend on image b alone, so one batched pass is B independent objectives. With a ``tiling``
+    the VGG pass runs tile by tile (``nst_core.tiling``): the same objective, less memory.
     """
 
     extractor: FeatureExtractor
     params: StyleParams
     content_feats: dict[str, Tensor]
     style_grams: dict[str, Tensor]
+    tiling: Tiling | None = None
+    loss_scale: LossScale = field(default_factory=lambda: LossScale())
 
     @classmethod
     def build(cls, extractor: FeatureExtractor, params: StyleParams, content: Tensor,
-              style_grams: Sequence[dict[str, Tensor]]) -> Objective:
+              style_grams: Sequence[dict[str, Tensor]], tiling: Tiling | None = None) -> Objective:
         """Hold the targets: the contents' (B, C, H, W) features, computed in exact fp32 (the reported
         fp32 losses are measured against them), and each pair's style Grams, stacked on the device."""
+        features = lambda x: extractor(x, params.content_layers)  # noqa: E731
         with torch.no_grad(), exact_fp32():
-            feats = extractor(content, params.content_layers)
+            feats = (features(content) if tiling is None
+                     else tiled_maps(features, content, tiling.grid(*content.shape[-2:], exact=True)))
         grams = {layer: torch.cat([g[layer].to(extractor.device) for g in style_grams]) for layer in params.style_layers}
-        return cls(extractor, params, {k: v.float() for k, v in feats.items()}, grams)
+        return cls(extractor, params, {k: v.float() for k, v in feats.items()}, grams, tiling)
 
     @property
     def layers(self) -> list[str]:
         return list(dict.fromkeys([*self.params.content_layers, *self.params.style_layers]))
 
+    def _vgg(self, x: Tensor, dtype: torch.dtype | None) -> dict[str, Tensor]:
+        """The layers' activations, the VGG pass at ``dtype`` (None: fp32) on weights stored in it
+        (``FeatureExtractor.cast``: what autocast computes, without recasting the weights each call)."""
+        return (self.extractor if dtype is None else self.extractor.cast(dtype))(x, self.layers)
+
     def __call__(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """[content, style, tv, total] of each image, (B, 1|3, H, W) in [0, 1] -> (B, 4) fp32.
 
-        The VGG pass runs at ``dtype`` under autocast (None: fp32). Grams and losses in fp32: a
+        The VGG pass runs at ``dtype`` (None: fp32). Grams and losses in fp32: a
         bf16 Gram carries ~0.4% rounding, as large as the Gram differences the style loss measures
-        near convergence.
+        near convergence. Tiled, the value carries no gradient (``value_and_grad`` computes it)
+        and is the untiled value (tiles with the exact halo).
         """
+        if self.tiling is not None:
+            with torch.no_grad():
+                return self._tiled_terms(x, dtype, self.tiling.grid(*x.shape[-2:], exact=True))[0]
         p = self.params
-        with torch.autocast(self.extractor.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            feats = self.extractor(x, self.layers)
+        feats = self._vgg(x, dtype)
         c = weighted_sum({n: content_loss(feats[n].float(), self.content_feats[n], "none") for n in p.content_layers},
                          {n: 1.0 / len(p.content_layers) for n in p.content_layers})
         s = weighted_sum({n: style_loss(gram_matrix(feats[n].float(), normalize=True), self.style_grams[n], "none")
                           for n in p.style_layers}, p.layer_weights())
+        return self._total(x, c, s)
+
+    def _total(self, x: Tensor, c: Tensor, s: Tensor) -> Tensor:
+        p = self.params
         tv = tv_loss(x, "none") if p.tv_weight > 0 else x.new_zeros(x.shape[0])
-        total = p.content_weight * c + p.style_weight * s + p.tv_weight * tv
-        return torch.stack([c, s, tv, total], 1)
+        return torch.stack([c, s, tv, p.content_weight * c + p.style_weight * s + p.tv_weight * tv], 1)
+
+    def value_and_grad(self, x: Tensor, dtype: torch.dtype | None = None, evaluation: int = 0) -> Tensor:
+        """Each image's terms (B, 4), detached, with ∂total_b/∂x_b accumulated into ``x.grad``.
+
+        Tiled, in two passes over tiles whose grid shifts with ``evaluation`` (``Tiling.offset``):
+        the first, without gradient, sums the whole image's Grams G_l and the content error; the
+        second backpropagates each tile alone through its share of the objective's linearization
+        at G: ⟨∂L/∂G_l, G_l,tile⟩ + its content error. Since G_l = Σ_t G_l,t, the tiles' gradients
+        sum to the untiled gradient (exactly, with a halo of ``tiling.exact_halo``).
+
+        fp16: the backward runs on the total times ``loss_scale`` (a per-activation gradient is
+        ~1/(nH·nW·nC), under fp16's smallest normal at 512 px, and would round to zero unnoticed),
+        halved and redone when the gradient overflows. This reads the device each evaluation.
+        """
+        if dtype != torch.float16:
+            return self._value_and_grad(x, dtype, evaluation, 1.0)
+        while True:
+            scale = self.loss_scale.value
+            terms = self._value_and_grad(x, dtype, evaluation, scale)
+            if scale > 1 and bool(torch.isfinite(terms).all()) and not bool(torch.isfinite(x.grad).all()):
+                self.loss_scale.overflowed()
+                x.grad = None
+                continue
+            self.loss_scale.passed()
+            x.grad.div_(scale)
+            return terms
+
+    def _value_and_grad(self, x: Tensor, dtype: torch.dtype | None, evaluation: int, scale: float) -> Tensor:
+        if self.tiling is None:
+            terms = self(x, dtype)
+            (terms[:, 3].sum() * scale).backward()  # pair b's gradient is that of its own total
+            return terms.detach()
+        p = self.params
+        height, width = x.shape[-2:]
+        tiles = self.tiling.grid(height, width, self.tiling.offset(p.seed, evaluation))
+        with torch.no_grad():
+            terms, grams = self._tiled_terms(x, dtype, tiles)
+        # ∂(β·w_l·style_l)/∂Ĝ_l, style_l = ‖Ĝ_l − S_l‖²/(4·nC²) (losses.style_loss)
+        slopes = {n: p.style_weight * w * (grams[n] - self.style_grams[n]) / (2 * grams[n].shape[-1] ** 2)
+                  for n, w in p.layer_weights().items()}
+        for tile, feats in tiled_features(lambda crop: self._vgg(crop, dtype), x, tiles):
+            share = sum((slopes[n] * gram_matrix(feats[n].float())).sum() / self._positions(n, x) for n in p.style_layers)
+            for n in p.content_layers:
+                share = share + p.content_weight / len(p.content_layers) * self._content_error(tile, n, feats[n], x)
+            (share * scale).backward()
+        if p.tv_weight > 0:
+            (p.tv_weight * scale * tv_loss(x, "none")).sum().backward()
+        return terms
+
+    def _positions(self, layer: str, x: Tensor) -> int:
+        factor = layer_factor(layer)
+        return (x.shape[-2] // factor) * (x.shape[-1] // factor)
+
+    def _content_error(self, tile: Tile, layer: str, core: Tensor, x: Tensor) -> Tensor:
+        """This tile's share of content_loss: ½·Σ_core (a_G − a_C)² / (nH·nW·nC), summed over pairs."""
+        return 0.5 * (core.float() - self._target(tile, layer, core)).pow(2).sum() / (self._positions(layer, x) * core.shape[1])
+
+    def _target(self, tile: Tile, layer: str, core: Tensor) -> Tensor:
+        """The content features under a tile's core (B, nC, h, w)."""
+        r, c = tile.origin(layer_factor(layer))
+        return self.content_feats[layer][..., r:r + core.shape[-2], c:c + core.shape[-1]]
+
+    def _tiled_terms(self, x: Tensor, dtype: torch.dtype | None, tiles: list[Tile]) -> tuple[Tensor, dict[str, Tensor]]:
+        """(B, 4) terms and the position-normalized Grams of the whole image, from one pass over tiles."""
+        p = self.params
+        grams: dict[str, Tensor] = {}
+        errors = {n: x.new_zeros(x.shape[0]) for n in p.content_layers}
+        for tile, feats in tiled_features(lambda crop: self._vgg(crop, dtype), x, tiles):
+            for n in p.style_layers:
+                g = gram_matrix(feats[n].float())
+                grams[n] = grams[n] + g if n in grams else g
+            for n in p.content_layers:
+                errors[n] += (feats[n].float() - self._target(tile, n, feats[n])).pow(2).flatten(1).sum(1)
+        grams = {n: g / self._positions(n, x) for n, g in grams.items()}
+        c = weighted_sum({n: 0.5 * e / (self._positions(n, x) * self.content_feats[n].shape[1]) for n, e in errors.items()},
+                         {n: 1.0 / len(p.content_layers) for n in p.content_layers})
+        s = weighted_sum({n: style_loss(grams[n], self.style_grams[n], "none") for n in p.style_layers}, p.layer_weights())
+        return self._total(x, c, s), grams
 
     def measure(self, x: Tensor) -> list[dict[str, float]]:
         """Each image's objective in exact fp32 (no TF32, no autocast, no gradient), as floats."""

@@ -32,6 +32,7 @@ from .lbfgs import BatchedLBFGS
 from .objective import TERMS, Objective
 from .params import STOP_WINDOW, StyleParams
 from .schedule import scale_sizes, split_budget
+from .tiling import history_for, memory_budget, tiling_for
 from .targets import StyleTargets, compute_style_targets, style_tensor, targets_key, targets_need_content
 from .vgg import FeatureExtractor, Opener, extractor_for, min_side, resolve_device
 
@@ -289,7 +290,9 @@ def _run_step(indexes: list[int], jobs: list[_Job], params: StyleParams, precisi
     x = torch.cat([job.start for job in jobs])
     for index in range(len(jobs[0].stages)):
         stages = [job.stages[index] for job in jobs]
-        objective = Objective.build(extractor, params, torch.cat([s.work for s in stages]), [s.grams for s in stages])
+        work = torch.cat([s.work for s in stages])
+        tiling = tiling_for(params, *work.shape[-2:], extractor.device, batch=len(jobs))
+        objective = Objective.build(extractor, params, work, [s.grams for s in stages], tiling)
         if index:
             size = stages[0].work.shape[-2:]
             x = _scale_start(objective, x if x.shape[-2:] == size else _upsample(x, size),
@@ -297,7 +300,7 @@ def _run_step(indexes: list[int], jobs: list[_Job], params: StyleParams, precisi
         x = _optimize_scale(objective, x, stages[0].evaluations, params, precision, log, index, stages[0].exact_tail)
         for job, stage in zip(jobs, stages):
             job.ran.append({"size": [stage.work.shape[-1], stage.work.shape[-2]], "precision": precision,
-                            "exact_tail": stage.exact_tail,
+                            "exact_tail": stage.exact_tail, "tiling": tiling and tiling.describe(),
                             "evaluations": log.ran_in_stage.get(id(job), 0), "planned": stage.evaluations})
     seconds = time.perf_counter() - t_opt
     return _finish(jobs, x, objective, params, precision, extractor, backend, seconds)
@@ -395,7 +398,9 @@ def _optimize_scale(objective: Objective, x0: Tensor, evaluations: int, params: 
     x = x0.detach().clone().contiguous().requires_grad_(True)
     b = x.shape[0]
     frozen = torch.tensor([job.error is not None for job in log.jobs], device=x.device)
-    lbfgs = BatchedLBFGS(x, params.step_size(), HISTORY) if params.optimizer == "lbfgs" else None
+    history = HISTORY if objective.tiling is None else history_for(
+        memory_budget(params, x.device), x.numel(), HISTORY)
+    lbfgs = BatchedLBFGS(x, params.step_size(), history) if params.optimizer == "lbfgs" else None
     adam = torch.optim.Adam([x], lr=params.step_size()) if lbfgs is None else None
     best_total = x.new_full((b,), math.inf)
     best = x.detach().clone()
@@ -417,8 +422,7 @@ def _optimize_scale(objective: Objective, x0: Tensor, evaluations: int, params: 
             x.clamp_(0, 1)
         x.grad = None
         with precision_section(uses_tf32(precision)):
-            terms = objective(x, dtype)
-            terms[:, 3].sum().backward()  # pair b's gradient is that of its own total
+            terms = objective.value_and_grad(x, dtype, e)
         with torch.no_grad():
             active = ~frozen
             loss_ok = torch.isfinite(terms).all(1)

@@ -170,6 +170,25 @@ class StyleParams(BaseModel):
         default="auto", title="Device",
         description="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.",
     )
+    tile_size: Literal["auto", "off"] | int = Field(
+        default="auto", title="Tile size (px)",
+        description="VGG pass in tiles of this many px (same objective, less memory); auto: when over max_memory_gb.",
+    )
+    tile_halo: int | None = Field(
+        default=None, ge=0, le=512, title="Tile halo (px)",
+        description="Margin each tile sees around its core; 64 is exact at relu5_1; empty: the measured default.",
+    )
+    max_memory_gb: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, title="Memory budget (GB)",
+        description="Memory one evaluation may use before auto tiles; empty: 80% of the GPU, half the RAM on CPU.",
+    )
+
+    @field_validator("tile_size")
+    @classmethod
+    def _tile_size(cls, v):
+        if isinstance(v, int) and v < 64:
+            raise ValueError("tile_size must be at least 64 px (or auto, or off)")
+        return v
 
     @field_validator("content_layers", "style_layers", mode="before")
     @classmethod

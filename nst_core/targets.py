@@ -20,6 +20,7 @@ from .imageio import check_min_side, resize_longest, split_alpha, to_tensor
 from .losses import gram_matrix
 from .params import StyleParams
 from .schedule import scale_sizes
+from .tiling import tiled_grams, tiling_for
 from .vgg import FeatureExtractor, Opener, extractor_for, min_side
 
 __all__ = ["StyleTargets", "compute_style_targets", "targets_key", "targets_need_content", "style_tensor"]
@@ -61,6 +62,8 @@ def targets_key(params: StyleParams, extractor: FeatureExtractor, n_styles: int)
         tuple(scale_sizes(params)),
         params.preserve_color,
         tuple(params.blend_weights(n_styles)),
+        # tiled Grams differ from untiled ones by what the halo leaves out
+        (params.tile_size, params.tile_halo, params.max_memory_gb),
     )
 
 
@@ -95,6 +98,16 @@ def style_tensor(img: Image.Image, size: int, params: StyleParams, device: torch
     return match_color(s, content)
 
 
+def _grams(extractor: FeatureExtractor, style: Tensor, params: StyleParams) -> dict[str, Tensor]:
+    """Position-normalized fp32 Grams of one prepared style image (1, C, H, W), tiled as the
+    optimization would tile an image of its size (a print-size style fits where its output does)."""
+    tiling = tiling_for(params, *style.shape[-2:], extractor.device)
+    features = lambda x: extractor(x, params.style_layers)  # noqa: E731
+    if tiling is not None:
+        return tiled_grams(features, style, tiling.grid(*style.shape[-2:], exact=True))
+    return {layer: gram_matrix(f.float(), normalize=True) for layer, f in features(style).items()}
+
+
 def compute_style_targets(
     style: Image.Image | Sequence[Image.Image],
     params: StyleParams,
@@ -127,10 +140,7 @@ def compute_style_targets(
         for size in scale_sizes(params):
             grams: dict[str, Tensor] = {}
             for img, w, name in zip(styles, weights, names):
-                feats = extractor(style_tensor(img, size, params, extractor.device, content, name),
-                                  params.style_layers)
-                for layer, f in feats.items():
-                    g = w * gram_matrix(f.float(), normalize=True)
-                    grams[layer] = grams[layer] + g if layer in grams else g
+                for layer, g in _grams(extractor, style_tensor(img, size, params, device, content, name), params).items():
+                    grams[layer] = grams[layer] + w * g if layer in grams else w * g
             by_size[size] = grams
     return StyleTargets(by_size, targets_key(params, extractor, len(styles)))

@@ -11,9 +11,10 @@ is ``nst_core.weights``, the average-pool calibration ``nst_core.pooling``.
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -94,6 +95,21 @@ class FeatureExtractor:
     device: torch.device
     #: Memory format of the conv weights; convert inputs with ``x.to(memory_format=...)`` to match.
     memory_format: torch.memory_format = torch.contiguous_format
+    _casts: dict = field(default_factory=dict, repr=False)  # dtype -> this extractor's weights in it
+
+    def cast(self, dtype: torch.dtype) -> FeatureExtractor:
+        """This extractor with its weights stored in ``dtype`` (bf16/fp16), made once and kept.
+
+        Autocast would recast every frozen conv weight at each call (its weight cache only holds
+        leaves that require grad), so a reduced-precision VGG pass runs on a copy instead; the
+        input is normalized in fp32 and then cast, as autocast's first convolution would.
+        """
+        with _cache_lock:
+            if dtype not in self._casts:
+                layers = copy.deepcopy(self.layers).to(dtype=dtype)
+                self._casts[dtype] = FeatureExtractor(layers, self.mean, self.std, self.weights_id, self.device,
+                                                      self.memory_format)
+            return self._casts[dtype]
 
     @property
     def input_scale(self) -> float:
@@ -124,7 +140,7 @@ class FeatureExtractor:
         last = max(wanted)
         if last >= len(self.layers):
             raise ValueError(f"layer {wanted[last]} is deeper than this extractor ({len(self.layers)} layers)")
-        x = (image - self.mean) / self.std
+        x = ((image - self.mean) / self.std).to(self.layers[0].weight.dtype)
         out = {}
         for i, module in enumerate(self.layers):
             x = module(x)

@@ -527,6 +527,22 @@ def test_a_retried_run_keeps_every_attempts_report(tmp_path):
     assert f"{run_id}-attempt-2.json" in second.message
 
 
+def test_a_tiled_pair_runs_through_the_batch_and_its_sidecar_records_the_tiling(tmp_path):
+    """Issue 18: nothing new for users but the parameter; a 96x64 output in two 64 px tiles."""
+    (tmp_path / "c").mkdir()
+    (tmp_path / "s").mkdir()
+    pattern((96, 64), "content", 0).save(tmp_path / "c" / "wide.png")
+    pattern((48, 48), "style", 0).save(tmp_path / "s" / "s.png")
+    state = run(BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s")),
+                OutputSpec(uri=str(tmp_path / "out"), format="png"), tiny_params(image_size=96, tile_size=64))
+    assert state.is_completed(), state.message
+    [sidecar] = [p for p in (tmp_path / "out").glob("*.json")]
+    meta = json.loads(sidecar.read_text())
+    assert meta["params"]["tile_size"] == 64
+    assert meta["scales"][-1]["tiling"] == {"tile_size": 64, "halo": 32}
+    assert meta["size"] == [96, 64] and sidecar.with_suffix(".png").exists()
+
+
 def test_coarse_to_fine_runs_through_the_batch_and_its_sidecar_records_each_scale(tmp_path):
     """Issue 14: every other flow test pins scales=1; here the flow runs two scales (45 and 64 px)
     and the sidecar's engine metadata lists both, so a flow that dropped ``scales`` fails here."""

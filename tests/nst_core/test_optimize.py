@@ -248,7 +248,7 @@ def test_stop_tolerance_ends_early_and_records_the_evaluations_run(images):
     result = stylize(*images, params(iterations=80, scales=1, stop_tolerance=0.9))
     assert len(result.history) == STOP_WINDOW + 1 == result.metadata["evaluations"]
     assert result.metadata["scales"][0] == {"size": [64, 48], "evaluations": STOP_WINDOW + 1, "planned": 80,
-                                            "precision": "fp32", "exact_tail": 0}
+                                            "precision": "fp32", "exact_tail": 0, "tiling": None}
     assert len(stylize(*images, params(iterations=30, scales=1)).history) == 30  # off by default
 
 

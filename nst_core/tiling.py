@@ -1,0 +1,275 @@
+"""Tiled evaluation: the VGG pass of a large image in overlapping tiles, for outputs beyond memory.
+
+The optimization variable stays the whole image; only the VGG pass is tiled. A tile is a *core*
+(the tiles' cores partition the image) plus a *halo* on each side inside the image; the features
+of the core positions are taken from the tile's pass and the halo's are dropped. With a halo of
+at least the deepest layer's reach (``exact_halo``, 64 px at relu5_1) every core feature equals the
+untiled one, so sums over positions (the content loss, the Grams) split exactly over tiles. How
+the objective uses them (two passes for the style loss) is ``Objective``'s.
+
+Tile edges are multiples of the deepest layer's pooling factor ``align`` (16 at relu5_1), so a
+core starts on a whole feature position at every layer and the floor of each 2×2 pool is the
+untiled one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .losses import gram_matrix
+from .params import VGG16_LAYERS, StyleParams
+
+__all__ = ["Tile", "Tiling", "tile_grid", "layer_factor", "exact_halo", "untiled_bytes", "memory_budget",
+           "tiling_for", "tiled_features", "tiled_grams", "tiled_maps", "history_for", "seam_ratio", "HALO"]
+
+#: Halo (px) of a tile when none is given: measured, not the receptive field's. The exact halo at
+#: relu5_1 (64 px) costs 1.89x an untiled evaluation at 1024 px with 384 px tiles; 32 px costs
+#: 1.41x and leaves a 6.5% gradient error, which the shifting grid spreads over the image
+#: (``benchmarks/tiling.py halo`` and ``fidelity``; README "Print-size output").
+HALO = 32
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile: its core ``[y0, y1) × [x0, x1)`` and the crop ``[cy0, cy1) × [cx0, cx1)`` the VGG
+    pass sees (the core plus the halo, inside the image), in pixels."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    cy0: int
+    cy1: int
+    cx0: int
+    cx1: int
+
+    def crop(self, x: Tensor) -> Tensor:
+        """The crop of a (B, C, H, W) image (a view: gradients flow back into x)."""
+        return x[..., self.cy0:self.cy1, self.cx0:self.cx1]
+
+    def core(self, features: Tensor, factor: int, height: int, width: int) -> Tensor:
+        """The core positions of this tile's (B, nC, h, w) features at a layer ``factor``× coarser
+        than the (height, width) image: rows ⌊y0/f⌋ … (⌊y1/f⌋, or ⌊H/f⌋ at the image's edge)."""
+        top, left = self.y0 // factor - self.cy0 // factor, self.x0 // factor - self.cx0 // factor
+        rows = (self.y1 if self.y1 < height else height) // factor - self.y0 // factor
+        cols = (self.x1 if self.x1 < width else width) // factor - self.x0 // factor
+        return features[..., top:top + rows, left:left + cols]
+
+    def origin(self, factor: int) -> tuple[int, int]:
+        """Where ``core(...)`` starts in the untiled features: (row, col)."""
+        return self.y0 // factor, self.x0 // factor
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Tiles of ``size`` px with a ``halo`` px margin, edges on multiples of ``align`` px.
+
+    ``exact`` is the halo at which tiled features equal untiled ones (``exact_halo``): passes
+    that run once and carry no gradient (targets, reported losses) use it; each evaluation's
+    two passes use ``halo``.
+    """
+
+    size: int
+    halo: int
+    align: int
+    exact: int
+
+    def grid(self, height: int, width: int, offset: tuple[int, int] = (0, 0), exact: bool = False) -> list[Tile]:
+        return tile_grid(height, width, self.size, self.exact if exact else self.halo, self.align, offset)
+
+    def offset(self, seed: int, evaluation: int) -> tuple[int, int]:
+        """The grid's shift for one evaluation: random multiples of ``align`` below ``size``.
+
+        Differs from fixed tiles (and from the peers' stylize-then-blend): a fixed grid would leave
+        the same border every evaluation, where only the halo's approximation acts; shifting it
+        each evaluation spreads that error over the image, so no seam forms. Seeded: a rerun
+        shifts the same way.
+        """
+        rng = random.Random(seed * 1_000_003 + evaluation)
+        steps = max(1, self.size // self.align)
+        return rng.randrange(steps) * self.align, rng.randrange(steps) * self.align
+
+    def describe(self) -> dict:
+        return {"tile_size": self.size, "halo": self.halo}
+
+
+def _cuts(length: int, size: int, align: int, offset: int) -> list[int]:
+    """Edges along one axis: 0, offset + k·size inside the image, length; no piece under ``align``
+    at the far end (its deepest features would be empty)."""
+    inner = [c for c in range(offset % size, length, size) if align <= c <= length - align]
+    return [0, *inner, length]
+
+
+def tile_grid(height: int, width: int, size: int, halo: int, align: int,
+              offset: tuple[int, int] = (0, 0)) -> list[Tile]:
+    """Tiles covering a (height, width) image: cores partition it, crops add ``halo`` inside it.
+
+    ``size``, ``halo`` and ``offset`` are rounded to multiples of ``align`` (size and halo up).
+    """
+    up = lambda v: -(-v // align) * align  # noqa: E731
+    size, halo = max(align, up(size)), up(halo)
+    ys = _cuts(height, size, align, offset[0] // align * align)
+    xs = _cuts(width, size, align, offset[1] // align * align)
+    return [Tile(y0, y1, x0, x1, max(0, y0 - halo), min(height, y1 + halo), max(0, x0 - halo), min(width, x1 + halo))
+            for y0, y1 in zip(ys, ys[1:]) for x0, x1 in zip(xs, xs[1:])]
+
+
+def layer_factor(name: str) -> int:
+    """How many pixels one feature position of this layer steps: 2^(pools before it)."""
+    return 2 ** sum(1 for n in VGG16_LAYERS[:VGG16_LAYERS.index(name)] if n.startswith("pool"))
+
+
+def _reach(name: str) -> int:
+    """How far (px) beyond its own f×f block of pixels one position of this layer sees, on either
+    side: the span of input pixels a position depends on, walked back from the layer (a 3×3 conv
+    widens it by one position each side, a 2×2 pool doubles it), less the block.
+    relu5_1: pixels 16i − 58 … 16i + 73 for position i, so 58 px each side of 16i … 16i + 15."""
+    lo, hi = 0, 0  # in the coordinates of the current layer's input, for output position 0
+    for n in reversed(VGG16_LAYERS[:VGG16_LAYERS.index(name) + 1]):
+        if n.startswith("conv"):
+            lo, hi = lo - 1, hi + 1
+        elif n.startswith("pool"):
+            lo, hi = 2 * lo, 2 * hi + 1
+    return max(-lo, hi - (layer_factor(name) - 1))
+
+
+def exact_halo(layers: Iterable[str]) -> int:
+    """The halo (px) at which tiled features equal untiled ones: the deepest reach of the layers,
+    rounded up to the alignment (relu5_1: 58 px, 64 px with tiles on multiples of 16)."""
+    layers = list(layers)
+    align = max(layer_factor(n) for n in layers)
+    return -(-max(_reach(n) for n in layers) // align) * align
+
+
+#: Calibration of ``untiled_bytes``: a default fp32 run at 1024×768 peaked at 2.45 GB RSS on the
+#: project's CPU (``benchmarks/speed.py --memory 1024``), 1.73 GB above the 0.72 GB of the
+#: interpreter, torch and the extractor; the sum of every VGG module's output up to relu5_1, in
+#: fp32, is 1.64 GB there, plus 0.08 GB of image-sized tensors: one output per module kept.
+_OVERHEAD = 1.0
+
+
+def untiled_bytes(height: int, width: int, layers: Iterable[str], batch: int = 1) -> int:
+    """Bytes one untiled evaluation of a (batch, 3, height, width) image needs, estimated from the
+    activations VGG16 keeps for the backward pass (fp32, every module up to the deepest layer)
+    times a measured overhead, plus the optimizer's own image-sized tensors (L-BFGS history apart)."""
+    depth = max(VGG16_LAYERS.index(n) for n in layers)
+    channels, factor, floats = 3, 1, 0
+    cfg_channels = {"1": 64, "2": 128, "3": 256, "4": 512, "5": 512}
+    for n in VGG16_LAYERS[:depth + 1]:
+        if n.startswith("pool"):
+            factor *= 2
+        elif n.startswith("conv"):
+            channels = cfg_channels[n[4]]
+        floats += channels * (height // factor) * (width // factor)
+    return int(4 * batch * (_OVERHEAD * floats + 8 * 3 * height * width))
+
+
+def memory_budget(params: StyleParams, device: torch.device) -> int:
+    """Bytes one evaluation may use: ``max_memory_gb``, or a share of the device's total memory
+    (the total, not what is free now, so the choice is the same on every run of one machine):
+    80% of a GPU (a batch runs one pair per GPU at a time), half of this host's RAM on CPU."""
+    if params.max_memory_gb is not None:
+        return int(params.max_memory_gb * 2**30)
+    if device.type == "cuda":
+        return int(0.8 * torch.cuda.get_device_properties(device).total_memory)
+    if device.type == "mps":
+        return int(0.8 * torch.mps.recommended_max_memory())
+    return int(0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def tiling_for(params: StyleParams, height: int, width: int, device: torch.device, batch: int = 1) -> Tiling | None:
+    """The tiling of a (height, width) evaluation, or None to run it whole.
+
+    ``tile_size`` N: tiles of N px when the image is larger than that. ``auto``: tiles only when
+    ``untiled_bytes`` exceeds ``memory_budget``, then the largest multiple of the alignment whose
+    tile (with its halo) needs at most a quarter of the budget (the rest holds the image-sized
+    tensors, the content features and the L-BFGS history). ``off``: never.
+    """
+    layers = [*params.content_layers, *params.style_layers]
+    align = max(layer_factor(n) for n in layers)
+    halo = HALO if params.tile_halo is None else params.tile_halo
+    exact = exact_halo(layers)
+    if params.tile_size == "off":
+        return None
+    if params.tile_size != "auto":
+        return Tiling(params.tile_size, halo, align, exact) if max(height, width) > params.tile_size else None
+    budget = memory_budget(params, device)
+    if untiled_bytes(height, width, layers, batch) <= budget:
+        return None
+    size = align
+    while size < max(height, width) and untiled_bytes(size + align + 2 * halo, size + align + 2 * halo, layers, batch) <= budget / 4:
+        size += align
+    return Tiling(size, halo, align, exact)
+
+
+def tiled_features(features: Callable[[Tensor], dict[str, Tensor]], x: Tensor,
+                   tiles: list[Tile]) -> Iterator[tuple[Tile, dict[str, Tensor]]]:
+    """Each tile's core features, ``{layer: (B, nC, h, w)}``: ``features`` (a VGG pass) per crop.
+
+    Under ``torch.no_grad`` each tile's activations are freed before the next; with gradients the
+    caller backpropagates one tile before asking for the next.
+    """
+    height, width = x.shape[-2:]
+    for tile in tiles:
+        feats = features(tile.crop(x))
+        yield tile, {n: tile.core(f, layer_factor(n), height, width) for n, f in feats.items()}
+
+
+def tiled_grams(features: Callable[[Tensor], dict[str, Tensor]], x: Tensor, tiles: list[Tile]) -> dict[str, Tensor]:
+    """Position-normalized fp32 Grams of a whole (B, C, H, W) image from its tiles, no gradient:
+    Ĝ_l = Σ_t F_t·F_tᵀ / (nH·nW), F_t the tile's core features (B, nC, nH, nW) -> (B, nC, nC)."""
+    sums: dict[str, Tensor] = {}
+    height, width = x.shape[-2:]
+    with torch.no_grad():
+        for _, feats in tiled_features(features, x, tiles):
+            for n, f in feats.items():
+                g = gram_matrix(f.float())
+                sums[n] = sums[n] + g if n in sums else g
+    return {n: g / ((height // layer_factor(n)) * (width // layer_factor(n))) for n, g in sums.items()}
+
+
+def tiled_maps(features: Callable[[Tensor], dict[str, Tensor]], x: Tensor, tiles: list[Tile]) -> dict[str, Tensor]:
+    """The whole image's fp32 feature maps ``{layer: (B, nC, ⌊H/f⌋, ⌊W/f⌋)}`` assembled from the
+    tiles' cores, no gradient (the content targets of a tiled run)."""
+    out: dict[str, Tensor] = {}
+    height, width = x.shape[-2:]
+    with torch.no_grad():
+        for tile, feats in tiled_features(features, x, tiles):
+            for n, f in feats.items():
+                factor = layer_factor(n)
+                if n not in out:
+                    out[n] = f.new_zeros(f.shape[0], f.shape[1], height // factor, width // factor, dtype=torch.float32)
+                r, c = tile.origin(factor)
+                out[n][..., r:r + f.shape[-2], c:c + f.shape[-1]] = f.float()
+    return out
+
+
+def history_for(budget: int, numel: int, wanted: int) -> int:
+    """L-BFGS pairs a tiled run keeps: ``wanted``, fewer when 2·m image-sized fp32 vectors would
+    take more than a third of the memory budget (at 4096 px one pair is 400 MB), at least 3.
+
+    Differs from the untiled run (HISTORY pairs) because at print size the history, not VGG,
+    would dominate memory; fewer pairs cost some convergence speed, not the objective.
+    """
+    return max(3, min(wanted, budget // 3 // (8 * numel)))
+
+
+def seam_ratio(image: Tensor, size: int, align: int, offset: tuple[int, int] = (0, 0)) -> float:
+    """How much a grid's tile borders stand out in a (B, C, H, W) image: the mean |difference| of
+    neighbouring pixels across the borders over the mean elsewhere (1.0: no seam)."""
+    height, width = image.shape[-2:]
+    dy = (image[..., 1:, :] - image[..., :-1, :]).abs()  # dy[..., r, :] crosses from row r to r + 1
+    dx = (image[..., :, 1:] - image[..., :, :-1]).abs()
+    rows = torch.zeros(height - 1, dtype=torch.bool)
+    cols = torch.zeros(width - 1, dtype=torch.bool)
+    rows[[c - 1 for c in _cuts(height, size, align, offset[0])[1:-1]]] = True
+    cols[[c - 1 for c in _cuts(width, size, align, offset[1])[1:-1]]] = True
+    across = torch.cat([dy[..., rows, :].flatten(), dx[..., cols].flatten()])
+    along = torch.cat([dy[..., ~rows, :].flatten(), dx[..., ~cols].flatten()])
+    return float(across.mean() / along.mean())

@@ -1,0 +1,59 @@
+"""The objective's reduced-precision paths: weights kept in the pass's dtype, fp16 loss scaling."""
+
+import torch
+
+from nst_core import StyleParams
+from nst_core.losses import gram_matrix
+from nst_core.objective import Objective
+from nst_core.vgg import extractor_for
+
+
+def _setup():
+    p = StyleParams(weights="random", device="cpu")
+    extractor = extractor_for(p)
+    gen = torch.Generator().manual_seed(0)
+    content, style = torch.rand(1, 3, 96, 128, generator=gen), torch.rand(1, 3, 64, 64, generator=gen)
+    with torch.no_grad():
+        grams = [{n: gram_matrix(f, normalize=True) for n, f in extractor(style, p.style_layers).items()}]
+    start = (content + 0.05 * torch.randn(content.shape, generator=gen)).clamp(0, 1)
+    return Objective.build(extractor, p, content, grams), start
+
+
+def _grad(objective, start, dtype):
+    x = start.clone().requires_grad_(True)
+    objective.value_and_grad(x, dtype)
+    return x.grad
+
+
+def test_fp16_gradients_are_loss_scaled_so_small_ones_do_not_round_to_zero():
+    objective, start = _setup()
+    exact = _grad(objective, start, None)
+    assert float((exact == 0).float().mean()) == 0.0
+    scaled = _grad(objective, start, torch.float16)
+    objective.loss_scale.value = 1.0  # no scaling
+    unscaled = _grad(objective, start, torch.float16)
+    # unscaled, fp16 flushes hundreds of pixels' gradients to exactly zero (0.3% here)
+    assert float((unscaled == 0).float().mean()) > 10 * float((scaled == 0).float().mean())
+    assert float((scaled - exact).norm() / exact.norm()) < 0.1
+
+
+def test_an_overflowing_fp16_scale_is_halved_and_the_evaluation_redone():
+    objective, start = _setup()
+    exact = _grad(objective, start, None)
+    objective.loss_scale.value = 2.0**30  # overflows here; 2^28 does not
+    grad = _grad(objective, start, torch.float16)
+    assert objective.loss_scale.value < 2.0**30
+    assert bool(torch.isfinite(grad).all()) and float((grad - exact).norm() / exact.norm()) < 0.1
+
+
+def test_a_reduced_precision_pass_runs_on_a_kept_copy_of_the_weights_with_autocasts_numbers():
+    p = StyleParams(weights="random", device="cpu")
+    extractor = extractor_for(p)
+    x = torch.rand(1, 3, 64, 48, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = extractor(x, p.style_layers)
+    cast = extractor.cast(torch.bfloat16)
+    assert cast is extractor.cast(torch.bfloat16)  # made once
+    assert cast.layers[0].weight.dtype == torch.bfloat16 and extractor.layers[0].weight.dtype == torch.float32
+    ours = cast(x, p.style_layers)
+    assert all(torch.equal(ours[n], autocast[n]) for n in p.style_layers)

@@ -1,0 +1,152 @@
+"""Tiled evaluation: tiles that partition the image, the untiled objective and gradient, no seams."""
+
+import itertools
+
+import pytest
+import torch
+
+from nst_core import StyleParams, stylize
+from nst_core import tiling as tiling_module
+from nst_core.imageio import to_tensor
+from nst_core.losses import gram_matrix
+from nst_core.objective import Objective
+from nst_core.tiling import Tiling, exact_halo, seam_ratio, tile_grid, tiling_for, untiled_bytes
+from nst_core.vgg import extractor_for
+
+from helpers import engine_device
+
+LAYERS = ["relu4_2", "relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
+
+
+def params(**kw) -> StyleParams:
+    return StyleParams(**{"weights": "random", "device": engine_device(), "image_size": 96, "iterations": 8,
+                          "precision": "fp32", **kw})
+
+
+@pytest.mark.parametrize("height,width,size,offset", [(96, 80, 32, (0, 0)), (100, 77, 48, (16, 32)),
+                                                       (64, 64, 64, (48, 0)), (130, 35, 32, (16, 16))])
+def test_cores_partition_the_image_and_crops_stay_inside_on_aligned_edges(height, width, size, offset):
+    tiles = tile_grid(height, width, size, 32, 16, offset)
+    covered = torch.zeros(height, width, dtype=torch.int64)
+    for t in tiles:
+        covered[t.y0:t.y1, t.x0:t.x1] += 1
+        assert 0 <= t.cy0 <= t.y0 < t.y1 <= t.cy1 <= height and 0 <= t.cx0 <= t.x0 < t.x1 <= t.cx1 <= width
+        assert all(v % 16 == 0 for v in (t.y0, t.x0, t.cy0, t.cx0))
+        assert t.y1 == height or t.y1 % 16 == 0
+        assert t.y1 - t.y0 >= 16 and t.x1 - t.x0 >= 16  # no sliver whose deepest features are empty
+    assert bool((covered == 1).all())
+
+
+def test_the_exact_halo_is_the_deepest_reach_rounded_to_the_pools():
+    assert exact_halo(["relu5_1"]) == 64  # pixels 16i - 58 ... 16i + 73: 58 px, up to a multiple of 16
+    assert exact_halo(["relu1_1", "relu2_1"]) == 4  # 2i - 4 ... 2i + 5: 4 px
+    assert exact_halo(["relu1_1"]) == 1
+    assert exact_halo(LAYERS) == 64
+
+
+def _objective(p, content, style, tiling):
+    extractor = extractor_for(p)
+    with torch.no_grad():
+        grams = [{n: gram_matrix(f, normalize=True) for n, f in extractor(style[i:i + 1], p.style_layers).items()}
+                 for i in range(style.shape[0])]
+    return Objective.build(extractor, p, content, grams, tiling)
+
+
+@pytest.mark.parametrize("channels", [3, 1])  # RGB, and the one luminance channel of preserve_color="luminance"
+def test_the_tiled_gradient_is_the_untiled_gradient(channels):
+    """Two pairs in one tensor, the default layers plus smoothness, 4 tiles with the exact halo, a
+    shifted grid: terms and gradient as the untiled pass computes them."""
+    p = params(tv_weight=10.0)
+    gen = torch.Generator().manual_seed(0)
+    content = torch.rand(2, channels, 64, 48, generator=gen).to(p.device)
+    style = torch.rand(2, 3, 32, 32, generator=gen).to(p.device)
+    x0 = torch.rand(2, channels, 64, 48, generator=gen).to(p.device)
+    results = []
+    for tiling in (None, Tiling(32, exact_halo(LAYERS), 16, exact_halo(LAYERS))):
+        x = x0.clone().requires_grad_(True)
+        terms = _objective(p, content, style, tiling).value_and_grad(x, None, evaluation=5)
+        results.append((terms, x.grad))
+    (t0, g0), (t1, g1) = results
+    assert torch.allclose(t1, t0, rtol=1e-4, atol=0)
+    assert float((g1 - g0).norm() / g0.norm()) <= 1e-3
+    # the bite: a halo short of the receptive field does not give the untiled gradient here
+    x = x0.clone().requires_grad_(True)
+    _objective(p, content, style, Tiling(32, 16, 16, 64)).value_and_grad(x, None, evaluation=5)
+    assert float((x.grad - g0).norm() / g0.norm()) > 1e-2
+
+
+def test_a_tiled_value_is_measured_with_the_exact_halo_whatever_the_evaluations_use():
+    p = params()
+    gen = torch.Generator().manual_seed(1)
+    content, style, x = (torch.rand(1, 3, 64, 48, generator=gen).to(p.device) for _ in range(3))
+    exact = _objective(p, content, style, None).measure(x)[0]
+    tiled = _objective(p, content, style, Tiling(32, 0, 16, 64)).measure(x)[0]
+    assert tiled == pytest.approx(exact, rel=1e-4)
+
+
+def test_the_grid_shifts_between_evaluations_and_repeats_for_a_seed():
+    t = Tiling(384, 32, 16, 80)
+    offsets = [t.offset(7, e) for e in range(20)]
+    assert len(set(offsets)) > 10 and all(0 <= o < 384 and o % 16 == 0 for o in itertools.chain(*offsets))
+    assert offsets == [t.offset(7, e) for e in range(20)]
+
+
+def test_tiling_is_chosen_by_size_and_memory_budget():
+    cpu = torch.device("cpu")
+    assert tiling_for(params(tile_size="off", max_memory_gb=0.001), 4096, 4096, cpu) is None
+    assert tiling_for(params(tile_size=128), 96, 80, cpu) is None  # fits one tile
+    assert tiling_for(params(tile_size=128), 300, 200, cpu) == Tiling(128, tiling_module.HALO, 16, 64)
+    assert tiling_for(params(tile_size="auto", max_memory_gb=64), 1024, 768, cpu) is None
+    small = tiling_for(params(tile_size="auto", max_memory_gb=1), 4096, 4096, cpu)
+    assert small is not None and small.size % 16 == 0
+    side = small.size + 2 * small.halo
+    assert untiled_bytes(side, side, LAYERS) <= 2**30 / 4 < untiled_bytes(4096, 4096, LAYERS)
+    with pytest.raises(ValueError, match="at least 64"):
+        params(tile_size=16)
+
+
+@pytest.mark.slow
+def test_no_seam_where_the_tiles_met(images):
+    """Noise start, 64 px tiles with no halo at all: with the grid shifting each evaluation the
+    tile borders of any one grid stand out no more than in the untiled result; a fixed grid
+    leaves them visible (the metric sees seams)."""
+    base = {"image_size": 128, "iterations": 30, "init": "noise"}
+
+    def seam(**kw):
+        result = stylize(*images, params(**base, **kw))
+        return seam_ratio(to_tensor(result.image, "cpu"), 64, 16)
+
+    untiled = seam(tile_size="off")
+    assert abs(seam(tile_size=64, tile_halo=0) - untiled) <= 0.1 * untiled
+    fixed = pytest.MonkeyPatch()
+    fixed.setattr(Tiling, "offset", lambda self, seed, evaluation: (0, 0))
+    try:
+        assert seam(tile_size=64, tile_halo=0) > 1.2 * untiled
+    finally:
+        fixed.undo()
+
+
+def test_a_tiled_run_records_its_tiling_and_ends_near_the_untiled_loss(images):
+    untiled = stylize(*images, params(iterations=12, tile_size="off"))
+    tiled = stylize(*images, params(iterations=12, tile_size=64, tile_halo=64))
+    assert tiled.metadata["scales"][-1]["tiling"] == {"tile_size": 64, "halo": 64}
+    assert untiled.metadata["scales"][-1]["tiling"] is None
+    # exact halo: the same optimization up to float summation order
+    assert tiled.losses["final"]["total"] == pytest.approx(untiled.losses["final"]["total"], rel=1e-3)
+
+
+def test_coarse_scales_run_whole_and_the_output_size_tiled(images):
+    result = stylize(*images, params(image_size=128, iterations=6, scales=2, tile_size=96))
+    assert [s["size"] for s in result.metadata["scales"]] == [[91, 68], [128, 96]]
+    assert [s["tiling"] for s in result.metadata["scales"]] == [None, {"tile_size": 96, "halo": tiling_module.HALO}]
+
+
+@pytest.mark.parametrize("colour", ["histogram", "luminance"])
+def test_reduced_precision_colour_modes_and_a_blend_of_styles_run_tiled(images, colour):
+    content, style = images
+    result = stylize(content, [style, style.transpose(0)], params(iterations=4, tile_size=64, precision="bf16",
+                                                                   preserve_color=colour))
+    assert result.metadata["scales"][-1]["tiling"] == {"tile_size": 64, "halo": tiling_module.HALO}
+    assert result.metadata["precision"] == "bf16" and result.metadata["styles"] == 2
+    totals = [h["total"] for h in result.history]
+    assert min(totals) < totals[0] and result.losses["final"]["total"] <= result.losses["initial"]["total"]
