@@ -76,3 +76,21 @@ def test_progress_bar_ends_full_after_an_early_stop(files):
     assert proc.returncode == 0, proc.stderr
     meta = json.loads((files / "o.png.json").read_text())
     assert meta["evaluations"] < 200 and f"{meta['evaluations']}/{meta['evaluations']}" in proc.stderr
+
+
+def test_auto_or_number_options_parse_and_help_prints():
+    """tile_size is ``auto | off | N``: argparse took the union's first member (a choice of
+    auto/off) and refused 384; a '%' in a description crashed --help."""
+    import argparse
+
+    from nst_core import StyleParams
+    from nst_core.cli import add_model_options, model_from_args
+
+    parser = argparse.ArgumentParser()
+    add_model_options(parser, StyleParams)
+    assert "auto|off|INT" in parser.format_help()
+    params = lambda *a: model_from_args(StyleParams, parser.parse_args(list(a)))  # noqa: E731
+    assert params("--tile-size", "384", "--max-memory-gb", "2.5").tile_size == 384
+    assert params("--tile-size", "off").tile_size == "off" and params().tile_size == "auto"
+    with pytest.raises(ValueError, match="at least 64"):
+        params("--tile-size", "32")
