@@ -203,7 +203,9 @@ def stylize_many(
         groups: dict[tuple, list[int]] = {}
         for i, job in jobs.items():
             groups.setdefault(job.shapes, []).append(i)
-        for indexes in groups.values():
+        steps = list(groups.values())
+        while steps:
+            indexes = steps.pop(0)
             out_of_memory = False
             try:
                 for i, result in zip(indexes, _run_step(indexes, [jobs[i] for i in indexes], params, precision,
@@ -211,10 +213,18 @@ def stylize_many(
                     results[i] = result
             except torch.OutOfMemoryError:
                 out_of_memory = True  # handled outside: the traceback (and the tensors its frames hold) dies here
-            if out_of_memory:
-                _free(device)
-                for i in indexes:
-                    results[i] = DeviceMemoryError(pairs[i].content_name, params.image_size, str(device))
+            if not out_of_memory:
+                continue
+            _free(device)
+            if len(indexes) == 1:
+                results[indexes[0]] = DeviceMemoryError(pairs[indexes[0]].content_name, params.image_size, str(device))
+                continue
+            # A step too large for the device runs again as two halves, each pair from its start
+            # (fresh jobs: the failed step advanced their state); only a pair alone fails for memory.
+            for i in indexes:
+                jobs[i] = _prepare(pairs[i], params, extractor, precision)
+            half = (len(indexes) + 1) // 2
+            steps[:0] = [indexes[:half], indexes[half:]]
     return results  # type: ignore[return-value]
 
 

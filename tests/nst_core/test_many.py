@@ -91,3 +91,38 @@ def test_progress_names_the_pair():
     events = []
     stylize_many(_pairs()[:2], params(iterations=3), progress=events.append)
     assert sorted((e.pair, e.iteration) for e in events) == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
+
+
+def test_a_step_too_large_for_the_device_runs_again_in_halves(monkeypatch):
+    """Out of memory for 3 pairs together failed all three; now the step splits until its pairs
+    fit, each from its start, and only a pair that does not fit alone fails for memory."""
+    from nst_core import DeviceMemoryError
+
+    real, sizes = Objective.__call__, []
+
+    def small_device(self, x, dtype=None):
+        sizes.append(x.shape[0])
+        if x.requires_grad and x.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, x, dtype)
+
+    monkeypatch.setattr(Objective, "__call__", small_device)
+    p = params(iterations=5)
+    with torch.backends.mkldnn.flags(enabled=False):
+        results = stylize_many(_pairs(), p)
+        assert [r.metadata["pairs_per_step"] for r in results] == [1, 1, 1]
+        assert 3 in sizes and 2 in sizes
+        monkeypatch.setattr(Objective, "__call__", real)
+        for pair, split in zip(_pairs(), results):
+            alone = stylize(pair.content, pair.style, p)
+            assert split.losses["final"]["total"] == alone.losses["final"]["total"]
+            assert len(split.history) == 5
+
+    def no_room(self, x, dtype=None):
+        if x.requires_grad:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return real(self, x, dtype)
+
+    monkeypatch.setattr(Objective, "__call__", no_room)
+    results = stylize_many(_pairs()[:2], p)
+    assert all(isinstance(r, DeviceMemoryError) for r in results)
