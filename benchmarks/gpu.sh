@@ -25,8 +25,10 @@
 # backend settings as stylize; 512 px x 500 evaluations wall time for fp32, TF32, bf16
 # (single scale) and the default (goal <= 5 s on an H200); the speed.py ratio (goal <= 0.5);
 # channels_last vs contiguous; pairs per hour with N = 1, 2, 4 ... 32 pairs per device step and
-# auto at 512 px against N = 1 (goal: >= 4x at some N; benchmarks/throughput.py); then the engine
-# tests with NST_TEST_DEVICE=$NST_GPU_DEVICE.
+# auto at 512 px against N = 1 (goal: >= 4x at some N; benchmarks/throughput.py); cuDNN autotuning
+# on and off over six aspect ratios (benchmarks/autotune.py: keep what wins); peak CUDA memory
+# of a 4096 px output untiled and tiled with a 24 GB card's budget (goal <= 20 GB;
+# benchmarks/tiling.py memory); then the engine tests with NST_TEST_DEVICE=$NST_GPU_DEVICE.
 # Every step runs even if one before it failed; the exit status is 1 if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -83,11 +85,11 @@ else:
 EOF
 
 if [ "$QUICK" = 1 ]; then
-  S1=64 S2=96 EV=4 ROUNDS=2 TS=64 TEV=12 FR=2 THR_NS=(1 2) THR_EV=2
+  S1=64 S2=96 EV=4 ROUNDS=2 TS=64 TEV=12 FR=2 THR_NS=(1 2) THR_EV=2 TILE_SIZES=(256) TILE_GB=0.05 AT_SIZE=64 AT_EV=3
   TESTS=(tests/nst_core/test_optimize.py tests/nst_core/test_backend.py
          -k "lbfgs_halves or tf32_off_cuda or targets_and_reported_losses or precision_follows or bf16_runs_keep")
 else
-  S1=256 S2=512 EV=50 ROUNDS=3 TS=512 TEV=500 FR=5 THR_NS=(1 2 4 8 16 32) THR_EV=50
+  S1=256 S2=512 EV=50 ROUNDS=3 TS=512 TEV=500 FR=5 THR_NS=(1 2 4 8 16 32) THR_EV=50 TILE_SIZES=(4096) TILE_GB=19 AT_SIZE=512 AT_EV=100
   TESTS=(tests/nst_core/test_optimize.py tests/nst_core/test_losses.py tests/nst_core/test_backend.py)
 fi
 
@@ -109,6 +111,9 @@ step "$GPU_SH_STEP_TIMEOUT" "wall time per precision, ${TS} px x ${TEV}" "$PYTHO
 step "$GPU_SH_STEP_TIMEOUT" "default vs single-scale fp32, ${TS} px" "$PYTHON" benchmarks/speed.py --device "$DEV" --size "$TS" --evals "$TEV"
 step "$GPU_SH_STEP_TIMEOUT" "memory formats, ${TS} px" "$PYTHON" benchmarks/speed.py --device "$DEV" --formats --size "$TS" --rounds "$FR"
 step "$GPU_SH_STEP_TIMEOUT" "pairs per device step, ${TS} px x ${THR_EV}" "$PYTHON" benchmarks/throughput.py --device "$DEV" --sizes "$TS" --ns "${THR_NS[@]}" --iterations "$THR_EV"
+step "$GPU_SH_STEP_TIMEOUT" "cuDNN autotuning on/off, 6 aspect ratios, ${AT_SIZE} px x ${AT_EV}" "$PYTHON" benchmarks/autotune.py --device "$DEV" --size "$AT_SIZE" --iterations "$AT_EV"
+# A 24 GB card's default budget is 80%: 19 GB. Untiled 4096 px runs too (it fits an H200), for the ratio.
+step "$GPU_SH_STEP_TIMEOUT" "tiled print size, ${TILE_SIZES[*]} px, budget ${TILE_GB} GB" "$PYTHON" benchmarks/tiling.py memory --device "$DEV" --sizes "${TILE_SIZES[@]}" --evaluations 8 --max-memory-gb "$TILE_GB"
 step "$GPU_SH_TEST_TIMEOUT" "engine tests on $DEV" env NST_TEST_DEVICE="$DEV" "$PYTHON" -m pytest -q -p no:cacheprovider -ra "${TESTS[@]}"
 
 echo

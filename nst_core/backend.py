@@ -116,6 +116,13 @@ def _set_tf32(on: bool) -> None:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
 
 
+#: cuDNN autotuning (``cudnn.benchmark``) in runs on CUDA: each new input shape (scale × aspect
+#: ratio × precision) first times the candidate kernels. Whether that pays for a nightly run of
+#: mixed shapes is what ``benchmarks/autotune.py`` measures (on and off, side by side); not yet
+#: measured on a GPU, so torch's usual choice for fixed-shape loops stays.
+CUDNN_BENCHMARK = True
+
+
 class _Backend:
     """The process's switches as one locked state: a count of runs and a two-mode section gate."""
 
@@ -141,7 +148,7 @@ class _Backend:
                                torch.is_deterministic_algorithms_warn_only_enabled())
             self._runs += 1
             if device.type == "cuda":
-                cudnn.benchmark = not deterministic
+                cudnn.benchmark = CUDNN_BENCHMARK and not deterministic
             if deterministic:
                 # cuBLAS reads this when its handle is made; setdefault keeps a user's own choice.
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

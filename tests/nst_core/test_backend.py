@@ -153,3 +153,15 @@ def test_auto_is_fp32_for_small_outputs(monkeypatch):
     monkeypatch.setattr(backend, "_cpu_has_bf16", lambda: True)
     assert resolve_precision("auto", torch.device("cpu"), 64) == "fp32"
     assert resolve_precision("auto", torch.device("cpu"), 512) == "bf16"
+
+
+@pytest.mark.parametrize("switch,deterministic,seen", [(True, False, True), (False, False, False),
+                                                       (True, True, False)])
+def test_cudnn_autotuning_follows_the_switch_and_determinism(monkeypatch, switch, deterministic, seen):
+    """benchmarks/autotune.py flips CUDNN_BENCHMARK per side; a CUDA run sees it (no CUDA call is
+    made, so a CUDA device object is enough here); the process's own setting comes back after."""
+    monkeypatch.setattr(backend, "CUDNN_BENCHMARK", switch)
+    before = torch.backends.cudnn.benchmark
+    with run_settings(torch.device("cuda"), "fp32", deterministic) as settings:
+        assert settings["cudnn_benchmark"] is seen
+    assert torch.backends.cudnn.benchmark is before
