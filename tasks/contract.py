@@ -155,6 +155,16 @@ class ReportItem:
         return asdict(self)
 
 
+#: StyleParams fields added after results were written, at the values that give those results:
+#: left out of the key there, so the upgrade that added them redoes no pair.
+_ADDED_LATER = {"tile_size": "auto", "tile_halo": None, "max_memory_gb": None}
+
+
+def _key_params(params: StyleParams) -> dict:
+    dumped = params.model_dump(mode="json", exclude={"device"})
+    return {k: v for k, v in dumped.items() if k not in _ADDED_LATER or v != _ADDED_LATER[k]}
+
+
 def pair_key(content_identity: str, style_identity: str, params: StyleParams, weights_id: str,
              fmt: str, quality: int) -> str:
     """SHA-256 hex over everything that determines a result file."""
@@ -162,7 +172,7 @@ def pair_key(content_identity: str, style_identity: str, params: StyleParams, we
         raise ValueError("a pair key needs both input identities")  # never hash an empty identity
     blob = json.dumps(
         {"content": content_identity, "style": style_identity, "weights": weights_id,
-         "params": params.model_dump(mode="json", exclude={"device"}),
+         "params": _key_params(params),
          "output": {"format": fmt, "quality": quality}},
         sort_keys=True,
     )

@@ -45,3 +45,18 @@ def test_the_engine_metadata_cannot_overwrite_contract_fields():
     assert meta["key"] == p.key and meta["output"] == "file:///out/named/x.png"
     assert meta["content"] == "c.png" and meta["style"] == "s.png" and meta["flow_run"] == {"id": "run"}
     assert meta["identities"] == {"content": "cid", "style": "sid"} and meta["image"] == {"size": 3, "identity": "i"}
+
+
+def test_an_upgrade_that_adds_params_keeps_every_key_of_the_results_written_before():
+    """Keys computed by the release before tile_size/tile_halo/max_memory_gb existed: the next
+    nightly run must skip what it wrote, not redo every pair under a new name."""
+    from nst_core import StyleParams
+    from tasks.contract import pair_key
+
+    c, s = "s3://b/c.png#e1", "s3://b/s.png#e2"
+    assert pair_key(c, s, StyleParams(), "imagenet1k_features:abc", "jpeg", 92) == (
+        "10ae0422034ee96050775d6f666c20a9f3f30b07d3e606623ee6dd880b4e077c")
+    assert pair_key(c, s, StyleParams(image_size=256, precision="fp32"), "random", "png", 92) == (
+        "a48e3d04c75fbd9843811e4aca8fee192b4daba5d7724a63c6d6b68c607552c3")
+    tiled = pair_key(c, s, StyleParams(tile_size=384), "random", "png", 92)
+    assert tiled != pair_key(c, s, StyleParams(), "random", "png", 92)  # a tiling asked for is its own result
