@@ -183,7 +183,8 @@ def stylize_many(
     Pairs whose scales have the same shapes run as one (B, C, H, W) tensor through one VGG pass
     per evaluation (no padding: it would change the Grams); each keeps its own targets, L-BFGS
     history, step, best image, losses and history. Returns one StyleResult per pair, in order,
-    or the pair's own NSTError (a bad input, a non-finite loss) while the others finish.
+    or the pair's own NSTError (a bad input, a non-finite loss, or an NSTError that ``progress``
+    raised for it: a stop or time limit of that pair) while the others finish.
     """
     params = params or StyleParams()
     device = resolve_device(params.device)
@@ -381,10 +382,17 @@ class _Log:
                     job.planned -= evaluations - ran
                     self.settled.add(id(job))
                 if self.progress is not None:
-                    self.progress(StyleProgress(
-                        len(job.history), job.planned, values["content"], values["style"], values["tv"],
-                        values["total"], time.perf_counter() - self.started, index + 1, len(job.stages),
-                        job.stages[index].size, (width, height), self.indexes[b]))
+                    try:
+                        self.progress(StyleProgress(
+                            len(job.history), job.planned, values["content"], values["style"], values["tv"],
+                            values["total"], time.perf_counter() - self.started, index + 1, len(job.stages),
+                            job.stages[index].size, (width, height), self.indexes[b]))
+                    except NSTError as err:  # this pair's stop or time limit: it ends alone
+                        job.error = err
+
+    def failed(self, device: torch.device) -> Tensor:
+        """(B,) bool: the pairs that have failed (a non-finite loss, their progress callback's stop)."""
+        return torch.tensor([job.error is not None for job in self.jobs], device=device)
 
     def start_stage(self) -> None:
         self.ran_in_stage, self.settled = {}, set()
@@ -452,6 +460,7 @@ def _optimize_scale(objective: Objective, x0: Tensor, evaluations: int, params: 
             last = e == evaluations - 1
             if last or (e + 1) % read_every == 0:
                 log.flush(index, shape, evaluations, dtype is not None)
+                frozen = frozen | log.failed(x.device)
                 if bool(frozen.all()):
                     break
             if last:

@@ -233,19 +233,13 @@ def _stylize_step(ctx: PairContext, device: str, requests: list[StepRequest]) ->
             pairs.append(StylePair(x.content, x.style, targets, x.pair.content, [x.pair.style]))
         if not pairs:
             return outcomes
-        raised: dict[int, NSTError] = {}  # by position in ``pairs``: the pair whose check ended the step
-
-        def progress(ev) -> None:
-            try:
-                inputs[live[ev.pair]].progress(ev)
-            except NSTError as err:
-                raised[ev.pair] = err
-                raise
-
+        # A pair's stop or time limit, raised by its progress check, ends that pair alone (the
+        # engine fails it and the others run on, a pair already finished keeps its result).
         try:
-            results = stylize_many(pairs, p, progress=progress, opener=ctx.opener)
-        except NSTError as err:  # one pair's stop or time limit ends the step for all of them
-            results = [raised.get(k) or inputs[i].stopped_with_step(err) for k, i in enumerate(live)]
+            results = stylize_many(pairs, p, progress=lambda ev: inputs[live[ev.pair]].progress(ev),
+                                   opener=ctx.opener)
+        except NSTError as err:  # the step as a whole (the weights): each pair with its own reason if it has one
+            results = [inputs[i].stopped_with_step(err) for i in live]
         for i, result in zip(live, results):
             outcomes[i] = result
         return outcomes

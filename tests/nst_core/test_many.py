@@ -126,3 +126,28 @@ def test_a_step_too_large_for_the_device_runs_again_in_halves(monkeypatch):
     monkeypatch.setattr(Objective, "__call__", no_room)
     results = stylize_many(_pairs()[:2], p)
     assert all(isinstance(r, DeviceMemoryError) for r in results)
+
+
+def test_a_pair_whose_progress_stops_it_ends_alone():
+    """A pair's time limit (its progress callback raising) ended the whole step: the other pairs,
+    even one that had already converged, failed with it. Now only that pair ends."""
+    from nst_core import NSTError
+
+    class Late(NSTError):
+        pass
+
+    p = params(iterations=8)
+    seen = {}
+
+    def progress(ev):
+        seen.setdefault(ev.pair, []).append(ev.iteration)
+        if ev.pair == 1 and ev.iteration == 3:
+            raise Late("content 1: over pair_timeout_s=5 s at evaluation 3")
+
+    pairs = _pairs()
+    results = stylize_many(pairs, p, progress=progress)
+    assert isinstance(results[1], Late) and seen[1][-1] == 3
+    assert not isinstance(results[0], Exception) and not isinstance(results[2], Exception)
+    alone = stylize(pairs[2].content, pairs[2].style, p)
+    assert results[2].metadata["evaluations"] == alone.metadata["evaluations"] == 8
+    assert results[0].metadata["evaluations"] == 8
