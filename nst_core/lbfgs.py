@@ -16,7 +16,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["BatchedLBFGS"]
+#: L-BFGS pairs of (s, y) kept. At 256 px and 150 evaluations 20 reached the same loss as 50
+#: (1.7858 vs 1.7861 from noise), and its two-loop step cost 16 ms per evaluation at 512x384 on
+#: 2 CPU cores against 35 ms (50) and 48 ms (torch's default 100).
+HISTORY = 20
+
+__all__ = ["BatchedLBFGS", "HISTORY"]
 
 #: torch's LBFGS skips a curvature pair with yᵀs at or below this.
 _CURVATURE_EPS = 1e-10
@@ -35,7 +40,7 @@ class BatchedLBFGS:
     torch's LBFGS would have ended its step() (callers freeze such problems).
     """
 
-    def __init__(self, x: Tensor, lr: float, history: int = 20):
+    def __init__(self, x: Tensor, lr: float, history: int = HISTORY):
         b, n = x.shape[0], x[0].numel()
         self.lr, self.m = lr, history
         self.s = x.new_zeros(history, b, n)

@@ -62,8 +62,7 @@ def targets_key(params: StyleParams, extractor: FeatureExtractor, n_styles: int)
         tuple(scale_sizes(params)),
         params.preserve_color,
         tuple(params.blend_weights(n_styles)),
-        # tiled Grams differ from untiled ones by what the halo leaves out
-        (params.tile_size, params.tile_halo, params.max_memory_gb),
+        # not the tiling: targets are tiled with the exact halo, the untiled Grams
     )
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .lbfgs import HISTORY
 from .losses import gram_matrix
 from .params import VGG16_LAYERS, StyleParams
 
@@ -121,8 +122,8 @@ def tile_grid(height: int, width: int, size: int, halo: int, align: int,
 
 
 def layer_factor(name: str) -> int:
-    """How many pixels one feature position of this layer steps: 2^(pools before it)."""
-    return 2 ** sum(1 for n in VGG16_LAYERS[:VGG16_LAYERS.index(name)] if n.startswith("pool"))
+    """How many pixels one feature position of this layer steps: 2^(pools up to it, itself included)."""
+    return 2 ** sum(1 for n in VGG16_LAYERS[:VGG16_LAYERS.index(name) + 1] if n.startswith("pool"))
 
 
 def _reach(name: str) -> int:
@@ -195,14 +196,20 @@ def tiling_for(params: StyleParams, height: int, width: int, device: torch.devic
     align = max(layer_factor(n) for n in layers)
     halo = HALO if params.tile_halo is None else params.tile_halo
     exact = exact_halo(layers)
+    up = lambda v: -(-v // align) * align  # noqa: E731
+    halo = up(halo)
     if params.tile_size == "off":
         return None
     if params.tile_size != "auto":
-        return Tiling(params.tile_size, halo, align, exact) if max(height, width) > params.tile_size else None
+        size = up(params.tile_size)  # what the grid uses, recorded as such
+        return Tiling(size, halo, align, exact) if max(height, width) > size else None
     budget = memory_budget(params, device)
-    if untiled_bytes(height, width, layers, batch) <= budget:
+    history = 8 * HISTORY * 3 * height * width * batch  # L-BFGS pairs of an untiled run, fp32
+    if untiled_bytes(height, width, layers, batch) + history <= budget:
         return None
-    size = align
+    # Below a core of twice the halo a tile is mostly halo (work grows as ((s + 2h)/s)^2): the
+    # smallest tile, even where its pass exceeds a quarter of a tiny budget.
+    size = max(align, up(2 * halo))
     while size < max(height, width) and untiled_bytes(size + align + 2 * halo, size + align + 2 * halo, layers, batch) <= budget / 4:
         size += align
     return Tiling(size, halo, align, exact)

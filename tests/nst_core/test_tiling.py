@@ -75,6 +75,25 @@ def test_the_tiled_gradient_is_the_untiled_gradient(channels):
     assert float((x.grad - g0).norm() / g0.norm()) > 1e-2
 
 
+def test_pool_layers_tile_exactly_too():
+    """layer_factor counted the pools before a layer, not through it: pool1 stepped 1 px instead
+    of 2, and a tiled style loss on pool layers was 250x the untiled one even at the exact halo."""
+    p = params(content_layers=["pool2"], style_layers=["pool1", "relu2_1", "pool3"])
+    layers = ["pool2", "pool1", "relu2_1", "pool3"]
+    assert [tiling_module.layer_factor(n) for n in layers] == [4, 2, 2, 8]
+    gen = torch.Generator().manual_seed(2)
+    content, x0 = (torch.rand(1, 3, 64, 48, generator=gen).to(p.device) for _ in range(2))
+    style = torch.rand(1, 3, 32, 32, generator=gen).to(p.device)
+    results = []
+    for tiling in (None, Tiling(16, exact_halo(layers), 8, exact_halo(layers))):
+        x = x0.clone().requires_grad_(True)
+        terms = _objective(p, content, style, tiling).value_and_grad(x, None, evaluation=3)
+        results.append((terms, x.grad))
+    (t0, g0), (t1, g1) = results
+    assert torch.allclose(t1, t0, rtol=1e-4, atol=0)
+    assert float((g1 - g0).norm() / g0.norm()) <= 1e-3
+
+
 def test_a_tiled_value_is_measured_with_the_exact_halo_whatever_the_evaluations_use():
     p = params()
     gen = torch.Generator().manual_seed(1)
@@ -103,6 +122,30 @@ def test_tiling_is_chosen_by_size_and_memory_budget():
     assert untiled_bytes(side, side, LAYERS) <= 2**30 / 4 < untiled_bytes(4096, 4096, LAYERS)
     with pytest.raises(ValueError, match="at least 64"):
         params(tile_size=16)
+    # a size off the 16 px grid is the size the grid uses, and recorded as such
+    assert tiling_for(params(tile_size=100), 300, 200, cpu).size == 112
+    # a budget too small for any tile: the smallest tile, a core of twice the halo, not 16 px cores
+    assert tiling_for(params(max_memory_gb=0.001), 4096, 4096, cpu).size == 2 * tiling_module.HALO
+    # the untiled run's L-BFGS history counts: 20 pairs of (s, y) at 1024x768 are 0.38 GB
+    need = untiled_bytes(768, 1024, LAYERS)
+    assert tiling_for(params(max_memory_gb=(need + 2**27) / 2**30), 768, 1024, cpu) is not None
+    assert tiling_for(params(max_memory_gb=(need + 2**29) / 2**30), 768, 1024, cpu) is None
+
+
+def test_whether_a_pair_is_tiled_does_not_depend_on_the_pairs_beside_it(images):
+    """auto once counted the whole step against the budget: a pair tiled inside a step of two and
+    untiled alone, so stylize_many was not the optimization of separate stylize calls."""
+    from nst_core import stylize_many
+
+    content, style = images
+    p = params(iterations=2)
+    alone = stylize(content, style, p)
+    h, w = alone.image.size[1], alone.image.size[0]
+    one = untiled_bytes(h, w, LAYERS) + 8 * 20 * 3 * h * w
+    p = params(iterations=2, max_memory_gb=1.5 * one / 2**30)
+    results = stylize_many([(content, style), (content, style)], p)
+    assert [r.metadata["scales"][-1]["tiling"] for r in results] == [None, None]
+    assert stylize(content, style, p).metadata["scales"][-1]["tiling"] is None
 
 
 @pytest.mark.slow
