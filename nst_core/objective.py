@@ -145,6 +145,7 @@ class Objective:
             for n in p.content_layers:
                 share = share + p.content_weight / len(p.content_layers) * self._content_error(tile, n, feats[n], x)
             (share * scale).backward()
+            del feats, share
         if p.tv_weight > 0:
             (p.tv_weight * scale * tv_loss(x, "none")).sum().backward()
         return terms
@@ -173,6 +174,7 @@ class Objective:
                 grams[n] = grams[n] + g if n in grams else g
             for n in p.content_layers:
                 errors[n] += (feats[n].float() - self._target(tile, n, feats[n])).pow(2).flatten(1).sum(1)
+            del feats
         grams = {n: g / self._positions(n, x) for n, g in grams.items()}
         c = weighted_sum({n: 0.5 * e / (self._positions(n, x) * self.content_feats[n].shape[1]) for n, e in errors.items()},
                          {n: 1.0 / len(p.content_layers) for n in p.content_layers})

@@ -220,12 +220,14 @@ def tiled_features(features: Callable[[Tensor], dict[str, Tensor]], x: Tensor,
     """Each tile's core features, ``{layer: (B, nC, h, w)}``: ``features`` (a VGG pass) per crop.
 
     Under ``torch.no_grad`` each tile's activations are freed before the next; with gradients the
-    caller backpropagates one tile before asking for the next.
+    caller backpropagates one tile before asking for the next. Callers drop their reference to a
+    tile's features (``del``) before the next, or two tiles' maps are alive at once.
     """
     height, width = x.shape[-2:]
     for tile in tiles:
-        feats = features(tile.crop(x))
-        yield tile, {n: tile.core(f, layer_factor(n), height, width) for n, f in feats.items()}
+        cores = {n: tile.core(f, layer_factor(n), height, width) for n, f in features(tile.crop(x)).items()}
+        yield tile, cores
+        del cores  # before the next tile's pass: its maps would otherwise live through it
 
 
 def tiled_grams(features: Callable[[Tensor], dict[str, Tensor]], x: Tensor, tiles: list[Tile]) -> dict[str, Tensor]:
@@ -238,6 +240,7 @@ def tiled_grams(features: Callable[[Tensor], dict[str, Tensor]], x: Tensor, tile
             for n, f in feats.items():
                 g = gram_matrix(f.float())
                 sums[n] = sums[n] + g if n in sums else g
+            feats = f = None  # before the next tile (see tiled_features)
     return {n: g / ((height // layer_factor(n)) * (width // layer_factor(n))) for n, g in sums.items()}
 
 
@@ -254,17 +257,18 @@ def tiled_maps(features: Callable[[Tensor], dict[str, Tensor]], x: Tensor, tiles
                     out[n] = f.new_zeros(f.shape[0], f.shape[1], height // factor, width // factor, dtype=torch.float32)
                 r, c = tile.origin(factor)
                 out[n][..., r:r + f.shape[-2], c:c + f.shape[-1]] = f.float()
+            feats = f = None  # before the next tile (see tiled_features)
     return out
 
 
 def history_for(budget: int, numel: int, wanted: int) -> int:
     """L-BFGS pairs a tiled run keeps: ``wanted``, fewer when 2·m image-sized fp32 vectors would
-    take more than a third of the memory budget (at 4096 px one pair is 400 MB), at least 3.
+    take more than a quarter of the memory budget (at 4096×2731 px one pair is 268 MB), at least 3.
 
     Differs from the untiled run (HISTORY pairs) because at print size the history, not VGG,
     would dominate memory; fewer pairs cost some convergence speed, not the objective.
     """
-    return max(3, min(wanted, budget // 3 // (8 * numel)))
+    return max(3, min(wanted, budget // 4 // (8 * numel)))
 
 
 def seam_ratio(image: Tensor, size: int, align: int, offset: tuple[int, int] = (0, 0)) -> float:
