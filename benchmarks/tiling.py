@@ -39,7 +39,7 @@ from nst_core.imageio import resize_longest, to_tensor  # noqa: E402
 from nst_core.objective import Objective  # noqa: E402
 from nst_core.targets import compute_style_targets  # noqa: E402
 from nst_core.tiling import Tiling, exact_halo, seam_ratio, untiled_bytes  # noqa: E402
-from nst_core.vgg import extractor_for  # noqa: E402
+from nst_core.vgg import extractor_for, layer_factor  # noqa: E402
 
 PHOTOS = Path(__file__).resolve().parent.parent / "examples" / "photos"
 
@@ -61,7 +61,7 @@ def halo(args) -> None:
     c = to_tensor(resize_longest(content, args.size), extractor.device)
     grams = compute_style_targets(style, p, extractor=extractor).grams
     layers = [*p.content_layers, *p.style_layers]
-    align = 16
+    align = max(layer_factor(n) for n in layers)
 
     def evaluate(tiling):
         objective = Objective.build(extractor, p, c, [grams], tiling)

@@ -12,8 +12,8 @@ from torch import Tensor
 from .backend import exact_fp32
 from .losses import content_loss, gram_matrix, style_loss, tv_loss, weighted_sum
 from .params import StyleParams
-from .tiling import Tile, Tiling, layer_factor, tiled_features, tiled_maps
-from .vgg import FeatureExtractor
+from .tiling import Tile, Tiling, positions, tiled_features, tiled_maps
+from .vgg import FeatureExtractor, layer_factor
 
 __all__ = ["TERMS", "Objective", "LossScale"]
 
@@ -140,23 +140,22 @@ class Objective:
         # ∂(β·w_l·style_l)/∂Ĝ_l, style_l = ‖Ĝ_l − S_l‖²/(4·nC²) (losses.style_loss)
         slopes = {n: p.style_weight * w * (grams[n] - self.style_grams[n]) / (2 * grams[n].shape[-1] ** 2)
                   for n, w in p.layer_weights().items()}
+        height, width = x.shape[-2:]
         for tile, feats in tiled_features(lambda crop: self._vgg(crop, dtype), x, tiles):
-            share = sum((slopes[n] * gram_matrix(feats[n].float())).sum() / self._positions(n, x) for n in p.style_layers)
+            share = sum((slopes[n] * gram_matrix(feats[n].float())).sum() / positions(n, height, width)
+                        for n in p.style_layers)
             for n in p.content_layers:
-                share = share + p.content_weight / len(p.content_layers) * self._content_error(tile, n, feats[n], x)
+                share = share + p.content_weight / len(p.content_layers) * self._content_error(tile, n, feats[n], x).sum()
             (share * scale).backward()
             del feats, share
         if p.tv_weight > 0:
             (p.tv_weight * scale * tv_loss(x, "none")).sum().backward()
         return terms
 
-    def _positions(self, layer: str, x: Tensor) -> int:
-        factor = layer_factor(layer)
-        return (x.shape[-2] // factor) * (x.shape[-1] // factor)
-
     def _content_error(self, tile: Tile, layer: str, core: Tensor, x: Tensor) -> Tensor:
-        """This tile's share of content_loss: ½·Σ_core (a_G − a_C)² / (nH·nW·nC), summed over pairs."""
-        return 0.5 * (core.float() - self._target(tile, layer, core)).pow(2).sum() / (self._positions(layer, x) * core.shape[1])
+        """This tile's share of each pair's content_loss, (B,): ½·Σ_core (a_G − a_C)² / (nH·nW·nC)."""
+        error = (core.float() - self._target(tile, layer, core)).pow(2).flatten(1).sum(1)
+        return 0.5 * error / (positions(layer, *x.shape[-2:]) * core.shape[1])
 
     def _target(self, tile: Tile, layer: str, core: Tensor) -> Tensor:
         """The content features under a tile's core (B, nC, h, w)."""
@@ -173,11 +172,10 @@ class Objective:
                 g = gram_matrix(feats[n].float())
                 grams[n] = grams[n] + g if n in grams else g
             for n in p.content_layers:
-                errors[n] += (feats[n].float() - self._target(tile, n, feats[n])).pow(2).flatten(1).sum(1)
+                errors[n] += self._content_error(tile, n, feats[n], x)
             del feats
-        grams = {n: g / self._positions(n, x) for n, g in grams.items()}
-        c = weighted_sum({n: 0.5 * e / (self._positions(n, x) * self.content_feats[n].shape[1]) for n, e in errors.items()},
-                         {n: 1.0 / len(p.content_layers) for n in p.content_layers})
+        grams = {n: g / positions(n, *x.shape[-2:]) for n, g in grams.items()}
+        c = weighted_sum(errors, {n: 1.0 / len(p.content_layers) for n in p.content_layers})
         s = weighted_sum({n: style_loss(grams[n], self.style_grams[n], "none") for n in p.style_layers}, p.layer_weights())
         return self._total(x, c, s), grams
 

@@ -432,7 +432,7 @@ def _optimize_scale(objective: Objective, x0: Tensor, evaluations: int, params: 
             with torch.no_grad(), precision_section(False):
                 best_total = torch.where(best_total.isfinite(), objective(best)[:, 3], best_total)
             # Tiled, the tail's own values carry the halo's approximation (±0.05% between grid
-            # offsets, measured at 96 px): its best is measured exactly again at the end.
+            # offsets in a one-off check at 96 px): its best is measured exactly again at the end.
             before_tail = (best.clone(), best_total.clone()) if objective.tiling is not None else None
         # Differs from Gatys et al. (unconstrained pixels) because an image outside [0, 1] is not
         # one we can return, and VGG was trained on in-range inputs; the clamp is a projection

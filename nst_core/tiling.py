@@ -24,9 +24,10 @@ from torch import Tensor
 
 from .lbfgs import HISTORY
 from .losses import gram_matrix
-from .params import VGG16_LAYERS, StyleParams
+from .params import VGG16_CHANNELS, VGG16_LAYERS, StyleParams
+from .vgg import layer_factor
 
-__all__ = ["Tile", "Tiling", "tile_grid", "layer_factor", "exact_halo", "untiled_bytes", "memory_budget",
+__all__ = ["Tile", "Tiling", "tile_grid", "positions", "exact_halo", "untiled_bytes", "memory_budget",
            "tiling_for", "tiled_features", "tiled_grams", "tiled_maps", "history_for", "seam_ratio", "HALO"]
 
 #: Halo (px) of a tile when none is given: measured, not the receptive field's. The exact halo at
@@ -113,17 +114,21 @@ def tile_grid(height: int, width: int, size: int, halo: int, align: int,
 
     ``size``, ``halo`` and ``offset`` are rounded to multiples of ``align`` (size and halo up).
     """
-    up = lambda v: -(-v // align) * align  # noqa: E731
-    size, halo = max(align, up(size)), up(halo)
+    size, halo = max(align, _round_up(size, align)), _round_up(halo, align)
     ys = _cuts(height, size, align, offset[0] // align * align)
     xs = _cuts(width, size, align, offset[1] // align * align)
     return [Tile(y0, y1, x0, x1, max(0, y0 - halo), min(height, y1 + halo), max(0, x0 - halo), min(width, x1 + halo))
             for y0, y1 in zip(ys, ys[1:]) for x0, x1 in zip(xs, xs[1:])]
 
 
-def layer_factor(name: str) -> int:
-    """How many pixels one feature position of this layer steps: 2^(pools up to it, itself included)."""
-    return 2 ** sum(1 for n in VGG16_LAYERS[:VGG16_LAYERS.index(name) + 1] if n.startswith("pool"))
+def _round_up(value: int, align: int) -> int:
+    return -(-value // align) * align
+
+
+def positions(layer: str, height: int, width: int) -> int:
+    """Feature positions nH·nW of a layer over a (height, width) image (what Grams are normalized by)."""
+    factor = layer_factor(layer)
+    return (height // factor) * (width // factor)
 
 
 def _reach(name: str) -> int:
@@ -144,37 +149,28 @@ def exact_halo(layers: Iterable[str]) -> int:
     """The halo (px) at which tiled features equal untiled ones: the deepest reach of the layers,
     rounded up to the alignment (relu5_1: 58 px, 64 px with tiles on multiples of 16)."""
     layers = list(layers)
-    align = max(layer_factor(n) for n in layers)
-    return -(-max(_reach(n) for n in layers) // align) * align
+    return _round_up(max(_reach(n) for n in layers), max(layer_factor(n) for n in layers))
 
 
-#: Calibration of ``untiled_bytes``: a default fp32 run at 1024×768 peaked at 2.45 GB RSS on the
-#: project's CPU (``benchmarks/speed.py --memory 1024``), 1.73 GB above the 0.72 GB of the
-#: interpreter, torch and the extractor; the sum of every VGG module's output up to relu5_1, in
-#: fp32, is 1.64 GB there, plus 0.08 GB of image-sized tensors: one output per module kept.
-_OVERHEAD = 1.0
+def untiled_bytes(height: int, width: int, layers: Iterable[str]) -> int:
+    """Bytes one untiled evaluation of a (1, 3, height, width) image needs: every VGG module's
+    fp32 output up to the deepest layer (kept for the backward pass) plus the optimizer's own
+    image-sized tensors (L-BFGS history apart).
 
-
-def untiled_bytes(height: int, width: int, layers: Iterable[str], batch: int = 1) -> int:
-    """Bytes one untiled evaluation of a (batch, 3, height, width) image needs, estimated from the
-    activations VGG16 keeps for the backward pass (fp32, every module up to the deepest layer)
-    times a measured overhead, plus the optimizer's own image-sized tensors (L-BFGS history apart)."""
+    Calibrated, not only counted: a default fp32 run at 1024×768 peaked at 2.45 GB RSS on the
+    project's CPU (``benchmarks/speed.py --memory 1024``), 1.73 GB above the 0.72 GB of the
+    interpreter, torch and the extractor; these outputs are 1.64 GB there, the tensors 0.08 GB.
+    """
     depth = max(VGG16_LAYERS.index(n) for n in layers)
-    channels, factor, floats = 3, 1, 0
-    cfg_channels = {"1": 64, "2": 128, "3": 256, "4": 512, "5": 512}
-    for n in VGG16_LAYERS[:depth + 1]:
-        if n.startswith("pool"):
-            factor *= 2
-        elif n.startswith("conv"):
-            channels = cfg_channels[n[4]]
-        floats += channels * (height // factor) * (width // factor)
-    return int(4 * batch * (_OVERHEAD * floats + 8 * 3 * height * width))
+    floats = sum(c * positions(n, height, width) for n, c in zip(VGG16_LAYERS[:depth + 1], VGG16_CHANNELS))
+    return 4 * (floats + 8 * 3 * height * width)
 
 
 def memory_budget(params: StyleParams, device: torch.device) -> int:
     """Bytes one evaluation may use: ``max_memory_gb``, or a share of the device's total memory
     (the total, not what is free now, so the choice is the same on every run of one machine):
-    80% of a GPU (a batch runs one pair per GPU at a time), half of this host's RAM on CPU."""
+    80% of a GPU, half of this host's RAM on CPU. Per pair: a device step of several pairs is
+    sized by their measured memory (``tasks.steps``), not by this."""
     if params.max_memory_gb is not None:
         return int(params.max_memory_gb * 2**30)
     if device.type == "cuda":
@@ -184,11 +180,11 @@ def memory_budget(params: StyleParams, device: torch.device) -> int:
     return int(0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def tiling_for(params: StyleParams, height: int, width: int, device: torch.device, batch: int = 1) -> Tiling | None:
+def tiling_for(params: StyleParams, height: int, width: int, device: torch.device) -> Tiling | None:
     """The tiling of a (height, width) evaluation, or None to run it whole.
 
     ``tile_size`` N: tiles of N px when the image is larger than that. ``auto``: tiles only when
-    ``untiled_bytes`` exceeds ``memory_budget``, then the largest multiple of the alignment whose
+    ``untiled_bytes`` and an untiled run's L-BFGS history exceed ``memory_budget``, then the largest multiple of the alignment whose
     tile (with its halo) needs at most a quarter of the budget (the rest holds the image-sized
     tensors, the content features and the L-BFGS history). ``off``: never.
     """
@@ -196,21 +192,20 @@ def tiling_for(params: StyleParams, height: int, width: int, device: torch.devic
     align = max(layer_factor(n) for n in layers)
     halo = HALO if params.tile_halo is None else params.tile_halo
     exact = exact_halo(layers)
-    up = lambda v: -(-v // align) * align  # noqa: E731
-    halo = up(halo)
+    halo = _round_up(halo, align)
     if params.tile_size == "off":
         return None
     if params.tile_size != "auto":
-        size = up(params.tile_size)  # what the grid uses, recorded as such
+        size = _round_up(params.tile_size, align)  # what the grid uses, recorded as such
         return Tiling(size, halo, align, exact) if max(height, width) > size else None
     budget = memory_budget(params, device)
-    history = 8 * HISTORY * 3 * height * width * batch  # L-BFGS pairs of an untiled run, fp32
-    if untiled_bytes(height, width, layers, batch) + history <= budget:
+    history = 8 * HISTORY * 3 * height * width  # L-BFGS pairs of an untiled run, fp32
+    if untiled_bytes(height, width, layers) + history <= budget:
         return None
     # Below a core of twice the halo a tile is mostly halo (work grows as ((s + 2h)/s)^2): the
     # smallest tile, even where its pass exceeds a quarter of a tiny budget.
-    size = max(align, up(2 * halo))
-    while size < max(height, width) and untiled_bytes(size + align + 2 * halo, size + align + 2 * halo, layers, batch) <= budget / 4:
+    size = max(align, _round_up(2 * halo, align))
+    while size < max(height, width) and untiled_bytes(size + align + 2 * halo, size + align + 2 * halo, layers) <= budget / 4:
         size += align
     return Tiling(size, halo, align, exact)
 
@@ -241,7 +236,7 @@ def tiled_grams(features: Callable[[Tensor], dict[str, Tensor]], x: Tensor, tile
                 g = gram_matrix(f.float())
                 sums[n] = sums[n] + g if n in sums else g
             feats = f = None  # before the next tile (see tiled_features)
-    return {n: g / ((height // layer_factor(n)) * (width // layer_factor(n))) for n, g in sums.items()}
+    return {n: g / positions(n, height, width) for n, g in sums.items()}
 
 
 def tiled_maps(features: Callable[[Tensor], dict[str, Tensor]], x: Tensor, tiles: list[Tile]) -> dict[str, Tensor]:
@@ -263,7 +258,7 @@ def tiled_maps(features: Callable[[Tensor], dict[str, Tensor]], x: Tensor, tiles
 
 def history_for(budget: int, numel: int, wanted: int) -> int:
     """L-BFGS pairs a tiled run keeps: ``wanted``, fewer when 2·m image-sized fp32 vectors would
-    take more than a quarter of the memory budget (at 4096×2731 px one pair is 268 MB), at least 3.
+    take more than a quarter of the memory budget (at 4096×2724 px one pair is 268 MB), at least 3.
 
     Differs from the untiled run (HISTORY pairs) because at print size the history, not VGG,
     would dominate memory; fewer pairs cost some convergence speed, not the objective.

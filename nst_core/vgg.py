@@ -33,6 +33,7 @@ __all__ = [
     "resolve_device",
     "layer_index",
     "min_side",
+    "layer_factor",
     "clear_cache",
     "CAFFE_INPUT_SCALE",
 ]
@@ -70,14 +71,18 @@ def layer_index(name: str) -> int:
     return VGG16_LAYERS.index(name)
 
 
+def layer_factor(name: str) -> int:
+    """How many pixels one feature position of this layer steps: 2^(pools up to it, itself included)."""
+    return 2 ** sum(1 for n in VGG16_LAYERS[: layer_index(name) + 1] if n.startswith("pool"))
+
+
 def min_side(layer_names: Iterable[str]) -> int:
     """Smallest image side (px) the extractor accepts for these layers: 2^(pools up to the deepest).
 
     Each 2×2 pool halves (floor) the side and refuses an input under 2 px, so a side of
     2^p px leaves 1 px after the p-th pool, and one pixel less fails there.
     """
-    depth = max(layer_index(n) for n in layer_names)
-    return 2 ** sum(1 for name in VGG16_LAYERS[: depth + 1] if name.startswith("pool"))
+    return max(layer_factor(n) for n in layer_names)
 
 
 @dataclass(frozen=True, eq=False)

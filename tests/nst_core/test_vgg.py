@@ -218,3 +218,17 @@ def test_min_side_follows_the_pools_before_the_deepest_layer():
     assert ex(torch.rand(1, 3, side, 64), ["relu3_1"])["relu3_1"].shape[-2] == 1
     with pytest.raises(RuntimeError, match="too small"):
         ex(torch.rand(1, 3, side - 1, 64), ["relu3_1"])
+
+
+def test_the_channels_table_is_torchvisions_vgg16():
+    """nst_core.tiling estimates memory from VGG16_CHANNELS: it must be what each module outputs."""
+    from torchvision.models.vgg import cfgs, make_layers
+
+    from nst_core.params import VGG16_CHANNELS
+
+    x, channels = torch.zeros(1, 3, 32, 32), []
+    with torch.no_grad():
+        for module in make_layers(cfgs["D"]):
+            x = module(x)
+            channels.append(x.shape[1])
+    assert tuple(channels) == VGG16_CHANNELS and len(VGG16_CHANNELS) == len(VGG16_LAYERS)
