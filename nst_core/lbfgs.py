@@ -28,16 +28,25 @@ _CURVATURE_EPS = 1e-10
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """Per-problem dot product. (B, N), (B, N) -> (B,)."""
+    """Per-problem dot product. (B, N), (B, N) -> (B,).
+
+    A row's sum is computed the same way whatever B is (a batched GEMV is not: its kernel, and so
+    its rounding, changes with B), so a pair steps the same in a batch as alone."""
     return (a * b).sum(1)
 
 
 class BatchedLBFGS:
     """``step(x, g, frozen)`` moves x (B, ...) in place; call it after each evaluation but the last.
 
-    ``frozen`` (B,) bool: problems that must not move (their history is not touched either).
+    ``frozen`` (B,) bool: problems that must not move (their x and direction are kept).
     ``descending`` (B,) bool on the device: False once a problem's direction went uphill, where
     torch's LBFGS would have ended its step() (callers freeze such problems).
+
+    Differs from torch's LBFGS in one place: every problem writes slot ``head`` of one shared
+    ring (a host int, so the two-loop reads views of the history, not per-problem gathers:
+    13 ms -> 3 ms per step at 256x192 px, history 20, 2 CPU cores). A problem whose pair fails
+    the curvature test (or that is frozen) leaves that slot empty (ρ = 0) where torch would keep
+    its oldest pair a step longer; until a pair is skipped the trajectory is torch's.
     """
 
     def __init__(self, x: Tensor, lr: float, history: int = HISTORY):
@@ -45,47 +54,40 @@ class BatchedLBFGS:
         self.lr, self.m = lr, history
         self.s = x.new_zeros(history, b, n)
         self.y = x.new_zeros(history, b, n)
-        self.rho = x.new_zeros(history, b)
-        self.head = torch.zeros(b, dtype=torch.long, device=x.device)  # next slot to write, per problem
-        self.count = torch.zeros(b, dtype=torch.long, device=x.device)  # slots in use, per problem
+        self.rho = x.new_zeros(history, b)  # 0: an empty slot, which contributes nothing
+        self.head = 0  # next slot to write
+        self.filled = 0  # slots written so far, at most history
         self.h_diag = x.new_ones(b)
-        self.rows = torch.arange(b, device=x.device)
         self.d: Tensor | None = None  # last direction (B, N)
         self.t: Tensor | None = None  # last step length (B,)
         self.prev_g: Tensor | None = None
         self.descending = torch.ones(b, dtype=torch.bool, device=x.device)
 
     def _remember(self, g: Tensor, frozen: Tensor) -> None:
-        """Add (s, y) = (t·d, g − g_prev) for each moving problem that passes the curvature test."""
-        y = g - self.prev_g
-        s = self.d * self.t[:, None]
+        """Write (s, y) = (t·d, g − g_prev) to the next slot; ρ = 1/yᵀs where the curvature test passes."""
+        y = torch.sub(g, self.prev_g, out=self.y[self.head])
+        s = torch.mul(self.d, self.t[:, None], out=self.s[self.head])
         ys = _dot(y, s)
         keep = (ys > _CURVATURE_EPS) & ~frozen
-        slot = self.head
-        keep_col = keep[:, None]
-        self.s[slot, self.rows] = torch.where(keep_col, s, self.s[slot, self.rows])
-        self.y[slot, self.rows] = torch.where(keep_col, y, self.y[slot, self.rows])
-        self.rho[slot, self.rows] = torch.where(keep, 1.0 / torch.where(keep, ys, torch.ones_like(ys)),
-                                                self.rho[slot, self.rows])
-        self.head = torch.where(keep, (self.head + 1) % self.m, self.head)
-        self.count = torch.where(keep, (self.count + 1).clamp_max(self.m), self.count)
+        safe = torch.where(keep, ys, torch.ones_like(ys))
+        self.rho[self.head] = torch.where(keep, 1.0 / safe, torch.zeros_like(ys))
         self.h_diag = torch.where(keep, ys / torch.where(keep, _dot(y, y), torch.ones_like(ys)), self.h_diag)
+        self.head = (self.head + 1) % self.m
+        self.filled = min(self.filled + 1, self.m)
 
     def _direction(self, g: Tensor) -> Tensor:
         """The two-loop recursion: d = −H·g with each problem's own history, newest pair first."""
         q = -g
         alphas = []
-        for age in range(self.m):  # newest first
+        for age in range(self.filled):  # newest first
             slot = (self.head - 1 - age) % self.m
-            rho = self.rho[slot, self.rows] * (age < self.count)  # unused slots contribute nothing
-            s_k = self.s[slot, self.rows]
-            alpha = _dot(s_k, q) * rho
-            q = q - alpha[:, None] * self.y[slot, self.rows]
-            alphas.append((slot, rho, alpha))
-        r = q * self.h_diag[:, None]
-        for slot, rho, alpha in reversed(alphas):  # oldest first
-            beta = _dot(self.y[slot, self.rows], r) * rho
-            r = r + self.s[slot, self.rows] * (alpha - beta)[:, None]
+            alpha = _dot(self.s[slot], q) * self.rho[slot]
+            q.addcmul_(self.y[slot], alpha[:, None], value=-1)
+            alphas.append((slot, alpha))
+        r = q.mul_(self.h_diag[:, None])
+        for slot, alpha in reversed(alphas):  # oldest first
+            beta = _dot(self.y[slot], r) * self.rho[slot]
+            r.addcmul_(self.s[slot], (alpha - beta)[:, None])
         return r
 
     @torch.no_grad()

@@ -83,3 +83,30 @@ def test_no_host_reads_in_a_step(monkeypatch):
         (x ** 2).flatten(1).sum(1).sum().backward()
         opt.step(x.data, x.grad, frozen)
     assert reads == []
+
+
+def _mixed(x):  # problem 0 linear (yᵀs = 0: every curvature pair fails), problem 1 Rosenbrock
+    return torch.stack([x[0].sum(), _rosenbrock(x[1:])[0]])
+
+
+def test_a_skipped_curvature_pair_changes_nothing_for_the_other_problems():
+    # The ring's slot is shared: problem 0 skips every pair while problem 1 keeps every one.
+    gen = torch.Generator().manual_seed(2)
+    x0 = torch.rand(2, 2, 3, generator=gen, dtype=torch.float64)
+    x = x0.clone().requires_grad_(True)
+    opt = BatchedLBFGS(x, 0.1, 3)
+    frozen = torch.zeros(2, dtype=torch.bool)
+    for _ in range(12):
+        x.grad = None
+        _mixed(x).sum().backward()
+        opt.step(x.data, x.grad, frozen)
+    assert opt.rho[:, 0].eq(0).all() and opt.rho[:, 1].gt(0).all()
+    alone = BatchedLBFGS(x0[1:].clone(), 0.1, 3)
+    x1 = x0[1:].clone().requires_grad_(True)
+    for _ in range(12):
+        x1.grad = None
+        _rosenbrock(x1).sum().backward()
+        alone.step(x1.data, x1.grad, frozen[1:])
+    assert torch.allclose(x.detach()[1], x1.detach()[0], rtol=1e-12, atol=0)
+    # Linear with no curvature pair: every step is steepest descent at lr (torch's too).
+    assert torch.allclose(x.detach()[0], x0[0] - 0.1 * min(1.0, 1 / 6) - 11 * 0.1, rtol=1e-12)
