@@ -21,8 +21,8 @@
 #   GPU_SH_STEP_TIMEOUT  seconds one benchmark may take before it is stopped and counted failed (240)
 #   GPU_SH_TEST_TIMEOUT  likewise for the engine tests (300)
 #
-# Prints: engine overhead at 256 px (fp32) and 512 px (bf16), the bare VGG pass under the same
-# backend settings as stylize; 512 px x 500 evaluations wall time for fp32, TF32, bf16
+# Prints: engine cost per evaluation at 128-512 px (fp32) and 512 px (bf16): bare VGG pass, + Grams,
+# stylize (goals: Grams share <= 10%, overhead <= 3%); 512 px x 500 evaluations wall time for fp32, TF32, bf16
 # (single scale) and the default (goal <= 5 s on an H200); the speed.py ratio (goal <= 0.5);
 # channels_last vs contiguous; pairs per hour with N = 1, 2, 4 ... 32 pairs per device step and
 # auto at 512 px against N = 1 (goal: >= 4x at some N; benchmarks/throughput.py); cuDNN autotuning
@@ -85,11 +85,11 @@ else:
 EOF
 
 if [ "$QUICK" = 1 ]; then
-  S1=64 S2=96 EV=4 ROUNDS=2 TS=64 TEV=12 FR=2 THR_NS=(1 2) THR_EV=2 TILE_SIZES=(256) TILE_GB=0.05 AT_SIZE=64 AT_EV=3
+  ENGINE_SIZES=(64) S2=96 EV=8 ROUNDS=2 TS=64 TEV=12 FR=2 THR_NS=(1 2) THR_EV=2 TILE_SIZES=(256) TILE_GB=0.05 AT_SIZE=64 AT_EV=3
   TESTS=(tests/nst_core/test_optimize.py tests/nst_core/test_backend.py
          -k "lbfgs_halves or tf32_off_cuda or targets_and_reported_losses or precision_follows or bf16_runs_keep")
 else
-  S1=256 S2=512 EV=50 ROUNDS=3 TS=512 TEV=500 FR=5 THR_NS=(1 2 4 8 16 32) THR_EV=50 TILE_SIZES=(4096) TILE_GB=19 AT_SIZE=512 AT_EV=100
+  ENGINE_SIZES=(128 192 256 512) S2=512 EV=48 ROUNDS=3 TS=512 TEV=500 FR=5 THR_NS=(1 2 4 8 16 32) THR_EV=50 TILE_SIZES=(4096) TILE_GB=19 AT_SIZE=512 AT_EV=100
   TESTS=(tests/nst_core/test_optimize.py tests/nst_core/test_losses.py tests/nst_core/test_backend.py)
 fi
 
@@ -105,8 +105,8 @@ step() {  # step SECONDS NAME COMMAND...: timed, bounded, and counted
   [ "$rc" = 0 ] || FAILED+=("$name (rc $rc)")
 }
 
-step "$GPU_SH_STEP_TIMEOUT" "engine overhead, ${S1} px fp32" "$PYTHON" benchmarks/engine.py --device "$DEV" --size "$S1" --evals "$EV" --rounds "$ROUNDS"
-step "$GPU_SH_STEP_TIMEOUT" "engine overhead, ${S2} px bf16" "$PYTHON" benchmarks/engine.py --device "$DEV" --size "$S2" --evals "$EV" --rounds "$ROUNDS" --precision bf16
+step "$GPU_SH_STEP_TIMEOUT" "engine cost, ${ENGINE_SIZES[*]} px fp32" "$PYTHON" benchmarks/engine.py --device "$DEV" --sizes "${ENGINE_SIZES[@]}" --evals "$EV" --rounds "$ROUNDS"
+step "$GPU_SH_STEP_TIMEOUT" "engine cost, ${S2} px bf16" "$PYTHON" benchmarks/engine.py --device "$DEV" --sizes "$S2" --evals "$EV" --rounds "$ROUNDS" --precision bf16
 step "$GPU_SH_STEP_TIMEOUT" "wall time per precision, ${TS} px x ${TEV}" "$PYTHON" benchmarks/speed.py --device "$DEV" --table --size "$TS" --evals "$TEV"
 step "$GPU_SH_STEP_TIMEOUT" "default vs single-scale fp32, ${TS} px" "$PYTHON" benchmarks/speed.py --device "$DEV" --size "$TS" --evals "$TEV"
 step "$GPU_SH_STEP_TIMEOUT" "memory formats, ${TS} px" "$PYTHON" benchmarks/speed.py --device "$DEV" --formats --size "$TS" --rounds "$FR"

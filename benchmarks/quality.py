@@ -15,8 +15,11 @@ same --evaluations. Printed per pair:
 
     python benchmarks/quality.py [--sizes 256 512] [--evaluations 300] [--set photos|examples|all]
                                  [--weights random] [--device auto] [--param scales=1 ...]
+                                 [--exact-tail 0.5]
 
---param overrides a field of the default side (to measure a candidate default).
+--param overrides a field of the default side (to measure a candidate default); --exact-tail
+sets the share of a reduced-precision run's evaluations that run in exact fp32 at the end
+(nst_core.optimize.EXACT_TAIL) for both sides, to measure a candidate tail.
 With random weights the loss plateaus early; real weights keep improving much longer.
 """
 
@@ -35,7 +38,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nst_core import StyleParams, stylize  # noqa: E402
+from nst_core import StyleParams, optimize, stylize  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SETS = {
@@ -80,14 +83,18 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--param", action="append", default=[], help="FIELD=JSON for the default side, e.g. scales=1")
+    ap.add_argument("--exact-tail", type=float, default=None, help="share of evaluations in exact fp32 at the end")
     args = ap.parse_args()
+    if args.exact_tail is not None:
+        optimize.EXACT_TAIL = args.exact_tail
 
     overrides = {k: json.loads(v) if v[:1] in "[{0123456789-tfn\"" else v
                  for k, v in (p.split("=", 1) for p in args.param)}
     common = {"weights": args.weights, "device": args.device, "seed": args.seed, "iterations": args.evaluations}
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, threads "
           f"{torch.get_num_threads()}, weights {args.weights}, {args.evaluations} evaluations; default side "
-          f"{StyleParams(**common, **overrides).model_dump(include={'scales', 'precision', 'stop_tolerance'})}")
+          f"{StyleParams(**common, **overrides).model_dump(include={'scales', 'precision', 'stop_tolerance'})}, "
+          f"exact tail {optimize.EXACT_TAIL:.3g}")
     print(f"{'content x style':<24} {'px':>4} {'default s':>9} {'loss':>9} {'single s':>9} {'loss':>9} "
           f"{'loss ratio':>10} {'reached at':>10} {'time ratio':>10}")
     loss_ratios, time_ratios, worst = [], [], (0.0, "")
