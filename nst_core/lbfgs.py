@@ -2,13 +2,15 @@
 
 The iteration is torch.optim.LBFGS's without a line search (``line_search_fn=None``,
 ``tolerance_grad=0``, ``tolerance_change=0``), applied to each problem b of a (B, ...) tensor
-separately: its own (s, y) history in a ring of ``history`` slots, its own curvature test
+separately: its own (s, y) history in a ring of ``history`` slots (one ring position for all
+problems; a pair that fails the test leaves its slot empty, see BatchedLBFGS), its own curvature test
 ``yᵀs > 1e-10``, its own H₀ = yᵀs / yᵀy, its own first step t = min(1, 1/‖g‖₁)·lr, and its own
 stop when the direction stops descending (gᵀd > 0). The two-loop recursion runs on all problems
 at once with per-problem dot products; nothing reads a value back to the host, so a GPU is
 never stalled by the optimizer (torch's LBFGS makes ~40 host reads per step at history 20).
 
-Problems that are ``frozen`` (stopped, failed) keep their x and history.
+Problems that are ``frozen`` (stopped, failed) keep their x; they stay frozen for the rest of
+a scale, so the empty slots they leave in the ring never steer anything.
 """
 
 from __future__ import annotations
