@@ -5,8 +5,9 @@
              style and content losses and their backward) on a fixed image;
 - stylize  : one evaluation inside ``stylize`` (projection, objective, finiteness checks, best-image
              keeping, progress, the L-BFGS step with a full history), timed between its progress
-             events; what a run costs once (content features, the exact fp32 measure of the
-             result) is printed apart as "per run".
+             events; the rest of its optimize time (content features, setup, the first reads)
+             is printed apart as "per run" (the exact fp32 measure of the result comes after
+             the optimize time and is in neither).
 
 Goals (issue 14): Grams share = (+ Grams) / bare − 1 <= 10%, overhead = stylize / (+ Grams) − 1
 <= 3%. Single scale at --precision (fp32 by default), the bundled harbour × waves pair. Each
@@ -55,7 +56,7 @@ def _windows(device: torch.device, fn, evals: int) -> list[float]:
 
 def measure_size(size: int, args) -> dict:
     """Fastest-window seconds per evaluation of bare, grams and stylize, and stylize's per_run seconds."""
-    params = StyleParams(weights=args.weights, image_size=size, iterations=HISTORY + max(args.evals, GPU_READ_EVERY) + 1,
+    params = StyleParams(weights=args.weights, image_size=size, iterations=HISTORY + GPU_READ_EVERY * (max(args.evals // GPU_READ_EVERY, 1) + 1),
                          device=args.device,
                          scales=1, precision=args.precision)
     content, style = sample_pair(size)
@@ -71,7 +72,8 @@ def measure_size(size: int, args) -> dict:
 
     def bare() -> None:
         x.grad = None
-        net.layers((x - extractor.mean) / extractor.std).float().sum().backward()
+        normalized = (x - extractor.mean) / extractor.std  # fp32, then cast as stylize's pass does
+        net.layers(normalized if dtype is None else normalized.to(dtype)).float().sum().backward()
 
     def grams() -> None:
         x.grad = None
@@ -83,13 +85,15 @@ def measure_size(size: int, args) -> dict:
         result = stylize(content, style, params, targets=targets, progress=lambda e: stamps.append(time.perf_counter()))
         if len(stamps) != params.iterations:
             raise SystemExit(f"stylize stopped after {len(stamps)} of {params.iterations} evaluations")
-        w = GPU_READ_EVERY  # events i and i + w sit at the same place of consecutive reads
-        windows = [(stamps[k + w] - stamps[k]) / w for k in range(HISTORY, len(stamps) - w, w)]
+        # On a GPU the events of w evaluations arrive together at each read; events i and i + w sit
+        # at the same place of consecutive full reads (the run's last read may be partial: unused).
+        w = GPU_READ_EVERY
+        windows = [(stamps[k + w] - stamps[k]) / w for k in range(HISTORY, len(stamps) // w * w - w, w)]
         return windows, result.metadata["seconds"]["optimize"] - len(stamps) * min(windows)
 
     seen: dict[str, list[float]] = {"bare": [], "grams": [], "stylize": [], "per_run": []}
     with run_settings(device, precision, params.deterministic), precision_section(uses_tf32(precision)):
-        _windows(device, bare, 2), _windows(device, grams, 2)  # warm-up: allocator, kernels, autotuning
+        _windows(device, bare, GPU_READ_EVERY), _windows(device, grams, GPU_READ_EVERY)  # warm-up: kernels, autotuning
     run_stylize()
     for _ in range(args.rounds):
         with run_settings(device, precision, params.deterministic), precision_section(uses_tf32(precision)):

@@ -19,7 +19,7 @@ same --evaluations. Printed per pair:
 
 --param overrides a field of the default side (to measure a candidate default); --exact-tail
 sets the share of a reduced-precision run's evaluations that run in exact fp32 at the end
-(nst_core.optimize.EXACT_TAIL) for both sides, to measure a candidate tail.
+(nst_core.optimize.EXACT_TAIL), to measure a candidate tail (the single-scale side is fp32).
 With random weights the loss plateaus early; real weights keep improving much longer.
 """
 

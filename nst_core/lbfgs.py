@@ -32,8 +32,10 @@ _CURVATURE_EPS = 1e-10
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     """Per-problem dot product. (B, N), (B, N) -> (B,).
 
-    A row's sum is computed the same way whatever B is (a batched GEMV is not: its kernel, and so
-    its rounding, changes with B), so a pair steps the same in a batch as alone."""
+    A row sum, not a batched GEMV: a GEMV's kernel, and so its rounding, changes with B even for
+    short rows (test_many). Past ~32k elements a lone row is also summed by ATen's multi-threaded
+    reduction and rows of a batch one by one, so there a pair steps the same in a batch as alone
+    only up to rounding (~1e-7), as with oneDNN's batched convolutions."""
     return (a * b).sum(1)
 
 
@@ -47,8 +49,10 @@ class BatchedLBFGS:
     Differs from torch's LBFGS in one place: every problem writes slot ``head`` of one shared
     ring (a host int, so the two-loop reads views of the history, not per-problem gathers:
     13 ms -> 3 ms per step at 256x192 px, history 20, 2 CPU cores). A problem whose pair fails
-    the curvature test (or that is frozen) leaves that slot empty (ρ = 0) where torch would keep
-    its oldest pair a step longer; until a pair is skipped the trajectory is torch's.
+    the curvature test (or that is frozen) leaves that slot empty (ρ = 0): for the next
+    ``history`` steps it steers by history − 1 pairs where torch would keep its oldest pair, and
+    a run of ``history`` skips leaves it none (the step −H₀·g). Until a pair is skipped the
+    trajectory is torch's.
     """
 
     def __init__(self, x: Tensor, lr: float, history: int = HISTORY):

@@ -267,7 +267,7 @@ def _prepare(pair: StylePair, params: StyleParams, extractor: FeatureExtractor, 
     stages = [_Stage(size, works[size], targets.by_size[size], n)
               for size, n in zip(sizes, budget) if n > 0]  # n == 0: a budget too small to reach this coarse scale
     if params.precision == "auto" and DTYPES[precision] is not None:
-        stages[-1].exact_tail = round(EXACT_TAIL * stages[-1].evaluations)
+        stages[-1].exact_tail = int(EXACT_TAIL * stages[-1].evaluations)  # floor: 1 evaluation stays bf16
     # init="style" with a blend starts from the first style image (a pixel blend would be a mix
     # no style looks like).
     first_style = style if isinstance(style, Image.Image) else style[0]

@@ -110,3 +110,25 @@ def test_a_skipped_curvature_pair_changes_nothing_for_the_other_problems():
     assert torch.allclose(x.detach()[1], x1.detach()[0], rtol=1e-12, atol=0)
     # Linear with no curvature pair: every step is steepest descent at lr (torch's too).
     assert torch.allclose(x.detach()[0], x0[0] - 0.1 * min(1.0, 1 / 6) - 11 * 0.1, rtol=1e-12)
+
+
+def test_a_pair_that_fails_the_curvature_test_empties_the_slot_it_overwrites():
+    # History 2 on a quadratic (every pair passes), then a gradient with yᵀs < 0: its slot held
+    # the oldest kept pair and must now read as empty, so the step uses the one pair left.
+    a = torch.tensor([[1.0, 2.0, 4.0]], dtype=torch.float64)
+    x = torch.zeros(1, 3, dtype=torch.float64)
+    opt = BatchedLBFGS(x, 1.0, 2)
+    frozen = torch.zeros(1, dtype=torch.bool)
+    for _ in range(3):
+        opt.step(x, a * (x - 1), frozen)
+    assert opt.rho[:, 0].gt(0).all() and opt.head == 0
+    s_last = opt.d * opt.t[:, None]
+    g = opt.prev_g - s_last  # y = -s: yᵀs < 0
+    kept_s, kept_y, kept_rho, h = opt.s[1].clone(), opt.y[1].clone(), opt.rho[1].clone(), opt.h_diag.clone()
+    before = x.clone()
+    opt.step(x, g, frozen)
+    assert opt.rho[0, 0] == 0
+    alpha = (kept_s * -g).sum(1) * kept_rho  # the two-loop over the one kept pair
+    r = (-g - alpha[:, None] * kept_y) * h[:, None]
+    r = r + kept_s * (alpha - (kept_y * r).sum(1) * kept_rho)[:, None]
+    assert torch.allclose(x, before + r, rtol=1e-12, atol=1e-15)
