@@ -15,7 +15,7 @@ same --evaluations. Printed per pair:
 
     python benchmarks/quality.py [--sizes 256 512] [--evaluations 300] [--set photos|examples|all]
                                  [--weights random] [--device auto] [--param scales=1 ...]
-                                 [--exact-tail 0.5]
+                                 [--exact-tail 0.5] [--only chelsea:gravel ...]
 
 --param overrides a field of the default side (to measure a candidate default); --exact-tail
 sets the share of a reduced-precision run's evaluations that run in exact fp32 at the end
@@ -79,6 +79,8 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--evaluations", type=int, default=300)
     ap.add_argument("--set", default="all", choices=["all", *SETS])
+    ap.add_argument("--only", nargs="+", default=None, metavar="CONTENT:STYLE",
+                    help="run only these pairs of the set, by file stem, e.g. chelsea:gravel")
     ap.add_argument("--weights", default="random")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
@@ -101,6 +103,8 @@ def main() -> None:
     warm = set()
     for size in args.sizes:
         for content_path, style_path in pairs(args.set):
+            if args.only and f"{content_path.stem}:{style_path.stem}" not in args.only:
+                continue
             content = Image.open(content_path).convert("RGB")
             style = Image.open(style_path).convert("RGB")
             default = StyleParams(**common, image_size=size, **overrides)

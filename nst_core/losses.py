@@ -25,7 +25,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["gram_matrix", "content_loss", "style_loss", "tv_loss", "weighted_sum"]
+__all__ = ["gram_matrix", "content_loss", "style_loss", "style_loss_through", "tv_loss", "weighted_sum"]
 
 
 class _Gram(torch.autograd.Function):
@@ -47,17 +47,73 @@ class _Gram(torch.autograd.Function):
         if flat.dtype == torch.float16:
             f = flat * math.sqrt(scale)
             return torch.bmm(f, f.transpose(1, 2))
-        out = flat.new_empty(flat.shape[0], flat.shape[1], flat.shape[1])
-        return torch.baddbmm(out, flat, flat.transpose(1, 2), beta=0.0, alpha=scale)
+        return _scaled_gram(flat, scale)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (flat,) = ctx.saved_tensors
         sym = (grad + grad.transpose(1, 2)).mul_(ctx.scale).to(flat.dtype)
-        if flat.is_contiguous():
-            return torch.bmm(sym, flat), None
-        # channels_last: Fᵀ·sym = (sym·F)ᵀ comes out in F's own (B, N, nC) layout, no copy.
-        return torch.bmm(flat.transpose(1, 2), sym).transpose(1, 2), None
+        return _times(sym, flat), None
+
+
+def _scaled_gram(flat: Tensor, scale: float) -> Tensor:
+    """scale·F·Fᵀ, (B, nC, N) fp32/bf16 -> (B, nC, nC); ``baddbmm``'s alpha scales the accumulator."""
+    out = flat.new_empty(flat.shape[0], flat.shape[1], flat.shape[1])
+    return torch.baddbmm(out, flat, flat.transpose(1, 2), beta=0.0, alpha=scale)
+
+
+def _times(sym: Tensor, flat: Tensor, plus: Tensor | None = None) -> Tensor:
+    """[plus +] sym·F for sym (B, nC, nC), F and plus (B, nC, N) -> (B, nC, N) in F's layout.
+
+    With ``plus`` one GEMM reads it and writes the sum: no separate pass to add two gradients.
+    channels_last F is a transposed view of (B, N, nC) memory: Fᵀ·sym = (sym·F)ᵀ comes out
+    in that layout, no copy.
+    """
+    if flat.is_contiguous():
+        return torch.bmm(sym, flat) if plus is None else torch.baddbmm(plus, sym, flat)
+    ft = flat.transpose(1, 2)
+    return (torch.bmm(ft, sym) if plus is None else torch.baddbmm(plus.transpose(1, 2), ft, sym)).transpose(1, 2)
+
+
+class _StyleThrough(torch.autograd.Function):
+    """(features, target Ĝ_S) -> (the features, ‖Ĝ − Ĝ_S‖² / (2·nC)² per sample): ``style_loss_through``.
+
+    backward: dF = grad_features + (grad_loss / nC²)·(Ĝ − Ĝ_S)·F / N, one GEMM that also adds
+    the gradient the deeper layers sent to these features (∂/∂Ĝ of the loss is
+    2·(Ĝ − Ĝ_S)/(4·nC²), symmetric, so dĜ + dĜᵀ is twice it). Autograd would instead write
+    the Gram term to its own tensor and add the two in a separate pass over the features: at
+    256 px on the CPU that pass and the loss's small ops were most of the Grams' cost above
+    their two products (benchmarks/engine.py). Grams and the product run in fp32: a bf16/fp16
+    pass's features are read as fp32 and the Gram term is added in their dtype, as the
+    unfused ``gram_matrix(f.float())`` + ``style_loss`` does.
+    """
+
+    @staticmethod
+    def forward(ctx, features: Tensor, target: Tensor):
+        b, c, h, w = features.shape
+        flat = _flat(features)
+        flat = flat.float() if flat.element_size() < 4 else flat  # fp32 Grams (float64 stays: gradcheck)
+        diff = _scaled_gram(flat, 1.0 / (h * w)).sub_(target)
+        ctx.save_for_backward(flat, diff)
+        ctx.dtype, ctx.size = features.dtype, (h, w)
+        ctx.set_materialize_grads(False)  # no deeper layer used the features: grad_features is None
+        return features.view_as(features), diff.pow(2).sum((1, 2)) / (4 * c * c)
+
+    @staticmethod
+    def backward(ctx, grad_features: Tensor | None, grad_loss: Tensor | None):
+        flat, diff = ctx.saved_tensors
+        if grad_loss is None:
+            return grad_features, None
+        b, c, _ = diff.shape
+        h, w = ctx.size
+        sym = diff * (grad_loss.float() / (c * c * h * w)).view(b, 1, 1)
+        plus = None if grad_features is None else _flat(grad_features)
+        if ctx.dtype == flat.dtype:
+            out = _times(sym, flat, plus)
+        else:
+            term = _times(sym, flat).to(ctx.dtype)
+            out = term if plus is None else plus + term
+        return _unflat(out, h, w), None
 
 
 def _flat(features: Tensor) -> Tensor:
@@ -70,6 +126,14 @@ def _flat(features: Tensor) -> Tensor:
     if features.is_contiguous() or not features.is_contiguous(memory_format=torch.channels_last):
         return features.reshape(b, c, h * w)
     return features.permute(0, 2, 3, 1).reshape(b, h * w, c).transpose(1, 2)
+
+
+def _unflat(flat: Tensor, h: int, w: int) -> Tensor:
+    """(B, nC, nH·nW) -> (B, nC, nH, nW), the inverse of ``_flat``: a view for either layout."""
+    b, c, _ = flat.shape
+    if flat.is_contiguous():
+        return flat.view(b, c, h, w)
+    return flat.transpose(1, 2).reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
 def gram_matrix(features: Tensor, normalize: bool = False) -> Tensor:
@@ -99,6 +163,16 @@ def style_loss(gram_generated: Tensor, gram_target: Tensor, reduction: str = "me
     """
     b, c, _ = gram_generated.shape
     return _reduce((gram_generated - gram_target).pow(2).flatten(1).sum(1) / (4 * c * c), reduction)
+
+
+def style_loss_through(features: Tensor, gram_target: Tensor) -> tuple[Tensor, Tensor]:
+    """(features, style_loss(gram_matrix(features, normalize=True), gram_target, "none")) in one op.
+
+    features (B, nC, nH, nW) in any float dtype, gram_target (B, nC, nC) fp32 -> the features
+    unchanged (hand them to the deeper layers: their gradient and the style term's meet in one
+    product, see ``_StyleThrough``) and the fp32 loss (B,).
+    """
+    return _StyleThrough.apply(features, gram_target)
 
 
 def tv_loss(image: Tensor, reduction: str = "mean") -> Tensor:

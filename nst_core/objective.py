@@ -3,14 +3,14 @@ targets it holds (like pystiche's perceptual loss). The terms themselves are ``n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from .backend import exact_fp32
-from .losses import content_loss, gram_matrix, style_loss, tv_loss, weighted_sum
+from .losses import content_loss, gram_matrix, style_loss, style_loss_through, tv_loss, weighted_sum
 from .params import StyleParams
 from .tiling import Tile, Tiling, positions, tiled_features, tiled_maps
 from .vgg import FeatureExtractor, layer_factor
@@ -72,15 +72,17 @@ class Objective:
     def layers(self) -> list[str]:
         return list(dict.fromkeys([*self.params.content_layers, *self.params.style_layers]))
 
-    def _vgg(self, x: Tensor, dtype: torch.dtype | None) -> dict[str, Tensor]:
+    def _vgg(self, x: Tensor, dtype: torch.dtype | None,
+             through: Mapping[str, Callable[[Tensor], Tensor]] | None = None) -> dict[str, Tensor]:
         """The layers' activations, the VGG pass at ``dtype`` (None: fp32) on weights stored in it
         (``FeatureExtractor.cast``: what autocast computes, without recasting the weights each call)."""
-        return (self.extractor if dtype is None else self.extractor.cast(dtype))(x, self.layers)
+        return (self.extractor if dtype is None else self.extractor.cast(dtype))(x, self.layers, through)
 
     def __call__(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """[content, style, tv, total] of each image, (B, 1|3, H, W) in [0, 1] -> (B, 4) fp32.
 
-        The VGG pass runs at ``dtype`` (None: fp32). Grams and losses in fp32: a
+        The VGG pass runs at ``dtype`` (None: fp32); each style layer's loss is taken as the pass
+        goes (``losses.style_loss_through``). Grams and losses in fp32: a
         bf16 Gram carries ~0.4% rounding, as large as the Gram differences the style loss measures
         near convergence. Tiled, the value carries no gradient (``value_and_grad`` computes it)
         and is the untiled value (tiles with the exact halo).
@@ -89,12 +91,18 @@ class Objective:
             with torch.no_grad():
                 return self._tiled_terms(x, dtype, self.tiling.grid(*x.shape[-2:], exact=True))[0]
         p = self.params
-        feats = self._vgg(x, dtype)
+        style: dict[str, Tensor] = {}
+
+        def through(layer: str):
+            def tap(features: Tensor) -> Tensor:
+                features, style[layer] = style_loss_through(features, self.style_grams[layer])
+                return features
+            return tap
+
+        feats = self._vgg(x, dtype, {n: through(n) for n in p.style_layers})
         c = weighted_sum({n: content_loss(feats[n].float(), self.content_feats[n], "none") for n in p.content_layers},
                          {n: 1.0 / len(p.content_layers) for n in p.content_layers})
-        s = weighted_sum({n: style_loss(gram_matrix(feats[n].float(), normalize=True), self.style_grams[n], "none")
-                          for n in p.style_layers}, p.layer_weights())
-        return self._total(x, c, s)
+        return self._total(x, c, weighted_sum(style, p.layer_weights()))
 
     def _total(self, x: Tensor, c: Tensor, s: Tensor) -> Tensor:
         p = self.params

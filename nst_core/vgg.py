@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -136,8 +136,14 @@ class FeatureExtractor:
         """
         return (CAFFE_INPUT_SCALE / self.input_scale) ** 2
 
-    def __call__(self, image: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
-        """Activations of a (B, 1|3, H, W) image; a grey (1-channel) image is seen as RGB."""
+    def __call__(self, image: Tensor, names: Iterable[str],
+                 through: Mapping[str, Callable[[Tensor], Tensor]] | None = None) -> dict[str, Tensor]:
+        """Activations of a (B, 1|3, H, W) image; a grey (1-channel) image is seen as RGB.
+
+        ``through[name]``, where given, takes that layer's activation and returns what the deeper
+        layers (and the result) see in its place: a loss that must meet their gradient, e.g.
+        ``losses.style_loss_through``.
+        """
         if image.shape[1] == 1:
             image = image.expand(-1, 3, -1, -1)
         image = image.contiguous(memory_format=self.memory_format)
@@ -150,6 +156,8 @@ class FeatureExtractor:
         for i, module in enumerate(self.layers):
             x = module(x)
             if i in wanted:
+                if through and wanted[i] in through:
+                    x = through[wanted[i]](x)
                 out[wanted[i]] = x
             if i == last:
                 break

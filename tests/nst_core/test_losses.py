@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from nst_core import StyleParams
-from nst_core.losses import content_loss, gram_matrix, style_loss, tv_loss, weighted_sum
+from nst_core.losses import content_loss, gram_matrix, style_loss, style_loss_through, tv_loss, weighted_sum
 from nst_core.imageio import to_tensor as _to_tensor
 from nst_core.imageio import resize_longest
 from nst_core.vgg import load_extractor
@@ -102,3 +102,41 @@ def test_gram_of_channels_last_features_matches_and_backpropagates():
     fc = f.contiguous(memory_format=torch.channels_last).requires_grad_(True)
     assert torch.allclose(gram_matrix(fc, normalize=True), gram_matrix(f, normalize=True))
     assert torch.autograd.gradcheck(lambda x: gram_matrix(x, normalize=True), (fc,))
+
+
+def _unfused(features, target):
+    """The style loss as the formula reads: style_loss(gram_matrix(F, normalize=True), target)."""
+    return style_loss(gram_matrix(features.float(), normalize=True), target, "none")
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_style_loss_through_is_the_formula_and_its_gradient(layout):
+    torch.manual_seed(3)
+    f = torch.rand(2, 4, 3, 5, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_(True)
+    target = torch.rand(2, 4, 4, dtype=torch.float64)
+    target = target + target.transpose(1, 2)  # Grams are symmetric
+    out, loss = style_loss_through(f, target)
+    assert torch.equal(out, f) and torch.allclose(loss, _unfused(f, target))
+    deeper = torch.rand(2, 4, 3, 5, dtype=torch.float64)
+    # both outputs used (a deeper layer and the loss), each alone (the last style layer, a pass
+    # that only carries the features on)
+    assert torch.autograd.gradcheck(lambda x: [(o * deeper).sum() + (loss * torch.tensor([1.0, 3.0], dtype=x.dtype)).sum()
+                                              for o, loss in [style_loss_through(x, target)]][0], (f,))
+    assert torch.autograd.gradcheck(lambda x: style_loss_through(x, target)[1], (f,))
+    assert torch.autograd.gradcheck(lambda x: style_loss_through(x, target)[0] * deeper, (f,))
+
+
+def test_style_loss_through_a_bf16_pass_adds_an_fp32_gram_term_as_the_unfused_path_does():
+    torch.manual_seed(4)
+    f = torch.rand(1, 8, 6, 6).to(torch.bfloat16)
+    target = gram_matrix(torch.rand(1, 8, 6, 6), normalize=True)
+    deeper = torch.rand(1, 8, 6, 6).to(torch.bfloat16)
+    grads = []
+    for fused in (True, False):
+        x = f.clone().requires_grad_(True)
+        out, loss = style_loss_through(x, target) if fused else (x, _unfused(x, target))
+        assert loss.dtype == torch.float32
+        ((out * deeper).float().sum() + 1e3 * loss.sum()).backward()
+        grads.append(x.grad)
+    assert grads[0].dtype == torch.bfloat16
+    assert torch.allclose(grads[0].float(), grads[1].float(), rtol=1e-2, atol=1e-3)

@@ -57,3 +57,19 @@ def test_a_reduced_precision_pass_runs_on_a_kept_copy_of_the_weights_with_autoca
     assert cast.layers[0].weight.dtype == torch.bfloat16 and extractor.layers[0].weight.dtype == torch.float32
     ours = cast(x, p.style_layers)
     assert all(torch.equal(ours[n], autocast[n]) for n in p.style_layers)
+
+
+def test_the_objectives_gradient_is_that_of_the_formula_written_out():
+    # style_loss_through meets the deeper layers' gradient in one product; the result must be
+    # autograd's gradient of α·content + β·Σ w_l·style_l written with the plain loss functions.
+    from nst_core.losses import content_loss, style_loss, weighted_sum
+    objective, start = _setup()
+    p, extractor = objective.params, objective.extractor
+    x = start.clone().requires_grad_(True)
+    feats = extractor(x, objective.layers)
+    c = content_loss(feats["relu4_2"], objective.content_feats["relu4_2"], "none")
+    s = weighted_sum({n: style_loss(gram_matrix(feats[n], normalize=True), objective.style_grams[n], "none")
+                      for n in p.style_layers}, p.layer_weights())
+    (p.content_weight * c + p.style_weight * s).sum().backward()
+    assert torch.allclose(objective(start)[0, :2], torch.stack([c, s], 1)[0], rtol=1e-5)
+    assert torch.allclose(_grad(objective, start, None), x.grad, rtol=1e-4, atol=1e-6 * float(x.grad.abs().max()))
