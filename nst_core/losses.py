@@ -106,7 +106,7 @@ class _StyleThrough(torch.autograd.Function):
             return grad_features, None
         b, c, _ = diff.shape
         h, w = ctx.size
-        sym = diff * (grad_loss.float() / (c * c * h * w)).view(b, 1, 1)
+        sym = diff * (grad_loss.to(diff.dtype) / (c * c * h * w)).view(b, 1, 1)
         plus = None if grad_features is None else _flat(grad_features)
         if ctx.dtype == flat.dtype:
             out = _times(sym, flat, plus)
