@@ -81,9 +81,9 @@ class _StyleThrough(torch.autograd.Function):
     backward: dF = grad_features + (grad_loss / nC²)·(Ĝ − Ĝ_S)·F / N, one GEMM that also adds
     the gradient the deeper layers sent to these features (∂/∂Ĝ of the loss is
     2·(Ĝ − Ĝ_S)/(4·nC²), symmetric, so dĜ + dĜᵀ is twice it). Autograd would instead write
-    the Gram term to its own tensor and add the two in a separate pass over the features: at
-    256 px on the CPU that pass and the loss's small ops were most of the Grams' cost above
-    their two products (benchmarks/engine.py). Grams and the product run in fp32: a bf16/fp16
+    the Gram term to its own tensor and add the two in a separate pass over the features
+    (benchmarks/engine.py's "formula" layer measures the difference: a few percent of the bare
+    VGG pass at 256 px on a 2-core CPU). Grams and the product run in fp32: a bf16/fp16
     pass's features are read as fp32 and the Gram term is added in their dtype, as the
     unfused ``gram_matrix(f.float())`` + ``style_loss`` does.
     """
