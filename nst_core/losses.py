@@ -93,11 +93,11 @@ class _StyleThrough(torch.autograd.Function):
         b, c, h, w = features.shape
         flat = _flat(features)
         flat = flat.float() if flat.element_size() < 4 else flat  # fp32 Grams (float64 stays: gradcheck)
-        diff = _scaled_gram(flat, 1.0 / (h * w)).sub_(target)
-        ctx.save_for_backward(flat, diff)
+        gram = _scaled_gram(flat, 1.0 / (h * w))
+        ctx.save_for_backward(flat, gram - target)
         ctx.dtype, ctx.size = features.dtype, (h, w)
         ctx.set_materialize_grads(False)  # no deeper layer used the features: grad_features is None
-        return features.view_as(features), diff.pow(2).sum((1, 2)) / (4 * c * c)
+        return features.view_as(features), style_loss(gram, target, "none")
 
     @staticmethod
     def backward(ctx, grad_features: Tensor | None, grad_loss: Tensor | None):

@@ -120,8 +120,11 @@ def test_style_loss_through_is_the_formula_and_its_gradient(layout):
     deeper = torch.rand(2, 4, 3, 5, dtype=torch.float64)
     # both outputs used (a deeper layer and the loss), each alone (the last style layer, a pass
     # that only carries the features on)
-    assert torch.autograd.gradcheck(lambda x: [(o * deeper).sum() + (loss * torch.tensor([1.0, 3.0], dtype=x.dtype)).sum()
-                                              for o, loss in [style_loss_through(x, target)]][0], (f,))
+    def both(x):
+        out, loss = style_loss_through(x, target)
+        return (out * deeper).sum() + (loss * torch.tensor([1.0, 3.0], dtype=x.dtype)).sum()
+
+    assert torch.autograd.gradcheck(both, (f,))
     assert torch.autograd.gradcheck(lambda x: style_loss_through(x, target)[1], (f,))
     assert torch.autograd.gradcheck(lambda x: style_loss_through(x, target)[0] * deeper, (f,))
 
