@@ -49,13 +49,16 @@ def test_batched_is_the_same_optimization_as_separate(extra):
 
 def test_batched_matches_separate_with_the_default_kernels():
     # Here the batched convolutions round differently (~1e-7), which six L-BFGS steps carry into
-    # a few pixels by one 8-bit level or three: losses within 0.5%, 99.9% of values within 2/255.
+    # a few pixels by a few 8-bit levels; how many depends on the CPU's kernels (99.9% within
+    # 2/255 on an AVX-512 Xeon, 3/255 on an AVX2 EPYC, where the mean is 0.34/255). Each pair
+    # optimized against the next pair's style ends 1.6x, 0.0002x and 2800x off and 2.3-5.3
+    # levels off on average: losses within 0.5%, mean within 1/255.
     p = params(iterations=6)
     for pair, batched in zip(_pairs(), stylize_many(_pairs(), p)):
         alone = stylize(pair.content, pair.style, p)
         assert batched.losses["final"]["total"] == pytest.approx(alone.losses["final"]["total"], rel=0.005)
         diff = np.abs(_pixels(batched.image) - _pixels(alone.image))
-        assert np.quantile(diff, 0.999) <= 2 and diff.max() <= 8
+        assert diff.mean() <= 1 and diff.max() <= 8
 
 
 def test_a_pair_that_goes_non_finite_fails_alone(monkeypatch):
