@@ -132,7 +132,6 @@ def _write(path: Path, data: bytes | None) -> None:
 
 def run_stylize(args: argparse.Namespace, opener: Callable[[str], bytes] | None = None) -> int:
     from .imageio import decode_image, encode_image, format_for
-    from .optimize import stylize
 
     params = model_from_args(StyleParams, args)
     fmt = format_for(args.output)
@@ -144,6 +143,8 @@ def run_stylize(args: argparse.Namespace, opener: Callable[[str], bytes] | None 
     out = Path(args.output)
     _write(out.parent, None)  # before the optimization: an unwritable output fails in a second, not after it
     bar = None if args.no_progress else ProgressBar(params.iterations, "stylize ")
+    from .optimize import stylize  # torch and torchvision: ~5 s to import, after every input check
+
 
     def progress(ev) -> None:
         bar.total = ev.total  # an early stop (stop_tolerance) lowers it; the bar still ends full

@@ -155,6 +155,24 @@ def test_auto_is_fp32_for_small_outputs(monkeypatch):
     assert resolve_precision("auto", torch.device("cpu"), 512) == "bf16"
 
 
+@pytest.mark.parametrize("precision,flag", [("bf16", "avx512_bf16"), ("fp16", "amx_fp16")])
+def test_a_reduced_precision_a_cpu_only_emulates_is_run_with_a_warning(monkeypatch, precision, flag):
+    # emulated bf16 measured 45x fp32 on an AVX2 EPYC: a run asking for it must say why it is slow
+    import warnings
+
+    cpu = torch.device("cpu")
+    _capability(monkeypatch, 9, 0)
+    monkeypatch.setattr(backend, "_cpu_flags", lambda: "fpu avx avx2 fma")
+    with pytest.warns(RuntimeWarning, match=f"precision='{precision}' on a CPU without native {precision}"):
+        assert resolve_precision(precision, cpu) == precision
+    monkeypatch.setattr(backend, "_cpu_flags", lambda: f"fpu avx avx2 fma {flag}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_precision(precision, cpu) == precision
+        assert resolve_precision("fp32", cpu) == resolve_precision("auto", cpu, 64) == "fp32"
+        assert resolve_precision(precision, CUDA) == precision  # a GPU's own matter (capability above)
+
+
 @pytest.mark.parametrize("switch,deterministic,seen", [(True, False, True), (False, False, False),
                                                        (True, True, False)])
 def test_cudnn_autotuning_follows_the_switch_and_determinism(monkeypatch, switch, deterministic, seen):

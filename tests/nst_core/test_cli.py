@@ -55,6 +55,17 @@ def test_bad_input_exits_2_with_one_line(files, args, message):
     assert not (files / "o.png").exists()
 
 
+def test_an_input_error_answers_before_the_engine_loads(files):
+    # torch + torchvision take ~5 s to import (6.6 s for a misspelt file name before); every
+    # check that needs neither (files, format, parameters, the output folder) comes first.
+    code = ("import sys; from flows.cli import main; "
+            "rc = main(['stylize', 'missing.png', 'style.png', '-o', 'o.png', '--weights', 'random']); "
+            "print(rc, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=files, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr
+    assert "missing.png: cannot read" in proc.stderr
+
+
 def test_unknown_layer_message_lists_every_valid_name(files):
     from nst_core import VGG16_LAYERS
 
