@@ -143,7 +143,7 @@ def run_stylize(args: argparse.Namespace, opener: Callable[[str], bytes] | None 
     out = Path(args.output)
     _write(out.parent, None)  # before the optimization: an unwritable output fails in a second, not after it
     bar = None if args.no_progress else ProgressBar(params.iterations, "stylize ")
-    from .optimize import stylize  # torch and torchvision: ~5 s to import, after every input check
+    from .optimize import stylize  # torch: ~3 s to import, after every input check
 
 
     def progress(ev) -> None:

@@ -208,11 +208,10 @@ def encode_image(img: Image.Image, fmt: str, *, quality: int = 92) -> bytes:
 
 def to_tensor(img: Image.Image, device) -> "torch.Tensor":
     """PIL RGB -> (1, 3, H, W) float32 in [0, 1] on ``device``."""
-    from torchvision.transforms.functional import pil_to_tensor
-
     import torch
 
-    return pil_to_tensor(img).to(device=device, dtype=torch.float32).div_(255).unsqueeze(0).contiguous()
+    pixels = torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8))  # (H, W, 3), a copy we own
+    return pixels.permute(2, 0, 1).to(device=device, dtype=torch.float32).div_(255).unsqueeze(0).contiguous()
 
 
 def quantize(x: "torch.Tensor") -> "torch.Tensor":
@@ -225,9 +224,7 @@ def quantize(x: "torch.Tensor") -> "torch.Tensor":
 
 def to_image(x8: "torch.Tensor", alpha: Image.Image | None = None) -> Image.Image:
     """(1, 3, H, W) uint8 -> PIL RGB, or RGBA with ``alpha`` resized onto it."""
-    from torchvision.transforms.functional import to_pil_image
-
-    image = to_pil_image(x8[0].cpu())
+    image = Image.fromarray(x8[0].permute(1, 2, 0).cpu().numpy(), "RGB")
     if alpha is not None:
         image.putalpha(alpha.resize(image.size, Image.Resampling.LANCZOS))
     return image

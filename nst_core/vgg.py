@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.vgg import cfgs, make_layers
 
 from .backend import memory_format, resolve_precision
 from .errors import WeightsError
@@ -164,6 +163,24 @@ class FeatureExtractor:
         return out
 
 
+#: VGG16's features stack (torchvision's ``cfgs["D"]``): conv widths, "M" a 2x2 max pool.
+_VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+def _vgg16_features() -> nn.Sequential:
+    """torchvision's ``make_layers(cfgs["D"])``, module for module (tests/nst_core/test_vgg.py
+    checks), written out: importing torchvision.models costs ~2.5 s a process."""
+    layers: list[nn.Module] = []
+    channels = 3
+    for width in _VGG16:
+        if width == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [nn.Conv2d(channels, width, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+            channels = width
+    return nn.Sequential(*layers)
+
+
 def _build(
     state: dict | None, mean_std: tuple, seed: int, pooling: str, depth: int, inplace: bool
 ) -> nn.Sequential:
@@ -171,7 +188,7 @@ def _build(
         torch.manual_seed(seed)
         # Only the features stack ("D" = VGG16): building vgg16() would also initialize its
         # 120M-parameter classifier. The init is torchvision's VGG init for convolutions.
-        full = make_layers(cfgs["D"], batch_norm=False)
+        full = _vgg16_features()
         for module in full:
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")

@@ -8,6 +8,7 @@ very bytes that were hashed (a file swapped after the check is never the one loa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import math
@@ -23,7 +24,6 @@ from urllib.parse import urlparse
 
 import torch
 from torch import Tensor
-from torchvision.models import VGG16_Weights
 
 from .errors import WeightsError
 
@@ -38,19 +38,29 @@ class _Named(NamedTuple):
     std: tuple[float, ...]
 
 
-def _named(enum: VGG16_Weights) -> _Named:
-    transforms = enum.transforms()  # a small transform object; nothing is downloaded
-    return _Named(enum.url, tuple(transforms.mean), tuple(transforms.std))
+#: torchvision's VGG16_Weights members by the names ``weights`` takes (the Caffe port: 0-255 inputs, mean only).
+_NAMES = {"imagenet1k_features": "IMAGENET1K_FEATURES", "imagenet1k_v1": "IMAGENET1K_V1"}
 
 
-_NAMED_WEIGHTS = {
-    "imagenet1k_features": _named(VGG16_Weights.IMAGENET1K_FEATURES),  # Caffe port: 0-255 inputs, mean only
-    "imagenet1k_v1": _named(VGG16_Weights.IMAGENET1K_V1),
-}
-_IMAGENET_MEAN_STD = (_NAMED_WEIGHTS["imagenet1k_v1"].mean, _NAMED_WEIGHTS["imagenet1k_v1"].std)
-# Random weights see the default weights' input scale (0-255, mean removed), so the default
-# α/β strike a comparable balance and the losses are large enough for L-BFGS's curvature test.
-_CAFFE_MEAN_STD = (_NAMED_WEIGHTS["imagenet1k_features"].mean, _NAMED_WEIGHTS["imagenet1k_features"].std)
+@functools.cache
+def _named_weights() -> dict[str, _Named]:
+    """Each named checkpoint's URL and normalization, from torchvision's enum (read on first use:
+    importing torchvision takes ~2.5 s, which random and file weights need not pay)."""
+    from torchvision.models import VGG16_Weights
+
+    def named(enum) -> _Named:
+        transforms = enum.transforms()  # a small transform object; nothing is downloaded
+        return _Named(enum.url, tuple(transforms.mean), tuple(transforms.std))
+
+    return {name: named(VGG16_Weights[member]) for name, member in _NAMES.items()}
+
+
+# The two normalizations as the enum states them (tests/nst_core/test_weights.py checks), as
+# literals for the weights that need no enum. A bare state_dict gets ImageNet's; random weights
+# see the default weights' input scale (0-255, mean removed), so the default α/β strike a
+# comparable balance and the losses are large enough for L-BFGS's curvature test.
+_IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+_CAFFE_MEAN_STD = ((0.48235, 0.45882, 0.40784), (1 / 255, 1 / 255, 1 / 255))
 #: torchvision (and torch.hub) put the first hex digits of a checkpoint's SHA-256 in its file name.
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")
 #: Bytes read at a time when hashing a weights file (never the whole file in memory).
@@ -238,7 +248,7 @@ def load_weights(weights: str, sha256: str | None, seed: int, opener: Opener | N
     """
     if weights == "random":
         return LoadedWeights(None, _CAFFE_MEAN_STD, f"random(seed={seed})")
-    spec = _NAMED_WEIGHTS.get(weights)
+    spec = _named_weights()[weights] if weights in _NAMES else None
     path = _hub_checkpoint(weights, spec) if spec else _local_path(weights)
     if path is not None:
         if not path.is_file():

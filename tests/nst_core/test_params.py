@@ -60,6 +60,12 @@ def test_params_import_no_torch_and_the_engine_no_prefect_or_boto3():
     code = ("import sys, nst_core, nst_core.cli, nst_core.optimize, nst_core.vgg, nst_core.imageio, nst_core.losses; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('prefect', 'boto3', 'botocore')]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+    # torchvision (~2.5 s to import) only for its named checkpoints: not for random or file weights
+    code = ("import sys; from PIL import Image; from nst_core import StyleParams, stylize; "
+            "stylize(Image.new('RGB', (48, 40)), Image.new('RGB', (40, 48)), "
+            "StyleParams(weights='random', image_size=32, iterations=2, device='cpu')); "
+            "assert 'torchvision' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_readme_parameter_table_is_generated_from_the_model():

@@ -47,6 +47,21 @@ def test_layer_table_matches_torchvision():
         assert features[layer_index(name)].out_channels == widths[int(name[4])]
 
 
+def test_the_stack_is_torchvisions_module_for_module_and_draw_for_draw():
+    # nst_core writes VGG16's features out (importing torchvision costs ~2.5 s a process): the
+    # same modules in the same order, so a seed draws the same random weights as make_layers did.
+    from torchvision.models.vgg import cfgs, make_layers
+
+    ours, theirs = [], []
+    for build, out in ((vgg_mod._vgg16_features, ours), (lambda: make_layers(cfgs["D"], batch_norm=False), theirs)):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(3)
+            out.append(build())
+    assert [repr(m) for m in ours[0]] == [repr(m) for m in theirs[0]]
+    assert all(torch.equal(a, b) for a, b in zip(ours[0].state_dict().values(), theirs[0].state_dict().values()))
+    assert list(ours[0].state_dict()) == list(theirs[0].state_dict())
+
+
 def test_truncates_after_deepest_layer_and_freezes():
     ex = load_extractor("random", layers=["relu1_1", "relu2_1"])
     assert len(ex.layers) == layer_index("relu2_1") + 1

@@ -48,6 +48,13 @@ def _no_network(monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
 
 
+def test_the_literal_normalizations_are_the_enums():
+    # random and bare state_dict weights use literals, so they never import torchvision (~2.5 s)
+    named = weights_mod._named_weights()
+    assert weights_mod._CAFFE_MEAN_STD == (named["imagenet1k_features"].mean, named["imagenet1k_features"].std)
+    assert weights_mod._IMAGENET_MEAN_STD == (named["imagenet1k_v1"].mean, named["imagenet1k_v1"].std)
+
+
 def test_planted_pickle_in_the_hub_cache_is_never_unpickled(tmp_path, monkeypatch):
     checkpoints = _hub(tmp_path, monkeypatch)
     _no_network(monkeypatch)
@@ -78,8 +85,8 @@ def test_hub_checkpoint_whose_name_prefix_matches_its_hash_loads(tmp_path, monke
     digest = hashlib.sha256(staging.read_bytes()).hexdigest()
     name = f"vgg16-{digest[:8]}.pth"
     staging.rename(checkpoints / name)
-    named = weights_mod._NAMED_WEIGHTS["imagenet1k_v1"]
-    monkeypatch.setitem(weights_mod._NAMED_WEIGHTS, "imagenet1k_v1", named._replace(url=f"https://example.invalid/{name}"))
+    named = weights_mod._named_weights()["imagenet1k_v1"]
+    monkeypatch.setitem(weights_mod._named_weights(), "imagenet1k_v1", named._replace(url=f"https://example.invalid/{name}"))
     ex = load_extractor("imagenet1k_v1", layers=["relu2_1"])
     assert torch.equal(ex.layers[2].weight, features["2.weight"])
     assert ex.weights_id == f"torchvision:{name}"
@@ -103,8 +110,8 @@ def test_missing_hub_checkpoint_is_downloaded_with_the_hash_prefix(tmp_path, mon
         staging.replace(dst)
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
-    named = weights_mod._NAMED_WEIGHTS["imagenet1k_v1"]
-    monkeypatch.setitem(weights_mod._NAMED_WEIGHTS, "imagenet1k_v1", named._replace(url=f"https://example.invalid/{name}"))
+    named = weights_mod._named_weights()["imagenet1k_v1"]
+    monkeypatch.setitem(weights_mod._named_weights(), "imagenet1k_v1", named._replace(url=f"https://example.invalid/{name}"))
     ex = load_extractor("imagenet1k_v1", layers=["relu1_1"])
     assert calls == [(f"https://example.invalid/{name}", digest[:8])]
     assert (checkpoints / name).is_file() and torch.equal(ex.layers[0].weight, features["0.weight"])
