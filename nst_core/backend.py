@@ -13,6 +13,8 @@ is where cuBLAS and cuDNN read the switches.
 from __future__ import annotations
 
 import contextlib
+import functools
+import platform
 import os
 import threading
 import warnings
@@ -31,7 +33,9 @@ DTYPES = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.floa
 _AMPERE = (8, 0)
 
 
+@functools.cache
 def _cpu_flags() -> str:
+    """/proc/cpuinfo's text (x86 flag names; "" where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             return f.read()
@@ -56,9 +60,10 @@ def _warn_if_emulated(requested: str, device: torch.device) -> None:
     fp32 (VGG16 forward+backward at 128x96 on a 2-core AVX2 EPYC: 0.24 s fp32, 10.9 s bf16, 13.2 s
     fp16): say so, since nothing else would tell a nightly run why it took a day."""
     native = {"bf16": _cpu_has_bf16, "fp16": _cpu_has_fp16}.get(requested)
-    if device.type == "cpu" and native is not None and not native():
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686")  # the flags read are x86's
+    if device.type == "cpu" and x86 and native is not None and not native():
         warnings.warn(f"precision={requested!r} on a CPU without native {requested} (AVX512/AMX) is emulated, "
-                      f"tens of times slower than fp32; precision='auto' picks fp32 here", RuntimeWarning, stacklevel=2)
+                      f"tens of times slower than fp32; precision='auto' picks fp32 here", RuntimeWarning, stacklevel=2)  # one place: shown once a process
 
 
 def cuda_capability(device: torch.device) -> tuple[int, int]:
@@ -92,7 +97,8 @@ def resolve_precision(requested: str, device: torch.device, image_size: int | No
     other CPU, MPS  fp32    fp32 (recorded) bf16 (emulated, slow)
     ==============  ======  ==============  ======================
 
-    fp16 is honoured where asked (CUDA tensor cores since sm_70).
+    fp16 is honoured where asked (CUDA tensor cores since sm_70). bf16/fp16 asked for on an x86 CPU
+    without them in hardware warn (``_warn_if_emulated``).
     """
     ampere = device.type == "cuda" and cuda_capability(device) >= _AMPERE
     if requested == "tf32" and not ampere:

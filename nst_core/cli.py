@@ -142,9 +142,9 @@ def run_stylize(args: argparse.Namespace, opener: Callable[[str], bytes] | None 
     content_img = content.merged()
     out = Path(args.output)
     _write(out.parent, None)  # before the optimization: an unwritable output fails in a second, not after it
-    bar = None if args.no_progress else ProgressBar(params.iterations, "stylize ")
-    from .optimize import stylize  # torch: ~3 s to import, after every input check
+    from .optimize import stylize  # torch: ~3 s to import, after the checks that need none
 
+    bar = None if args.no_progress else ProgressBar(params.iterations, "stylize ")
 
     def progress(ev) -> None:
         bar.total = ev.total  # an early stop (stop_tolerance) lowers it; the bar still ends full

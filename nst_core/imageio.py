@@ -210,13 +210,15 @@ def to_tensor(img: Image.Image, device) -> "torch.Tensor":
     """PIL RGB -> (1, 3, H, W) float32 in [0, 1] on ``device``."""
     import torch
 
-    pixels = torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8))  # (H, W, 3), a copy we own
+    if img.mode != "RGB":  # decode_image/split_alpha give RGB; a plain convert would clip 16-bit, drop alpha
+        raise ValueError(f"to_tensor takes an RGB image, not mode {img.mode}")
+    pixels = torch.from_numpy(np.array(img))  # (H, W, 3) uint8, a copy we own
     return pixels.permute(2, 0, 1).to(device=device, dtype=torch.float32).div_(255).unsqueeze(0).contiguous()
 
 
 def quantize(x: "torch.Tensor") -> "torch.Tensor":
-    """[0, 1] floats -> uint8, rounded (to_pil_image on floats truncates: half a level darker on
-    average). (B, C, H, W) -> (B, C, H, W)."""
+    """[0, 1] floats -> uint8, rounded (a plain cast truncates: half a level darker on average).
+    (B, C, H, W) -> (B, C, H, W)."""
     import torch
 
     return x.clamp(0, 1).mul(255).round_().to(torch.uint8)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .backend import memory_format, resolve_precision
 from .errors import WeightsError
-from .params import VGG16_LAYERS, StyleParams
+from .params import _VGG16_CFG, VGG16_LAYERS, StyleParams
 from .pooling import ScaledAvgPool2d, avg_pool_scales
 from .weights import Opener, clear_weights, load_weights
 
@@ -163,16 +163,12 @@ class FeatureExtractor:
         return out
 
 
-#: VGG16's features stack (torchvision's ``cfgs["D"]``): conv widths, "M" a 2x2 max pool.
-_VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
-
-
 def _vgg16_features() -> nn.Sequential:
     """torchvision's ``make_layers(cfgs["D"])``, module for module (tests/nst_core/test_vgg.py
     checks), written out: importing torchvision.models costs ~2.5 s a process."""
     layers: list[nn.Module] = []
     channels = 3
-    for width in _VGG16:
+    for width in _VGG16_CFG:  # torchvision's cfgs["D"]: conv widths, "M" a 2x2 max pool
         if width == "M":
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         else:

@@ -162,9 +162,15 @@ def test_a_reduced_precision_a_cpu_only_emulates_is_run_with_a_warning(monkeypat
 
     cpu = torch.device("cpu")
     _capability(monkeypatch, 9, 0)
+    monkeypatch.setattr(backend.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(backend, "_cpu_flags", lambda: "fpu avx avx2 fma")
     with pytest.warns(RuntimeWarning, match=f"precision='{precision}' on a CPU without native {precision}"):
         assert resolve_precision(precision, cpu) == precision
+    monkeypatch.setattr(backend.platform, "machine", lambda: "aarch64")  # x86 flag names say nothing there
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_precision(precision, cpu) == precision
+    monkeypatch.setattr(backend.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(backend, "_cpu_flags", lambda: f"fpu avx avx2 fma {flag}")
     with warnings.catch_warnings():
         warnings.simplefilter("error")

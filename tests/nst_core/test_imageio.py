@@ -219,3 +219,22 @@ def test_transparent_colour_key_becomes_alpha(mode):
     hidden = pixels == key if mode == "L" else (pixels == np.array(key)).all(-1)
     assert np.array_equal(np.asarray(decoded.alpha) == 0, hidden) and hidden.any() and not hidden.all()
     assert decoded.rgb.mode == "RGB"
+
+
+def test_to_tensor_and_to_image_round_trip_rgb_and_refuse_other_modes():
+    # numpy in place of torchvision's pil_to_tensor/to_pil_image (not imported for random or
+    # file weights): the same pixels both ways; a non-RGB image is an error, not a silent convert
+    # (convert("RGB") clips a 16-bit image to white and drops alpha)
+    import torch
+
+    from nst_core.imageio import to_image, to_tensor
+
+    img = pattern((40, 30), "content")
+    x = to_tensor(img, "cpu")
+    assert x.shape == (1, 3, 30, 40) and x.dtype == torch.float32 and x.is_contiguous()
+    assert np.array_equal(np.asarray(to_image((x * 255).round().to(torch.uint8))), np.asarray(img))
+    channels_last = (x * 255).round().to(torch.uint8).contiguous(memory_format=torch.channels_last)
+    assert np.array_equal(np.asarray(to_image(channels_last)), np.asarray(img))
+    for mode in ("I;16", "RGBA", "L"):
+        with pytest.raises(ValueError, match=f"not mode {mode}"):
+            to_tensor(Image.new(mode, (8, 8)), "cpu")

@@ -301,7 +301,7 @@ def test_the_default_is_never_worse_than_single_scale_fp32_at_equal_evaluations(
         # No native bf16 here (auto resolves to fp32): the default ran the very computation of
         # the reference, one scale at fp32; running it a second time would only repeat it.
         assert default.metadata["evaluations"] == evaluations
-        return
+        pytest.skip("auto resolves to fp32 here: the default ran the reference's own computation")
     single = stylize(c, s, params(iterations=evaluations, image_size=256, scales=1, precision="fp32"))
     assert default.metadata["evaluations"] == single.metadata["evaluations"] == evaluations
     assert default.losses["final"]["total"] <= 1.02 * single.losses["final"]["total"]
