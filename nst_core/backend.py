@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import platform
 import os
+import platform
 import threading
 import warnings
 from collections.abc import Iterator
@@ -62,8 +62,9 @@ def _warn_if_emulated(requested: str, device: torch.device) -> None:
     native = {"bf16": _cpu_has_bf16, "fp16": _cpu_has_fp16}.get(requested)
     x86 = platform.machine().lower() in ("x86_64", "amd64", "i686")  # the flags read are x86's
     if device.type == "cpu" and x86 and native is not None and not native():
+        # stacklevel 2 names resolve_precision, one place whatever called it: shown once a process
         warnings.warn(f"precision={requested!r} on a CPU without native {requested} (AVX512/AMX) is emulated, "
-                      f"tens of times slower than fp32; precision='auto' picks fp32 here", RuntimeWarning, stacklevel=2)  # one place: shown once a process
+                      "tens of times slower than fp32; precision='auto' picks fp32 here", RuntimeWarning, stacklevel=2)
 
 
 def cuda_capability(device: torch.device) -> tuple[int, int]:

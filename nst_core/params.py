@@ -11,13 +11,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["StyleParams", "VGG16_LAYERS", "VGG16_CHANNELS", "VGG16Layer", "DEVICES", "STOP_WINDOW", "DEFAULT_STYLE_LAYERS", "DEFAULT_CONTENT_LAYERS", "markdown_table"]
+__all__ = ["StyleParams", "VGG16_CFG", "VGG16_LAYERS", "VGG16_CHANNELS", "VGG16Layer", "DEVICES", "STOP_WINDOW", "DEFAULT_STYLE_LAYERS", "DEFAULT_CONTENT_LAYERS", "markdown_table"]
 
-# torchvision's VGG16 "D" config: channels per conv, "M" for a pooling layer.
-_VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+#: torchvision's VGG16 "D" config: channels per conv, "M" for a pooling layer (nst_core.vgg builds
+#: the stack from it; the layer names and widths below come from it too).
+VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
 
-def _layer_names(cfg: list) -> tuple[str, ...]:
+def _layer_names(cfg: tuple) -> tuple[str, ...]:
     """Names of vgg16().features children in order: conv{b}_{i}, relu{b}_{i}, pool{b}."""
     names, block, conv = [], 1, 1
     for item in cfg:
@@ -30,7 +31,7 @@ def _layer_names(cfg: list) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _layer_channels(cfg: list) -> tuple[int, ...]:
+def _layer_channels(cfg: tuple) -> tuple[int, ...]:
     """Output channels of vgg16().features children in order (a pool keeps its input's)."""
     out, channels = [], 3
     for item in cfg:
@@ -43,9 +44,9 @@ def _layer_channels(cfg: list) -> tuple[int, ...]:
 
 
 #: The one name -> position table: VGG16_LAYERS[i] names vgg16().features[i].
-VGG16_LAYERS: tuple[str, ...] = _layer_names(_VGG16_CFG)
+VGG16_LAYERS: tuple[str, ...] = _layer_names(VGG16_CFG)
 #: Output channels of vgg16().features[i], in the same order.
-VGG16_CHANNELS: tuple[int, ...] = _layer_channels(_VGG16_CFG)
+VGG16_CHANNELS: tuple[int, ...] = _layer_channels(VGG16_CFG)
 DEFAULT_CONTENT_LAYERS = ["relu4_2"]
 DEFAULT_STYLE_LAYERS = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
 #: Evaluations over which stop_tolerance measures the relative improvement.

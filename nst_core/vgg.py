@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .backend import memory_format, resolve_precision
 from .errors import WeightsError
-from .params import _VGG16_CFG, VGG16_LAYERS, StyleParams
+from .params import VGG16_CFG, VGG16_LAYERS, StyleParams
 from .pooling import ScaledAvgPool2d, avg_pool_scales
 from .weights import Opener, clear_weights, load_weights
 
@@ -168,7 +168,7 @@ def _vgg16_features() -> nn.Sequential:
     checks), written out: importing torchvision.models costs ~2.5 s a process."""
     layers: list[nn.Module] = []
     channels = 3
-    for width in _VGG16_CFG:  # torchvision's cfgs["D"]: conv widths, "M" a 2x2 max pool
+    for width in VGG16_CFG:
         if width == "M":
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         else:

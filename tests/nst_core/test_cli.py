@@ -56,8 +56,8 @@ def test_bad_input_exits_2_with_one_line(files, args, message):
 
 
 def test_an_input_error_answers_before_the_engine_loads(files):
-    # torch + torchvision take ~5 s to import (6.6 s for a misspelt file name before); every
-    # check that needs neither (files, format, parameters, the output folder) comes first.
+    # torch takes ~3 s to import (6.6 s for a misspelt file name before, with torchvision); every
+    # check that needs no torch (files, format, parameters, the output folder) comes first.
     code = ("import sys; from flows.cli import main; "
             "rc = main(['stylize', 'missing.png', 'style.png', '-o', 'o.png', '--weights', 'random']); "
             "print(rc, 'torch' in sys.modules)")

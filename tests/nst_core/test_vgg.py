@@ -52,14 +52,15 @@ def test_the_stack_is_torchvisions_module_for_module_and_draw_for_draw():
     # same modules in the same order, so a seed draws the same random weights as make_layers did.
     from torchvision.models.vgg import cfgs, make_layers
 
-    ours, theirs = [], []
-    for build, out in ((vgg_mod._vgg16_features, ours), (lambda: make_layers(cfgs["D"], batch_norm=False), theirs)):
+    def seeded(build):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(3)
-            out.append(build())
-    assert [repr(m) for m in ours[0]] == [repr(m) for m in theirs[0]]
-    assert all(torch.equal(a, b) for a, b in zip(ours[0].state_dict().values(), theirs[0].state_dict().values()))
-    assert list(ours[0].state_dict()) == list(theirs[0].state_dict())
+            return build()
+
+    ours, theirs = seeded(vgg_mod._vgg16_features), seeded(lambda: make_layers(cfgs["D"], batch_norm=False))
+    assert [repr(m) for m in ours] == [repr(m) for m in theirs]
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
 
 
 def test_truncates_after_deepest_layer_and_freezes():
