@@ -9,8 +9,14 @@ import pytest
 
 from helpers import pattern
 
+# pytest-xdist runs the suite in two processes (pyproject's addopts): each keeps its own Prefect
+# home and takes one core for torch, so their torch threads never contend for the two cores.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _WORKER:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # read when torch loads, here and in subprocesses
+
 # Prefect (when a test uses it) keeps its state here, never in the user's home.
-os.environ.setdefault("PREFECT_HOME", os.path.join(os.path.dirname(__file__), "..", ".prefect-home"))
+os.environ.setdefault("PREFECT_HOME", os.path.join(os.path.dirname(__file__), "..", ".prefect-home", _WORKER))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # tasks called outside a flow in tests
 
