@@ -16,9 +16,13 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from .errors import NSTError
-from .params import StyleParams
+from .errors import ImageTooSmallError, NSTError
+from .params import StyleParams, min_side
 from .validation import format_validation_error
+from .weights import check_weights_file
+
+if typing.TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = ["add_model_options", "model_from_args", "add_stylize_parser", "run_stylize", "ProgressBar", "one_line"]
 
@@ -130,6 +134,18 @@ def _write(path: Path, data: bytes | None) -> None:
         raise NSTError(f"{path}: cannot write ({err.strerror or err})") from None
 
 
+def _check_sizes(params: StyleParams, content: tuple[str, Image.Image], *styles: tuple[str, Image.Image]) -> None:
+    """The engine's size checks before torch loads: at ``image_size`` the content needs each side
+    ≥ min_side of every layer, a style ≥ min_side of the style layers (ImageTooSmallError names it)."""
+    from .imageio import fit_longest
+
+    checks = [(content, [*params.content_layers, *params.style_layers])] + [(s, params.style_layers) for s in styles]
+    for (name, img), layers in checks:
+        size, need = fit_longest(img.size, params.image_size), min_side(layers)
+        if min(size) < need:
+            raise ImageTooSmallError(name, size, need)
+
+
 def run_stylize(args: argparse.Namespace, opener: Callable[[str], bytes] | None = None) -> int:
     from .imageio import decode_image, encode_image, format_for
 
@@ -139,6 +155,8 @@ def run_stylize(args: argparse.Namespace, opener: Callable[[str], bytes] | None 
         raise NSTError(f"--quality {args.quality} is outside 1-100")
     content = decode_image(_read(args.content), args.content)
     styles = [decode_image(_read(p), p) for p in args.style]
+    _check_sizes(params, (args.content, content.rgb), *zip(args.style, (s.rgb for s in styles)))
+    check_weights_file(params.weights)
     content_img = content.merged()
     out = Path(args.output)
     _write(out.parent, None)  # before the optimization: an unwritable output fails in a second, not after it

@@ -7,11 +7,14 @@ from this model. It imports no torch so flows and forms load fast.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["StyleParams", "VGG16_CFG", "VGG16_LAYERS", "VGG16_CHANNELS", "VGG16Layer", "DEVICES", "STOP_WINDOW", "DEFAULT_STYLE_LAYERS", "DEFAULT_CONTENT_LAYERS", "markdown_table"]
+__all__ = ["StyleParams", "VGG16_CFG", "VGG16_LAYERS", "VGG16_CHANNELS", "VGG16Layer", "DEVICES", "STOP_WINDOW",
+           "DEFAULT_STYLE_LAYERS", "DEFAULT_CONTENT_LAYERS", "markdown_table", "layer_index", "layer_factor",
+           "min_side"]
 
 #: torchvision's VGG16 "D" config: channels per conv, "M" for a pooling layer (nst_core.vgg builds
 #: the stack from it; the layer names and widths below come from it too).
@@ -51,6 +54,26 @@ DEFAULT_CONTENT_LAYERS = ["relu4_2"]
 DEFAULT_STYLE_LAYERS = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
 #: Evaluations over which stop_tolerance measures the relative improvement.
 STOP_WINDOW = 20
+
+
+def layer_index(name: str) -> int:
+    """Position of a named layer in vgg16().features."""
+    return VGG16_LAYERS.index(name)
+
+
+def layer_factor(name: str) -> int:
+    """How many pixels one feature position of this layer steps: 2^(pools up to it, itself included)."""
+    return 2 ** sum(1 for n in VGG16_LAYERS[: layer_index(name) + 1] if n.startswith("pool"))
+
+
+def min_side(layer_names: Iterable[str]) -> int:
+    """Smallest image side (px) the extractor accepts for these layers: 2^(pools up to the deepest).
+
+    Each 2×2 pool halves (floor) the side and refuses an input under 2 px, so a side of
+    2^p px leaves 1 px after the p-th pool, and one pixel less fails there.
+    """
+    return max(layer_factor(n) for n in layer_names)
+
 
 #: One VGG16 layer name, as an enum: the run form shows a dropdown and the API refuses others.
 VGG16Layer = Literal[VGG16_LAYERS]  # type: ignore[valid-type]

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .backend import memory_format, resolve_precision
 from .errors import WeightsError
-from .params import VGG16_CFG, VGG16_LAYERS, StyleParams
+from .params import VGG16_CFG, StyleParams, layer_factor, layer_index, min_side
 from .pooling import ScaledAvgPool2d, avg_pool_scales
 from .weights import Opener, clear_weights, load_weights
 
@@ -63,25 +63,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-def layer_index(name: str) -> int:
-    """Position of a named layer in vgg16().features."""
-    return VGG16_LAYERS.index(name)
-
-
-def layer_factor(name: str) -> int:
-    """How many pixels one feature position of this layer steps: 2^(pools up to it, itself included)."""
-    return 2 ** sum(1 for n in VGG16_LAYERS[: layer_index(name) + 1] if n.startswith("pool"))
-
-
-def min_side(layer_names: Iterable[str]) -> int:
-    """Smallest image side (px) the extractor accepts for these layers: 2^(pools up to the deepest).
-
-    Each 2×2 pool halves (floor) the side and refuses an input under 2 px, so a side of
-    2^p px leaves 1 px after the p-th pool, and one pixel less fails there.
-    """
-    return max(layer_factor(n) for n in layer_names)
 
 
 @dataclass(frozen=True, eq=False)

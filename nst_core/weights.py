@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlparse
 
-import torch
-from torch import Tensor
-
 from .errors import WeightsError
 
-__all__ = ["Opener", "HOW_TO_SUPPLY_WEIGHTS", "LoadedWeights", "load_weights", "read_weights_bytes", "clear_weights"]
+# torch (~3 s to import) loads inside the functions that read or fetch weights: the CLI checks a
+# weights path before the engine loads (check_weights_file).
+
+__all__ = ["Opener", "HOW_TO_SUPPLY_WEIGHTS", "LoadedWeights", "load_weights", "read_weights_bytes",
+           "check_weights_file", "clear_weights"]
 
 
 class _Named(NamedTuple):
@@ -143,6 +144,8 @@ def _torch_load(data: bytes, label: str) -> object:
     torch's UserWarnings about the file (pickle protocols, storage types) are not the user's
     business and stay off their stderr; a refusal is one WeightsError line.
     """
+    import torch
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -160,6 +163,8 @@ def _torch_load(data: bytes, label: str) -> object:
 
 def _three(value: object, what: str, label: str) -> tuple[float, float, float]:
     """A checkpoint's per-channel ``mean`` / ``std``: three finite numbers (std > 0), else WeightsError."""
+    from torch import Tensor
+
     try:
         items = value.tolist() if isinstance(value, Tensor) else list(value)  # type: ignore[arg-type]
         numbers = tuple(float(v) for v in items)
@@ -177,6 +182,8 @@ def _features_state(obj: object, label: str) -> tuple[dict, tuple | None]:
     Takes vgg16().state_dict() ("features.N.*", "classifier.*" dropped), vgg16().features'
     ("N.*"), either under "module." / "model." wrappers, or {"state_dict", "mean", "std"}.
     """
+    from torch import Tensor
+
     if not isinstance(obj, dict):
         raise WeightsError(f"weights {label} hold a {type(obj).__name__}, not a state_dict")
     mean_std = None
@@ -200,7 +207,7 @@ def _features_state(obj: object, label: str) -> tuple[dict, tuple | None]:
                 "or 'N.weight' (and .bias; 'module.' / 'model.' prefixes are stripped)"
             )
         value = obj[key]
-        if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        if isinstance(value, Tensor) and value.is_floating_point() and not bool(value.isfinite().all()):
             raise WeightsError(f"weights {label}: {key!r} holds NaN or infinite values")
         features[name] = value
     if not features:
@@ -224,6 +231,8 @@ _states_lock = threading.Lock()
 
 def _hub_checkpoint(name: str, spec: _Named) -> Path:
     """``$TORCH_HOME/hub/checkpoints/<file>`` of named weights, downloaded first if missing."""
+    import torch.hub
+
     file_name = Path(urlparse(spec.url).path).name
     path = Path(torch.hub.get_dir()) / "checkpoints" / file_name
     if not path.is_file():
@@ -240,6 +249,14 @@ def _hub_checkpoint(name: str, spec: _Named) -> Path:
     return path
 
 
+def check_weights_file(weights: str) -> None:
+    """Refuse (WeightsError) a local weights path that is not a file; random, named and remote
+    weights pass. Needs no torch."""
+    path = None if weights == "random" or weights in _NAMES else _local_path(weights)
+    if path is not None and not path.is_file():
+        raise WeightsError(f"weights file {weights} does not exist")
+
+
 def load_weights(weights: str, sha256: str | None, seed: int, opener: Opener | None) -> LoadedWeights:
     """The features state_dict (None for random), its (mean, std) and the weights id.
 
@@ -248,11 +265,10 @@ def load_weights(weights: str, sha256: str | None, seed: int, opener: Opener | N
     """
     if weights == "random":
         return LoadedWeights(None, _CAFFE_MEAN_STD, f"random(seed={seed})")
+    check_weights_file(weights)
     spec = _named_weights()[weights] if weights in _NAMES else None
     path = _hub_checkpoint(weights, spec) if spec else _local_path(weights)
     if path is not None:
-        if not path.is_file():
-            raise WeightsError(f"weights file {weights} does not exist")
         stat = path.stat()
         key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, sha256)
     else:

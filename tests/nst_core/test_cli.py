@@ -55,15 +55,20 @@ def test_bad_input_exits_2_with_one_line(files, args, message):
     assert not (files / "o.png").exists()
 
 
-def test_an_input_error_answers_before_the_engine_loads(files):
+@pytest.mark.parametrize("args,message", [
+    (["missing.png", "style.png", "--weights", "random"], "missing.png: cannot read"),
+    (["content.jpg", "style.png", "--weights", "random", "--image-size", "16"], "content.jpg: 16x13 px is too small"),
+    (["content.jpg", "style.png", "--weights", "nope.pth"], "weights file nope.pth does not exist"),
+])
+def test_an_input_error_answers_before_the_engine_loads(files, args, message):
     # torch takes ~3 s to import (6.6 s for a misspelt file name before, with torchvision); every
-    # check that needs no torch (files, format, parameters, the output folder) comes first.
-    code = ("import sys; from flows.cli import main; "
-            "rc = main(['stylize', 'missing.png', 'style.png', '-o', 'o.png', '--weights', 'random']); "
+    # check that needs no torch (files, sizes, weights path, format, parameters, the output folder)
+    # comes first.
+    code = (f"import sys; from flows.cli import main; rc = main(['stylize', *{args!r}, '-o', 'o.png']); "
             "print(rc, 'torch' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=files, capture_output=True, text=True, timeout=120)
     assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr
-    assert "missing.png: cannot read" in proc.stderr
+    assert message in proc.stderr
 
 
 def test_unknown_layer_message_lists_every_valid_name(files):
