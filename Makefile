@@ -22,8 +22,14 @@ browser:
 	  echo "installing Debian's chromium and chromium-driver"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
+# Two processes (tests/conftest.py gives each one torch thread and its own Prefect home): much
+# of the suite waits on servers and subprocesses, and one process would leave a core idle
+# meanwhile. loadfile keeps each module on one process, so a module's fixtures start once (the
+# production end-to-end module's server and three workers). Not loadgroup: with xdist 3.8 and
+# pytest 9.2 it split a module marked xdist_group over both processes, starting its server twice.
+# Plain `pytest` (benchmarks/gpu.sh on a machine without xdist) runs in one process.
 test: $(STAMP) browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 demo: $(STAMP)
 	PREFECT_HOME=$${PREFECT_HOME:-$(CURDIR)/.prefect-home} $(BIN)/nst demo

@@ -37,9 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nst_core import StyleParams, stylize  # noqa: E402
 from nst_core.imageio import resize_longest, to_tensor  # noqa: E402
 from nst_core.objective import Objective  # noqa: E402
+from nst_core.params import layer_factor  # noqa: E402
 from nst_core.targets import compute_style_targets  # noqa: E402
 from nst_core.tiling import Tiling, exact_halo, seam_ratio, untiled_bytes  # noqa: E402
-from nst_core.vgg import extractor_for, layer_factor  # noqa: E402
+from nst_core.vgg import extractor_for  # noqa: E402
 
 PHOTOS = Path(__file__).resolve().parent.parent / "examples" / "photos"
 

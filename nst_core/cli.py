@@ -17,7 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from .errors import ImageTooSmallError, NSTError
-from .params import StyleParams, min_side
+from .params import StyleParams
 from .validation import format_validation_error
 from .weights import check_weights_file
 
@@ -135,13 +135,13 @@ def _write(path: Path, data: bytes | None) -> None:
 
 
 def _check_sizes(params: StyleParams, content: tuple[str, Image.Image], *styles: tuple[str, Image.Image]) -> None:
-    """The engine's size checks before torch loads: at ``image_size`` the content needs each side
-    ≥ min_side of every layer, a style ≥ min_side of the style layers (ImageTooSmallError names it)."""
+    """The engine's size checks before torch loads: at ``image_size`` each side of the content is
+    at least ``content_min_side()``, of a style ``style_min_side()`` (ImageTooSmallError names it)."""
     from .imageio import fit_longest
 
-    checks = [(content, [*params.content_layers, *params.style_layers])] + [(s, params.style_layers) for s in styles]
-    for (name, img), layers in checks:
-        size, need = fit_longest(img.size, params.image_size), min_side(layers)
+    checks = [(content, params.content_min_side())] + [(s, params.style_min_side()) for s in styles]
+    for (name, img), need in checks:
+        size = fit_longest(img.size, params.image_size)
         if min(size) < need:
             raise ImageTooSmallError(name, size, need)
 

@@ -176,7 +176,7 @@ def check_min_side(img: Image.Image, min_px: int, what: str) -> None:
     """Raise ImageTooSmallError naming ``what`` when a side of ``img`` is under ``min_px``.
 
     Pass the image as the extractor will see it (after ``resize_longest``) and
-    ``nst_core.vgg.min_side(layers)``: a thinner image fails inside a VGG pool otherwise.
+    ``StyleParams.content_min_side()`` / ``style_min_side()``: a thinner image fails inside a VGG pool otherwise.
     """
     if min(img.size) < min_px:
         raise ImageTooSmallError(what, img.size, min_px)

@@ -11,9 +11,9 @@ from torch import Tensor
 
 from .backend import exact_fp32
 from .losses import content_loss, gram_matrix, style_loss, style_loss_through, tv_loss, weighted_sum
-from .params import StyleParams
+from .params import StyleParams, layer_factor
 from .tiling import Tile, Tiling, positions, tiled_features, tiled_maps
-from .vgg import FeatureExtractor, layer_factor
+from .vgg import FeatureExtractor
 
 __all__ = ["TERMS", "Objective", "LossScale"]
 

@@ -34,7 +34,7 @@ from .params import STOP_WINDOW, StyleParams
 from .schedule import scale_sizes, split_budget
 from .tiling import history_for, memory_budget, tiling_for
 from .targets import StyleTargets, compute_style_targets, style_tensor, targets_key, targets_need_content
-from .vgg import FeatureExtractor, Opener, extractor_for, min_side, resolve_device
+from .vgg import FeatureExtractor, Opener, extractor_for, resolve_device
 
 __all__ = ["StyleProgress", "StyleResult", "StylePair", "stylize", "stylize_many"]
 
@@ -242,7 +242,7 @@ def _prepare(pair: StylePair, params: StyleParams, extractor: FeatureExtractor, 
     style, targets = pair.style, pair.targets
     n_styles = 1 if isinstance(style, Image.Image) else len(style)
     decoded = split_alpha(pair.content)
-    need = min_side([*params.content_layers, *params.style_layers])
+    need = params.content_min_side()
     content_full = resize_longest(decoded.rgb, params.image_size)
     check_min_side(content_full, need, pair.content_name)
     c_rgb = to_tensor(content_full, device)

@@ -1,7 +1,9 @@
 """StyleParams: every optimization parameter, defined once.
 
 The CLI options, the Prefect run form, the sidecar metadata and the docs are all derived
-from this model. It imports no torch so flows and forms load fast.
+from this model. It imports no torch so flows and forms load fast. VGG16's layer table and its
+geometry (names, widths, how many pixels a layer's position steps) live here too, for the same
+reason: the CLI checks an image's size before torch loads.
 """
 
 from __future__ import annotations
@@ -268,6 +270,15 @@ class StyleParams(BaseModel):
         raw = self.style_layer_weights or [1.0] * len(self.style_layers)
         total = sum(raw)
         return {name: w / total for name, w in zip(self.style_layers, raw)}
+
+    def content_min_side(self) -> int:
+        """Smallest side (px) the content may have at image_size: every layer sees it."""
+        return min_side([*self.content_layers, *self.style_layers])
+
+    def style_min_side(self) -> int:
+        """Smallest side (px) a style image may have at image_size: only the style layers see it
+        (a deeper content layer must not refuse a thin style)."""
+        return min_side(self.style_layers)
 
     def blend_weights(self, n_styles: int) -> list[float]:
         """Per-style-image weights, normalized to sum 1; checks the count against n_styles."""

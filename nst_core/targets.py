@@ -21,7 +21,7 @@ from .losses import gram_matrix
 from .params import StyleParams
 from .schedule import scale_sizes
 from .tiling import tiled_grams, tiling_for
-from .vgg import FeatureExtractor, Opener, extractor_for, min_side
+from .vgg import FeatureExtractor, Opener, extractor_for
 
 __all__ = ["StyleTargets", "compute_style_targets", "targets_key", "targets_need_content", "style_tensor"]
 
@@ -78,7 +78,7 @@ def style_tensor(img: Image.Image, size: int, params: StyleParams, device: torch
     rgb = resize_longest(split_alpha(img).rgb, size)
     # Only the style layers see the style: a deeper content layer must not refuse a thin style
     # (nor change its Grams, which targets_key does not cover).
-    need = min_side(params.style_layers)
+    need = params.style_min_side()
     if size >= params.image_size:
         check_min_side(rgb, need, name)
     elif min(rgb.size) < need:

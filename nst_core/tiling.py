@@ -24,8 +24,7 @@ from torch import Tensor
 
 from .lbfgs import HISTORY
 from .losses import gram_matrix
-from .params import VGG16_CHANNELS, VGG16_LAYERS, StyleParams
-from .vgg import layer_factor
+from .params import VGG16_CHANNELS, VGG16_LAYERS, StyleParams, layer_factor
 
 __all__ = ["Tile", "Tiling", "tile_grid", "positions", "exact_halo", "untiled_bytes", "memory_budget",
            "tiling_for", "tiled_features", "tiled_grams", "tiled_maps", "history_for", "seam_ratio", "HALO"]

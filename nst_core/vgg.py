@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .backend import memory_format, resolve_precision
 from .errors import WeightsError
-from .params import VGG16_CFG, StyleParams, layer_factor, layer_index, min_side
+from .params import VGG16_CFG, StyleParams, layer_index
 from .pooling import ScaledAvgPool2d, avg_pool_scales
 from .weights import Opener, clear_weights, load_weights
 
@@ -30,9 +30,6 @@ __all__ = [
     "load_extractor",
     "extractor_for",
     "resolve_device",
-    "layer_index",
-    "min_side",
-    "layer_factor",
     "clear_cache",
     "CAFFE_INPUT_SCALE",
 ]

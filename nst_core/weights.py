@@ -115,8 +115,7 @@ def read_weights_bytes(uri: str, opener: Opener | None = None) -> bytes:
     """Bytes of a state_dict at a local path / file:// URI, or any other URI through ``opener``."""
     path = _local_path(uri)
     if path is not None:
-        if not path.is_file():
-            raise WeightsError(f"weights file {uri} does not exist")
+        _require_file(path, uri)
         return path.read_bytes()
     if opener is None:
         raise WeightsError(f"weights URI {uri}: no reader for scheme {urlparse(uri).scheme!r} here")
@@ -253,8 +252,13 @@ def check_weights_file(weights: str) -> None:
     """Refuse (WeightsError) a local weights path that is not a file; random, named and remote
     weights pass. Needs no torch."""
     path = None if weights == "random" or weights in _NAMES else _local_path(weights)
-    if path is not None and not path.is_file():
-        raise WeightsError(f"weights file {weights} does not exist")
+    if path is not None:
+        _require_file(path, weights)
+
+
+def _require_file(path: Path, label: str) -> None:
+    if not path.is_file():
+        raise WeightsError(f"weights file {label} does not exist")
 
 
 def load_weights(weights: str, sha256: str | None, seed: int, opener: Opener | None) -> LoadedWeights:

@@ -5,18 +5,24 @@ from __future__ import annotations
 import contextlib
 import os
 
-import pytest
-
-from helpers import pattern
-
-# pytest-xdist runs the suite in two processes (pyproject's addopts): each keeps its own Prefect
-# home and takes one core for torch, so their torch threads never contend for the two cores.
+# `make test` runs the suite in two pytest-xdist processes: each takes one core for torch (and
+# numpy, which helpers imports: set before it), so their threads never contend for the two
+# cores, and keeps its own Prefect home. The controller loads this file too and its environment
+# is the workers', so a worker's home is derived, not defaulted.
+_HOME = os.environ.get("PREFECT_HOME", os.path.join(os.path.dirname(__file__), "..", ".prefect-home"))
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
 if _WORKER:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # read when torch loads, here and in subprocesses
+    os.environ["PREFECT_HOME"] = os.path.join(_HOME, _WORKER)
+    os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)
+else:
+    # Prefect (when a test uses it) keeps its state here, never in the user's home.
+    os.environ.setdefault("PREFECT_HOME", _HOME)
 
-# Prefect (when a test uses it) keeps its state here, never in the user's home.
-os.environ.setdefault("PREFECT_HOME", os.path.join(os.path.dirname(__file__), "..", ".prefect-home", _WORKER))
+import pytest  # noqa: E402
+
+from helpers import pattern  # noqa: E402
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # tasks called outside a flow in tests
 

@@ -19,7 +19,7 @@ import pytest
 
 from helpers import pattern, stop_process, to_bytes
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.xdist_group("production")]  # one server: one process
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -65,7 +65,8 @@ def production(tmp_path_factory, s3_endpoint):
            "PREFECT_SERVER_DATABASE_TIMEOUT": "60",  # SQLite busy waits on a loaded machine, not 500s
            # SQLite's BUSY_SNAPSHOT (a read transaction that then writes) does not wait: the server
            # answers 503 and the client retries, 5 times by default, which a 2-core box running the
-           # rest of the suite beside this server has used up (a flow run failed on POST /task_runs/)
+           # rest of the suite beside this server has used up (a flow run failed on POST /task_runs/);
+           # the waits double (2^n s), so 12 means: until the test's own deadline
            "PREFECT_CLIENT_MAX_RETRIES": "12"}
     procs = [start([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, home / "server.log")]
     try:

@@ -71,6 +71,24 @@ def test_an_input_error_answers_before_the_engine_loads(files, args, message):
     assert message in proc.stderr
 
 
+def test_the_size_checks_before_torch_are_the_engines():
+    """Content at image_size against every layer, a style against the style layers only; a side
+    of exactly min_side passes (the engine's _prepare and style targets decide the same)."""
+    from nst_core.cli import _check_sizes
+    from nst_core.errors import ImageTooSmallError
+    from nst_core.params import StyleParams
+
+    deep = StyleParams(weights="random", image_size=64)  # relu5_1: 16 px
+    content, thin = ("c.png", pattern((64, 48))), ("thin.png", pattern((64, 15), "style"))
+    with pytest.raises(ImageTooSmallError, match=r"thin.png: 64x15 px is too small.* at least 16 px"):
+        _check_sizes(deep, content, ("ok.png", pattern((64, 64))), thin)
+    _check_sizes(deep, content, ("edge.png", pattern((64, 16), "style")))  # exactly 16 px
+    shallow = StyleParams(weights="random", image_size=64, style_layers=["relu1_1", "relu2_1"])  # 2 px
+    _check_sizes(shallow, content, thin)  # the deep content layer does not refuse a thin style
+    with pytest.raises(ImageTooSmallError, match=r"c.png: 64x7 px.* at least 8 px"):
+        _check_sizes(shallow, ("c.png", pattern((64, 7))), thin)  # the content: relu4_2 needs 8 px
+
+
 def test_unknown_layer_message_lists_every_valid_name(files):
     from nst_core import VGG16_LAYERS
 

@@ -7,7 +7,7 @@ from PIL import Image, ImageCms
 from nst_core import ImageDecodeError, NSTError, StyleParams
 from nst_core.errors import ImageTooSmallError
 from nst_core.imageio import check_min_side, decode_image, encode_image, format_for, resize_longest, split_alpha
-from nst_core.vgg import min_side
+from nst_core.params import min_side
 
 from helpers import pattern, to_bytes
 

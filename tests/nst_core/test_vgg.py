@@ -11,7 +11,8 @@ from helpers import pattern
 from nst_core import VGG16_LAYERS, StyleParams, WeightsError
 from nst_core.losses import content_loss, gram_matrix, style_loss, weighted_sum
 from nst_core import vgg as vgg_mod
-from nst_core.vgg import layer_index, load_extractor, min_side
+from nst_core.params import layer_index, min_side
+from nst_core.vgg import load_extractor
 from nst_core.weights import read_weights_bytes
 
 
