@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from .errors import ImageTooSmallError, NSTError
+from .errors import NSTError
 from .params import StyleParams
 from .validation import format_validation_error
 from .weights import check_weights_file
@@ -137,13 +137,11 @@ def _write(path: Path, data: bytes | None) -> None:
 def _check_sizes(params: StyleParams, content: tuple[str, Image.Image], *styles: tuple[str, Image.Image]) -> None:
     """The engine's size checks before torch loads: at ``image_size`` each side of the content is
     at least ``content_min_side()``, of a style ``style_min_side()`` (ImageTooSmallError names it)."""
-    from .imageio import fit_longest
+    from .imageio import check_min_side, fit_longest
 
     checks = [(content, params.content_min_side())] + [(s, params.style_min_side()) for s in styles]
     for (name, img), need in checks:
-        size = fit_longest(img.size, params.image_size)
-        if min(size) < need:
-            raise ImageTooSmallError(name, size, need)
+        check_min_side(fit_longest(img.size, params.image_size), need, name)
 
 
 def run_stylize(args: argparse.Namespace, opener: Callable[[str], bytes] | None = None) -> int:

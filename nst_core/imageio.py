@@ -172,14 +172,15 @@ def resize_longest(img: Image.Image, size: int) -> Image.Image:
     return img if new == img.size else img.resize(new, Image.Resampling.LANCZOS)
 
 
-def check_min_side(img: Image.Image, min_px: int, what: str) -> None:
-    """Raise ImageTooSmallError naming ``what`` when a side of ``img`` is under ``min_px``.
+def check_min_side(size: tuple[int, int], min_px: int, what: str) -> None:
+    """Raise ImageTooSmallError naming ``what`` when a side of a (width, height) ``size`` is under ``min_px``.
 
-    Pass the image as the extractor will see it (after ``resize_longest``) and
-    ``StyleParams.content_min_side()`` / ``style_min_side()``: a thinner image fails inside a VGG pool otherwise.
+    Pass the size the extractor will see (after ``resize_longest``, or ``fit_longest`` before
+    any resize) and ``StyleParams.content_min_side()`` / ``style_min_side()``: a thinner image
+    fails inside a VGG pool otherwise.
     """
-    if min(img.size) < min_px:
-        raise ImageTooSmallError(what, img.size, min_px)
+    if min(size) < min_px:
+        raise ImageTooSmallError(what, size, min_px)
 
 
 def format_for(path: str) -> str:

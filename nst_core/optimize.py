@@ -244,7 +244,7 @@ def _prepare(pair: StylePair, params: StyleParams, extractor: FeatureExtractor, 
     decoded = split_alpha(pair.content)
     need = params.content_min_side()
     content_full = resize_longest(decoded.rgb, params.image_size)
-    check_min_side(content_full, need, pair.content_name)
+    check_min_side(content_full.size, need, pair.content_name)
     c_rgb = to_tensor(content_full, device)
     if targets is None:
         targets = compute_style_targets(style, params, extractor=extractor, content=c_rgb, style_names=pair.style_names)

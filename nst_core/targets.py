@@ -80,7 +80,7 @@ def style_tensor(img: Image.Image, size: int, params: StyleParams, device: torch
     # (nor change its Grams, which targets_key does not cover).
     need = params.style_min_side()
     if size >= params.image_size:
-        check_min_side(rgb, need, name)
+        check_min_side(rgb.size, need, name)
     elif min(rgb.size) < need:
         rgb = split_alpha(img).rgb
         factor = need / min(rgb.size)

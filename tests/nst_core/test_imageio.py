@@ -99,11 +99,11 @@ def test_thin_image_is_refused_with_its_name_size_and_the_minimum():
     layers = [*StyleParams().content_layers, *StyleParams().style_layers]
     thin = pattern((512, 12))
     with pytest.raises(ImageTooSmallError) as err:
-        check_min_side(thin, min_side(layers), "thin.png")
+        check_min_side(thin.size, min_side(layers), "thin.png")
     msg = str(err.value)
     assert err.value.name == "thin.png" and isinstance(err.value, ImageDecodeError)
     assert "512x12" in msg and "16 px" in msg
-    check_min_side(pattern((16, 16)), min_side(layers), "ok.png")  # the minimum itself is accepted
+    check_min_side(pattern((16, 16)).size, min_side(layers), "ok.png")  # the minimum itself is accepted
 
 
 # --- colour profiles and high-bit-depth modes ------------------------------------------------
