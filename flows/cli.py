@@ -21,6 +21,7 @@ from nst_core.cli import ProgressBar, add_model_options, add_stylize_parser, mod
 from nst_core.errors import NSTError
 from nst_core.params import StyleParams
 
+from flows.serve import SERVER_START_TIMEOUT_S
 from tasks.models import ManifestSource, OutputSpec, PrefixSource, RunOptions
 from tasks.storage import read_uri
 
@@ -88,7 +89,7 @@ def _run_flow(source, output, params, run):
     token = on_pair_done.set(hook)
     previous = _install_interrupt_handler()
     try:
-        with _logs_start_on_their_own_line(lambda: bar):
+        with _logs_start_on_their_own_line(lambda: bar), _temporary_api_errors():
             state = stylize_batch(source, output, params, run, return_state=True)
     finally:
         on_pair_done.reset(token)
@@ -97,6 +98,21 @@ def _run_flow(source, output, params, run):
     if _refusal(state) is None:  # a refusal is printed once, as the error line (run_batch)
         print(state.message or state.name)
     return state
+
+
+@contextmanager
+def _temporary_api_errors():
+    """Prefect's temporary API that never answered -> one NSTError line instead of its traceback."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not str(err).startswith("Timed out while attempting to connect to ephemeral Prefect API"):
+            raise
+        from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as setting
+
+        exited = " (its process exited)" if "exited with code" in str(err) else ""
+        raise NSTError(f"Prefect's temporary API did not answer within {setting.value()} s{exited}; "
+                       f"raise {setting.name} or set PREFECT_API_URL to a running server") from None
 
 
 def _refusal(state) -> str | None:
@@ -237,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     # The ephemeral API's telemetry heartbeat races its own SQLite setup and logs a traceback;
     # a batch tool has no use for it. A user's explicit setting wins.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Without PREFECT_API_URL Prefect starts a temporary API and waits 20 s for it; a fresh home's
+    # first start (the quickstart's `make demo`) took longer on a 2-core machine and the run died.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(SERVER_START_TIMEOUT_S))
     parser = build_parser()
     args = parser.parse_args(argv)  # usage errors exit 2 with one line
     try:

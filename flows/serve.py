@@ -27,9 +27,13 @@ from pathlib import Path
 
 from nst_core.errors import NSTError
 
-__all__ = ["SERVED_NAME", "deployments", "serve_deployments", "check_names_are_free", "prefect_yaml_names",
-           "local_server"]
+__all__ = ["SERVED_NAME", "SERVER_START_TIMEOUT_S", "deployments", "serve_deployments", "check_names_are_free",
+           "prefect_yaml_names", "local_server"]
 
+#: How long a Prefect server the CLI starts may take to answer, ours or Prefect's temporary API. A
+#: fresh Prefect home first migrates its SQLite database: 12 s, then 8 s to serve, on a 2-core EPYC,
+#: past Prefect's own 20 s default for its temporary API.
+SERVER_START_TIMEOUT_S = 120
 #: Deployment name both served flows use; prefect.yaml never uses it.
 SERVED_NAME = "served"
 #: Tag of the deployments nst serve registers (a name it may serve again).
@@ -140,7 +144,7 @@ def _healthy(api_url: str) -> bool:
 
 
 @contextmanager
-def local_server(port: int, timeout: float = 120.0) -> Iterator[str]:
+def local_server(port: int, timeout: float = SERVER_START_TIMEOUT_S) -> Iterator[str]:
     """A `prefect server start` on 127.0.0.1:port for as long as the block runs; yields its API URL.
 
     A server already answering on that port is used as is (and left running).
