@@ -239,13 +239,39 @@ def _hub_checkpoint(name: str, spec: _Named) -> Path:
         match = _HASH_IN_NAME.search(file_name)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(
-                spec.url, str(path), hash_prefix=match.group(1) if match else None, progress=False
-            )
+            _download(spec.url, path, match.group(1) if match else None)
         except Exception as err:
             hint = HOW_TO_SUPPLY_WEIGHTS.format(file=file_name, hub=torch.hub.get_dir())
             raise WeightsError(f"VGG16 weights {name!r} are not available ({_one_line(err)}); {hint}") from err
     return path
+
+
+#: Seconds a weights download may wait on one connect or read before it fails. torch.hub's own
+#: download has no timeout: a stalled proxy or a firewall that drops packets hung a first run.
+DOWNLOAD_TIMEOUT_S = 60
+
+
+def _download(url: str, path: Path, hash_prefix: str | None) -> None:
+    """Fetch ``url`` to ``path``: streamed to a temporary file beside it, its SHA-256 checked
+    against ``hash_prefix``, then renamed into place (a failed or interrupted download leaves
+    nothing a later run could mistake for the checkpoint)."""
+    import tempfile
+    import urllib.request
+
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
+            while chunk := resp.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        got = digest.hexdigest()
+        if hash_prefix and not got.startswith(hash_prefix):
+            raise WeightsError(f"the downloaded file's SHA-256 {got} does not start with {hash_prefix}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def check_weights_file(weights: str) -> None:

@@ -10,7 +10,7 @@ def test_demo_falls_back_to_random_weights_loudly(tmp_path, monkeypatch, capsys)
     def offline(*args, **kwargs):
         raise OSError("no network")
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr("nst_core.weights._download", offline)
     from flows.demo import Probe
 
     monkeypatch.setattr("flows.demo.timed_probe", lambda params: Probe(8, 1.0, 0.5, 0.1))  # tested below

@@ -1,6 +1,9 @@
 """Weight sources: hub checkpoints verified before unpickling, one-line refusals, key prefixes, caching."""
 
+import contextlib
 import hashlib
+import threading
+import time
 
 import pytest
 import torch
@@ -45,7 +48,45 @@ def _no_network(monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(weights_mod, "_download", offline)
+
+
+@contextlib.contextmanager
+def _http(files=None, silent=False):
+    """An HTTP server on 127.0.0.1 serving ``files`` {name: bytes}, or (``silent``) one that accepts
+    connections and never answers; stopped on exit. Yields its base URL."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    release = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            if silent:
+                release.wait(30)
+                return
+            body = (files or {}).get(self.path.lstrip("/"))
+            self.send_response(200 if body is not None else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+
+
+def _named_at(monkeypatch, url):
+    named = weights_mod._named_weights()["imagenet1k_v1"]
+    monkeypatch.setitem(weights_mod._named_weights(), "imagenet1k_v1", named._replace(url=url))
 
 
 def test_the_literal_normalizations_are_the_enums():
@@ -96,25 +137,48 @@ def test_hub_checkpoint_whose_name_prefix_matches_its_hash_loads(tmp_path, monke
         load_extractor("imagenet1k_v1", layers=["relu3_1"], sha256="1" * 64)
 
 
-def test_missing_hub_checkpoint_is_downloaded_with_the_hash_prefix(tmp_path, monkeypatch):
+def test_missing_hub_checkpoint_is_downloaded_and_its_hash_prefix_checked(tmp_path, monkeypatch):
     checkpoints = _hub(tmp_path, monkeypatch)
     features = _random_features()
     staging = tmp_path / "staging.pth"
     torch.save({f"features.{k}": v for k, v in features.items()}, staging)
-    digest = hashlib.sha256(staging.read_bytes()).hexdigest()
-    name = f"vgg16-{digest[:8]}.pth"
-    calls = []
+    data = staging.read_bytes()
+    name = f"vgg16-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+    with _http({name: data, "vgg16-00000000.pth": data}) as url:
+        _named_at(monkeypatch, f"{url}/{name}")
+        ex = load_extractor("imagenet1k_v1", layers=["relu1_1"])
+        assert (checkpoints / name).read_bytes() == data and torch.equal(ex.layers[0].weight, features["0.weight"])
+        # bytes whose hash does not match the file name's prefix are refused and never kept
+        vgg_mod.clear_cache()
+        _named_at(monkeypatch, f"{url}/vgg16-00000000.pth")
+        with pytest.raises(WeightsError, match="SHA-256 .* does not start with 00000000"):
+            load_extractor("imagenet1k_v1", layers=["relu1_1"])
+    assert sorted(p.name for p in checkpoints.iterdir()) == [name]  # no partial or temporary file left
 
-    def fake_download(url, dst, hash_prefix=None, progress=True):
-        calls.append((url, hash_prefix))
-        staging.replace(dst)
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
-    named = weights_mod._named_weights()["imagenet1k_v1"]
-    monkeypatch.setitem(weights_mod._named_weights(), "imagenet1k_v1", named._replace(url=f"https://example.invalid/{name}"))
-    ex = load_extractor("imagenet1k_v1", layers=["relu1_1"])
-    assert calls == [(f"https://example.invalid/{name}", digest[:8])]
-    assert (checkpoints / name).is_file() and torch.equal(ex.layers[0].weight, features["0.weight"])
+def test_a_download_that_never_answers_fails_in_bounded_time(tmp_path, monkeypatch):
+    """Old: torch.hub's urlopen had no timeout, so a first run behind a stalled proxy or a firewall
+    that drops packets hung before its first line, for ever."""
+    checkpoints = _hub(tmp_path, monkeypatch)
+    monkeypatch.setattr(weights_mod, "DOWNLOAD_TIMEOUT_S", 1, raising=False)
+    outcome = []
+
+    def load():
+        try:
+            load_extractor("imagenet1k_v1", layers=["relu1_1"])
+        except WeightsError as err:
+            outcome.append(str(err))
+
+    with _http(silent=True) as url:
+        _named_at(monkeypatch, f"{url}/vgg16-397923af.pth")
+        started = time.monotonic()
+        worker = threading.Thread(target=load, daemon=True)
+        worker.start()
+        worker.join(20)
+        assert not worker.is_alive(), "the download still hangs after 20 s"
+    assert time.monotonic() - started < 20 and len(outcome) == 1
+    assert "timed out" in outcome[0] and "vgg16-397923af.pth" in outcome[0] and "\n" not in outcome[0]
+    assert list(checkpoints.iterdir()) == []
 
 
 def test_unavailable_named_weights_say_how_to_supply_them(tmp_path, monkeypatch):
