@@ -89,7 +89,7 @@ def _run_flow(source, output, params, run):
     token = on_pair_done.set(hook)
     previous = _install_interrupt_handler()
     try:
-        with _logs_start_on_their_own_line(lambda: bar), _temporary_api_errors():
+        with _logs_start_on_their_own_line(lambda: bar), _prefect_api():
             state = stylize_batch(source, output, params, run, return_state=True)
     finally:
         on_pair_done.reset(token)
@@ -101,18 +101,44 @@ def _run_flow(source, output, params, run):
 
 
 @contextmanager
-def _temporary_api_errors():
-    """Prefect's temporary API that never answered -> one NSTError line instead of its traceback."""
-    try:
-        yield
-    except RuntimeError as err:
-        if not str(err).startswith("Timed out while attempting to connect to ephemeral Prefect API"):
-            raise
-        from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as setting
+def _prefect_api():
+    """Around the CLI's Prefect calls: the temporary API (no PREFECT_API_URL) may take
+    SERVER_START_TIMEOUT_S to start unless the user set its wait (environment or profile), and an
+    API that cannot be reached is one NSTError line instead of Prefect's traceback.
 
-        exited = " (its process exited)" if "exited with code" in str(err) else ""
-        raise NSTError(f"Prefect's temporary API did not answer within {setting.value()} s{exited}; "
-                       f"raise {setting.name} or set PREFECT_API_URL to a running server") from None
+    Prefect waits 20 s for its temporary API; a fresh home's first start (the quickstart's `make
+    demo`) took longer on a 2-core machine and the run died.
+    """
+    import httpx
+    from prefect.settings import PREFECT_API_URL, load_current_profile, temporary_settings
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as wait
+
+    user_set = wait.name in os.environ or wait in load_current_profile().settings
+    url = PREFECT_API_URL.value()
+    try:
+        with temporary_settings(updates={} if user_set else {wait: SERVER_START_TIMEOUT_S}):
+            yield
+    except (RuntimeError, httpx.ConnectError, httpx.ConnectTimeout) as err:
+        text = str(err)
+        if isinstance(err, RuntimeError) and text.startswith("Timed out while attempting to connect to ephemeral"):
+            if "exited with code" in text:
+                raise NSTError("Prefect's temporary API exited as it started; "
+                               "run `prefect server start` to see why, or set PREFECT_API_URL") from None
+            raise NSTError(f"Prefect's temporary API did not answer within {wait.value()} s; "
+                           f"raise {wait.name} or set PREFECT_API_URL to a running server") from None
+        if url and (not isinstance(err, RuntimeError) or text.startswith("Failed to reach API at")):
+            cause = err.__cause__ or err
+            raise NSTError(f"the Prefect API at {_without_userinfo(url)} does not answer ({one_line(cause)}); "
+                           "start it, or unset PREFECT_API_URL to run on a temporary one") from None
+        raise
+
+
+def _without_userinfo(url: str) -> str:
+    """``url`` without any ``user:password@`` part: an error line never shows credentials."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 def _refusal(state) -> str | None:
@@ -222,7 +248,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from flows.serve import local_server, serve_deployments
 
     if PREFECT_API_URL.value():
-        serve_deployments(limit=args.limit, name=args.name)
+        with _prefect_api():
+            serve_deployments(limit=args.limit, name=args.name)
         return 0
     # Prefect's ephemeral API has no UI, so a served deployment would be unreachable: start a server.
     # SIGTERM before serving begins must still stop it (serve installs its own handler later).
@@ -253,9 +280,6 @@ def main(argv: list[str] | None = None) -> int:
     # The ephemeral API's telemetry heartbeat races its own SQLite setup and logs a traceback;
     # a batch tool has no use for it. A user's explicit setting wins.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Without PREFECT_API_URL Prefect starts a temporary API and waits 20 s for it; a fresh home's
-    # first start (the quickstart's `make demo`) took longer on a 2-core machine and the run died.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(SERVER_START_TIMEOUT_S))
     parser = build_parser()
     args = parser.parse_args(argv)  # usage errors exit 2 with one line
     try:

@@ -112,10 +112,16 @@ def test_batch_preflight_failure_in_the_flow_is_one_line_no_traceback(data):
     assert "preflight failed" not in proc.stdout
 
 
-def test_a_temporary_api_that_never_answers_is_one_line_naming_the_settings(data):
-    """Old: Prefect's RuntimeError and its traceback."""
-    proc = nst("batch", "--contents", "c", "--styles", "s", "--output", "out", *FAST, cwd=data,
-               env=first_start(data / "fresh-prefect-home", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="1"))
+def test_a_temporary_api_that_never_answers_is_one_line_and_the_users_profile_sets_the_wait(data):
+    """Old: Prefect's RuntimeError and its traceback; and the CLI's own 120 s replaced the wait a
+    user set with `prefect config set` (an environment variable beats a profile)."""
+    home = data / "fresh-prefect-home"
+    home.mkdir()
+    # what `prefect config set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=1` writes to a fresh home
+    (home / "profiles.toml").write_text('active = "ephemeral"\n\n[profiles.ephemeral]\n'
+                                        'PREFECT_SERVER_EPHEMERAL_ENABLED = "true"\n'
+                                        'PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS = "1"\n')
+    proc = nst("batch", "--contents", "c", "--styles", "s", "--output", "out", *FAST, cwd=data, env=first_start(home))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     errors = [line for line in proc.stderr.splitlines() if line.startswith("nst: error:")]
@@ -125,19 +131,44 @@ def test_a_temporary_api_that_never_answers_is_one_line_naming_the_settings(data
     assert not (data / "out").exists()
 
 
-def test_the_temporary_apis_start_may_take_minutes_unless_the_user_says_otherwise(data, monkeypatch):
+def test_the_temporary_apis_wait_is_generous_unless_the_user_set_it(monkeypatch):
     """A fresh home's migrations (12 s on a 2-core EPYC) plus the server's start (8 s) passed Prefect's
-    20 s default; the CLI's own bound is generous, and a user's setting wins."""
-    from flows.cli import main
+    20 s default."""
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as wait
+
+    from flows.cli import _prefect_api
     from flows.serve import SERVER_START_TIMEOUT_S
 
-    key = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
-    monkeypatch.delenv(key, raising=False)
-    assert main(["batch", "--contents", str(data / "nope"), "--styles", str(data / "s"), "--output", "o"]) == 2
-    assert int(os.environ[key]) == SERVER_START_TIMEOUT_S >= 120
-    monkeypatch.setenv(key, "7")
-    main(["batch", "--contents", str(data / "nope"), "--styles", str(data / "s"), "--output", "o"])
-    assert os.environ[key] == "7"
+    monkeypatch.delenv(wait.name, raising=False)
+    with _prefect_api():
+        assert wait.value() == SERVER_START_TIMEOUT_S >= 120
+    monkeypatch.setenv(wait.name, "7")
+    with _prefect_api():
+        assert wait.value() == 7
+
+
+def _refused_url() -> str:
+    """An API URL on 127.0.0.1 where nothing listens, with credentials that must never be shown."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://user:hunter2@127.0.0.1:{port}/api"
+
+
+@pytest.mark.parametrize("command", ["batch", "serve"])
+def test_an_api_url_where_nothing_answers_is_one_line(data, command):
+    """Old: httpx's ConnectError, or Prefect's RuntimeError, under a traceback (exit 1, the code of a failed run)."""
+    url = _refused_url()
+    args = ["--contents", "c", "--styles", "s", "--output", "out", *FAST] if command == "batch" else []
+    proc = nst(command, *args, cwd=data, env={**os.environ, "PREFECT_API_URL": url})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout and "hunter2" not in proc.stderr + proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("nst: error:")]
+    assert len(errors) == 1, proc.stderr
+    assert f"the Prefect API at {url.replace('user:hunter2@', '')} does not answer" in errors[0]
+    assert "unset PREFECT_API_URL" in errors[0]
 
 
 def test_progress_bar_and_log_lines_never_share_a_line():
