@@ -36,7 +36,7 @@ from pydantic import Field
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.fanout import cancel_children, fan_out_to_workers
+from flows.fanout import cancel_children, check_chunk_deployment, fan_out_to_workers
 from flows.quiet import quiet_returned_failures
 from flows.orphans import mark_crashed_reports
 from nst_core.errors import NSTError
@@ -64,7 +64,8 @@ on_pair_done: contextvars.ContextVar[Callable[[int, int], None] | None] = contex
 
 
 def preflight(source: BatchSource, output: OutputSpec, params: StyleParams, devices: list[str],
-              run: dict | None = None, credentials: StorageCredentials = DEFAULT_CHAIN):
+              run: dict | None = None, credentials: StorageCredentials = DEFAULT_CHAIN,
+              chunk_deployment: str | None = None):
     """Checks that fail fast, before any fan-out. Returns (entries, weights_id).
 
     The write probe is the run's own report key, written with status "running" and overwritten by
@@ -87,6 +88,8 @@ def preflight(source: BatchSource, output: OutputSpec, params: StyleParams, devi
             extractor = run_on_device(devices[0], lambda: extractor_for(first, opener=lambda u: read_uri(u, credentials)))
         except NSTError as err:
             raise PreflightError(f"weights: {err}") from None
+        if chunk_deployment:  # fan_out=workers: before the plan lists every input
+            check_chunk_deployment(chunk_deployment)
         entries = source_entries(source, credentials)
     except PreflightError as err:
         _drop_probe(out, run, f"preflight failed: {err}")
@@ -175,7 +178,8 @@ class _Batch:
 
 def _plan(b: _Batch) -> tuple[list[PairPlan], str, list[str]]:
     """Preflight, then plan inside the allowed sources. Returns (plans, weights id, allowed sources)."""
-    entries, weights_id = preflight(b.source, b.output, b.params, b.devices, b.flow_run, b.credentials)
+    entries, weights_id = preflight(b.source, b.output, b.params, b.devices, b.flow_run, b.credentials,
+                                    b.run.chunk_deployment if b.run.fan_out == "workers" else None)
     allowed = b.run.allowed_sources or default_allowed_sources(b.source)
     try:
         plans = plan_pairs(entries, b.params, weights_id, b.output.format, b.output.quality, b.run.io_workers, allowed,

@@ -39,10 +39,11 @@ from tasks.credentials import DEFAULT_CHAIN, StorageCredentials
 from tasks.models import OutputSpec, RunOptions
 from tasks.pair import PairStopped, stop_requested
 from tasks.pipeline import PipelineResult
+from tasks.plan import PreflightError
 from tasks.storage import (Storage, StorageError, StorageHealth, StorageUnreachableError, open_storage,
                            retrying)
 
-__all__ = ["fan_out_to_workers", "plan_chunks", "start_chunks", "start_chunk", "live_chunk_runs", "merge_chunk",
+__all__ = ["fan_out_to_workers", "check_chunk_deployment", "plan_chunks", "start_chunks", "start_chunk", "live_chunk_runs", "merge_chunk",
            "read_children", "cancel_children", "parent_tag", "content_tag", "Chunk", "ChunkWatcher", "POLL_S",
            "API_PAGE", "START_TIMEOUT_S", "MAX_CHUNK_ATTEMPTS"]
 
@@ -155,6 +156,28 @@ def cancel_children(parent_id: str, message: str = "the parent stylize-batch run
                 client.set_flow_run_state(child.id, Cancelling(message=message), force=True)
                 n += 1
     return n
+
+
+def check_chunk_deployment(name: str) -> None:
+    """PreflightError unless the Prefect API has deployment ``name`` ("flow/deployment"); the message
+    names the most recent deployments of that flow it does have."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import DeploymentSort
+    from prefect.exceptions import ObjectNotFound
+
+    flow_name = name.partition("/")[0]
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(name)
+            return
+        except ObjectNotFound:
+            found = client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+                                            sort=DeploymentSort.CREATED_DESC, limit=5)
+    have = ", ".join(f"{flow_name}/{d.name}" for d in found) or "none"
+    raise PreflightError(f"fan_out=workers needs the deployment {name}, which this Prefect API does not have "
+                         f"(latest of {flow_name}: {have}); deploy it (deployments/prefect.yaml, or `nst serve`), "
+                         "set chunk_deployment, or use fan_out=local")
 
 
 def start_chunk(client, deployment: str, key: str, parameters: dict, name: str, tags: list[str],

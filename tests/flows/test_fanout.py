@@ -94,6 +94,21 @@ def test_no_gpu_worker_ends_failed_with_the_reason_and_cancels_the_chunks(tmp_pa
     assert all(c.parameters["run"]["allowed_sources"] == allowed for c in children)  # resolved, not empty
 
 
+def test_a_chunk_deployment_the_api_lacks_is_refused_at_preflight(tmp_path, chunk_deployment_without_worker):
+    """Old: the whole plan was listed and checked first, then run_deployment's ObjectNotFound
+    ended the run with a traceback. Now preflight refuses it in one line naming what exists."""
+    (tmp_path / "c").mkdir()
+    (tmp_path / "s").mkdir()
+    pattern((24, 24), "content").save(tmp_path / "c" / "c.png")
+    pattern((24, 24), "style").save(tmp_path / "s" / "s.png")
+    state = stylize_batch(BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s")),
+                          OutputSpec(uri=str(tmp_path / "out")), tiny_params(),
+                          RunOptions(fan_out="workers", chunk_deployment="stylize-chunk/nope"), return_state=True)
+    assert state.is_failed() and state.message.startswith("preflight failed:"), state.message
+    assert "stylize-chunk/nope" in state.message and chunk_deployment_without_worker in state.message
+    assert "\n" not in state.message and not list((tmp_path / "out").glob("*.json"))
+
+
 def test_cancel_children_cancels_that_parents_chunk_runs_only(prefect_api):
     """The helper alone; cancelling a real parent run: the e2e test at the end of this file."""
     from prefect.client.orchestration import get_client
