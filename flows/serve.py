@@ -153,8 +153,8 @@ def local_server(port: int, timeout: float = SERVER_START_TIMEOUT_S) -> Iterator
     if _healthy(api_url):
         yield api_url
         return
-    prefect = str(Path(sys.executable).with_name("prefect"))
-    cmd = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    # -m, not the `prefect` script beside the interpreter: a `pip install --user` puts that elsewhere
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_UI_API_URL": api_url}
     log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server never blocks on it
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
