@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -103,20 +104,21 @@ def _run_flow(source, output, params, run):
 @contextmanager
 def _prefect_api():
     """Around the CLI's Prefect calls: the temporary API (no PREFECT_API_URL) may take
-    SERVER_START_TIMEOUT_S to start unless the user set its wait (environment or profile), and an
-    API that cannot be reached is one NSTError line instead of Prefect's traceback.
+    SERVER_START_TIMEOUT_S to start unless the user set its wait (any of Prefect's sources), and an
+    API that cannot be used is one NSTError line, never showing credentials, instead of Prefect's
+    traceback.
 
     Prefect waits 20 s for its temporary API; a fresh home's first start (the quickstart's `make
     demo`) took longer on a 2-core machine and the run died.
     """
     import httpx
-    from prefect.settings import PREFECT_API_URL, load_current_profile, temporary_settings
+    from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as wait
 
-    user_set = wait.name in os.environ or wait in load_current_profile().settings
     url = PREFECT_API_URL.value()
     try:
-        with temporary_settings(updates={} if user_set else {wait: SERVER_START_TIMEOUT_S}):
+        with temporary_settings(set_defaults={wait: SERVER_START_TIMEOUT_S}):
+            waited = wait.value()
             yield
     except (RuntimeError, httpx.ConnectError, httpx.ConnectTimeout) as err:
         text = str(err)
@@ -124,21 +126,21 @@ def _prefect_api():
             if "exited with code" in text:
                 raise NSTError("Prefect's temporary API exited as it started; "
                                "run `prefect server start` to see why, or set PREFECT_API_URL") from None
-            raise NSTError(f"Prefect's temporary API did not answer within {wait.value()} s; "
+            raise NSTError(f"Prefect's temporary API did not answer within {waited} s; "
                            f"raise {wait.name} or set PREFECT_API_URL to a running server") from None
         if url and (not isinstance(err, RuntimeError) or text.startswith("Failed to reach API at")):
             cause = err.__cause__ or err
-            raise NSTError(f"the Prefect API at {_without_userinfo(url)} does not answer ({one_line(cause)}); "
-                           "start it, or unset PREFECT_API_URL to run on a temporary one") from None
+            unreachable = (httpx.ConnectError, httpx.ConnectTimeout)
+            what = "does not answer" if isinstance(err, unreachable) or isinstance(cause, unreachable) else "cannot be used"
+            raise NSTError(f"the Prefect API at {_without_userinfo(url)} {what} "
+                           f"({_without_userinfo(one_line(cause))}); "
+                           "start it or fix PREFECT_API_URL, or unset it to run on a temporary API") from None
         raise
 
 
-def _without_userinfo(url: str) -> str:
-    """``url`` without any ``user:password@`` part: an error line never shows credentials."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+def _without_userinfo(text: str) -> str:
+    """``text`` with the ``user:password@`` of every URL in it removed: an error line never shows credentials."""
+    return re.sub(r"(//)[^/\s@]*@", r"\1", text)
 
 
 def _refusal(state) -> str | None:

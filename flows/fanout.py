@@ -43,8 +43,8 @@ from tasks.plan import PreflightError
 from tasks.storage import (Storage, StorageError, StorageHealth, StorageUnreachableError, open_storage,
                            retrying)
 
-__all__ = ["fan_out_to_workers", "check_chunk_deployment", "plan_chunks", "start_chunks", "start_chunk", "live_chunk_runs", "merge_chunk",
-           "read_children", "cancel_children", "parent_tag", "content_tag", "Chunk", "ChunkWatcher", "POLL_S",
+__all__ = ["fan_out_to_workers", "check_chunk_deployment", "plan_chunks", "start_chunks", "start_chunk",
+           "live_chunk_runs", "merge_chunk", "read_children", "cancel_children", "parent_tag", "content_tag", "Chunk", "ChunkWatcher", "POLL_S",
            "API_PAGE", "START_TIMEOUT_S", "MAX_CHUNK_ATTEMPTS"]
 
 #: Seconds between two polls of the chunk runs (one batched API query each).

@@ -258,8 +258,8 @@ class RunOptions(BaseModel):
         description="Prefixes or folders inputs may come from; empty: the source's own, or the manifest's folder.",
     )
     chunk_deployment: str = Field(
-        default="stylize-chunk/worker", min_length=3, title="Chunk deployment",
-        description="Deployment that runs the chunks (fan-out: workers).",
+        default="stylize-chunk/worker", pattern=r"^[^/]+/[^/]+$", title="Chunk deployment",
+        description="Deployment that runs the chunks (fan-out: workers), as flow/deployment.",
     )
     labels: dict[str, str] = Field(
         default_factory=dict, title="Labels", description="Extra key/value notes recorded in every sidecar and the report."

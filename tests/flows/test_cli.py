@@ -1,7 +1,9 @@
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 from prefect.settings import PREFECT_API_URL
@@ -131,44 +133,69 @@ def test_a_temporary_api_that_never_answers_is_one_line_and_the_users_profile_se
     assert not (data / "out").exists()
 
 
-def test_the_temporary_apis_wait_is_generous_unless_the_user_set_it(monkeypatch):
+def test_the_temporary_apis_wait_is_generous_unless_the_user_set_it():
     """A fresh home's migrations (12 s on a 2-core EPYC) plus the server's start (8 s) passed Prefect's
     20 s default."""
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as wait
+    from prefect.settings import temporary_settings
 
     from flows.cli import _prefect_api
     from flows.serve import SERVER_START_TIMEOUT_S
 
-    monkeypatch.delenv(wait.name, raising=False)
+    assert wait.name not in os.environ
     with _prefect_api():
         assert wait.value() == SERVER_START_TIMEOUT_S >= 120
-    monkeypatch.setenv(wait.name, "7")
-    with _prefect_api():
-        assert wait.value() == 7
+    with temporary_settings(updates={wait: 7}):  # set by the user (a profile: the test above)
+        with _prefect_api():
+            assert wait.value() == 7
 
 
-def _refused_url() -> str:
-    """An API URL on 127.0.0.1 where nothing listens, with credentials that must never be shown."""
+def _free_port() -> int:
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://user:hunter2@127.0.0.1:{port}/api"
+        return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("command", ["batch", "serve"])
-def test_an_api_url_where_nothing_answers_is_one_line(data, command):
-    """Old: httpx's ConnectError, or Prefect's RuntimeError, under a traceback (exit 1, the code of a failed run)."""
-    url = _refused_url()
+@contextlib.contextmanager
+def _answers_404():
+    """An HTTP server on 127.0.0.1 that answers every request 404 (an API URL missing its /api, a
+    proxy's error page); stopped on exit. Yields its port."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("command,api", [("batch", "refused"), ("serve", "refused"), ("batch", "404")])
+def test_an_api_url_that_cannot_be_used_is_one_line_without_its_credentials(data, command, api):
+    """Old: httpx's ConnectError, or Prefect's RuntimeError, under a traceback (exit 1, the code of a
+    failed run); a 404's message carried the URL with its password."""
     args = ["--contents", "c", "--styles", "s", "--output", "out", *FAST] if command == "batch" else []
-    proc = nst(command, *args, cwd=data, env={**os.environ, "PREFECT_API_URL": url})
+    with _answers_404() if api == "404" else contextlib.nullcontext(_free_port()) as port:
+        url = f"http://user:hunter2@127.0.0.1:{port}/api"
+        proc = nst(command, *args, cwd=data, env={**os.environ, "PREFECT_API_URL": url})
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout and "hunter2" not in proc.stderr + proc.stdout
     errors = [line for line in proc.stderr.splitlines() if line.startswith("nst: error:")]
     assert len(errors) == 1, proc.stderr
-    assert f"the Prefect API at {url.replace('user:hunter2@', '')} does not answer" in errors[0]
-    assert "unset PREFECT_API_URL" in errors[0]
+    what = "does not answer" if api == "refused" else "cannot be used"
+    assert f"the Prefect API at http://127.0.0.1:{port}/api {what}" in errors[0] and "PREFECT_API_URL" in errors[0]
 
 
 def test_progress_bar_and_log_lines_never_share_a_line():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from pydantic import ValidationError
 
 from flows import batch, fanout
 from flows.batch import stylize_batch
@@ -107,6 +108,10 @@ def test_a_chunk_deployment_the_api_lacks_is_refused_at_preflight(tmp_path, chun
     assert state.is_failed() and state.message.startswith("preflight failed:"), state.message
     assert "stylize-chunk/nope" in state.message and chunk_deployment_without_worker in state.message
     assert "\n" not in state.message and not list((tmp_path / "out").glob("*.json"))
+    # a name that is not flow/deployment is refused with the parameters (Prefect raised a ValueError
+    # past preflight, leaving the run's report saying "running")
+    with pytest.raises(ValidationError, match="chunk_deployment"):
+        RunOptions(fan_out="workers", chunk_deployment="stylize-chunk")
 
 
 def test_cancel_children_cancels_that_parents_chunk_runs_only(prefect_api):
