@@ -44,8 +44,8 @@ from tasks.storage import (Storage, StorageError, StorageHealth, StorageUnreacha
                            retrying)
 
 __all__ = ["fan_out_to_workers", "check_chunk_deployment", "plan_chunks", "start_chunks", "start_chunk",
-           "live_chunk_runs", "merge_chunk", "read_children", "cancel_children", "parent_tag", "content_tag", "Chunk", "ChunkWatcher", "POLL_S",
-           "API_PAGE", "START_TIMEOUT_S", "MAX_CHUNK_ATTEMPTS"]
+           "live_chunk_runs", "merge_chunk", "read_children", "cancel_children", "parent_tag", "content_tag",
+           "Chunk", "ChunkWatcher", "POLL_S", "API_PAGE", "START_TIMEOUT_S", "MAX_CHUNK_ATTEMPTS"]
 
 #: Seconds between two polls of the chunk runs (one batched API query each).
 POLL_S = 2.0
