@@ -13,6 +13,7 @@ import re
 import signal
 import sys
 import time
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -88,14 +89,14 @@ def _run_flow(source, output, params, run):
         bar.update(done)
 
     token = on_pair_done.set(hook)
-    previous = _install_interrupt_handler()
+    previous = _install_interrupt_handlers()
     try:
         with _logs_start_on_their_own_line(lambda: bar), _prefect_api():
             state = stylize_batch(source, output, params, run, return_state=True)
     finally:
         on_pair_done.reset(token)
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if _refusal(state) is None:  # a refusal is printed once, as the error line (run_batch)
         print(state.message or state.name)
     return state
@@ -112,13 +113,15 @@ def _prefect_api():
     demo`) took longer on a 2-core machine and the run died.
     """
     import httpx
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as wait
 
     url = PREFECT_API_URL.value()
     try:
         with temporary_settings(set_defaults={wait: SERVER_START_TIMEOUT_S}):
             waited = wait.value()
+            if not url and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+                _start_temporary_api()
             yield
     except (RuntimeError, httpx.ConnectError, httpx.ConnectTimeout) as err:
         text = str(err)
@@ -136,6 +139,46 @@ def _prefect_api():
                            f"({_without_userinfo(one_line(cause))}); "
                            "start it or fix PREFECT_API_URL, or unset it to run on a temporary API") from None
         raise
+
+
+#: The temporary API server _start_temporary_api started, if any (stopped before an immediate exit).
+_temporary_api = None
+
+
+def _start_temporary_api() -> None:
+    """Start Prefect's temporary API server now, as Prefect would on the run's first API call, but
+    deaf to Ctrl-C (SIGINT blocked in it); Prefect stops it at exit (SIGTERM).
+
+    A terminal's Ctrl-C signals its whole foreground process group, and Prefect starts the server
+    in nst's: it died with nst's first Ctrl-C, so the run could not record its end (the database
+    kept it Running, and a UI on that Prefect home showed it so for ever) and nst only left through
+    its 10 s watchdog.
+    """
+    global _temporary_api
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class DeafToCtrlC(SubprocessASGIServer):  # one per port, shared with Prefect's get_client
+        def _run_uvicorn_command(self):
+            # a process inherits the signal mask of the thread that starts it; nst's own is restored
+            # at once, so a Ctrl-C while the server starts is only delayed by the fork
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    server = DeafToCtrlC()
+    server.start()
+    _temporary_api = server
+
+
+def _exit_now(code: int) -> None:
+    """Exit at once (os._exit skips Prefect's atexit stop of its temporary server: stop it first)."""
+    process = getattr(_temporary_api, "server_process", None)
+    if process is not None:
+        with contextlib.suppress(OSError):
+            process.terminate()
+    os._exit(code)
 
 
 def _without_userinfo(text: str) -> str:
@@ -199,28 +242,40 @@ def _logs_start_on_their_own_line(get_bar):
             h.removeFilter(guard)
 
 
-def _install_interrupt_handler():
+def _install_interrupt_handlers() -> dict:
     """Ctrl-C: stop every pair at its next evaluation and unwind (exit 130 within seconds; what
-    was written stays: writes are atomic). A second Ctrl-C, or 10 s later, exits at once."""
+    was written stays: writes are atomic). A second Ctrl-C, or 10 s later, exits at once.
+    SIGTERM (`timeout`, `kill`): once Prefect has recorded the run crashed, the same stop, exit 143.
+    SIGTERM's default killed nst where it stood and left its temporary API server running.
+    Returns the handlers replaced."""
     import threading
 
     from tasks.pair import stop_requested
 
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return {}
+
+    def stop(code: int) -> None:
+        stop_requested.set()
+        watchdog = threading.Timer(10.0, _exit_now, args=(code,))
+        watchdog.daemon = True
+        watchdog.start()
 
     def on_sigint(signum, frame):
         if stop_requested.is_set():
             os.write(2, b"\nnst: interrupted again, exiting now\n")
-            os._exit(130)
-        stop_requested.set()
+            _exit_now(130)
         os.write(2, b"\nnst: interrupted, stopping (Ctrl-C again to exit at once)\n")
-        watchdog = threading.Timer(10.0, lambda: os._exit(130))
-        watchdog.daemon = True
-        watchdog.start()
+        stop(130)
         raise KeyboardInterrupt
 
-    return signal.signal(signal.SIGINT, on_sigint)
+    def on_sigterm(signum, frame):
+        os.write(2, b"\nnst: terminated, stopping\n")
+        stop(128 + signum)
+        raise SystemExit(128 + signum)
+
+    return {signal.SIGINT: signal.signal(signal.SIGINT, on_sigint),
+            signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm)}
 
 
 def run_batch(args: argparse.Namespace) -> int:

@@ -1,12 +1,15 @@
-"""`nst batch` as a process: Ctrl-C stops it within seconds (exit 130); kill -9 mid-run, then the
-same command again, redoes no completed pair and never shows a partial or temporary object."""
+"""`nst batch` as a process: Ctrl-C stops it within seconds (exit 130), its run recorded as crashed
+and no server left behind; kill -9 mid-run, then the same command again, redoes no completed pair
+and never shows a partial or temporary object."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -22,7 +25,7 @@ from helpers import pattern
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.usefixtures("prefect_api")]
 
 ROOT = Path(__file__).resolve().parents[2]
-PAIRS = 4
+PAIRS = 6
 #: After Ctrl-C, `nst batch` exits within this long whatever it is doing (flows/cli.py: "a second
 #: Ctrl-C, or 10 s later, exits at once"): a promise of the product, not a benchmark.
 EXIT_AFTER_CTRL_C_S = 10
@@ -39,13 +42,17 @@ def _command(tmp_path: Path) -> list[str]:
     return cmd
 
 
-def _start(tmp_path: Path) -> subprocess.Popen:
+def _start(tmp_path: Path, temporary_api: bool = False) -> subprocess.Popen:
     """`nst batch` against the session's Prefect API (a kill -9 of the command leaves the API up, as
-    a real server would be; starting an ephemeral one per process took ~50 s each here)."""
+    a real server would be; starting a temporary one per process took ~50 s each here), or with no
+    PREFECT_API_URL, on Prefect's temporary API in a fresh home."""
     from prefect.settings import PREFECT_API_URL
 
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(ROOT)}
+    if temporary_api:
+        del env["PREFECT_API_URL"]
+        env.pop("PREFECT_UI_API_URL", None)
     return subprocess.Popen(_command(tmp_path), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)  # its own process group: the test can stop all of it
 
@@ -94,10 +101,11 @@ def test_ctrl_c_then_kill_9_then_rerun(tmp_path):
     out = tmp_path / "out"
     procs = []
     try:
-        # 1. Ctrl-C (the terminal sends SIGINT to the whole foreground group) once a pair is done.
-        proc = _start(tmp_path)
+        # 1. Ctrl-C (the terminal sends SIGINT to the whole foreground group) once a pair is done,
+        # as a first run makes it: no PREFECT_API_URL, so Prefect's temporary API is nst's child.
+        proc = _start(tmp_path, temporary_api=True)
         procs.append(proc)
-        _wait_for(lambda: len(_sidecars(out)) >= 1, 240, proc)
+        _wait_for(lambda: len(_sidecars(out)) >= 1, 300, proc)
         os.killpg(proc.pid, signal.SIGINT)
         signalled = time.monotonic()
         try:
@@ -105,8 +113,30 @@ def test_ctrl_c_then_kill_9_then_rerun(tmp_path):
         except subprocess.TimeoutExpired:
             pytest.fail(f"nst batch still running {time.monotonic() - signalled:.1f} s after Ctrl-C "
                         f"(it promises to exit within {EXIT_AFTER_CTRL_C_S} s)")
-        assert code == 130, proc.stdout.read().decode()[-2000:]
+        output = proc.stdout.read().decode()
+        assert code == 130, output[-2000:]
         _visible_outputs_are_whole(out)
+        # The run recorded its end. Old: the Ctrl-C stopped the temporary server too (it was in nst's
+        # group), the database kept the run RUNNING, and nst left through its 10 s watchdog.
+        with contextlib.closing(sqlite3.connect(tmp_path / "prefect-home" / "prefect.db")) as db:
+            assert db.execute("SELECT state_type FROM flow_run").fetchall() == [("CRASHED",)], output[-3000:]
+        _assert_nothing_left(proc.pid)
+
+        # 1b. SIGTERM to nst alone, as `timeout` or `kill` sends it: the run is recorded crashed, then
+        # nst exits 143 and stops its server. Old: SIGTERM's default ended nst where it stood (-15)
+        # and left the temporary server running for ever.
+        before = len(_sidecars(out))
+        proc = _start(tmp_path, temporary_api=True)
+        procs.append(proc)
+        _wait_for(lambda: len(_sidecars(out)) > before, 300, proc)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=EXIT_AFTER_CTRL_C_S + SLACK_S)
+        output = proc.stdout.read().decode()
+        assert code == 143, output[-2000:]
+        _visible_outputs_are_whole(out)
+        _assert_nothing_left(proc.pid)
+        with contextlib.closing(sqlite3.connect(tmp_path / "prefect-home" / "prefect.db")) as db:
+            assert db.execute("SELECT state_type FROM flow_run").fetchall() == [("CRASHED",)] * 2, output[-3000:]
 
         # 2. kill -9 mid-run.
         before = {p.name: p.stat().st_mtime_ns for p in _sidecars(out)}
@@ -124,9 +154,9 @@ def test_ctrl_c_then_kill_9_then_rerun(tmp_path):
         output = proc.communicate(timeout=400)[0].decode()
         assert proc.returncode == 0, output[-3000:]
         reports = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
-        # the killed run's report still says "running" (its write probe); Ctrl-C's says "crashed"
+        # the killed run's report still says "running" (its write probe); Ctrl-C's and SIGTERM's say "crashed"
         assert [r.get("status") for r in reports].count("running") == 1
-        assert [r.get("status") for r in reports].count("crashed") == 1
+        assert [r.get("status") for r in reports].count("crashed") == 2
         last = max((r for r in reports if "totals" in r), key=lambda r: r["finished"])
         assert last["totals"]["pairs"] == PAIRS and last["totals"]["failed"] == 0
         assert last["totals"]["skipped"] == len(done) and last["totals"]["done"] == PAIRS - len(done)
@@ -140,3 +170,21 @@ def test_ctrl_c_then_kill_9_then_rerun(tmp_path):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
             proc.stdout.close()
+
+
+def _alive_in_group(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _assert_nothing_left(pgid: int) -> None:
+    """Nothing of an exited `nst` (its process group) runs on: its temporary server stopped with it
+    (an exited child of a dead parent is reaped by init within moments)."""
+    end = time.monotonic() + SLACK_S
+    while _alive_in_group(pgid) and time.monotonic() < end:
+        time.sleep(0.2)
+    assert not _alive_in_group(pgid), subprocess.run(["ps", "-o", "pid,stat,args", "-g", str(pgid)],
+                                                     capture_output=True, text=True).stdout
