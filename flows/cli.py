@@ -96,7 +96,10 @@ def _run_flow(source, output, params, run):
     finally:
         on_pair_done.reset(token)
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            # SIGTERM's stays while a temporary API server runs: its default would end nst before
+            # the atexit stop of the server and leave it running
+            if handler is not None and not (signum == signal.SIGTERM and _temporary_api is not None):
+                signal.signal(signum, handler)
     if _refusal(state) is None:  # a refusal is printed once, as the error line (run_batch)
         print(state.message or state.name)
     return state
@@ -147,29 +150,53 @@ _temporary_api = None
 
 def _start_temporary_api() -> None:
     """Start Prefect's temporary API server now, as Prefect would on the run's first API call, but
-    deaf to Ctrl-C (SIGINT blocked in it); Prefect stops it at exit (SIGTERM).
+    in a session of its own; Prefect stops it at exit (SIGTERM), _exit_now before an immediate one.
 
-    A terminal's Ctrl-C signals its whole foreground process group, and Prefect starts the server
-    in nst's: it died with nst's first Ctrl-C, so the run could not record its end (the database
-    kept it Running, and a UI on that Prefect home showed it so for ever) and nst only left through
-    its 10 s watchdog.
+    Prefect starts it in nst's process group, and a terminal's Ctrl-C (or `timeout`'s SIGTERM)
+    signals the whole group: the server died with nst, so the run could not record its end (the
+    database kept it Running, and a UI on that Prefect home showed it so for ever) and nst only
+    left through its 10 s watchdog.
     """
     global _temporary_api
     from prefect.server.api.server import SubprocessASGIServer
 
-    class DeafToCtrlC(SubprocessASGIServer):  # one per port, shared with Prefect's get_client
+    class OwnSession(SubprocessASGIServer):  # one per port: Prefect's get_client finds this one
         def _run_uvicorn_command(self):
-            # a process inherits the signal mask of the thread that starts it; nst's own is restored
-            # at once, so a Ctrl-C while the server starts is only delayed by the fork
-            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            # SIGINT held back until the process is recorded (a Ctrl-C that lost it would leave it
+            # running); it is delivered the moment the mask is restored
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             try:
-                return super()._run_uvicorn_command()
+                with _popen_in_new_session():
+                    self.server_process = super()._run_uvicorn_command()
+                return self.server_process
             finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
-    server = DeafToCtrlC()
-    server.start()
-    _temporary_api = server
+    server = _temporary_api = OwnSession()
+    try:
+        server.start()
+    except BaseException:  # Prefect's start() cleans up after an Exception only
+        server.stop()
+        raise
+
+
+@contextmanager
+def _popen_in_new_session():
+    """subprocess.Popen starts its process with start_new_session=True while the block runs (the
+    main thread only, before any worker thread starts a process)."""
+    import subprocess
+
+    popen = subprocess.Popen
+
+    class InNewSession(popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "start_new_session": True})
+
+    subprocess.Popen = InNewSession
+    try:
+        yield
+    finally:
+        subprocess.Popen = popen
 
 
 def _exit_now(code: int) -> None:
@@ -270,6 +297,8 @@ def _install_interrupt_handlers() -> dict:
         raise KeyboardInterrupt
 
     def on_sigterm(signum, frame):
+        if stop_requested.is_set():
+            return  # stopping already, within the watchdog's bound
         os.write(2, b"\nnst: terminated, stopping\n")
         stop(128 + signum)
         raise SystemExit(128 + signum)

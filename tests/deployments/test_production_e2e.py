@@ -472,7 +472,12 @@ def test_a_new_parent_adopts_the_chunks_of_one_killed_with_kill_9(production, bu
             if status == 200 and any("chunk runs of" in entry["message"] for entry in logs):
                 break
             state = api(base, "GET", f"/flow_runs/{new['id']}")[1]["state"]
-            assert state["type"] not in ("COMPLETED", "FAILED", "CRASHED"), state
+            if state["type"] == "COMPLETED":
+                # every chunk had finished before the kill: adopted and merged (checked below) before
+                # its log lines reached the API (they are sent in batches); with the GPU pool paused,
+                # a chunk run of its own could not have run
+                break
+            assert state["type"] not in ("FAILED", "CRASHED"), state
             assert time.time() < deadline, f"the new parent did not plan its chunks; logs in {home}"
             time.sleep(1)
     finally:

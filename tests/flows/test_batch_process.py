@@ -53,8 +53,19 @@ def _start(tmp_path: Path, temporary_api: bool = False) -> subprocess.Popen:
     if temporary_api:
         del env["PREFECT_API_URL"]
         env.pop("PREFECT_UI_API_URL", None)
-    return subprocess.Popen(_command(tmp_path), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # its own process group: the test can stop all of it
+        for key in ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL"):
+            env.pop(key, None)  # the database is the home's prefect.db, which the test reads
+    # output to a file, not a pipe: a server left running would hold a pipe open and hang its reader
+    log = tmp_path / f"nst-{time.monotonic_ns()}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(_command(tmp_path), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its own process group: the test can stop all of it
+    proc.log = log
+    return proc
+
+
+def _output(proc: subprocess.Popen) -> str:
+    return proc.log.read_text(errors="replace")
 
 
 def _sidecars(out: Path) -> list[Path]:
@@ -65,7 +76,7 @@ def _wait_for(predicate, deadline_s: float, proc: subprocess.Popen) -> None:
     end = time.monotonic() + deadline_s
     while not predicate():
         if proc.poll() is not None:
-            pytest.fail(f"nst batch ended early ({proc.returncode}): {proc.stdout.read().decode()[-2000:]}")
+            pytest.fail(f"nst batch ended early ({proc.returncode}): {_output(proc)[-2000:]}")
         if time.monotonic() > end:
             pytest.fail("timed out waiting for the batch to make progress")
         time.sleep(0.2)
@@ -113,28 +124,28 @@ def test_ctrl_c_then_kill_9_then_rerun(tmp_path):
         except subprocess.TimeoutExpired:
             pytest.fail(f"nst batch still running {time.monotonic() - signalled:.1f} s after Ctrl-C "
                         f"(it promises to exit within {EXIT_AFTER_CTRL_C_S} s)")
-        output = proc.stdout.read().decode()
+        output = _output(proc)
         assert code == 130, output[-2000:]
         _visible_outputs_are_whole(out)
         # The run recorded its end. Old: the Ctrl-C stopped the temporary server too (it was in nst's
         # group), the database kept the run RUNNING, and nst left through its 10 s watchdog.
         with contextlib.closing(sqlite3.connect(tmp_path / "prefect-home" / "prefect.db")) as db:
             assert db.execute("SELECT state_type FROM flow_run").fetchall() == [("CRASHED",)], output[-3000:]
-        _assert_nothing_left(proc.pid)
+        _assert_server_stopped(output)
 
-        # 1b. SIGTERM to nst alone, as `timeout` or `kill` sends it: the run is recorded crashed, then
+        # 1b. SIGTERM to nst's process group, as `timeout` sends it: the run is recorded crashed, then
         # nst exits 143 and stops its server. Old: SIGTERM's default ended nst where it stood (-15)
         # and left the temporary server running for ever.
         before = len(_sidecars(out))
         proc = _start(tmp_path, temporary_api=True)
         procs.append(proc)
         _wait_for(lambda: len(_sidecars(out)) > before, 300, proc)
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
         code = proc.wait(timeout=EXIT_AFTER_CTRL_C_S + SLACK_S)
-        output = proc.stdout.read().decode()
+        output = _output(proc)
         assert code == 143, output[-2000:]
         _visible_outputs_are_whole(out)
-        _assert_nothing_left(proc.pid)
+        _assert_server_stopped(output)
         with contextlib.closing(sqlite3.connect(tmp_path / "prefect-home" / "prefect.db")) as db:
             assert db.execute("SELECT state_type FROM flow_run").fetchall() == [("CRASHED",)] * 2, output[-3000:]
 
@@ -151,7 +162,8 @@ def test_ctrl_c_then_kill_9_then_rerun(tmp_path):
         # 3. The same command again finishes everything and redoes nothing that was done.
         proc = _start(tmp_path)
         procs.append(proc)
-        output = proc.communicate(timeout=400)[0].decode()
+        proc.wait(timeout=400)
+        output = _output(proc)
         assert proc.returncode == 0, output[-3000:]
         reports = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
         # the killed run's report still says "running" (its write probe); Ctrl-C's and SIGTERM's say "crashed"
@@ -169,22 +181,33 @@ def test_ctrl_c_then_kill_9_then_rerun(tmp_path):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-            proc.stdout.close()
+            for port in _server_ports(_output(proc)):  # a server a failed step left
+                for pid in _serving(port):
+                    os.kill(pid, signal.SIGKILL)
 
 
-def _alive_in_group(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
-
-def _assert_nothing_left(pgid: int) -> None:
-    """Nothing of an exited `nst` (its process group) runs on: its temporary server stopped with it
-    (an exited child of a dead parent is reaped by init within moments)."""
+def _assert_server_stopped(output: str) -> None:
+    """The temporary API server of an exited `nst` (in a session of its own, so not in nst's
+    process group) is gone: no process serves the port nst logged, within moments."""
+    ports = _server_ports(output)
+    assert len(ports) == 1, output[-3000:]
     end = time.monotonic() + SLACK_S
-    while _alive_in_group(pgid) and time.monotonic() < end:
+    while (left := _serving(ports[0])) and time.monotonic() < end:
         time.sleep(0.2)
-    assert not _alive_in_group(pgid), subprocess.run(["ps", "-o", "pid,stat,args", "-g", str(pgid)],
-                                                     capture_output=True, text=True).stdout
+    assert not left, left
+
+
+def _server_ports(output: str) -> list[str]:
+    return re.findall(r"Starting temporary server on http://127\.0\.0\.1:(\d+)", output)
+
+
+def _serving(port: str) -> dict[int, str]:
+    """pid: command line of each running Prefect API server on ``port`` (an exited process has none)."""
+    found = {}
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            args = cmdline.read_bytes().split(b"\0")
+            if b"prefect.server.api.server:create_app" in args and port.encode() in args:
+                found[int(cmdline.parent.name)] = b" ".join(args).decode()
+    return found
