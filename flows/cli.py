@@ -124,16 +124,10 @@ def _prefect_api():
         with temporary_settings(set_defaults={wait: SERVER_START_TIMEOUT_S}):
             waited = wait.value()
             if not url and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-                _start_temporary_api()
+                _start_temporary_api(waited, wait.name)
             yield
     except (RuntimeError, httpx.ConnectError, httpx.ConnectTimeout) as err:
         text = str(err)
-        if isinstance(err, RuntimeError) and text.startswith("Timed out while attempting to connect to ephemeral"):
-            if "exited with code" in text:
-                raise NSTError("Prefect's temporary API exited as it started; "
-                               "run `prefect server start` to see why, or set PREFECT_API_URL") from None
-            raise NSTError(f"Prefect's temporary API did not answer within {waited} s; "
-                           f"raise {wait.name} or set PREFECT_API_URL to a running server") from None
         if url and (not isinstance(err, RuntimeError) or text.startswith("Failed to reach API at")):
             cause = err.__cause__ or err
             unreachable = (httpx.ConnectError, httpx.ConnectTimeout)
@@ -148,25 +142,36 @@ def _prefect_api():
 _temporary_api = None
 
 
-def _start_temporary_api() -> None:
+def _start_temporary_api(wait_s: float, wait_setting: str) -> None:
     """Start Prefect's temporary API server now, as Prefect would on the run's first API call, but
-    in a session of its own; Prefect stops it at exit (SIGTERM), _exit_now before an immediate one.
+    in a session of its own and with its output kept; Prefect stops it at exit (SIGTERM), _exit_now
+    before an immediate one. A server that cannot start is one NSTError line with its own reason.
 
     Prefect starts it in nst's process group, and a terminal's Ctrl-C (or `timeout`'s SIGTERM)
     signals the whole group: the server died with nst, so the run could not record its end (the
     database kept it Running, and a UI on that Prefect home showed it so for ever) and nst only
-    left through its 10 s watchdog.
+    left through its 10 s watchdog. Its startup tracebacks went to the terminal, three times over
+    (Prefect restarts a server whose startup failed), under a line blaming the wait.
     """
     global _temporary_api
+    import tempfile
+
     from prefect.server.api.server import SubprocessASGIServer
+
+    log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server never blocks on it
 
     class OwnSession(SubprocessASGIServer):  # one per port: Prefect's get_client finds this one
         def _run_uvicorn_command(self):
+            # Prefect starts another (on another port) when one exits 3: a port taken meanwhile,
+            # which another try may escape, or a failed startup, which it will not
+            if self.server_process is not None and (cause := _startup_failure(log)):
+                raise NSTError(f"Prefect's temporary API could not start ({cause}); fix that, "
+                               "or set PREFECT_API_URL to a running server")
             # SIGINT held back until the process is recorded (a Ctrl-C that lost it would leave it
             # running); it is delivered the moment the mask is restored
             held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             try:
-                with _popen_in_new_session():
+                with _popen_in_new_session(log):
                     self.server_process = super()._run_uvicorn_command()
                 return self.server_process
             finally:
@@ -175,22 +180,42 @@ def _start_temporary_api() -> None:
     server = _temporary_api = OwnSession()
     try:
         server.start()
+    except RuntimeError as err:
+        server.stop()
+        if not str(err).startswith("Timed out while attempting to connect to ephemeral"):
+            raise
+        if cause := _startup_failure(log):
+            raise NSTError(f"Prefect's temporary API could not start ({cause}); fix that, "
+                           "or set PREFECT_API_URL to a running server") from None
+        raise NSTError(f"Prefect's temporary API did not answer within {wait_s} s; "
+                       f"raise {wait_setting} or set PREFECT_API_URL to a running server") from None
     except BaseException:  # Prefect's start() cleans up after an Exception only
         server.stop()
         raise
 
 
+def _startup_failure(log) -> str | None:
+    """The exception a failed server startup logged last (credentials removed), else None."""
+    log.seek(0)
+    text = log.read().decode(errors="replace")
+    if "Application startup failed" not in text:
+        return None
+    errors = re.findall(r"^\w[\w.]*(?:Error|Exception)\b.*$", text, re.M)
+    return _without_userinfo(errors[-1].strip()) if errors else "its startup failed"
+
+
 @contextmanager
-def _popen_in_new_session():
-    """subprocess.Popen starts its process with start_new_session=True while the block runs (the
-    main thread only, before any worker thread starts a process)."""
+def _popen_in_new_session(log):
+    """subprocess.Popen starts its process in a session of its own, its output to ``log``, while the
+    block runs (the main thread only, before any worker thread starts a process)."""
     import subprocess
 
     popen = subprocess.Popen
 
     class InNewSession(popen):
         def __init__(self, *args, **kwargs):
-            super().__init__(*args, **{**kwargs, "start_new_session": True})
+            super().__init__(*args, **{**kwargs, "start_new_session": True, "stdout": log,
+                                       "stderr": subprocess.STDOUT})
 
     subprocess.Popen = InNewSession
     try:

@@ -133,6 +133,20 @@ def test_a_temporary_api_that_never_answers_is_one_line_and_the_users_profile_se
     assert not (data / "out").exists()
 
 
+def test_a_temporary_api_that_cannot_start_is_one_line_with_its_own_reason(data):
+    """Old: uvicorn's startup traceback three times over (Prefect restarts a server whose startup
+    failed) on the terminal, then a line blaming the wait."""
+    home = data / "fresh-prefect-home"
+    env = first_start(home, PREFECT_SERVER_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{data}/no/such/dir/x.db")
+    proc = nst("batch", "--contents", "c", "--styles", "s", "--output", "out", *FAST, cwd=data, env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("nst: error:")]
+    assert len(errors) == 1, proc.stderr
+    assert "temporary API could not start" in errors[0] and "unable to open database file" in errors[0]
+    assert not (data / "out").exists()
+
+
 def test_the_temporary_apis_wait_is_generous_unless_the_user_set_it():
     """A fresh home's migrations (12 s on a 2-core EPYC) plus the server's start (8 s) passed Prefect's
     20 s default."""
