@@ -7,13 +7,14 @@ Exit codes: 0 ok, 1 a batch whose flow run failed, 2 bad input or parameters (on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
 import signal
 import sys
+import threading
 import time
-import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -161,6 +162,14 @@ def _start_temporary_api(wait_s: float, wait_setting: str) -> None:
     log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server never blocks on it
 
     class OwnSession(SubprocessASGIServer):  # one per port: Prefect's get_client finds this one
+        stopping = False
+        lock = threading.Lock()  # a stop and a restart (_restart_when_it_dies) never cross
+
+        def stop(self):
+            with self.lock:
+                self.stopping = True
+            super().stop()
+
         def _run_uvicorn_command(self):
             # Prefect starts another (on another port) when one exits 3: a port taken meanwhile,
             # which another try may escape, or a failed startup, which it will not
@@ -192,6 +201,38 @@ def _start_temporary_api(wait_s: float, wait_setting: str) -> None:
     except BaseException:  # Prefect's start() cleans up after an Exception only
         server.stop()
         raise
+    threading.Thread(target=_restart_when_it_dies, args=(server,), name="nst-temporary-api", daemon=True).start()
+
+
+#: How many times a temporary API server that died mid-run is started again.
+SERVER_RESTARTS = 3
+
+
+def _restart_when_it_dies(server) -> None:
+    """Start the temporary API server again, on its port and database, whenever it exits without
+    being stopped (killed, crashed), up to SERVER_RESTARTS times. Prefect's client retries a call
+    for about a minute, so the run carries on and still records its end. Without it, every API
+    call of the run retried in vain: nst took 215 s to end, exit 1 with tracebacks, its run left
+    Running in the database (the pairs themselves were kept)."""
+    from prefect.logging import get_logger
+
+    for restart in range(SERVER_RESTARTS + 1):
+        while (process := server.server_process) is not None and process.poll() is None:
+            time.sleep(0.5)
+        with server.lock:
+            if server.stopping or process is None:
+                return
+            if restart == SERVER_RESTARTS:
+                get_logger("nst").error("Prefect's temporary API server exited again (code %s); not restarted",
+                                        process.returncode)
+                return
+            get_logger("nst").warning("Prefect's temporary API server exited (code %s); starting it again on %s",
+                                      process.returncode, server.address)
+            try:
+                server.server_process = server._run_uvicorn_command()
+            except NSTError as err:
+                get_logger("nst").error("%s", err)
+                return
 
 
 def _startup_failure(log) -> str | None:
@@ -226,6 +267,8 @@ def _popen_in_new_session(log):
 
 def _exit_now(code: int) -> None:
     """Exit at once (os._exit skips Prefect's atexit stop of its temporary server: stop it first)."""
+    if _temporary_api is not None and _temporary_api.lock.acquire(timeout=1):
+        _temporary_api.stopping = True  # not restarted; the lock is left held: nothing follows
     process = getattr(_temporary_api, "server_process", None)
     if process is not None:
         with contextlib.suppress(OSError):
@@ -300,8 +343,6 @@ def _install_interrupt_handlers() -> dict:
     SIGTERM (`timeout`, `kill`): once Prefect has recorded the run crashed, the same stop, exit 143.
     SIGTERM's default killed nst where it stood and left its temporary API server running.
     Returns the handlers replaced."""
-    import threading
-
     from tasks.pair import stop_requested
 
     if threading.current_thread() is not threading.main_thread():
