@@ -338,6 +338,9 @@ def stylize_batch(
                           seconds=(datetime.now(timezone.utc) - b.started).total_seconds())
         return _verdict(report, run.max_failures)
     except BaseException as err:  # Ctrl-C, SIGTERM, an unhandled error: the report must not say "running"
+        # and the pairs still running stop at their next evaluation: the task runner waits for them
+        # before the run can record its end (SIGTERM, or a cancel, waited for whole pairs)
+        stop_requested.set()
         if not reported:
             _mark_stopped(b.out, b.flow_run, f"{type(err).__name__}: {err}".rstrip(": "))
         raise

@@ -7,10 +7,8 @@ Exit codes: 0 ok, 1 a batch whose flow run failed, 2 bad input or parameters (on
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
-import re
 import signal
 import sys
 import threading
@@ -20,7 +18,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from nst_core.cli import ProgressBar, add_model_options, add_stylize_parser, model_from_args, one_line
+from nst_core.cli import (ProgressBar, add_model_options, add_stylize_parser, model_from_args, one_line,
+                          without_userinfo)
 from nst_core.errors import NSTError
 from nst_core.params import StyleParams
 
@@ -97,10 +96,12 @@ def _run_flow(source, output, params, run):
     finally:
         on_pair_done.reset(token)
         for signum, handler in previous.items():
-            # SIGTERM's stays while a temporary API server runs: its default would end nst before
-            # the atexit stop of the server and leave it running
-            if handler is not None and not (signum == signal.SIGTERM and _temporary_api is not None):
-                signal.signal(signum, handler)
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        if "flows.temporary_api" in sys.modules and sys.modules["flows.temporary_api"].running():
+            # until the atexit stop of the server: a default SIGTERM, or a KeyboardInterrupt in that
+            # stop, would end nst and leave the server (a session of its own) running
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, lambda signum, frame: _exit_now(128 + signum))
     if _refusal(state) is None:  # a refusal is printed once, as the error line (run_batch)
         print(state.message or state.name)
     return state
@@ -108,10 +109,10 @@ def _run_flow(source, output, params, run):
 
 @contextmanager
 def _prefect_api():
-    """Around the CLI's Prefect calls: the temporary API (no PREFECT_API_URL) may take
-    SERVER_START_TIMEOUT_S to start unless the user set its wait (any of Prefect's sources), and an
-    API that cannot be used is one NSTError line, never showing credentials, instead of Prefect's
-    traceback.
+    """Around the CLI's Prefect calls: the temporary API (no PREFECT_API_URL) is started by
+    flows.temporary_api and may take SERVER_START_TIMEOUT_S to start unless the user set its wait
+    (any of Prefect's sources), and an API that cannot be used is one NSTError line, never showing
+    credentials, instead of Prefect's traceback.
 
     Prefect waits 20 s for its temporary API; a fresh home's first start (the quickstart's `make
     demo`) took longer on a 2-core machine and the run died.
@@ -125,7 +126,9 @@ def _prefect_api():
         with temporary_settings(set_defaults={wait: SERVER_START_TIMEOUT_S}):
             waited = wait.value()
             if not url and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-                _start_temporary_api(waited, wait.name)
+                from flows import temporary_api
+
+                temporary_api.start(waited, wait.name)
             yield
     except (RuntimeError, httpx.ConnectError, httpx.ConnectTimeout) as err:
         text = str(err)
@@ -133,152 +136,18 @@ def _prefect_api():
             cause = err.__cause__ or err
             unreachable = (httpx.ConnectError, httpx.ConnectTimeout)
             what = "does not answer" if isinstance(err, unreachable) or isinstance(cause, unreachable) else "cannot be used"
-            raise NSTError(f"the Prefect API at {_without_userinfo(url)} {what} "
-                           f"({_without_userinfo(one_line(cause))}); "
+            raise NSTError(f"the Prefect API at {without_userinfo(url)} {what} "
+                           f"({without_userinfo(one_line(cause))}); "
                            "start it or fix PREFECT_API_URL, or unset it to run on a temporary API") from None
         raise
 
 
-#: The temporary API server _start_temporary_api started, if any (stopped before an immediate exit).
-_temporary_api = None
-
-
-def _start_temporary_api(wait_s: float, wait_setting: str) -> None:
-    """Start Prefect's temporary API server now, as Prefect would on the run's first API call, but
-    in a session of its own and with its output kept; Prefect stops it at exit (SIGTERM), _exit_now
-    before an immediate one. A server that cannot start is one NSTError line with its own reason.
-
-    Prefect starts it in nst's process group, and a terminal's Ctrl-C (or `timeout`'s SIGTERM)
-    signals the whole group: the server died with nst, so the run could not record its end (the
-    database kept it Running, and a UI on that Prefect home showed it so for ever) and nst only
-    left through its 10 s watchdog. Its startup tracebacks went to the terminal, three times over
-    (Prefect restarts a server whose startup failed), under a line blaming the wait.
-    """
-    global _temporary_api
-    import tempfile
-
-    from prefect.server.api.server import SubprocessASGIServer
-
-    log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server never blocks on it
-
-    class OwnSession(SubprocessASGIServer):  # one per port: Prefect's get_client finds this one
-        stopping = False
-        lock = threading.Lock()  # a stop and a restart (_restart_when_it_dies) never cross
-
-        def stop(self):
-            with self.lock:
-                self.stopping = True
-            super().stop()
-
-        def _run_uvicorn_command(self):
-            # Prefect starts another (on another port) when one exits 3: a port taken meanwhile,
-            # which another try may escape, or a failed startup, which it will not
-            if self.server_process is not None and (cause := _startup_failure(log)):
-                raise NSTError(f"Prefect's temporary API could not start ({cause}); fix that, "
-                               "or set PREFECT_API_URL to a running server")
-            # SIGINT held back until the process is recorded (a Ctrl-C that lost it would leave it
-            # running); it is delivered the moment the mask is restored
-            held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-            try:
-                with _popen_in_new_session(log):
-                    self.server_process = super()._run_uvicorn_command()
-                return self.server_process
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, held)
-
-    server = _temporary_api = OwnSession()
-    try:
-        server.start()
-    except RuntimeError as err:
-        server.stop()
-        if not str(err).startswith("Timed out while attempting to connect to ephemeral"):
-            raise
-        if cause := _startup_failure(log):
-            raise NSTError(f"Prefect's temporary API could not start ({cause}); fix that, "
-                           "or set PREFECT_API_URL to a running server") from None
-        raise NSTError(f"Prefect's temporary API did not answer within {wait_s} s; "
-                       f"raise {wait_setting} or set PREFECT_API_URL to a running server") from None
-    except BaseException:  # Prefect's start() cleans up after an Exception only
-        server.stop()
-        raise
-    threading.Thread(target=_restart_when_it_dies, args=(server,), name="nst-temporary-api", daemon=True).start()
-
-
-#: How many times a temporary API server that died mid-run is started again.
-SERVER_RESTARTS = 3
-
-
-def _restart_when_it_dies(server) -> None:
-    """Start the temporary API server again, on its port and database, whenever it exits without
-    being stopped (killed, crashed), up to SERVER_RESTARTS times. Prefect's client retries a call
-    for about a minute, so the run carries on and still records its end. Without it, every API
-    call of the run retried in vain: nst took 215 s to end, exit 1 with tracebacks, its run left
-    Running in the database (the pairs themselves were kept)."""
-    from prefect.logging import get_logger
-
-    for restart in range(SERVER_RESTARTS + 1):
-        while (process := server.server_process) is not None and process.poll() is None:
-            time.sleep(0.5)
-        with server.lock:
-            if server.stopping or process is None:
-                return
-            if restart == SERVER_RESTARTS:
-                get_logger("nst").error("Prefect's temporary API server exited again (code %s); not restarted",
-                                        process.returncode)
-                return
-            get_logger("nst").warning("Prefect's temporary API server exited (code %s); starting it again on %s",
-                                      process.returncode, server.address)
-            try:
-                server.server_process = server._run_uvicorn_command()
-            except NSTError as err:
-                get_logger("nst").error("%s", err)
-                return
-
-
-def _startup_failure(log) -> str | None:
-    """The exception a failed server startup logged last (credentials removed), else None."""
-    log.seek(0)
-    text = log.read().decode(errors="replace")
-    if "Application startup failed" not in text:
-        return None
-    errors = re.findall(r"^\w[\w.]*(?:Error|Exception)\b.*$", text, re.M)
-    return _without_userinfo(errors[-1].strip()) if errors else "its startup failed"
-
-
-@contextmanager
-def _popen_in_new_session(log):
-    """subprocess.Popen starts its process in a session of its own, its output to ``log``, while the
-    block runs (the main thread only, before any worker thread starts a process)."""
-    import subprocess
-
-    popen = subprocess.Popen
-
-    class InNewSession(popen):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **{**kwargs, "start_new_session": True, "stdout": log,
-                                       "stderr": subprocess.STDOUT})
-
-    subprocess.Popen = InNewSession
-    try:
-        yield
-    finally:
-        subprocess.Popen = popen
-
-
 def _exit_now(code: int) -> None:
-    """Exit at once (os._exit skips Prefect's atexit stop of its temporary server: stop it first)."""
-    if _temporary_api is not None and _temporary_api.lock.acquire(timeout=1):
-        _temporary_api.stopping = True  # not restarted; the lock is left held: nothing follows
-    process = getattr(_temporary_api, "server_process", None)
-    if process is not None:
-        with contextlib.suppress(OSError):
-            process.terminate()
+    """Exit at once (os._exit skips Prefect's atexit stop of a temporary API server: stop it first)."""
+    temporary = sys.modules.get("flows.temporary_api")  # imported once one was started
+    if temporary is not None:
+        temporary.stop_now()
     os._exit(code)
-
-
-def _without_userinfo(text: str) -> str:
-    """``text`` with the ``user:password@`` of every URL in it removed: an error line never shows credentials."""
-    return re.sub(r"(//)[^/\s@]*@", r"\1", text)
 
 
 def _refusal(state) -> str | None:
@@ -362,9 +231,12 @@ def _install_interrupt_handlers() -> dict:
         stop(130)
         raise KeyboardInterrupt
 
+    terminated = []
+
     def on_sigterm(signum, frame):
-        if stop_requested.is_set():
+        if terminated:
             return  # stopping already, within the watchdog's bound
+        terminated.append(signum)
         os.write(2, b"\nnst: terminated, stopping\n")
         stop(128 + signum)
         raise SystemExit(128 + signum)

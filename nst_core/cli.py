@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import types
@@ -24,7 +25,8 @@ from .weights import check_weights_file
 if typing.TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["add_model_options", "model_from_args", "add_stylize_parser", "run_stylize", "ProgressBar", "one_line"]
+__all__ = ["add_model_options", "model_from_args", "add_stylize_parser", "run_stylize", "ProgressBar", "one_line",
+           "without_userinfo"]
 
 
 def _option_type(annotation) -> dict:
@@ -71,6 +73,11 @@ def model_from_args(model: type[BaseModel], args: argparse.Namespace):
     """Build ``model`` from the options that were given; the model validates and fills defaults."""
     given = {k: v for k, v in vars(args).items() if k in model.model_fields}
     return model(**given)
+
+
+def without_userinfo(text: str) -> str:
+    """``text`` with the ``user:password@`` of every URL in it removed: an error line never shows credentials."""
+    return re.sub(r"(//)[^/\s@]*@", r"\1", text)
 
 
 def one_line(err: Exception) -> str:
