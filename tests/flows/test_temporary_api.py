@@ -1,0 +1,63 @@
+"""flows/temporary_api.py's parts; the server itself is exercised through `nst batch` in
+test_batch_process.py (Ctrl-C, SIGTERM, a server killed mid-run) and test_cli.py (one that cannot start)."""
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+from flows import temporary_api
+from prefect.server.api import server as prefect_server
+
+STARTUP_FAILED = b"""ERROR:    Traceback (most recent call last):
+  File "starlette/routing.py", line 694, in lifespan
+sqlalchemy.exc.OperationalError: (psycopg.OperationalError) connection to postgresql+psycopg://nst:hunter2@db:5432/prefect failed
+  File "uvicorn/lifespan/on.py", line 86, in main
+asyncpg.exceptions.InvalidPasswordError: password authentication failed for postgresql://nst:hunter2@db:5432/prefect
+ERROR:    Application startup failed. Exiting.
+"""
+
+
+def test_a_failed_startup_is_its_last_exception_line_without_credentials():
+    with tempfile.TemporaryFile() as log:
+        log.write(STARTUP_FAILED)
+        cause = temporary_api.startup_failure(log)
+    assert cause == "asyncpg.exceptions.InvalidPasswordError: password authentication failed for postgresql://db:5432/prefect"
+    with tempfile.TemporaryFile() as log:  # a bind failure, or a server still starting: not a failed startup
+        log.write(b"ERROR:    [Errno 98] error while attempting to bind on address ('127.0.0.1', 8000)\n")
+        assert temporary_api.startup_failure(log) is None
+
+
+def test_ctrl_c_while_the_server_process_starts_acts_once_it_is_recorded():
+    """A KeyboardInterrupt inside Popen would lose the process it started (in a session of its own,
+    nothing would ever stop it); the signal acts once the block is left. The kernel may hand a
+    process's signal to any thread that does not block it, and Python then runs the handler in
+    the main thread: blocking it in the main thread alone (the first version) held nothing back."""
+    other = threading.Thread(target=time.sleep, args=(2,), daemon=True)  # a thread not blocking SIGINT
+    other.start()
+    recorded = False
+    with pytest.raises(KeyboardInterrupt):
+        with temporary_api._signals_noted():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)  # the handler has run by now, whichever thread took the signal
+            recorded = True
+    assert recorded
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_only_prefects_server_module_starts_its_processes_in_a_new_session():
+    with tempfile.TemporaryFile() as log:
+        with temporary_api._popen_in_new_session(log):
+            inside = prefect_server.subprocess.Popen([sys.executable, "-c", "import os; print(os.getsid(0))"])
+            elsewhere = subprocess.run([sys.executable, "-c", "import os; print(os.getsid(0))"],
+                                       capture_output=True, text=True, timeout=30)
+        inside.wait(timeout=30)
+        log.seek(0)
+        assert int(log.read()) == inside.pid  # its own session, its output in the log
+        assert int(elsewhere.stdout) == os.getsid(0)  # any other process: this session, its own pipes
+    assert prefect_server.subprocess is subprocess
