@@ -25,7 +25,7 @@ from tasks.compute import expand_devices
 from tasks.contract import (DONE, RUNS, PairPlan, chunk_report, done_in, failed_item, in_runs, naming_problem,
                             report_bytes, skipped_item)
 from tasks.credentials import resolve
-from tasks.pair import PairContext
+from tasks.pair import PairContext, stop_requested
 from tasks.pipeline import run_pairs
 from tasks.plan import outside_allowed
 from tasks.storage import StorageHealth, StorageUnreachableError, open_storage, retrying, safe_key
@@ -75,7 +75,12 @@ def stylize_chunk(
     ctx = PairContext(output, params, devices, weights_id, run.labels, run.io_workers, run.pair_timeout_s,
                       {**this_run, "id": str(this_run["id"])}, credentials=credentials, health=health,
                       pairs_per_step=run.pairs_per_step)
-    result = run_pairs(todo, ctx, run.window, run.contact_sheet_rows)
+    stop_requested.clear()  # as stylize_batch: a stop of an earlier run in this process is not this one's
+    try:
+        result = run_pairs(todo, ctx, run.window, run.contact_sheet_rows)
+    except BaseException:  # SIGTERM (a cancel), an error: the pairs in flight stop at their next evaluation
+        stop_requested.set()
+        raise
     since = health.unreachable_since()
     if since is not None:  # its report could not be written either: the state carries the reason
         finished = done | {i for i, item in result.items.items() if item.status == DONE}

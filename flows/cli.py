@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 a batch whose flow run failed, 2 bad input or parameters (on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -100,7 +101,7 @@ def _run_flow(source, output, params, run):
         if "flows.temporary_api" in sys.modules and sys.modules["flows.temporary_api"].running():
             # until the atexit stop of the server: a default SIGTERM, or a KeyboardInterrupt in that
             # stop, would end nst and leave the server (a session of its own) running
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 signal.signal(signum, lambda signum, frame: _exit_now(128 + signum))
     if _refusal(state) is None:  # a refusal is printed once, as the error line (run_batch)
         print(state.message or state.name)
@@ -209,7 +210,8 @@ def _logs_start_on_their_own_line(get_bar):
 def _install_interrupt_handlers() -> dict:
     """Ctrl-C: stop every pair at its next evaluation and unwind (exit 130 within seconds; what
     was written stays: writes are atomic). A second Ctrl-C, or 10 s later, exits at once.
-    SIGTERM (`timeout`, `kill`): once Prefect has recorded the run crashed, the same stop, exit 143.
+    SIGTERM (`timeout`, `kill`) or SIGHUP: once Prefect has recorded the run crashed, the same stop,
+    exit 128 + the signal.
     SIGTERM's default killed nst where it stood and left its temporary API server running.
     Returns the handlers replaced."""
     from tasks.pair import stop_requested
@@ -237,12 +239,16 @@ def _install_interrupt_handlers() -> dict:
         if terminated:
             return  # stopping already, within the watchdog's bound
         terminated.append(signum)
-        os.write(2, b"\nnst: terminated, stopping\n")
+        with contextlib.suppress(OSError):  # after SIGHUP, no terminal to write to
+            os.write(2, b"\nnst: terminated, stopping\n")
         stop(128 + signum)
         raise SystemExit(128 + signum)
 
+    # SIGHUP (the terminal closed) as SIGTERM: its default would end nst before the atexit stop of a
+    # temporary API server, which runs in a session of its own and gets no SIGHUP itself
     return {signal.SIGINT: signal.signal(signal.SIGINT, on_sigint),
-            signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm)}
+            signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm),
+            signal.SIGHUP: signal.signal(signal.SIGHUP, on_sigterm)}
 
 
 def run_batch(args: argparse.Namespace) -> int:

@@ -616,3 +616,23 @@ def test_a_parent_whose_chunk_lost_storage_cancels_the_others_and_ends_failed_wi
     assert reads == []
     kids = _children(run_id)
     assert [k.state.name for k in kids][0] == "Failed" and kids[1].state.name in ("Cancelling", "Cancelled")
+
+
+def test_a_chunk_runs_its_pairs_after_an_earlier_run_in_the_process_stopped(tmp_path, prefect_api):
+    """A stop left by an earlier run in this process (its flow body ended by SIGTERM, Ctrl-C or an
+    error) is not this chunk's. Old: the chunk started no pair and failed each one, "run interrupted
+    before the pair started"."""
+    from tasks.pair import stop_requested
+    from tasks.plan import plan_pairs, source_entries
+
+    source, output = _folders(tmp_path, contents=1)
+    params = tiny_params()
+    plans = plan_pairs(source_entries(source), params, "random(seed=0)", output.format, output.quality)
+    stop_requested.set()
+    try:
+        result = stylize_chunk(plans, output, params, RunOptions(allowed_sources=[str(tmp_path)]), "random(seed=0)",
+                               "_runs/parent/chunk-0.json")
+    finally:
+        stop_requested.clear()
+    report = json.loads((tmp_path / "out" / "_runs" / "parent" / "chunk-0.json").read_text())
+    assert result["done"] == len(plans) == 1, [(i["status"], i.get("error")) for i in report["items"]]
