@@ -98,7 +98,7 @@ def _run_flow(source, output, params, run):
         on_pair_done.reset(token)
         for signum, handler in previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-        if "flows.temporary_api" in sys.modules and sys.modules["flows.temporary_api"].running():
+        if (temporary := _temporary_api()) is not None and temporary.running():
             # until the atexit stop of the server: a default SIGTERM, or a KeyboardInterrupt in that
             # stop, would end nst and leave the server (a session of its own) running
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -143,10 +143,15 @@ def _prefect_api():
         raise
 
 
+def _temporary_api():
+    """flows.temporary_api if this process started a temporary API server (it is imported for
+    that only: the import costs Prefect's server app), else None."""
+    return sys.modules.get("flows.temporary_api")
+
+
 def _exit_now(code: int) -> None:
     """Exit at once (os._exit skips Prefect's atexit stop of a temporary API server: stop it first)."""
-    temporary = sys.modules.get("flows.temporary_api")  # imported once one was started
-    if temporary is not None:
+    if (temporary := _temporary_api()) is not None:
         temporary.stop_now()
     os._exit(code)
 

@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from prefect.logging import get_logger
 from prefect.server.api import server as prefect_server
@@ -61,8 +61,7 @@ class _Server(prefect_server.SubprocessASGIServer):
         # Prefect starts another (on another port) when one exits 3: a port taken meanwhile, which
         # another try may escape, or a failed startup, which it will not
         if self.server_process is not None and (cause := startup_failure(self.log)):
-            raise NSTError(f"Prefect's temporary API could not start ({cause}); fix that, "
-                           "or set PREFECT_API_URL to a running server")
+            raise _cannot_start(cause)
         with _signals_noted(), _popen_in_new_session(self.log):
             # recorded before a noted Ctrl-C or SIGTERM acts: one that lost it would leave it running
             self.server_process = super()._run_uvicorn_command()
@@ -83,8 +82,7 @@ def start(wait_s: float, wait_setting: str) -> None:
         if not str(err).startswith("Timed out while attempting to connect to ephemeral"):
             raise
         if cause := startup_failure(server.log):
-            raise NSTError(f"Prefect's temporary API could not start ({cause}); fix that, "
-                           "or set PREFECT_API_URL to a running server") from None
+            raise _cannot_start(cause) from None
         raise NSTError(f"Prefect's temporary API did not answer within {wait_s} s; "
                        f"raise {wait_setting} or set PREFECT_API_URL to a running server") from None
     except BaseException:  # Prefect's start() cleans up after an Exception only
@@ -113,10 +111,8 @@ def stop_now() -> None:
         server.stopping = True  # the lock stays held: nothing follows but the exit
     process = server.server_process
     if process is not None:
-        try:
+        with suppress(OSError):
             process.terminate()
-        except OSError:
-            pass
 
 
 def _restart_when_it_dies(server: _Server) -> None:
@@ -140,6 +136,11 @@ def _restart_when_it_dies(server: _Server) -> None:
                 return
 
 
+def _cannot_start(cause: str) -> NSTError:
+    return NSTError(f"Prefect's temporary API could not start ({cause}); fix that, "
+                    "or set PREFECT_API_URL to a running server")
+
+
 def startup_failure(log) -> str | None:
     """The exception a failed server startup logged last (credentials removed), else None."""
     log.seek(0)
@@ -152,7 +153,8 @@ def startup_failure(log) -> str | None:
 
 @contextmanager
 def _signals_noted():
-    """In the main thread, SIGINT and SIGTERM only noted while the block runs, then raised again:
+    """In the main thread, SIGINT, SIGTERM and SIGHUP (all three stop nst) only noted while the
+    block runs, then raised again:
     Python runs its handlers in the main thread whichever thread the kernel picked, so blocking
     them there (pthread_sigmask) would not hold them back. Elsewhere, nothing to do."""
     if threading.current_thread() is not threading.main_thread():
@@ -160,7 +162,7 @@ def _signals_noted():
         return
     noted: list[int] = []
     previous = {signum: signal.signal(signum, lambda signum, frame: noted.append(signum))
-                for signum in (signal.SIGINT, signal.SIGTERM)}
+                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
