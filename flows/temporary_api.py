@@ -4,6 +4,8 @@
   foreground process group, and Prefect starts the server in nst's. It died with nst, so the run
   could not record its end (the database kept it Running, and a UI on that Prefect home showed
   it so for ever) and nst only left through its 10 s watchdog;
+- ended by the kernel when nst dies without running any code of its own (kill -9, an OOM kill;
+  Linux): it served on, in its session, until someone found and killed it;
 - its output kept in a temporary file: a server that cannot start is one NSTError line with its
   own reason, where its startup traceback reached the terminal three times over (Prefect starts
   another when one exits 3) under a line blaming the wait;
@@ -19,9 +21,11 @@ immediate exit.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -172,15 +176,37 @@ def _signals_noted():
             signal.raise_signal(signum)
 
 
+#: Runs first in the server's process, then execs Prefect's command: the kernel SIGTERMs the
+#: server when nst dies however it dies (kill -9, an OOM kill, a crash: no code of nst runs then),
+#: PR_SET_PDEATHSIG being kept across exec. nst already gone by then: exit at once. Linux only.
+#: The signal follows the *thread* that started the process: the main thread, or the restarting
+#: thread, which waits on the process it started.
+_DIE_WITH_NST = """
+import ctypes, os, signal, sys
+ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(0)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def _dies_with_this_process(args: list[str]) -> list[str]:
+    """Prefect's server command, run so that it ends when this process does (Linux); else as is."""
+    if not sys.platform.startswith("linux"):
+        return args
+    return [sys.executable, "-c", _DIE_WITH_NST, str(os.getpid()), *args]
+
+
 @contextmanager
 def _popen_in_new_session(log):
     """Prefect's server module starts its processes in a session of their own, output to ``log``,
-    while the block runs (its own reference to subprocess only: no other code is affected)."""
+    ending with this process, while the block runs (its own reference to subprocess only: no
+    other code is affected)."""
 
     class InNewSession(subprocess.Popen):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **{**kwargs, "start_new_session": True, "stdout": log,
-                                       "stderr": subprocess.STDOUT})
+        def __init__(self, args, *rest, **kwargs):
+            super().__init__(_dies_with_this_process(list(args)), *rest,
+                             **{**kwargs, "start_new_session": True, "stdout": log, "stderr": subprocess.STDOUT})
 
     class Subprocess:  # the subprocess module, but for Popen
         Popen = InNewSession

@@ -61,3 +61,41 @@ def test_only_prefects_server_module_starts_its_processes_in_a_new_session():
         assert int(log.read()) == inside.pid  # its own session, its output in the log
         assert int(elsewhere.stdout) == os.getsid(0)  # any other process: this session, its own pipes
     assert prefect_server.subprocess is subprocess
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_server_process_ends_when_its_starter_dies_without_running_code(tmp_path):
+    """kill -9 (or an OOM kill) of nst runs none of its code: the kernel must end the server it
+    started (old: it served on, in a session of its own, for ever). And a starter that is gone
+    before the server's process set that up: the process exits at once instead of serving."""
+    up = tmp_path / "up"
+    starter = ("import os, signal, subprocess, sys, time\n"
+               "from flows.temporary_api import _dies_with_this_process\n"
+               "p = subprocess.Popen(_dies_with_this_process([sys.executable, '-c', "
+               "'import os, time; print(os.getpid(), flush=True); time.sleep(120)']), stdout=open(sys.argv[1], 'w'))\n"
+               "while not open(sys.argv[1]).read(): time.sleep(0.05)\n"
+               "os.kill(os.getpid(), signal.SIGKILL)\n")
+    done = subprocess.run([sys.executable, "-c", starter, str(up)], stdout=subprocess.DEVNULL, timeout=60,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert done.returncode == -signal.SIGKILL
+    server = int(up.read_text())
+    try:
+        end = time.monotonic() + 10
+        while _alive(server) and time.monotonic() < end:
+            time.sleep(0.1)
+        assert not _alive(server)
+    finally:
+        if _alive(server):
+            os.kill(server, signal.SIGKILL)
+
+    gone = subprocess.run(temporary_api._dies_with_this_process(["/bin/false"])[:3] + ["1", "/bin/false"], timeout=30)
+    assert gone.returncode == 0  # not /bin/false's 1: its starter (pid 1 here) is not its parent
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (an orphan's reaper may be slow, or absent in a container)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
