@@ -26,12 +26,14 @@ and every storage call of the run gets that value (``tasks.credentials``).
 from __future__ import annotations
 
 import contextvars
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger, runtime
+from prefect.exceptions import TerminationSignal
 from pydantic import Field
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -43,7 +45,7 @@ from nst_core.errors import NSTError
 from nst_core.params import StyleParams
 from tasks.artifacts import RunProgress, publish_artifacts, run_label, run_warning, write_pictures
 from tasks.compute import expand_devices, run_on_device
-from tasks.contract import (CRASHED, DONE, FAILED, SKIPPED, PairPlan, ReportItem, done_in, failed_item, report_bytes,
+from tasks.contract import (CANCELLED, CRASHED, DONE, FAILED, SKIPPED, PairPlan, ReportItem, done_in, failed_item, report_bytes,
                             report_key, run_report, running_report, skipped_item, stopped_report)
 from tasks.credentials import DEFAULT_CHAIN, CredentialsError, StorageCredentials, resolve
 from tasks.models import BatchSource, InvalidInputs, OutputSpec, RunOptions, StyleForm, batch_inputs
@@ -118,12 +120,50 @@ def _drop_probe(out: Storage, run: dict, error: str) -> None:
             pass
 
 
-def _mark_stopped(out: Storage, run: dict, error: str) -> None:
+def _mark_stopped(out: Storage, run: dict, error: str, status: str = CRASHED) -> None:
     """Replace the "running" report (the write probe) of a run that stops without its report."""
     try:
-        out.write(_report_key(run), report_bytes(stopped_report(run, CRASHED, error)), "application/json")
+        out.write(_report_key(run), report_bytes(stopped_report(run, status, error)), "application/json")
     except Exception:
         pass  # the storage may be what failed
+
+
+def _why_stopped(err: BaseException, flow_run_id: str) -> tuple[str, str]:
+    """(status, error) of the report of a run whose body ``err`` ended: CANCELLED with the cancel's
+    message when the API says the run is being cancelled, else CRASHED with the error."""
+    if isinstance(err, TerminationSignal) and (why := _cancelled(flow_run_id)):
+        return CANCELLED, why
+    return CRASHED, f"{type(err).__name__}: {err}".rstrip(": ")
+
+
+#: How long a stopping run waits for the API to say whether it is being cancelled.
+CANCEL_LOOKUP_S = 5.0
+
+
+def _cancelled(flow_run_id: str) -> str | None:
+    """"cancelled[: its message]" when the API says the flow run is Cancelling or Cancelled, else
+    None. The UI's Cancel sets Cancelling; the runner or worker then SIGTERMs the run's process,
+    which the flow body sees as TerminationSignal, like any other SIGTERM. Asked in a thread for
+    at most CANCEL_LOOKUP_S: an API that does not answer cannot hold the exit (None then)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+
+    found: list[str] = []
+
+    def ask() -> None:
+        try:
+            with get_client(sync_client=True) as client:
+                state = client.read_flow_run(uuid.UUID(flow_run_id)).state
+        except Exception:
+            return  # no answer: the report says crashed, with the signal
+        if state is not None and state.type in (StateType.CANCELLING, StateType.CANCELLED):
+            found.append(f"cancelled: {state.message}" if state.message else "cancelled")
+
+    # in this context: the API the run uses may be set in it (temporary settings), not in the environment
+    asking = threading.Thread(target=contextvars.copy_context().run, args=(ask,), name="nst-cancel-lookup", daemon=True)
+    asking.start()
+    asking.join(CANCEL_LOOKUP_S)
+    return found[0] if found else None
 
 
 # Hooks are called with keywords (flow=, flow_run=, state=) by a Runner, positionally by the engine.
@@ -342,5 +382,6 @@ def stylize_batch(
         # before the run can record its end (SIGTERM, or a cancel, waited for whole pairs)
         stop_requested.set()
         if not reported:
-            _mark_stopped(b.out, b.flow_run, f"{type(err).__name__}: {err}".rstrip(": "))
+            status, error = _why_stopped(err, b.flow_run["id"])
+            _mark_stopped(b.out, b.flow_run, error, status)
         raise

@@ -39,7 +39,8 @@ Sidecar fields (``sidecar()``)
 Run report ``{output}/_runs/{flow_run_id}.json`` (``report_key``)
     Written first as ``running_report`` {flow_run, flow_run_id, status: "running", started} (the
     preflight write probe), replaced by ``run_report`` at the end, or by ``stopped_report``
-    {status: "crashed" (the run stopped early) or "failed" (refused in preflight), error} without it.
+    {status: "crashed" (the run stopped early), "cancelled" or "failed" (refused in preflight), error}
+    without it.
     ``run_report``: flow_run (name), flow_run_id, report, started, finished, source, output, params,
     run, weights_id, devices, totals {pairs, done, skipped, failed}, contact_sheet, loss_curve,
     chunks?, items (one ``ReportItem`` per pair: content, style, status, output, sidecar, error,
@@ -77,7 +78,7 @@ from nst_core.imageio import FORMAT_EXTENSIONS, FORMATS
 from nst_core.params import StyleParams
 
 __all__ = [
-    "EXTENSIONS", "RUNS", "HISTORY_POINTS", "RUNNING", "CRASHED", "DONE", "SKIPPED", "FAILED",
+    "EXTENSIONS", "RUNS", "HISTORY_POINTS", "RUNNING", "CRASHED", "CANCELLED", "DONE", "SKIPPED", "FAILED",
     "PairPlan", "ReportItem", "ThumbRow", "pair_key", "output_name", "image_key", "sidecar_key", "in_runs",
     "naming_problem", "chunk_key", "report_key", "chunk_report_key", "attempt_report_key", "contact_sheet_key",
     "loss_curve_key", "run_stem", "sidecar", "image_record", "loss_history", "done_pairs", "done_in", "totals", "timestamp",
@@ -90,7 +91,7 @@ EXTENSIONS = {fmt: exts[0].lstrip(".") for fmt, exts in FORMAT_EXTENSIONS.items(
 #: Run and chunk reports (and the contact sheet) live under this folder of the output.
 RUNS = "_runs"
 #: A run report's status while the run goes (the write probe), and when it stopped without its report.
-RUNNING, CRASHED = "running", "crashed"
+RUNNING, CRASHED, CANCELLED = "running", "crashed", "cancelled"
 #: A pair's status in a report (and a run report's, when preflight refused the run: FAILED).
 DONE, SKIPPED, FAILED = "done", "skipped", "failed"
 #: At most this many points of a pair's loss history go into its sidecar.
@@ -409,7 +410,8 @@ def running_report(run: dict, started: datetime | None = None) -> dict:
 
 def stopped_report(run: dict, status: str, error: str) -> dict:
     """What replaces the write probe of a run that ends without its report: CRASHED (interrupted,
-    killed, an unhandled error) or FAILED (refused in preflight, where the probe cannot be deleted)."""
+    killed, an unhandled error), CANCELLED (the UI's Cancel) or FAILED (refused in preflight, where
+    the probe cannot be deleted)."""
     return {"flow_run": run.get("name"), "flow_run_id": run["id"], "status": status, "error": error,
             "finished": timestamp()}
 

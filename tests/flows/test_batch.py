@@ -559,3 +559,28 @@ def test_coarse_to_fine_runs_through_the_batch_and_its_sidecar_records_each_scal
     assert [s["size"] for s in meta["scales"]] == [[45, 34], [64, 48]]  # coarse to fine, the output last
     assert all(s["evaluations"] > 0 for s in meta["scales"])  # each scale ran
     assert meta["size"] == [64, 48] and sidecar.with_suffix(".png").exists()
+
+
+def test_a_stopping_run_asks_the_api_whether_it_is_cancelled_for_a_bounded_time(monkeypatch):
+    """SIGTERM reaches a worker-run flow as TerminationSignal, from a UI Cancel or from anything
+    else; the report then says "cancelled" only if the API says so. An API that accepts the
+    connection and never answers must not hold the exit: the report says crashed, with the signal
+    (Prefect's client alone would wait its 60 s request timeout, and retry)."""
+    import socket
+    import time
+
+    from prefect.exceptions import TerminationSignal
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows import batch
+
+    monkeypatch.setattr(batch, "CANCEL_LOOKUP_S", 0.5)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # connections complete in the kernel; nothing reads or answers them
+        with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{silent.getsockname()[1]}/api"}):
+            started = time.monotonic()
+            assert batch._why_stopped(TerminationSignal(15), "00000000-0000-0000-0000-000000000001") == (
+                "crashed", "TerminationSignal: 15")
+            assert time.monotonic() - started < 30  # bounded, not the client's minutes
+    assert batch._why_stopped(KeyboardInterrupt(), "00000000-0000-0000-0000-000000000001") == ("crashed", "KeyboardInterrupt")

@@ -509,6 +509,9 @@ def test_cancelling_a_parent_run_through_the_api_cancels_its_chunk_runs(tmp_path
             wait_for("the parent's on_cancellation hook to cancel the running chunk", cancelled_by_the_hook, 60)
             wait_for("the parent to end Cancelled", lambda: client.read_flow_run(parent.id).state.is_cancelled(), 60)
             assert all(client.read_flow_run(k.id).state.name in ("Cancelling", "Cancelled") for k in (running, queued))
+        # its report says what the UI says, with the cancel's message (old: "crashed", "TerminationSignal")
+        report = json.loads((Path(output.uri) / "_runs" / f"{parent.id}.json").read_text())
+        assert (report["status"], report["error"]) == ("cancelled", "cancelled: cancelled in the UI"), report
     finally:
         stop_process(proc, timeout=30)
 
