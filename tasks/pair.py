@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Cancelled, State
 
 from nst_core.errors import NSTError, WeightsError
 from nst_core.params import StyleParams
@@ -248,12 +249,16 @@ def _stylize_step(ctx: PairContext, device: str, requests: list[StepRequest]) ->
 
 
 @task(name="pair", task_run_name="{pair.name}", cache_policy=NO_CACHE, persist_result=False)
-def process_pair(pair: PairPlan, ctx: PairContext) -> PairDone:
+def process_pair(pair: PairPlan, ctx: PairContext) -> PairDone | State:
     """Fetch both inputs, stylize in a device step (``tasks.steps``: with up to
     ``pairs_per_step`` - 1 other pairs of the same output shape), write the image then the
-    sidecar. Raises (naming the input or the reason) when the pair fails; never retried as a whole."""
+    sidecar. Raises (naming the input or the reason) when the pair fails; never retried as a whole.
+    A pair stopped on request (Ctrl-C, SIGTERM, the UI's Cancel) ends Cancelled with its reason:
+    not a failure, so no traceback (the task runner logs one per failed task)."""
     try:
         return _process(pair, ctx)
+    except PairStopped as err:
+        return Cancelled(message=str(err))
     finally:
         ctx.settle(pair)  # a step waiting for it waits no more
 

@@ -127,6 +127,7 @@ def test_ctrl_c_then_kill_9_then_rerun(tmp_path):
                         f"(it promises to exit within {EXIT_AFTER_CTRL_C_S} s)")
         output = _output(proc)
         assert code == 130, output[-2000:]
+        assert "Traceback" not in output, output[-3000:]  # stopping on request is not an error
         _visible_outputs_are_whole(out)
         # The run recorded its end. Old: the Ctrl-C stopped the temporary server too (it was in nst's
         # group), the database kept the run RUNNING, and nst left through its 10 s watchdog.
@@ -155,6 +156,10 @@ def test_ctrl_c_then_kill_9_then_rerun(tmp_path):
         code = proc.wait(timeout=EXIT_AFTER_CTRL_C_S + SLACK_S)
         output = _output(proc)
         assert code == 143, output[-2000:]
+        # the pairs stopped mid-way end Cancelled, one line each (old: a traceback per pair, at ERROR)
+        assert "Traceback" not in output, output[-3000:]
+        assert re.search(r"Task run '[^']+' - Finished in state Cancelled\('[^']+: run interrupted before the pair "
+                         r"finished'\)", output), output[-3000:]
         _visible_outputs_are_whole(slow)
         assert [json.loads(p.read_text())["status"] for p in (slow / "_runs").glob("*.json")] == ["crashed"]
         _assert_server_stopped(output)
