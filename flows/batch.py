@@ -26,6 +26,7 @@ and every storage call of the run gets that value (``tasks.credentials``).
 from __future__ import annotations
 
 import contextvars
+import json
 import threading
 import uuid
 from collections.abc import Callable
@@ -40,12 +41,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.fanout import cancel_children, check_chunk_deployment, fan_out_to_workers
 from flows.quiet import quiet_returned_failures
-from flows.orphans import mark_crashed_reports
+from flows.orphans import mark_crashed_reports, this_process
 from nst_core.errors import NSTError
 from nst_core.params import StyleParams
 from tasks.artifacts import RunProgress, publish_artifacts, run_label, run_warning, write_pictures
 from tasks.compute import expand_devices, run_on_device
-from tasks.contract import (CANCELLED, CRASHED, DONE, FAILED, SKIPPED, PairPlan, ReportItem, done_in, failed_item, report_bytes,
+from tasks.contract import (CANCELLED, CRASHED, DONE, FAILED, RUNNING, SKIPPED, PairPlan, ReportItem, done_in, failed_item, report_bytes,
                             report_key, run_report, running_report, skipped_item, stopped_report)
 from tasks.credentials import DEFAULT_CHAIN, CredentialsError, StorageCredentials, resolve
 from tasks.models import BatchSource, InvalidInputs, OutputSpec, RunOptions, StyleForm, batch_inputs
@@ -77,7 +78,7 @@ def preflight(source: BatchSource, output: OutputSpec, params: StyleParams, devi
     out = open_storage(output.uri, credentials)
     own = run is None  # called on its own (no run report to come): remove the probe where allowed
     run = run or {"id": f"preflight-{uuid.uuid4().hex}", "name": ""}
-    probe = report_bytes(running_report(run))
+    probe = report_bytes(running_report(run, process=this_process()))
     try:
         retrying(lambda: out.write(_report_key(run), probe, "application/json"))
     except (StorageError, OSError) as err:
@@ -128,14 +129,6 @@ def _mark_stopped(out: Storage, run: dict, error: str, status: str = CRASHED) ->
         pass  # the storage may be what failed
 
 
-def _why_stopped(err: BaseException, flow_run_id: str) -> tuple[str, str]:
-    """(status, error) of the report of a run whose body ``err`` ended: CANCELLED with the cancel's
-    message when the API says the run is being cancelled, else CRASHED with the error."""
-    if isinstance(err, TerminationSignal) and (why := _cancelled(flow_run_id)):
-        return CANCELLED, why
-    return CRASHED, f"{type(err).__name__}: {err}".rstrip(": ")
-
-
 #: How long a stopping run waits for the API to say whether it is being cancelled.
 CANCEL_LOOKUP_S = 5.0
 
@@ -173,7 +166,8 @@ def _on_cancel(flow, flow_run, state) -> None:
 
 def _on_crash(flow, flow_run, state) -> None:
     """The process died under the flow (a crash the flow body did not see): stop the chunk runs and
-    replace the "running" report (the write probe) with one that says the run stopped (best effort)."""
+    replace the "running" report (the write probe), if it still says so, with one that says the run
+    stopped (best effort)."""
     try:
         cancel_children(str(flow_run.id), "the parent stylize-batch run crashed")
     except Exception:
@@ -184,8 +178,11 @@ def _on_crash(flow, flow_run, state) -> None:
             output = output.model_dump()
         if output.get("uri"):
             out = open_storage(output["uri"], resolve(output.get("storage_credentials") or ""))
-            _mark_stopped(out, {"id": str(flow_run.id), "name": flow_run.name, "attempt": flow_run.run_count or 1},
-                          (state.message or state.name) if state else "")
+            run = {"id": str(flow_run.id), "name": flow_run.name, "attempt": flow_run.run_count or 1}
+            # only the write probe: the flow body may have said "cancelled" already (a Kubernetes
+            # or Docker worker's Cancel reaches the flow as a plain SIGTERM, and Prefect calls it a crash)
+            if json.loads(out.read(_report_key(run))[0]).get("status") == RUNNING:
+                _mark_stopped(out, run, (state.message or state.name) if state else "")
     except Exception:
         pass
 
@@ -382,6 +379,9 @@ def stylize_batch(
         # before the run can record its end (SIGTERM, or a cancel, waited for whole pairs)
         stop_requested.set()
         if not reported:
-            status, error = _why_stopped(err, b.flow_run["id"])
-            _mark_stopped(b.out, b.flow_run, error, status)
+            _mark_stopped(b.out, b.flow_run, f"{type(err).__name__}: {err}".rstrip(": "))
+            # then, a SIGTERM of a run being cancelled (the UI's Cancel) says so: written second, so
+            # that a second signal during the lookup leaves "crashed", not "running"
+            if isinstance(err, TerminationSignal) and (why := _cancelled(b.flow_run["id"])):
+                _mark_stopped(b.out, b.flow_run, why, CANCELLED)
         raise

@@ -182,8 +182,12 @@ def _signals_noted():
 #: The signal follows the *thread* that started the process: the main thread, or the restarting
 #: thread, which waits on the process it started.
 _DIE_WITH_NST = """
-import ctypes, os, signal, sys
-ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+import os, signal, sys
+try:
+    import ctypes
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+except Exception:
+    pass  # serve without it rather than not at all
 if os.getppid() != int(sys.argv[1]):
     sys.exit(0)
 os.execv(sys.argv[2], sys.argv[2:])
@@ -194,7 +198,8 @@ def _dies_with_this_process(args: list[str]) -> list[str]:
     """Prefect's server command, run so that it ends when this process does (Linux); else as is."""
     if not sys.platform.startswith("linux"):
         return args
-    return [sys.executable, "-c", _DIE_WITH_NST, str(os.getpid()), *args]
+    # -I: the standard library only (no ctypes.py of the working directory, no PYTHON* variables)
+    return [sys.executable, "-I", "-c", _DIE_WITH_NST, str(os.getpid()), *args]
 
 
 @contextmanager

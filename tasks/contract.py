@@ -403,9 +403,11 @@ def report_bytes(report: dict, indent: int | None = None) -> bytes:
     return json.dumps(report, indent=indent).encode()
 
 
-def running_report(run: dict, started: datetime | None = None) -> dict:
-    """The write probe: ``run`` is {id, name}."""
-    return {"flow_run": run["name"], "flow_run_id": run["id"], "status": RUNNING, "started": timestamp(started)}
+def running_report(run: dict, started: datetime | None = None, process: dict | None = None) -> dict:
+    """The write probe: ``run`` is {id, name}; ``process``: the process that runs it, where known
+    (``flows.orphans.this_process``: a later run on its machine can tell it is gone)."""
+    report = {"flow_run": run["name"], "flow_run_id": run["id"], "status": RUNNING, "started": timestamp(started)}
+    return {**report, "process": process} if process else report
 
 
 def stopped_report(run: dict, status: str, error: str) -> dict:

@@ -564,12 +564,11 @@ def test_coarse_to_fine_runs_through_the_batch_and_its_sidecar_records_each_scal
 def test_a_stopping_run_asks_the_api_whether_it_is_cancelled_for_a_bounded_time(monkeypatch):
     """SIGTERM reaches a worker-run flow as TerminationSignal, from a UI Cancel or from anything
     else; the report then says "cancelled" only if the API says so. An API that accepts the
-    connection and never answers must not hold the exit: the report says crashed, with the signal
+    connection and never answers must not hold the exit: no answer, the report stays "crashed"
     (Prefect's client alone would wait its 60 s request timeout, and retry)."""
     import socket
     import time
 
-    from prefect.exceptions import TerminationSignal
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows import batch
@@ -580,7 +579,30 @@ def test_a_stopping_run_asks_the_api_whether_it_is_cancelled_for_a_bounded_time(
         silent.listen(8)  # connections complete in the kernel; nothing reads or answers them
         with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{silent.getsockname()[1]}/api"}):
             started = time.monotonic()
-            assert batch._why_stopped(TerminationSignal(15), "00000000-0000-0000-0000-000000000001") == (
-                "crashed", "TerminationSignal: 15")
+            assert batch._cancelled("00000000-0000-0000-0000-000000000001") is None
             assert time.monotonic() - started < 30  # bounded, not the client's minutes
-    assert batch._why_stopped(KeyboardInterrupt(), "00000000-0000-0000-0000-000000000001") == ("crashed", "KeyboardInterrupt")
+
+
+def test_the_crash_hook_replaces_only_a_report_that_still_says_running(tmp_path):
+    """A Kubernetes or Docker worker's Cancel reaches the flow as a plain SIGTERM: the flow body
+    writes "cancelled" (the API says so), then Prefect calls the run crashed and runs on_crashed.
+    The hook must not turn "cancelled" into "crashed" (first version: it rewrote any report)."""
+    import uuid
+
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.states import Crashed
+
+    from flows import batch
+    from tasks.contract import report_bytes, running_report, stopped_report
+
+    run = FlowRun(id=uuid.uuid4(), name="nightly", flow_id=uuid.uuid4(), run_count=1,
+                  parameters={"output": {"uri": str(tmp_path)}})
+    key = tmp_path / "_runs" / f"{run.id}.json"
+    key.parent.mkdir()
+    info = {"id": str(run.id), "name": run.name}
+    key.write_bytes(report_bytes(stopped_report(info, "cancelled", "cancelled: from the UI")))
+    batch._on_crash(None, run, Crashed(message="Execution was aborted by a termination signal."))
+    assert json.loads(key.read_text())["status"] == "cancelled"
+    key.write_bytes(report_bytes(running_report(info)))  # the probe alone: the process died under the body
+    batch._on_crash(None, run, Crashed(message="Execution was aborted by a termination signal."))
+    assert json.loads(key.read_text())["error"] == "Execution was aborted by a termination signal."

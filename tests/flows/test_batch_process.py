@@ -23,7 +23,7 @@ from nst_core import StyleParams
 
 from helpers import pattern
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.usefixtures("prefect_api")]
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 ROOT = Path(__file__).resolve().parents[2]
 PAIRS = 4
@@ -43,19 +43,14 @@ def _command(tmp_path: Path, output: str = "out", iterations: int = 30) -> list[
     return cmd
 
 
-def _start(tmp_path: Path, temporary_api: bool = False, **command) -> subprocess.Popen:
-    """`nst batch` against the session's Prefect API (a kill -9 of the command leaves the API up, as
-    a real server would be; starting a temporary one per process took ~50 s each here), or with no
-    PREFECT_API_URL, on Prefect's temporary API in a fresh home."""
-    from prefect.settings import PREFECT_API_URL
-
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(ROOT)}
-    if temporary_api:
-        del env["PREFECT_API_URL"]
-        env.pop("PREFECT_UI_API_URL", None)
-        for key in ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL"):
-            env.pop(key, None)  # the database is the home's prefect.db, which the test reads
+def _start(tmp_path: Path, **command) -> subprocess.Popen:
+    """`nst batch` as a first run makes it: no PREFECT_API_URL, so on Prefect's temporary API, in
+    one Prefect home for the whole test (its database is the home's prefect.db, which the test reads)."""
+    env = {k: v for k, v in os.environ.items() if k not in (
+        "PREFECT_API_URL", "PREFECT_UI_API_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL",
+        "PREFECT_API_DATABASE_CONNECTION_URL")}
+    env.update({"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PYTHONPATH": str(ROOT)})
     # output to a file, not a pipe: a server left running would hold a pipe open and hang its reader
     log = tmp_path / f"nst-{time.monotonic_ns()}.log"
     with open(log, "wb") as out:
@@ -113,9 +108,8 @@ def test_ctrl_c_then_kill_9_then_rerun(tmp_path):
     out = tmp_path / "out"
     procs = []
     try:
-        # 1. Ctrl-C (the terminal sends SIGINT to the whole foreground group) once a pair is done,
-        # as a first run makes it: no PREFECT_API_URL, so Prefect's temporary API is nst's child.
-        proc = _start(tmp_path, temporary_api=True)
+        # 1. Ctrl-C (the terminal sends SIGINT to the whole foreground group) once a pair is done.
+        proc = _start(tmp_path)
         procs.append(proc)
         _wait_for(lambda: len(_sidecars(out)) >= 1, 300, proc)
         os.killpg(proc.pid, signal.SIGINT)
@@ -144,7 +138,7 @@ def test_ctrl_c_then_kill_9_then_rerun(tmp_path):
         # must stop pairs mid-way (old: the task runner waited for the pairs in flight to finish,
         # 21 s here, before the run could record its end; minutes for real pairs).
         slow = tmp_path / "out-slow"
-        proc = _start(tmp_path, temporary_api=True, output=slow.name, iterations=300)
+        proc = _start(tmp_path, output=slow.name, iterations=300)
         procs.append(proc)
         _wait_for(lambda: "evaluation" in _output(proc), 300, proc)
         port = _server_ports(_output(proc))[0]
@@ -169,7 +163,7 @@ def test_ctrl_c_then_kill_9_then_rerun(tmp_path):
         # 2. kill -9 mid-run (an OOM kill, a crash: no handler runs), on the temporary API: the
         # kernel stops its server too. Old: the server, in a session of its own, served for ever.
         before = {p.name: p.stat().st_mtime_ns for p in _sidecars(out)}
-        proc = _start(tmp_path, temporary_api=True)
+        proc = _start(tmp_path)
         procs.append(proc)
         _wait_for(lambda: len(_sidecars(out)) > len(before), 240, proc)
         os.killpg(proc.pid, signal.SIGKILL)
@@ -186,9 +180,13 @@ def test_ctrl_c_then_kill_9_then_rerun(tmp_path):
         assert proc.returncode == 0, output[-3000:]
         reports = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
         # Ctrl-C's report says "crashed"; so does the killed run's (its write probe said "running"),
-        # marked by this run: its flow run was on the temporary API, unknown to this one
+        # marked by this run, which also sets its flow run Crashed: the API still called it Running
+        # (no worker watched it), but its process is gone from this machine. Old: both said running.
         assert sorted(r.get("status") for r in reports if "totals" not in r) == ["crashed", "crashed"]
-        assert sum("unknown to the Prefect API" in r.get("error", "") for r in reports) == 1, reports
+        assert sum("is gone from this machine" in r.get("error", "") for r in reports) == 1, reports
+        with contextlib.closing(sqlite3.connect(tmp_path / "prefect-home" / "prefect.db")) as db:
+            states = [s for (s,) in db.execute("SELECT state_type FROM flow_run ORDER BY created")]
+        assert states == ["CRASHED"] * 3 + ["COMPLETED"], states
         last = max((r for r in reports if "totals" in r), key=lambda r: r["finished"])
         assert last["totals"]["pairs"] == PAIRS and last["totals"]["failed"] == 0
         assert last["totals"]["skipped"] == len(done) and last["totals"]["done"] == PAIRS - len(done)

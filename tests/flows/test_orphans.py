@@ -4,6 +4,7 @@ by the next run on the same output."""
 from __future__ import annotations
 
 import json
+import sys
 import uuid
 
 import pytest
@@ -49,6 +50,51 @@ def test_running_reports_whose_runs_ended_or_are_unknown_are_marked_crashed(tmp_
     assert report(alive.id)["status"] == "running"  # still running as far as the API knows
     assert json.loads((runs / "finished.json").read_text()) == finished
     own = report(state.state_details.flow_run_id)
+    assert own["totals"]["done"] == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process identities are read from /proc")
+def test_a_run_the_api_calls_running_whose_process_is_gone_from_this_machine_is_marked_crashed(tmp_path):
+    """`nst batch` killed with kill -9 (or an OOM kill) leaves its flow run Running in the API for
+    ever: no worker watched it, and the temporary API has no zombie detection. Its report records
+    its process; the next run on this machine sees that process gone and marks both the report and
+    the flow run crashed (old: both said running for ever). A live process, or one of another
+    machine or container (another pid namespace), is left alone: nothing here can tell."""
+    import subprocess
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    from flows.orphans import this_process
+
+    for folder, kind in (("c", "content"), ("s", "style")):
+        (tmp_path / folder).mkdir()
+        pattern((24, 24), kind).save(tmp_path / folder / f"{kind}.png")
+    runs = tmp_path / "out" / "_runs"
+    runs.mkdir(parents=True)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = this_process(child.pid)
+    child.kill()
+    child.wait()
+    here = this_process()
+    elsewhere = {**here, "pid_ns": "pid:[1]"}
+    with get_client(sync_client=True) as client:
+        ids = {name: client.create_flow_run(stylize_batch, name=name, state=Running()).id
+               for name in ("killed", "alive", "elsewhere")}
+        for name, process in (("killed", dead), ("alive", here), ("elsewhere", elsewhere)):
+            report = running_report({"id": str(ids[name]), "name": name}, process=process)
+            (runs / f"{ids[name]}.json").write_bytes(report_bytes(report))
+
+        state = stylize_batch(BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s")),
+                              OutputSpec(uri=str(tmp_path / "out")), tiny_params(), RunOptions(), return_state=True)
+        assert state.is_completed(), state.message
+        killed = json.loads((runs / f"{ids['killed']}.json").read_text())
+        assert killed["status"] == "crashed" and f"its process (pid {child.pid}) is gone" in killed["error"], killed
+        assert client.read_flow_run(ids["killed"]).state.is_crashed()
+        for name in ("alive", "elsewhere"):
+            assert json.loads((runs / f"{ids[name]}.json").read_text())["status"] == "running", name
+            assert client.read_flow_run(ids[name]).state.is_running(), name
+    own = json.loads((runs / f"{state.state_details.flow_run_id}.json").read_text())
     assert own["totals"]["done"] == 1
 
 

@@ -88,7 +88,7 @@ def test_the_server_process_ends_when_its_starter_dies_without_running_code(tmp_
         if _alive(server):
             os.kill(server, signal.SIGKILL)
 
-    gone = subprocess.run(temporary_api._dies_with_this_process(["/bin/false"])[:3] + ["1", "/bin/false"], timeout=30)
+    gone = subprocess.run(temporary_api._dies_with_this_process(["/bin/false"])[:4] + ["1", "/bin/false"], timeout=30)
     assert gone.returncode == 0  # not /bin/false's 1: its starter (pid 1 here) is not its parent
 
 
