@@ -6,11 +6,12 @@ the reports of its output that may still say so and asks the Prefect API about t
 a report whose run ended (Completed, Failed, Cancelled, Crashed: it never replaced its report) or
 is unknown to the API is replaced by a "crashed" report (``contract.stopped_report``) that keeps
 the run's name and says why; so is an earlier attempt's report of this very flow run (Prefect's
-Retry runs it again under its id). A run the API still calls Running cannot be told from one
-whose machine was lost by the API, but its report records its process (``this_process``): when
-that ran on this machine (same boot, same pid namespace) and is gone, the report is marked and the
-flow run set Crashed (a kill -9 of `nst batch`: no worker watched it, and the temporary API has no
-zombie detection). Otherwise it is left alone; Prefect's zombie-flow detection (flow heartbeats and
+Retry runs it again under its id), and the report of an earlier attempt of a flow run the API
+calls Running. A run the API still calls Running cannot be told from one whose machine was lost
+by the API, but its report records its process (``this_process``): when that ran on this machine
+(same boot, same pid namespace) and is gone, the flow run is set Crashed (its chunk runs
+cancelled) and then its report is marked (a kill -9 of `nst batch`: no worker watched it, and the
+temporary API has no zombie detection). Otherwise it is left alone; Prefect's zombie-flow detection (flow heartbeats and
 an automation that marks silent runs Crashed) can tell, and the next run after it marks the report.
 
 Cheap on a long history: the ``_runs/`` folder is listed once and only small reports are read (a
@@ -28,7 +29,7 @@ from uuid import UUID
 
 from prefect import get_run_logger
 
-from flows.fanout import read_children
+from flows.fanout import cancel_children, read_children
 from tasks.contract import CRASHED, RUNNING, RUNS, report_bytes, stopped_report
 from tasks.storage import Storage, StorageError, retrying
 
@@ -43,9 +44,14 @@ _REPORT_KEY = re.compile(rf"^{RUNS}/(?P<id>[^/]+?)(?:-attempt-(?P<attempt>\d+))?
 def gone_runs(ids: set[str]) -> dict[str, str]:
     """Flow run id -> why its run is gone, for those of ``ids`` whose runs ended or that the
     Prefect API does not know (one paged query)."""
+    return _ask_api(ids)[0]
+
+
+def _ask_api(ids: set[str]) -> tuple[dict[str, str], dict[str, int]]:
+    """(``gone_runs``, {flow run id: its run_count} of those the API calls Running), one paged query."""
     from prefect.client.orchestration import get_client
 
-    gone, known = {}, []
+    gone, known, running = {}, [], {}
     for run_id in ids:
         try:
             known.append(str(UUID(run_id)))
@@ -59,62 +65,73 @@ def gone_runs(ids: set[str]) -> dict[str, str]:
             gone[run_id] = "its flow run is unknown to the Prefect API"
         elif run.state is not None and run.state.is_final():
             gone[run_id] = f"its flow run ended {run.state.name} without writing its report"
-    return gone
+        elif run.state is not None and run.state.is_running():
+            running[run_id] = run.run_count or 1
+    return gone, running
 
 
 def mark_crashed_reports(out: Storage, own: dict) -> int:
-    """Mark crashed the reports of ``out`` that say "running" while their run is gone (``gone_runs``,
-    or ``process_gone``: the API calls it running, but the process that ran it is gone from this
-    machine; the flow run is then set Crashed too), and those of earlier attempts of this run
-    (``own``: {id, attempt}; Prefect's Retry runs a flow run again under its id). Never fails the
-    run: storage or API trouble is logged and skipped. Returns how many."""
+    """Mark crashed the reports of ``out`` that say "running" while their run is gone (``gone_runs``),
+    that an attempt of their flow run since has superseded, or whose flow run the API calls Running
+    while the process of its current attempt is gone from this machine (``process_gone``: the flow
+    run is then set Crashed too, and its chunk runs cancelled); also those of earlier attempts of
+    this run (``own``: {id, attempt}; Prefect's Retry runs a flow run again under its id). Never
+    fails the run: storage or API trouble is logged and skipped. Returns how many."""
     logger = get_run_logger()
     try:
         listed = retrying(lambda: out.list(RUNS))
     except StorageError as err:
         logger.warning("could not list earlier run reports: %s", err)
         return 0
-    ours, theirs = {}, {}  # report key -> why (earlier attempts of this run); report key -> flow run id
+    ours, theirs = {}, {}  # report key -> why (earlier attempts of this run); report key -> (flow run id, attempt)
     attempt = own.get("attempt", 1)
     for info in listed:
         found = _REPORT_KEY.match(info.key)
         if not found or info.size > SMALL_REPORT:
             continue
         if found["id"] != own["id"]:
-            theirs[info.key] = found["id"]
+            theirs[info.key] = (found["id"], int(found["attempt"] or 1))
         elif int(found["attempt"] or 1) < attempt:
             ours[info.key] = f"attempt {attempt} of its flow run started"
     try:
-        gone = gone_runs(set(theirs.values())) if theirs else {}
+        gone, running = _ask_api({i for i, _ in theirs.values()}) if theirs else ({}, {})
     except Exception as err:  # the API hiccuped: the next run looks again
-        logger.warning("could not ask the Prefect API about %d earlier runs: %s", len(set(theirs.values())), err)
-        return _mark(out, own, ours, logger)
-    # runs the API calls running (or never ended): their process, if it ran on this machine, tells
-    ours.update({key: gone.get(i) for key, i in theirs.items()})
-    return _mark(out, own, ours, logger)
-
-
-def _mark(out: Storage, own: dict, whys: dict, logger) -> int:
-    """Mark crashed each report of ``whys`` (key -> why, or None: ask its recorded process) that
-    still says "running"."""
+        logger.warning("could not ask the Prefect API about %d earlier runs: %s", len(theirs), err)
+        gone, running = {}, {}
+    whys: dict[str, str | None] = dict(ours)  # None: the current attempt of a Running flow run, judged by its process
+    for key, (run_id, at) in theirs.items():
+        if run_id in gone:
+            whys[key] = gone[run_id]
+        elif run_id in running:
+            whys[key] = f"attempt {running[run_id]} of its flow run started" if at < running[run_id] else None
     marked = 0
     for key, why in whys.items():
         try:
-            report = json.loads(retrying(lambda: out.read(key))[0])
-            if not isinstance(report, dict) or report.get("status") != RUNNING:
-                continue
-            run = {"id": report.get("flow_run_id") or _REPORT_KEY.match(key)["id"], "name": report.get("flow_run")}
-            if why is None:
-                if (why := process_gone(report.get("process"))) is None:
-                    continue  # alive, or not this machine's to judge
-                _crash_in_api(run["id"], why, logger)
-            retrying(lambda: out.write(key, report_bytes(stopped_report(run, CRASHED, why)), "application/json"))
-        except (StorageError, ValueError) as err:
+            marked += _mark(out, key, why, logger)
+        except Exception as err:  # an odd report, the storage, the API: never this run's failure
             logger.warning("could not mark %s crashed: %s", out.uri_for(key), err)
-            continue
-        logger.warning("%s said running, but %s: marked crashed", out.uri_for(key), why)
-        marked += 1
     return marked
+
+
+def _mark(out: Storage, key: str, why: str | None, logger) -> bool:
+    """Mark the report at ``key`` crashed for ``why`` if it still says "running"; ``why`` None:
+    only if the process it recorded is gone from this machine, once the API has taken the flow
+    run's Crashed state (read again then: the run may have ended meanwhile)."""
+    def report() -> dict | None:
+        found = json.loads(retrying(lambda: out.read(key))[0])
+        return found if isinstance(found, dict) and found.get("status") == RUNNING else None
+
+    if (found := report()) is None:
+        return False
+    run = {"id": found.get("flow_run_id") or _REPORT_KEY.match(key)["id"], "name": found.get("flow_run")}
+    if why is None:
+        if (why := process_gone(found.get("process"))) is None:
+            return False  # alive, or not this machine's to judge
+        if not _crash_in_api(run["id"], why, logger) or report() is None:
+            return False  # the run ended meanwhile (Completed cannot become Crashed): its report is its own
+    retrying(lambda: out.write(key, report_bytes(stopped_report(run, CRASHED, why)), "application/json"))
+    logger.warning("%s said running, but %s: marked crashed", out.uri_for(key), why)
+    return True
 
 
 def this_process(pid: int | None = None) -> dict | None:
@@ -132,21 +149,27 @@ def this_process(pid: int | None = None) -> dict | None:
 
 def process_gone(process) -> str | None:
     """Why the process a report recorded (``this_process``) is gone, or None: it is alive, or it ran
-    on another machine or container, or nothing was recorded (nothing here can tell)."""
+    on another machine or container, or nothing usable was recorded (nothing here can tell)."""
     here = this_process()
     if not isinstance(process, dict) or here is None:
         return None
     if (process.get("boot"), process.get("pid_ns")) != (here["boot"], here["pid_ns"]):
         return None
-    try:
-        pid, started = int(process["pid"]), int(process["started"])
-    except (KeyError, TypeError, ValueError):
+    pid, started = process.get("pid"), process.get("started")
+    if not all(type(v) is int and v > 0 for v in (pid, started)):  # not bool, float, or a JSON oddity
         return None
     try:
-        alive = _started(pid) == started and _state(pid) != "Z"  # a zombie has ended: only its reaper is late
+        if _started(pid) == started and _state(pid) != "Z":  # a zombie has ended: only its reaper is late
+            return None
     except (OSError, ValueError, IndexError):
-        alive = False  # no such process
-    return None if alive else f"its process (pid {pid}) is gone from this machine"
+        try:  # unreadable: gone, or hidden (/proc mounted hidepid: another user's process)
+            os.kill(pid, 0)
+            return None
+        except ProcessLookupError:
+            pass
+        except OSError:
+            return None
+    return f"its process (pid {pid}) is gone from this machine"
 
 
 def _stat(pid: int) -> list[str]:
@@ -162,13 +185,23 @@ def _state(pid: int) -> str:
     return _stat(pid)[0]  # field 3
 
 
-def _crash_in_api(flow_run_id: str, why: str, logger) -> None:
-    """Set a flow run whose process is gone Crashed (best effort: the report is what counts)."""
+def _crash_in_api(flow_run_id: str, why: str, logger) -> bool:
+    """Set a Running flow run whose process is gone Crashed, and cancel its chunk runs (a fan-out
+    parent's). True when the API took the state."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.responses import SetStateStatus
     from prefect.states import Crashed
 
     try:
         with get_client(sync_client=True) as client:
-            client.set_flow_run_state(UUID(flow_run_id), Crashed(message=f"nst: {why}"))
+            taken = client.set_flow_run_state(UUID(flow_run_id), Crashed(message=f"nst: {why}")).status
     except Exception as err:
         logger.warning("could not set flow run %s Crashed: %s", flow_run_id, err)
+        return False
+    if taken != SetStateStatus.ACCEPT:
+        return False
+    try:
+        cancel_children(flow_run_id, "the parent stylize-batch run crashed")
+    except Exception as err:
+        logger.warning("could not cancel the chunk runs of flow run %s: %s", flow_run_id, err)
+    return True

@@ -63,7 +63,7 @@ def test_a_run_the_api_calls_running_whose_process_is_gone_from_this_machine_is_
     import subprocess
 
     from prefect.client.orchestration import get_client
-    from prefect.states import Running
+    from prefect.states import Pending, Running, Scheduled
 
     from flows.orphans import this_process
 
@@ -80,8 +80,11 @@ def test_a_run_the_api_calls_running_whose_process_is_gone_from_this_machine_is_
     elsewhere = {**here, "pid_ns": "pid:[1]"}
     with get_client(sync_client=True) as client:
         ids = {name: client.create_flow_run(stylize_batch, name=name, state=Running()).id
-               for name in ("killed", "alive", "elsewhere")}
-        for name, process in (("killed", dead), ("alive", here), ("elsewhere", elsewhere)):
+               for name in ("killed", "alive", "elsewhere", "retried")}
+        for state in (Scheduled(), Pending(), Running()):  # Prefect's Retry: attempt 2 runs (elsewhere)
+            client.set_flow_run_state(ids["retried"], state, force=True)
+        assert client.read_flow_run(ids["retried"]).run_count == 2
+        for name, process in (("killed", dead), ("alive", here), ("elsewhere", elsewhere), ("retried", dead)):
             report = running_report({"id": str(ids[name]), "name": name}, process=process)
             (runs / f"{ids[name]}.json").write_bytes(report_bytes(report))
 
@@ -94,8 +97,33 @@ def test_a_run_the_api_calls_running_whose_process_is_gone_from_this_machine_is_
         for name in ("alive", "elsewhere"):
             assert json.loads((runs / f"{ids[name]}.json").read_text())["status"] == "running", name
             assert client.read_flow_run(ids[name]).state.is_running(), name
+        # attempt 1's report of a flow run whose attempt 2 runs: only the report is over, not the run
+        # (first version: attempt 1's dead process crashed the live attempt 2)
+        retried = json.loads((runs / f"{ids['retried']}.json").read_text())
+        assert (retried["status"], retried["error"]) == ("crashed", "attempt 2 of its flow run started"), retried
+        assert client.read_flow_run(ids["retried"]).state.is_running()
     own = json.loads((runs / f"{state.state_details.flow_run_id}.json").read_text())
     assert own["totals"]["done"] == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process identities are read from /proc")
+def test_a_recorded_process_that_cannot_be_judged_is_never_called_gone(monkeypatch):
+    """Odd values (a report is anyone's JSON) and a process /proc hides (hidepid: another user's)
+    leave the run alone. First version: "pid": 1e400 raised OverflowError out of the run, and
+    an unreadable /proc entry counted as gone."""
+    from flows import orphans
+
+    here = orphans.this_process()
+    for odd in ({**here, "pid": 1e400}, {**here, "pid": True}, {**here, "started": "x"}, {**here, "pid": -1},
+                {k: v for k, v in here.items() if k != "pid"}, 5, None, {**here, "boot": "another machine"}):
+        assert orphans.process_gone(odd) is None, odd
+    assert orphans.process_gone({**here, "started": here["started"] + 1}) is not None  # its pid, reused
+
+    def hidden(pid):
+        raise PermissionError(13, "hidepid")
+
+    monkeypatch.setattr(orphans, "_started", hidden)
+    assert orphans.process_gone({**here, "pid": 1}) is None  # pid 1 exists: kill(1, 0) says so
 
 
 def test_an_earlier_attempt_of_this_run_that_still_says_running_is_marked_crashed(tmp_path, monkeypatch):
