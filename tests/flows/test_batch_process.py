@@ -169,7 +169,8 @@ def test_ctrl_c_then_kill_9_then_rerun(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         _visible_outputs_are_whole(out)
-        _assert_server_stopped(_output(proc))
+        # nst did not stop it: the kernel's SIGTERM starts uvicorn's own graceful shutdown
+        _assert_server_stopped(_output(proc), within_s=EXIT_AFTER_CTRL_C_S + SLACK_S)
         done = {p.name: p.stat().st_mtime_ns for p in _sidecars(out)}
 
         # 3. The same command again finishes everything and redoes nothing that was done.
@@ -205,12 +206,12 @@ def test_ctrl_c_then_kill_9_then_rerun(tmp_path):
 
 
 
-def _assert_server_stopped(output: str) -> None:
+def _assert_server_stopped(output: str, within_s: float = SLACK_S) -> None:
     """The temporary API server of an exited `nst` (in a session of its own, so not in nst's
-    process group) is gone: no process serves the port nst logged, within moments."""
+    process group) is gone: no process serves the port nst logged, within ``within_s``."""
     ports = _server_ports(output)
     assert len(ports) == 1, output[-3000:]
-    end = time.monotonic() + SLACK_S
+    end = time.monotonic() + within_s
     while (left := _serving(ports[0])) and time.monotonic() < end:
         time.sleep(0.2)
     assert not left, left
