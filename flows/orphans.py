@@ -33,7 +33,7 @@ from flows.fanout import cancel_children, read_children
 from tasks.contract import CRASHED, RUNNING, RUNS, report_bytes, stopped_report
 from tasks.storage import Storage, StorageError, retrying
 
-__all__ = ["mark_crashed_reports", "gone_runs", "this_process", "process_gone", "SMALL_REPORT"]
+__all__ = ["mark_crashed_reports", "this_process", "process_gone", "SMALL_REPORT"]
 
 #: Reports larger than this are full reports (their run ended with them) and are not read.
 SMALL_REPORT = 4096
@@ -41,14 +41,9 @@ SMALL_REPORT = 4096
 _REPORT_KEY = re.compile(rf"^{RUNS}/(?P<id>[^/]+?)(?:-attempt-(?P<attempt>\d+))?\.json$")
 
 
-def gone_runs(ids: set[str]) -> dict[str, str]:
-    """Flow run id -> why its run is gone, for those of ``ids`` whose runs ended or that the
-    Prefect API does not know (one paged query)."""
-    return _ask_api(ids)[0]
-
-
 def _ask_api(ids: set[str]) -> tuple[dict[str, str], dict[str, int]]:
-    """(``gone_runs``, {flow run id: its run_count} of those the API calls Running), one paged query."""
+    """({flow run id: why its run is gone} for those of ``ids`` whose runs ended or that the Prefect
+    API does not know, {flow run id: its run_count} for those it calls Running), one paged query."""
     from prefect.client.orchestration import get_client
 
     gone, known, running = {}, [], {}
@@ -71,12 +66,13 @@ def _ask_api(ids: set[str]) -> tuple[dict[str, str], dict[str, int]]:
 
 
 def mark_crashed_reports(out: Storage, own: dict) -> int:
-    """Mark crashed the reports of ``out`` that say "running" while their run is gone (``gone_runs``),
-    that an attempt of their flow run since has superseded, or whose flow run the API calls Running
-    while the process of its current attempt is gone from this machine (``process_gone``: the flow
-    run is then set Crashed too, and its chunk runs cancelled); also those of earlier attempts of
-    this run (``own``: {id, attempt}; Prefect's Retry runs a flow run again under its id). Never
-    fails the run: storage or API trouble is logged and skipped. Returns how many."""
+    """Mark crashed the reports of ``out`` that say "running" while their run is gone (ended, or
+    unknown to the API), that an attempt of their flow run since has superseded, or whose flow run
+    the API calls Running while the process of its current attempt is gone from this machine
+    (``process_gone``: the flow run is then set Crashed too, and its chunk runs cancelled); also
+    those of earlier attempts of this run (``own``: {id, attempt}; Prefect's Retry runs a flow run
+    again under its id). Never fails the run: storage or API trouble is logged and skipped.
+    Returns how many."""
     logger = get_run_logger()
     try:
         listed = retrying(lambda: out.list(RUNS))
@@ -135,10 +131,11 @@ def _mark(out: Storage, key: str, why: str | None, logger) -> bool:
 
 
 def this_process(pid: int | None = None) -> dict | None:
-    """{boot, pid_ns, pid, started} of this process (or ``pid``) on Linux, else None: enough for a
-    later run on this machine to know the process is gone, and never to mistake another machine's
-    or container's process for it (a boot and a pid namespace of its own: pids repeat across
-    them; ``started``, in clock ticks since boot: a pid is reused once its process is gone)."""
+    """{boot, pid_ns, pid, started} of this process (or ``pid``, of this pid namespace) on Linux,
+    else None: enough for a later run on this machine to know the process is gone, and never to
+    mistake another machine's or container's process for it (a boot and a pid namespace of its
+    own: pids repeat across them; ``started``, in clock ticks since boot: a pid is reused once its
+    process is gone)."""
     try:
         return {"boot": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
                 "pid_ns": os.readlink("/proc/self/ns/pid"), "pid": pid or os.getpid(),

@@ -37,8 +37,8 @@ Sidecar fields (``sidecar()``)
     evaluations, seconds, versions).
 
 Run report ``{output}/_runs/{flow_run_id}.json`` (``report_key``)
-    Written first as ``running_report`` {flow_run, flow_run_id, status: "running", started} (the
-    preflight write probe), replaced by ``run_report`` at the end, or by ``stopped_report``
+    Written first as ``running_report`` {flow_run, flow_run_id, status: "running", started,
+    process? {boot, pid_ns, pid, started}: the process that runs it, Linux} (the preflight write probe), replaced by ``run_report`` at the end, or by ``stopped_report``
     {status: "crashed" (the run stopped early), "cancelled" or "failed" (refused in preflight), error}
     without it.
     ``run_report``: flow_run (name), flow_run_id, report, started, finished, source, output, params,

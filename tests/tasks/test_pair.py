@@ -115,3 +115,23 @@ def test_ctrl_c_stops_every_pair_of_a_device_step_each_with_its_own_reason(tmp_p
         stop_requested.clear()
     assert all(isinstance(o, PairStopped) for o in outcomes), outcomes
     assert [str(o).split(":")[0] for o in outcomes] == ["c__s0", "c__s1", "c__s2"]
+
+
+def test_a_pair_stopped_on_request_ends_cancelled_with_its_reason_not_failed(tmp_path):
+    """Stopping on request (Ctrl-C, SIGTERM, the UI's Cancel) is not a failure: the pair task's
+    state is Cancelled with the pair's reason (old: it raised, and the task runner logged a
+    traceback per pair at ERROR)."""
+    from helpers import tiny_params
+    from tasks.contract import PairPlan
+    from tasks.models import OutputSpec
+    from tasks.pair import PairContext, process_pair, stop_requested
+
+    ctx = PairContext(OutputSpec(uri=str(tmp_path / "out")), tiny_params(), ["cpu"], "random(seed=0)")
+    plan = PairPlan.named(0, "c.png", "s.png", "cid", "sid", "c__s", "k", "png")
+    ctx.announce(plan)
+    stop_requested.set()
+    try:
+        state = process_pair.fn(plan, ctx)
+    finally:
+        stop_requested.clear()
+    assert state.is_cancelled() and state.message == "c__s: run interrupted before the pair finished", state
