@@ -26,7 +26,6 @@ and every storage call of the run gets that value (``tasks.credentials``).
 from __future__ import annotations
 
 import contextvars
-import json
 import threading
 import uuid
 from collections.abc import Callable
@@ -41,13 +40,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.fanout import cancel_children, check_chunk_deployment, fan_out_to_workers
 from flows.quiet import quiet_returned_failures
-from flows.orphans import mark_crashed_reports, this_process
+from flows.orphans import mark_crashed_reports, still_running, this_process
 from nst_core.errors import NSTError
 from nst_core.params import StyleParams
 from tasks.artifacts import RunProgress, publish_artifacts, run_label, run_warning, write_pictures
 from tasks.compute import expand_devices, run_on_device
-from tasks.contract import (CANCELLED, CRASHED, DONE, FAILED, RUNNING, SKIPPED, PairPlan, ReportItem, done_in, failed_item, report_bytes,
-                            report_key, run_report, running_report, skipped_item, stopped_report)
+from tasks.contract import (CANCELLED, CRASHED, DONE, FAILED, SKIPPED, PairPlan, ReportItem, done_in, failed_item,
+                            report_bytes, report_key, run_report, running_report, skipped_item, stopped_report)
 from tasks.credentials import DEFAULT_CHAIN, CredentialsError, StorageCredentials, resolve
 from tasks.models import BatchSource, InvalidInputs, OutputSpec, RunOptions, StyleForm, batch_inputs
 from tasks.pair import PairContext, stop_requested
@@ -181,7 +180,7 @@ def _on_crash(flow, flow_run, state) -> None:
             run = {"id": str(flow_run.id), "name": flow_run.name, "attempt": flow_run.run_count or 1}
             # only the write probe: the flow body may have said "cancelled" already (a Kubernetes
             # or Docker worker's Cancel reaches the flow as a plain SIGTERM, and Prefect calls it a crash)
-            if json.loads(out.read(_report_key(run))[0]).get("status") == RUNNING:
+            if still_running(out, _report_key(run)) is not None:
                 _mark_stopped(out, run, (state.message or state.name) if state else "")
     except Exception:
         pass

@@ -33,7 +33,7 @@ from flows.fanout import cancel_children, read_children
 from tasks.contract import CRASHED, RUNNING, RUNS, report_bytes, stopped_report
 from tasks.storage import Storage, StorageError, retrying
 
-__all__ = ["mark_crashed_reports", "this_process", "process_gone", "SMALL_REPORT"]
+__all__ = ["mark_crashed_reports", "still_running", "this_process", "process_gone", "SMALL_REPORT"]
 
 #: Reports larger than this are full reports (their run ended with them) and are not read.
 SMALL_REPORT = 4096
@@ -113,21 +113,23 @@ def _mark(out: Storage, key: str, why: str | None, logger) -> bool:
     """Mark the report at ``key`` crashed for ``why`` if it still says "running"; ``why`` None:
     only if the process it recorded is gone from this machine, once the API has taken the flow
     run's Crashed state (read again then: the run may have ended meanwhile)."""
-    def report() -> dict | None:
-        found = json.loads(retrying(lambda: out.read(key))[0])
-        return found if isinstance(found, dict) and found.get("status") == RUNNING else None
-
-    if (found := report()) is None:
+    if (found := still_running(out, key)) is None:
         return False
     run = {"id": found.get("flow_run_id") or _REPORT_KEY.match(key)["id"], "name": found.get("flow_run")}
     if why is None:
         if (why := process_gone(found.get("process"))) is None:
             return False  # alive, or not this machine's to judge
-        if not _crash_in_api(run["id"], why, logger) or report() is None:
+        if not _crash_in_api(run["id"], why, logger) or still_running(out, key) is None:
             return False  # the run ended meanwhile (Completed cannot become Crashed): its report is its own
     retrying(lambda: out.write(key, report_bytes(stopped_report(run, CRASHED, why)), "application/json"))
     logger.warning("%s said running, but %s: marked crashed", out.uri_for(key), why)
     return True
+
+
+def still_running(out: Storage, key: str) -> dict | None:
+    """The report at ``key`` if it still says "running" (the write probe), else None."""
+    found = json.loads(retrying(lambda: out.read(key))[0])
+    return found if isinstance(found, dict) and found.get("status") == RUNNING else None
 
 
 def this_process(pid: int | None = None) -> dict | None:
@@ -156,7 +158,8 @@ def process_gone(process) -> str | None:
     if not all(type(v) is int and v > 0 for v in (pid, started)):  # not bool, float, or a JSON oddity
         return None
     try:
-        if _started(pid) == started and _state(pid) != "Z":  # a zombie has ended: only its reaper is late
+        fields = _stat(pid)
+        if int(fields[19]) == started and fields[0] != "Z":  # starttime (field 22), state (3): a zombie has ended
             return None
     except (OSError, ValueError, IndexError):
         try:  # unreadable: gone, or hidden (/proc mounted hidepid: another user's process)
@@ -176,10 +179,6 @@ def _stat(pid: int) -> list[str]:
 
 def _started(pid: int) -> int:
     return int(_stat(pid)[19])  # field 22, starttime
-
-
-def _state(pid: int) -> str:
-    return _stat(pid)[0]  # field 3
 
 
 def _crash_in_api(flow_run_id: str, why: str, logger) -> bool:

@@ -38,9 +38,9 @@ Sidecar fields (``sidecar()``)
 
 Run report ``{output}/_runs/{flow_run_id}.json`` (``report_key``)
     Written first as ``running_report`` {flow_run, flow_run_id, status: "running", started,
-    process? {boot, pid_ns, pid, started}: the process that runs it, Linux} (the preflight write probe), replaced by ``run_report`` at the end, or by ``stopped_report``
-    {status: "crashed" (the run stopped early), "cancelled" or "failed" (refused in preflight), error}
-    without it.
+    process? {boot, pid_ns, pid, started}: the process that runs it, Linux} (the preflight write
+    probe), replaced by ``run_report`` at the end, or by ``stopped_report`` {status: "crashed" (the
+    run stopped early), "cancelled" or "failed" (refused in preflight), error} without it.
     ``run_report``: flow_run (name), flow_run_id, report, started, finished, source, output, params,
     run, weights_id, devices, totals {pairs, done, skipped, failed}, contact_sheet, loss_curve,
     chunks?, items (one ``ReportItem`` per pair: content, style, status, output, sidecar, error,

@@ -119,10 +119,14 @@ def test_a_recorded_process_that_cannot_be_judged_is_never_called_gone(monkeypat
         assert orphans.process_gone(odd) is None, odd
     assert orphans.process_gone({**here, "started": here["started"] + 1}) is not None  # its pid, reused
 
-    def hidden(pid):
-        raise PermissionError(13, "hidepid")
+    readable = orphans._stat
 
-    monkeypatch.setattr(orphans, "_started", hidden)
+    def hidden(pid):  # pid 1's /proc entry hidden from this user; this process's own readable
+        if pid == 1:
+            raise PermissionError(13, "hidepid")
+        return readable(pid)
+
+    monkeypatch.setattr(orphans, "_stat", hidden)
     assert orphans.process_gone({**here, "pid": 1}) is None  # pid 1 exists: kill(1, 0) says so
 
 
