@@ -58,13 +58,15 @@ def test_a_run_the_api_calls_running_whose_process_is_gone_from_this_machine_is_
     """`nst batch` killed with kill -9 (or an OOM kill) leaves its flow run Running in the API for
     ever: no worker watched it, and the temporary API has no zombie detection. Its report records
     its process; the next run on this machine sees that process gone and marks both the report and
-    the flow run crashed (old: both said running for ever). A live process, or one of another
-    machine or container (another pid namespace), is left alone: nothing here can tell."""
+    the flow run crashed (old: both said running for ever), and its queued chunk runs are
+    cancelled. A live process, or one of another machine or container (another pid namespace), is
+    left alone: nothing here can tell."""
     import subprocess
 
     from prefect.client.orchestration import get_client
     from prefect.states import Pending, Running, Scheduled
 
+    from flows.fanout import parent_tag
     from flows.orphans import this_process
 
     for folder, kind in (("c", "content"), ("s", "style")):
@@ -84,6 +86,8 @@ def test_a_run_the_api_calls_running_whose_process_is_gone_from_this_machine_is_
         for state in (Scheduled(), Pending(), Running()):  # Prefect's Retry: attempt 2 runs (elsewhere)
             client.set_flow_run_state(ids["retried"], state, force=True)
         assert client.read_flow_run(ids["retried"]).run_count == 2
+        chunks = {name: client.create_flow_run(stylize_batch, name=f"{name}-chunk", tags=[parent_tag(str(ids[name]))],
+                                                state=Scheduled()).id for name in ("killed", "alive")}
         for name, process in (("killed", dead), ("alive", here), ("elsewhere", elsewhere), ("retried", dead)):
             report = running_report({"id": str(ids[name]), "name": name}, process=process)
             (runs / f"{ids[name]}.json").write_bytes(report_bytes(report))
@@ -94,6 +98,10 @@ def test_a_run_the_api_calls_running_whose_process_is_gone_from_this_machine_is_
         killed = json.loads((runs / f"{ids['killed']}.json").read_text())
         assert killed["status"] == "crashed" and f"its process (pid {child.pid}) is gone" in killed["error"], killed
         assert client.read_flow_run(ids["killed"]).state.is_crashed()
+        # a fan-out parent's queued chunk runs would otherwise run for no one (and the next parent
+        # adopts only those of a run it re-runs)
+        assert client.read_flow_run(chunks["killed"]).state.type.value in ("CANCELLING", "CANCELLED")
+        assert client.read_flow_run(chunks["alive"]).state.is_scheduled()
         for name in ("alive", "elsewhere"):
             assert json.loads((runs / f"{ids[name]}.json").read_text())["status"] == "running", name
             assert client.read_flow_run(ids[name]).state.is_running(), name
