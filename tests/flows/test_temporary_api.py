@@ -12,6 +12,7 @@ import time
 import pytest
 
 from flows import temporary_api
+from flows.orphans import process_gone, this_process
 from prefect.server.api import server as prefect_server
 
 STARTUP_FAILED = b"""ERROR:    Traceback (most recent call last):
@@ -79,23 +80,19 @@ def test_the_server_process_ends_when_its_starter_dies_without_running_code(tmp_
                           cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert done.returncode == -signal.SIGKILL
     server = int(up.read_text())
+    identity = this_process(server)  # None: already gone
+
+    def alive() -> bool:  # running, not a zombie (an orphan's reaper may be slow, or absent in a container)
+        return identity is not None and process_gone(identity) is None
+
     try:
         end = time.monotonic() + 10
-        while _alive(server) and time.monotonic() < end:
+        while alive() and time.monotonic() < end:
             time.sleep(0.1)
-        assert not _alive(server)
+        assert not alive()
     finally:
-        if _alive(server):
+        if alive():
             os.kill(server, signal.SIGKILL)
 
     gone = subprocess.run(temporary_api._dies_with_this_process(["/bin/false"])[:4] + ["1", "/bin/false"], timeout=30)
     assert gone.returncode == 0  # not /bin/false's 1: its starter (pid 1 here) is not its parent
-
-
-def _alive(pid: int) -> bool:
-    """Running, not a zombie (an orphan's reaper may be slow, or absent in a container)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
