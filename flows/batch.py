@@ -53,7 +53,7 @@ from tasks.pair import PairContext, stop_requested
 from tasks.pipeline import PipelineResult, run_pairs
 from tasks.plan import PreflightError, default_allowed_sources, plan_pairs, source_entries
 from tasks.storage import (LocalStorage, Storage, StorageError, StorageHealth, StorageUnreachableError, open_storage,
-                           read_uri, retrying)
+                           read_uri, retrying, within)
 
 __all__ = ["stylize_batch", "preflight", "on_pair_done"]
 
@@ -63,6 +63,17 @@ quiet_returned_failures()
 #: Set by the CLI to draw a progress bar: called with (finished pairs, pairs to run).
 on_pair_done: contextvars.ContextVar[Callable[[int, int], None] | None] = contextvars.ContextVar(
     "on_pair_done", default=None)
+
+
+def _refuse_output_inside_a_source(out: Storage, source: BatchSource, credentials: StorageCredentials) -> None:
+    """PreflightError if the output lies within the contents or styles prefix: the next run would
+    list this run's images, contact sheets and loss curves as new inputs, more every night. (A
+    manifest names its objects: its output may be anywhere.)"""
+    for field in ("contents", "styles"):
+        prefix = getattr(source, field, None)
+        if prefix and within(out, src := open_storage(prefix, credentials)):
+            raise PreflightError(f"output {out.uri} is inside the {field} prefix {src.uri}: the next run would "
+                                 f"list this run's results as {field}; write them elsewhere")
 
 
 def preflight(source: BatchSource, output: OutputSpec, params: StyleParams, devices: list[str],
@@ -75,6 +86,7 @@ def preflight(source: BatchSource, output: OutputSpec, params: StyleParams, devi
     from nst_core.vgg import extractor_for
 
     out = open_storage(output.uri, credentials)
+    _refuse_output_inside_a_source(out, source, credentials)
     own = run is None  # called on its own (no run report to come): remove the probe where allowed
     run = run or {"id": f"preflight-{uuid.uuid4().hex}", "name": ""}
     probe = report_bytes(running_report(run, process=this_process()))

@@ -72,15 +72,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import PurePosixPath
-from urllib.parse import urlparse
 
 from nst_core.imageio import FORMAT_EXTENSIONS, FORMATS
 from nst_core.params import StyleParams
 
+from .storage import parse_uri
+
 __all__ = [
     "EXTENSIONS", "RUNS", "HISTORY_POINTS", "RUNNING", "CRASHED", "CANCELLED", "DONE", "SKIPPED", "FAILED",
     "PairPlan", "ReportItem", "ThumbRow", "pair_key", "output_name", "image_key", "sidecar_key", "in_runs",
-    "naming_problem", "chunk_key", "report_key", "chunk_report_key", "attempt_report_key", "contact_sheet_key",
+    "naming_problem", "too_long", "NAME_BYTES", "chunk_key", "report_key", "chunk_report_key", "attempt_report_key", "contact_sheet_key",
     "loss_curve_key", "run_stem", "sidecar", "image_record", "loss_history", "done_pairs", "done_in", "totals", "timestamp",
     "done_item", "skipped_item", "failed_item", "running_report", "stopped_report", "run_report", "chunk_report",
     "chunk_items", "encode_thumbs", "decode_thumbs", "report_bytes",
@@ -181,15 +182,36 @@ def pair_key(content_identity: str, style_identity: str, params: StyleParams, we
 
 
 def _stem(uri: str) -> str:
-    return _UNSAFE_CHARS.sub("_", PurePosixPath(urlparse(uri).path).stem) or "image"
+    return _UNSAFE_CHARS.sub("_", PurePosixPath(parse_uri(uri)[2]).stem) or "image"
 
 
 def output_name(content: str, style: str, key: str, explicit: str | None = None) -> str:
-    """The output base name of a pair (no extension); a manifest's explicit name wins."""
-    name = explicit or f"{_stem(content)}__{_stem(style)}__{key[:8]}"
-    if explicit and PurePosixPath(name).suffix.lower() in FORMATS:
-        name = str(PurePosixPath(name).with_suffix(""))
-    return name
+    """The output base name of a pair (no extension); a manifest's explicit name wins.
+
+    A derived name too long for a file system (``too_long``) keeps the first ``_STEM_CUT``
+    characters of each stem; names that fit are never changed (a rerun finds its results by name)."""
+    if explicit:
+        return str(PurePosixPath(explicit).with_suffix("")) if PurePosixPath(explicit).suffix.lower() in FORMATS \
+            else explicit
+    c, s = _stem(content), _stem(style)
+    if too_long(f"{c}__{s}__{key[:8]}"):
+        c, s = c[:_STEM_CUT], s[:_STEM_CUT]
+    return f"{c}__{s}__{key[:8]}"
+
+
+#: Bytes of a name before its extension: "{name}.json" and "{name}.webp" within the 255 bytes a
+#: file system (ext4, XFS, APFS, NTFS) allows a file name.
+NAME_BYTES = 250
+#: Stems of a too-long derived name are cut to this: 2 x 119 + "__" x 2 + 8 hex = 250.
+_STEM_CUT = (NAME_BYTES - 4 - 8) // 2
+
+
+def too_long(name: str) -> str:
+    """Why an output name's file names would not fit a file system ("" when they fit)."""
+    longest = max(name.split("/"), key=lambda part: len(part.encode()))
+    n = len(longest.encode())
+    shown = name if len(name) <= 40 else f"{name[:40]}..."
+    return f"output name {shown!r} has a {n}-byte file name; at most {NAME_BYTES} fit" if n > NAME_BYTES else ""
 
 
 def image_key(name: str, fmt: str) -> str:

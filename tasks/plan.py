@@ -22,7 +22,7 @@ from nst_core.errors import NSTError
 from nst_core.imageio import IMAGE_EXTENSIONS
 from nst_core.params import StyleParams
 
-from .contract import RUNS, PairPlan, in_runs, output_name, pair_key
+from .contract import RUNS, PairPlan, in_runs, output_name, pair_key, too_long
 from .credentials import DEFAULT_CHAIN, StorageCredentials
 from .storage import (Storage, StorageError, UnsafeKeyError, open_storage, read_uri, retrying, safe_key,
                       split_uri)
@@ -241,6 +241,9 @@ def plan_pairs(
         name = output_name(e.content, e.style, key, e.output)
         if in_runs(name):
             raise PreflightError(f"{e.where or name}: output names may not start with {RUNS}/ (run reports live there)")
+        if why := too_long(name):  # an explicit name: it would fail at the write, after the whole optimization
+            plans.append(PairPlan.refused(i, e.content, e.style, cid, sid, f"{e.where or e.content}: {why}", "", fmt))
+            continue
         first = seen.get(name)
         if first is not None and first[1] == key:  # the same result asked for twice: made once
             plans.append(PairPlan.named(i, e.content, e.style, cid, sid, name, key, fmt, duplicate_of=first[0]))

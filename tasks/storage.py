@@ -48,6 +48,8 @@ __all__ = [
     "LocalStorage",
     "S3Storage",
     "open_storage",
+    "parse_uri",
+    "within",
     "split_uri",
     "read_uri",
     "read_object",
@@ -485,25 +487,43 @@ class S3Storage(Storage):
 def open_storage(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> Storage:
     """``s3://bucket/prefix`` -> S3Storage signing with ``credentials``; a folder path or ``file://``
     URI -> LocalStorage."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "s3":
-        return S3Storage(parsed.netloc, parsed.path.lstrip("/"), credentials)
-    if parsed.scheme == "file":
-        return LocalStorage(parsed.path)
-    if parsed.scheme and len(parsed.scheme) > 1:
-        raise StorageError(f"{uri}: unsupported scheme {parsed.scheme!r}; use s3://bucket/prefix or a folder")
+    scheme, bucket, path = parse_uri(uri)
+    if scheme == "s3":
+        return S3Storage(bucket, path.lstrip("/"), credentials)
+    if scheme == "file":
+        return LocalStorage(path)
+    if scheme and len(scheme) > 1:
+        raise StorageError(f"{uri}: unsupported scheme {scheme!r}; use s3://bucket/prefix or a folder")
     return LocalStorage(uri)
+
+
+def parse_uri(uri: str) -> tuple[str, str, str]:
+    """(scheme, bucket, path) of an ``s3://`` or ``file:`` URI, the path verbatim; anything else:
+    (its scheme or "", "", the string as is). Not ``urlparse``'s path: '#' and '?' are plain
+    characters of S3 keys and file names ("IMG #3.jpg"), not a fragment or a query."""
+    scheme = urlparse(uri).scheme
+    rest = uri[len(scheme) + 1:]
+    if scheme not in ("s3", "file"):
+        return scheme, "", uri
+    if not rest.startswith("//"):
+        return scheme, "", rest  # file:/abs/path
+    bucket, slash, path = rest[2:].partition("/")
+    return scheme, bucket, slash + path
+
+
+def within(inner: Storage, outer: Storage) -> bool:
+    """Whether every object of ``inner`` is also an object of ``outer`` (the same place, or below it)."""
+    return inner.uri.rstrip("/").startswith(outer.uri.rstrip("/") + "/") or inner.uri.rstrip("/") == outer.uri.rstrip("/")
 
 
 def split_uri(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> tuple[Storage, str]:
     """An object URI -> (storage of its folder, key)."""
-    parsed = urlparse(uri)
-    path = parsed.path if parsed.scheme in ("s3", "file") else uri
+    scheme, bucket, path = parse_uri(uri)
     folder, _, name = path.rstrip("/").rpartition("/")
     if not name:
         raise StorageError(f"{uri}: not an object URI")
-    if parsed.scheme == "s3":
-        return S3Storage(parsed.netloc, folder.lstrip("/"), credentials), name
+    if scheme == "s3":
+        return S3Storage(bucket, folder.lstrip("/"), credentials), name
     return LocalStorage(folder or "."), name
 
 
@@ -558,8 +578,8 @@ def retrying(fn: Callable[[], T], delays: tuple[float, ...] | None = None,
 def presigned_url(uri: str, expires_s: int, credentials: StorageCredentials = DEFAULT_CHAIN) -> str:
     """A browser-openable GET URL for an s3:// object, signed locally with ``credentials`` (no
     request is made; Signature V4, so at most 7 days)."""
-    parsed = urlparse(uri)
-    if parsed.scheme != "s3" or not parsed.netloc:
+    scheme, bucket, path = parse_uri(uri)
+    if scheme != "s3" or not bucket:
         raise StorageError(f"{uri}: only s3:// objects have presigned URLs")
     return s3_client(credentials).generate_presigned_url(
-        "get_object", Params={"Bucket": parsed.netloc, "Key": parsed.path.lstrip("/")}, ExpiresIn=int(expires_s))
+        "get_object", Params={"Bucket": bucket, "Key": path.lstrip("/")}, ExpiresIn=int(expires_s))

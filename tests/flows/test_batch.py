@@ -244,11 +244,39 @@ def test_manifest_escaping_the_prefix_is_rejected_before_any_work(bucket):
 
 
 def test_preflight_names_missing_weights_and_writes_nothing(tmp_path):
-    pattern((16, 16)).save(tmp_path / "c.png")
-    state = run(BatchSource(contents=str(tmp_path), styles=str(tmp_path)), OutputSpec(uri=str(tmp_path / "out")),
+    (tmp_path / "in").mkdir()
+    pattern((16, 16)).save(tmp_path / "in" / "c.png")
+    source = BatchSource(contents=str(tmp_path / "in"), styles=str(tmp_path / "in"))
+    state = run(source, OutputSpec(uri=str(tmp_path / "out")),
                 PARAMS.model_copy(update={"weights": str(tmp_path / "nope.pth")}))
     assert state.is_failed() and "weights" in state.message and "nope.pth does not exist" in state.message
     assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+
+
+def test_an_output_inside_a_source_prefix_is_refused_before_anything_is_written(tmp_path, bucket):
+    """Old: results written under the contents (or styles) prefix were listed by the next run as
+    new inputs: each nightly run stylized the last one's images, contact sheets and loss curves,
+    and the pairs grew every night."""
+    (tmp_path / "in").mkdir()
+    pattern((16, 16)).save(tmp_path / "in" / "c.png")
+    local = BatchSource(contents=str(tmp_path / "in"), styles=str(tmp_path / "in"))
+    for uri in (tmp_path / "in" / "out", tmp_path / "in"):
+        state = run(local, OutputSpec(uri=str(uri)))
+        assert state.is_failed(), state.message
+        assert state.message == (f"preflight failed: output {uri} is inside the contents prefix {tmp_path / 'in'}: "
+                                 "the next run would list this run's results as contents; write them elsewhere")
+    assert sorted(p.name for p in (tmp_path / "in").rglob("*")) == ["c.png"]  # nothing written
+    name, client = bucket
+    client.put_object(Bucket=name, Key="data/s/s.png", Body=to_bytes(pattern((16, 16), "style")))
+    client.put_object(Bucket=name, Key="data/c/c.png", Body=to_bytes(pattern((16, 16))))
+    state = run(BatchSource(contents=f"s3://{name}/data/c/", styles=f"s3://{name}/data"),
+                OutputSpec(uri=f"s3://{name}/data/styled/"))
+    assert state.is_failed() and f"is inside the styles prefix s3://{name}/data/" in state.message, state.message
+    assert keys(client, name, "") == ["data/c/c.png", "data/s/s.png"]
+    # a sibling whose name begins like the prefix is outside it
+    state = run(BatchSource(contents=f"s3://{name}/data/c", styles=f"s3://{name}/data/s"),
+                OutputSpec(uri=f"s3://{name}/data/c-styled/"))
+    assert state.is_completed(), state.message
 
 
 def test_non_finite_loss_fails_the_pair_with_its_reason(tmp_path):

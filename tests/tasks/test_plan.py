@@ -200,3 +200,34 @@ def test_a_dotdot_key_under_contents_fails_its_pairs_alone(bucket):
     assert len(plans) == 2
     bad = [p for p in plans if p.error]
     assert len(bad) == 1 and "sub/../x.png" in bad[0].content and "outside" in bad[0].error
+
+
+def test_output_file_names_fit_a_file_system_whatever_the_input_names(folders):
+    """Derived names join two stems; a file system takes 255 bytes a name. Old: a 130- and a
+    120-character stem made a 266-byte image name, and the pair failed at the write, after its
+    whole optimization, every night. Names that fit are unchanged (a rerun still finds its results);
+    an explicit manifest name too long fails its own pair at planning, naming the row."""
+    from tasks.storage import LocalStorage
+
+    long_c, long_s = "c" * 130 + ".png", "s" * 120 + ".png"
+    (folders / "c" / long_c).write_bytes(to_bytes(pattern((16, 16))))
+    (folders / "s" / long_s).write_bytes(to_bytes(pattern((16, 16), "style")))
+    params = StyleParams(weights="random")
+    plans = plan_pairs(source_entries(BatchSource(contents=str(folders / "c"), styles=str(folders / "s"))),
+                       params, "random(seed=0)", "webp")
+    names = {p.name for p in plans}
+    assert all(len(f"{n}.webp".encode()) <= 255 and len(f"{n}.json".encode()) <= 255 for n in names), names
+    assert len(names) == len(plans) == 6 and not [p.error for p in plans if p.error]
+    out = LocalStorage(folders / "out")
+    for p in plans:
+        out.write(p.image_key, b"x")
+        out.write(p.sidecar_key, b"{}")
+    assert f"a__s1__{plans[0].key[:8]}" in names  # a name that fits is as before
+    assert any(n.startswith("c" * 100) and "s" * 100 in n for n in names)  # shortened, still recognizable
+
+    rows = [{"content": "c/a.jpg", "style": "s/s1.png", "output": "x" * 251},
+            {"content": "c/b.png", "style": "s/s1.png", "output": "deep/" + "y" * 250}]
+    (folders / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plans = plan_pairs(read_manifest(str(folders / "m.jsonl")), params, "random(seed=0)", "jpeg")
+    assert "line 1" in plans[0].error and "251-byte file name" in plans[0].error, plans[0].error
+    assert not plans[1].error  # 250 bytes with a folder: fits

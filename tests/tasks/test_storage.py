@@ -60,6 +60,31 @@ def test_s3_storage_against_a_real_endpoint(bucket):
     assert storage.identity("sub/a.png") == client.head_object(Bucket=name, Key="out/sub/a.png")["ETag"].strip('"')
 
 
+def test_keys_with_a_hash_or_a_question_mark_read_the_object_listed(bucket, tmp_path):
+    """'#' and '?' are plain characters of S3 keys and file names ("IMG #3.jpg"). Old: the URI
+    parser took them for a fragment and a query: "in/photo #1.png" was read as "in/photo " (no
+    such object: its pair failed every night) and "x.png#y.png" as the other object "x.png"."""
+    from tasks.contract import output_name
+
+    name, client = bucket
+    keys = ["in/photo #1.png", "in/b?.png", "in/x.png", "in/x.png#y.png", "in/q?a=1#f.png"]
+    for i, key in enumerate(keys):
+        client.put_object(Bucket=name, Key=key, Body=f"object {i}".encode())
+    storage = open_storage(f"s3://{name}/in/")
+    listed = sorted(info.key for info in storage.list())
+    assert listed == sorted(k.removeprefix("in/") for k in keys)
+    for i, key in enumerate(keys):
+        uri = storage.uri_for(key.removeprefix("in/"))
+        assert read_uri(uri) == f"object {i}".encode(), uri
+        folder, leaf = split_uri(uri)
+        assert (folder.uri, leaf) == (f"s3://{name}/in/", key.removeprefix("in/"))
+    (tmp_path / "a #1?.png").write_bytes(b"local")
+    for uri in (str(tmp_path / "a #1?.png"), f"file://{tmp_path}/a #1?.png"):
+        assert read_uri(uri) == b"local", uri
+    # output names keep what follows the '#'
+    assert output_name(f"s3://{name}/in/photo #1.png", f"s3://{name}/s/b?.png", "0123456789") == "photo_1__b___01234567"
+
+
 def test_s3_listing_paginates(bucket):
     name, client = bucket
     for i in range(1005):  # one more page than list_objects_v2's 1000
