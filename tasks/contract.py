@@ -81,8 +81,8 @@ from .storage import parse_uri
 __all__ = [
     "EXTENSIONS", "RUNS", "HISTORY_POINTS", "RUNNING", "CRASHED", "CANCELLED", "DONE", "SKIPPED", "FAILED",
     "PairPlan", "ReportItem", "ThumbRow", "pair_key", "output_name", "image_key", "sidecar_key", "in_runs",
-    "naming_problem", "too_long", "NAME_BYTES", "chunk_key", "report_key", "chunk_report_key", "attempt_report_key", "contact_sheet_key",
-    "loss_curve_key", "run_stem", "sidecar", "image_record", "loss_history", "done_pairs", "done_in", "totals", "timestamp",
+    "naming_problem", "too_long", "NAME_BYTES", "chunk_key", "report_key", "chunk_report_key", "attempt_report_key",
+    "contact_sheet_key", "loss_curve_key", "run_stem", "sidecar", "image_record", "loss_history", "done_pairs", "done_in", "totals", "timestamp",
     "done_item", "skipped_item", "failed_item", "running_report", "stopped_report", "run_report", "chunk_report",
     "chunk_items", "encode_thumbs", "decode_thumbs", "report_bytes",
 ]

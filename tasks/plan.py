@@ -16,7 +16,6 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from urllib.parse import urlparse
 
 from nst_core.errors import NSTError
 from nst_core.imageio import IMAGE_EXTENSIONS
@@ -24,7 +23,7 @@ from nst_core.params import StyleParams
 
 from .contract import RUNS, PairPlan, in_runs, output_name, pair_key, too_long
 from .credentials import DEFAULT_CHAIN, StorageCredentials
-from .storage import (Storage, StorageError, UnsafeKeyError, open_storage, read_uri, retrying, safe_key,
+from .storage import (Storage, StorageError, UnsafeKeyError, open_storage, parse_uri, read_uri, retrying, safe_key,
                       split_uri)
 
 __all__ = ["PreflightError", "SourceEntry", "list_images", "read_manifest", "source_entries",
@@ -70,7 +69,7 @@ def list_images(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> li
 
 def _resolve(entry: str, base: str) -> str:
     """A manifest entry: a full URI / absolute path as is, else a key relative to the manifest's folder."""
-    if urlparse(entry).scheme in ("s3", "file") or entry.startswith("/"):
+    if parse_uri(entry)[0] in ("s3", "file") or entry.startswith("/"):
         return entry
     return f"{base.rstrip('/')}/{safe_key(entry)}"
 
@@ -82,7 +81,7 @@ def read_manifest(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> 
     except (StorageError, UnicodeDecodeError) as err:
         raise PreflightError(f"manifest {uri}: cannot read: {err}") from None
     base = split_uri(uri)[0].uri
-    name = PurePosixPath(urlparse(uri).path).name
+    name = PurePosixPath(parse_uri(uri)[2]).name
     rows: list[tuple[int, dict]] = []
     if name.lower().endswith(".csv"):
         reader = csv.DictReader(io.StringIO(text))
@@ -150,11 +149,11 @@ def source_entries(source, credentials: StorageCredentials = DEFAULT_CHAIN) -> l
 
 def _norm(uri: str, folder: bool = False) -> str:
     """A URI in one comparable spelling: s3://bucket/key or an absolute local path."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "s3":
-        text = f"s3://{parsed.netloc}/{parsed.path.lstrip('/')}"
+    scheme, bucket, path = parse_uri(uri)  # as the read will take it: '#' and '?' are part of the key
+    if scheme == "s3":
+        text = f"s3://{bucket}/{path.lstrip('/')}"
     else:
-        text = os.path.abspath(os.path.expanduser(parsed.path if parsed.scheme == "file" else uri))
+        text = os.path.abspath(os.path.expanduser(path if scheme == "file" else uri))
     return text.rstrip("/") + "/" if folder else text
 
 
@@ -241,7 +240,7 @@ def plan_pairs(
         name = output_name(e.content, e.style, key, e.output)
         if in_runs(name):
             raise PreflightError(f"{e.where or name}: output names may not start with {RUNS}/ (run reports live there)")
-        if why := too_long(name):  # an explicit name: it would fail at the write, after the whole optimization
+        if why := too_long(name):  # only an explicit name can be: it would fail at the write, after the optimization
             plans.append(PairPlan.refused(i, e.content, e.style, cid, sid, f"{e.where or e.content}: {why}", "", fmt))
             continue
         first = seen.get(name)

@@ -513,7 +513,8 @@ def parse_uri(uri: str) -> tuple[str, str, str]:
 
 def within(inner: Storage, outer: Storage) -> bool:
     """Whether every object of ``inner`` is also an object of ``outer`` (the same place, or below it)."""
-    return inner.uri.rstrip("/").startswith(outer.uri.rstrip("/") + "/") or inner.uri.rstrip("/") == outer.uri.rstrip("/")
+    a, b = inner.uri.rstrip("/"), outer.uri.rstrip("/")
+    return a == b or a.startswith(b + "/")
 
 
 def split_uri(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> tuple[Storage, str]:
