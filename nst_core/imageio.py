@@ -19,6 +19,7 @@ from .errors import ImageDecodeError, ImageTooSmallError, NSTError
 __all__ = [
     "DecodedImage",
     "MAX_PIXELS",
+    "MAX_INPUT_BYTES",
     "FORMATS",
     "FORMAT_EXTENSIONS",
     "IMAGE_EXTENSIONS",
@@ -36,6 +37,10 @@ __all__ = [
 
 #: Largest accepted input, width·height. Larger files are rejected before their pixels are decoded.
 MAX_PIXELS = 64_000_000
+#: Largest accepted input file: an uncompressed 16-bit RGBA image of MAX_PIXELS (8 bytes a pixel)
+#: and 1 MiB of headers. No image decode_image accepts is larger, so a larger object is refused
+#: before it is read (a 50 GB object in an input prefix must not fill a worker's memory).
+MAX_INPUT_BYTES = 8 * MAX_PIXELS + 2**20
 #: Output formats and their file extensions (the first is the one written): the one list of them.
 FORMAT_EXTENSIONS = {"jpeg": (".jpg", ".jpeg"), "png": (".png",), "webp": (".webp",)}
 #: Output formats by file extension.

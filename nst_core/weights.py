@@ -23,6 +23,7 @@ from typing import NamedTuple
 from urllib.parse import urlparse
 
 from .errors import WeightsError
+from .uris import parse_uri
 
 # torch (~3 s to import) loads inside the functions that read or fetch weights: the CLI checks a
 # weights path before the engine loads (check_weights_file).
@@ -105,9 +106,9 @@ def _refused_global(err: BaseException) -> str:
 
 
 def _local_path(uri: str) -> Path | None:
-    parsed = urlparse(uri)
-    if parsed.scheme in ("", "file") or (len(parsed.scheme) == 1 and os.name == "nt"):
-        return Path(parsed.path if parsed.scheme == "file" else uri).expanduser()
+    scheme, _, path = parse_uri(uri)  # '#' and '?' are part of a file name, as in the batch's storage
+    if scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt"):
+        return Path(path).expanduser()
     return None
 
 
@@ -118,7 +119,7 @@ def read_weights_bytes(uri: str, opener: Opener | None = None) -> bytes:
         _require_file(path, uri)
         return path.read_bytes()
     if opener is None:
-        raise WeightsError(f"weights URI {uri}: no reader for scheme {urlparse(uri).scheme!r} here")
+        raise WeightsError(f"weights URI {uri}: no reader for scheme {parse_uri(uri)[0]!r} here")
     try:
         return opener(uri)
     except Exception as err:  # the opener's own errors (missing key, denied) become one clear message

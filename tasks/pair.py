@@ -26,6 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Cancelled, State
 
 from nst_core.errors import NSTError, WeightsError
+from nst_core.imageio import MAX_INPUT_BYTES
 from nst_core.params import StyleParams
 
 from .compute import io_slot, run_on_device, targets_cache
@@ -159,7 +160,7 @@ def _check_stop(pair: PairPlan, ctx: PairContext) -> None:
 def _fetch(ctx: PairContext, uri: str, identity: str) -> bytes:
     def once() -> bytes:
         with io_slot(ctx.io_workers):
-            data, read = read_object(uri, ctx.credentials)
+            data, read = read_object(uri, ctx.credentials, MAX_INPUT_BYTES)
         if read != identity:  # its key was computed from other bytes: never write them under it
             raise InputChangedError(f"{uri} changed during the run (planned as {identity}, read as {read})")
         return data

@@ -31,14 +31,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlparse
 
 from nst_core.errors import NSTError
+from nst_core.uris import parse_uri
 
 from .credentials import DEFAULT_CHAIN, StorageCredentials
 
 __all__ = [
     "StorageError",
+    "TooLargeError",
     "MissingObjectError",
     "UnsafeKeyError",
     "StorageUnreachableError",
@@ -91,6 +92,14 @@ class StorageError(NSTError):
 
 class MissingObjectError(StorageError):
     """The object does not exist (not transient: never retried)."""
+
+
+class TooLargeError(StorageError):
+    """The object is larger than the reader accepts (not transient: never retried, never read)."""
+
+    def __init__(self, where: str, size: int, limit: int):
+        self.size, self.limit = size, limit
+        super().__init__(f"{where}: {size:,} bytes, over the limit of {limit:,} bytes for an input image")
 
 
 class UnsafeKeyError(StorageError):
@@ -199,8 +208,9 @@ class Storage:
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         raise NotImplementedError
 
-    def read(self, key: str) -> tuple[bytes, str]:
-        """(bytes, identity)."""
+    def read(self, key: str, max_bytes: int | None = None) -> tuple[bytes, str]:
+        """(bytes, identity). Raises TooLargeError, having read none of it, when the object is
+        larger than ``max_bytes``."""
         raise NotImplementedError
 
     def write(self, key: str, data: bytes, content_type: str | None = None) -> str:
@@ -256,18 +266,28 @@ class LocalStorage(Storage):
                 out.append(ObjectInfo(key, path.stat().st_size, ""))
         return out
 
-    def read(self, key: str) -> tuple[bytes, str]:
+    def _open(self, key: str):
         path = self._path(key)
         try:
-            data = path.read_bytes()
+            return path, open(path, "rb")
         except FileNotFoundError:
             raise MissingObjectError(f"{path}: no such file") from None
         except IsADirectoryError:
             raise MissingObjectError(f"{path}: is a folder, not a file") from None
+
+    def read(self, key: str, max_bytes: int | None = None) -> tuple[bytes, str]:
+        path, fh = self._open(key)
+        with fh:
+            size = os.fstat(fh.fileno()).st_size
+            if max_bytes is not None and size > max_bytes:
+                raise TooLargeError(str(path), size, max_bytes)
+            data = fh.read()
         return data, _sha256(data)
 
     def identity(self, key: str) -> str:
-        return self.read(key)[1]
+        """The file's SHA-256, read in blocks: a file of any size hashes in bounded memory."""
+        with self._open(key)[1] as fh:
+            return "sha256:" + hashlib.file_digest(fh, "sha256").hexdigest()
 
     def write(self, key: str, data: bytes, content_type: str | None = None) -> str:
         path = self._path(key)
@@ -437,9 +457,13 @@ class S3Storage(Storage):
             raise self._wrap(err, prefix) from None
         return out
 
-    def read(self, key: str) -> tuple[bytes, str]:
+    def read(self, key: str, max_bytes: int | None = None) -> tuple[bytes, str]:
         try:
             resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            size = int(resp.get("ContentLength", -1))
+            if max_bytes is not None and size > max_bytes:
+                resp["Body"].close()  # the headers told: none of the body is read
+                raise TooLargeError(f"s3://{self.bucket}/{self._key(key)}", size, max_bytes)
             return resp["Body"].read(), resp["ETag"].strip('"')
         except Exception as err:
             raise self._wrap(err, key) from None
@@ -497,20 +521,6 @@ def open_storage(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> S
     return LocalStorage(uri)
 
 
-def parse_uri(uri: str) -> tuple[str, str, str]:
-    """(scheme, bucket, path) of an ``s3://`` or ``file:`` URI, the path verbatim; anything else:
-    (its scheme or "", "", the string as is). Not ``urlparse``'s path: '#' and '?' are plain
-    characters of S3 keys and file names ("IMG #3.jpg"), not a fragment or a query."""
-    scheme = urlparse(uri).scheme
-    rest = uri[len(scheme) + 1:]
-    if scheme not in ("s3", "file"):
-        return scheme, "", uri
-    if not rest.startswith("//"):
-        return scheme, "", rest  # file:/abs/path
-    bucket, slash, path = rest[2:].partition("/")
-    return scheme, bucket, slash + path
-
-
 def within(inner: Storage, outer: Storage) -> bool:
     """Whether every object of ``inner`` is also an object of ``outer`` (the same place, or below it)."""
     a, b = inner.uri.rstrip("/"), outer.uri.rstrip("/")
@@ -534,11 +544,13 @@ def read_uri(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> bytes
     return storage.read(key)[0]
 
 
-def read_object(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> tuple[bytes, str]:
+def read_object(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN,
+                max_bytes: int | None = None) -> tuple[bytes, str]:
     """(bytes, identity) of one object by full URI: the identity of the bytes read (S3: the GET's
-    ETag; local: their SHA-256), to compare with the identity planned."""
+    ETag; local: their SHA-256), to compare with the identity planned. TooLargeError, unread,
+    above ``max_bytes``."""
     storage, key = split_uri(uri, credentials)
-    return storage.read(key)
+    return storage.read(key, max_bytes)
 
 
 def is_transient(err: BaseException) -> bool:

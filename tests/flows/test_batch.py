@@ -193,6 +193,26 @@ def test_a_bad_input_in_a_step_of_three_fails_alone_and_the_other_two_are_writte
     assert [json.loads(p.read_text())["pairs_per_step"] for p in sidecars] == [2, 2]
 
 
+def test_an_input_larger_than_any_accepted_image_fails_its_pair_unread_and_the_others_finish(tmp_path):
+    """A 513 MB file (sparse: it takes no disk) among the contents: its pair fails naming the file
+    and the byte limit, without reading it into memory (old: read whole, then 'not a recognized
+    image format'); the other content is written."""
+    from nst_core.imageio import MAX_INPUT_BYTES
+
+    source = _one_content_three_styles(tmp_path)
+    for style in ("s1.png", "s2.png"):
+        (tmp_path / "s" / style).unlink()
+    with open(tmp_path / "c" / "huge.png", "wb") as fh:
+        fh.truncate(MAX_INPUT_BYTES + 1)
+    state = run(source, OutputSpec(uri=str(tmp_path / "out"), format="png"), max_failures=1)
+    assert state.is_completed(), state.message
+    report = state.result()
+    assert report["totals"] == {"pairs": 2, "done": 1, "skipped": 0, "failed": 1}
+    [bad] = [i for i in report["items"] if i["status"] == "failed"]
+    assert "huge.png" in bad["error"] and f"{MAX_INPUT_BYTES + 1:,} bytes, over the limit" in bad["error"]
+    assert len(list((tmp_path / "out").glob("c__*.png"))) == 1
+
+
 def test_each_pair_of_a_step_over_its_time_limit_fails_with_its_own_reason(tmp_path):
     source = _one_content_three_styles(tmp_path)
     state = run(source, OutputSpec(uri=str(tmp_path / "out")), tiny_params(iterations=50), pairs_per_step=3,

@@ -266,6 +266,16 @@ def test_opened_weights_are_read_once_per_process(tmp_path):
     assert seen == ["s3://bucket/vgg.pth"]
 
 
+@pytest.mark.parametrize("name", ["vgg #2.pth", "vgg?v=2.pth"])
+def test_a_weights_file_whose_name_holds_a_hash_or_a_question_mark_loads_from_a_file_uri(tmp_path, name):
+    """'#' and '?' are part of a file name, as the batch's storage reads them (old: urlparse read
+    file:///…/vgg #2.pth as '/…/vgg ' and refused a file that is there)."""
+    path = tmp_path / name
+    torch.save(_random_features(), path)
+    for uri in (f"file://{path}", str(path)):
+        assert load_extractor(uri, layers=["relu1_1"]).weights_id.startswith("sha256:")
+
+
 @pytest.mark.parametrize("extra,message", [
     ({"mean": torch.tensor(0.5), "std": torch.tensor(0.2)}, "'mean' must be 3 finite numbers"),  # TypeError before
     ({"mean": [0.5], "std": [0.2]}, "'mean' must be 3 finite numbers"),  # RuntimeError (view) before

@@ -9,6 +9,7 @@ from tasks.storage import (
     MissingObjectError,
     StorageError,
     S3Storage,
+    TooLargeError,
     UnsafeKeyError,
     is_transient,
     open_storage,
@@ -83,6 +84,25 @@ def test_keys_with_a_hash_or_a_question_mark_read_the_object_listed(bucket, tmp_
         assert read_uri(uri) == b"local", uri
     # output names keep what follows the '#'
     assert output_name(f"s3://{name}/in/photo #1.png", f"s3://{name}/s/b?.png", "0123456789") == "photo_1__b___01234567"
+
+
+def test_an_object_over_the_readers_byte_limit_is_refused_naming_it_and_its_size(bucket, tmp_path):
+    name, _ = bucket
+    for storage in (LocalStorage(tmp_path), open_storage(f"s3://{name}/in/")):
+        storage.write("big.png", b"x" * 1001)
+        with pytest.raises(TooLargeError, match=r"big\.png: 1,001 bytes, over the limit of 1,000 bytes") as err:
+            storage.read("big.png", max_bytes=1000)
+        assert not is_transient(err.value)  # never retried: it will be as large next time
+        assert storage.read("big.png", max_bytes=1001)[0] == b"x" * 1001
+
+
+def test_a_local_files_identity_is_its_sha256_read_in_blocks(tmp_path, monkeypatch):
+    import hashlib
+
+    data = os.urandom(3 * 2**20 + 7)
+    (tmp_path / "a.png").write_bytes(data)
+    monkeypatch.setattr("pathlib.Path.read_bytes", lambda self: pytest.fail("read whole to hash it"))
+    assert LocalStorage(tmp_path).identity("a.png") == "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def test_s3_listing_paginates(bucket):

@@ -1,0 +1,22 @@
+"""``parse_uri``: the one reading of a storage URI (``s3://bucket/key``, ``file:`` URIs, plain
+paths), shared by the engine's weights reader and the batch's storage."""
+
+from __future__ import annotations
+
+from urllib.parse import urlparse
+
+__all__ = ["parse_uri"]
+
+
+def parse_uri(uri: str) -> tuple[str, str, str]:
+    """(scheme, bucket, path) of an ``s3://`` or ``file:`` URI, the path verbatim; anything else:
+    (its scheme or "", "", the string as is). Not ``urlparse``'s path: '#' and '?' are plain
+    characters of S3 keys and file names ("IMG #3.jpg"), not a fragment or a query."""
+    scheme = urlparse(uri).scheme
+    rest = uri[len(scheme) + 1:]
+    if scheme not in ("s3", "file"):
+        return scheme, "", uri
+    if not rest.startswith("//"):
+        return scheme, "", rest  # file:/abs/path
+    bucket, slash, path = rest[2:].partition("/")
+    return scheme, bucket, slash + path
