@@ -269,10 +269,10 @@ def _process(pair: PairPlan, ctx: PairContext) -> PairDone:
 
     out = ctx.storage
     _check_stop(pair, ctx)
-    content = _fetch(ctx, pair.content, pair.content_identity)
-    style = _fetch(ctx, pair.style, pair.style_identity)
-    inputs = _PairInputs(pair, ctx, decode_image(content, pair.content).merged(), decode_image(style, pair.style).rgb,
-                         get_run_logger())
+    # Decoded straight from the fetch: a waiting pair holds its images, not their file bytes as well.
+    content = decode_image(_fetch(ctx, pair.content, pair.content_identity), pair.content).merged()
+    style = decode_image(_fetch(ctx, pair.style, pair.style_identity), pair.style).rgb
+    inputs = _PairInputs(pair, ctx, content, style, get_run_logger())
     request = StepRequest(ctx, fit_longest(inputs.content.size, ctx.params.image_size), ctx.pairs_per_step,
                           lambda device, requests: _stylize_step(ctx, device, requests), inputs.check, inputs)
     ctx.steps.run(request, pair.index)

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from nst_core.errors import NSTError
-from nst_core.imageio import IMAGE_EXTENSIONS
+from nst_core.imageio import IMAGE_EXTENSIONS, MAX_INPUT_BYTES
 from nst_core.params import StyleParams
 
 from .contract import RUNS, PairPlan, in_runs, output_name, pair_key, too_long
 from .credentials import DEFAULT_CHAIN, StorageCredentials
-from .storage import (Storage, StorageError, UnsafeKeyError, open_storage, parse_uri, read_uri, retrying, safe_key,
-                      split_uri)
+from .storage import (Storage, StorageError, TooLargeError, UnsafeKeyError, open_storage, parse_uri, read_uri,
+                      retrying, safe_key, split_uri)
 
 __all__ = ["PreflightError", "SourceEntry", "list_images", "read_manifest", "source_entries",
            "default_allowed_sources", "outside_allowed", "plan_pairs"]
@@ -53,7 +53,8 @@ def list_images(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> li
     """(URI, identity from the listing, error) of the image objects under a prefix/folder, sorted.
 
     An object whose key would leave the prefix (a ``..`` segment) is returned with an error, so
-    its pairs fail alone instead of the whole listing.
+    its pairs fail alone instead of the whole listing; so is one larger than MAX_INPUT_BYTES (its
+    size is in the listing: it is never read, nor hashed at planning).
     """
     storage = open_storage(uri, credentials)
     out = []
@@ -61,7 +62,11 @@ def list_images(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> li
         if not _is_image(info.key):
             continue
         try:
-            out.append((storage.uri_for(info.key), info.identity, ""))
+            uri = storage.uri_for(info.key)
+            if info.size > MAX_INPUT_BYTES:
+                out.append((uri, "", str(TooLargeError(uri, info.size, MAX_INPUT_BYTES))))
+            else:
+                out.append((uri, info.identity, ""))
         except UnsafeKeyError as err:
             out.append((f"{storage.uri.rstrip('/')}/{info.key}", "", f"refused: {err}"))
     return sorted(out)
@@ -200,7 +205,7 @@ def _identities(uris: set[str], known: dict[str, str], io_workers: int,
         found = {}
         for uri, key in keys:
             try:
-                identity = listed.get(key) or retrying(lambda: storage.identity(key))
+                identity = listed.get(key) or retrying(lambda: storage.identity(key, MAX_INPUT_BYTES))
                 found[uri] = (identity, "") if identity else ("", f"{uri}: has no identity")
             except StorageError as err:
                 found[uri] = ("", f"cannot read input: {err}")

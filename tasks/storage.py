@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 import threading
 import time
 import uuid
@@ -228,8 +229,9 @@ class Storage:
     def delete(self, key: str) -> None:
         raise NotImplementedError
 
-    def identity(self, key: str) -> str:
-        """The object's identity without downloading it where the backend allows."""
+    def identity(self, key: str, max_bytes: int | None = None) -> str:
+        """The object's identity without downloading it where the backend allows; TooLargeError
+        above ``max_bytes``."""
         raise NotImplementedError
 
     def uri_for(self, key: str) -> str:
@@ -263,30 +265,46 @@ class LocalStorage(Storage):
                     continue
                 path = Path(dirpath) / name
                 key = path.relative_to(self.root).as_posix()
-                out.append(ObjectInfo(key, path.stat().st_size, ""))
+                try:
+                    size = path.stat().st_size
+                except OSError:  # a dangling symlink, or gone since the walk: its read names it
+                    size = 0
+                out.append(ObjectInfo(key, size, ""))
         return out
 
-    def _open(self, key: str):
+    def _open(self, key: str, max_bytes: int | None):
+        """(path, open binary file) of ``key``; TooLargeError above ``max_bytes``. Opened without
+        blocking: a FIFO or device among the inputs is refused, not waited on for ever."""
         path = self._path(key)
         try:
-            return path, open(path, "rb")
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
         except FileNotFoundError:
-            raise MissingObjectError(f"{path}: no such file") from None
+            named = self.root / safe_key(key)
+            linked = f" (a link to {path})" if named != path else ""  # name what the user put there
+            raise MissingObjectError(f"{named}: no such file{linked}") from None
         except IsADirectoryError:
             raise MissingObjectError(f"{path}: is a folder, not a file") from None
+        fh = os.fdopen(fd, "rb")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            fh.close()
+            raise StorageError(f"{path}: not a regular file")
+        if max_bytes is not None and st.st_size > max_bytes:
+            fh.close()
+            raise TooLargeError(str(path), st.st_size, max_bytes)
+        return path, fh
 
     def read(self, key: str, max_bytes: int | None = None) -> tuple[bytes, str]:
-        path, fh = self._open(key)
+        path, fh = self._open(key, max_bytes)
         with fh:
-            size = os.fstat(fh.fileno()).st_size
-            if max_bytes is not None and size > max_bytes:
-                raise TooLargeError(str(path), size, max_bytes)
-            data = fh.read()
+            data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
+        if max_bytes is not None and len(data) > max_bytes:  # it grew after the size was read
+            raise TooLargeError(str(path), len(data), max_bytes)
         return data, _sha256(data)
 
-    def identity(self, key: str) -> str:
+    def identity(self, key: str, max_bytes: int | None = None) -> str:
         """The file's SHA-256, read in blocks: a file of any size hashes in bounded memory."""
-        with self._open(key)[1] as fh:
+        with self._open(key, max_bytes)[1] as fh:
             return "sha256:" + hashlib.file_digest(fh, "sha256").hexdigest()
 
     def write(self, key: str, data: bytes, content_type: str | None = None) -> str:
@@ -460,17 +478,28 @@ class S3Storage(Storage):
     def read(self, key: str, max_bytes: int | None = None) -> tuple[bytes, str]:
         try:
             resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            if max_bytes is None:
+                return resp["Body"].read(), resp["ETag"].strip('"')
+            where = f"s3://{self.bucket}/{self._key(key)}"
             size = int(resp.get("ContentLength", -1))
-            if max_bytes is not None and size > max_bytes:
+            if size > max_bytes:
                 resp["Body"].close()  # the headers told: none of the body is read
-                raise TooLargeError(f"s3://{self.bucket}/{self._key(key)}", size, max_bytes)
-            return resp["Body"].read(), resp["ETag"].strip('"')
+                raise TooLargeError(where, size, max_bytes)
+            data = resp["Body"].read(max_bytes + 1)  # a response without a length is bounded too
+            if len(data) > max_bytes:
+                resp["Body"].close()
+                raise TooLargeError(where, len(data), max_bytes)
+            return data, resp["ETag"].strip('"')
         except Exception as err:
             raise self._wrap(err, key) from None
 
-    def identity(self, key: str) -> str:
+    def identity(self, key: str, max_bytes: int | None = None) -> str:
         try:
-            return self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ETag"].strip('"')
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            size = int(head.get("ContentLength", -1))
+            if max_bytes is not None and size > max_bytes:
+                raise TooLargeError(f"s3://{self.bucket}/{self._key(key)}", size, max_bytes)
+            return head["ETag"].strip('"')
         except Exception as err:
             raise self._wrap(err, key) from None
 

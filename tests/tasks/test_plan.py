@@ -164,16 +164,44 @@ def test_identity_lookups_are_retried_when_transient(folders, monkeypatch):
     monkeypatch.setattr(storage, "RETRY_DELAYS", (0, 0))
     real, calls = storage.LocalStorage.identity, []
 
-    def flaky(self, key):
+    def flaky(self, key, max_bytes=None):
         calls.append(key)
         if len(calls) == 1:
             raise StorageError("SlowDown", transient=True)
-        return real(self, key)
+        return real(self, key, max_bytes)
 
     monkeypatch.setattr(storage.LocalStorage, "identity", flaky)
     (folders / "m.csv").write_text("content,style\nc/a.jpg,s/s1.png\n")
     plans = plan_pairs(read_manifest(str(folders / "m.csv")), StyleParams(), "w", "jpeg", io_workers=1)
     assert not plans[0].error and len(calls) == 3
+
+
+@pytest.mark.timeout(60)
+def test_a_huge_file_a_fifo_or_a_dangling_link_in_the_inputs_fails_its_own_pairs_at_planning(folders, monkeypatch):
+    """A 513 MB file (sparse), a FIFO and a dangling symlink named like images: their pairs fail at
+    planning, naming them and why, listed or named by a manifest; the huge file is never hashed
+    (old: hashed whole, then read whole by its pair), the FIFO never waited on (old: planning
+    blocked for ever) and the link does not stop the listing (old: FileNotFoundError, no plan)."""
+    import hashlib
+    import os
+
+    from nst_core.imageio import MAX_INPUT_BYTES
+
+    with open(folders / "c" / "huge.png", "wb") as fh:
+        fh.truncate(MAX_INPUT_BYTES + 1)
+    os.mkfifo(folders / "c" / "pipe.png")
+    os.symlink(folders / "c" / "gone.png", folders / "c" / "link.png")
+    hashed, digest = [], hashlib.file_digest
+    monkeypatch.setattr(hashlib, "file_digest", lambda fh, name: hashed.append(fh.name) or digest(fh, name))
+    (folders / "m.csv").write_text("content,style\nc/huge.png,s/s1.png\nc/pipe.png,s/s1.png\nc/link.png,s/s1.png\nc/a.jpg,s/s1.png\n")
+    for entries in (source_entries(BatchSource(contents=str(folders / "c"), styles=str(folders / "s"))),
+                    read_manifest(str(folders / "m.csv"))):
+        errors = {p.content.rsplit("/", 1)[1]: p.error for p in plan_pairs(entries, StyleParams(), "w", "jpeg")}
+        assert f"huge.png: {MAX_INPUT_BYTES + 1:,} bytes, over the limit of {MAX_INPUT_BYTES:,}" in errors["huge.png"]
+        assert "pipe.png: not a regular file" in errors["pipe.png"]
+        assert "link.png: no such file" in errors["link.png"]
+        assert errors["a.jpg"] == ""
+    assert not [name for name in hashed if str(name).endswith(("huge.png", "pipe.png"))]
 
 
 def test_reads_outside_allowed_sources_fail_their_pair(folders, tmp_path_factory):
