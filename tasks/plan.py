@@ -23,11 +23,15 @@ from nst_core.params import StyleParams
 
 from .contract import RUNS, PairPlan, in_runs, output_name, pair_key, too_long
 from .credentials import DEFAULT_CHAIN, StorageCredentials
-from .storage import (Storage, StorageError, TooLargeError, UnsafeKeyError, open_storage, parse_uri, read_uri,
-                      retrying, safe_key, split_uri)
+from .storage import (ObjectInfo, Storage, StorageError, TooLargeError, UnsafeKeyError, open_storage, parse_uri,
+                      read_uri, retrying, safe_key, split_uri)
 
 __all__ = ["PreflightError", "SourceEntry", "list_images", "read_manifest", "source_entries",
-           "default_allowed_sources", "outside_allowed", "plan_pairs"]
+           "default_allowed_sources", "outside_allowed", "plan_pairs", "MAX_MANIFEST_BYTES"]
+
+#: A manifest larger than this is refused unread: a million rows of long S3 URIs fit in it, and a
+#: path pointed at the wrong file (a tarball, a dataset) fails in one line instead of filling memory.
+MAX_MANIFEST_BYTES = 256 * 2**20
 
 
 class PreflightError(NSTError):
@@ -82,7 +86,11 @@ def _resolve(entry: str, base: str) -> str:
 def read_manifest(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> list[SourceEntry]:
     """Rows of a JSONL or CSV manifest. Every problem names the manifest line."""
     try:
-        text = retrying(lambda: read_uri(uri, credentials)).decode("utf-8-sig")
+        text = retrying(lambda: read_uri(uri, credentials, MAX_MANIFEST_BYTES)).decode("utf-8-sig")
+    except TooLargeError as err:
+        told = f"{err.size:,} bytes, " if err.size is not None else ""
+        raise PreflightError(f"manifest {uri}: {told}over the limit of {err.limit:,} bytes for a manifest "
+                             f"(split it, or list the folders instead)") from None
     except (StorageError, UnicodeDecodeError) as err:
         raise PreflightError(f"manifest {uri}: cannot read: {err}") from None
     base = split_uri(uri)[0].uri
@@ -196,16 +204,19 @@ def _identities(uris: set[str], known: dict[str, str], io_workers: int,
 
     def one_folder(item: tuple[Storage, list[tuple[str, str]]]) -> dict[str, tuple[str, str]]:
         storage, keys = item
-        listed: dict[str, str] = {}
+        listed: dict[str, ObjectInfo] = {}
         if len(keys) > 8:
             try:
-                listed = {info.key: info.identity for info in retrying(storage.list) if info.identity}
+                listed = {info.key: info for info in retrying(storage.list) if info.identity}
             except StorageError:
                 pass  # fall back to one lookup per object
         found = {}
         for uri, key in keys:
             try:
-                identity = listed.get(key) or retrying(lambda: storage.identity(key, MAX_INPUT_BYTES))
+                if key in listed and listed[key].size > MAX_INPUT_BYTES:
+                    raise TooLargeError(uri, listed[key].size, MAX_INPUT_BYTES)
+                identity = (listed[key].identity if key in listed
+                            else retrying(lambda: storage.identity(key, MAX_INPUT_BYTES)))
                 found[uri] = (identity, "") if identity else ("", f"{uri}: has no identity")
             except StorageError as err:
                 found[uri] = ("", f"cannot read input: {err}")

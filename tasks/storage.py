@@ -96,11 +96,16 @@ class MissingObjectError(StorageError):
 
 
 class TooLargeError(StorageError):
-    """The object is larger than the reader accepts (not transient: never retried, never read)."""
+    """The object is larger than the reader accepts (not transient: never retried, never read).
+    ``size`` None: its size was not told and the read stopped at the limit."""
 
-    def __init__(self, where: str, size: int, limit: int):
-        self.size, self.limit = size, limit
-        super().__init__(f"{where}: {size:,} bytes, over the limit of {limit:,} bytes for an input image")
+    def __init__(self, where: str, size: int | None, limit: int, what: str = "an input image"):
+        self.where, self.size, self.limit, self.what = where, size, limit, what
+        told = f"{size:,} bytes, over" if size is not None else "over"
+        super().__init__(f"{where}: {told} the limit of {limit:,} bytes for {what}")
+
+    def __reduce__(self):  # picklable, as a state's exception must be
+        return type(self), (self.where, self.size, self.limit, self.what)
 
 
 class UnsafeKeyError(StorageError):
@@ -116,6 +121,9 @@ class StorageUnreachableError(StorageError):
     def __init__(self, since: datetime):
         super().__init__(f"storage unreachable since {since:%H:%M:%S} UTC")
         self.since = since
+
+    def __reduce__(self):  # picklable, as a state's exception must be
+        return type(self), (self.since,)
 
     @staticmethod
     def parse(text: str) -> datetime | None:
@@ -246,7 +254,11 @@ class LocalStorage(Storage):
         self.uri = str(self.root)
 
     def _path(self, key: str) -> Path:
-        path = (self.root / safe_key(key)).resolve()
+        named = self.root / safe_key(key)
+        try:
+            path = named.resolve()
+        except (OSError, RuntimeError) as err:  # a symlink loop (RuntimeError before Python 3.13)
+            raise StorageError(f"{named}: cannot resolve: {err}") from None
         if not path.is_relative_to(self.root):  # a symlink pointing out of the root
             raise UnsafeKeyError(f"{key!r} resolves outside {self.root}")
         return path
@@ -273,33 +285,38 @@ class LocalStorage(Storage):
         return out
 
     def _open(self, key: str, max_bytes: int | None):
-        """(path, open binary file) of ``key``; TooLargeError above ``max_bytes``. Opened without
-        blocking: a FIFO or device among the inputs is refused, not waited on for ever."""
-        path = self._path(key)
+        """(name, open binary file) of ``key``; TooLargeError above ``max_bytes``. Opened without
+        blocking and checked before use: a FIFO, socket or device among the inputs is refused, not
+        waited on for ever. Every error names the file as listed, and its target if it is a link."""
+        named, path = self.root / safe_key(key), self._path(key)
+        where = str(named) if named == path else f"{named} (a link to {path})"
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
         except FileNotFoundError:
-            named = self.root / safe_key(key)
-            linked = f" (a link to {path})" if named != path else ""  # name what the user put there
-            raise MissingObjectError(f"{named}: no such file{linked}") from None
+            raise MissingObjectError(f"{where}: no such file") from None
         except IsADirectoryError:
-            raise MissingObjectError(f"{path}: is a folder, not a file") from None
-        fh = os.fdopen(fd, "rb")
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            fh.close()
-            raise StorageError(f"{path}: not a regular file")
-        if max_bytes is not None and st.st_size > max_bytes:
-            fh.close()
-            raise TooLargeError(str(path), st.st_size, max_bytes)
-        return path, fh
+            raise MissingObjectError(f"{where}: is a folder, not a file") from None
+        except OSError as err:  # no permission; a socket (ENXIO)
+            raise StorageError(f"{where}: cannot open: {err.strerror or err}") from None
+        try:
+            mode, size = (st := os.fstat(fd)).st_mode, st.st_size
+            if stat.S_ISDIR(mode):  # Linux opens a folder read-only without complaint
+                raise MissingObjectError(f"{where}: is a folder, not a file")
+            if not stat.S_ISREG(mode):
+                raise StorageError(f"{where}: not a regular file")
+            if max_bytes is not None and size > max_bytes:
+                raise TooLargeError(where, size, max_bytes)
+            return where, os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
 
     def read(self, key: str, max_bytes: int | None = None) -> tuple[bytes, str]:
-        path, fh = self._open(key, max_bytes)
+        where, fh = self._open(key, max_bytes)
         with fh:
             data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
-        if max_bytes is not None and len(data) > max_bytes:  # it grew after the size was read
-            raise TooLargeError(str(path), len(data), max_bytes)
+        if max_bytes is not None and len(data) > max_bytes:  # it grew after its size was read
+            raise TooLargeError(where, None, max_bytes)
         return data, _sha256(data)
 
     def identity(self, key: str, max_bytes: int | None = None) -> str:
@@ -488,7 +505,7 @@ class S3Storage(Storage):
             data = resp["Body"].read(max_bytes + 1)  # a response without a length is bounded too
             if len(data) > max_bytes:
                 resp["Body"].close()
-                raise TooLargeError(where, len(data), max_bytes)
+                raise TooLargeError(where, None, max_bytes)
             return data, resp["ETag"].strip('"')
         except Exception as err:
             raise self._wrap(err, key) from None
@@ -567,10 +584,10 @@ def split_uri(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> tupl
     return LocalStorage(folder or "."), name
 
 
-def read_uri(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> bytes:
-    """Bytes of one object by full URI (weights, manifests)."""
+def read_uri(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN, max_bytes: int | None = None) -> bytes:
+    """Bytes of one object by full URI (weights, manifests); TooLargeError, unread, above ``max_bytes``."""
     storage, key = split_uri(uri, credentials)
-    return storage.read(key)[0]
+    return storage.read(key, max_bytes)[0]
 
 
 def read_object(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN,

@@ -177,31 +177,86 @@ def test_identity_lookups_are_retried_when_transient(folders, monkeypatch):
 
 
 @pytest.mark.timeout(60)
-def test_a_huge_file_a_fifo_or_a_dangling_link_in_the_inputs_fails_its_own_pairs_at_planning(folders, monkeypatch):
-    """A 513 MB file (sparse), a FIFO and a dangling symlink named like images: their pairs fail at
-    planning, naming them and why, listed or named by a manifest; the huge file is never hashed
-    (old: hashed whole, then read whole by its pair), the FIFO never waited on (old: planning
-    blocked for ever) and the link does not stop the listing (old: FileNotFoundError, no plan)."""
+def test_odd_files_among_the_inputs_fail_their_own_pairs_at_planning_naming_them(folders, monkeypatch):
+    """Files named like images that are not readable images, listed or named by a manifest: each
+    pair fails at planning with the file's name and why, the others plan. Old code: the 513 MB
+    file (sparse) was hashed whole, then read whole by its pair; the FIFO blocked planning for
+    ever; the dangling link and the link loop stopped the listing (no plan at all); the folder
+    and the socket crashed planning with a bare OSError naming a file descriptor."""
     import hashlib
     import os
+    import socket
 
     from nst_core.imageio import MAX_INPUT_BYTES
 
-    with open(folders / "c" / "huge.png", "wb") as fh:
+    c, too_big = folders / "c", f"{MAX_INPUT_BYTES + 1:,} bytes, over the limit of {MAX_INPUT_BYTES:,}"
+    (c / "blobs").mkdir()
+    with open(c / "blobs" / "big.bin", "wb") as fh:
         fh.truncate(MAX_INPUT_BYTES + 1)
-    os.mkfifo(folders / "c" / "pipe.png")
-    os.symlink(folders / "c" / "gone.png", folders / "c" / "link.png")
+    os.link(c / "blobs" / "big.bin", c / "huge.png")
+    os.symlink(c / "blobs" / "big.bin", c / "huge-link.png")
+    os.mkfifo(c / "pipe.png")
+    os.symlink(c / "gone.png", c / "dangling.png")
+    os.symlink(c / "loop.png", c / "loop.png")
+    (c / "folder.png").mkdir()  # a manifest can name it; a listing does not list it
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(c / "socket.png"))
+    expected = {
+        "huge.png": f"huge.png: {too_big}",
+        "huge-link.png": "huge-link.png",  # and its size: listed, or with its target (manifest)
+        "pipe.png": "pipe.png: not a regular file",
+        "dangling.png": f"dangling.png (a link to {c / 'gone.png'}): no such file",
+        "loop.png": "loop.png: cannot resolve",
+        "folder.png": "folder.png: is a folder, not a file",
+        "socket.png": "socket.png: ",
+    }
     hashed, digest = [], hashlib.file_digest
-    monkeypatch.setattr(hashlib, "file_digest", lambda fh, name: hashed.append(fh.name) or digest(fh, name))
-    (folders / "m.csv").write_text("content,style\nc/huge.png,s/s1.png\nc/pipe.png,s/s1.png\nc/link.png,s/s1.png\nc/a.jpg,s/s1.png\n")
-    for entries in (source_entries(BatchSource(contents=str(folders / "c"), styles=str(folders / "s"))),
-                    read_manifest(str(folders / "m.csv"))):
-        errors = {p.content.rsplit("/", 1)[1]: p.error for p in plan_pairs(entries, StyleParams(), "w", "jpeg")}
-        assert f"huge.png: {MAX_INPUT_BYTES + 1:,} bytes, over the limit of {MAX_INPUT_BYTES:,}" in errors["huge.png"]
-        assert "pipe.png: not a regular file" in errors["pipe.png"]
-        assert "link.png: no such file" in errors["link.png"]
-        assert errors["a.jpg"] == ""
-    assert not [name for name in hashed if str(name).endswith(("huge.png", "pipe.png"))]
+    monkeypatch.setattr(hashlib, "file_digest",
+                        lambda fh, name: hashed.append(os.fstat(fh.fileno()).st_size) or digest(fh, name))
+    (folders / "m.csv").write_text("content,style\n" + "".join(f"c/{n},s/s1.png\n" for n in [*expected, "a.jpg"]))
+    try:
+        for entries in (source_entries(BatchSource(contents=str(c), styles=str(folders / "s"))),
+                        read_manifest(str(folders / "m.csv"))):
+            errors = {p.content.rsplit("/", 1)[1]: p.error for p in plan_pairs(entries, StyleParams(), "w", "jpeg")}
+            assert errors.pop("a.jpg") == "" and errors.pop("b.png", "") == ""
+            assert set(errors) == set(expected) - ({"folder.png"} if len(errors) < len(expected) else set())
+            for name, error in errors.items():
+                assert expected[name] in error, (name, error)
+            assert too_big in errors["huge-link.png"]
+    finally:
+        sock.close()
+    assert hashed and max(hashed) < 2**20  # the images only: the huge file never hashed
+
+
+@pytest.mark.timeout(60)
+def test_a_manifest_over_its_byte_limit_is_refused_unread_in_one_line(folders):
+    """Old: 256 MB read whole and decoded, then 'line 1: not JSON'."""
+    from tasks.plan import MAX_MANIFEST_BYTES
+
+    with open(folders / "m.jsonl", "wb") as fh:
+        fh.truncate(MAX_MANIFEST_BYTES + 1)
+    with pytest.raises(PreflightError, match=f"m.jsonl: {MAX_MANIFEST_BYTES + 1:,} bytes, over the limit of "
+                                             f"{MAX_MANIFEST_BYTES:,} bytes for a manifest"):
+        read_manifest(str(folders / "m.jsonl"))
+
+
+def test_an_s3_input_over_the_limit_fails_at_planning_when_its_folder_is_listed_for_a_manifest(bucket, monkeypatch):
+    """A manifest naming more than 8 objects of one prefix takes their identities from one listing;
+    the sizes in it are checked too (old: planned, then refused only when its pair fetched it)."""
+    from tasks import plan
+
+    name, client = bucket
+    monkeypatch.setattr(plan, "MAX_INPUT_BYTES", 1000)
+    for i in range(9):
+        client.put_object(Bucket=name, Key=f"c/{i}.png", Body=b"small")
+    client.put_object(Bucket=name, Key="c/big.png", Body=b"x" * 1001)
+    client.put_object(Bucket=name, Key="s/x.png", Body=b"style")
+    rows = "".join(f"c/{n}.png,s/x.png\n" for n in [*range(9), "big"])
+    client.put_object(Bucket=name, Key="m.csv", Body=("content,style\n" + rows).encode())
+    errors = {p.content.rsplit("/", 1)[1]: p.error
+              for p in plan_pairs(read_manifest(f"s3://{name}/m.csv"), StyleParams(), "w", "jpeg")}
+    assert f"s3://{name}/c/big.png: 1,001 bytes, over the limit of 1,000 bytes" in errors.pop("big.png")
+    assert set(errors.values()) == {""} and len(errors) == 9
 
 
 def test_reads_outside_allowed_sources_fail_their_pair(folders, tmp_path_factory):

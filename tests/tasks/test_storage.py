@@ -1,4 +1,5 @@
 import os
+import pickle
 import socket
 
 import pytest
@@ -94,6 +95,19 @@ def test_an_object_over_the_readers_byte_limit_is_refused_naming_it_and_its_size
             storage.read("big.png", max_bytes=1000)
         assert not is_transient(err.value)  # never retried: it will be as large next time
         assert storage.read("big.png", max_bytes=1001)[0] == b"x" * 1001
+        again = pickle.loads(pickle.dumps(err.value))  # as Prefect stores a failed state's exception
+        assert type(again) is TooLargeError and str(again) == str(err.value) and again.size == 1001
+
+
+def test_a_folder_named_like_a_file_is_missing_and_holds_no_descriptor(tmp_path):
+    """Old: Linux opened the folder, the error came from fdopen ('Is a directory: 3', not a
+    StorageError: planning crashed) and every attempt leaked a descriptor."""
+    (tmp_path / "dir.png").mkdir()
+    storage, before = LocalStorage(tmp_path), len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(MissingObjectError, match=r"dir\.png: is a folder, not a file"):
+            storage.identity("dir.png")
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_a_local_files_identity_is_its_sha256_read_in_blocks(tmp_path, monkeypatch):
@@ -355,9 +369,11 @@ def test_retrying_stops_at_once_when_storage_is_declared_unreachable(monkeypatch
     with pytest.raises(StorageUnreachableError, match=r"storage unreachable since \d\d:\d\d:\d\d UTC"):
         retrying(dead, delays=(1, 1, 1, 1, 1), health=health)
     assert len(calls) == 2  # the second failure declared the outage: no third attempt
-    with pytest.raises(StorageUnreachableError):
+    with pytest.raises(StorageUnreachableError) as err:
         retrying(dead, health=health)  # a call after the declaration makes no attempt at all
     assert len(calls) == 2
+    again = pickle.loads(pickle.dumps(err.value))  # as Prefect stores a failed state's exception
+    assert type(again) is StorageUnreachableError and again.since == err.value.since
 
 
 def test_an_error_that_is_an_answer_keeps_storage_reachable(monkeypatch):
