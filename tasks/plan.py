@@ -88,8 +88,7 @@ def read_manifest(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> 
     try:
         text = retrying(lambda: read_uri(uri, credentials, MAX_MANIFEST_BYTES)).decode("utf-8-sig")
     except TooLargeError as err:
-        told = f"{err.size:,} bytes, " if err.size is not None else ""
-        raise PreflightError(f"manifest {uri}: {told}over the limit of {err.limit:,} bytes for a manifest "
+        raise PreflightError(f"manifest {TooLargeError(err.where, err.size, err.limit, 'a manifest')} "
                              f"(split it, or list the folders instead)") from None
     except (StorageError, UnicodeDecodeError) as err:
         raise PreflightError(f"manifest {uri}: cannot read: {err}") from None
@@ -213,10 +212,10 @@ def _identities(uris: set[str], known: dict[str, str], io_workers: int,
         found = {}
         for uri, key in keys:
             try:
-                if key in listed and listed[key].size > MAX_INPUT_BYTES:
-                    raise TooLargeError(uri, listed[key].size, MAX_INPUT_BYTES)
-                identity = (listed[key].identity if key in listed
-                            else retrying(lambda: storage.identity(key, MAX_INPUT_BYTES)))
+                info = listed.get(key)
+                if info and info.size > MAX_INPUT_BYTES:
+                    raise TooLargeError(uri, info.size, MAX_INPUT_BYTES)
+                identity = info.identity if info else retrying(lambda: storage.identity(key, MAX_INPUT_BYTES))
                 found[uri] = (identity, "") if identity else ("", f"{uri}: has no identity")
             except StorageError as err:
                 found[uri] = ("", f"cannot read input: {err}")
