@@ -13,7 +13,9 @@ precision unless --precision. A warm-up step of each N's size runs first (cuDNN 
 allocator), untimed.
 
 Also the largest per-pair difference between a pair's batched result (any N > 1) and the same pair
-alone (N = 1 in this run): max pixel difference in 1/255 and the final loss's relative difference.
+alone (N = 1 in this run): max pixel difference in 1/255 and the final loss's relative difference,
+and the geometric mean of the final-loss ratios batched / alone ("loss ratio": ~1 when batching only
+changes rounding, above 1 when batched pairs end worse).
 
 Imports neither prefect nor boto3 (benchmarks/gpu.sh runs it on a bare Python with torch).
 
@@ -23,6 +25,7 @@ Imports neither prefect nor boto3 (benchmarks/gpu.sh runs it on a bare Python wi
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -77,16 +80,19 @@ def run_steps(pairs: list[StylePair], params: StyleParams, n: int | str, sizer: 
     return time.perf_counter() - t0, results, sizes
 
 
-def differences(batched: list, alone: list) -> tuple[float, float]:
-    """(max pixel difference in 1/255, max relative final-loss difference) over the pairs."""
-    pixels, loss = 0.0, 0.0
+def differences(batched: list, alone: list) -> tuple[float, float, float]:
+    """(max pixel difference in 1/255, max relative final-loss difference, geometric mean of the
+    final-loss ratios batched / alone) over the pairs. The mean tells a bias (batched pairs ending
+    worse) from rounding that L-BFGS amplifies either way (ratios scattered around 1)."""
+    pixels, loss, logs = 0.0, 0.0, []
     for b, a in zip(batched, alone):
         if isinstance(a, Exception) or isinstance(b, Exception):
             continue
         pixels = max(pixels, float(np.abs(np.asarray(b.image, np.int16) - np.asarray(a.image, np.int16)).max()))
         fa, fb = a.losses["final"]["total"], b.losses["final"]["total"]
         loss = max(loss, abs(fb - fa) / abs(fa))
-    return pixels, loss
+        logs.append(math.log(fb / fa))
+    return pixels, loss, math.exp(sum(logs) / len(logs)) if logs else float("nan")
 
 
 def main() -> None:
@@ -112,7 +118,7 @@ def main() -> None:
         alone, base = None, 0.0
         print(f"\n{size} px ({pairs[0].content.width}x{pairs[0].content.height})")
         print(f"{'N':>6} {'steps':>10} {'seconds':>9} {'pairs/hour':>11} {'vs N=1':>7} {'max px diff':>12} "
-              f"{'max loss diff':>14}  precision")
+              f"{'max loss diff':>14} {'loss ratio':>10}  precision")
         for n in ns:
             warm = min(count, 1 if n == "auto" else n)
             stylize_many(pairs[:warm], params.model_copy(update={"iterations": 2}))  # untimed
@@ -121,11 +127,12 @@ def main() -> None:
             per_hour = count / seconds * 3600
             if n == 1:
                 alone, base = results, per_hour
-            px, loss = differences(results, alone) if n != 1 else (None, None)
+            px, loss, ratio = differences(results, alone) if n != 1 else (None, None, None)
             shown = f"auto={max(sizes)}" if n == "auto" else str(n)
             steps = ",".join(map(str, sizes)) if len(set(sizes)) > 1 else f"{len(sizes)}x{sizes[0]}"
             print(f"{shown:>6} {steps:>10} {seconds:9.1f} {per_hour:11.0f} {per_hour / base:7.2f} "
-                  f"{'-' if px is None else f'{px:.0f}/255':>12} {'-' if loss is None else f'{loss:.2e}':>14}  "
+                  f"{'-' if px is None else f'{px:.0f}/255':>12} {'-' if loss is None else f'{loss:.2e}':>14} "
+                  f"{'-' if ratio is None else f'{ratio:.4f}':>10}  "
                   f"{results[0].metadata['precision'] if not failed else '?'}"
                   + (f"  {len(failed)} failed: {failed[0]}" if failed else ""), flush=True)
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("prefect", "boto3", "botocore"))

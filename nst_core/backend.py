@@ -146,10 +146,12 @@ def _set_tf32(on: bool) -> None:
 
 
 #: cuDNN autotuning (``cudnn.benchmark``) in runs on CUDA: each new input shape (scale × aspect
-#: ratio × precision) first times the candidate kernels. Whether that pays for a nightly run of
-#: mixed shapes is what ``benchmarks/autotune.py`` measures (on and off, side by side); not yet
-#: measured on a GPU, so torch's usual choice for fixed-shape loops stays.
-CUDNN_BENCHMARK = True
+#: ratio × precision) first times the candidate kernels. Off: on an H200 (torch 2.11, cuDNN's
+#: heuristics instead) six 512 px pairs of six aspect ratios, 100 evaluations each at the default
+#: params, took 14.3 s with it off against 44.3 s on (``benchmarks/autotune.py``, 2026-12-04): the
+#: timing of each new shape, twice under bf16 with its exact-fp32 tail, never paid back. Off also
+#: keeps cuDNN's choice of kernels the same from run to run (a timing's noise can change it).
+CUDNN_BENCHMARK = False
 
 
 class _Backend:

@@ -179,6 +179,13 @@ def test_a_reduced_precision_a_cpu_only_emulates_is_run_with_a_warning(monkeypat
         assert resolve_precision(precision, CUDA) == precision  # a GPU's own matter (capability above)
 
 
+def test_a_cuda_run_does_not_autotune_by_default():
+    """Measured on an H200 (benchmarks/autotune.py): autotuning each new shape cost 3x what it saved
+    over six aspect ratios at 512 px, so a run leaves cuDNN's heuristics in charge."""
+    with run_settings(torch.device("cuda"), "bf16", False) as settings:
+        assert settings["cudnn_benchmark"] is False
+
+
 @pytest.mark.parametrize("switch,deterministic,seen", [(True, False, True), (False, False, False),
                                                        (True, True, False)])
 def test_cudnn_autotuning_follows_the_switch_and_determinism(monkeypatch, switch, deterministic, seen):

@@ -22,6 +22,13 @@ def params(**kw) -> StyleParams:
     return StyleParams(**{"weights": "random", "device": engine_device(), "image_size": 64, "iterations": 8, **kw})
 
 
+def repeatable(**kw) -> StyleParams:
+    """params() under the README's same-seed promise: as it is on the CPU; on CUDA with
+    ``deterministic=True``, which the promise needs there (an H200, 2026-12-04: without it two runs
+    of one pair at 64 px differed by 1/255 in a few pixels after 8 evaluations)."""
+    return params(**kw, **({} if engine_device() == "cpu" else {"deterministic": True}))
+
+
 def test_lbfgs_halves_the_loss_in_20_evaluations(images):
     result = stylize(*images, params(iterations=20, init="noise"))
     assert result.losses["final"]["total"] <= 0.5 * result.losses["initial"]["total"]
@@ -41,11 +48,11 @@ def test_iterations_count_loss_evaluations_and_progress_sees_each(images, optimi
 
 @pytest.mark.parametrize("init", ["content", "noise", "style"])
 def test_same_seed_same_pixels(images, init):
-    a = stylize(*images, params(init=init, seed=3))
-    b = stylize(*images, params(init=init, seed=3))
+    a = stylize(*images, repeatable(init=init, seed=3))
+    b = stylize(*images, repeatable(init=init, seed=3))
     assert a.image.tobytes() == b.image.tobytes()
     if init == "noise":
-        assert stylize(*images, params(init=init, seed=4)).image.tobytes() != a.image.tobytes()
+        assert stylize(*images, repeatable(init=init, seed=4)).image.tobytes() != a.image.tobytes()
 
 
 def test_non_finite_loss_names_the_evaluation(images):
@@ -56,7 +63,7 @@ def test_non_finite_loss_names_the_evaluation(images):
 
 def test_targets_are_reused_not_recomputed(images, monkeypatch):
     content, style = images
-    p = params()
+    p = repeatable()
     targets = compute_style_targets(style, p)
     calls = []
     real = optimize.compute_style_targets
@@ -419,7 +426,7 @@ def test_same_seed_same_pixels_in_a_fresh_process(images, tmp_path):
     content, style = images
     content.save(tmp_path / "c.png")
     style.save(tmp_path / "s.png")
-    p = params(init="noise", seed=5, iterations=4, pooling="avg")
+    p = repeatable(init="noise", seed=5, iterations=4, pooling="avg")
     torch.manual_seed(123)  # the caller's RNG state must not matter
     here = stylize(content, style, p).image.tobytes()
     code = (
