@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Device checks for a lent GPU machine, in one command well inside 10 minutes (README "Performance").
+# Device checks for a lent GPU machine, in two commands (GPU_SH_PART=1, 2) of under 10 minutes each
+# (README "Performance", "On a GPU").
 #
 # Needs only an interpreter with torch, torchvision, Pillow, numpy and pytest (the lent
 # nvidia-h200: python3 is Python 3.12 with torch 2.11 and torchvision 0.26, and no network) plus
@@ -10,7 +11,7 @@
 # On the lent machine, from this repository's root:
 #   make gpu-wheels                       # here, once: .whl/ (ignored by git, about 3 MB)
 #   device tool: run(carry=[".whl"], command="GPU_SH_PART=1 PYTHON=python3 bash benchmarks/gpu.sh", timeout_s=450)
-#   and at once, on the still-warm machine, the same with GPU_SH_PART=2 GPU_SH_STEP_TIMEOUT=150.
+#   and at once, on the still-warm machine, the same with GPU_SH_PART=2 GPU_SH_STEP_TIMEOUT=120.
 #   On an H200 (2026-12-04, cuDNN autotuning then on) part 1 took 251 s and part 2 382 s with
 #   two of its steps stopped at a 110 s limit; a lease is 15 minutes, start-up included.
 # With $OUT set (the device tool sets it) the whole log also lands in $OUT/gpu.log.
@@ -35,7 +36,7 @@
 # auto at 512 px against N = 1 (goal: >= 4x at some N; benchmarks/throughput.py); cuDNN autotuning
 # on and off over six aspect ratios (benchmarks/autotune.py: keep what wins); peak CUDA memory
 # of a 4096 px output untiled and tiled with a 24 GB card's budget (goal <= 20 GB;
-# benchmarks/tiling.py memory); then the engine tests with NST_TEST_DEVICE=$NST_GPU_DEVICE.
+# benchmarks/tiling.py memory); the engine tests with NST_TEST_DEVICE=$NST_GPU_DEVICE (in part 1).
 # Every step runs even if one before it failed; the exit status is 1 if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,6 +46,10 @@ fi
 export PYTHONUNBUFFERED=1
 PYTHON="${PYTHON:-python3}"
 PART="${GPU_SH_PART:-all}"
+case "$PART" in
+  1 | 2 | all) ;;
+  *) echo "gpu.sh: GPU_SH_PART=$PART: use 1, 2 or all" >&2; exit 2 ;;
+esac
 WHEELS="${WHEELS:-.whl}"
 DEV="${NST_GPU_DEVICE:-cuda}"
 QUICK="${GPU_SH_QUICK:-0}"

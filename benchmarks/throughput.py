@@ -90,8 +90,9 @@ def differences(batched: list, alone: list) -> tuple[float, float, float]:
             continue
         pixels = max(pixels, float(np.abs(np.asarray(b.image, np.int16) - np.asarray(a.image, np.int16)).max()))
         fa, fb = a.losses["final"]["total"], b.losses["final"]["total"]
-        loss = max(loss, abs(fb - fa) / abs(fa))
-        logs.append(math.log(fb / fa))
+        loss = max(loss, abs(fb - fa) / abs(fa)) if fa else loss
+        if fa > 0 and fb > 0:  # a loss of exactly 0 has no ratio
+            logs.append(math.log(fb / fa))
     return pixels, loss, math.exp(sum(logs) / len(logs)) if logs else float("nan")
 
 

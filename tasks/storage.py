@@ -458,13 +458,17 @@ class S3Storage(Storage):
     def _key(self, key: str) -> str:
         return self.prefix + safe_key(key)
 
+    def _uri(self, key: str) -> str:
+        """s3://bucket/prefix+key, how every message names an object."""
+        return f"s3://{self.bucket}/{self._key(key)}"
+
     def _wrap(self, err: Exception, key: str) -> StorageError:
         from botocore.exceptions import ClientError
 
         if isinstance(err, StorageError):  # UnsafeKeyError from our own key check
             return err
         try:
-            uri = f"s3://{self.bucket}/{self._key(key) if key else self.prefix}"
+            uri = self._uri(key) if key else self.uri
         except UnsafeKeyError:
             uri = f"s3://{self.bucket}/{self.prefix}{key}"
         if _error_code(err) == "NoSuchBucket":
@@ -497,7 +501,7 @@ class S3Storage(Storage):
             resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
             if max_bytes is None:
                 return resp["Body"].read(), resp["ETag"].strip('"')
-            where = f"s3://{self.bucket}/{self._key(key)}"
+            where = self._uri(key)
             size = int(resp.get("ContentLength", -1))
             if size > max_bytes:
                 resp["Body"].close()  # the headers told: none of the body is read
@@ -515,7 +519,7 @@ class S3Storage(Storage):
             head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
             size = int(head.get("ContentLength", -1))
             if max_bytes is not None and size > max_bytes:
-                raise TooLargeError(f"s3://{self.bucket}/{self._key(key)}", size, max_bytes)
+                raise TooLargeError(self._uri(key), size, max_bytes)
             return head["ETag"].strip('"')
         except Exception as err:
             raise self._wrap(err, key) from None

@@ -24,8 +24,8 @@ def params(**kw) -> StyleParams:
 
 def repeatable(**kw) -> StyleParams:
     """params() under the README's same-seed promise: as it is on the CPU; on CUDA with
-    ``deterministic=True``, which the promise needs there (an H200, 2026-12-04: without it two runs
-    of one pair at 64 px differed by 1/255 in a few pixels after 8 evaluations)."""
+    ``deterministic=True``, which the promise needs there (an H200, 2026-12-04: without it the
+    bytes of two runs of one pair at 64 px differed after 8 evaluations, a byte by 1 level)."""
     return params(**kw, **({} if engine_device() == "cpu" else {"deterministic": True}))
 
 
