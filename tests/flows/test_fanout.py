@@ -639,3 +639,46 @@ def test_a_chunk_runs_its_pairs_after_an_earlier_run_in_the_process_stopped(tmp_
         stop_requested.clear()
     report = json.loads((tmp_path / "out" / "_runs" / "parent" / "chunk-0.json").read_text())
     assert result["done"] == len(plans) == 1, [(i["status"], i.get("error")) for i in report["items"]]
+
+
+@pytest.mark.slow
+def test_a_dead_parents_chunk_that_ends_while_the_new_parent_reads_the_done_set_is_not_run_again(
+        tmp_path, monkeypatch, chunk_deployment_without_worker):
+    """Chunk 0 of a dead parent is still running when the new parent starts, and completes just after
+    the new parent has read which pairs are done (its sidecars came too late for that) and before it
+    looks for live chunk runs. The new parent must merge that run, not start a second run of chunk 0
+    (old: live runs were read after the done set, so the run was neither done nor live and chunk 0 ran
+    twice, as the production kill -9 test saw on CI)."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Running
+
+    from tasks.plan import plan_pairs, source_entries
+
+    source, output = _folders(tmp_path, contents=4)
+    params = tiny_params()
+    plans = plan_pairs(source_entries(source), params, "random(seed=0)", output.format, output.quality)
+    (key0, _), _ = plan_chunks(plans, 2, output.uri)
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(chunk_deployment_without_worker)
+        orphan = client.create_flow_run_from_deployment(
+            deployment.id, tags=["nst-parent:dead", fanout.content_tag(key0)],
+            idempotency_key=f"{fanout.content_tag(key0)}:0", parameters={"report_key": "_runs/dead/chunk-0.json"})
+        client.set_flow_run_state(orphan.id, Running(), force=True)
+
+    real_done_in = batch.done_in
+
+    def done_then_the_orphan_completes(*args, **kwargs):
+        done = real_done_in(*args, **kwargs)
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(orphan.id, Completed(), force=True)
+        return done
+
+    monkeypatch.setattr(batch, "done_in", done_then_the_orphan_completes)
+    monkeypatch.setattr(fanout, "time", FakeClock(_complete_every_chunk(chunk_deployment_without_worker)))
+    state = stylize_batch(source, output, params, RunOptions(fan_out="workers", chunk_size=2,
+                                                             chunk_deployment=chunk_deployment_without_worker),
+                          return_state=True)
+    run_id = str(state.state_details.flow_run_id)
+    report = json.loads((tmp_path / "out" / "_runs" / f"{run_id}.json").read_text())
+    assert {c["chunk"]: c["flow_run_id"] for c in report["chunks"]}[0] == str(orphan.id)
+    assert [str(r.id) for r in _tagged(fanout.content_tag(key0))] == [str(orphan.id)]
