@@ -41,6 +41,8 @@ bench: $(STAMP)
 	PREFECT_HOME=$${PREFECT_HOME:-$(CURDIR)/.prefect-home} $(BIN)/python benchmarks/speed.py --memory 1024
 	PREFECT_HOME=$${PREFECT_HOME:-$(CURDIR)/.prefect-home} $(BIN)/python benchmarks/scale.py --pairs 500
 	$(BIN)/python benchmarks/throughput.py --sizes 256
+	$(BIN)/python benchmarks/lbfgs.py
+	$(BIN)/python benchmarks/launches.py
 
 # Wheels benchmarks/gpu.sh installs on a lent GPU machine that has Python 3.12, torch, torchvision,
 # Pillow, numpy and pytest but no network: pydantic and its dependencies, pinned to what .venv

@@ -27,7 +27,9 @@
 #   GPU_SH_PART     1: engine cost, quality.py and the engine tests; 2: the rest; all (default).
 #                   A lease's 15 minutes fit the two parts as two back-to-back calls on one machine
 #
-# Prints: engine cost per evaluation at 128-512 px (fp32) and 512 px (bf16): bare VGG pass, + Grams,
+# Prints: the L-BFGS direction's device operations, time and error, torch's two-loop recursion
+# against the compact form nst_core uses (benchmarks/lbfgs.py); engine cost per evaluation at
+# 128-512 px (fp32) and 512 px (bf16): bare VGG pass, + Grams,
 # stylize (goals: Grams share <= 10%, overhead <= 3%); the default against single-scale fp32 on
 # every pair of the photo set and examples/ at 256 and 512 px (benchmarks/quality.py; goals: loss
 # ratio <= 1.02 on every pair, geometric-mean time ratio <= 0.5); 512 px x 500 evaluations wall time for fp32, TF32, bf16
@@ -119,6 +121,7 @@ step() {  # step PART SECONDS NAME COMMAND...: timed, bounded, and counted; skip
   [ "$rc" = 0 ] || FAILED+=("$name (rc $rc)")
 }
 
+step 1 "$GPU_SH_STEP_TIMEOUT" "L-BFGS direction, two-loop vs compact, ${ENGINE_SIZES[*]} px" "$PYTHON" benchmarks/lbfgs.py --device "$DEV" --sizes "${ENGINE_SIZES[@]}"
 step 1 "$GPU_SH_STEP_TIMEOUT" "engine cost, ${ENGINE_SIZES[*]} px fp32" "$PYTHON" benchmarks/engine.py --device "$DEV" --sizes "${ENGINE_SIZES[@]}" --evals "$EV" --rounds "$ROUNDS"
 step 1 "$GPU_SH_STEP_TIMEOUT" "engine cost, ${S2} px bf16" "$PYTHON" benchmarks/engine.py --device "$DEV" --sizes "$S2" --evals "$EV" --rounds "$ROUNDS" --precision bf16
 step 1 "$GPU_SH_STEP_TIMEOUT" "default vs single-scale fp32 on real photographs, ${Q_ARGS[*]}" "$PYTHON" benchmarks/quality.py --device "$DEV" "${Q_ARGS[@]}"

@@ -35,10 +35,11 @@ from nst_core.vgg import extractor_for  # noqa: E402
 
 from helpers_bench import sample_pair  # noqa: E402
 
-#: Operations that launch no kernel: views, metadata, allocation.
+#: Operations that launch no kernel: views, metadata, allocation, and the host-side 0-dim tensor
+#: a Python number becomes (``torch.where(c, x, 0.0)``; passed to the kernel as an argument).
 NO_KERNEL = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "as_strided", "slice", "select",
              "unsqueeze", "squeeze", "detach", "alias", "_reshape_alias", "reshape", "unbind", "split",
-             "lift_fresh", "empty", "new_empty", "empty_strided", "_local_scalar_dense"}
+             "lift_fresh", "empty", "new_empty", "empty_strided", "_local_scalar_dense", "scalar_tensor"}
 
 
 class _Count(TorchDispatchMode):

@@ -124,7 +124,7 @@ def test_a_pair_that_fails_the_curvature_test_empties_the_slot_it_overwrites():
     assert opt.rho[:, 0].gt(0).all() and opt.head == 0
     s_last = opt.d * opt.t[:, None]
     g = opt.prev_g - s_last  # y = -s: yᵀs < 0
-    kept_s, kept_y, kept_rho, h = opt.s[1].clone(), opt.y[1].clone(), opt.rho[1].clone(), opt.h_diag.clone()
+    kept_s, kept_y, kept_rho, h = opt.s[:, 1].clone(), opt.y[:, 1].clone(), opt.rho[1].clone(), opt.h_diag.clone()
     before = x.clone()
     opt.step(x, g, frozen)
     assert opt.rho[0, 0] == 0
@@ -132,3 +132,141 @@ def test_a_pair_that_fails_the_curvature_test_empties_the_slot_it_overwrites():
     r = (-g - alpha[:, None] * kept_y) * h[:, None]
     r = r + kept_s * (alpha - (kept_y * r).sum(1) * kept_rho)[:, None]
     assert torch.allclose(x, before + r, rtol=1e-12, atol=1e-15)
+
+
+def _two_loop(g, pairs, gamma):
+    """torch's two-loop recursion, one problem: d = −H·g from [(s, y), ...] oldest first."""
+    q, alphas = -g.clone(), []
+    for s, y in reversed(pairs):
+        alpha = (s @ q) / (y @ s)
+        q -= alpha * y
+        alphas.append(alpha)
+    r = q * gamma
+    for (s, y), alpha in zip(pairs, reversed(alphas)):
+        r += s * (alpha - (y @ r) / (y @ s))
+    return r
+
+
+@pytest.mark.parametrize("oldest", [0, 3])
+def test_the_compact_direction_is_the_two_loop_recursions_without_the_left_out_pairs(oldest):
+    from nst_core.lbfgs import compact_direction
+
+    gen = torch.Generator().manual_seed(3)
+    b, k, n = 3, 5, 7
+    s = torch.randn(b, k, n, generator=gen, dtype=torch.float64)
+    y = s + 0.3 * torch.randn(b, k, n, generator=gen, dtype=torch.float64)  # yᵀs > 0
+    g = torch.randn(b, n, generator=gen, dtype=torch.float64)
+    valid = torch.rand(b, k, generator=gen) > 0.3
+    valid[2] = False  # no pair left: the step is −γ·g
+    gamma = torch.rand(b, generator=gen, dtype=torch.float64) + 0.5
+    d = compact_direction(g, s, y, s @ y.mT, y @ y.mT, s @ g[..., None], y @ g[..., None], valid, gamma, oldest)
+    for p in range(b):
+        ages = [(oldest + i) % k for i in range(k)]
+        pairs = [(s[p, i], y[p, i]) for i in ages if valid[p, i]]
+        assert torch.allclose(d[p], _two_loop(g[p], pairs, gamma[p]), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(d[2], -gamma[2] * g[2], rtol=0, atol=0)
+
+
+def _operations_per_step(history):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    opt = BatchedLBFGS(x, 0.5, history)
+    frozen = torch.zeros(2, dtype=torch.bool)
+    for _ in range(history + 2):  # past a full ring, so its pairs wrap
+        opt.step(x, 2 * x - 1, frozen)
+    with Count():
+        opt.step(x, 2 * x - 1, frozen)
+    return Count.calls
+
+
+def test_a_step_takes_as_many_device_operations_at_history_20_as_at_4():
+    # Each operation is a kernel launch on a GPU, which a small image waits on: the two-loop
+    # recursion took 9 per pair of the history (old: 100 more at history 20 than at 4).
+    assert _operations_per_step(20) == _operations_per_step(4)
+
+
+@pytest.mark.parametrize("stack_bytes, images", [(2**20, 3), (0, 1)])
+def test_a_step_holds_no_temporary_the_size_of_the_history(monkeypatch, stack_bytes, images):
+    # At print size one slot of the history is 134 MB: a product over all slots at once (a row
+    # sum of S·g) would add half the history's memory. A small image's products stack their three
+    # vectors (one launch, a temporary of three images); a large one's take one vector at a time.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nst_core import lbfgs
+
+    monkeypatch.setattr(lbfgs, "STACK_BYTES", stack_bytes)
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    opt = BatchedLBFGS(x, 0.5, 5)
+    frozen = torch.zeros(2, dtype=torch.bool)
+    for _ in range(8):
+        opt.step(x, 2 * x - 1 + 0.1 * x ** 3, frozen)
+    history = {opt.s.untyped_storage().data_ptr(), opt.y.untyped_storage().data_ptr()}
+    largest = []
+
+    class Sizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            largest.extend(t.numel() for t in (out if isinstance(out, (tuple, list)) else [out])
+                           if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in history)
+            return out
+
+    with Sizes():
+        opt.step(x, 2 * x - 1 + 0.1 * x ** 3, frozen)
+    assert max(largest) == images * x.numel()  # (B, N) per image
+
+
+def test_a_left_out_pair_whose_products_overflowed_stays_out():
+    # An empty slot's products are selected away, not multiplied by 0: inf·0 is NaN, and one
+    # NaN in R or YᵀY made the whole direction NaN (the problem then ended its scale).
+    from nst_core.lbfgs import compact_direction
+
+    gen = torch.Generator().manual_seed(5)
+    b, k, n = 1, 4, 6
+    s = torch.randn(b, k, n, generator=gen, dtype=torch.float64)
+    y = s + 0.3 * torch.randn(b, k, n, generator=gen, dtype=torch.float64)
+    g = torch.randn(b, n, generator=gen, dtype=torch.float64)
+    valid = torch.tensor([[True, False, True, True]])
+    gamma = torch.ones(b, dtype=torch.float64)
+    sy, yy = s @ y.mT, y @ y.mT
+    sy[0, 1, :], sy[0, :, 1], yy[0, 1, :], yy[0, :, 1] = float("inf"), float("nan"), float("inf"), float("inf")
+    d = compact_direction(g, s, y, sy, yy, s @ g[..., None], y @ g[..., None], valid, gamma)
+    pairs = [(s[0, i], y[0, i]) for i in (0, 2, 3)]
+    assert torch.allclose(d[0], _two_loop(g[0], pairs, gamma[0]), rtol=1e-10, atol=1e-12)
+
+
+def test_in_fp32_a_problem_steps_to_the_same_bits_in_a_batch_and_alone():
+    # The batch flow runs several pairs per device step and promises each the pixels it would
+    # get alone (with ATen's convolutions, test_many). The K-sized solves round differently for
+    # a batch than for one problem (MKL's small kernels; old: all three problems differed after
+    # 30 steps at history 20); in fp64 that stays far below fp32's last bit.
+    def f(x):
+        return (torch.sin(3 * x) + 0.1 * x ** 2 + 0.05 * x ** 4).flatten(1).sum(1)
+
+    def run(x0):
+        x = x0.clone().requires_grad_(True)
+        opt = BatchedLBFGS(x, 0.5, 20)
+        frozen = torch.zeros(x.shape[0], dtype=torch.bool)
+        for _ in range(30):
+            x.grad = None
+            f(x).sum().backward()
+            opt.step(x.data, x.grad, frozen)
+        return x.detach()
+
+    x0 = torch.randn(3, 4000, generator=torch.Generator().manual_seed(1)) * 2
+    batched = run(x0)
+    assert all(torch.equal(batched[p], run(x0[p:p + 1])[0]) for p in range(3))
+
+
+def test_the_small_algebra_is_fp64_except_on_mps_which_has_none():
+    from nst_core.lbfgs import small_dtype
+
+    assert small_dtype(torch.device("cpu")) == small_dtype(torch.device("cuda")) == torch.float64
+    assert small_dtype(torch.device("mps")) == torch.float32  # MPS refuses float64 tensors
