@@ -178,9 +178,9 @@ class BatchedLBFGS:
         self.yy[:, :k, h] = self.yy[:, h, :k] = by_y[..., 0]
         ys, yty = by_s[:, h, 0], by_y[:, h, 0]
         keep = (ys > _CURVATURE_EPS) & ~frozen
-        safe = torch.where(keep, ys, torch.ones_like(ys))
-        self.rho[h] = torch.where(keep, 1.0 / safe, torch.zeros_like(ys))
-        self.h_diag = torch.where(keep, ys / torch.where(keep, yty, torch.ones_like(ys)), self.h_diag)
+        safe = torch.where(keep, ys, 1.0)  # a Python number: no launch on a GPU
+        self.rho[h] = torch.where(keep, 1.0 / safe, 0.0)
+        self.h_diag = torch.where(keep, ys / torch.where(keep, yty, 1.0), self.h_diag)
         self.head = (h + 1) % self.m
         return by_s[..., 1:], by_y[..., 2:]
 
@@ -202,7 +202,7 @@ class BatchedLBFGS:
         # torch ends the step when the direction does not descend (gᵀd > −tolerance_change = 0)
         self.descending &= _dot(g, d) <= 0
         move = ~frozen & self.descending
-        d = torch.where(move[:, None], d, torch.zeros_like(d))
+        d = torch.where(move[:, None], d, 0.0)
         self.d = d if self.d is None else torch.where(frozen[:, None], self.d, d)
         self.t = t if self.t is None else torch.where(frozen, self.t, t)
         self.prev_g = g.clone() if self.prev_g is None else torch.where(frozen[:, None], self.prev_g, g)

@@ -470,7 +470,7 @@ def _optimize_scale(objective: Objective, x0: Tensor, evaluations: int, params: 
             if last:
                 break
             if lbfgs is not None:
-                grad = torch.where((loss_ok & grad_ok)[:, None, None, None], x.grad, torch.zeros_like(x.grad))
+                grad = torch.where((loss_ok & grad_ok)[:, None, None, None], x.grad, 0.0)
                 lbfgs.step(x.data, grad, frozen)
                 ended = frozen.logical_not() & ~lbfgs.descending  # torch's LBFGS would end the scale here
                 frozen = frozen | ended
