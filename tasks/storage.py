@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 import stat
 import threading
 import time
@@ -75,6 +76,11 @@ S3_TIMEOUTS = (float(os.environ.get("NST_S3_CONNECT_TIMEOUT_S", 10)), float(os.e
 RETRY_DELAYS: tuple[float, ...] = (1.0, 4.0, 10.0)
 #: Local temp files live here under a storage root, outside every listing.
 TEMP_DIR = ".nst-tmp"
+#: Seconds after which another machine's temp file in a shared output folder counts as abandoned
+#: (its writer's pid means nothing on this machine). Env: NST_STALE_TEMP_S.
+STALE_TEMP_S = float(os.environ.get("NST_STALE_TEMP_S", 86400))
+#: This machine's name in its temp files' names: {pid}-{hex}.{host}.
+_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
 #: Storage is declared unreachable when no attempt succeeded for this long while at least
 #: OUTAGE_MIN_FAILURES attempts failed with transient errors. Env: NST_STORAGE_OUTAGE_S (read per run).
 #: With the S3 timeouts above, a run then ends within OUTAGE_S + 60 s (the attempts in flight
@@ -330,8 +336,8 @@ class LocalStorage(Storage):
         temp_dir = self.root / TEMP_DIR
         temp_dir.mkdir(exist_ok=True)
         # Created 0666 by os.open, so the kernel applies the umask in force now (mkstemp makes 0600);
-        # the pid prefix tells clean_temp() whether the writer is still alive.
-        tmp = str(temp_dir / f"{os.getpid()}-{uuid.uuid4().hex}")
+        # the pid and host tell clean_temp() whether the writer is still alive.
+        tmp = str(temp_dir / f"{os.getpid()}-{uuid.uuid4().hex}.{_HOST}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -359,13 +365,24 @@ class LocalStorage(Storage):
         self._path(key).unlink(missing_ok=True)
 
     def clean_temp(self) -> int:
-        """Remove temp files whose writer process is gone (a crash or kill -9). Returns how many."""
+        """Remove temp files whose writer is gone (a crash or kill -9). Returns how many.
+
+        Gone: this machine's writer process no longer runs; another machine's file (a shared
+        folder) is older than ``STALE_TEMP_S``, since its pid means nothing here. A name without a
+        host (written before hosts were named) counts as this machine's."""
         removed = 0
         for path in (self.root / TEMP_DIR).glob("*"):
-            pid = path.name.split("-", 1)[0]
-            if pid.isdigit() and _alive(int(pid)):  # maybe still writing (this or another run)
+            pid, _, rest = path.name.partition("-")
+            _, dot, host = rest.partition(".")
+            try:
+                if not dot or host == _HOST:
+                    if pid.isdigit() and _alive(int(pid)):  # maybe still writing (this or another run)
+                        continue
+                elif time.time() - path.stat().st_mtime < STALE_TEMP_S:
+                    continue
+                path.unlink()
+            except FileNotFoundError:  # renamed into place, or removed by another run, meanwhile
                 continue
-            path.unlink(missing_ok=True)
             removed += 1
         return removed
 

@@ -118,7 +118,7 @@ def test_zip_on_local_folders(tmp_path):
 
 
 def _no_temp_left(out):
-    """Local writes go to ``{out}/.nst-tmp/{pid}-{hex}`` and are renamed into place: after a run that
+    """Local writes go to ``{out}/.nst-tmp/{pid}-{hex}.{host}`` and are renamed into place: after a run that
     folder exists (the writer used it: this check cannot go vacuous) and is empty, and no other
     hidden file (the retired ``.nst-tmp-*`` names included) is left anywhere in the output."""
     from tasks.storage import TEMP_DIR

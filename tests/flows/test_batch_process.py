@@ -80,7 +80,7 @@ def _wait_for(predicate, deadline_s: float, proc: subprocess.Popen) -> None:
 
 def _visible_outputs_are_whole(out: Path) -> None:
     """What a reader of the output sees: whole images and sidecars at the top, reports under _runs/,
-    nothing else. Temp files live only under .nst-tmp/ (outside every listing), named {pid}-{hex}."""
+    nothing else. Temp files live only under .nst-tmp/ (outside every listing), named {pid}-{hex}.{host}."""
     from tasks.storage import TEMP_DIR, LocalStorage
 
     if not out.exists():

@@ -1,6 +1,7 @@
 import os
 import pickle
 import socket
+import time
 
 import pytest
 
@@ -203,6 +204,28 @@ def test_temp_files_are_outside_the_listing_and_a_dead_writers_are_cleaned(tmp_p
     assert [i.key for i in storage.list()] == ["a.png"]
     assert storage.clean_temp() == 1
     assert [p.name for p in (tmp_path / TEMP_DIR).iterdir()] == [f"{os.getpid()}-writing"]
+
+
+def test_another_machines_temp_file_in_a_shared_folder_is_left_to_finish(tmp_path):
+    """An output folder shared by several machines (NFS): a chunk run on another GPU machine is
+    writing an image while this run starts and cleans the temp folder. Its writer's pid means
+    nothing here (old: no such process here, so its temp file was removed and its rename failed).
+    Only a day-old one, whose machine is surely done with it, is removed."""
+    import subprocess
+
+    storage = LocalStorage(tmp_path)
+    storage.write("a.png", b"x")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    temp = tmp_path / TEMP_DIR
+    (temp / f"{dead.pid}-{'0' * 32}.gpu-2.example").write_bytes(b"another machine, writing")
+    (temp / f"{dead.pid}-{'1' * 32}.gpu-3.example").write_bytes(b"another machine, gone")
+    old = time.time() - 2 * 86400
+    os.utime(temp / f"{dead.pid}-{'1' * 32}.gpu-3.example", (old, old))
+    assert storage.clean_temp() == 1
+    assert [p.name for p in temp.iterdir()] == [f"{dead.pid}-{'0' * 32}.gpu-2.example"]
+    storage.write("b.png", b"y")  # this machine's own temp names carry its host too
+    assert [p.name for p in temp.iterdir()] == [f"{dead.pid}-{'0' * 32}.gpu-2.example"]
 
 
 def test_s3_client_makes_one_attempt_with_timeouts(s3_endpoint):
