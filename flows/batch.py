@@ -38,7 +38,7 @@ from pydantic import Field
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.fanout import ChunkRuns, cancel_children, check_chunk_deployment, chunk_runs, fan_out_to_workers
+from flows.fanout import cancel_children, check_chunk_deployment, fan_out_to_workers, live_before_done
 from flows.quiet import quiet_returned_failures
 from flows.orphans import mark_crashed_reports, still_running, this_process
 from nst_core.errors import NSTError
@@ -261,9 +261,9 @@ def _skip(b: _Batch, plans: list[PairPlan], weights_id: str) -> tuple[dict[int, 
 
 
 def _run(b: _Batch, plans: list[PairPlan], todo: list[PairPlan], done: set[int], weights_id: str,
-         allowed: list[str], already: int = 0, runs: ChunkRuns | None = None) -> PipelineResult:
-    """``todo`` in a window of pair tasks here, or in chunk runs on the GPU pool (adopting the live
-    ones of ``runs``, read before ``done``); progress is
+         allowed: list[str], already: int = 0, live: dict | None = None) -> PipelineResult:
+    """``todo`` in a window of pair tasks here, or in chunk runs on the GPU pool (adopting those of
+    ``live``, the chunk runs live before ``done`` was read); progress is
     reported to the progress artifact (throttled; ``already``: pairs skipped as done) and the CLI's bar."""
     progress = RunProgress(len(todo), pairs=len(plans), already=already,
                            run_name=run_label(b.flow_run["name"], b.flow_run["attempt"]))
@@ -277,7 +277,7 @@ def _run(b: _Batch, plans: list[PairPlan], todo: list[PairPlan], done: set[int],
     if b.run.fan_out == "workers" and todo:
         # the chunk runs read only where this run may: the resolved list, never the empty default
         result = fan_out_to_workers(plans, done, b.output, b.params, b.run.model_copy(update={"allowed_sources": allowed}),
-                                    weights_id, b.flow_run["id"], on_done, b.credentials, b.health, runs)
+                                    weights_id, b.flow_run["id"], on_done, b.credentials, b.health, live=live or {})
     else:
         ctx = PairContext(b.output, b.params, b.devices, weights_id, b.run.labels, b.run.io_workers,
                           b.run.pair_timeout_s, {"id": b.flow_run["id"], "name": b.flow_run["name"]},
@@ -376,11 +376,11 @@ def stylize_batch(
             get_run_logger().error("preflight failed: %s", err)
             return Failed(message=f"preflight failed: {err}")
         mark_crashed_reports(b.out, b.flow_run)
-        # the chunk runs in flight are read before the done set, never after: see ChunkRuns
-        runs = chunk_runs(plans, run.chunk_size, output.uri) if run.fan_out == "workers" else None
+        # the chunk runs in flight are read before the done set, never after: see live_before_done
+        live = live_before_done(plans, run.chunk_size, output.uri) if run.fan_out == "workers" else None
         items, todo, done = _skip(b, plans, weights_id)
         result = _run(b, plans, todo, done, weights_id, allowed, already=sum(i.status == SKIPPED for i in items.values()),
-                      runs=runs)
+                      live=live)
         items.update(result.items)
         if b.health.unreachable_since() is not None:
             return _outage(b, [items[p.index] for p in plans if p.index in items], result, weights_id)

@@ -4,8 +4,9 @@
    (the output and its pairs' keys and names: ``contract.chunk_key``), never by its parent; chunks
    whose pairs are all done are not started.
 2. ``start_chunks``: a chunk whose content had a Scheduled, Pending or Running run when the
-   parent read the API (``chunk_runs``, before the done set: see ``ChunkRuns``) — any parent's,
-   e.g. one killed with ``kill -9`` whose chunk runs went on — is adopted (waited for,
+   parent read the API (``live_before_done``: before the done set) — any parent's, e.g. one
+   killed with ``kill -9`` whose chunk runs went on — and that is still live or Completed is
+   adopted (waited for,
    merged, tagged with this parent so cancelling it reaches the run); otherwise ``start_chunk``
    starts one. Every chunk run carries its content tag (``content_tag``); its idempotency key is
    the tag and the number of runs that content had before, so a run that already ended (last
@@ -45,7 +46,7 @@ from tasks.storage import (Storage, StorageError, StorageHealth, StorageUnreacha
                            retrying)
 
 __all__ = ["fan_out_to_workers", "check_chunk_deployment", "plan_chunks", "start_chunks", "start_chunk",
-           "live_chunk_runs", "chunk_runs", "ChunkRuns", "merge_chunk", "read_children", "cancel_children", "parent_tag", "content_tag",
+           "live_chunk_runs", "live_before_done", "merge_chunk", "read_children", "cancel_children", "parent_tag", "content_tag",
            "Chunk", "ChunkWatcher", "POLL_S", "API_PAGE", "START_TIMEOUT_S", "MAX_CHUNK_ATTEMPTS"]
 
 #: Seconds between two polls of the chunk runs (one batched API query each).
@@ -362,46 +363,52 @@ class ChunkWatcher:
             return None
 
 
-@dataclass
-class ChunkRuns:
-    """What the API held for a plan's chunks, read BEFORE the done set: ``earlier``, how many runs each
-    content had (any state); ``live``, its Scheduled, Pending or Running run, if any.
+def live_before_done(plans: list[PairPlan], chunk_size: int, output_uri: str) -> dict:
+    """Content key -> the live chunk run of every chunk of the full plan, read BEFORE the done set.
 
-    The order is what makes adoption sound: a chunk run that ends after this read was live in it and
-    is adopted (merged, even if it has ended by then); one that ended before it wrote its sidecars
-    before the done set was read, so its pairs are done. Read after the done set (old), a run ending
-    in between was neither, and its chunk ran twice."""
-
-    earlier: dict[str, int]
-    live: dict
-
-
-def chunk_runs(plans: list[PairPlan], chunk_size: int, output_uri: str) -> ChunkRuns:
-    """``ChunkRuns`` of every chunk of the full plan (counted first, then the live ones: see start_chunk)."""
+    The order is what makes adoption sound: a chunk run that ends after this read was live in it
+    and is adopted (merged, even if it has completed by then: ``start_chunks``); one that ended
+    before it wrote its sidecars before the done set was read, so its pairs are done. Read after
+    the done set (old), a run ending in between was neither, and its chunk ran twice. One query
+    per 200 chunks."""
     from prefect.client.orchestration import get_client
 
-    keys = [key for key, _ in plan_chunks(plans, chunk_size, output_uri)]
     with get_client(sync_client=True) as client:
-        earlier = {key: _runs_of(client, key) for key in keys}
-        return ChunkRuns(earlier, live_chunk_runs(client, keys))
+        return live_chunk_runs(client, [key for key, _ in plan_chunks(plans, chunk_size, output_uri)])
+
+
+def _still_adoptable(client, live: dict, keys: list[str]) -> dict:
+    """The runs of ``live`` for ``keys``, read again now (their state and tags as they are): one
+    that is still live, or Completed since (merged as it ended), is kept; one that ended Failed,
+    Crashed or Cancelled since is dropped, so its pairs get a new run (which skips what it wrote)."""
+    ids = {str(live[k].id): k for k in keys if k in live}
+    kept = {}
+    for now in read_children(client, list(ids)) if ids else []:
+        if not now.state or not now.state.is_final() or now.state.type == StateType.COMPLETED:
+            kept[ids[str(now.id)]] = now
+    return kept
 
 
 def start_chunks(plans: list[PairPlan], done: set[int], output: OutputSpec, params: StyleParams, run: RunOptions,
-                 weights_id: str, parent_id: str, runs: ChunkRuns | None = None) -> list[Chunk]:
+                 weights_id: str, parent_id: str, live: dict) -> list[Chunk]:
     """One ``run.chunk_deployment`` run per chunk of ``plan_chunks``, tagged with the parent and
-    its content; a chunk whose content had a live run in ``runs`` (any parent's; read before
-    ``done``, see ``ChunkRuns``; read now when not given) adopts that run."""
+    its content. A chunk adopts the run of its content (any parent's) that was live in ``live``
+    (``live_before_done``) and is still live or Completed; else the run live now, counted first,
+    then read (see start_chunk); else it starts one."""
     from prefect.client.orchestration import get_client
 
     worker_run = run.model_copy(update={"devices": ["auto"]})  # a worker leases the devices it has
     planned = plan_chunks(plans, run.chunk_size, output.uri, done)
-    runs = runs or chunk_runs(plans, run.chunk_size, output.uri)
     chunks, adopted = [], 0
     with get_client(sync_client=True) as client:
+        adopt = _still_adoptable(client, live, [key for key, _ in planned])
+        fresh = [key for key, _ in planned if key not in adopt]
+        earlier = {key: _runs_of(client, key) for key in fresh}
+        adopt.update(live_chunk_runs(client, fresh))
         for n, (key, pairs) in enumerate(planned):
             if stop_requested.is_set():
                 raise PairStopped("run interrupted while starting its chunk runs")
-            child = runs.live.get(key)
+            child = adopt.get(key)
             if child is None:
                 child = start_chunk(
                     client, run.chunk_deployment, key,
@@ -409,25 +416,23 @@ def start_chunks(plans: list[PairPlan], done: set[int], output: OutputSpec, para
                      "params": params.model_dump(mode="json"), "run": worker_run.model_dump(mode="json"),
                      "weights_id": weights_id, "report_key": chunk_report_key(parent_id, key)},
                     f"{flow_run.get_name() or 'stylize-batch'}-chunk-{n:04d}", [parent_tag(parent_id)],
-                    runs.earlier.get(key))
+                    earlier[key])
             adopted += parent_tag(parent_id) not in (child.tags or [])
             _join(client, child, parent_id)
             # the run's own parameters name its report (an adopted run reports under its first parent)
             chunks.append(Chunk(n, [p for p in pairs if p.index not in done],
                                 (child.parameters or {}).get("report_key", ""), str(child.id)))
-    get_run_logger().info("%d chunk runs of %s (chunk size %d): %d started, %d adopted from other parents "
-                          "(still scheduled or running when this run planned)", len(chunks), run.chunk_deployment,
-                          run.chunk_size, len(chunks) - adopted, adopted)
+    get_run_logger().info("%d chunk runs of %s (chunk size %d): %d started, %d adopted from other parents",
+                          len(chunks), run.chunk_deployment, run.chunk_size, len(chunks) - adopted, adopted)
     return chunks
 
 
 def fan_out_to_workers(
     plans: list[PairPlan], done: set[int], output: OutputSpec, params: StyleParams, run: RunOptions,
     weights_id: str, parent_id: str, on_done: Callable[[int, int], None],
-    credentials: StorageCredentials = DEFAULT_CHAIN, health: StorageHealth | None = None,
-    runs: ChunkRuns | None = None,
+    credentials: StorageCredentials = DEFAULT_CHAIN, health: StorageHealth | None = None, *, live: dict,
 ) -> PipelineResult:
-    """Start the chunk runs of the plan (``start_chunks``, adopting the live ones of ``runs``), wait for all (``ChunkWatcher``) and merge
+    """Start the chunk runs of the plan (``start_chunks``, adopting those of ``live``), wait for all (``ChunkWatcher``) and merge
     their chunk reports, read with ``credentials`` (each chunk run resolves its own from ``output``)
     and heard by ``health`` (the parent's StorageHealth: an outage there, or in a chunk run, ends
     the wait). Anything that ends the wait early (Ctrl-C, an error, the stop flag) cancels the
@@ -435,7 +440,7 @@ def fan_out_to_workers(
     from prefect.client.orchestration import get_client
 
     try:
-        chunks = start_chunks(plans, done, output, params, run, weights_id, parent_id, runs)
+        chunks = start_chunks(plans, done, output, params, run, weights_id, parent_id, live)
         n_todo = sum(1 for p in plans if p.runnable and p.index not in done)
         with get_client(sync_client=True) as client:
             watcher = ChunkWatcher(client, chunks, open_storage(output.uri, credentials), run, on_done, n_todo,

@@ -641,25 +641,22 @@ def test_a_chunk_runs_its_pairs_after_an_earlier_run_in_the_process_stopped(tmp_
     assert result["done"] == len(plans) == 1, [(i["status"], i.get("error")) for i in report["items"]]
 
 
-@pytest.mark.slow
-def test_a_dead_parents_chunk_that_ends_while_the_new_parent_reads_the_done_set_is_not_run_again(
-        tmp_path, monkeypatch, chunk_deployment_without_worker):
-    """Chunk 0 of a dead parent is still running when the new parent starts, and completes just after
-    the new parent has read which pairs are done (its sidecars came too late for that) and before it
-    looks for live chunk runs. The new parent must merge that run, not start a second run of chunk 0
-    (old: live runs were read after the done set, so the run was neither done nor live and chunk 0 ran
-    twice, as the production kill -9 test saw on CI)."""
+def _orphan_ending_after_the_done_set(tmp_path, monkeypatch, deployment_name, ends):
+    """A dead parent's chunk 0 run, Running when a new parent starts, ends (``ends(client, run, pairs,
+    out)``) just after the new parent has read which pairs are done (its sidecars came too late for
+    that) and before it starts its chunks. Returns (new parent's report, orphan, chunk 0's key, its pairs)."""
     from prefect.client.orchestration import get_client
-    from prefect.states import Completed, Running
+    from prefect.states import Running
 
     from tasks.plan import plan_pairs, source_entries
+    from tasks.storage import open_storage
 
     source, output = _folders(tmp_path, contents=4)
     params = tiny_params()
     plans = plan_pairs(source_entries(source), params, "random(seed=0)", output.format, output.quality)
-    (key0, _), _ = plan_chunks(plans, 2, output.uri)
+    (key0, pairs0), _ = plan_chunks(plans, 2, output.uri)
     with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name(chunk_deployment_without_worker)
+        deployment = client.read_deployment_by_name(deployment_name)
         orphan = client.create_flow_run_from_deployment(
             deployment.id, tags=["nst-parent:dead", fanout.content_tag(key0)],
             idempotency_key=f"{fanout.content_tag(key0)}:0", parameters={"report_key": "_runs/dead/chunk-0.json"})
@@ -667,18 +664,55 @@ def test_a_dead_parents_chunk_that_ends_while_the_new_parent_reads_the_done_set_
 
     real_done_in = batch.done_in
 
-    def done_then_the_orphan_completes(*args, **kwargs):
+    def done_then_the_orphan_ends(*args, **kwargs):
         done = real_done_in(*args, **kwargs)
         with get_client(sync_client=True) as client:
-            client.set_flow_run_state(orphan.id, Completed(), force=True)
+            ends(client, orphan, pairs0, open_storage(output.uri))
         return done
 
-    monkeypatch.setattr(batch, "done_in", done_then_the_orphan_completes)
-    monkeypatch.setattr(fanout, "time", FakeClock(_complete_every_chunk(chunk_deployment_without_worker)))
-    state = stylize_batch(source, output, params, RunOptions(fan_out="workers", chunk_size=2,
-                                                             chunk_deployment=chunk_deployment_without_worker),
+    monkeypatch.setattr(batch, "done_in", done_then_the_orphan_ends)
+    monkeypatch.setattr(fanout, "time", FakeClock(_complete_every_chunk(deployment_name)))
+    state = stylize_batch(source, output, params, RunOptions(fan_out="workers", chunk_size=2, skip_existing=True,
+                                                             chunk_deployment=deployment_name),
                           return_state=True)
     run_id = str(state.state_details.flow_run_id)
-    report = json.loads((tmp_path / "out" / "_runs" / f"{run_id}.json").read_text())
+    return json.loads((tmp_path / "out" / "_runs" / f"{run_id}.json").read_text()), orphan, key0, pairs0
+
+
+@pytest.mark.slow
+def test_a_dead_parents_chunk_that_completes_while_the_new_parent_reads_the_done_set_is_merged_not_run_again(
+        tmp_path, monkeypatch, chunk_deployment_without_worker):
+    """Old: live runs were read after the done set, so the completed run was neither done nor live
+    and chunk 0 ran twice, as the production kill -9 test saw on CI."""
+    from prefect.states import Completed
+
+    from tasks.contract import done_item
+
+    def completes(client, orphan, pairs, out):  # as a chunk run ends: its report, then Completed
+        items = [{"key": p.key, **done_item(p, out).as_dict()} for p in pairs]
+        out.write("_runs/dead/chunk-0.json", json.dumps({"items": items}).encode(), "application/json")
+        client.set_flow_run_state(orphan.id, Completed(), force=True)
+
+    report, orphan, key0, pairs0 = _orphan_ending_after_the_done_set(tmp_path, monkeypatch,
+                                                                     chunk_deployment_without_worker, completes)
     assert {c["chunk"]: c["flow_run_id"] for c in report["chunks"]}[0] == str(orphan.id)
     assert [str(r.id) for r in _tagged(fanout.content_tag(key0))] == [str(orphan.id)]
+    status = {(i["content"], i["style"]): i["status"] for i in report["items"]}
+    assert [status[(p.content, p.style)] for p in pairs0] == ["done", "done"]  # merged from its report
+
+
+@pytest.mark.slow
+def test_a_dead_parents_chunk_that_crashes_while_the_new_parent_reads_the_done_set_gets_a_new_run(
+        tmp_path, monkeypatch, chunk_deployment_without_worker):
+    """Live when the new parent looked, Crashed by the time it starts its chunks: adopting it would
+    report its pairs failed with the crash; they get a run of their own instead."""
+    from prefect.states import Crashed
+
+    def crashes(client, orphan, pairs, out):
+        client.set_flow_run_state(orphan.id, Crashed(message="its worker died"), force=True)
+
+    report, orphan, key0, _ = _orphan_ending_after_the_done_set(tmp_path, monkeypatch,
+                                                                chunk_deployment_without_worker, crashes)
+    assert {c["chunk"]: c["flow_run_id"] for c in report["chunks"]}[0] != str(orphan.id)
+    assert len(_tagged(fanout.content_tag(key0))) == 2
+    assert "its worker died" not in json.dumps(report["items"])
