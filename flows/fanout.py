@@ -366,11 +366,13 @@ class ChunkWatcher:
 def live_before_done(plans: list[PairPlan], chunk_size: int, output_uri: str) -> dict:
     """Content key -> the live chunk run of every chunk of the full plan, read BEFORE the done set.
 
-    The order is what makes adoption sound: a chunk run that ends after this read was live in it
-    and is adopted (merged, even if it has completed by then: ``start_chunks``); one that ended
-    before it wrote its sidecars before the done set was read, so its pairs are done. Read after
-    the done set (old), a run ending in between was neither, and its chunk ran twice. One query
-    per 200 chunks."""
+    The order is what makes adoption sound: a chunk run that completes after this read was live in
+    it and is merged (``start_chunks``; one that crashes or is cancelled meanwhile gets a new run);
+    one that ended before it wrote its sidecars before the done set was read, so its pairs are
+    done. Read after the done set (old), a run ending in between was neither, and its chunk ran
+    twice. Left: a run another parent starts after this read and that completes before this
+    parent starts its chunks is run again (it must fit a whole chunk into the done set's read).
+    One query per 200 chunks."""
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
@@ -380,11 +382,12 @@ def live_before_done(plans: list[PairPlan], chunk_size: int, output_uri: str) ->
 def _still_adoptable(client, live: dict, keys: list[str]) -> dict:
     """The runs of ``live`` for ``keys``, read again now (their state and tags as they are): one
     that is still live, or Completed since (merged as it ended), is kept; one that ended Failed,
-    Crashed or Cancelled since is dropped, so its pairs get a new run (which skips what it wrote)."""
+    Crashed or Cancelled since, or is being cancelled or paused, is dropped, so its pairs get a new
+    run (which skips what it wrote)."""
     ids = {str(live[k].id): k for k in keys if k in live}
     kept = {}
     for now in read_children(client, list(ids)) if ids else []:
-        if not now.state or not now.state.is_final() or now.state.type == StateType.COMPLETED:
+        if now.state and now.state.type in (*LIVE_STATES, StateType.COMPLETED):  # not Cancelling, not Paused
             kept[ids[str(now.id)]] = now
     return kept
 

@@ -79,8 +79,22 @@ TEMP_DIR = ".nst-tmp"
 #: Seconds after which another machine's temp file in a shared output folder counts as abandoned
 #: (its writer's pid means nothing on this machine). Env: NST_STALE_TEMP_S.
 STALE_TEMP_S = float(os.environ.get("NST_STALE_TEMP_S", 86400))
-#: This machine's name in its temp files' names: {pid}-{hex}.{host}.
-_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
+
+
+def _pid_space() -> str:
+    """Where this process's pid means something, for its temp files' names: the host name and, on
+    Linux, a hash of the boot and the pid namespace (containers, and cloned machines, may share a
+    host name while their pids are each their own)."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
+    try:
+        space = Path("/proc/sys/kernel/random/boot_id").read_text().strip() + os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return host
+    return f"{host}.{hashlib.sha256(space.encode()).hexdigest()[:12]}"
+
+
+#: This process's pid space in its temp files' names: {pid}-{hex}.{pid space}.
+_HOST = _pid_space()
 #: Storage is declared unreachable when no attempt succeeded for this long while at least
 #: OUTAGE_MIN_FAILURES attempts failed with transient errors. Env: NST_STORAGE_OUTAGE_S (read per run).
 #: With the S3 timeouts above, a run then ends within OUTAGE_S + 60 s (the attempts in flight
@@ -367,9 +381,11 @@ class LocalStorage(Storage):
     def clean_temp(self) -> int:
         """Remove temp files whose writer is gone (a crash or kill -9). Returns how many.
 
-        Gone: this machine's writer process no longer runs; another machine's file (a shared
-        folder) is older than ``STALE_TEMP_S``, since its pid means nothing here. A name without a
-        host (written before hosts were named) counts as this machine's."""
+        Gone: a writer of this pid space (``_pid_space``: this machine, this container) no longer
+        runs; another's file (a shared folder) is older than ``STALE_TEMP_S``, since its pid means
+        nothing here (the age is the file server's mtime against this clock: keep it well above
+        their skew). A name without a pid space (written before they were named) counts as this
+        one's."""
         removed = 0
         for path in (self.root / TEMP_DIR).glob("*"):
             pid, _, rest = path.name.partition("-")

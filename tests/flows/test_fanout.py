@@ -702,14 +702,16 @@ def test_a_dead_parents_chunk_that_completes_while_the_new_parent_reads_the_done
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("state", ["Crashed", "Cancelling"])
 def test_a_dead_parents_chunk_that_crashes_while_the_new_parent_reads_the_done_set_gets_a_new_run(
-        tmp_path, monkeypatch, chunk_deployment_without_worker):
-    """Live when the new parent looked, Crashed by the time it starts its chunks: adopting it would
-    report its pairs failed with the crash; they get a run of their own instead."""
-    from prefect.states import Crashed
+        tmp_path, monkeypatch, chunk_deployment_without_worker, state):
+    """Live when the new parent looked, Crashed (or being cancelled) by the time it starts its
+    chunks: adopting it would report its pairs failed with the crash; they get a run of their own
+    instead (old: a Cancelling run, not final, was adopted)."""
+    from prefect import states
 
     def crashes(client, orphan, pairs, out):
-        client.set_flow_run_state(orphan.id, Crashed(message="its worker died"), force=True)
+        client.set_flow_run_state(orphan.id, getattr(states, state)(message="its worker died"), force=True)
 
     report, orphan, key0, _ = _orphan_ending_after_the_done_set(tmp_path, monkeypatch,
                                                                 chunk_deployment_without_worker, crashes)

@@ -2,6 +2,7 @@ import os
 import pickle
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -226,6 +227,27 @@ def test_another_machines_temp_file_in_a_shared_folder_is_left_to_finish(tmp_pat
     assert [p.name for p in temp.iterdir()] == [f"{dead.pid}-{'0' * 32}.gpu-2.example"]
     storage.write("b.png", b"y")  # this machine's own temp names carry its host too
     assert [p.name for p in temp.iterdir()] == [f"{dead.pid}-{'0' * 32}.gpu-2.example"]
+
+
+def test_a_container_sharing_this_host_name_keeps_its_temp_files(tmp_path):
+    """Containers with the host's name (host networking) share an output folder, each with pids of
+    its own: the other one's writer pid means nothing here, whatever the host name says (old: a
+    name that carried only the host name was judged by its pid here, and removed)."""
+    import socket
+    import subprocess
+
+    if not Path("/proc/self/ns/pid").exists():
+        pytest.skip("no pid namespace to tell apart off Linux")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    temp = tmp_path / TEMP_DIR
+    temp.mkdir()
+    host = socket.gethostname()
+    others = sorted([f"{dead.pid}-{'2' * 32}.{host}", f"{dead.pid}-{'3' * 32}.{host}.{'f' * 12}"])
+    for name in others:
+        (temp / name).write_bytes(b"the other container, writing")
+    assert LocalStorage(tmp_path).clean_temp() == 0
+    assert sorted(p.name for p in temp.iterdir()) == others
 
 
 def test_s3_client_makes_one_attempt_with_timeouts(s3_endpoint):
