@@ -4,10 +4,10 @@ Both compute the same direction from one full history (20 pairs, fp32, one probl
 H×W×3 image, pairs from BatchedLBFGS's own steps on a random convex quadratic, the ring's oldest
 pair mid-ring as in a long run). Per size it prints each one's device operations (kernel
 launches on a GPU), its time per direction (median of --repeats after two warm-up calls; on
-CUDA synchronized around each), the compact/two-loop time ratio, and each one's error: the largest difference from the
-two-loop recursion run in fp64 on the same history, relative to its largest element. The compact side is timed as a
-step pays it: the newest pair's products (its row and column of SᵀY and YᵀY, and Sᵀg, Yᵀg,
-in two reads of the history), then the direction.
+CUDA synchronized around each), the compact/two-loop time ratio, and each one's error: the
+largest difference from the two-loop recursion run in fp64 on the same history, relative to its
+largest element. The compact side is timed as a step pays it: the newest pair's products (its
+row and column of SᵀY and YᵀY, and Sᵀg, Yᵀg, in two reads of the history), then the direction.
 
     python benchmarks/lbfgs.py [--sizes 128 256 512] [--device cpu] [--repeats 20]
 """

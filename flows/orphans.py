@@ -31,7 +31,7 @@ from prefect import get_run_logger
 
 from flows.fanout import cancel_children, read_children
 from tasks.contract import CRASHED, RUNNING, RUNS, report_bytes, stopped_report
-from tasks.storage import Storage, StorageError, retrying
+from tasks.storage import Storage, StorageError, pid_space, retrying
 
 __all__ = ["mark_crashed_reports", "still_running", "this_process", "process_gone", "SMALL_REPORT"]
 
@@ -138,10 +138,11 @@ def this_process(pid: int | None = None) -> dict | None:
     mistake another machine's or container's process for it (a boot and a pid namespace of its
     own: pids repeat across them; ``started``, in clock ticks since boot: a pid is reused once its
     process is gone)."""
+    space = pid_space()
+    if space is None:
+        return None
     try:
-        return {"boot": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
-                "pid_ns": os.readlink("/proc/self/ns/pid"), "pid": pid or os.getpid(),
-                "started": _started(pid or os.getpid())}
+        return {"boot": space[0], "pid_ns": space[1], "pid": pid or os.getpid(), "started": _started(pid or os.getpid())}
     except (OSError, ValueError, IndexError):
         return None
 

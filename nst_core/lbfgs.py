@@ -68,8 +68,9 @@ def _products(h: Tensor, *vs: Tensor) -> Tensor:
     """Each problem's pairs against the vectors ``vs``. (B, K, N) history, (B, N) each -> (B, K, len(vs)).
 
     Matrix products: the history is read once per product and nothing history-sized is held (a
-    row sum over all K pairs at once made a (B, K, N) temporary and took 12x the two-loop's time
-    at 512x384 px on 2 CPU cores: benchmarks/lbfgs.py)."""
+    row sum over all K pairs at once, tried first, made a (B, K, N) temporary and took 129 ms per
+    step against the two-loop's 10.9 ms at 512x384 px on 2 CPU cores, in one run of an earlier
+    benchmarks/lbfgs.py on a busy machine)."""
     if vs[0].shape[-1] * vs[0].element_size() <= STACK_BYTES:
         return _mm(h, torch.stack(vs, 1).mT)  # the vectors as a column-major matrix: MKL's fast layout
     return torch.cat([_mm(h, v[:, :, None]) for v in vs], -1)
@@ -98,12 +99,12 @@ def compact_direction(g: Tensor, s: Tensor, y: Tensor, sy: Tensor, yy: Tensor, s
         H = γI + [S γY] · [[R⁻ᵀ(D + γYᵀY)R⁻¹, −R⁻ᵀ], [−R⁻¹, 0]] · [Sᵀ; γYᵀ]
         w = R⁻¹Sᵀg,  a = R⁻ᵀ((D + γYᵀY)w − γYᵀg),  −H·g = −γg − S·a + γY·w
 
-    The same H as torch's two-loop recursion, in a fixed ~40 device operations where the two-loop
-    takes 9 per pair (~180 at history 20): on a GPU each is a kernel launch, and a small image's
+    The same H as torch's two-loop recursion, in a fixed 38 device operations (one problem, a
+    full ring; the step's update adds 21) where the two-loop takes 9 per pair (182 at history 20): on a GPU each is a kernel launch, and a small image's
     evaluation waits on launches, not on arithmetic (README "On a GPU"). It reads the history
     twice (S·a, Y·w); the products come with the step's update (``BatchedLBFGS``), which reads it
     twice more, where the two-loop read and wrote it ~4 times. Only the K-sized products are put
-    in age order, never the history, and their algebra runs in fp64 (``small_dtype``): it is K-sized, and there a
+    in age order, never the history, and their algebra runs in fp64 (``small_dtype``): there a
     batch's and a lone problem's small solves, which round differently in fp32, agree to far
     below the fp32 the result is rounded to. A left-out pair's row and column of R are the
     identity's (selected, not multiplied by 0, so an overflowed product there stays out), so its

@@ -65,6 +65,7 @@ __all__ = [
     "S3_TIMEOUTS",
     "RETRY_DELAYS",
     "TEMP_DIR",
+    "pid_space",
     "OUTAGE_S",
     "OUTAGE_MIN_FAILURES",
 ]
@@ -81,20 +82,25 @@ TEMP_DIR = ".nst-tmp"
 STALE_TEMP_S = float(os.environ.get("NST_STALE_TEMP_S", 86400))
 
 
-def _pid_space() -> str:
-    """Where this process's pid means something, for its temp files' names: the host name and, on
-    Linux, a hash of the boot and the pid namespace (containers, and cloned machines, may share a
-    host name while their pids are each their own)."""
-    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
+def pid_space() -> tuple[str, str] | None:
+    """(boot id, pid namespace) of this process on Linux, else None: where its pids mean something
+    (they repeat across boots and containers)."""
     try:
-        space = Path("/proc/sys/kernel/random/boot_id").read_text().strip() + os.readlink("/proc/self/ns/pid")
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip(), os.readlink("/proc/self/ns/pid")
     except OSError:
-        return host
-    return f"{host}.{hashlib.sha256(space.encode()).hexdigest()[:12]}"
+        return None
 
 
-#: This process's pid space in its temp files' names: {pid}-{hex}.{pid space}.
-_HOST = _pid_space()
+def _temp_owner() -> str:
+    """Whose pids a temp file's name carries: the host name and, on Linux, a hash of ``pid_space``
+    (containers, and cloned machines, may share a host name while their pids are each their own)."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
+    space = pid_space()
+    return host if space is None else f"{host}.{hashlib.sha256(''.join(space).encode()).hexdigest()[:12]}"
+
+
+#: This process's pid space in its temp files' names: {pid}-{hex}.{owner}.
+_TEMP_OWNER = _temp_owner()
 #: Storage is declared unreachable when no attempt succeeded for this long while at least
 #: OUTAGE_MIN_FAILURES attempts failed with transient errors. Env: NST_STORAGE_OUTAGE_S (read per run).
 #: With the S3 timeouts above, a run then ends within OUTAGE_S + 60 s (the attempts in flight
@@ -350,8 +356,8 @@ class LocalStorage(Storage):
         temp_dir = self.root / TEMP_DIR
         temp_dir.mkdir(exist_ok=True)
         # Created 0666 by os.open, so the kernel applies the umask in force now (mkstemp makes 0600);
-        # the pid and host tell clean_temp() whether the writer is still alive.
-        tmp = str(temp_dir / f"{os.getpid()}-{uuid.uuid4().hex}.{_HOST}")
+        # the pid and its pid space tell clean_temp() whether the writer is still alive.
+        tmp = str(temp_dir / f"{os.getpid()}-{uuid.uuid4().hex}.{_TEMP_OWNER}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -381,7 +387,7 @@ class LocalStorage(Storage):
     def clean_temp(self) -> int:
         """Remove temp files whose writer is gone (a crash or kill -9). Returns how many.
 
-        Gone: a writer of this pid space (``_pid_space``: this machine, this container) no longer
+        Gone: a writer of this pid space (``_temp_owner``: this machine, this container) no longer
         runs; another's file (a shared folder) is older than ``STALE_TEMP_S``, since its pid means
         nothing here (the age is the file server's mtime against this clock: keep it well above
         their skew). A name without a pid space (written before they were named) counts as this
@@ -389,9 +395,9 @@ class LocalStorage(Storage):
         removed = 0
         for path in (self.root / TEMP_DIR).glob("*"):
             pid, _, rest = path.name.partition("-")
-            _, dot, host = rest.partition(".")
+            _, dot, owner = rest.partition(".")
             try:
-                if not dot or host == _HOST:
+                if not dot or owner == _TEMP_OWNER:
                     if pid.isdigit() and _alive(int(pid)):  # maybe still writing (this or another run)
                         continue
                 elif time.time() - path.stat().st_mtime < STALE_TEMP_S:

@@ -541,13 +541,25 @@ def _tagged(tag: str):
         return client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])))
 
 
+def _chunk_run(deployment_name: str, key: str, parent: str, report_key: str, state):
+    """The first run of chunk content ``key``, started by ``parent`` as start_chunk would, set to ``state``."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(deployment_name)
+        run = client.create_flow_run_from_deployment(
+            deployment.id, tags=[f"nst-parent:{parent}", fanout.content_tag(key)],
+            idempotency_key=f"{fanout.content_tag(key)}:0", parameters={"report_key": report_key})
+        client.set_flow_run_state(run.id, state, force=True)
+    return run
+
+
 @pytest.mark.slow
 def test_a_new_parent_adopts_a_running_chunk_of_a_dead_one_and_reruns_a_finished_ones_pairs(
         tmp_path, monkeypatch, chunk_deployment_without_worker):
     """Chunk 0 is still running for a parent that died (its tag names that parent); chunk 1 ran last
     night and completed (its failed pairs need another try). The new parent waits for chunk 0's run and
     merges it instead of starting another, and starts a new run for chunk 1."""
-    from prefect.client.orchestration import get_client
     from prefect.states import Completed, Running
 
     from tasks.plan import plan_pairs, source_entries
@@ -556,16 +568,8 @@ def test_a_new_parent_adopts_a_running_chunk_of_a_dead_one_and_reruns_a_finished
     params = tiny_params()
     plans = plan_pairs(source_entries(source), params, "random(seed=0)", output.format, output.quality)
     (key0, _), (key1, _) = plan_chunks(plans, 2, output.uri)
-    with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name(chunk_deployment_without_worker)
-        orphan = client.create_flow_run_from_deployment(
-            deployment.id, tags=["nst-parent:dead", fanout.content_tag(key0)],
-            idempotency_key=f"{fanout.content_tag(key0)}:0", parameters={"report_key": "_runs/dead/chunk-0.json"})
-        client.set_flow_run_state(orphan.id, Running(), force=True)
-        last_night = client.create_flow_run_from_deployment(
-            deployment.id, tags=["nst-parent:yesterday", fanout.content_tag(key1)],
-            idempotency_key=f"{fanout.content_tag(key1)}:0", parameters={"report_key": "_runs/yesterday/c.json"})
-        client.set_flow_run_state(last_night.id, Completed(), force=True)
+    orphan = _chunk_run(chunk_deployment_without_worker, key0, "dead", "_runs/dead/chunk-0.json", Running())
+    last_night = _chunk_run(chunk_deployment_without_worker, key1, "yesterday", "_runs/yesterday/c.json", Completed())
 
     monkeypatch.setattr(fanout, "time", FakeClock(_complete_every_chunk(chunk_deployment_without_worker)))
     state = stylize_batch(source, output, params, RunOptions(fan_out="workers", chunk_size=2,
@@ -655,12 +659,7 @@ def _orphan_ending_after_the_done_set(tmp_path, monkeypatch, deployment_name, en
     params = tiny_params()
     plans = plan_pairs(source_entries(source), params, "random(seed=0)", output.format, output.quality)
     (key0, pairs0), _ = plan_chunks(plans, 2, output.uri)
-    with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name(deployment_name)
-        orphan = client.create_flow_run_from_deployment(
-            deployment.id, tags=["nst-parent:dead", fanout.content_tag(key0)],
-            idempotency_key=f"{fanout.content_tag(key0)}:0", parameters={"report_key": "_runs/dead/chunk-0.json"})
-        client.set_flow_run_state(orphan.id, Running(), force=True)
+    orphan = _chunk_run(deployment_name, key0, "dead", "_runs/dead/chunk-0.json", Running())
 
     real_done_in = batch.done_in
 
