@@ -69,11 +69,11 @@ def _refuse_output_inside_a_source(out: Storage, source: BatchSource, credential
     """PreflightError if the output lies within the contents or styles prefix: the next run would
     list this run's images, contact sheets and loss curves as new inputs, more every night. (A
     manifest names its objects: its output may be anywhere.)"""
-    for field in ("contents", "styles"):
-        prefix = getattr(source, field, None)
+    for side in ("contents", "styles"):
+        prefix = getattr(source, side, None)
         if prefix and within(out, src := open_storage(prefix, credentials)):
-            raise PreflightError(f"output {out.uri} is inside the {field} prefix {src.uri}: the next run would "
-                                 f"list this run's results as {field}; write them elsewhere")
+            raise PreflightError(f"output {out.uri} is inside the {side} prefix {src.uri}: the next run would "
+                                 f"list this run's results as {side}; write them elsewhere")
 
 
 def preflight(source: BatchSource, output: OutputSpec, params: StyleParams, devices: list[str],

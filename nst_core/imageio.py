@@ -10,11 +10,15 @@ import io
 import warnings
 from dataclasses import dataclass
 from pathlib import PurePath
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from .errors import ImageDecodeError, ImageTooSmallError, NSTError
+
+if TYPE_CHECKING:  # torch is imported where used: decoding alone does not load it
+    import torch
 
 __all__ = [
     "DecodedImage",

@@ -53,6 +53,11 @@ def _is_image(key: str) -> bool:
     return PurePosixPath(key).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def _refusal(uri: str, info: ObjectInfo) -> TooLargeError | None:
+    """Why a listed input object is never read (larger than MAX_INPUT_BYTES), or None."""
+    return TooLargeError(uri, info.size, MAX_INPUT_BYTES) if info.size > MAX_INPUT_BYTES else None
+
+
 def list_images(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> list[tuple[str, str, str]]:
     """(URI, identity from the listing, error) of the image objects under a prefix/folder, sorted.
 
@@ -67,8 +72,8 @@ def list_images(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> li
             continue
         try:
             uri = storage.uri_for(info.key)
-            if info.size > MAX_INPUT_BYTES:
-                out.append((uri, "", str(TooLargeError(uri, info.size, MAX_INPUT_BYTES))))
+            if refused := _refusal(uri, info):
+                out.append((uri, "", str(refused)))
             else:
                 out.append((uri, info.identity, ""))
         except UnsafeKeyError as err:
@@ -213,8 +218,8 @@ def _identities(uris: set[str], known: dict[str, str], io_workers: int,
         for uri, key in keys:
             try:
                 info = listed.get(key)
-                if info and info.size > MAX_INPUT_BYTES:
-                    raise TooLargeError(uri, info.size, MAX_INPUT_BYTES)
+                if info and (refused := _refusal(uri, info)):
+                    raise refused
                 identity = info.identity if info else retrying(lambda: storage.identity(key, MAX_INPUT_BYTES))
                 found[uri] = (identity, "") if identity else ("", f"{uri}: has no identity")
             except StorageError as err:

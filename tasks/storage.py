@@ -280,6 +280,11 @@ class LocalStorage(Storage):
         self.uri = str(self.root)
 
     def _path(self, key: str) -> Path:
+        return self._resolve(key)[1]
+
+    def _resolve(self, key: str) -> tuple[Path, Path]:
+        """(the key's path as named, its target once links are resolved); UnsafeKeyError if that
+        target lies outside the root."""
         named = self.root / safe_key(key)
         try:
             path = named.resolve()
@@ -287,7 +292,7 @@ class LocalStorage(Storage):
             raise StorageError(f"{named}: cannot resolve: {err}") from None
         if not path.is_relative_to(self.root):  # a symlink pointing out of the root
             raise UnsafeKeyError(f"{key!r} resolves outside {self.root}")
-        return path
+        return named, path
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         base = self._path(prefix) if prefix else self.root
@@ -314,7 +319,7 @@ class LocalStorage(Storage):
         """(name, open binary file) of ``key``; TooLargeError above ``max_bytes``. Opened without
         blocking and checked before use: a FIFO, socket or device among the inputs is refused, not
         waited on for ever. Every error names the file as listed, and its target if it is a link."""
-        named, path = self.root / safe_key(key), self._path(key)
+        named, path = self._resolve(key)
         where = str(named) if named == path else f"{named} (a link to {path})"
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))

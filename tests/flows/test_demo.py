@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from flows.demo import EXAMPLES, RANDOM_WEIGHTS_WARNING, demo_inputs
 
