@@ -52,8 +52,10 @@ class _Gram(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (flat,) = ctx.saved_tensors
-        sym = (grad + grad.transpose(1, 2)).mul_(ctx.scale).to(flat.dtype)
-        return _times(sym, flat), None
+        sym = grad + grad.transpose(1, 2)
+        if flat.dtype == torch.float16:  # scaled before the cast: an unscaled dG may pass 65504
+            return _times(sym.mul_(ctx.scale).half(), flat), None
+        return _times(sym.to(flat.dtype), flat, alpha=ctx.scale), None
 
 
 def _scaled_gram(flat: Tensor, scale: float) -> Tensor:
@@ -62,17 +64,23 @@ def _scaled_gram(flat: Tensor, scale: float) -> Tensor:
     return torch.baddbmm(out, flat, flat.transpose(1, 2), beta=0.0, alpha=scale)
 
 
-def _times(sym: Tensor, flat: Tensor, plus: Tensor | None = None) -> Tensor:
-    """[plus +] sym·F for sym (B, nC, nC), F and plus (B, nC, N) -> (B, nC, N) in F's layout.
+def _times(sym: Tensor, flat: Tensor, plus: Tensor | None = None, alpha: float = 1.0) -> Tensor:
+    """[plus +] alpha·sym·F for sym (B, nC, nC), F and plus (B, nC, N) -> (B, nC, N) in F's layout.
 
-    With ``plus`` one GEMM reads it and writes the sum: no separate pass to add two gradients.
+    With ``plus`` one GEMM reads it and writes the sum: no separate pass to add two gradients;
+    ``alpha`` scales the product in the GEMM (no separate pass, or launch, to scale sym).
     channels_last F is a transposed view of (B, N, nC) memory: Fᵀ·sym = (sym·F)ᵀ comes out
     in that layout, no copy.
     """
     if flat.is_contiguous():
-        return torch.bmm(sym, flat) if plus is None else torch.baddbmm(plus, sym, flat)
-    ft = flat.transpose(1, 2)
-    return (torch.bmm(ft, sym) if plus is None else torch.baddbmm(plus.transpose(1, 2), ft, sym)).transpose(1, 2)
+        a, b, out = sym, flat, plus
+    else:
+        a, b, out = flat.transpose(1, 2), sym, None if plus is None else plus.transpose(1, 2)
+    if out is None:
+        product = torch.baddbmm(a.new_empty(a.shape[0], a.shape[1], b.shape[2]), a, b, beta=0.0, alpha=alpha)
+    else:
+        product = torch.baddbmm(out, a, b, alpha=alpha)
+    return product if flat.is_contiguous() else product.transpose(1, 2)
 
 
 class _StyleThrough(torch.autograd.Function):
@@ -93,11 +101,11 @@ class _StyleThrough(torch.autograd.Function):
         b, c, h, w = features.shape
         flat = _flat(features)
         flat = flat.float() if flat.element_size() < 4 else flat  # fp32 Grams (float64 stays: gradcheck)
-        gram = _scaled_gram(flat, 1.0 / (h * w))
-        ctx.save_for_backward(flat, gram - target)
+        diff = _scaled_gram(flat, 1.0 / (h * w)).sub_(target)  # Ĝ − Ĝ_S, kept for the backward
+        ctx.save_for_backward(flat, diff)
         ctx.dtype, ctx.size = features.dtype, (h, w)
         ctx.set_materialize_grads(False)  # no deeper layer used the features: grad_features is None
-        return features.view_as(features), style_loss(gram, target, "none")
+        return features.view_as(features), _style_of_difference(diff)
 
     @staticmethod
     def backward(ctx, grad_features: Tensor | None, grad_loss: Tensor | None):
@@ -106,12 +114,12 @@ class _StyleThrough(torch.autograd.Function):
             return grad_features, None
         b, c, _ = diff.shape
         h, w = ctx.size
-        sym = diff * (grad_loss.to(diff.dtype) / (c * c * h * w)).view(b, 1, 1)
+        sym, alpha = diff * grad_loss.to(diff.dtype).view(b, 1, 1), 1.0 / (c * c * h * w)
         plus = None if grad_features is None else _flat(grad_features)
         if ctx.dtype == flat.dtype:
-            out = _times(sym, flat, plus)
+            out = _times(sym, flat, plus, alpha)
         else:
-            term = _times(sym, flat).to(ctx.dtype)
+            term = _times(sym, flat, alpha=alpha).to(ctx.dtype)
             out = term if plus is None else plus + term
         return _unflat(out, h, w), None
 
@@ -161,8 +169,13 @@ def style_loss(gram_generated: Tensor, gram_target: Tensor, reduction: str = "me
 
     Equal to the article's ‖G_G − G_S‖²·(1/(2·nH·nW·nC))² on unnormalized Grams.
     """
-    b, c, _ = gram_generated.shape
-    return _reduce((gram_generated - gram_target).pow(2).flatten(1).sum(1) / (4 * c * c), reduction)
+    return _reduce(_style_of_difference(gram_generated - gram_target), reduction)
+
+
+def _style_of_difference(diff: Tensor) -> Tensor:
+    """‖D‖² / (2·nC)² per sample, D = Ĝ_G − Ĝ_S (B, nC, nC) -> (B,): the style loss of a Gram difference."""
+    c = diff.shape[-1]
+    return diff.pow(2).flatten(1).sum(1) / (4 * c * c)
 
 
 def style_loss_through(features: Tensor, gram_target: Tensor) -> tuple[Tensor, Tensor]:

@@ -554,6 +554,8 @@ class S3Storage(Storage):
             if len(data) > max_bytes:
                 resp["Body"].close()
                 raise TooLargeError(where, None, max_bytes)
+            if 0 <= size != len(data):  # read(n) skips botocore's length check: a dropped connection
+                raise StorageError(f"{where}: body cut short: {len(data)} of {size} bytes", transient=True)
             return data, resp["ETag"].strip('"')
         except Exception as err:
             raise self._wrap(err, key) from None

@@ -432,3 +432,52 @@ def test_an_error_that_is_an_answer_keeps_storage_reachable(monkeypatch):
     with pytest.raises(MissingObjectError):
         retrying(missing, health=health)
     assert health.unreachable_since() is None
+
+
+@pytest.fixture
+def cut_short_s3(monkeypatch, s3_endpoint):
+    """An S3 endpoint on 127.0.0.1 whose GET announces 100,000 bytes, sends 40,000 and closes (a
+    connection dropped mid-body). Yields the number of requests it answered."""
+    import threading
+
+    from tests.conftest import _short_s3_timeouts
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.2)
+    answered, stop = [], threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += conn.recv(65536)
+                conn.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 100000\r\nETag: "abc"\r\n\r\n' + b"A" * 40000)
+                answered.append(1)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    _short_s3_timeouts(monkeypatch, f"http://127.0.0.1:{listener.getsockname()[1]}")
+    yield answered
+    stop.set()
+    thread.join()
+    listener.close()
+
+
+@pytest.mark.parametrize("max_bytes", [None, 10**6])
+def test_a_body_cut_short_is_a_transient_error_not_a_short_object(cut_short_s3, max_bytes):
+    """A read capped at max_bytes (every image and manifest read) bypassed botocore's length check:
+    40,000 of 100,000 bytes came back as the object, then failed to decode as "corrupt" (not
+    retried, and kept in the run's cache), or a manifest cut at a line end lost rows silently."""
+    from tasks import storage as storage_mod
+
+    with pytest.raises(StorageError, match="40000 of 100000|IncompleteRead") as caught:
+        storage_mod.retrying(lambda: open_storage("s3://bkt/").read("a.png", max_bytes))
+    assert is_transient(caught.value)
+    assert len(cut_short_s3) == 3  # retried like any transient failure, then given up
