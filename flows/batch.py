@@ -386,8 +386,12 @@ def stylize_batch(
             return _outage(b, [items[p.index] for p in plans if p.index in items], result, weights_id)
         report = _write_report(b, [items[p.index] for p in plans if p.index in items], result, weights_id)
         reported = True
-        publish_artifacts(report, b.out, output.link_expiry_hours, run_warning(weights_id, run.labels),
-                          seconds=(datetime.now(timezone.utc) - b.started).total_seconds())
+        try:
+            publish_artifacts(report, b.out, output.link_expiry_hours, run_warning(weights_id, run.labels),
+                              seconds=(datetime.now(timezone.utc) - b.started).total_seconds())
+        except Exception as err:  # the cards are a view of the report, which is written: never fail the run over them
+            get_run_logger().warning("artifacts not published (the run's report %s is complete): %s: %s",
+                                     report["report"], type(err).__name__, err)
         return _verdict(report, run.max_failures)
     except BaseException as err:  # Ctrl-C, SIGTERM, an unhandled error: the report must not say "running"
         # and the pairs still running stop at their next evaluation: the task runner waits for them

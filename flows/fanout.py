@@ -35,7 +35,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.runtime import flow_run
 
 from nst_core.params import StyleParams
-from tasks.contract import (PairPlan, ReportItem, attempt_report_key, chunk_items, chunk_key, chunk_report_key,
+from tasks.contract import (PairPlan, ReportItem, attempt_report_key, chunk_items, item_of, chunk_key, chunk_report_key,
                             decode_thumbs, done_in, done_item, failed_item)
 from tasks.credentials import DEFAULT_CHAIN, StorageCredentials
 from tasks.models import OutputSpec, RunOptions
@@ -214,16 +214,17 @@ def merge_chunk(n: int, chunk: list[PairPlan], state_name: str, message: str, re
     """A finished chunk's pairs as report items. Pairs its report lacks (or all, without a readable
     report) are judged by the done rule on their sidecars before they are called failed (all of
     them, when the storage is unreachable)."""
-    by_key = chunk_items(report)  # by pair key, not position
-    missing = [p for p in chunk if p.key not in by_key]
+    listed = chunk_items(report)
+    reported = {p.index: item for p in chunk if (item := item_of(listed, p)) is not None}
+    missing = [p for p in chunk if p.index not in reported]
     try:
         done = done_in(out, missing, list_once=False, io_workers=io_workers, health=health) if missing else set()
     except StorageError:
         done = set()
     items = {}
     for p in chunk:
-        if p.key in by_key:
-            items[p.index] = by_key[p.key]
+        if p.index in reported:
+            items[p.index] = reported[p.index]
         elif p.index in done:
             items[p.index] = done_item(p, out)
         else:

@@ -185,8 +185,12 @@ class RunProgress:
         self._held: int | None = None
         self._timer: threading.Timer | None = None
         self._lock = threading.Lock()
-        self.id = create_progress_artifact(0.0, key=artifact_key("progress"),
-                                           description=self.prefix + self.describe(0))
+        try:
+            self.id = create_progress_artifact(0.0, key=artifact_key("progress"),
+                                               description=self.prefix + self.describe(0))
+        except Exception as err:  # a progress card must never fail a run: the run goes on without one
+            logging.getLogger(__name__).warning("could not create the progress artifact: %s", err)
+            self.id = None
 
     def describe(self, finished: int, now: float | None = None) -> str:
         if self.total == 0:
@@ -236,6 +240,8 @@ class RunProgress:
         now = time.monotonic()
         self._last = now
         pct = 100.0 if final or self.total == 0 else 100.0 * finished / self.total
+        if self.id is None:
+            return
         try:
             update_progress_artifact(self.id, pct, description=self.prefix + self.describe(finished, now))
         except Exception as err:  # a progress card must never fail a run

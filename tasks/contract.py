@@ -56,7 +56,7 @@ Chunk report ``{output}/_runs/{parent_flow_run_id}/chunk-{chunk_key16}.json`` (`
 under the parent that started the chunk run; the chunk key is its content, ``chunk_key``; a later run
 of the same content, which had N runs before, reports to ``…-attempt-N.json``: ``attempt_report_key``)
     ``chunk_report``: flow_run, flow_run_id, worker {host, pid, parent_pid, devices}, items
-    (ReportItem + index + key; the parent merges them by the pair key: ``chunk_items``), thumbs
+    (ReportItem + index + key + name; the parent merges them by pair key and output name: ``chunk_items``), thumbs
     (``encode_thumbs``: rows of 5 fields, the content, style and result thumbnails as base64
     JPEG, then the pair's content and style URIs).
 """
@@ -84,7 +84,7 @@ __all__ = [
     "naming_problem", "too_long", "NAME_BYTES", "chunk_key", "report_key", "chunk_report_key", "attempt_report_key",
     "contact_sheet_key", "loss_curve_key", "run_stem", "sidecar", "image_record", "loss_history", "done_pairs", "done_in", "totals", "timestamp",
     "done_item", "skipped_item", "failed_item", "running_report", "stopped_report", "run_report", "chunk_report",
-    "chunk_items", "encode_thumbs", "decode_thumbs", "report_bytes",
+    "chunk_items", "item_of", "encode_thumbs", "decode_thumbs", "report_bytes",
 ]
 
 #: OutputSpec.format -> the extension its images are written with.
@@ -468,15 +468,24 @@ def chunk_report(run: dict, worker: dict, plans: list[PairPlan], items: list[Rep
         "flow_run": run["name"],
         "flow_run_id": run["id"],
         "worker": worker,
-        "items": [{"index": p.index, "key": p.key, **item.as_dict()} for p, item in zip(plans, items)],
+        "items": [{"index": p.index, "key": p.key, "name": p.name, **item.as_dict()} for p, item in zip(plans, items)],
         "thumbs": encode_thumbs(thumbs, thumb_items),
     }
 
 
-def chunk_items(report: dict | None) -> dict[str, ReportItem]:
-    """A chunk report's items by pair key (merged by key, never by position)."""
-    return {item.get("key"): ReportItem(**{k: v for k, v in item.items() if k not in ("index", "key")})
-            for item in (report or {}).get("items", [])}
+def chunk_items(report: dict | None) -> dict[tuple[str, str], ReportItem]:
+    """A chunk report's items by (pair key, output name): merged by what the pair is, never by
+    position. One key can have two names (the same bytes under two file names; two manifest rows
+    naming two outputs): each keeps its own line. A report written before names were recorded
+    has them as "" (``item_of`` falls back to the key alone)."""
+    return {(item.get("key"), item.get("name", "")): ReportItem(
+        **{k: v for k, v in item.items() if k not in ("index", "key", "name")})
+        for item in (report or {}).get("items", [])}
+
+
+def item_of(items: dict[tuple[str, str], ReportItem], plan: PairPlan) -> ReportItem | None:
+    """``plan``'s item among ``chunk_items``, or None."""
+    return items.get((plan.key, plan.name)) or items.get((plan.key, ""))
 
 
 # --- contact-sheet rows ------------------------------------------------------------------------------

@@ -654,3 +654,23 @@ def test_the_crash_hook_replaces_only_a_report_that_still_says_running(tmp_path)
     key.write_bytes(report_bytes(running_report(info)))  # the probe alone: the process died under the body
     batch._on_crash(None, run, Crashed(message="Execution was aborted by a termination signal."))
     assert json.loads(key.read_text())["error"] == "Execution was aborted by a termination signal."
+
+
+def test_the_api_failing_while_artifacts_are_published_leaves_a_finished_run_completed(tmp_path, monkeypatch):
+    """Every pair written and the report saved, then the Prefect API drops while the summary table is
+    created: the run ended Failed (ConnectError) and ``nst batch`` exited 1 over a card. Artifacts
+    are best-effort, as the progress card is; the report in storage is the record."""
+    import httpx
+    import prefect.artifacts
+
+    source, output = _cross_folders(tmp_path, 1, 1), OutputSpec(uri=str(tmp_path / "out"))
+
+    def down(*args, **kwargs):
+        raise httpx.ConnectError("All connection attempts failed")
+
+    monkeypatch.setattr(prefect.artifacts, "create_table_artifact", down)
+    monkeypatch.setattr(prefect.artifacts, "create_progress_artifact", down)
+    state = run(source, output)
+    assert state.is_completed(), state.message
+    report = json.loads((Path(output.uri) / "_runs" / f"{state.state_details.flow_run_id}.json").read_text())
+    assert report["totals"]["done"] == 1 and report["totals"]["failed"] == 0

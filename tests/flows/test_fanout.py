@@ -144,6 +144,24 @@ def test_a_chunk_without_a_readable_report_is_judged_by_its_sidecars(tmp_path):
     assert items[1].status == "failed" and items[1].error == "chunk 3 ended Crashed: worker died"
 
 
+
+def test_two_pairs_with_one_pair_key_each_keep_their_own_line_when_a_chunk_is_merged(tmp_path):
+    """The same bytes under two names (a.png, a_copy.png), or two manifest rows naming two outputs
+    for one pair: one pair key, two outputs, both run in one chunk. Merged by key alone, the second
+    item overwrote the first: both lines showed a_copy's content, output and failure."""
+    from flows.fanout import merge_chunk
+    from tasks.contract import chunk_report, done_item, failed_item
+    from tasks.storage import open_storage
+
+    out = open_storage(str(tmp_path))
+    a = PairPlan.named(0, "file:///c/a.png", "file:///s/s.png", "c", "s", "a__s", "k" * 64, "jpeg")
+    copy = PairPlan.named(1, "file:///c/a_copy.png", "file:///s/s.png", "c", "s", "a_copy__s", "k" * 64, "jpeg")
+    report = json.loads(json.dumps(chunk_report({"id": "r", "name": "r"}, {}, [a, copy],
+                                                [done_item(a, out), failed_item(copy, "boom", out)], [], [])))
+    items = merge_chunk(0, [a, copy], "Completed", "", report, out)
+    assert (items[0].content, items[0].status) == (a.content, "done")
+    assert (items[1].content, items[1].status, items[1].error) == (copy.content, "failed", "boom")
+
 # --- more than 200 chunk runs: Prefect's API answers 422 to a page over 200 ---------------------------
 
 def test_cancel_children_pages_past_200_and_leaves_finished_ones_alone(prefect_api):
