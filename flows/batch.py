@@ -97,9 +97,12 @@ def preflight(source: BatchSource, output: OutputSpec, params: StyleParams, devi
     try:
         if isinstance(out, LocalStorage):
             out.clean_temp()
+        # A fan-out parent computes nothing: it checks the weights on the CPU (the control pool has no
+        # GPU; the chunk runs load them on theirs), so device "cuda" is not refused here.
+        device = "cpu" if chunk_deployment else devices[0]
         try:
-            first = params.model_copy(update={"device": devices[0]})
-            extractor = run_on_device(devices[0], lambda: extractor_for(first, opener=lambda u: read_uri(u, credentials)))
+            first = params.model_copy(update={"device": device})
+            extractor = run_on_device(device, lambda: extractor_for(first, opener=lambda u: read_uri(u, credentials)))
         except NSTError as err:
             raise PreflightError(f"weights: {err}") from None
         if chunk_deployment:  # fan_out=workers: before the plan lists every input

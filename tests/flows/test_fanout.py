@@ -95,6 +95,23 @@ def test_no_gpu_worker_ends_failed_with_the_reason_and_cancels_the_chunks(tmp_pa
     assert all(c.parameters["run"]["allowed_sources"] == allowed for c in children)  # resolved, not empty
 
 
+def test_a_fan_out_parent_without_a_gpu_accepts_device_cuda(tmp_path, chunk_deployment_without_worker):
+    """The parent runs on the control pool (no GPU) and only checks the weights; the chunk runs
+    compute on the GPU pool. Old: device "cuda" (offered in the run form) failed every fan-out run
+    at preflight with "CUDA is not available"; the weights are now checked on the CPU."""
+    from flows.batch import preflight
+    from tasks.compute import expand_devices
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "s").mkdir()
+    pattern((24, 24), "content").save(tmp_path / "c" / "c.png")
+    pattern((24, 24), "style").save(tmp_path / "s" / "s.png")
+    params = tiny_params().model_copy(update={"device": "cuda"})
+    entries, _ = preflight(BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s")),
+                           OutputSpec(uri=str(tmp_path / "out")), params, expand_devices(["auto"], "cuda"),
+                           chunk_deployment=chunk_deployment_without_worker)
+    assert entries
+
 def test_a_chunk_deployment_the_api_lacks_is_refused_at_preflight(tmp_path, chunk_deployment_without_worker):
     """Old: the whole plan was listed and checked first, then run_deployment's ObjectNotFound
     ended the run with a traceback. Now preflight refuses it in one line naming what exists."""
