@@ -7,6 +7,7 @@ are sRGB: an embedded ICC profile is converted on decode, and outputs carry an s
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import PurePath
@@ -51,6 +52,9 @@ FORMAT_EXTENSIONS = {"jpeg": (".jpg", ".jpeg"), "png": (".png",), "webp": (".web
 FORMATS = {ext: fmt for fmt, exts in FORMAT_EXTENSIONS.items() for ext in exts}
 #: Image files by extension (lowercase): the output formats and the ones decode_image reads besides.
 IMAGE_EXTENSIONS = (*FORMATS, ".bmp", ".tif", ".tiff", ".gif")
+#: Pillow decoders tried on input bytes, whatever the file's name: those of IMAGE_EXTENSIONS (JPEG's
+#: also opens cameras' multi-picture files). Never the rest: a ".jpg" holding EPS would run Ghostscript.
+DECODERS = ("PNG", "JPEG", "WEBP", "BMP", "DIB", "TIFF", "GIF")
 _PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 
@@ -148,7 +152,7 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = MAX_PIXELS) -> Dec
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=DECODERS)
             width, height = img.size
             # Checked from the header, before any pixel is decoded.
             if width * height > max_pixels:
@@ -156,8 +160,7 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = MAX_PIXELS) -> Dec
                     name, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
                 )
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return split_alpha(img)
+            return split_alpha(_upright(img, name))
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
@@ -166,6 +169,17 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = MAX_PIXELS) -> Dec
         raise ImageDecodeError(name, f"rejected as a decompression bomb: {err}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as err:
         raise ImageDecodeError(name, f"corrupt or truncated image: {err}") from None
+
+
+def _upright(img: Image.Image, name: str) -> Image.Image:
+    """``img`` turned as its EXIF orientation says; as stored when its EXIF block is damaged (Pillow
+    then raises TypeError or struct.error rewriting it): the pixels are intact, and viewers show it so."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception as err:  # noqa: BLE001 (any failure of the EXIF rewrite, not of the pixels)
+        logging.getLogger(__name__).warning("%s: damaged EXIF block, orientation not applied (%s: %s)",
+                                            name, type(err).__name__, err)
+        return img
 
 
 def fit_longest(size: tuple[int, int], longest: int) -> tuple[int, int]:

@@ -20,6 +20,32 @@ def test_exif_orientation_is_applied():
     assert decoded.rgb.size == (20, 40)
 
 
+
+@pytest.mark.parametrize("mutations", [[(17, 26)], [(33, 0), (17, 95), (17, 3)]])
+def test_a_damaged_exif_block_still_decodes_as_stored(mutations, caplog):
+    """Bytes of the EXIF block changed (offsets from "Exif"): Pillow's exif_transpose raised
+    TypeError or struct.error, which escaped as a traceback naming no input. The pixels are intact:
+    the image decodes as stored (its orientation unread), as image viewers show it."""
+    img = pattern((40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "Cam"
+    data = bytearray(to_bytes(img, "JPEG", exif=exif))
+    at = data.find(b"Exif")
+    for offset, value in mutations:
+        data[at + offset] = value
+    decoded = decode_image(bytes(data), "damaged.jpg")
+    assert decoded.rgb.size == (40, 20)
+    assert "damaged.jpg: damaged EXIF block, orientation not applied" in caplog.text
+
+
+def test_only_the_listed_image_formats_are_decoded_whatever_the_name():
+    """An EPS file named .jpg: Pillow opened it with its EPS reader, which runs Ghostscript where it
+    is installed (a PostScript interpreter fed untrusted input). Only IMAGE_EXTENSIONS' decoders run."""
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n%%EOF\n"
+    with pytest.raises(ImageDecodeError, match="photo.jpg: not a recognized image format"):
+        decode_image(eps, "photo.jpg")
+
 @pytest.mark.parametrize("mode", ["L", "1", "P", "CMYK", "RGB", "I;16"])
 def test_modes_become_rgb(mode):
     img = pattern((16, 12)).convert(mode) if mode != "I;16" else None
