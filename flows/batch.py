@@ -96,7 +96,10 @@ def preflight(source: BatchSource, output: OutputSpec, params: StyleParams, devi
         raise PreflightError(f"output {output.uri} is not writable: {err}") from None
     try:
         if isinstance(out, LocalStorage):
-            out.clean_temp()
+            try:
+                out.clean_temp()
+            except StorageError as err:
+                raise PreflightError(f"output {output.uri}: {err}") from None
         # A fan-out parent computes nothing: it checks the weights on the CPU (the control pool has no
         # GPU; the chunk runs load them on theirs), so device "cuda" is not refused here.
         device = "cpu" if chunk_deployment else devices[0]

@@ -76,11 +76,11 @@ from pathlib import PurePosixPath
 from nst_core.imageio import FORMAT_EXTENSIONS, FORMATS
 from nst_core.params import StyleParams
 
-from .storage import parse_uri
+from .storage import TEMP_DIR, parse_uri
 
 __all__ = [
     "EXTENSIONS", "RUNS", "HISTORY_POINTS", "RUNNING", "CRASHED", "CANCELLED", "DONE", "SKIPPED", "FAILED",
-    "PairPlan", "ReportItem", "ThumbRow", "pair_key", "output_name", "image_key", "sidecar_key", "in_runs",
+    "PairPlan", "ReportItem", "ThumbRow", "pair_key", "output_name", "image_key", "sidecar_key", "in_runs", "reserved_folder",
     "naming_problem", "too_long", "NAME_BYTES", "chunk_key", "report_key", "chunk_report_key", "attempt_report_key",
     "contact_sheet_key", "loss_curve_key", "run_stem", "sidecar", "image_record", "loss_history", "done_pairs", "done_in", "totals", "timestamp",
     "done_item", "skipped_item", "failed_item", "running_report", "stopped_report", "run_report", "chunk_report",
@@ -228,15 +228,22 @@ def in_runs(key: str) -> bool:
     return key.split("/")[0] == RUNS
 
 
+def reserved_folder(name: str) -> str:
+    """The folder of the output an output name may not be in ("" if none): ``_runs/`` (reports),
+    ``.nst-tmp/`` (temp files, which every run's clean-up removes)."""
+    first = name.split("/")[0]
+    return first if first in (RUNS, TEMP_DIR) else ""
+
+
 def naming_problem(plan: PairPlan, fmt: str) -> str:
     """Why a plan's output keys break the naming rule ("" when they follow it): a safe name outside
     ``_runs/``, the image ``{name}.{ext}`` of the run's format, the sidecar ``{name}.json``.
     stylize-chunk checks the plans it is given: anyone who can start a flow run can write them."""
     from .storage import UnsafeKeyError, safe_key
 
-    rule = f"{{name}}.{EXTENSIONS.get(fmt, fmt)} and {{name}}.json under the output, outside {RUNS}/"
+    rule = f"{{name}}.{EXTENSIONS.get(fmt, fmt)} and {{name}}.json under the output, outside {RUNS}/ and {TEMP_DIR}/"
     try:
-        ok = safe_key(plan.name) == plan.name and not in_runs(plan.name)
+        ok = safe_key(plan.name) == plan.name and not reserved_folder(plan.name)
     except UnsafeKeyError:
         ok = False
     if not ok or plan.image_key != image_key(plan.name, fmt) or plan.sidecar_key != sidecar_key(plan.name):

@@ -21,7 +21,7 @@ from nst_core.errors import NSTError
 from nst_core.imageio import IMAGE_EXTENSIONS, MAX_INPUT_BYTES
 from nst_core.params import StyleParams
 
-from .contract import RUNS, PairPlan, in_runs, output_name, pair_key, too_long
+from .contract import RUNS, PairPlan, output_name, reserved_folder, pair_key, too_long
 from .credentials import DEFAULT_CHAIN, StorageCredentials
 from .storage import (ObjectInfo, Storage, StorageError, TooLargeError, UnsafeKeyError, open_storage, parse_uri,
                       read_uri, retrying, safe_key, split_uri)
@@ -258,8 +258,9 @@ def plan_pairs(
             continue
         key = pair_key(cid, sid, params, weights_id, fmt, quality)
         name = output_name(e.content, e.style, key, e.output)
-        if in_runs(name):
-            raise PreflightError(f"{e.where or name}: output names may not start with {RUNS}/ (run reports live there)")
+        if folder := reserved_folder(name):
+            raise PreflightError(f"{e.where or name}: output names may not start with {folder}/ "
+                                 f"({'run reports' if folder == RUNS else 'temp files'} live there)")
         if why := too_long(name):  # only an explicit name can be: it would fail at the write, after the optimization
             plans.append(PairPlan.refused(i, e.content, e.style, cid, sid, f"{e.where or e.content}: {why}", "", fmt))
             continue

@@ -358,8 +358,7 @@ class LocalStorage(Storage):
     def write(self, key: str, data: bytes, content_type: str | None = None) -> str:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temp_dir = self.root / TEMP_DIR
-        temp_dir.mkdir(exist_ok=True)
+        temp_dir = self._temp_dir(create=True)
         # Created 0666 by os.open, so the kernel applies the umask in force now (mkstemp makes 0600);
         # the pid and its pid space tell clean_temp() whether the writer is still alive.
         tmp = str(temp_dir / f"{os.getpid()}-{uuid.uuid4().hex}.{_TEMP_OWNER}")
@@ -389,6 +388,17 @@ class LocalStorage(Storage):
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def _temp_dir(self, create: bool = False) -> Path:
+        """The output's temp folder: a real folder of the root, never a link out of it (writes
+        would go through it and clean_temp would remove what it found there)."""
+        path = self.root / TEMP_DIR
+        if create:
+            path.mkdir(exist_ok=True)
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            raise StorageError(f"{path} is not a folder of the output (a link, or a file): "
+                               f"remove it; temp files are written there")
+        return path
+
     def clean_temp(self) -> int:
         """Remove temp files whose writer is gone (a crash or kill -9). Returns how many.
 
@@ -398,7 +408,9 @@ class LocalStorage(Storage):
         their skew). A name without a pid space (written before they were named) counts as this
         one's."""
         removed = 0
-        for path in (self.root / TEMP_DIR).glob("*"):
+        for path in self._temp_dir().glob("*"):
+            if path.is_symlink() or not path.is_file():  # not a temp file of ours (a folder, a link)
+                continue
             pid, _, rest = path.name.partition("-")
             _, dot, owner = rest.partition(".")
             try:

@@ -225,6 +225,44 @@ def silent_s3(monkeypatch, s3_endpoint):
 
 
 @pytest.fixture
+def cut_short_s3(monkeypatch, s3_endpoint):
+    """An S3 endpoint on 127.0.0.1 whose GET announces 100,000 bytes, sends 40,000 and closes (a
+    connection dropped mid-body). Yields the number of requests it answered."""
+    import socket
+    import threading
+
+    from tasks import storage
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.2)
+    answered, stop = [], threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += conn.recv(65536)
+                conn.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 100000\r\nETag: "abc"\r\n\r\n' + b"A" * 40000)
+                answered.append(1)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    _short_s3_timeouts(monkeypatch, f"http://127.0.0.1:{listener.getsockname()[1]}")
+    yield answered
+    stop.set()
+    thread.join()
+    listener.close()
+    storage.clear_clients()
+
+
+@pytest.fixture
 def s3_that_goes_silent(monkeypatch, s3_endpoint):
     """A proxy on 127.0.0.1 in front of moto that forwards every request until ``silent_after``
     pair sidecars (``….json`` outside ``_runs/``) were written, then accepts and never answers

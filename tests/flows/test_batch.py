@@ -674,3 +674,16 @@ def test_the_api_failing_while_artifacts_are_published_leaves_a_finished_run_com
     assert state.is_completed(), state.message
     report = json.loads((Path(output.uri) / "_runs" / f"{state.state_details.flow_run_id}.json").read_text())
     assert report["totals"]["done"] == 1 and report["totals"]["failed"] == 0
+
+
+def test_an_output_whose_temp_folder_is_a_link_is_refused_at_preflight(tmp_path):
+    from flows.batch import preflight
+    from tasks.plan import PreflightError
+    from tasks.storage import TEMP_DIR
+
+    source = _cross_folders(tmp_path, 1, 1)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / TEMP_DIR).symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(PreflightError, match=f"{TEMP_DIR} is not a folder of the output"):
+        preflight(source, OutputSpec(uri=str(tmp_path / "out")), PARAMS, ["cpu"])

@@ -79,9 +79,12 @@ def test_output_names_and_keys(folders):
         pair_key("", "y", params, "w", "jpeg", 92)  # never hash an empty identity
 
 
-def test_reserved_output_names_are_rejected(folders):
-    (folders / "m.csv").write_text("content,style,output\nc/a.jpg,s/s1.png,_runs/x\n")
-    with pytest.raises(PreflightError, match="_runs"):
+@pytest.mark.parametrize("output", ["_runs/x", ".nst-tmp/x", ".nst-tmp/sub/x"])
+def test_reserved_output_names_are_rejected(folders, output):
+    """_runs/ holds the reports; .nst-tmp/ the temp files, which every run's clean_temp removes
+    (a result there was redone every run; one in a subfolder made clean_temp fail every run after)."""
+    (folders / "m.csv").write_text(f"content,style,output\nc/a.jpg,s/s1.png,{output}\n")
+    with pytest.raises(PreflightError, match=output.split("/")[0] + "/"):
         plan_pairs(read_manifest(str(folders / "m.csv")), StyleParams(), "w", "png")
 
 

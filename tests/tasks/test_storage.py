@@ -207,6 +207,28 @@ def test_temp_files_are_outside_the_listing_and_a_dead_writers_are_cleaned(tmp_p
     assert [p.name for p in (tmp_path / TEMP_DIR).iterdir()] == [f"{os.getpid()}-writing"]
 
 
+def test_a_temp_folder_that_is_a_link_is_neither_cleaned_nor_written_through(tmp_path):
+    """.nst-tmp made a link to another folder (by mistake or on purpose): clean_temp removed every
+    file there not named like a live writer's, outside the output, and writes went through it."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text("keep me")
+    root = tmp_path / "out"
+    root.mkdir()
+    (root / TEMP_DIR).symlink_to(elsewhere, target_is_directory=True)
+    storage = LocalStorage(root)
+    with pytest.raises(StorageError, match=f"{TEMP_DIR}.*not a folder of the output"):
+        storage.clean_temp()
+    with pytest.raises(StorageError, match=f"{TEMP_DIR}.*not a folder of the output"):
+        storage.write("a.png", b"x")
+    assert [p.name for p in elsewhere.iterdir()] == ["notes.txt"]
+
+
+def test_a_folder_inside_the_temp_folder_is_left_alone(tmp_path):
+    storage = LocalStorage(tmp_path)
+    (tmp_path / TEMP_DIR / "sub").mkdir(parents=True)
+    assert storage.clean_temp() == 0  # old: IsADirectoryError, and every later run failed at preflight
+
 def test_another_machines_temp_file_in_a_shared_folder_is_left_to_finish(tmp_path):
     """An output folder shared by several machines (NFS): a chunk run on another GPU machine is
     writing an image while this run starts and cleans the temp folder. Its writer's pid means
@@ -432,42 +454,6 @@ def test_an_error_that_is_an_answer_keeps_storage_reachable(monkeypatch):
     with pytest.raises(MissingObjectError):
         retrying(missing, health=health)
     assert health.unreachable_since() is None
-
-
-@pytest.fixture
-def cut_short_s3(monkeypatch, s3_endpoint):
-    """An S3 endpoint on 127.0.0.1 whose GET announces 100,000 bytes, sends 40,000 and closes (a
-    connection dropped mid-body). Yields the number of requests it answered."""
-    import threading
-
-    from tests.conftest import _short_s3_timeouts
-
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    listener.settimeout(0.2)
-    answered, stop = [], threading.Event()
-
-    def serve():
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                continue
-            with conn:
-                request = b""
-                while b"\r\n\r\n" not in request:
-                    request += conn.recv(65536)
-                conn.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 100000\r\nETag: "abc"\r\n\r\n' + b"A" * 40000)
-                answered.append(1)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    _short_s3_timeouts(monkeypatch, f"http://127.0.0.1:{listener.getsockname()[1]}")
-    yield answered
-    stop.set()
-    thread.join()
-    listener.close()
 
 
 @pytest.mark.parametrize("max_bytes", [None, 10**6])
