@@ -23,6 +23,7 @@ from nst_core.cli import (ProgressBar, add_model_options, add_stylize_parser, mo
                           without_userinfo)
 from nst_core.errors import NSTError
 from nst_core.params import StyleParams
+from nst_core.uris import host_problem, parse_uri
 
 from flows.serve import SERVER_START_TIMEOUT_S
 from tasks.models import ManifestSource, OutputSpec, PrefixSource, RunOptions
@@ -262,7 +263,10 @@ def run_batch(args: argparse.Namespace) -> int:
     if args.manifest and args.styles:
         raise NSTError("--styles goes with --contents, not with --manifest")
     for flag, uri in (("--contents", args.contents), ("--styles", args.styles), ("--manifest", args.manifest)):
-        local = uri[len("file://"):] if uri and uri.startswith("file://") else uri
+        if uri and (why := host_problem(uri)):
+            raise NSTError(f"{flag} {why}")
+        scheme, _, path = parse_uri(uri) if uri else ("", "", "")
+        local = path if scheme == "file" else uri
         if local and "://" not in local and not Path(local).exists():  # refuse before starting Prefect
             raise NSTError(f"{flag} {uri}: no such {'file' if flag == '--manifest' else 'folder'}")
     source = model_from_args(ManifestSource if args.manifest else PrefixSource, args)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from urllib.parse import urlparse
 
-__all__ = ["parse_uri"]
+__all__ = ["parse_uri", "host_problem"]
 
 
 def parse_uri(uri: str) -> tuple[str, str, str]:
@@ -19,4 +19,16 @@ def parse_uri(uri: str) -> tuple[str, str, str]:
     if not rest.startswith("//"):
         return scheme, "", rest  # file:/abs/path
     bucket, slash, path = rest[2:].partition("/")
+    if scheme == "file" and bucket.lower() == "localhost":  # file://localhost/x is file:///x (RFC 8089)
+        bucket = ""
     return scheme, bucket, slash + path
+
+
+def host_problem(uri: str) -> str:
+    """Why a ``file://`` URI cannot be read here ("" if it can): it names another host. Not read as a
+    relative path: "file://out/sub" would be "/sub" by the URI's rules and "out/sub" by a reader's."""
+    scheme, host, _ = parse_uri(uri)
+    if scheme == "file" and host:
+        return (f"{uri}: a file URI with a host ({host!r}) is not a path on this machine; "
+                f"use file:///absolute/path or a plain folder path")
+    return ""

@@ -23,7 +23,7 @@ from typing import NamedTuple
 from urllib.parse import urlparse
 
 from .errors import WeightsError
-from .uris import parse_uri
+from .uris import host_problem, parse_uri
 
 # torch (~3 s to import) loads inside the functions that read or fetch weights: the CLI checks a
 # weights path before the engine loads (check_weights_file).
@@ -107,6 +107,8 @@ def _refused_global(err: BaseException) -> str:
 
 def _local_path(uri: str) -> Path | None:
     scheme, _, path = parse_uri(uri)  # '#' and '?' are part of a file name, as in the batch's storage
+    if why := host_problem(uri):
+        raise WeightsError(why)
     if scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt"):
         return Path(path).expanduser()
     return None

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from nst_core.errors import NSTError
-from nst_core.uris import parse_uri
+from nst_core.uris import host_problem, parse_uri
 
 from .credentials import DEFAULT_CHAIN, StorageCredentials
 
@@ -622,6 +622,8 @@ def open_storage(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> S
     scheme, bucket, path = parse_uri(uri)
     if scheme == "s3":
         return S3Storage(bucket, path.lstrip("/"), credentials)
+    if why := host_problem(uri):
+        raise StorageError(why)
     if scheme == "file":
         return LocalStorage(path)
     if scheme and len(scheme) > 1:
@@ -643,6 +645,8 @@ def split_uri(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> tupl
         raise StorageError(f"{uri}: not an object URI")
     if scheme == "s3":
         return S3Storage(bucket, folder.lstrip("/"), credentials), name
+    if why := host_problem(uri):
+        raise StorageError(why)
     return LocalStorage(folder or "."), name
 
 

@@ -66,6 +66,7 @@ def test_batch_exit_codes(data):
     (["--contents", "c", "--styles", "s", "--output", "o", "--iterations", "0"], "iterations"),
     (["--contents", "c", "--styles", "s", "--output", "o", "--format", "gif"], "invalid choice: 'gif'"),
     (["--output", "o"], "one of the arguments --manifest --contents is required"),
+    (["--contents", "file://c", "--styles", "s", "--output", "o"], "--contents file://c: a file URI with a host ('c')"),
 ])
 def test_batch_bad_arguments_exit_2(data, args, message):
     proc = nst("batch", *args, cwd=data)

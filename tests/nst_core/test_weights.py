@@ -266,6 +266,12 @@ def test_opened_weights_are_read_once_per_process(tmp_path):
     assert seen == ["s3://bucket/vgg.pth"]
 
 
+def test_a_weights_file_uri_with_a_host_is_refused(tmp_path, monkeypatch):
+    """file://models/vgg.pth was /vgg.pth (the host dropped); now refused, naming the URI."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(WeightsError, match="a file URI with a host \\('models'\\)"):
+        weights_mod.check_weights_file("file://models/vgg.pth")
+
 @pytest.mark.parametrize("name", ["vgg #2.pth", "vgg?v=2.pth"])
 def test_a_weights_file_whose_name_holds_a_hash_or_a_question_mark_loads_from_a_file_uri(tmp_path, name):
     """'#' and '?' are part of a file name, as the batch's storage reads them (old: urlparse read

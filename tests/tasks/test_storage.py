@@ -89,6 +89,17 @@ def test_keys_with_a_hash_or_a_question_mark_read_the_object_listed(bucket, tmp_
     assert output_name(f"s3://{name}/in/photo #1.png", f"s3://{name}/s/b?.png", "0123456789") == "photo_1__b___01234567"
 
 
+def test_a_file_uri_with_a_host_is_refused_not_read_as_another_path(tmp_path, monkeypatch):
+    """file://out/sub was the folder /sub (the host dropped: results written at the file system's
+    root) and file://out the current folder, while the CLI's check read them as ./out."""
+    monkeypatch.chdir(tmp_path)
+    for uri in ("file://out", "file://out/sub", "file://out/sub/a.png"):
+        with pytest.raises(StorageError, match="a file URI with a host \\('out'\\)"):
+            open_storage(uri) if not uri.endswith(".png") else split_uri(uri)
+    (tmp_path / "a.png").write_bytes(b"local")
+    assert read_uri(f"file://localhost{tmp_path}/a.png") == b"local"  # RFC 8089: this machine
+    assert open_storage(f"file://localhost{tmp_path}").uri == str(tmp_path)
+
 def test_an_object_over_the_readers_byte_limit_is_refused_naming_it_and_its_size(bucket, tmp_path):
     name, _ = bucket
     for storage in (LocalStorage(tmp_path), open_storage(f"s3://{name}/in/")):
