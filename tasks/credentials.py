@@ -112,6 +112,8 @@ def resolve(name: str) -> StorageCredentials:
             f"storage_credentials: the endpoint_url of block {name!r} carries a user name or password "
             "(user:password@host); put the keys in the block's key fields and give endpoint_url without them"
         )
+    if not params.get("endpoint_url"):  # boto falls back to the environment's endpoint
+        _check_environment()
     verify = params.get("verify")
     return StorageCredentials(
         block=name,

@@ -106,7 +106,9 @@ def read_manifest(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> 
             raise PreflightError(f"manifest {uri}: CSV header must name content,style[,output]")
         rows = [(i + 2, {k.strip(): (v or "").strip() for k, v in row.items() if k}) for i, row in enumerate(reader)]
     else:
-        for i, line in enumerate(text.splitlines(), 1):
+        # "\n" only (a "\r" before it is JSON whitespace): splitlines() also breaks at U+2028, U+0085,
+        # ... which json.dumps(ensure_ascii=False) leaves inside strings
+        for i, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:

@@ -464,7 +464,7 @@ def clear_clients() -> None:
         _clients.clear()
 
 
-_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+_TRANSIENT_CODES = {"SlowDown", "TooManyRequests", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
                     "InternalError", "ServiceUnavailable"}
 
 
@@ -534,7 +534,7 @@ class S3Storage(Storage):
         if isinstance(err, ClientError):
             e = err.response.get("Error", {})
             status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            transient = status >= 500 or e.get("Code") in _TRANSIENT_CODES
+            transient = status >= 500 or status == 429 or e.get("Code") in _TRANSIENT_CODES
             return StorageError(f"{uri}: {e.get('Code', 'error')}: {e.get('Message', '')}".rstrip(": "),
                                 transient=transient)
         # Connection refused/reset, timeouts, a body cut short: the endpoint may come back.

@@ -141,6 +141,17 @@ def test_an_endpoint_variable_with_credentials_in_it_is_refused_without_echoing_
         storage.clear_clients()
 
 
+def test_a_block_without_an_endpoint_refuses_an_endpoint_variable_with_credentials_in_it(monkeypatch):
+    """A block that gives no endpoint_url leaves boto to AWS_ENDPOINT_URL_S3: the variable's
+    user:password@ reached the connection errors. Old code checked the variable only without a block."""
+    from tasks import credentials
+
+    save_aws_credentials_block("nst-no-endpoint", None)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://key:{SECRET}@127.0.0.1:9")
+    with pytest.raises(credentials.CredentialsError, match="AWS_ENDPOINT_URL_S3") as caught:
+        credentials.resolve("nst-no-endpoint")
+    assert SECRET not in str(caught.value)
+
 def test_a_block_edited_between_runs_is_read_again_and_its_repr_shows_no_secret():
     """Rotated keys reach the next run: ``resolve`` reads the block each time. Old code: the first
     read was cached for the life of the process (``_loaded``), so a worker kept the old keys."""

@@ -45,6 +45,14 @@ def test_manifest_csv_and_jsonl(folders):
     assert read_manifest(str(folders / "m.jsonl"))[0].content == str(folders / "c/a.jpg")
 
 
+
+def test_a_jsonl_manifest_splits_rows_on_newlines_only(folders):
+    """json.dumps(ensure_ascii=False) writes U+2028 and U+0085 as they are inside strings; splitlines
+    broke the row there and the whole manifest was refused as "not JSON". Windows line ends still split."""
+    rows = [{"content": "c/a.jpg", "style": "s/s1.png", "output": f"named/x{sep}y"} for sep in ("\u2028", "\x85")]
+    (folders / "m.jsonl").write_bytes("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode())
+    assert [r.output for r in read_manifest(str(folders / "m.jsonl"))] == ["named/x\u2028y", "named/x\x85y"]
+
 @pytest.mark.parametrize("text,message", [
     ('{"content": "c/a.jpg", "style": "s/s1.png", "output": "../../etc/x"}\n', "line 1: .*outside"),
     ('{"content": "c/a.jpg", "style": "s/s1.png", "output": "/abs/x"}\n', "line 1: .*not a relative path"),

@@ -478,3 +478,14 @@ def test_a_body_cut_short_is_a_transient_error_not_a_short_object(cut_short_s3, 
         storage_mod.retrying(lambda: open_storage("s3://bkt/").read("a.png", max_bytes))
     assert is_transient(caught.value)
     assert len(cut_short_s3) == 3  # retried like any transient failure, then given up
+
+
+@pytest.mark.parametrize("code,status", [("TooManyRequests", 429), ("SlowDown", 503), ("", 429)])
+def test_a_request_rate_refusal_is_retried(code, status):
+    """S3-compatible stores (MinIO, Ceph, R2) answer a request burst with HTTP 429: it was a final
+    error, so a busy store failed pairs that a later attempt would have done."""
+    from botocore.exceptions import ClientError
+
+    err = ClientError({"Error": {"Code": code, "Message": "reduce your request rate"},
+                       "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+    assert is_transient(S3Storage("bkt", "in/")._wrap(err, "a.png"))
