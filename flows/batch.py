@@ -381,9 +381,10 @@ def stylize_batch(
         except PreflightError as err:  # a refusal before any work: one line, no traceback
             get_run_logger().error("preflight failed: %s", err)
             return Failed(message=f"preflight failed: {err}")
-        mark_crashed_reports(b.out, b.flow_run)
         # the chunk runs in flight are read before the done set, never after: see live_before_done
         live = live_before_done(plans, run.chunk_size, output.uri) if run.fan_out == "workers" else None
+        # a crashed parent's chunk runs that this run adopts keep running (the rest are cancelled)
+        mark_crashed_reports(b.out, b.flow_run, spare={str(r.id) for r in (live or {}).values()})
         items, todo, done = _skip(b, plans, weights_id)
         result = _run(b, plans, todo, done, weights_id, allowed, already=sum(i.status == SKIPPED for i in items.values()),
                       live=live)

@@ -28,6 +28,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 from dataclasses import asdict, dataclass
 
 from prefect import get_run_logger
@@ -58,6 +59,8 @@ API_PAGE = 200
 START_TIMEOUT_S = float(os.environ.get("NST_CHUNK_START_TIMEOUT_S", 3600))
 #: Idempotency keys of a chunk's content tried by one parent past those its earlier runs took.
 MAX_CHUNK_ATTEMPTS = 20
+#: Times a chunk run cancelled by another parent's stop (``stopped_by_a_parent``) is started again.
+MAX_RESTARTS = 3
 #: The states of a chunk run a new parent adopts instead of starting another.
 LIVE_STATES = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING]
 
@@ -135,9 +138,11 @@ def read_children(client, ids: list[str]):
     return runs
 
 
-def cancel_children(parent_id: str, message: str = "the parent stylize-batch run was cancelled") -> int:
-    """Cancel every unfinished chunk run of a parent (found by its tag, read in pages); finished
-    ones (Completed, Failed, ...) are left as they are. Returns how many were cancelled."""
+def cancel_children(parent_id: str, message: str = "the parent stylize-batch run was cancelled",
+                    keep: set[str] = frozenset()) -> int:
+    """Cancel every unfinished chunk run of a parent (found by its tag, read in pages) but those
+    whose ids are in ``keep``; finished ones (Completed, Failed, ...) are left as they are. Returns
+    how many were cancelled."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
     from prefect.client.schemas.sorting import FlowRunSort
@@ -154,7 +159,7 @@ def cancel_children(parent_id: str, message: str = "the parent stylize-batch run
                 break
         n = 0
         for child in runs:
-            if child.state and not child.state.is_final():
+            if child.state and not child.state.is_final() and str(child.id) not in keep:
                 client.set_flow_run_state(child.id, Cancelling(message=message), force=True)
                 n += 1
     return n
@@ -243,6 +248,15 @@ class Chunk:
     state: str = "unknown"  # the last state name seen
     started: float | None = None  # when it was first seen out of Scheduled (time.monotonic)
     settled: bool = False
+    restart: Callable[..., object] | None = None  # restart(client): a new run of its content (start_chunk)
+    restarts: int = 0
+
+
+def stopped_by_a_parent(state) -> bool:
+    """Whether a chunk run ended Cancelled because a parent stopped: cancel_children's messages
+    ("the parent stylize-batch run was cancelled", "... crashed", "... stopped before ...") and
+    Prefect's for the subflows of a cancelled flow run ("The parent flow run was cancelled.")."""
+    return state.type == StateType.CANCELLED and (state.message or "").lower().startswith("the parent ")
 
 
 class ChunkWatcher:
@@ -255,8 +269,9 @@ class ChunkWatcher:
     (no worker polls the pool, or `nst serve --limit 1`)."""
 
     def __init__(self, client, chunks: list[Chunk], out: Storage, run: RunOptions, on_done: Callable[[int, int], None],
-                 n_todo: int, health: StorageHealth | None = None):
+                 n_todo: int, health: StorageHealth | None = None, parent_id: str = ""):
         self.client, self.out, self.run, self.on_done, self.n_todo = client, out, run, on_done, n_todo
+        self.parent_id = parent_id
         self.health = health or StorageHealth()
         self.chunks = {c.flow_run_id: c for c in chunks}
         self.result = PipelineResult()
@@ -301,13 +316,44 @@ class ChunkWatcher:
                 continue
             chunk.state = child.state.name
             if child.state.is_final():
-                self.settle(chunk, child.state.name, child.state.message or "")
+                if not (stopped_by_a_parent(child.state) and self.start_again(chunk)):
+                    self.settle(chunk, child.state.name, child.state.message or "")
                 self.last_move = now
             elif child.state.type != StateType.SCHEDULED and chunk.started is None:
                 chunk.started = now
         if any(c.started is not None for c in self.pending):
             self.last_move = now  # a chunk is running: the queued ones wait for its slot
         return now
+
+    def start_again(self, chunk: Chunk) -> bool:
+        """Give a chunk whose run another parent's stop cancelled a new run (it skips the pairs the old
+        one wrote). Two overlapping runs of one plan share chunk runs (``start_chunks`` adopts them):
+        cancelling one must not fail the other's pairs. Not when this parent is itself stopping (its
+        own cancel hook cancelled the run), nor past MAX_RESTARTS. True when a new run took over."""
+        if chunk.restart is None or chunk.restarts >= MAX_RESTARTS or stop_requested.is_set() or self._stopping():
+            return False
+        try:
+            child = chunk.restart(self.client)
+        except Exception as err:  # the API: settle the chunk as it ended
+            self.logger.warning("could not start chunk %d again: %s", chunk.number, err)
+            return False
+        self.logger.warning("chunk %d: its run %s was cancelled by another parent's stop (%s); started again as %s",
+                            chunk.number, chunk.flow_run_id, chunk.state, child.id)
+        del self.chunks[chunk.flow_run_id]
+        chunk.flow_run_id, chunk.started, chunk.restarts = str(child.id), None, chunk.restarts + 1
+        chunk.report_key = (child.parameters or {}).get("report_key", "")
+        self.chunks[chunk.flow_run_id] = chunk
+        return True
+
+    def _stopping(self) -> bool:
+        """Whether this parent's own flow run is being cancelled or has ended (read now)."""
+        if not self.parent_id:
+            return False
+        try:
+            state = self.client.read_flow_run(self.parent_id).state
+        except Exception:  # unknown to the API (a run outside Prefect's): not stopping by the API's word
+            return False
+        return state is not None and (state.is_final() or state.type == StateType.CANCELLING)
 
     def check_deadlines(self, now: float) -> None:
         run = self.run
@@ -413,19 +459,18 @@ def start_chunks(plans: list[PairPlan], done: set[int], output: OutputSpec, para
             if stop_requested.is_set():
                 raise PairStopped("run interrupted while starting its chunk runs")
             child = adopt.get(key)
+            start = partial(start_chunk, deployment=run.chunk_deployment, key=key, parameters={
+                "pairs": [asdict(p) for p in pairs], "output": output.model_dump(mode="json"),
+                "params": params.model_dump(mode="json"), "run": worker_run.model_dump(mode="json"),
+                "weights_id": weights_id, "report_key": chunk_report_key(parent_id, key)},
+                name=f"{flow_run.get_name() or 'stylize-batch'}-chunk-{n:04d}", tags=[parent_tag(parent_id)])
             if child is None:
-                child = start_chunk(
-                    client, run.chunk_deployment, key,
-                    {"pairs": [asdict(p) for p in pairs], "output": output.model_dump(mode="json"),
-                     "params": params.model_dump(mode="json"), "run": worker_run.model_dump(mode="json"),
-                     "weights_id": weights_id, "report_key": chunk_report_key(parent_id, key)},
-                    f"{flow_run.get_name() or 'stylize-batch'}-chunk-{n:04d}", [parent_tag(parent_id)],
-                    earlier[key])
+                child = start(client, earlier=earlier[key])
             adopted += parent_tag(parent_id) not in (child.tags or [])
             _join(client, child, parent_id)
             # the run's own parameters name its report (an adopted run reports under its first parent)
             chunks.append(Chunk(n, [p for p in pairs if p.index not in done],
-                                (child.parameters or {}).get("report_key", ""), str(child.id)))
+                                (child.parameters or {}).get("report_key", ""), str(child.id), restart=start))
     get_run_logger().info("%d chunk runs of %s (chunk size %d): %d started, %d adopted from other parents",
                           len(chunks), run.chunk_deployment, run.chunk_size, len(chunks) - adopted, adopted)
     return chunks
@@ -448,7 +493,7 @@ def fan_out_to_workers(
         n_todo = sum(1 for p in plans if p.runnable and p.index not in done)
         with get_client(sync_client=True) as client:
             watcher = ChunkWatcher(client, chunks, open_storage(output.uri, credentials), run, on_done, n_todo,
-                                   health)
+                                   health, parent_id)
             return watcher.wait()
     except BaseException:
         try:

@@ -65,11 +65,12 @@ def _ask_api(ids: set[str]) -> tuple[dict[str, str], dict[str, int]]:
     return gone, running
 
 
-def mark_crashed_reports(out: Storage, own: dict) -> int:
+def mark_crashed_reports(out: Storage, own: dict, spare: set[str] = frozenset()) -> int:
     """Mark crashed the reports of ``out`` that say "running" while their run is gone (ended, or
     unknown to the API), that an attempt of their flow run since has superseded, or whose flow run
     the API calls Running while the process of its current attempt is gone from this machine
-    (``process_gone``: the flow run is then set Crashed too, and its chunk runs cancelled); also
+    (``process_gone``: the flow run is then set Crashed too, and its chunk runs cancelled but those
+    of ``spare``, the flow run ids this run adopts: ``flows.fanout.live_before_done``); also
     those of earlier attempts of this run (``own``: {id, attempt}; Prefect's Retry runs a flow run
     again under its id). Never fails the run: storage or API trouble is logged and skipped.
     Returns how many."""
@@ -103,13 +104,13 @@ def mark_crashed_reports(out: Storage, own: dict) -> int:
     marked = 0
     for key, why in whys.items():
         try:
-            marked += _mark(out, key, why, logger)
+            marked += _mark(out, key, why, logger, spare)
         except Exception as err:  # an odd report, the storage, the API: never this run's failure
             logger.warning("could not mark %s crashed: %s", out.uri_for(key), err)
     return marked
 
 
-def _mark(out: Storage, key: str, why: str | None, logger) -> bool:
+def _mark(out: Storage, key: str, why: str | None, logger, spare: set[str] = frozenset()) -> bool:
     """Mark the report at ``key`` crashed for ``why`` if it still says "running"; ``why`` None:
     only if the process it recorded is gone from this machine, once the API has taken the flow
     run's Crashed state (read again then: the run may have ended meanwhile)."""
@@ -119,7 +120,7 @@ def _mark(out: Storage, key: str, why: str | None, logger) -> bool:
     if why is None:
         if (why := process_gone(found.get("process"))) is None:
             return False  # alive, or not this machine's to judge
-        if not _crash_in_api(run["id"], why, logger) or still_running(out, key) is None:
+        if not _crash_in_api(run["id"], why, logger, spare) or still_running(out, key) is None:
             return False  # the run ended meanwhile (Completed cannot become Crashed): its report is its own
     retrying(lambda: out.write(key, report_bytes(stopped_report(run, CRASHED, why)), "application/json"))
     logger.warning("%s said running, but %s: marked crashed", out.uri_for(key), why)
@@ -182,9 +183,9 @@ def _started(pid: int) -> int:
     return int(_stat(pid)[19])  # field 22, starttime
 
 
-def _crash_in_api(flow_run_id: str, why: str, logger) -> bool:
+def _crash_in_api(flow_run_id: str, why: str, logger, spare: set[str] = frozenset()) -> bool:
     """Set a Running flow run whose process is gone Crashed, and cancel its chunk runs (a fan-out
-    parent's). True when the API took the state."""
+    parent's) but those of ``spare``, which this run adopts. True when the API took the state."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.responses import SetStateStatus
     from prefect.states import Crashed
@@ -198,7 +199,7 @@ def _crash_in_api(flow_run_id: str, why: str, logger) -> bool:
     if taken != SetStateStatus.ACCEPT:
         return False
     try:
-        cancel_children(flow_run_id, "the parent stylize-batch run crashed")
+        cancel_children(flow_run_id, "the parent stylize-batch run crashed", keep=spare)
     except Exception as err:
         logger.warning("could not cancel the chunk runs of flow run %s: %s", flow_run_id, err)
     return True

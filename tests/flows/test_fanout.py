@@ -752,3 +752,70 @@ def test_a_dead_parents_chunk_that_crashes_while_the_new_parent_reads_the_done_s
     assert {c["chunk"]: c["flow_run_id"] for c in report["chunks"]}[0] != str(orphan.id)
     assert len(_tagged(fanout.content_tag(key0))) == 2
     assert "its worker died" not in json.dumps(report["items"])
+
+
+@pytest.mark.slow
+def test_a_chunk_run_cancelled_by_the_other_of_two_overlapping_parents_is_started_again(
+        tmp_path, monkeypatch, chunk_deployment_without_worker):
+    """Two runs of one plan overlap (a schedule, a second trigger): B adopts the chunk run A is
+    running, which then carries both parents' tags. The duplicate A is cancelled: its cancellation
+    (and Prefect's, for a cancelled parent's subflows) cancels that run. Old: B failed its pairs
+    with "the parent stylize-batch run was cancelled" and ended Failed. Now B starts the chunk again
+    (the new run skips what the old one wrote)."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled, Completed, Running
+
+    from tasks.plan import plan_pairs, source_entries
+
+    dep = chunk_deployment_without_worker
+    source, output = _folders(tmp_path, contents=4)
+    params = tiny_params()
+    plans = plan_pairs(source_entries(source), params, "random(seed=0)", output.format, output.quality)
+    (key0, pairs0), _ = plan_chunks(plans, 2, output.uri)
+    a_chunk = _chunk_run(dep, key0, "parent-a", "_runs/parent-a/chunk-0.json", Running())
+
+    def on_sleep(clock):
+        if clock.sleeps == 1:
+            cancel_children("parent-a")  # A is cancelled: its on_cancellation hook
+        with get_client(sync_client=True) as client:
+            for run in _recent_chunks(dep):
+                if run.state.name == "Cancelling":
+                    client.set_flow_run_state(run.id, Cancelled(message=run.state.message), force=True)
+                elif not run.state.is_final() and clock.sleeps > 1:  # a worker ran it
+                    client.set_flow_run_state(run.id, Completed(), force=True)
+
+    monkeypatch.setattr(fanout, "time", FakeClock(on_sleep))
+    state = stylize_batch(source, output, params, RunOptions(fan_out="workers", chunk_size=2, chunk_deployment=dep),
+                          return_state=True)
+    report = json.loads((tmp_path / "out" / "_runs" / f"{state.state_details.flow_run_id}.json").read_text())
+    errors = [i["error"] for i in report["items"] if i["content"] in {p.content for p in pairs0}]
+    assert not any("parent stylize-batch run was cancelled" in (e or "") for e in errors), errors
+    runs = _tagged(fanout.content_tag(key0))
+    assert len(runs) == 2 and {r.state.name for r in runs} == {"Cancelled", "Completed"}
+    chunk0 = next(c for c in report["chunks"] if c["chunk"] == 0)
+    assert chunk0["flow_run_id"] != str(a_chunk.id) and chunk0["state"] == "Completed"
+
+
+def test_a_parent_being_cancelled_does_not_start_its_cancelled_chunks_again(prefect_api, tmp_path, monkeypatch):
+    """The UI's Cancel of this parent: its hook (and Prefect, for its subflows) cancels its chunk
+    runs with a parent's message. The watcher, polling meanwhile, must settle them, not restart them."""
+    import logging
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled, Cancelling, Running
+
+    from tasks.storage import open_storage
+
+    monkeypatch.setattr(fanout, "get_run_logger", lambda: logging.getLogger("test"))
+    with get_client(sync_client=True) as client:
+        parent = client.create_flow_run(stylize_batch, name="being-cancelled", state=Running())
+        client.set_flow_run_state(parent.id, Cancelling(), force=True)
+        kid = client.create_flow_run(stylize_chunk, tags=[f"nst-parent:{parent.id}"], state=Running())
+        client.set_flow_run_state(kid.id, Cancelled(message="The parent flow run was cancelled."), force=True)
+        restarted = []
+        chunk = fanout.Chunk(0, [plan(0)], "_runs/x/chunk.json", str(kid.id), restart=restarted.append)
+        watcher = fanout.ChunkWatcher(client, [chunk], open_storage(str(tmp_path)), RunOptions(), lambda *a: None, 1,
+                                      parent_id=str(parent.id))
+        watcher.poll()
+    assert not restarted and chunk.settled
+    assert watcher.result.items[0].error == "chunk 0 ended Cancelled: The parent flow run was cancelled."

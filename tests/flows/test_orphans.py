@@ -53,6 +53,43 @@ def test_running_reports_whose_runs_ended_or_are_unknown_are_marked_crashed(tmp_
     assert own["totals"]["done"] == 1
 
 
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process identities are read from /proc")
+def test_the_chunk_runs_a_new_parent_adopts_are_spared_when_their_killed_parent_is_marked_crashed(tmp_path,
+                                                                                                  monkeypatch):
+    """`nst batch --fan-out workers` killed with kill -9, then run again: the new parent crashed the
+    old flow run and cancelled its chunk runs, then found them Cancelling, not adoptable, and started
+    new ones: every pair in flight was thrown away and redone. Those the new parent adopts (live for
+    its plan: ``spare``) are left running; the others are cancelled as before."""
+    import logging
+    import subprocess
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    from flows import orphans
+    from flows.fanout import parent_tag
+    from tasks.storage import open_storage
+
+    monkeypatch.setattr(orphans, "get_run_logger", lambda: logging.getLogger("test"))
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = orphans.this_process(child.pid)
+    child.kill()
+    child.wait()
+    runs = tmp_path / "_runs"
+    runs.mkdir()
+    with get_client(sync_client=True) as client:
+        parent = client.create_flow_run(stylize_batch, name="killed", state=Running()).id
+        kept, other = (client.create_flow_run(stylize_batch, name=n, tags=[parent_tag(str(parent))], state=Running()).id
+                       for n in ("adopted-chunk", "other-chunk"))
+        (runs / f"{parent}.json").write_bytes(report_bytes(running_report({"id": str(parent), "name": "killed"},
+                                                                          process=dead)))
+        marked = orphans.mark_crashed_reports(open_storage(str(tmp_path)), {"id": "new", "attempt": 1},
+                                              spare={str(kept)})
+        assert marked == 1 and client.read_flow_run(parent).state.is_crashed()
+        assert client.read_flow_run(kept).state.is_running()
+        assert client.read_flow_run(other).state.type.value in ("CANCELLING", "CANCELLED")
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process identities are read from /proc")
 def test_a_run_the_api_calls_running_whose_process_is_gone_from_this_machine_is_marked_crashed(tmp_path):
     """`nst batch` killed with kill -9 (or an OOM kill) leaves its flow run Running in the API for
