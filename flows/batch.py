@@ -38,7 +38,7 @@ from pydantic import Field
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.fanout import cancel_children, check_chunk_deployment, fan_out_to_workers, live_before_done
+from flows.fanout import PARENT_STOPPED, cancel_children, check_chunk_deployment, fan_out_to_workers, live_before_done
 from flows.quiet import quiet_returned_failures
 from flows.orphans import mark_crashed_reports, still_running, this_process
 from nst_core.errors import NSTError
@@ -186,7 +186,7 @@ def _on_crash(flow, flow_run, state) -> None:
     replace the "running" report (the write probe), if it still says so, with one that says the run
     stopped (best effort)."""
     try:
-        cancel_children(str(flow_run.id), "the parent stylize-batch run crashed")
+        cancel_children(str(flow_run.id), f"{PARENT_STOPPED} crashed")
     except Exception:
         pass
     try:

@@ -28,16 +28,16 @@ import json
 import os
 import time
 from collections.abc import Callable
-from functools import partial
 from dataclasses import asdict, dataclass
+from functools import partial
 
 from prefect import get_run_logger
 from prefect.client.schemas.objects import StateType
 from prefect.runtime import flow_run
 
 from nst_core.params import StyleParams
-from tasks.contract import (PairPlan, ReportItem, attempt_report_key, chunk_items, item_of, chunk_key, chunk_report_key,
-                            decode_thumbs, done_in, done_item, failed_item)
+from tasks.contract import (PairPlan, ReportItem, attempt_report_key, chunk_items, chunk_key, chunk_report_key,
+                            decode_thumbs, done_in, done_item, failed_item, item_of)
 from tasks.credentials import DEFAULT_CHAIN, StorageCredentials
 from tasks.models import OutputSpec, RunOptions
 from tasks.pair import PairStopped, stop_requested
@@ -61,6 +61,10 @@ START_TIMEOUT_S = float(os.environ.get("NST_CHUNK_START_TIMEOUT_S", 3600))
 MAX_CHUNK_ATTEMPTS = 20
 #: Times a chunk run cancelled by another parent's stop (``stopped_by_a_parent``) is started again.
 MAX_RESTARTS = 3
+#: How cancel_children's messages begin ("... was cancelled", "... crashed", "... stopped before ..."),
+#: and Prefect's when it cancels a cancelled flow run's subflows: ``stopped_by_a_parent``.
+PARENT_STOPPED = "the parent stylize-batch run"
+_PREFECT_PARENT_CANCELLED = "The parent flow run was cancelled."
 #: The states of a chunk run a new parent adopts instead of starting another.
 LIVE_STATES = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING]
 
@@ -138,7 +142,7 @@ def read_children(client, ids: list[str]):
     return runs
 
 
-def cancel_children(parent_id: str, message: str = "the parent stylize-batch run was cancelled",
+def cancel_children(parent_id: str, message: str = f"{PARENT_STOPPED} was cancelled",
                     keep: set[str] = frozenset()) -> int:
     """Cancel every unfinished chunk run of a parent (found by its tag, read in pages) but those
     whose ids are in ``keep``; finished ones (Completed, Failed, ...) are left as they are. Returns
@@ -253,10 +257,11 @@ class Chunk:
 
 
 def stopped_by_a_parent(state) -> bool:
-    """Whether a chunk run ended Cancelled because a parent stopped: cancel_children's messages
-    ("the parent stylize-batch run was cancelled", "... crashed", "... stopped before ...") and
-    Prefect's for the subflows of a cancelled flow run ("The parent flow run was cancelled.")."""
-    return state.type == StateType.CANCELLED and (state.message or "").lower().startswith("the parent ")
+    """Whether a chunk run ended Cancelled because a parent stopped (cancel_children, or Prefect
+    for the subflows of a cancelled flow run), not for a reason of its own."""
+    message = state.message or ""
+    return state.type == StateType.CANCELLED and (message.startswith(PARENT_STOPPED)
+                                                  or message == _PREFECT_PARENT_CANCELLED)
 
 
 class ChunkWatcher:
@@ -497,7 +502,7 @@ def fan_out_to_workers(
             return watcher.wait()
     except BaseException:
         try:
-            cancel_children(parent_id, "the parent stylize-batch run stopped before its chunks finished")
+            cancel_children(parent_id, f"{PARENT_STOPPED} stopped before its chunks finished")
         except Exception as err:  # the API is gone too: nothing more to do here
             get_run_logger().warning("could not cancel the chunk runs: %s", err)
         raise

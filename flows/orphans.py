@@ -29,7 +29,7 @@ from uuid import UUID
 
 from prefect import get_run_logger
 
-from flows.fanout import cancel_children, read_children
+from flows.fanout import PARENT_STOPPED, cancel_children, read_children
 from tasks.contract import CRASHED, RUNNING, RUNS, report_bytes, stopped_report
 from tasks.storage import Storage, StorageError, pid_space, retrying
 
@@ -199,7 +199,7 @@ def _crash_in_api(flow_run_id: str, why: str, logger, spare: set[str] = frozense
     if taken != SetStateStatus.ACCEPT:
         return False
     try:
-        cancel_children(flow_run_id, "the parent stylize-batch run crashed", keep=spare)
+        cancel_children(flow_run_id, f"{PARENT_STOPPED} crashed", keep=spare)
     except Exception as err:
         logger.warning("could not cancel the chunk runs of flow run %s: %s", flow_run_id, err)
     return True

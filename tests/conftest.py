@@ -190,10 +190,9 @@ def _short_s3_timeouts(monkeypatch, endpoint: str) -> None:
     storage.clear_clients()
 
 
-@pytest.fixture
-def silent_s3(monkeypatch, s3_endpoint):
-    """An S3 endpoint on 127.0.0.1 that accepts connections and never answers; 1 s timeouts and
-    0.1 s retry waits. Yields the list of accepted connections (one per attempt)."""
+def _raw_s3_endpoint(monkeypatch, on_connection):
+    """A socket on 127.0.0.1 that S3 requests go to (``_short_s3_timeouts``), handing each accepted
+    connection to ``on_connection`` on a thread; a generator for fixtures: yields, then stops it."""
     import socket
     import threading
 
@@ -203,64 +202,57 @@ def silent_s3(monkeypatch, s3_endpoint):
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
     listener.settimeout(0.2)
-    held, stop = [], threading.Event()
+    stop = threading.Event()
 
     def accept():
         while not stop.is_set():
             try:
-                held.append(listener.accept()[0])
+                conn = listener.accept()[0]
             except OSError:
-                pass
+                continue
+            on_connection(conn)
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     _short_s3_timeouts(monkeypatch, f"http://127.0.0.1:{listener.getsockname()[1]}")
-    yield held
+    yield
     stop.set()
     thread.join()
     listener.close()
+    storage.clear_clients()
+
+
+@pytest.fixture
+def silent_s3(monkeypatch, s3_endpoint):
+    """An S3 endpoint on 127.0.0.1 that accepts connections and never answers; 1 s timeouts and
+    0.1 s retry waits. Yields the list of accepted connections (one per attempt)."""
+    held = []
+    endpoint = _raw_s3_endpoint(monkeypatch, held.append)
+    next(endpoint)
+    yield held
+    next(endpoint, None)
     for conn in held:
         conn.close()
-    storage.clear_clients()
 
 
 @pytest.fixture
 def cut_short_s3(monkeypatch, s3_endpoint):
     """An S3 endpoint on 127.0.0.1 whose GET announces 100,000 bytes, sends 40,000 and closes (a
     connection dropped mid-body). Yields the number of requests it answered."""
-    import socket
-    import threading
+    answered = []
 
-    from tasks import storage
+    def answer(conn):
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(65536)
+            conn.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 100000\r\nETag: "abc"\r\n\r\n' + b"A" * 40000)
+            answered.append(1)
 
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    listener.settimeout(0.2)
-    answered, stop = [], threading.Event()
-
-    def serve():
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                continue
-            with conn:
-                request = b""
-                while b"\r\n\r\n" not in request:
-                    request += conn.recv(65536)
-                conn.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 100000\r\nETag: "abc"\r\n\r\n' + b"A" * 40000)
-                answered.append(1)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    _short_s3_timeouts(monkeypatch, f"http://127.0.0.1:{listener.getsockname()[1]}")
+    endpoint = _raw_s3_endpoint(monkeypatch, answer)
+    next(endpoint)
     yield answered
-    stop.set()
-    thread.join()
-    listener.close()
-    storage.clear_clients()
-
+    next(endpoint, None)
 
 @pytest.fixture
 def s3_that_goes_silent(monkeypatch, s3_endpoint):
