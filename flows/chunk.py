@@ -38,10 +38,8 @@ def _refusals(pairs: list[PairPlan], fmt: str, allowed_sources: list[str]) -> di
     parameters: inputs outside ``allowed_sources`` and output keys that break the naming rule are refused."""
     refused: dict[int, str] = {}
     for p in pairs:
-        outside = [u for u in (p.content, p.style) if outside_allowed(u, allowed_sources)]
-        refused[p.index] = naming_problem(p, fmt) or (
-            f"{outside[0]} is outside allowed_sources ({', '.join(allowed_sources) or 'none given'})"
-            if outside else "")
+        refused[p.index] = naming_problem(p, fmt) or next(
+            (why for u in (p.content, p.style) if (why := outside_allowed(u, allowed_sources))), "")
     return refused
 
 

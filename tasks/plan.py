@@ -167,12 +167,14 @@ def source_entries(source, credentials: StorageCredentials = DEFAULT_CHAIN) -> l
 
 
 def _norm(uri: str, folder: bool = False) -> str:
-    """A URI in one comparable spelling: s3://bucket/key or an absolute local path."""
+    """A URI in one comparable spelling: s3://bucket/key, or a local path with every link
+    resolved — where a read of it lands, so a folder link inside an allowed folder is judged
+    by its target."""
     scheme, bucket, path = parse_uri(uri)  # as the read will take it: '#' and '?' are part of the key
     if scheme == "s3":
         text = f"s3://{bucket}/{path.lstrip('/')}"
     else:
-        text = os.path.abspath(os.path.expanduser(path if scheme == "file" else uri))
+        text = os.path.realpath(os.path.expanduser(path if scheme == "file" else uri))
     return text.rstrip("/") + "/" if folder else text
 
 
@@ -184,13 +186,18 @@ def default_allowed_sources(source) -> list[str]:
     return [u for u in (contents, styles) if u]
 
 
-def outside_allowed(uri: str, allowed: list[str]) -> bool:
-    """True when ``uri`` is under none of the ``allowed`` prefixes/folders (none given: none is allowed)."""
+def outside_allowed(uri: str, allowed: list[str]) -> str:
+    """Why ``uri`` may not be read ("" = it may): under none of the ``allowed`` prefixes/folders
+    (none given: none is allowed). Local paths are compared once links are resolved; a link that
+    is swapped after this check is still caught for file links by ``LocalStorage._resolve``."""
     try:
         target = _norm(uri)
     except (TypeError, ValueError):
-        return True
-    return not any(target.startswith(_norm(a, folder=True)) for a in allowed)
+        target = ""
+    if target and any(target.startswith(_norm(a, folder=True)) for a in allowed):
+        return ""
+    leads = f" (it leads to {target})" if target and target != uri and not uri.startswith("s3://") else ""
+    return f"{uri}{leads} is outside allowed_sources ({', '.join(allowed) or 'none given'})"
 
 
 def _identities(uris: set[str], known: dict[str, str], io_workers: int,
@@ -243,8 +250,8 @@ def plan_pairs(
     refused: dict[str, str] = {}
     if allowed_sources is not None:
         for uri in {u for e in entries for u in (e.content, e.style)}:
-            if outside_allowed(uri, allowed_sources):
-                refused[uri] = f"{uri} is outside allowed_sources ({', '.join(allowed_sources)})"
+            if why := outside_allowed(uri, allowed_sources):
+                refused[uri] = why
     known = {u: i for e in entries for u, i in ((e.content, e.content_id), (e.style, e.style_id)) if i}
     look_up = {u for e in entries if not e.error for u in (e.content, e.style)} - set(refused)
     identities = _identities(look_up, known, io_workers, credentials)

@@ -284,6 +284,32 @@ def test_reads_outside_allowed_sources_fail_their_pair(folders, tmp_path_factory
     assert "outside allowed_sources" in plans[1].error and plans[1].key == ""
 
 
+def test_a_folder_link_inside_allowed_sources_does_not_read_outside_them(folders, tmp_path_factory):
+    """A link to a folder elsewhere, placed inside an allowed folder, is judged by where it
+    leads. Old: the path was compared as spelled, so ``allowed/link/secret.png`` was read."""
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    (elsewhere / "secret.png").write_bytes(to_bytes(pattern((16, 16))))
+    (folders / "c" / "link").symlink_to(elsewhere, target_is_directory=True)
+    (folders / "m.jsonl").write_text(
+        json.dumps({"content": "c/a.jpg", "style": "s/s1.png"}) + "\n"
+        + json.dumps({"content": "c/link/secret.png", "style": "s/s1.png"}) + "\n")
+    source = BatchSource(manifest=str(folders / "m.jsonl"))
+    plans = plan_pairs(source_entries(source), StyleParams(), "w", "jpeg",
+                       allowed_sources=default_allowed_sources(source))
+    assert not plans[0].error
+    assert "outside allowed_sources" in plans[1].error and str(elsewhere / "secret.png") in plans[1].error
+    assert plans[1].key == ""
+
+
+def test_an_allowed_folder_reached_through_a_link_still_allows_its_files(folders, tmp_path):
+    """The allowed folder itself spelled through a link (a mount point, /data -> /mnt/data)."""
+    alias = tmp_path / "alias"
+    alias.symlink_to(folders, target_is_directory=True)
+    source = BatchSource(contents=str(alias / "c"), styles=str(alias / "s"))
+    plans = plan_pairs(source_entries(source), StyleParams(), "w", "jpeg", allowed_sources=[str(folders)])
+    assert plans and not any(p.error for p in plans)
+
+
 def test_a_dotdot_key_under_contents_fails_its_pairs_alone(bucket):
     name, client = bucket
     client.put_object(Bucket=name, Key="c/ok.png", Body=to_bytes(pattern((16, 16))))
