@@ -203,7 +203,7 @@ def outside_allowed(uri: str, allowed: list[str]) -> str:
 def _identities(uris: set[str], known: dict[str, str], io_workers: int,
                 credentials: StorageCredentials) -> dict[str, tuple[str, str]]:
     """URI -> (identity, error): from the source listing when known, else from one listing per
-    folder that holds many of them (manifests), else HEAD / sha256 — each lookup retried when
+    S3 prefix that holds many of them (manifests), else HEAD / sha256 — each lookup retried when
     transient; one that fails for good gives the reason instead of an identity."""
     out = {u: (known[u], "") for u in uris if known.get(u)}
     wanted: dict[str, tuple[Storage, list[tuple[str, str]]]] = {}
@@ -218,9 +218,9 @@ def _identities(uris: set[str], known: dict[str, str], io_workers: int,
     def one_folder(item: tuple[Storage, list[tuple[str, str]]]) -> dict[str, tuple[str, str]]:
         storage, keys = item
         listed: dict[str, ObjectInfo] = {}
-        if len(keys) > 8:
+        if len(keys) > 8 and storage.lists_identities:
             try:
-                listed = {info.key: info for info in retrying(storage.list) if info.identity}
+                listed = {info.key: info for info in retrying(lambda: storage.list(flat=True)) if info.identity}
             except StorageError:
                 pass  # fall back to one lookup per object
         found = {}

@@ -239,8 +239,11 @@ class Storage:
 
     uri: str
     credentials: StorageCredentials = DEFAULT_CHAIN
+    #: Whether ``list`` gives each object's identity (S3's ETag); a local file is hashed instead.
+    lists_identities: bool = False
 
-    def list(self, prefix: str = "") -> list[ObjectInfo]:
+    def list(self, prefix: str = "", flat: bool = False) -> list[ObjectInfo]:
+        """Every object under ``prefix``, at any depth; ``flat``: those directly in it only."""
         raise NotImplementedError
 
     def read(self, key: str, max_bytes: int | None = None) -> tuple[bytes, str]:
@@ -294,7 +297,7 @@ class LocalStorage(Storage):
             raise UnsafeKeyError(f"{key!r} resolves outside {self.root}")
         return named, path
 
-    def list(self, prefix: str = "") -> list[ObjectInfo]:
+    def list(self, prefix: str = "", flat: bool = False) -> list[ObjectInfo]:
         base = self._path(prefix) if prefix else self.root
         if not base.exists():
             return []
@@ -302,7 +305,7 @@ class LocalStorage(Storage):
             raise StorageError(f"{base} is not a folder")
         out = []
         for dirpath, dirnames, filenames in os.walk(base):
-            dirnames[:] = sorted(d for d in dirnames if not (d == TEMP_DIR and Path(dirpath) == self.root))
+            dirnames[:] = [] if flat else sorted(d for d in dirnames if not (d == TEMP_DIR and Path(dirpath) == self.root))
             for name in sorted(filenames):
                 if name.startswith(".nst-tmp-"):  # left by older versions
                     continue
@@ -499,6 +502,8 @@ def _transient_types() -> tuple[type[BaseException], ...]:
 class S3Storage(Storage):
     """``s3://bucket/prefix``. Large objects go through boto3's managed (multipart) transfers."""
 
+    lists_identities = True
+
     def __init__(self, bucket: str, prefix: str = "", credentials: StorageCredentials = DEFAULT_CHAIN):
         if not bucket:
             raise StorageError("an s3:// URI needs a bucket: s3://bucket/prefix")
@@ -541,11 +546,13 @@ class S3Storage(Storage):
         transient = isinstance(err, _transient_types())
         return StorageError(f"{uri}: {type(err).__name__}: {err}", transient=transient)
 
-    def list(self, prefix: str = "") -> list[ObjectInfo]:
+    def list(self, prefix: str = "", flat: bool = False) -> list[ObjectInfo]:
         full = self.prefix + (safe_key(prefix).rstrip("/") + "/" if prefix else "")
         out = []
         try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full, **({"Delimiter": "/"} if flat else {}))
+            for page in pages:
                 for obj in page.get("Contents", []):
                     out.append(ObjectInfo(obj["Key"][len(self.prefix):], obj["Size"], obj["ETag"].strip('"')))
         except Exception as err:

@@ -251,6 +251,43 @@ def test_a_manifest_over_its_byte_limit_is_refused_unread_in_one_line(folders):
         read_manifest(str(folders / "m.jsonl"))
 
 
+def test_a_manifest_of_local_files_never_lists_their_folders(folders, monkeypatch):
+    """A local listing carries no identities (files are hashed), so listing a folder for them is
+    waste: old, a manifest naming 9 files of a dataset's root walked its whole tree, then hashed
+    each file anyway."""
+    from tasks.storage import LocalStorage
+
+    for i in range(9):
+        (folders / "c" / f"{i}.png").write_bytes(to_bytes(pattern((16, 16), seed=i)))
+    (folders / "m.csv").write_text("content,style\n" + "".join(f"c/{i}.png,s/s1.png\n" for i in range(9)))
+    listed = []
+    real = LocalStorage.list
+    monkeypatch.setattr(LocalStorage, "list", lambda self, prefix="": listed.append(self.uri) or real(self, prefix))
+    plans = plan_pairs(read_manifest(str(folders / "m.csv")), StyleParams(), "w", "jpeg")
+    assert len(plans) == 9 and not any(p.error for p in plans)
+    assert listed == []
+
+
+def test_a_manifest_lists_an_s3_folder_for_its_own_objects_not_the_tree_below(bucket, monkeypatch):
+    """Old: 9 objects named at a bucket's top listed every object of the bucket (one request per
+    1000); now one listing of that folder alone (S3's delimiter)."""
+    from tasks.storage import S3Storage
+
+    name, client = bucket
+    for i in range(9):
+        client.put_object(Bucket=name, Key=f"{i}.png", Body=to_bytes(pattern((16, 16), seed=i)))
+    for i in range(30):
+        client.put_object(Bucket=name, Key=f"deep/{i}.png", Body=b"x")
+    client.put_object(Bucket=name, Key="m.csv", Body=("content,style\n" + "".join(
+        f"{i}.png,0.png\n" for i in range(9))).encode())
+    listed = []
+    real = S3Storage.list
+    monkeypatch.setattr(S3Storage, "list", lambda self, *a, **k: listed.extend(found := real(self, *a, **k)) or found)
+    plans = plan_pairs(read_manifest(f"s3://{name}/m.csv"), StyleParams(), "w", "jpeg")
+    assert len(plans) == 9 and not any(p.error for p in plans)
+    assert listed and not [o.key for o in listed if "/" in o.key]
+
+
 def test_an_s3_input_over_the_limit_fails_at_planning_when_its_folder_is_listed_for_a_manifest(bucket, monkeypatch):
     """A manifest naming more than 8 objects of one prefix takes their identities from one listing;
     the sizes in it are checked too (old: planned, then refused only when its pair fetched it)."""

@@ -139,6 +139,18 @@ def test_s3_listing_paginates(bucket):
     assert len(open_storage(f"s3://{name}/many").list()) == 1005
 
 
+def test_a_flat_listing_holds_a_folders_own_objects_on_both_storages(bucket, tmp_path):
+    name, client = bucket
+    for key in ("top/a.png", "top/b.png", "top/sub/c.png", "top/sub/deeper/d.png"):
+        client.put_object(Bucket=name, Key=key, Body=b"x")
+        (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / key).write_bytes(b"x")
+    for storage in (open_storage(f"s3://{name}/top"), LocalStorage(tmp_path / "top")):
+        assert sorted(o.key for o in storage.list(flat=True)) == ["a.png", "b.png"]
+        assert sorted(o.key for o in storage.list("sub", flat=True)) == ["sub/c.png"]
+        assert len(storage.list()) == 4
+
+
 def test_s3_missing_bucket_is_a_clear_error(s3_endpoint):
     with pytest.raises(MissingObjectError, match="s3://no-such-bucket-here/"):
         open_storage("s3://no-such-bucket-here/x/").list()
