@@ -40,7 +40,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.fanout import PARENT_STOPPED, cancel_children, check_chunk_deployment, fan_out_to_workers, live_before_done
 from flows.quiet import quiet_returned_failures
-from flows.orphans import mark_crashed_reports, still_running, this_process
+from flows.orphans import api_identity, mark_crashed_reports, still_running, this_process
 from nst_core.errors import NSTError
 from nst_core.params import StyleParams
 from tasks.artifacts import RunProgress, publish_artifacts, run_label, run_warning, write_pictures
@@ -89,7 +89,7 @@ def preflight(source: BatchSource, output: OutputSpec, params: StyleParams, devi
     _refuse_output_inside_a_source(out, source, credentials)
     own = run is None  # called on its own (no run report to come): remove the probe where allowed
     run = run or {"id": f"preflight-{uuid.uuid4().hex}", "name": ""}
-    probe = report_bytes(running_report(run, process=this_process()))
+    probe = report_bytes(running_report(run, process=this_process(), api=api_identity()))
     try:
         retrying(lambda: out.write(_report_key(run), probe, "application/json"))
     except (StorageError, OSError) as err:

@@ -13,6 +13,9 @@ by the API, but its report records its process (``this_process``): when that ran
 cancelled) and then its report is marked (a kill -9 of `nst batch`: no worker watched it, and the
 temporary API has no zombie detection). Otherwise it is left alone; Prefect's zombie-flow detection (flow heartbeats and
 an automation that marks silent runs Crashed) can tell, and the next run after it marks the report.
+A report also names the Prefect API of its run (``api_identity``): a run that this API does not
+know but whose report names another API (the same output used from a server's deployment and
+from `nst batch` on a temporary API) is judged by its process alone, never "unknown".
 
 Cheap on a long history: the ``_runs/`` folder is listed once and only small reports are read (a
 "running" report is a few hundred bytes). The API is asked before a report is read, so a run that
@@ -24,20 +27,24 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 from pathlib import Path
 from uuid import UUID
 
 from prefect import get_run_logger
 
 from flows.fanout import PARENT_STOPPED, cancel_children, read_children
+from nst_core.cli import without_userinfo
 from tasks.contract import CRASHED, RUNNING, RUNS, report_bytes, stopped_report
 from tasks.storage import Storage, StorageError, pid_space, retrying
 
-__all__ = ["mark_crashed_reports", "still_running", "this_process", "process_gone", "SMALL_REPORT"]
+__all__ = ["mark_crashed_reports", "still_running", "this_process", "process_gone", "api_identity", "SMALL_REPORT"]
 
 #: Reports larger than this are full reports (their run ended with them) and are not read.
 SMALL_REPORT = 4096
 #: ``_runs/{flow_run_id}.json``, or a later attempt's ``_runs/{flow_run_id}-attempt-N.json``.
+#: Why a report is marked whose flow run this API has never heard of (its database was reset).
+UNKNOWN = "its flow run is unknown to the Prefect API"
 _REPORT_KEY = re.compile(rf"^{RUNS}/(?P<id>[^/]+?)(?:-attempt-(?P<attempt>\d+))?\.json$")
 
 
@@ -51,13 +58,13 @@ def _ask_api(ids: set[str]) -> tuple[dict[str, str], dict[str, int]]:
         try:
             known.append(str(UUID(run_id)))
         except ValueError:
-            gone[run_id] = "its flow run is unknown to the Prefect API"
+            gone[run_id] = UNKNOWN
     with get_client(sync_client=True) as client:
         found = {str(run.id): run for run in read_children(client, known)}
     for run_id in known:
         run = found.get(run_id)
         if run is None:
-            gone[run_id] = "its flow run is unknown to the Prefect API"
+            gone[run_id] = UNKNOWN
         elif run.state is not None and run.state.is_final():
             gone[run_id] = f"its flow run ended {run.state.name} without writing its report"
         elif run.state is not None and run.state.is_running():
@@ -113,18 +120,36 @@ def mark_crashed_reports(out: Storage, own: dict, spare: set[str] = frozenset())
 def _mark(out: Storage, key: str, why: str | None, logger, spare: set[str] = frozenset()) -> bool:
     """Mark the report at ``key`` crashed for ``why`` if it still says "running"; ``why`` None:
     only if the process it recorded is gone from this machine, once the API has taken the flow
-    run's Crashed state (read again then: the run may have ended meanwhile)."""
+    run's Crashed state (read again then: the run may have ended meanwhile). A run this API does
+    not know, whose report names another API, is judged by its process alone."""
     if (found := still_running(out, key)) is None:
         return False
     run = {"id": found.get("flow_run_id") or _REPORT_KEY.match(key)["id"], "name": found.get("flow_run")}
-    if why is None:
+    elsewhere = found.get("api") not in (None, api_identity())  # None: written before reports named their API
+    if why is None or (why == UNKNOWN and elsewhere):
         if (why := process_gone(found.get("process"))) is None:
+            if elsewhere:
+                logger.info("%s says running on another Prefect API (%s): left alone", out.uri_for(key), found["api"])
             return False  # alive, or not this machine's to judge
-        if not _crash_in_api(run["id"], why, logger, spare) or still_running(out, key) is None:
+        # another API's run is not ours to set Crashed: its report is all this run can mend
+        if not elsewhere and (not _crash_in_api(run["id"], why, logger, spare) or still_running(out, key) is None):
             return False  # the run ended meanwhile (Completed cannot become Crashed): its report is its own
     retrying(lambda: out.write(key, report_bytes(stopped_report(run, CRASHED, why)), "application/json"))
     logger.warning("%s said running, but %s: marked crashed", out.uri_for(key), why)
     return True
+
+
+def api_identity() -> str:
+    """The Prefect API this process uses, as a report records it: its URL without credentials, or
+    for the temporary API (no PREFECT_API_URL) this machine's name and the database that keeps its
+    runs (a temporary API started again on the same database knows the same runs)."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url:
+        return without_userinfo(settings.api.url).rstrip("/")
+    database = without_userinfo(settings.server.database.connection_url.get_secret_value())
+    return f"temporary API on {socket.gethostname()}: {database}"
 
 
 def still_running(out: Storage, key: str) -> dict | None:

@@ -432,11 +432,14 @@ def report_bytes(report: dict, indent: int | None = None) -> bytes:
     return json.dumps(report, indent=indent).encode()
 
 
-def running_report(run: dict, started: datetime | None = None, process: dict | None = None) -> dict:
+def running_report(run: dict, started: datetime | None = None, process: dict | None = None,
+                   api: str | None = None) -> dict:
     """The write probe: ``run`` is {id, name}; ``process``: the process that runs it, where known
-    (``flows.orphans.this_process``: a later run on its machine can tell it is gone)."""
+    (``flows.orphans.this_process``: a later run on its machine can tell it is gone); ``api``: the
+    Prefect API that knows the run (``flows.orphans.api_identity``: a run on another API cannot
+    tell the run is gone by asking its own)."""
     report = {"flow_run": run["name"], "flow_run_id": run["id"], "status": RUNNING, "started": timestamp(started)}
-    return {**report, "process": process} if process else report
+    return {**report, **({"process": process} if process else {}), **({"api": api} if api else {})}
 
 
 def stopped_report(run: dict, status: str, error: str) -> dict:

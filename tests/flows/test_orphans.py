@@ -91,6 +91,43 @@ def test_the_chunk_runs_a_new_parent_adopts_are_spared_when_their_killed_parent_
         assert client.read_flow_run(other).state.type.value in ("CANCELLING", "CANCELLED")
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process identities are read from /proc")
+def test_a_report_of_a_run_on_another_prefect_api_is_left_alone_unless_its_process_is_gone(tmp_path):
+    """The same output used from two Prefect APIs (the nightly deployment on a server, a rerun of
+    a few pairs with `nst batch` on a temporary API): this API does not know the other's flow run.
+    Old: its live run's report was marked crashed ("unknown to the Prefect API"). Now a report
+    records its API; one of another API is marked only when its process is gone from this machine."""
+    import subprocess
+
+    from flows.orphans import api_identity, this_process
+
+    for folder, kind in (("c", "content"), ("s", "style")):
+        (tmp_path / folder).mkdir()
+        pattern((24, 24), kind).save(tmp_path / folder / f"{kind}.png")
+    runs = tmp_path / "out" / "_runs"
+    runs.mkdir(parents=True)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = this_process(child.pid)
+    child.kill()
+    child.wait()
+    other = "https://prefect.example.com/api"
+    ids = {name: str(uuid.uuid4()) for name in ("alive", "killed", "ours")}
+    for name, process, api in (("alive", {**this_process(), "pid_ns": "pid:[1]"}, other), ("killed", dead, other),
+                               ("ours", None, api_identity())):
+        report = running_report({"id": ids[name], "name": name}, process=process, api=api)
+        (runs / f"{ids[name]}.json").write_bytes(report_bytes(report))
+
+    state = stylize_batch(BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s")),
+                          OutputSpec(uri=str(tmp_path / "out")), tiny_params(), RunOptions(), return_state=True)
+    assert state.is_completed(), state.message
+
+    def report(name) -> dict:
+        return json.loads((runs / f"{ids[name]}.json").read_text())
+
+    assert report("alive")["status"] == "running"
+    assert report("killed")["status"] == "crashed" and f"(pid {child.pid}) is gone" in report("killed")["error"]
+    assert report("ours")["status"] == "crashed" and "unknown to the Prefect API" in report("ours")["error"]
+
+
 def test_a_run_the_api_calls_running_whose_process_is_gone_from_this_machine_is_marked_crashed(tmp_path):
     """`nst batch` killed with kill -9 (or an OOM kill) leaves its flow run Running in the API for
     ever: no worker watched it, and the temporary API has no zombie detection. Its report records
