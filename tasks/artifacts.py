@@ -12,7 +12,8 @@
   is, of which run (and attempt), and what it shows, in words.
 
 What a browser can open: S3 objects get presigned GET URLs valid ``output.link_expiry_hours``
-(default and S3's maximum: 7 days; the descriptions say until when). A local folder has no
+(default and S3's maximum: 7 days; the descriptions say until when), or until the temporary
+credentials that sign them expire, if sooner (a worker's IAM role: ``links_note``). A local folder has no
 URL a browser may load from the UI's http page (``file://`` is blocked there), so its contact
 sheet and loss curve are embedded in the image artifacts as ``data:`` URLs (small: JPEG/PNG
 thumbnails), and the table names local files as plain paths. Links are signed, and sidecars
@@ -34,7 +35,7 @@ from tasks.contract import DONE, SKIPPED, contact_sheet_key, loss_curve_key
 from tasks.credentials import DEFAULT_CHAIN, StorageCredentials
 from tasks.report import Curve, SheetRow, contact_sheet, file_name, loss_curve_png, summary_markdown, table_rows
 
-__all__ = ["artifact_key", "browser_url", "image_url", "write_pictures", "run_warning", "run_label", "RunProgress",
+__all__ = ["artifact_key", "browser_url", "links_note", "image_url", "write_pictures", "run_warning", "run_label", "RunProgress",
            "publish_artifacts", "MAX_EMBEDDED_BYTES", "RANDOM_WEIGHTS_WARNING"]
 
 #: On the pictures and the summary of every run whose weights id says random (chosen or a fallback).
@@ -65,6 +66,21 @@ def browser_url(uri: str, expiry_hours: int, credentials: StorageCredentials = D
     from tasks.storage import presigned_url
 
     return presigned_url(uri, int(expiry_hours * 3600), credentials)
+
+
+def links_note(expiry_hours: int, credentials: StorageCredentials = DEFAULT_CHAIN) -> str:
+    """Until when the presigned links of ``credentials`` open: the hours asked, or less where the
+    temporary credentials that sign them (an IAM role's) expire first (``storage.presigned_url``)."""
+    from tasks.storage import signing_expiry
+
+    until = datetime.now(timezone.utc) + timedelta(hours=expiry_hours)
+    temporary, expiry = signing_expiry(credentials)
+    if expiry is not None and expiry < until:
+        return (f"links valid until {expiry:%Y-%m-%d %H:%M} UTC, when the temporary credentials that signed them "
+                f"expire ({expiry_hours} h asked)")
+    note = f"links valid {expiry_hours} h, until {until:%Y-%m-%d %H:%M} UTC"
+    return note + (", unless the temporary credentials (a session token) that signed them expire first"
+                   if temporary and expiry is None else "")
 
 
 def image_url(uri: str, data: bytes, mime: str, expiry_hours: int,
@@ -278,8 +294,7 @@ def publish_artifacts(report: dict, out, expiry_hours: int, warning: str | None 
                                    create_table_artifact)
     from tasks.storage import StorageError, split_uri
 
-    until = datetime.now(timezone.utc) + timedelta(hours=expiry_hours)
-    expiry_note = f"links valid {expiry_hours} h, until {until:%Y-%m-%d %H:%M} UTC"
+    expiry_note = links_note(expiry_hours, out.credentials) if out.uri.startswith("s3://") else ""
     attempt = report.get("attempt", 1)
     run = run_label(report.get("flow_run"), attempt)
     ids: dict[str, object] = {}
@@ -316,11 +331,11 @@ def publish_artifacts(report: dict, out, expiry_hours: int, warning: str | None 
     items = report.get("items", [])
     rows = table_rows(items, link=link)
     which = f"; the first {len(rows)} of {len(items)} (the run report has all)" if len(rows) < len(items) else ""
-    links_note = f" ({expiry_note})" if report["report"].startswith("s3://") else ""
+    table_note = f" ({expiry_note})" if report["report"].startswith("s3://") else ""
     ids["table"] = create_table_artifact(
         rows, key=artifact_key("pairs"),
         description=f"Pairs of run {run}: status, file names, output and sidecar, final loss, seconds and error "
-                    f"of each pair{which}{links_note}.")
+                    f"of each pair{which}{table_note}.")
     ids["report"] = create_link_artifact(
         links["report"] or report["report"], link_text=report["report"], key=artifact_key("report"),
         description=f"Run report of run {run}: the JSON record of every pair (inputs, outputs, losses, errors) "

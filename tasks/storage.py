@@ -60,6 +60,7 @@ __all__ = [
     "s3_client",
     "clear_clients",
     "safe_key",
+    "signing_expiry",
     "is_transient",
     "retrying",
     "S3_TIMEOUTS",
@@ -707,11 +708,29 @@ def retrying(fn: Callable[[], T], delays: tuple[float, ...] | None = None,
             return result
 
 
+def signing_expiry(credentials: StorageCredentials = DEFAULT_CHAIN) -> tuple[bool, datetime | None]:
+    """(whether the credentials that sign for ``credentials`` are temporary: a session token; when
+    they expire, where boto knows it: an IAM role's, refreshed by boto, else None). Read from the
+    client's signer, so no credentials are fetched again."""
+    signer = getattr(getattr(s3_client(credentials), "_request_signer", None), "_credentials", None)
+    try:
+        token = signer.get_frozen_credentials().token if signer is not None else None
+    except Exception:  # none found, or a refresh that failed: the links fail the same way
+        return False, None
+    # botocore's RefreshableCredentials keep it privately; a botocore without it loses only the date
+    expiry = getattr(signer, "_expiry_time", None)
+    return bool(token), expiry.astimezone(timezone.utc) if isinstance(expiry, datetime) and expiry.tzinfo else None
+
+
 def presigned_url(uri: str, expires_s: int, credentials: StorageCredentials = DEFAULT_CHAIN) -> str:
     """A browser-openable GET URL for an s3:// object, signed locally with ``credentials`` (no
-    request is made; Signature V4, so at most 7 days)."""
+    request is made; Signature V4, so at most 7 days), valid ``expires_s`` or until the temporary
+    credentials that sign it expire, if sooner (S3 refuses the link then: it says so)."""
     scheme, bucket, path = parse_uri(uri)
     if scheme != "s3" or not bucket:
         raise StorageError(f"{uri}: only s3:// objects have presigned URLs")
+    expiry = signing_expiry(credentials)[1]
+    if expiry is not None:
+        expires_s = max(1, min(int(expires_s), int((expiry - datetime.now(timezone.utc)).total_seconds())))
     return s3_client(credentials).generate_presigned_url(
         "get_object", Params={"Bucket": bucket, "Key": path.lstrip("/")}, ExpiresIn=int(expires_s))

@@ -299,3 +299,45 @@ def s3_that_goes_silent(monkeypatch, s3_endpoint):
         finally:
             ended.set()
     storage.clear_clients()
+
+
+@pytest.fixture
+def temporary_credentials(monkeypatch, s3_endpoint):
+    """boto3's default chain signing with temporary credentials that expire in 2 h, served as ECS
+    and EKS serve them (``AWS_CONTAINER_CREDENTIALS_FULL_URI``, an HTTP endpoint on 127.0.0.1):
+    what a nightly worker with an IAM role signs with. Yields their expiry (UTC)."""
+    import json
+    import threading
+    from datetime import datetime, timedelta, timezone
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from tasks import storage
+
+    expiry = (datetime.now(timezone.utc) + timedelta(hours=2)).replace(microsecond=0)
+    body = json.dumps({"AccessKeyId": "ASIATEMPORARY", "SecretAccessKey": "temporary-secret-do-not-log",
+                       "Token": "temporary-session-token", "Expiration": expiry.strftime("%Y-%m-%dT%H:%M:%SZ")}).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", f"http://127.0.0.1:{server.server_port}/credentials")
+    storage.clear_clients()
+    try:
+        yield expiry
+    finally:
+        server.shutdown()
+        server.server_close()
+        storage.clear_clients()

@@ -79,6 +79,26 @@ def test_s3_run_shows_contact_sheet_loss_curve_links_and_progress(bucket):
     assert all(a.key is None for v in arts.values() for a in v)  # not a deployment run: unkeyed
 
 
+def test_links_signed_by_a_workers_temporary_credentials_say_when_they_expire(bucket, temporary_credentials):
+    """A worker with an IAM role: the cards said "links valid 168 h" of links S3 refuses after
+    the role's credentials expire (2 h here). Now the cards give that time, and the links state it."""
+    name, client = bucket
+    client.put_object(Bucket=name, Key="in/c/c.png", Body=to_bytes(pattern((32, 24), "content")))
+    client.put_object(Bucket=name, Key="in/s/s.png", Body=to_bytes(pattern((24, 32), "style")))
+    state = stylize_batch(BatchSource(contents=f"s3://{name}/in/c/", styles=f"s3://{name}/in/s/"),
+                          OutputSpec(uri=f"s3://{name}/out/"), PARAMS, RunOptions(), return_state=True)
+    assert state.is_completed(), state.message
+    arts = _artifacts(state.state_details.flow_run_id)
+    until = f"links valid until {temporary_credentials:%Y-%m-%d %H:%M} UTC, when the temporary credentials"
+    images = arts["image"]
+    assert images and all(until in a.description for a in images)
+    assert until in arts["table"][0].description
+    for art in images:
+        assert "X-Amz-Security-Token=temporary-session-token" in art.data
+        assert Image.open(io.BytesIO(_get(art.data))).width > 0
+        assert int(art.data.split("X-Amz-Expires=")[1].split("&")[0]) <= 2 * 3600
+
+
 def _local_run(tmp_path):
     """One pair from local folders into tmp_path/out, random weights, no labels; its final state."""
     (tmp_path / "c").mkdir()

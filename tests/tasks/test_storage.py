@@ -501,3 +501,32 @@ def test_a_request_rate_refusal_is_retried(code, status):
     err = ClientError({"Error": {"Code": code, "Message": "reduce your request rate"},
                        "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
     assert is_transient(S3Storage("bkt", "in/")._wrap(err, "a.png"))
+
+
+def test_a_presigned_link_lasts_no_longer_than_the_temporary_credentials_that_sign_it(bucket, temporary_credentials):
+    """A worker with an IAM role signs with credentials that expire in hours; S3 refuses a link
+    once they have, whatever its X-Amz-Expires. Old: 7 days asked, 7 days written in the link
+    (and in the artifacts), dead after the role's hours. Now the link states their expiry."""
+    from datetime import datetime, timezone
+    from urllib.parse import parse_qs, urlparse
+
+    from tasks.storage import presigned_url, signing_expiry
+
+    name, client = bucket
+    client.put_object(Bucket=name, Key="out/a.png", Body=b"x")
+    assert signing_expiry(open_storage(f"s3://{name}/out/").credentials) == (True, temporary_credentials)
+    query = parse_qs(urlparse(presigned_url(f"s3://{name}/out/a.png", 7 * 24 * 3600)).query)
+    assert query["X-Amz-Security-Token"] == ["temporary-session-token"]
+    left = (temporary_credentials - datetime.now(timezone.utc)).total_seconds()
+    assert left - 60 <= int(query["X-Amz-Expires"][0]) <= left
+
+
+def test_long_lived_keys_sign_links_for_the_whole_time_asked(bucket):
+    from urllib.parse import parse_qs, urlparse
+
+    from tasks.storage import presigned_url, signing_expiry
+
+    name, _ = bucket
+    assert signing_expiry(open_storage(f"s3://{name}/out/").credentials) == (False, None)
+    query = parse_qs(urlparse(presigned_url(f"s3://{name}/out/a.png", 7 * 24 * 3600)).query)
+    assert query["X-Amz-Expires"] == [str(7 * 24 * 3600)]
