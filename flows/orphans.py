@@ -14,8 +14,10 @@ cancelled) and then its report is marked (a kill -9 of `nst batch`: no worker wa
 temporary API has no zombie detection). Otherwise it is left alone; Prefect's zombie-flow detection (flow heartbeats and
 an automation that marks silent runs Crashed) can tell, and the next run after it marks the report.
 A report also names the Prefect API of its run (``api_identity``): a run that this API does not
-know but whose report names another API (the same output used from a server's deployment and
-from `nst batch` on a temporary API) is judged by its process alone, never "unknown".
+know but whose report names another server's API (the same output used from a server's
+deployment and from `nst batch` on a temporary API) is judged by its process alone, or marked
+once it started more than ELSEWHERE_STALE_S ago; never "unknown". A run of another temporary API
+is still "unknown": such an API often dies with its container, and then none could tell.
 
 Cheap on a long history: the ``_runs/`` folder is listed once and only small reports are read (a
 "running" report is a few hundred bytes). The API is asked before a report is read, so a run that
@@ -28,6 +30,7 @@ import json
 import os
 import re
 import socket
+from datetime import datetime, timezone
 from pathlib import Path
 from uuid import UUID
 
@@ -38,13 +41,18 @@ from nst_core.cli import without_userinfo
 from tasks.contract import CRASHED, RUNNING, RUNS, report_bytes, stopped_report
 from tasks.storage import Storage, StorageError, pid_space, retrying
 
-__all__ = ["mark_crashed_reports", "still_running", "this_process", "process_gone", "api_identity", "SMALL_REPORT"]
+__all__ = ["mark_crashed_reports", "still_running", "this_process", "process_gone", "api_identity", "identity_of", "SMALL_REPORT"]
 
 #: Reports larger than this are full reports (their run ended with them) and are not read.
 SMALL_REPORT = 4096
 #: ``_runs/{flow_run_id}.json``, or a later attempt's ``_runs/{flow_run_id}-attempt-N.json``.
 #: Why a report is marked whose flow run this API has never heard of (its database was reset).
 UNKNOWN = "its flow run is unknown to the Prefect API"
+#: How the API of a run on Prefect's temporary API (no PREFECT_API_URL) is recorded, first.
+TEMPORARY_API = "temporary API"
+#: A report of a run on another Prefect API that still says "running" this long after it started
+#: is marked crashed (nothing here can ask that API; a nightly batch takes hours, not a week).
+ELSEWHERE_STALE_S = 7 * 24 * 3600
 _REPORT_KEY = re.compile(rf"^{RUNS}/(?P<id>[^/]+?)(?:-attempt-(?P<attempt>\d+))?\.json$")
 
 
@@ -121,18 +129,22 @@ def _mark(out: Storage, key: str, why: str | None, logger, spare: set[str] = fro
     """Mark the report at ``key`` crashed for ``why`` if it still says "running"; ``why`` None:
     only if the process it recorded is gone from this machine, once the API has taken the flow
     run's Crashed state (read again then: the run may have ended meanwhile). A run this API does
-    not know, whose report names another API, is judged by its process alone."""
+    not know whose report names another server's API (``_judged_elsewhere``) is judged by its
+    process and its age alone."""
     if (found := still_running(out, key)) is None:
         return False
     run = {"id": found.get("flow_run_id") or _REPORT_KEY.match(key)["id"], "name": found.get("flow_run")}
-    elsewhere = found.get("api") not in (None, api_identity())  # None: written before reports named their API
-    if why is None or (why == UNKNOWN and elsewhere):
+    elsewhere = _judged_elsewhere(found) if why == UNKNOWN else None
+    if elsewhere:  # not ours to ask, nor to set Crashed: its report is all this run can mend
+        if (why := process_gone(found.get("process")) or _stale(found)) is None:
+            logger.info("%s says running on another Prefect API (%s): left alone", out.uri_for(key), elsewhere)
+            return False
+        if still_running(out, key) is None:
+            return False  # it ended meanwhile: its report is its own
+    elif why is None:
         if (why := process_gone(found.get("process"))) is None:
-            if elsewhere:
-                logger.info("%s says running on another Prefect API (%s): left alone", out.uri_for(key), found["api"])
             return False  # alive, or not this machine's to judge
-        # another API's run is not ours to set Crashed: its report is all this run can mend
-        if not elsewhere and (not _crash_in_api(run["id"], why, logger, spare) or still_running(out, key) is None):
+        if not _crash_in_api(run["id"], why, logger, spare) or still_running(out, key) is None:
             return False  # the run ended meanwhile (Completed cannot become Crashed): its report is its own
     retrying(lambda: out.write(key, report_bytes(stopped_report(run, CRASHED, why)), "application/json"))
     logger.warning("%s said running, but %s: marked crashed", out.uri_for(key), why)
@@ -140,16 +152,45 @@ def _mark(out: Storage, key: str, why: str | None, logger, spare: set[str] = fro
 
 
 def api_identity() -> str:
-    """The Prefect API this process uses, as a report records it: its URL without credentials, or
-    for the temporary API (no PREFECT_API_URL) this machine's name and the database that keeps its
-    runs (a temporary API started again on the same database knows the same runs)."""
+    """The Prefect API this process uses, as a report records it (``identity_of``)."""
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
-    if settings.api.url:
-        return without_userinfo(settings.api.url).rstrip("/")
-    database = without_userinfo(settings.server.database.connection_url.get_secret_value())
-    return f"temporary API on {socket.gethostname()}: {database}"
+    return identity_of(settings.api.url, settings.server.database.connection_url.get_secret_value())
+
+
+def identity_of(api_url: str | None, database_url: str) -> str:
+    """A Prefect API as a report records it, never with credentials: its URL without user,
+    password, query or fragment; or, for the temporary API (no API URL), TEMPORARY_API, this
+    machine's name and the database that keeps its runs (one started again on the same database
+    knows the same runs)."""
+    def bare(url: str) -> str:
+        return re.split(r"[?#]", without_userinfo(url), maxsplit=1)[0].rstrip("/")
+
+    return bare(api_url) if api_url else f"{TEMPORARY_API} on {socket.gethostname()}: {bare(database_url)}"
+
+
+def _judged_elsewhere(found: dict) -> str | None:
+    """For the report ``found`` of a run this API does not know: None when it may be marked as
+    unknown (it names no API, or ours, or another temporary API: one that dies with its container
+    takes its runs with it, and nothing could judge them after), else that other API: a server's
+    run is judged by its process alone, or by its age past ELSEWHERE_STALE_S."""
+    api = found.get("api")
+    if not isinstance(api, str) or api.startswith(TEMPORARY_API) or api == api_identity():
+        return None
+    return api
+
+
+def _stale(found: dict) -> str | None:
+    """Why a report whose run lives on another API is over by its age alone, or None."""
+    try:
+        started = datetime.fromisoformat(found["started"])
+        age = (datetime.now(timezone.utc) - started).total_seconds()
+    except (KeyError, TypeError, ValueError):
+        return None
+    if age <= ELSEWHERE_STALE_S:
+        return None
+    return f"its run on another Prefect API started {age / 86400:.0f} days ago and never wrote its report"
 
 
 def still_running(out: Storage, key: str) -> dict | None:

@@ -76,8 +76,10 @@ def model_from_args(model: type[BaseModel], args: argparse.Namespace):
 
 
 def without_userinfo(text: str) -> str:
-    """``text`` with the ``user:password@`` of every URL in it removed: an error line never shows credentials."""
-    return re.sub(r"(//)[^/\s@]*@", r"\1", text)
+    """``text`` with the ``user:password@`` of every URL in it removed: an error line never shows
+    credentials. Up to the last '@' of the URL: a password may hold '/' or '@' (SQLAlchemy and
+    httpx take them), and a path that holds '@' loses its start, never a secret."""
+    return re.sub(r"(//)\S*@", r"\1", text)
 
 
 def one_line(err: Exception) -> str:

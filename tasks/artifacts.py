@@ -60,7 +60,7 @@ def artifact_key(kind: str, flow_name: str = "stylize-batch") -> str | None:
 
 
 def browser_url(uri: str, expiry_hours: int, credentials: StorageCredentials = DEFAULT_CHAIN) -> str | None:
-    """A URL a browser can GET for ``uri``: presigned for s3:// (no network call), else None."""
+    """A URL a browser can GET for ``uri``: presigned for s3:// (signed here; no request to S3), else None."""
     if not uri or not uri.startswith("s3://"):
         return None
     from tasks.storage import presigned_url

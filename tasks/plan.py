@@ -166,15 +166,19 @@ def source_entries(source, credentials: StorageCredentials = DEFAULT_CHAIN) -> l
             for s, si, se in styles for c, ci, ce in contents]
 
 
-def _norm(uri: str, folder: bool = False) -> str:
-    """A URI in one comparable spelling: s3://bucket/key, or a local path with every link
-    resolved — where a read of it lands, so a folder link inside an allowed folder is judged
-    by its target."""
-    scheme, bucket, path = parse_uri(uri)  # as the read will take it: '#' and '?' are part of the key
-    if scheme == "s3":
-        text = f"s3://{bucket}/{path.lstrip('/')}"
-    else:
-        text = os.path.realpath(os.path.expanduser(path if scheme == "file" else uri))
+def _norm(uri: str, folder: bool = False, resolve: bool = True) -> str:
+    """A URI in one comparable spelling: s3://bucket/key, or an absolute local path, with every
+    link resolved (``resolve``: where a read of it lands, so a folder link inside an allowed
+    folder is judged by its target); "" for one that names nothing (a NUL byte, not a string)."""
+    try:
+        scheme, bucket, path = parse_uri(uri)  # as the read will take it: '#' and '?' are part of the key
+        if scheme == "s3":
+            text = f"s3://{bucket}/{path.lstrip('/')}"
+        else:
+            local = os.path.expanduser(path if scheme == "file" else uri)
+            text = os.path.realpath(local) if resolve else os.path.abspath(local)
+    except (TypeError, ValueError):
+        return ""
     return text.rstrip("/") + "/" if folder else text
 
 
@@ -188,15 +192,16 @@ def default_allowed_sources(source) -> list[str]:
 
 def outside_allowed(uri: str, allowed: list[str]) -> str:
     """Why ``uri`` may not be read ("" = it may): under none of the ``allowed`` prefixes/folders
-    (none given: none is allowed). Local paths are compared once links are resolved; a link that
-    is swapped after this check is still caught for file links by ``LocalStorage._resolve``."""
-    try:
-        target = _norm(uri)
-    except (TypeError, ValueError):
-        target = ""
-    if target and any(target.startswith(_norm(a, folder=True)) for a in allowed):
+    (none given, or none that names a place: none is allowed). Local paths are compared once links
+    are resolved; the refusal names the link's target only for a path that is inside an allowed
+    folder as spelled (a link out of it), never otherwise (it would show the machine's layout)."""
+    roots = [r for a in allowed if (r := _norm(a, folder=True))]
+    target = _norm(uri)
+    if target and any(target.startswith(r) for r in roots):
         return ""
-    leads = f" (it leads to {target})" if target and target != uri and not uri.startswith("s3://") else ""
+    spelled = _norm(uri, resolve=False)
+    through_link = spelled and any(spelled.startswith(r) for a in allowed for r in (_norm(a, True, False), *roots) if r)
+    leads = f" (it leads to {target})" if through_link and target and not uri.startswith("s3://") else ""
     return f"{uri}{leads} is outside allowed_sources ({', '.join(allowed) or 'none given'})"
 
 

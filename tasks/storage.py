@@ -711,7 +711,8 @@ def retrying(fn: Callable[[], T], delays: tuple[float, ...] | None = None,
 def signing_expiry(credentials: StorageCredentials = DEFAULT_CHAIN) -> tuple[bool, datetime | None]:
     """(whether the credentials that sign for ``credentials`` are temporary: a session token; when
     they expire, where boto knows it: an IAM role's, refreshed by boto, else None). Read from the
-    client's signer, so no credentials are fetched again."""
+    client's signer: nothing is fetched but boto's own refresh in the credentials' last minutes
+    (its timeouts bound it), so a link may be as short as those minutes."""
     signer = getattr(getattr(s3_client(credentials), "_request_signer", None), "_credentials", None)
     try:
         token = signer.get_frozen_credentials().token if signer is not None else None

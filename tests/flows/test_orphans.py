@@ -90,13 +90,17 @@ def test_the_chunk_runs_a_new_parent_adopts_are_spared_when_their_killed_parent_
         assert client.read_flow_run(kept).state.is_running()
         assert client.read_flow_run(other).state.type.value in ("CANCELLING", "CANCELLED")
 
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process identities are read from /proc")
 def test_a_report_of_a_run_on_another_prefect_api_is_left_alone_unless_its_process_is_gone(tmp_path):
     """The same output used from two Prefect APIs (the nightly deployment on a server, a rerun of
     a few pairs with `nst batch` on a temporary API): this API does not know the other's flow run.
     Old: its live run's report was marked crashed ("unknown to the Prefect API"). Now a report
-    records its API; one of another API is marked only when its process is gone from this machine."""
+    records its API; one of another server's API is marked only when its process is gone from this
+    machine, or when it started more than a week ago (bounded: nothing here can ask that API). One
+    of another temporary API is still "unknown": such an API dies with its container."""
     import subprocess
+    from datetime import datetime, timedelta, timezone
 
     from flows.orphans import api_identity, this_process
 
@@ -110,10 +114,14 @@ def test_a_report_of_a_run_on_another_prefect_api_is_left_alone_unless_its_proce
     child.kill()
     child.wait()
     other = "https://prefect.example.com/api"
-    ids = {name: str(uuid.uuid4()) for name in ("alive", "killed", "ours")}
-    for name, process, api in (("alive", {**this_process(), "pid_ns": "pid:[1]"}, other), ("killed", dead, other),
-                               ("ours", None, api_identity())):
-        report = running_report({"id": ids[name], "name": name}, process=process, api=api)
+    elsewhere = {**this_process(), "pid_ns": "pid:[1]"}  # a process this machine cannot judge
+    week_ago = datetime.now(timezone.utc) - timedelta(days=8)
+    ids = {name: str(uuid.uuid4()) for name in ("alive", "killed", "ours", "stale", "container")}
+    for name, process, api, started in (
+            ("alive", elsewhere, other, None), ("killed", dead, other, None), ("ours", None, api_identity(), None),
+            ("stale", elsewhere, other, week_ago),
+            ("container", elsewhere, "temporary API on 4f1c2a: sqlite+aiosqlite:////root/.prefect/prefect.db", None)):
+        report = running_report({"id": ids[name], "name": name}, started, process=process, api=api)
         (runs / f"{ids[name]}.json").write_bytes(report_bytes(report))
 
     state = stylize_batch(BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s")),
@@ -126,8 +134,21 @@ def test_a_report_of_a_run_on_another_prefect_api_is_left_alone_unless_its_proce
     assert report("alive")["status"] == "running"
     assert report("killed")["status"] == "crashed" and f"(pid {child.pid}) is gone" in report("killed")["error"]
     assert report("ours")["status"] == "crashed" and "unknown to the Prefect API" in report("ours")["error"]
+    assert report("stale")["status"] == "crashed" and "started 8 days ago" in report("stale")["error"]
+    assert report("container")["status"] == "crashed" and "unknown to the Prefect API" in report("container")["error"]
 
 
+def test_the_api_a_report_names_carries_no_credentials():
+    from flows.orphans import identity_of
+
+    assert identity_of("http://admin:pa/ss@host:4200/api/?token=t#x", "") == "http://host:4200/api"
+    temporary = identity_of(None, "postgresql+asyncpg://prefect:p@ss@db:5432/prefect?password=x")
+    assert temporary.startswith("temporary API on ") and temporary.endswith(": postgresql+asyncpg://db:5432/prefect")
+    assert identity_of(None, "sqlite+aiosqlite:////home/me/.prefect/prefect.db").endswith(
+        ": sqlite+aiosqlite:////home/me/.prefect/prefect.db")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process identities are read from /proc")
 def test_a_run_the_api_calls_running_whose_process_is_gone_from_this_machine_is_marked_crashed(tmp_path):
     """`nst batch` killed with kill -9 (or an OOM kill) leaves its flow run Running in the API for
     ever: no worker watched it, and the temporary API has no zombie detection. Its report records

@@ -128,3 +128,17 @@ def test_auto_or_number_options_parse_and_help_prints():
     assert params("--tile-size", "off").tile_size == "off" and params().tile_size == "auto"
     with pytest.raises(ValueError, match="at least 64"):
         params("--tile-size", "32")
+
+
+@pytest.mark.parametrize("text, secret", [
+    ("the Prefect API at http://admin:pa/ss@host:4200/api does not answer", "pa/ss"),
+    ("at http://admin:p@ss@host:4200/api (refused)", "p@ss"),
+    ("postgresql+asyncpg://prefect:s3cret@db:5432/prefect", "s3cret"),
+])
+def test_credentials_in_a_url_never_reach_an_error_line(text, secret):
+    """Old: a password holding '/' or '@' (valid to SQLAlchemy and httpx) was kept whole or in part."""
+    from nst_core.cli import without_userinfo
+
+    shown = without_userinfo(text)
+    assert secret not in shown and "ss@" not in shown, shown
+    assert "host:4200/api" in shown or "db:5432/prefect" in shown, shown

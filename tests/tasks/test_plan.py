@@ -388,3 +388,26 @@ def test_output_file_names_fit_a_file_system_whatever_the_input_names(folders):
     plans = plan_pairs(read_manifest(str(folders / "m.jsonl")), params, "random(seed=0)", "jpeg")
     assert "line 1" in plans[0].error and "251-byte file name" in plans[0].error, plans[0].error
     assert not plans[1].error  # 250 bytes with a folder: fits
+
+
+def test_a_refusal_shows_a_links_target_only_for_a_link_out_of_an_allowed_folder(tmp_path):
+    """Old: every local path whose real path differed got '(it leads to ...)': a run started from
+    the UI learnt the worker's layout (/proc/self/cwd/x.png named the working folder)."""
+    from tasks.plan import outside_allowed
+
+    (tmp_path / "allowed").mkdir()
+    (tmp_path / "allowed" / "link").symlink_to(tmp_path, target_is_directory=True)
+    refusal = outside_allowed("/proc/self/cwd/x.png", [str(tmp_path / "allowed")])
+    assert "outside allowed_sources" in refusal and "leads to" not in refusal
+    refusal = outside_allowed(str(tmp_path / "allowed" / "link" / "x.png"), [str(tmp_path / "allowed")])
+    assert f"(it leads to {tmp_path / 'x.png'})" in refusal
+
+
+def test_an_allowed_entry_that_names_no_place_allows_nothing_and_breaks_nothing(tmp_path):
+    """Old: a NUL byte in an allowed_sources entry raised out of planning (a traceback, the run's
+    report left saying running)."""
+    from tasks.plan import outside_allowed
+
+    assert outside_allowed(str(tmp_path / "x.png"), ["/da\x00ta", str(tmp_path)]) == ""
+    assert "outside allowed_sources" in outside_allowed(str(tmp_path / "x.png"), ["/da\x00ta"])
+    assert "outside allowed_sources" in outside_allowed("/da\x00ta/x.png", [str(tmp_path)])
