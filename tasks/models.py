@@ -201,8 +201,7 @@ class OutputSpec(BaseModel):
     quality: int = Field(default=92, ge=1, le=100, title="Quality", description="JPEG/WebP quality (1-100).")
     link_expiry_hours: int = Field(
         default=7 * 24, ge=1, le=7 * 24, title="Link expiry (hours)",
-        description="How long the S3 links in the run's artifacts work; 168 h (7 days) is S3's maximum. "
-                    "Temporary credentials (an IAM role's) end them sooner, when they expire.",
+        description="How long artifact S3 links work (S3's maximum: 168 h); temporary credentials end them sooner.",
     )
     storage_credentials: _Uri = Field(
         default="", json_schema_extra={"pattern": r"^(\S(.*\S)?)?$"}, title="Storage credentials block",
