@@ -44,10 +44,10 @@ from flows.orphans import api_identity, mark_crashed_reports, still_running, thi
 from nst_core.errors import NSTError
 from nst_core.params import StyleParams
 from tasks.artifacts import RunProgress, publish_artifacts, run_label, run_warning, write_pictures
-from tasks.compute import expand_devices, run_on_device
+from tasks.compute import device_problem, expand_devices, run_on_device
 from tasks.contract import (CANCELLED, CRASHED, DONE, FAILED, SKIPPED, PairPlan, ReportItem, done_in, failed_item,
                             report_bytes, report_key, run_report, running_report, skipped_item, stopped_report)
-from tasks.credentials import DEFAULT_CHAIN, CredentialsError, StorageCredentials, resolve
+from tasks.credentials import CREDENTIALS_REFUSED, DEFAULT_CHAIN, CredentialsError, StorageCredentials, resolve
 from tasks.models import BatchSource, InvalidInputs, OutputSpec, RunOptions, StyleForm, batch_inputs
 from tasks.pair import PairContext, stop_requested
 from tasks.pipeline import PipelineResult, run_pairs
@@ -103,6 +103,8 @@ def preflight(source: BatchSource, output: OutputSpec, params: StyleParams, devi
         # A fan-out parent computes nothing: it checks the weights on the CPU (the control pool has no
         # GPU; the chunk runs load them on theirs), so device "cuda" is not refused here.
         device = "cpu" if chunk_deployment else devices[0]
+        if not chunk_deployment and (why := device_problem(devices)):
+            raise PreflightError(why)
         try:
             first = params.model_copy(update={"device": device})
             extractor = run_on_device(device, lambda: extractor_for(first, opener=lambda u: read_uri(u, credentials)))
@@ -370,8 +372,10 @@ def stylize_batch(
     try:
         source, output, params, run = batch_inputs(source, output, params, run)
         credentials = resolve(output.storage_credentials)  # "" = boto3's default chain
-    except (InvalidInputs, CredentialsError) as err:
+    except InvalidInputs as err:
         return Failed(message=str(err))
+    except CredentialsError as err:  # a refusal too: the CLI exits 2 on its prefix (REFUSALS)
+        return Failed(message=f"{CREDENTIALS_REFUSED} {err}")
     stop_requested.clear()
     b = _Batch(source, output, params, run, credentials)
     reported = False  # the final report is written: never replace it

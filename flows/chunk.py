@@ -21,7 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.models import OutputSpec, RunOptions
 from nst_core.params import StyleParams
-from tasks.compute import expand_devices
+from tasks.compute import device_problem, expand_devices
 from tasks.contract import (DONE, RUNS, PairPlan, chunk_report, done_in, failed_item, in_runs, naming_problem,
                             report_bytes, skipped_item)
 from tasks.credentials import resolve
@@ -60,6 +60,8 @@ def stylize_chunk(
         raise ValueError(f"report_key {report_key!r} must be under {RUNS}/")
     devices = expand_devices(run.devices, params.device)
     refused = _refusals(pairs, output.format, run.allowed_sources)
+    if unusable := device_problem(devices):  # this worker lacks a device the run names: no pair runs here
+        refused = {i: why or f"worker {socket.gethostname()}: {unusable}" for i, why in refused.items()}
     valid = [p for p in pairs if not refused[p.index]]
     health = StorageHealth()
     try:  # the same done rule as the parent's: a retried chunk redoes nothing that is done

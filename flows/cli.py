@@ -19,14 +19,15 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from nst_core.cli import (ProgressBar, add_model_options, add_stylize_parser, model_from_args, one_line,
+from nst_core.cli import (ProgressBar, add_model_options, add_stylize_parser, args_for, model_from_args, one_line,
                           without_userinfo)
 from nst_core.errors import NSTError
 from nst_core.params import StyleParams
 from nst_core.uris import host_problem, parse_uri
 
 from flows.serve import SERVER_START_TIMEOUT_S
-from tasks.models import ManifestSource, OutputSpec, PrefixSource, RunOptions
+from tasks.models import ManifestSource, OutputSpec, PrefixSource, RunOptions, batch_inputs
+from tasks.credentials import CREDENTIALS_REFUSED
 from tasks.storage import read_uri
 
 __all__ = ["main", "build_parser"]
@@ -132,6 +133,16 @@ def _prefect_api():
 
                 temporary_api.start(waited, wait.name)
             yield
+    except httpx.HTTPStatusError as err:
+        if not url:
+            raise
+        status = err.response.status_code
+        # 401/403: an API behind authentication (Prefect Cloud, a proxy); Prefect's error repeats the URL
+        how = ("; set PREFECT_API_KEY (Prefect Cloud) or PREFECT_API_AUTH_STRING (a server's basic auth)"
+               if status in (401, 403) else "")
+        raise NSTError(f"the Prefect API at {without_userinfo(url)} cannot be used "
+                       f"({status} {err.response.reason_phrase} for {without_userinfo(str(err.request.url))}){how}; "
+                       "fix PREFECT_API_URL, or unset it to run on a temporary API") from None
     except (RuntimeError, httpx.ConnectError, httpx.ConnectTimeout) as err:
         text = str(err)
         if url and (not isinstance(err, RuntimeError) or text.startswith("Failed to reach API at")):
@@ -164,7 +175,7 @@ def _refusal(state) -> str | None:
 
 
 #: How stylize_batch's Failed message starts when it refused the run before any work.
-REFUSALS = ("invalid parameters:", "preflight failed:")
+REFUSALS = ("invalid parameters:", "preflight failed:", CREDENTIALS_REFUSED)
 
 
 class _LineBar(ProgressBar):
@@ -267,11 +278,13 @@ def run_batch(args: argparse.Namespace) -> int:
             raise NSTError(f"{flag} {why}")
         scheme, _, path = parse_uri(uri) if uri else ("", "", "")
         local = path if scheme == "file" else uri
-        if local and "://" not in local and not Path(local).exists():  # refuse before starting Prefect
+        if local and "://" not in local and not Path(local).expanduser().exists():  # refuse before starting Prefect
             raise NSTError(f"{flag} {uri}: no such {'file' if flag == '--manifest' else 'folder'}")
     source = model_from_args(ManifestSource if args.manifest else PrefixSource, args)
-    output = OutputSpec(**{**{k: v for k, v in vars(args).items() if k in OutputSpec.model_fields}, "uri": args.output})
-    state = _run_flow(source, output, model_from_args(StyleParams, args), model_from_args(RunOptions, args))
+    output = OutputSpec(**{**args_for(OutputSpec, args), "uri": args.output})
+    # as the flow will check them (InvalidInputs: "invalid parameters: run.devices.0: ...", exit 2), before Prefect starts
+    inputs = batch_inputs(source, output, args_for(StyleParams, args), args_for(RunOptions, args))
+    state = _run_flow(*inputs)
     if (reason := _refusal(state)) is not None:
         raise NSTError(reason)  # one line on stderr, exit 2
     return 0 if state.is_completed() else 1

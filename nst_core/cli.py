@@ -71,8 +71,12 @@ def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], *
 
 def model_from_args(model: type[BaseModel], args: argparse.Namespace):
     """Build ``model`` from the options that were given; the model validates and fills defaults."""
-    given = {k: v for k, v in vars(args).items() if k in model.model_fields}
-    return model(**given)
+    return model(**args_for(model, args))
+
+
+def args_for(model: type[BaseModel], args: argparse.Namespace) -> dict:
+    """The options given that are fields of ``model``, unvalidated."""
+    return {k: v for k, v in vars(args).items() if k in model.model_fields}
 
 
 def without_userinfo(text: str) -> str:

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["StyleParams", "VGG16_CFG", "VGG16_LAYERS", "VGG16_CHANNELS", "VGG16Layer", "DEVICES", "STOP_WINDOW",
+__all__ = ["StyleParams", "VGG16_CFG", "VGG16_LAYERS", "VGG16_CHANNELS", "VGG16Layer", "DEVICES", "device_name", "STOP_WINDOW",
            "DEFAULT_STYLE_LAYERS", "DEFAULT_CONTENT_LAYERS", "markdown_table", "layer_index", "layer_factor",
            "min_side"]
 
@@ -84,6 +84,13 @@ DEVICES: tuple[str, ...] = ("auto", "cpu", "mps", "cuda", *(f"cuda:{i}" for i in
 Device = Literal[DEVICES]  # type: ignore[valid-type]
 
 
+def device_name(v: str) -> str:
+    """``v`` if it is one of DEVICES, else ValueError listing them (shorter than pydantic's)."""
+    if v not in DEVICES:
+        raise ValueError(f"device {v!r} is not one of {', '.join(DEVICES)}")
+    return v
+
+
 def _check_layers(names: list[str]) -> list[str]:
     if not isinstance(names, list):
         return names  # pydantic reports the type error
@@ -144,7 +151,7 @@ class StyleParams(BaseModel):
     )
     style_blend_weights: list[float] | None = Field(
         default=None, title="Style blend weights",
-        description="With several style images: one weight per style image; empty means equal.",
+        description="With several style images (nst stylize; a batch pair has one): one weight each; empty: equal.",
     )
     # --- advanced ---------------------------------------------------------------------------
     content_layers: list[VGG16Layer] = Field(  # type: ignore[valid-type]
@@ -185,7 +192,8 @@ class StyleParams(BaseModel):
         description="L-BFGS converges in fewer evaluations; Adam uses less memory.",
     )
     learning_rate: float | None = Field(
-        default=None, gt=0, allow_inf_nan=False, title="Learning rate",
+        # le: a step of 1e4 on [0, 1] pixels already means nothing; 1e39 overflowed fp32 in Adam's first step
+        default=None, gt=0, le=1e4, allow_inf_nan=False, title="Learning rate",
         description="Step size on [0,1] pixels; empty means the optimizer's default (L-BFGS 1.0, Adam 0.02).",
     )
     scales: int = Field(
@@ -248,9 +256,7 @@ class StyleParams(BaseModel):
     @field_validator("device", mode="before")
     @classmethod
     def _device_name(cls, v: str) -> str:
-        if v not in DEVICES:
-            raise ValueError(f"device {v!r} is not one of {', '.join(DEVICES)}")
-        return v
+        return device_name(v)
 
     @model_validator(mode="after")
     def _lengths_match(self) -> StyleParams:

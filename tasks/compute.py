@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from .lru import LRU
 
-__all__ = ["expand_devices", "lease_device", "try_lease", "release_device", "run_on_device", "TargetsCache",
+__all__ = ["expand_devices", "device_problem", "lease_device", "try_lease", "release_device", "run_on_device", "TargetsCache",
            "targets_cache", "io_slot"]
 
 T = TypeVar("T")
@@ -32,6 +32,24 @@ def expand_devices(devices: list[str], params_device: str) -> list[str]:
     if params_device == "auto":
         return ["mps"] if torch.backends.mps.is_available() else ["cpu"]
     return [params_device]
+
+
+def device_problem(devices: list[str]) -> str:
+    """Why this machine cannot run on every one of ``devices`` ("" = it can), e.g. "device 'cuda:7'
+    requested but only 1 CUDA device(s) exist"; two names of one device ("cuda" and "cuda:0") too."""
+    from nst_core.errors import NSTError
+    from nst_core.vgg import resolve_device
+
+    seen: dict[object, str] = {}
+    for name in devices:
+        try:
+            device = resolve_device(name)
+        except NSTError as err:
+            return str(err)
+        if device in seen:
+            return f"devices {seen[device]!r} and {name!r} are one device"
+        seen[device] = name
+    return ""
 
 
 _leases: dict[tuple[str, ...], queue.Queue] = {}

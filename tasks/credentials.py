@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["BLOCK_TYPE", "CredentialsError", "StorageCredentials", "DEFAULT_CHAIN", "resolve"]
+__all__ = ["BLOCK_TYPE", "CredentialsError", "CREDENTIALS_REFUSED", "StorageCredentials", "DEFAULT_CHAIN", "resolve"]
 
 #: The block type slug prefect-aws registers for AwsCredentials.
 BLOCK_TYPE = "aws-credentials"
@@ -29,6 +29,10 @@ BLOCK_TYPE = "aws-credentials"
 
 class CredentialsError(ValueError):
     """The named credentials block cannot be used; the message names the block, never a secret."""
+
+
+#: How a run refused for its credentials starts its Failed message (the CLI exits 2 on it).
+CREDENTIALS_REFUSED = "cannot use the storage credentials:"
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, GetCoreSchemaHandler, GetJsonSchemaHandler,
-                      Tag, TypeAdapter, field_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, GetCoreSchemaHandler,
+                      GetJsonSchemaHandler, Tag, TypeAdapter, field_validator)
 from pydantic_core import CoreSchema
 
-from nst_core.params import StyleParams
+from nst_core.params import Device, StyleParams, device_name
 
 __all__ = ["BatchSource", "PrefixSource", "ManifestSource", "OutputSpec", "RunOptions", "StyleForm", "form_schema",
            "batch_inputs", "InvalidInputs"]
@@ -101,7 +101,18 @@ def _manifest_name(value: str) -> str:
     return value
 
 
+def _place(value: str) -> str:
+    """An allowed source: "" (or a NUL) would allow the worker's working folder (or nothing)."""
+    if not value:
+        raise ValueError("must not be empty (it would allow the worker's working folder)")
+    if "\0" in value:
+        raise ValueError("must not hold a NUL character")
+    return _trimmed(value)
+
+
 _Uri = Annotated[str, AfterValidator(_trimmed)]
+_Place = Annotated[str, AfterValidator(_place), Field(min_length=1, json_schema_extra={"pattern": _TRIMMED})]
+_DeviceName = Annotated[Device, BeforeValidator(device_name)]  # type: ignore[valid-type]
 _ManifestUri = Annotated[str, AfterValidator(_manifest_name)]
 
 
@@ -229,7 +240,7 @@ class RunOptions(BaseModel):
         default=True, title="Skip existing",
         description="Skip pairs whose image and sidecar already match this run's inputs, params and format.",
     )
-    devices: list[str] = Field(
+    devices: list[_DeviceName] = Field(
         default_factory=lambda: ["auto"], min_length=1, title="Devices",
         description="Devices to use, one step of pairs each at a time; auto: every visible GPU, else MPS, else CPU.",
     )
@@ -253,7 +264,7 @@ class RunOptions(BaseModel):
     contact_sheet_rows: int = Field(
         default=24, ge=0, le=200, title="Contact sheet rows", description="Pairs shown on the contact sheet (0: none)."
     )
-    allowed_sources: list[str] = Field(
+    allowed_sources: list[_Place] = Field(
         default_factory=list, title="Allowed sources",
         description="Prefixes or folders inputs may come from; empty: the source's own, or the manifest's folder.",
     )
@@ -265,6 +276,13 @@ class RunOptions(BaseModel):
         default_factory=dict, title="Labels", description="Extra key/value notes recorded in every sidecar and the report."
     )
 
+
+    @field_validator("devices")
+    @classmethod
+    def _auto_alone(cls, v: list[str]) -> list[str]:
+        if "auto" in v and len(v) > 1:
+            raise ValueError("'auto' means every device; give it alone or name the devices")
+        return v
 
     @field_validator("pairs_per_step")
     @classmethod
@@ -307,6 +325,8 @@ def batch_inputs(source: Any, output: Any, params: Any, run: Any) -> tuple:
             models.append(value if isinstance(value, kinds) else validate(value))
         except ValidationError as err:  # the source union's tag is left out: source.styles
             problems += validation_problems(err, name, skip_tags=("prefixes", "manifest") if name == "source" else ())
+    if not problems and len(models[2].style_blend_weights or []) > 1:  # blending is for `nst stylize`
+        problems.append("params.style_blend_weights: a batch pair has one style image; give one weight or none")
     if problems:
         raise InvalidInputs(format_validation_error(problems))
     return tuple(models)

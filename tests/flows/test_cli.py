@@ -74,6 +74,37 @@ def test_batch_bad_arguments_exit_2(data, args, message):
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("args,message", [
+    # old: torch's "Expected one of cpu, cuda, ..." traceback from inside the flow, exit 1
+    (["--devices", "foo"], "run.devices.0: device 'foo' is not one of auto, cpu"),
+    # old: "auto" ran as one more device name
+    (["--devices", "auto", "cpu"], "run.devices: 'auto' means every device; give it alone or name the devices"),
+    # old: every pair on cuda:7 failed alone ("Invalid device argument"), exit 1
+    (["--devices", "cpu", "cuda:7"], "preflight failed: device 'cuda:7' requested but"),
+    # old: an empty entry allowed the worker's working folder, and refusals said "none given"
+    (["--allowed-sources", ""], "run.allowed_sources.0: must not be empty"),
+    # old: every pair failed alone ("style_blend_weights has 2 values for 1 style image(s)"), exit 1
+    (["--style-blend-weights", "1", "2"], "params.style_blend_weights: a batch pair has one style image"),
+    # old: accepted; with Adam its first step overflowed
+    (["--learning-rate", "1e39", "--optimizer", "adam"], "params.learning_rate: Input should be less than or equal"),
+    # old: exit 1 and the bare line, as if pairs had failed
+    (["--storage-credentials", "no-such-block"], "storage credentials: storage_credentials: no aws-credentials block named 'no-such-block'"),
+])
+def test_batch_refusals_of_run_settings_exit_2_with_one_line(data, args, message):
+    proc = nst("batch", "--contents", "c", "--styles", "s", "--output", "out", *FAST, *args, cwd=data)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not list((data / "out").glob("*.png"))  # refused before any pair ran
+
+
+def test_batch_takes_folders_under_the_home_folder_as_the_shell_leaves_them(data):
+    """`--contents '~/c'` (quoted, or from a config file): old: refused, "no such folder"."""
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "HOME": str(data)}
+    proc = nst("batch", "--contents", "~/c", "--styles", "~/s", "--output", "~/out", *FAST, cwd=data / "s", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((data / "out").glob("*.json"))) == 2
+
+
 def test_stylize_loads_weights_from_s3(data, bucket):
     import hashlib
     import io
@@ -174,9 +205,9 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _answers_404():
-    """An HTTP server on 127.0.0.1 that answers every request 404 (an API URL missing its /api, a
-    proxy's error page); stopped on exit. Yields its port."""
+def _answers(status: int):
+    """An HTTP server on 127.0.0.1 that answers every request ``status`` (404: an API URL missing its
+    /api, a proxy's error page; 401/403: an API behind authentication); stopped on exit. Yields its port."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Handler(BaseHTTPRequestHandler):
@@ -184,9 +215,12 @@ def _answers_404():
             pass
 
         def do_GET(self):
-            self.send_response(404)
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(status)
             self.send_header("Content-Length", "0")
             self.end_headers()
+
+        do_POST = do_PATCH = do_PUT = do_DELETE = do_GET
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -197,12 +231,14 @@ def _answers_404():
         server.server_close()
 
 
-@pytest.mark.parametrize("command,api", [("batch", "refused"), ("serve", "refused"), ("batch", "404")])
+@pytest.mark.parametrize("command,api", [("batch", "refused"), ("serve", "refused"), ("batch", "404"),
+                                         ("batch", "401"), ("serve", "403")])
 def test_an_api_url_that_cannot_be_used_is_one_line_without_its_credentials(data, command, api):
     """Old: httpx's ConnectError, or Prefect's RuntimeError, under a traceback (exit 1, the code of a
-    failed run); a 404's message carried the URL with its password."""
+    failed run); a 404's message carried the URL with its password; a 401/403 (an API behind
+    authentication) was Prefect's HTTPStatusError under a traceback that carried it too."""
     args = ["--contents", "c", "--styles", "s", "--output", "out", *FAST] if command == "batch" else []
-    with _answers_404() if api == "404" else contextlib.nullcontext(_free_port()) as port:
+    with _answers(int(api)) if api != "refused" else contextlib.nullcontext(_free_port()) as port:
         url = f"http://user:hunter2@127.0.0.1:{port}/api"
         proc = nst(command, *args, cwd=data, env={**os.environ, "PREFECT_API_URL": url})
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -211,6 +247,7 @@ def test_an_api_url_that_cannot_be_used_is_one_line_without_its_credentials(data
     assert len(errors) == 1, proc.stderr
     what = "does not answer" if api == "refused" else "cannot be used"
     assert f"the Prefect API at http://127.0.0.1:{port}/api {what}" in errors[0] and "PREFECT_API_URL" in errors[0]
+    assert ("PREFECT_API_KEY" in errors[0]) == (api in ("401", "403")), errors[0]  # what to set
 
 
 def test_progress_bar_and_log_lines_never_share_a_line():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 from pydantic import ValidationError
@@ -13,6 +14,7 @@ from flows.fanout import cancel_children, plan_chunks
 from flows.chunk import stylize_chunk
 from tasks.contract import PairPlan
 from tasks.models import BatchSource, OutputSpec, RunOptions
+from tasks.plan import plan_pairs, source_entries
 
 from helpers import pattern, tiny_params
 
@@ -425,6 +427,19 @@ def test_a_chunk_checks_what_its_parameters_ask_for(tmp_path, prefect_api):
     assert all("naming rule" in e for e in errors[1:]), errors
     assert unconfined["done"] == 0 and fetched == []
     assert not (tmp_path / "escape.json").exists()
+
+
+def test_a_chunk_on_a_worker_without_its_devices_fails_each_pair_naming_the_worker_and_device(tmp_path, prefect_api):
+    """Old: a pair leased to the missing device failed with torch's "Invalid device argument", the
+    others ran on the device that exists; nothing said the worker lacked one."""
+    source, output = _folders(tmp_path, contents=2)
+    plans = plan_pairs(source_entries(source), tiny_params(), "random(seed=0)", output.format, output.quality)
+    run = RunOptions(devices=["cpu", "cuda:7"], allowed_sources=[str(tmp_path)])
+    result = stylize_chunk(plans, output, tiny_params(), run, "random(seed=0)", "_runs/parent/chunk-d.json")
+    report = json.loads((tmp_path / "out" / "_runs" / "parent" / "chunk-d.json").read_text())
+    errors = [i["error"] for i in report["items"]]
+    assert result["done"] == 0 and len(errors) == 2, errors
+    assert all(f"worker {socket.gethostname()}: device 'cuda:7' requested but" in e for e in errors), errors
 
 
 @pytest.mark.slow
