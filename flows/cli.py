@@ -26,8 +26,8 @@ from nst_core.params import StyleParams
 from nst_core.uris import host_problem, parse_uri
 
 from flows.serve import SERVER_START_TIMEOUT_S
-from tasks.models import ManifestSource, OutputSpec, PrefixSource, RunOptions, batch_inputs
 from tasks.credentials import CREDENTIALS_REFUSED
+from tasks.models import ManifestSource, OutputSpec, PrefixSource, RunOptions, batch_inputs
 from tasks.storage import read_uri
 
 __all__ = ["main", "build_parser"]
@@ -282,7 +282,7 @@ def run_batch(args: argparse.Namespace) -> int:
             raise NSTError(f"{flag} {uri}: no such {'file' if flag == '--manifest' else 'folder'}")
     source = model_from_args(ManifestSource if args.manifest else PrefixSource, args)
     output = OutputSpec(**{**args_for(OutputSpec, args), "uri": args.output})
-    # as the flow will check them (InvalidInputs: "invalid parameters: run.devices.0: ...", exit 2), before Prefect starts
+    # checked as the flow checks them, before Prefect starts (InvalidInputs: "invalid parameters: run.devices.0: ...")
     inputs = batch_inputs(source, output, args_for(StyleParams, args), args_for(RunOptions, args))
     state = _run_flow(*inputs)
     if (reason := _refusal(state)) is not None:

@@ -14,8 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["StyleParams", "VGG16_CFG", "VGG16_LAYERS", "VGG16_CHANNELS", "VGG16Layer", "DEVICES", "device_name", "STOP_WINDOW",
-           "DEFAULT_STYLE_LAYERS", "DEFAULT_CONTENT_LAYERS", "markdown_table", "layer_index", "layer_factor",
+__all__ = ["StyleParams", "VGG16_CFG", "VGG16_LAYERS", "VGG16_CHANNELS", "VGG16Layer", "DEVICES", "device_name",
+           "STOP_WINDOW", "DEFAULT_STYLE_LAYERS", "DEFAULT_CONTENT_LAYERS", "markdown_table", "layer_index", "layer_factor",
            "min_side"]
 
 #: torchvision's VGG16 "D" config: channels per conv, "M" for a pooling layer (nst_core.vgg builds

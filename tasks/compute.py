@@ -15,8 +15,8 @@ from typing import TypeVar
 
 from .lru import LRU
 
-__all__ = ["expand_devices", "device_problem", "lease_device", "try_lease", "release_device", "run_on_device", "TargetsCache",
-           "targets_cache", "io_slot"]
+__all__ = ["expand_devices", "device_problem", "lease_device", "try_lease", "release_device", "run_on_device",
+           "TargetsCache", "targets_cache", "io_slot"]
 
 T = TypeVar("T")
 

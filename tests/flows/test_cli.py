@@ -88,7 +88,8 @@ def test_batch_bad_arguments_exit_2(data, args, message):
     # old: accepted; with Adam its first step overflowed
     (["--learning-rate", "1e39", "--optimizer", "adam"], "params.learning_rate: Input should be less than or equal"),
     # old: exit 1 and the bare line, as if pairs had failed
-    (["--storage-credentials", "no-such-block"], "storage credentials: storage_credentials: no aws-credentials block named 'no-such-block'"),
+    (["--storage-credentials", "no-such-block"],
+     "storage credentials: storage_credentials: no aws-credentials block named 'no-such-block'"),
 ])
 def test_batch_refusals_of_run_settings_exit_2_with_one_line(data, args, message):
     proc = nst("batch", "--contents", "c", "--styles", "s", "--output", "out", *FAST, *args, cwd=data)

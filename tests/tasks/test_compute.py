@@ -2,7 +2,7 @@ import contextvars
 import threading
 import time
 
-from tasks.compute import TargetsCache, expand_devices, lease_device, run_on_device
+from tasks.compute import TargetsCache, device_problem, expand_devices, lease_device, run_on_device
 
 
 def test_expand_devices():
@@ -12,6 +12,19 @@ def test_expand_devices():
 
     if not torch.cuda.is_available():
         assert expand_devices(["auto"], "auto") in (["cpu"], ["mps"])
+
+
+def test_device_problem_names_a_device_this_machine_lacks_and_two_names_of_one_device():
+    """Old: neither was checked; a pair leased to a missing device failed with "Invalid device
+    argument", and "cuda" beside "cuda:0" ran two pairs at once on one GPU."""
+    import torch
+
+    assert device_problem(["cpu"]) == ""
+    assert device_problem(["cpu", "cpu"]) == "devices 'cpu' and 'cpu' are one device"
+    if torch.cuda.device_count() < 8:
+        assert device_problem(["cpu", "cuda:7"]).startswith("device 'cuda:7' requested but")
+    if torch.cuda.is_available():
+        assert device_problem(["cuda", f"cuda:{torch.cuda.current_device()}"]).endswith("are one device")
 
 
 def peak_concurrency(devices: list[str], threads: int = 6) -> int:
