@@ -136,23 +136,35 @@ def _prefect_api():
     except httpx.HTTPStatusError as err:
         if not url:
             raise
-        status = err.response.status_code
-        # 401/403: an API behind authentication (Prefect Cloud, a proxy); Prefect's error repeats the URL
-        how = ("; set PREFECT_API_KEY (Prefect Cloud) or PREFECT_API_AUTH_STRING (a server's basic auth)"
-               if status in (401, 403) else "")
-        raise NSTError(f"the Prefect API at {without_userinfo(url)} cannot be used "
-                       f"({status} {err.response.reason_phrase} for {without_userinfo(str(err.request.url))}){how}; "
-                       "fix PREFECT_API_URL, or unset it to run on a temporary API") from None
+        raise NSTError(_answered(url, err)) from None
     except (RuntimeError, httpx.ConnectError, httpx.ConnectTimeout) as err:
         text = str(err)
         if url and (not isinstance(err, RuntimeError) or text.startswith("Failed to reach API at")):
             cause = err.__cause__ or err
+            if isinstance(cause, httpx.HTTPStatusError):  # Prefect's check at the start: the API answered
+                raise NSTError(_answered(url, cause)) from None
             unreachable = (httpx.ConnectError, httpx.ConnectTimeout)
             what = "does not answer" if isinstance(err, unreachable) or isinstance(cause, unreachable) else "cannot be used"
             raise NSTError(f"the Prefect API at {without_userinfo(url)} {what} "
                            f"({without_userinfo(one_line(cause))}); "
                            "start it or fix PREFECT_API_URL, or unset it to run on a temporary API") from None
         raise
+
+
+def _answered(url: str, err) -> str:
+    """One line for an HTTP error status from the API at ``url`` (an httpx.HTTPStatusError), without credentials.
+
+    5xx: the server itself failed (an outage, its database): advice to change the URL would mislead.
+    401/403: an API behind authentication (Prefect Cloud, a proxy). Prefect's error repeats the URL."""
+    status, reason = err.response.status_code, err.response.reason_phrase
+    what = f"({status} {reason} for {without_userinfo(str(err.request.url))})"
+    if status >= 500:
+        return (f"the Prefect API at {without_userinfo(url)} failed {what}; see the server's log, and run again "
+                "once it answers (finished pairs are skipped)")
+    how = ("; set PREFECT_API_KEY (Prefect Cloud) or PREFECT_API_AUTH_STRING (a server's basic auth)"
+           if status in (401, 403) else "")
+    return (f"the Prefect API at {without_userinfo(url)} cannot be used {what}{how}; "
+            "fix PREFECT_API_URL, or unset it to run on a temporary API")
 
 
 def _temporary_api():
@@ -273,6 +285,8 @@ def run_batch(args: argparse.Namespace) -> int:
         raise NSTError("--contents needs --styles (or use --manifest)")
     if args.manifest and args.styles:
         raise NSTError("--styles goes with --contents, not with --manifest")
+    if args.manifest and hasattr(args, "pairing"):  # a manifest lists its pairs: the flag would do nothing
+        raise NSTError("--pairing goes with --contents and --styles, not with --manifest")
     for flag, uri in (("--contents", args.contents), ("--styles", args.styles), ("--manifest", args.manifest)):
         if uri and (why := host_problem(uri)):
             raise NSTError(f"{flag} {why}")

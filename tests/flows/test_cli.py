@@ -67,6 +67,8 @@ def test_batch_exit_codes(data):
     (["--contents", "c", "--styles", "s", "--output", "o", "--format", "gif"], "invalid choice: 'gif'"),
     (["--output", "o"], "one of the arguments --manifest --contents is required"),
     (["--contents", "file://c", "--styles", "s", "--output", "o"], "--contents file://c: a file URI with a host ('c')"),
+    # old: ignored without a word; a manifest lists its pairs itself
+    (["--manifest", "m.csv", "--pairing", "zip", "--output", "o"], "--pairing goes with --contents and --styles"),
 ])
 def test_batch_bad_arguments_exit_2(data, args, message):
     proc = nst("batch", *args, cwd=data)
@@ -233,7 +235,7 @@ def _answers(status: int):
 
 
 @pytest.mark.parametrize("command,api", [("batch", "refused"), ("serve", "refused"), ("batch", "404"),
-                                         ("batch", "401"), ("serve", "403")])
+                                         ("batch", "401"), ("serve", "403"), ("batch", "500")])
 def test_an_api_url_that_cannot_be_used_is_one_line_without_its_credentials(data, command, api):
     """Old: httpx's ConnectError, or Prefect's RuntimeError, under a traceback (exit 1, the code of a
     failed run); a 404's message carried the URL with its password; a 401/403 (an API behind
@@ -246,6 +248,10 @@ def test_an_api_url_that_cannot_be_used_is_one_line_without_its_credentials(data
     assert "Traceback" not in proc.stderr + proc.stdout and "hunter2" not in proc.stderr + proc.stdout
     errors = [line for line in proc.stderr.splitlines() if line.startswith("nst: error:")]
     assert len(errors) == 1, proc.stderr
+    if api == "500":  # old: "cannot be used ...; fix PREFECT_API_URL", advice for a wrong URL, not a failing server
+        assert f"the Prefect API at http://127.0.0.1:{port}/api failed (500 Internal Server Error" in errors[0]
+        assert "the server's log" in errors[0] and "fix PREFECT_API_URL" not in errors[0], errors[0]
+        return
     what = "does not answer" if api == "refused" else "cannot be used"
     assert f"the Prefect API at http://127.0.0.1:{port}/api {what}" in errors[0] and "PREFECT_API_URL" in errors[0]
     assert ("PREFECT_API_KEY" in errors[0]) == (api in ("401", "403")), errors[0]  # what to set
