@@ -46,7 +46,8 @@ from nst_core.params import StyleParams
 from tasks.artifacts import RunProgress, publish_artifacts, run_label, run_warning, write_pictures
 from tasks.compute import device_problem, expand_devices, run_on_device
 from tasks.contract import (CANCELLED, CRASHED, DONE, FAILED, SKIPPED, PairPlan, ReportItem, done_in, failed_item,
-                            report_bytes, report_key, run_report, running_report, skipped_item, stopped_report)
+                            repeats_follow_their_first, report_bytes, report_key, run_report, running_report,
+                            skipped_item, stopped_report)
 from tasks.credentials import CREDENTIALS_REFUSED, DEFAULT_CHAIN, CredentialsError, StorageCredentials, resolve
 from tasks.models import BatchSource, InvalidInputs, OutputSpec, RunOptions, StyleForm, batch_inputs
 from tasks.pair import PairContext, stop_requested
@@ -392,7 +393,7 @@ def stylize_batch(
         items, todo, done = _skip(b, plans, weights_id)
         result = _run(b, plans, todo, done, weights_id, allowed, already=sum(i.status == SKIPPED for i in items.values()),
                       live=live)
-        items.update(result.items)
+        items = repeats_follow_their_first({**items, **result.items}, plans, b.out)
         if b.health.unreachable_since() is not None:
             return _outage(b, [items[p.index] for p in plans if p.index in items], result, weights_id)
         report = _write_report(b, [items[p.index] for p in plans if p.index in items], result, weights_id)

@@ -84,7 +84,7 @@ __all__ = [
     "naming_problem", "too_long", "NAME_BYTES", "chunk_key", "report_key", "chunk_report_key", "attempt_report_key",
     "contact_sheet_key", "loss_curve_key", "run_stem", "sidecar", "image_record", "loss_history", "done_pairs", "done_in", "totals", "timestamp",
     "done_item", "skipped_item", "failed_item", "running_report", "stopped_report", "run_report", "chunk_report",
-    "chunk_items", "item_of", "encode_thumbs", "decode_thumbs", "report_bytes",
+    "repeats_follow_their_first", "chunk_items", "item_of", "encode_thumbs", "decode_thumbs", "report_bytes",
 ]
 
 #: OutputSpec.format -> the extension its images are written with.
@@ -415,6 +415,24 @@ def skipped_item(plan: PairPlan, storage, duplicate_of: PairPlan | None = None) 
                 "the same result, made once")
     return ReportItem(plan.content, plan.style, SKIPPED, storage.uri_for(plan.image_key),
                       storage.uri_for(plan.sidecar_key), note=note)
+
+
+def repeats_follow_their_first(items: dict[int, ReportItem], plans: list[PairPlan], storage) -> dict[int, ReportItem]:
+    """``items`` (by plan index) with each repeated pair (``duplicate_of``) given its first pair's outcome,
+    once that has run: skipped, naming the result, when the first is done or skipped; failed, with
+    the first's reason, when it failed; no item, like the first, when it never ran (a stopped run).
+    Before the run a repeat is only assumed made once (``skipped_item``)."""
+    out = dict(items)
+    for p in plans:
+        if p.duplicate_of < 0:
+            continue
+        first = items.get(p.duplicate_of)
+        if first is None:
+            out.pop(p.index, None)
+        elif first.status == FAILED:
+            out[p.index] = failed_item(p, f"duplicate of pair {p.duplicate_of} ({first.content} x {first.style}), "
+                                          f"which failed: {first.error}", storage)
+    return out
 
 
 def failed_item(plan: PairPlan, error: str, storage=None) -> ReportItem:

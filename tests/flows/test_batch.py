@@ -516,6 +516,23 @@ def test_a_repeated_row_is_done_once_and_a_name_collision_fails_alone(tmp_path):
     assert items[2]["status"] == "failed" and "output name 'x'" in items[2]["error"]
 
 
+def test_a_repeat_of_a_pair_that_failed_fails_with_it(tmp_path):
+    """Old: the repeat was reported skipped, "the same result, made once", naming an image that was
+    never written, and max_failures counted one failure where the report listed two rows."""
+    _cross_folders(tmp_path, 1, 1)
+    (tmp_path / "c" / "bad.png").write_bytes(b"not an image")
+    rows = [{"content": "c/bad.png", "style": "s/s0.png"}] * 2 + [{"content": "c/c0.png", "style": "s/s0.png"}] * 2
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    state = run(BatchSource(manifest=str(tmp_path / "m.jsonl")), OutputSpec(uri=str(tmp_path / "out")), max_failures=1)
+    report = json.loads((tmp_path / "out" / "_runs" / f"{state.state_details.flow_run_id}.json").read_text())
+    assert report["totals"] == {"pairs": 4, "done": 1, "skipped": 1, "failed": 2}
+    items = report["items"]
+    assert items[1]["status"] == "failed" and "pair 0" in items[1]["error"] and "not a recognized image" in items[1]["error"]
+    assert items[3]["status"] == "skipped" and "duplicate of pair 2" in items[3]["note"]
+    assert Path(items[3]["output"].removeprefix("file://")).exists() or Path(items[3]["output"]).exists()
+    assert state.is_failed()  # two failures over max_failures=1
+
+
 @pytest.mark.parametrize("colour", ["luminance", "histogram"])
 def test_colour_preserving_runs_finish_with_per_content_targets(tmp_path, colour):
     """Luminance targets depend on each content's Y statistics, as histogram targets on its colours:
