@@ -46,8 +46,8 @@ from nst_core.params import StyleParams
 from tasks.artifacts import RunProgress, publish_artifacts, run_label, run_warning, write_pictures
 from tasks.compute import device_problem, expand_devices, run_on_device
 from tasks.contract import (CANCELLED, CRASHED, DONE, FAILED, SKIPPED, PairPlan, ReportItem, done_in, failed_item,
-                            repeats_follow_their_first, report_bytes, report_key, run_report, running_report,
-                            skipped_item, stopped_report)
+                            renamed_output, repeats_follow_their_first, report_bytes, report_key, run_report,
+                            running_report, skipped_item, stopped_report)
 from tasks.credentials import CREDENTIALS_REFUSED, DEFAULT_CHAIN, CredentialsError, StorageCredentials, resolve
 from tasks.models import BatchSource, InvalidInputs, OutputSpec, RunOptions, StyleForm, batch_inputs
 from tasks.pair import PairContext, stop_requested
@@ -244,6 +244,11 @@ def _plan(b: _Batch) -> tuple[list[PairPlan], str, list[str]]:
     except PreflightError as err:
         _drop_probe(b.out, b.flow_run, f"preflight failed: {err}")
         raise
+    renamed = [(e, to) for e in entries if (to := renamed_output(e.output, b.output.format))]
+    if renamed:  # the run has one format: say so rather than write another file than the row names unnoticed
+        e, to = renamed[0]
+        get_run_logger().warning("%d manifest row(s) name an output with another format's extension than this run's "
+                                 "(%s); e.g. %s: %s written as %s", len(renamed), b.output.format, e.where, e.output, to)
     return plans, weights_id, allowed
 
 

@@ -80,11 +80,12 @@ from .storage import TEMP_DIR, parse_uri
 
 __all__ = [
     "EXTENSIONS", "RUNS", "HISTORY_POINTS", "RUNNING", "CRASHED", "CANCELLED", "DONE", "SKIPPED", "FAILED",
-    "PairPlan", "ReportItem", "ThumbRow", "pair_key", "output_name", "image_key", "sidecar_key", "in_runs", "reserved_folder",
-    "naming_problem", "too_long", "NAME_BYTES", "chunk_key", "report_key", "chunk_report_key", "attempt_report_key",
-    "contact_sheet_key", "loss_curve_key", "run_stem", "sidecar", "image_record", "loss_history", "done_pairs", "done_in", "totals", "timestamp",
-    "done_item", "skipped_item", "failed_item", "running_report", "stopped_report", "run_report", "chunk_report",
-    "repeats_follow_their_first", "chunk_items", "item_of", "encode_thumbs", "decode_thumbs", "report_bytes",
+    "PairPlan", "ReportItem", "ThumbRow", "pair_key", "output_name", "renamed_output", "image_key", "sidecar_key",
+    "in_runs", "reserved_folder", "naming_problem", "too_long", "NAME_BYTES", "chunk_key", "report_key",
+    "chunk_report_key", "attempt_report_key", "contact_sheet_key", "loss_curve_key", "run_stem", "sidecar",
+    "image_record", "loss_history", "done_pairs", "done_in", "totals", "timestamp", "done_item", "skipped_item",
+    "failed_item", "running_report", "stopped_report", "run_report", "chunk_report", "repeats_follow_their_first",
+    "chunk_items", "item_of", "encode_thumbs", "decode_thumbs", "report_bytes",
 ]
 
 #: OutputSpec.format -> the extension its images are written with.
@@ -183,6 +184,15 @@ def pair_key(content_identity: str, style_identity: str, params: StyleParams, we
 
 def _stem(uri: str) -> str:
     return _UNSAFE_CHARS.sub("_", PurePosixPath(parse_uri(uri)[2]).stem) or "image"
+
+
+def renamed_output(explicit: str | None, fmt: str) -> str | None:
+    """The file a manifest's output name is written as when its extension is another format's than
+    the run's ``fmt`` (``x.jpg`` in a png run: ``x.png``; see ``output_name``), else None."""
+    suffix = PurePosixPath(explicit or "").suffix.lower()
+    if suffix not in FORMATS or FORMATS[suffix] == fmt:
+        return None
+    return f"{PurePosixPath(explicit).with_suffix('')}.{EXTENSIONS[fmt]}"
 
 
 def output_name(content: str, style: str, key: str, explicit: str | None = None) -> str:

@@ -516,6 +516,17 @@ def test_a_repeated_row_is_done_once_and_a_name_collision_fails_alone(tmp_path):
     assert items[2]["status"] == "failed" and "output name 'x'" in items[2]["error"]
 
 
+def test_an_output_named_with_another_formats_extension_is_written_in_the_runs_and_the_log_says_so(tmp_path, caplog):
+    """Old: `x.jpg` in a png run was written x.png without a word."""
+    _cross_folders(tmp_path, 1, 1)
+    (tmp_path / "m.csv").write_text("content,style,output\nc/c0.png,s/s0.png,x.jpg\n")
+    with caplog.at_level("WARNING"):
+        state = run(BatchSource(manifest=str(tmp_path / "m.csv")), OutputSpec(uri=str(tmp_path / "out"), format="png"))
+    assert state.is_completed() and (tmp_path / "out" / "x.png").exists()
+    assert any("x.jpg" in r.getMessage() and "written as x.png" in r.getMessage() for r in caplog.records), \
+        [r.getMessage() for r in caplog.records]
+
+
 def test_a_repeat_of_a_pair_that_failed_fails_with_it(tmp_path):
     """Old: the repeat was reported skipped, "the same result, made once", naming an image that was
     never written, and max_failures counted one failure where the report listed two rows."""

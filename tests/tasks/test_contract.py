@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from tasks.contract import PairPlan, done_pairs, sidecar
+from tasks.contract import PairPlan, done_pairs, renamed_output, sidecar
 from tasks.storage import ObjectInfo
 
 
@@ -60,3 +60,10 @@ def test_an_upgrade_that_adds_params_keeps_every_key_of_the_results_written_befo
         "a48e3d04c75fbd9843811e4aca8fee192b4daba5d7724a63c6d6b68c607552c3")
     tiled = pair_key(c, s, StyleParams(tile_size=384), "random", "png", 92)
     assert tiled != pair_key(c, s, StyleParams(), "random", "png", 92)  # a tiling asked for is its own result
+
+
+def test_an_output_name_with_another_formats_extension_is_renamed_to_the_runs():
+    assert renamed_output("x.jpg", "png") == "x.png" and renamed_output("a/b.JPG", "webp") == "a/b.webp"
+    assert renamed_output("x.jpeg", "jpeg") is None and renamed_output("x.jpg", "jpeg") is None
+    assert renamed_output("x", "png") is None and renamed_output(None, "png") is None
+    assert renamed_output("x.tif", "png") is None  # not an output format: part of the name (x.tif.png)
