@@ -100,6 +100,8 @@ def read_manifest(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> 
     base = split_uri(uri)[0].uri
     name = PurePosixPath(parse_uri(uri)[2]).name
     rows: list[tuple[int, dict]] = []
+    if not text.strip():
+        raise PreflightError(f"manifest {uri} is empty")
     if name.lower().endswith(".csv"):
         reader = csv.DictReader(io.StringIO(text))
         if not reader.fieldnames or not {"content", "style"} <= {f.strip() for f in reader.fieldnames}:

@@ -58,12 +58,21 @@ def test_a_jsonl_manifest_splits_rows_on_newlines_only(folders):
     ('{"content": "c/a.jpg", "style": "s/s1.png", "output": "/abs/x"}\n', "line 1: .*not a relative path"),
     ('{"content": "c/a.jpg"}\n', "line 1: needs non-empty 'content' and 'style'"),
     ('{"content": "c/a.jpg", "style": "s.png"}\nnot json\n', "line 2: not JSON"),
-    ("", "has no rows"),
+    ("", "is empty"),
+    ("\n\n", "is empty"),
 ])
 def test_bad_manifests_name_the_line(folders, text, message):
     (folders / "m.jsonl").write_text(text)
     with pytest.raises(PreflightError, match=message):
         read_manifest(str(folders / "m.jsonl"))
+
+
+@pytest.mark.parametrize("text", ["", "\ufeff", " \r\n\r\n"])
+def test_an_empty_csv_manifest_says_it_is_empty(folders, text):
+    """Old: "CSV header must name content,style[,output]", as if the header were wrong."""
+    (folders / "m.csv").write_text(text)
+    with pytest.raises(PreflightError, match="m.csv is empty"):
+        read_manifest(str(folders / "m.csv"))
 
 
 def test_output_names_and_keys(folders):
