@@ -282,21 +282,29 @@ def _run(b: _Batch, plans: list[PairPlan], todo: list[PairPlan], done: set[int],
     progress = RunProgress(len(todo), pairs=len(plans), already=already,
                            run_name=run_label(b.flow_run["name"], b.flow_run["attempt"]))
     hook = on_pair_done.get()
+    finished_so_far = 0
 
     def on_done(finished: int, total: int) -> None:
+        nonlocal finished_so_far
+        finished_so_far = finished
         if hook:
             hook(finished, total)
         progress.update(finished)
 
-    if b.run.fan_out == "workers" and todo:
-        # the chunk runs read only where this run may: the resolved list, never the empty default
-        result = fan_out_to_workers(plans, done, b.output, b.params, b.run.model_copy(update={"allowed_sources": allowed}),
-                                    weights_id, b.flow_run["id"], on_done, b.credentials, b.health, live=live or {})
-    else:
-        ctx = PairContext(b.output, b.params, b.devices, weights_id, b.run.labels, b.run.io_workers,
-                          b.run.pair_timeout_s, {"id": b.flow_run["id"], "name": b.flow_run["name"]},
-                          credentials=b.credentials, health=b.health, pairs_per_step=b.run.pairs_per_step)
-        result = run_pairs(todo, ctx, b.run.window, b.run.contact_sheet_rows, on_done)
+    try:
+        if b.run.fan_out == "workers" and todo:
+            # the chunk runs read only where this run may: the resolved list, never the empty default
+            result = fan_out_to_workers(plans, done, b.output, b.params,
+                                        b.run.model_copy(update={"allowed_sources": allowed}), weights_id,
+                                        b.flow_run["id"], on_done, b.credentials, b.health, live=live or {})
+        else:
+            ctx = PairContext(b.output, b.params, b.devices, weights_id, b.run.labels, b.run.io_workers,
+                              b.run.pair_timeout_s, {"id": b.flow_run["id"], "name": b.flow_run["name"]},
+                              credentials=b.credentials, health=b.health, pairs_per_step=b.run.pairs_per_step)
+            result = run_pairs(todo, ctx, b.run.window, b.run.contact_sheet_rows, on_done)
+    except BaseException as err:  # the card would keep its last rate and ETA, as if the run went on
+        progress.stopped(finished_so_far, f"{type(err).__name__}: {err}".rstrip(": "))
+        raise
     progress.update(len(todo), final=True)
     return result
 

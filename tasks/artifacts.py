@@ -180,6 +180,10 @@ def write_pictures(out, run_id: str, items: list[dict], thumbs: list[tuple[bytes
     return uris
 
 
+#: How long a stopping run waits for its progress card's last update (RunProgress.stopped).
+STOP_UPDATE_WAIT_S = 5.0
+
+
 class RunProgress:
     """The run's progress artifact: the pairs finished out of those to run (plus how many were
     already done), with pairs/s and the ETA in its description.
@@ -238,6 +242,20 @@ class RunProgress:
         with self._lock:
             self._cancel()
 
+    def stopped(self, finished: int, why: str, wait_s: float = STOP_UPDATE_WAIT_S) -> None:
+        """The last update of a run that stopped before its pairs finished (Ctrl-C, a cancel, an
+        error): what it finished and why, no rate or ETA, which would say it still runs. Waits at
+        most ``wait_s`` for the API: a stopping run has its report to mark next."""
+        with self._lock:
+            self._cancel()
+            self._last = time.monotonic()
+        text = f"stopped after {finished} of {self.total} pairs ({why})"
+        text += f"; {self.already} of {self.pairs} already done" if self.already else ""
+        post = threading.Thread(target=self._post, args=(100.0 * finished / self.total if self.total else 100.0, text),
+                                daemon=True)
+        post.start()
+        post.join(wait_s)
+
     def _flush(self) -> None:
         with self._lock:
             self._timer = None
@@ -251,15 +269,17 @@ class RunProgress:
         self._held = None
 
     def _send(self, finished: int, final: bool) -> None:
-        from prefect.artifacts import update_progress_artifact
-
         now = time.monotonic()
         self._last = now
-        pct = 100.0 if final or self.total == 0 else 100.0 * finished / self.total
+        self._post(100.0 if final or self.total == 0 else 100.0 * finished / self.total, self.describe(finished, now))
+
+    def _post(self, pct: float, description: str) -> None:
+        from prefect.artifacts import update_progress_artifact
+
         if self.id is None:
             return
         try:
-            update_progress_artifact(self.id, pct, description=self.prefix + self.describe(finished, now))
+            update_progress_artifact(self.id, pct, description=self.prefix + description)
         except Exception as err:  # a progress card must never fail a run
             logging.getLogger(__name__).warning("could not update the progress artifact: %s", err)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .contract import FAILED
+from .contract import FAILED, report_key
 
 __all__ = ["SheetRow", "Curve", "contact_sheet", "loss_curve_png", "summary_markdown", "table_rows", "final_loss",
            "file_name", "MAX_TABLE_ROWS", "MAX_CHUNK_ROWS"]
@@ -306,7 +306,7 @@ def summary_markdown(report: dict, links: dict[str, str | None], chunk_links: li
         lines += [f"> **Warning:** {warning}", ""]
     if attempt > 1:
         lines += [f"Attempt {attempt} of this flow run (a Retry): each attempt keeps its own report; "
-                  "the first one's is `_runs/{flow_run_id}.json`.", ""]
+                  f"the first one's is `{report_key(report.get('flow_run_id', ''))}`.", ""]
     if counts["pairs"] and not counts["done"] and counts["skipped"] == counts["pairs"]:
         lines += [f"{counts['skipped']} of {counts['pairs']} already done: nothing was stylized.", ""]
     lines += [

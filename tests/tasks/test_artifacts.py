@@ -221,3 +221,28 @@ def test_every_artifact_is_described_for_a_person_and_random_weights_are_on_the_
     assert ((top[..., 0] > 140) & (top[..., 1] < 80)).sum() > 20  # the red warning line
     summary = next(a for a in arts if a.description.startswith("Summary")).data
     assert "random" in summary.lower() and "Warning" in summary
+
+
+def test_a_run_that_stops_part_way_leaves_a_progress_card_that_says_so(tmp_path, monkeypatch):
+    """Old card of a run stopped after 1 of 2 pairs (Ctrl-C, a cancel from the UI, a crash of the
+    flow): "1 of 2 pairs finished, ..., ETA ... (in 11s)" for ever, an ETA of a run that had stopped."""
+    import flows.batch as batch
+    from tasks.pipeline import run_pairs
+
+    def stops_after_one(todo, ctx, window, rows, on_done):
+        run_pairs(todo[:1], ctx, window, rows, on_done)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch, "run_pairs", stops_after_one)
+    for folder, kind, n in (("c", "content", 2), ("s", "style", 1)):
+        (tmp_path / folder).mkdir()
+        for i in range(n):
+            pattern((32, 24), kind, i).save(tmp_path / folder / f"{kind}{i}.png")
+    with pytest.raises(KeyboardInterrupt):
+        stylize_batch(BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s")),
+                      OutputSpec(uri=str(tmp_path / "out")), PARAMS, RunOptions(), return_state=True)
+    runs = [p.stem for p in (tmp_path / "out" / "_runs").glob("*.json")]
+    assert len(runs) == 1
+    progress = _artifacts(runs[0])["progress"][0]
+    assert ": stopped after 1 of 2 pairs (KeyboardInterrupt)" in progress.description, progress.description
+    assert "ETA" not in progress.description and progress.data == 50.0

@@ -78,6 +78,14 @@ def test_table_links_outputs_and_summary_links_chunks():
     assert "**Warning:** random weights" in md and "bad image" in md
 
 
+def test_a_retry_summary_names_the_first_attempts_report():
+    """Old: "the first one's is `_runs/{flow_run_id}.json`", the placeholder left in the text."""
+    report = {"flow_run": "r", "flow_run_id": "6f1c", "attempt": 2, "report": "/o/_runs/6f1c-attempt-2.json",
+              "totals": {"pairs": 1, "done": 1, "skipped": 0, "failed": 0}, "items": []}
+    text = summary_markdown(report, {}, [])
+    assert "`_runs/6f1c.json`" in text and "{" not in text
+
+
 def test_a_huge_run_keeps_its_summary_and_table_small():
     """10,000 pairs in chunks of one: old summary listed all 10,000 chunk runs (a page the UI
     chokes on); now 100 rows and a count, and the table stops at 500 rows."""
