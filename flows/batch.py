@@ -245,10 +245,11 @@ def _plan(b: _Batch) -> tuple[list[PairPlan], str, list[str]]:
         _drop_probe(b.out, b.flow_run, f"preflight failed: {err}")
         raise
     renamed = [(e, to) for e in entries if (to := renamed_output(e.output, b.output.format))]
-    if renamed:  # the run has one format: say so rather than write another file than the row names unnoticed
+    if renamed:  # the run's format decides the extension: say so rather than write another file than the row names
         e, to = renamed[0]
-        get_run_logger().warning("%d manifest row(s) name an output with another format's extension than this run's "
-                                 "(%s); e.g. %s: %s written as %s", len(renamed), b.output.format, e.where, e.output, to)
+        get_run_logger().warning("%d manifest row(s) name an output written under another name (the run's format, %s, "
+                                 "decides the extension); e.g. %s: %s written as %s", len(renamed), b.output.format,
+                                 e.where, e.output, to)
     return plans, weights_id, allowed
 
 

@@ -16,6 +16,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -29,6 +30,9 @@ from flows.serve import SERVER_START_TIMEOUT_S
 from tasks.credentials import CREDENTIALS_REFUSED
 from tasks.models import ManifestSource, OutputSpec, PrefixSource, RunOptions, batch_inputs
 from tasks.storage import read_uri
+
+if TYPE_CHECKING:  # httpx comes with Prefect, imported only by the subcommands that need it
+    import httpx
 
 __all__ = ["main", "build_parser"]
 
@@ -151,7 +155,7 @@ def _prefect_api():
         raise
 
 
-def _answered(url: str, err) -> str:
+def _answered(url: str, err: httpx.HTTPStatusError) -> str:
     """One line for an HTTP error status from the API at ``url`` (an httpx.HTTPStatusError), without credentials.
 
     5xx: the server itself failed (an outage, its database): advice to change the URL would mislead.
@@ -159,8 +163,7 @@ def _answered(url: str, err) -> str:
     status, reason = err.response.status_code, err.response.reason_phrase
     what = f"({status} {reason} for {without_userinfo(str(err.request.url))})"
     if status >= 500:
-        return (f"the Prefect API at {without_userinfo(url)} failed {what}; see the server's log, and run again "
-                "once it answers (finished pairs are skipped)")
+        return f"the Prefect API at {without_userinfo(url)} failed {what}; see the server's log, and run again once it answers"
     how = ("; set PREFECT_API_KEY (Prefect Cloud) or PREFECT_API_AUTH_STRING (a server's basic auth)"
            if status in (401, 403) else "")
     return (f"the Prefect API at {without_userinfo(url)} cannot be used {what}{how}; "

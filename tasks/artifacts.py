@@ -245,10 +245,15 @@ class RunProgress:
     def stopped(self, finished: int, why: str, wait_s: float = STOP_UPDATE_WAIT_S) -> None:
         """The last update of a run that stopped before its pairs finished (Ctrl-C, a cancel, an
         error): what it finished and why, no rate or ETA, which would say it still runs. Waits at
-        most ``wait_s`` for the API: a stopping run has its report to mark next."""
-        with self._lock:
+        most ``wait_s`` for the lock (a held-back update may be posting under it) and as long for
+        the API: a stopping run has its report to mark next."""
+        locked = self._lock.acquire(timeout=wait_s)
+        try:
             self._cancel()
             self._last = time.monotonic()
+        finally:
+            if locked:
+                self._lock.release()
         text = f"stopped after {finished} of {self.total} pairs ({why})"
         text += f"; {self.already} of {self.pairs} already done" if self.already else ""
         post = threading.Thread(target=self._post, args=(100.0 * finished / self.total if self.total else 100.0, text),

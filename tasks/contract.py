@@ -187,12 +187,13 @@ def _stem(uri: str) -> str:
 
 
 def renamed_output(explicit: str | None, fmt: str) -> str | None:
-    """The file a manifest's output name is written as when its extension is another format's than
-    the run's ``fmt`` (``x.jpg`` in a png run: ``x.png``; see ``output_name``), else None."""
-    suffix = PurePosixPath(explicit or "").suffix.lower()
-    if suffix not in FORMATS or FORMATS[suffix] == fmt:
+    """The file a manifest's output name with an image extension is written as, where that differs
+    from the name (``output_name`` drops the extension and ``image_key`` adds the run's ``fmt``'s:
+    ``x.jpg`` in a png run is ``x.png``, ``x.jpeg`` in a jpeg run ``x.jpg``, ``x.PNG`` ``x.png``), else None."""
+    if not explicit or PurePosixPath(explicit).suffix.lower() not in FORMATS:
         return None
-    return f"{PurePosixPath(explicit).with_suffix('')}.{EXTENSIONS[fmt]}"
+    written = image_key(output_name("", "", "", explicit), fmt)
+    return written if written != explicit else None
 
 
 def output_name(content: str, style: str, key: str, explicit: str | None = None) -> str:
@@ -428,10 +429,12 @@ def skipped_item(plan: PairPlan, storage, duplicate_of: PairPlan | None = None) 
 
 
 def repeats_follow_their_first(items: dict[int, ReportItem], plans: list[PairPlan], storage) -> dict[int, ReportItem]:
-    """``items`` (by plan index) with each repeated pair (``duplicate_of``) given its first pair's outcome,
-    once that has run: skipped, naming the result, when the first is done or skipped; failed, with
-    the first's reason, when it failed; no item, like the first, when it never ran (a stopped run).
-    Before the run a repeat is only assumed made once (``skipped_item``)."""
+    """``items`` (by plan index) with each repeated pair (``duplicate_of``) given its first pair's outcome
+    once the run has settled every pair: skipped, naming the result, when the first is done or
+    skipped; failed, with the first's reason, when it failed (a first that never started because
+    the run stopped fails too: "run interrupted before the pair started"). Before the run a
+    repeat is only assumed made once (``skipped_item``). A first without an item leaves none for
+    its repeat either (defensive: the pipeline and the chunk watcher give every pair one)."""
     out = dict(items)
     for p in plans:
         if p.duplicate_of < 0:

@@ -70,3 +70,16 @@ def stop_process(proc, timeout: float = 30) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def artifacts_of(flow_run_id) -> dict[str, list]:
+    """The artifacts of a flow run by type (progress, table, markdown, image), from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    by_type = {}
+    for a in found:
+        by_type.setdefault(a.type, []).append(a)
+    return by_type

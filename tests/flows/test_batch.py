@@ -8,7 +8,7 @@ from flows.batch import stylize_batch
 from tasks.models import BatchSource, OutputSpec, RunOptions
 from tasks.compute import targets_cache
 
-from helpers import pattern, tiny_params, to_bytes
+from helpers import artifacts_of, pattern, tiny_params, to_bytes
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
@@ -715,3 +715,23 @@ def test_an_output_whose_temp_folder_is_a_link_is_refused_at_preflight(tmp_path)
     (tmp_path / "out" / TEMP_DIR).symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     with pytest.raises(PreflightError, match=f"{TEMP_DIR} is not a folder of the output"):
         preflight(source, OutputSpec(uri=str(tmp_path / "out")), PARAMS, ["cpu"])
+
+
+def test_a_run_that_stops_part_way_leaves_a_progress_card_that_says_so(tmp_path, monkeypatch):
+    """Old card of a run stopped after 1 of 2 pairs (Ctrl-C, a cancel from the UI, a crash of the
+    flow): "1 of 2 pairs finished, ..., ETA ... (in 11s)" for ever, an ETA of a run that had stopped."""
+    import flows.batch as batch
+    from tasks.pipeline import run_pairs
+
+    def stops_after_one(todo, ctx, window, rows, on_done):
+        run_pairs(todo[:1], ctx, window, rows, on_done)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch, "run_pairs", stops_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        run(_cross_folders(tmp_path, 2, 1), OutputSpec(uri=str(tmp_path / "out")))
+    runs = [p.stem for p in (tmp_path / "out" / "_runs").glob("*.json")]
+    assert len(runs) == 1
+    progress = artifacts_of(runs[0])["progress"][0]
+    assert ": stopped after 1 of 2 pairs (KeyboardInterrupt)" in progress.description, progress.description
+    assert "ETA" not in progress.description and progress.data == 50.0

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from flows.batch import stylize_batch
-from helpers import pattern, to_bytes
+from helpers import artifacts_of, pattern, to_bytes
 from nst_core.params import StyleParams
 from tasks.artifacts import RunProgress, artifact_key
 from tasks.models import BatchSource, OutputSpec, RunOptions
@@ -17,18 +17,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_api")]
 
 PARAMS = StyleParams(weights="random", image_size=32, iterations=4, scales=1)
 WARNING = "RANDOM weights here: not real style transfer"
-
-
-def _artifacts(flow_run_id) -> dict[str, object]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
-    by_type = {}
-    for a in found:
-        by_type.setdefault(a.type, []).append(a)
-    return by_type
 
 
 def _get(url: str) -> bytes:
@@ -52,7 +40,7 @@ def test_s3_run_shows_contact_sheet_loss_curve_links_and_progress(bucket):
     assert state.is_completed(), state.message
     report = state.result()
     assert report["contact_sheet"].endswith("-contact.jpg") and report["loss_curve"].endswith("-loss.png")
-    arts = _artifacts(state.state_details.flow_run_id)
+    arts = artifacts_of(state.state_details.flow_run_id)
 
     images = {a.description.split(" of ")[0]: a for a in arts["image"]}
     assert set(images) == {"Contact sheet", "Loss curve"}
@@ -88,7 +76,7 @@ def test_links_signed_by_a_workers_temporary_credentials_say_when_they_expire(bu
     state = stylize_batch(BatchSource(contents=f"s3://{name}/in/c/", styles=f"s3://{name}/in/s/"),
                           OutputSpec(uri=f"s3://{name}/out/"), PARAMS, RunOptions(), return_state=True)
     assert state.is_completed(), state.message
-    arts = _artifacts(state.state_details.flow_run_id)
+    arts = artifacts_of(state.state_details.flow_run_id)
     until = f"links valid until {temporary_credentials:%Y-%m-%d %H:%M} UTC, when the temporary credentials"
     images = arts["image"]
     assert images and all(until in a.description for a in images)
@@ -114,7 +102,7 @@ def _local_run(tmp_path):
 def test_local_folder_pictures_are_embedded(tmp_path):
     """A file:// URL does not load in the UI's page; a local run's pictures are data: URLs."""
     state = _local_run(tmp_path)
-    images = _artifacts(state.state_details.flow_run_id)["image"]
+    images = artifacts_of(state.state_details.flow_run_id)["image"]
     assert len(images) == 2
     for art in images:
         assert art.data.startswith("data:image/") and "embedded copy of" in art.description
@@ -187,6 +175,25 @@ def test_progress_always_sends_the_last_state(monkeypatch):
     progress.close()
 
 
+def test_a_stopping_run_waits_a_bounded_time_for_a_hung_progress_api(monkeypatch):
+    """RunProgress.stopped waits at most wait_s for the lock and as long for its own post, even while
+    another update hangs in the API holding the lock (old: until that request gave up)."""
+    import threading
+    import time
+
+    released = threading.Event()
+    monkeypatch.setattr("prefect.artifacts.create_progress_artifact", lambda *a, **k: "id")
+    monkeypatch.setattr("prefect.artifacts.update_progress_artifact", lambda *a, **k: released.wait(20))
+    progress = RunProgress(8, every_s=0.0)
+    threading.Thread(target=progress.update, args=(1,), daemon=True).start()  # posts under the lock, hangs
+    time.sleep(0.2)
+    started = time.monotonic()
+    progress.stopped(1, "KeyboardInterrupt", wait_s=0.3)
+    waited = time.monotonic() - started
+    released.set()
+    assert waited < 5, waited  # about 0.6 s; the hung request would have held it 20 s
+
+
 def test_progress_of_a_run_with_nothing_to_do_says_so(monkeypatch):
     """Old card of an all-skipped run: "0 of 0 pairs finished, 0.00 pairs/s, took 0s"."""
     sent = _recording_progress(monkeypatch)
@@ -210,7 +217,7 @@ def test_every_artifact_is_described_for_a_person_and_random_weights_are_on_the_
 
     state = _local_run(tmp_path)
     report = state.result()
-    arts = [a for kind in _artifacts(state.state_details.flow_run_id).values() for a in kind]
+    arts = [a for kind in artifacts_of(state.state_details.flow_run_id).values() for a in kind]
     assert len(arts) == 6
     for art in arts:
         title, _, rest = art.description.partition(" of run ")
@@ -221,28 +228,3 @@ def test_every_artifact_is_described_for_a_person_and_random_weights_are_on_the_
     assert ((top[..., 0] > 140) & (top[..., 1] < 80)).sum() > 20  # the red warning line
     summary = next(a for a in arts if a.description.startswith("Summary")).data
     assert "random" in summary.lower() and "Warning" in summary
-
-
-def test_a_run_that_stops_part_way_leaves_a_progress_card_that_says_so(tmp_path, monkeypatch):
-    """Old card of a run stopped after 1 of 2 pairs (Ctrl-C, a cancel from the UI, a crash of the
-    flow): "1 of 2 pairs finished, ..., ETA ... (in 11s)" for ever, an ETA of a run that had stopped."""
-    import flows.batch as batch
-    from tasks.pipeline import run_pairs
-
-    def stops_after_one(todo, ctx, window, rows, on_done):
-        run_pairs(todo[:1], ctx, window, rows, on_done)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(batch, "run_pairs", stops_after_one)
-    for folder, kind, n in (("c", "content", 2), ("s", "style", 1)):
-        (tmp_path / folder).mkdir()
-        for i in range(n):
-            pattern((32, 24), kind, i).save(tmp_path / folder / f"{kind}{i}.png")
-    with pytest.raises(KeyboardInterrupt):
-        stylize_batch(BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s")),
-                      OutputSpec(uri=str(tmp_path / "out")), PARAMS, RunOptions(), return_state=True)
-    runs = [p.stem for p in (tmp_path / "out" / "_runs").glob("*.json")]
-    assert len(runs) == 1
-    progress = _artifacts(runs[0])["progress"][0]
-    assert ": stopped after 1 of 2 pairs (KeyboardInterrupt)" in progress.description, progress.description
-    assert "ETA" not in progress.description and progress.data == 50.0

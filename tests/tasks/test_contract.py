@@ -64,6 +64,7 @@ def test_an_upgrade_that_adds_params_keeps_every_key_of_the_results_written_befo
 
 def test_an_output_name_with_another_formats_extension_is_renamed_to_the_runs():
     assert renamed_output("x.jpg", "png") == "x.png" and renamed_output("a/b.JPG", "webp") == "a/b.webp"
-    assert renamed_output("x.jpeg", "jpeg") is None and renamed_output("x.jpg", "jpeg") is None
+    assert renamed_output("x.jpeg", "jpeg") == "x.jpg" and renamed_output("x.PNG", "png") == "x.png"
+    assert renamed_output("x.jpg", "jpeg") is None and renamed_output("x.png", "png") is None
     assert renamed_output("x", "png") is None and renamed_output(None, "png") is None
     assert renamed_output("x.tif", "png") is None  # not an output format: part of the name (x.tif.png)
