@@ -369,7 +369,10 @@ def publish_artifacts(report: dict, out, expiry_hours: int, warning: str | None 
     counts = report["totals"]
     rate = None
     if seconds and counts.get("done"):
-        rate = f"{counts['done']} pairs in {_duration(seconds)}: {counts['done'] / seconds:.2f} pairs/s"
+        # the whole run, planning and reports included: the progress card's rate counts the pairs' own
+        # time and failed pairs too, so the two differ; each says what it counts
+        rate = (f"{counts['done']} pairs stylized in {_duration(seconds)} from start to report: "
+                f"{counts['done'] / seconds:.2f} pairs/s")
     ids["summary"] = create_markdown_artifact(
         summary_markdown(report, links, chunk_links, warning, rate), key=artifact_key("summary"),
         description=f"Summary of run {run}: totals, pairs/s, links to the report and pictures, chunk runs and failures.")

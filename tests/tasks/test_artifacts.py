@@ -64,6 +64,8 @@ def test_s3_run_shows_contact_sheet_loss_curve_links_and_progress(bucket):
     assert "pairs/s" in progress.description
     summary = markdown["Summary"]
     assert WARNING in summary and "Loss curve" in summary and "X-Amz-Signature" in summary
+    # old: "2 pairs in 3s: 0.67 pairs/s" beside the card's "2.25 pairs/s": say which time each counts
+    assert "2 pairs stylized in " in summary and " from start to report: " in summary
     assert all(a.key is None for v in arts.values() for a in v)  # not a deployment run: unkeyed
 
 
