@@ -180,8 +180,10 @@ def write_pictures(out, run_id: str, items: list[dict], thumbs: list[tuple[bytes
     return uris
 
 
-#: How long a stopping run waits for its progress card's last update (RunProgress.stopped).
-STOP_UPDATE_WAIT_S = 5.0
+#: How long a stopping run waits for its progress card's last update (RunProgress.stopped), at most
+#: twice: for the lock, then for the API. Small, because the run's report is marked stopped after it
+#: and `nst` exits at once 10 s after Ctrl-C or SIGTERM (flows/cli.py): a hung API must not cost the report.
+STOP_UPDATE_WAIT_S = 2.0
 
 
 class RunProgress:
