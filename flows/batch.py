@@ -45,7 +45,7 @@ from nst_core.errors import NSTError
 from nst_core.params import StyleParams
 from tasks.artifacts import RunProgress, publish_artifacts, run_label, run_warning, write_pictures
 from tasks.compute import device_problem, expand_devices, run_on_device
-from tasks.contract import (CANCELLED, CRASHED, DONE, FAILED, SKIPPED, PairPlan, ReportItem, done_in, failed_item,
+from tasks.contract import (CANCELLED, CRASHED, DONE, FAILED, PairPlan, ReportItem, done_in, failed_item,
                             renamed_output, repeats_follow_their_first, report_bytes, report_key, run_report,
                             running_report, skipped_item, stopped_report)
 from tasks.credentials import CREDENTIALS_REFUSED, DEFAULT_CHAIN, CredentialsError, StorageCredentials, resolve
@@ -405,8 +405,8 @@ def stylize_batch(
         # a crashed parent's chunk runs that this run adopts keep running (the rest are cancelled)
         mark_crashed_reports(b.out, b.flow_run, spare={str(r.id) for r in (live or {}).values()})
         items, todo, done = _skip(b, plans, weights_id)
-        result = _run(b, plans, todo, done, weights_id, allowed, already=sum(i.status == SKIPPED for i in items.values()),
-                      live=live)
+        # already: what the done rule found made, not repeats (their outcome is their first's, known only after the run)
+        result = _run(b, plans, todo, done, weights_id, allowed, already=len(done), live=live)
         items = repeats_follow_their_first({**items, **result.items}, plans, b.out)
         if b.health.unreachable_since() is not None:
             return _outage(b, [items[p.index] for p in plans if p.index in items], result, weights_id)

@@ -735,3 +735,15 @@ def test_a_run_that_stops_part_way_leaves_a_progress_card_that_says_so(tmp_path,
     progress = artifacts_of(runs[0])["progress"][0]
     assert ": stopped after 1 of 2 pairs (KeyboardInterrupt)" in progress.description, progress.description
     assert "ETA" not in progress.description and progress.data == 50.0
+
+
+def test_the_progress_card_counts_as_already_done_only_what_an_earlier_run_made(tmp_path):
+    """Old card of a fresh run whose manifest repeats a row: "...; 1 of 3 already done" (the repeat,
+    assumed made once before anything ran; here its first then failed)."""
+    _cross_folders(tmp_path, 1, 1)
+    (tmp_path / "c" / "bad.png").write_bytes(b"not an image")
+    rows = [{"content": "c/bad.png", "style": "s/s0.png"}] * 2 + [{"content": "c/c0.png", "style": "s/s0.png"}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    state = run(BatchSource(manifest=str(tmp_path / "m.jsonl")), OutputSpec(uri=str(tmp_path / "out")), max_failures=2)
+    card = artifacts_of(state.state_details.flow_run_id)["progress"][0].description
+    assert "2 of 2 pairs finished" in card and "already done" not in card, card
