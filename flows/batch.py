@@ -221,6 +221,7 @@ class _Batch:
     out: Storage = field(init=False)
     started: datetime = field(init=False)
     health: StorageHealth = field(init=False)  # every storage call of the run reports here
+    progress: RunProgress | None = field(init=False, default=None)  # the progress card, once the pairs start
 
     def __post_init__(self):
         run_id = runtime.flow_run.get_id() or f"local-{uuid.uuid4().hex}"
@@ -282,30 +283,23 @@ def _run(b: _Batch, plans: list[PairPlan], todo: list[PairPlan], done: set[int],
     reported to the progress artifact (throttled; ``already``: pairs skipped as done) and the CLI's bar."""
     progress = RunProgress(len(todo), pairs=len(plans), already=already,
                            run_name=run_label(b.flow_run["name"], b.flow_run["attempt"]))
+    b.progress = progress
     hook = on_pair_done.get()
-    finished_so_far = 0
 
     def on_done(finished: int, total: int) -> None:
-        nonlocal finished_so_far
-        finished_so_far = finished
         if hook:
             hook(finished, total)
         progress.update(finished)
 
-    try:
-        if b.run.fan_out == "workers" and todo:
-            # the chunk runs read only where this run may: the resolved list, never the empty default
-            result = fan_out_to_workers(plans, done, b.output, b.params,
-                                        b.run.model_copy(update={"allowed_sources": allowed}), weights_id,
-                                        b.flow_run["id"], on_done, b.credentials, b.health, live=live or {})
-        else:
-            ctx = PairContext(b.output, b.params, b.devices, weights_id, b.run.labels, b.run.io_workers,
-                              b.run.pair_timeout_s, {"id": b.flow_run["id"], "name": b.flow_run["name"]},
-                              credentials=b.credentials, health=b.health, pairs_per_step=b.run.pairs_per_step)
-            result = run_pairs(todo, ctx, b.run.window, b.run.contact_sheet_rows, on_done)
-    except BaseException as err:  # the card would keep its last rate and ETA, as if the run went on
-        progress.stopped(finished_so_far, f"{type(err).__name__}: {err}".rstrip(": "))
-        raise
+    if b.run.fan_out == "workers" and todo:
+        # the chunk runs read only where this run may: the resolved list, never the empty default
+        result = fan_out_to_workers(plans, done, b.output, b.params, b.run.model_copy(update={"allowed_sources": allowed}),
+                                    weights_id, b.flow_run["id"], on_done, b.credentials, b.health, live=live or {})
+    else:
+        ctx = PairContext(b.output, b.params, b.devices, weights_id, b.run.labels, b.run.io_workers,
+                          b.run.pair_timeout_s, {"id": b.flow_run["id"], "name": b.flow_run["name"]},
+                          credentials=b.credentials, health=b.health, pairs_per_step=b.run.pairs_per_step)
+        result = run_pairs(todo, ctx, b.run.window, b.run.contact_sheet_rows, on_done)
     progress.update(len(todo), final=True)
     return result
 
@@ -424,9 +418,13 @@ def stylize_batch(
         # before the run can record its end (SIGTERM, or a cancel, waited for whole pairs)
         stop_requested.set()
         if not reported:
-            _mark_stopped(b.out, b.flow_run, f"{type(err).__name__}: {err}".rstrip(": "))
+            why = f"{type(err).__name__}: {err}".rstrip(": ")
+            _mark_stopped(b.out, b.flow_run, why)
             # then, a SIGTERM of a run being cancelled (the UI's Cancel) says so: written second, so
             # that a second signal during the lookup leaves "crashed", not "running"
-            if isinstance(err, TerminationSignal) and (why := _cancelled(b.flow_run["id"])):
-                _mark_stopped(b.out, b.flow_run, why, CANCELLED)
+            if isinstance(err, TerminationSignal) and (cancelled := _cancelled(b.flow_run["id"])):
+                _mark_stopped(b.out, b.flow_run, cancelled, CANCELLED)
+                why = cancelled
+            if b.progress is not None:  # last, after the report: its card would keep its rate and ETA
+                b.progress.stopped(why)
         raise

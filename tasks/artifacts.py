@@ -181,8 +181,8 @@ def write_pictures(out, run_id: str, items: list[dict], thumbs: list[tuple[bytes
 
 
 #: How long a stopping run waits for its progress card's last update (RunProgress.stopped), at most
-#: twice: for the lock, then for the API. Small, because the run's report is marked stopped after it
-#: and `nst` exits at once 10 s after Ctrl-C or SIGTERM (flows/cli.py): a hung API must not cost the report.
+#: twice: for the lock, then for the API. Small, because `nst` exits at once 10 s after Ctrl-C or
+#: SIGTERM (flows/cli.py), and the run marks its report stopped and asks whether it was cancelled first.
 STOP_UPDATE_WAIT_S = 2.0
 
 
@@ -205,6 +205,7 @@ class RunProgress:
         self.started = time.monotonic()
         self._last = 0.0
         self._held: int | None = None
+        self.finished = 0  # the last count given to update
         self._timer: threading.Timer | None = None
         self._lock = threading.Lock()
         try:
@@ -229,6 +230,7 @@ class RunProgress:
 
     def update(self, finished: int, final: bool = False) -> None:
         with self._lock:
+            self.finished = finished
             wait = self._last + self.every_s - time.monotonic()
             if final or wait <= 0:
                 self._cancel()
@@ -244,11 +246,11 @@ class RunProgress:
         with self._lock:
             self._cancel()
 
-    def stopped(self, finished: int, why: str, wait_s: float = STOP_UPDATE_WAIT_S) -> None:
+    def stopped(self, why: str, wait_s: float = STOP_UPDATE_WAIT_S) -> None:
         """The last update of a run that stopped before its pairs finished (Ctrl-C, a cancel, an
         error): what it finished and why, no rate or ETA, which would say it still runs. Waits at
         most ``wait_s`` for the lock (a held-back update may be posting under it) and as long for
-        the API: a stopping run has its report to mark next."""
+        the API."""
         locked = self._lock.acquire(timeout=wait_s)
         try:
             self._cancel()
@@ -256,6 +258,7 @@ class RunProgress:
         finally:
             if locked:
                 self._lock.release()
+        finished = self.finished
         text = f"stopped after {finished} of {self.total} pairs ({why})"
         text += f"; {self.already} of {self.pairs} already done" if self.already else ""
         post = threading.Thread(target=self._post, args=(100.0 * finished / self.total if self.total else 100.0, text),

@@ -16,7 +16,7 @@ from tasks.contract import PairPlan
 from tasks.models import BatchSource, OutputSpec, RunOptions
 from tasks.plan import plan_pairs, source_entries
 
-from helpers import pattern, tiny_params
+from helpers import artifacts_of, pattern, tiny_params
 
 
 def plan(i: int) -> PairPlan:
@@ -562,6 +562,9 @@ def test_cancelling_a_parent_run_through_the_api_cancels_its_chunk_runs(tmp_path
         # its report says what the UI says, with the cancel's message (old: "crashed", "TerminationSignal")
         report = json.loads((Path(output.uri) / "_runs" / f"{parent.id}.json").read_text())
         assert (report["status"], report["error"]) == ("cancelled", "cancelled: cancelled in the UI"), report
+        # and so does its progress card (old: its last rate and ETA, as if it still ran)
+        card = artifacts_of(str(parent.id))["progress"][0].description
+        assert ": stopped after 0 of 4 pairs (cancelled: cancelled in the UI)" in card, card
     finally:
         stop_process(proc, timeout=30)
 

@@ -190,7 +190,7 @@ def test_a_stopping_run_waits_a_bounded_time_for_a_hung_progress_api(monkeypatch
     threading.Thread(target=progress.update, args=(1,), daemon=True).start()  # posts under the lock, hangs
     time.sleep(0.2)
     started = time.monotonic()
-    progress.stopped(1, "KeyboardInterrupt", wait_s=0.3)
+    progress.stopped("KeyboardInterrupt", wait_s=0.3)
     waited = time.monotonic() - started
     released.set()
     assert waited < 5, waited  # about 0.6 s; the hung request would have held it 20 s
