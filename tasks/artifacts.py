@@ -251,12 +251,10 @@ class RunProgress:
         error): what it finished and why, no rate or ETA, which would say it still runs. Waits at
         most ``wait_s`` for the lock (a held-back update may be posting under it) and as long for
         the API."""
-        locked = self._lock.acquire(timeout=wait_s)
-        try:
-            self._cancel()
-            self._last = time.monotonic()
-        finally:
-            if locked:
+        if self._lock.acquire(timeout=wait_s):  # else the holder is posting: nothing pending to drop
+            try:
+                self._cancel()
+            finally:
                 self._lock.release()
         finished = self.finished
         text = f"stopped after {finished} of {self.total} pairs ({why})"
