@@ -208,6 +208,7 @@ class RunProgress:
         self.finished = 0  # the last count given to update
         self._timer: threading.Timer | None = None
         self._lock = threading.Lock()
+        self._stop: tuple[float, str] | None = None  # the card's last word once the run stopped
         try:
             self.id = create_progress_artifact(0.0, key=artifact_key("progress"),
                                                description=self.prefix + self.describe(0))
@@ -229,6 +230,8 @@ class RunProgress:
         return text + (f"; {self.already} of {self.pairs} already done" if self.already else "")
 
     def update(self, finished: int, final: bool = False) -> None:
+        if self._stop is not None:  # a pair that finishes after the stop changes nothing
+            return
         with self._lock:
             self.finished = finished
             wait = self._last + self.every_s - time.monotonic()
@@ -259,8 +262,8 @@ class RunProgress:
         finished = self.finished
         text = f"stopped after {finished} of {self.total} pairs ({why})"
         text += f"; {self.already} of {self.pairs} already done" if self.already else ""
-        post = threading.Thread(target=self._post, args=(100.0 * finished / self.total if self.total else 100.0, text),
-                                daemon=True)
+        self._stop = (100.0 * finished / self.total if self.total else 100.0, text)
+        post = threading.Thread(target=self._post, args=self._stop, daemon=True)
         post.start()
         post.join(wait_s)
 
@@ -280,6 +283,8 @@ class RunProgress:
         now = time.monotonic()
         self._last = now
         self._post(100.0 if final or self.total == 0 else 100.0 * finished / self.total, self.describe(finished, now))
+        if self._stop is not None:  # the run stopped while this one was in the API: say so again, after it
+            self._post(*self._stop)
 
     def _post(self, pct: float, description: str) -> None:
         from prefect.artifacts import update_progress_artifact

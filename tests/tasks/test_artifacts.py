@@ -196,6 +196,33 @@ def test_a_stopping_run_waits_a_bounded_time_for_a_hung_progress_api(monkeypatch
     assert waited < 5, waited  # about 0.6 s; the hung request would have held it 20 s
 
 
+def test_a_hung_update_that_lands_after_the_stop_does_not_leave_the_card_saying_the_run_goes_on(monkeypatch):
+    """An update hung in the API while the run stops lands after the "stopped" text: the card's
+    last text must still say stopped (old: "1 of 8 pairs finished, …, ETA …" for ever)."""
+    import threading
+    import time
+
+    released = threading.Event()
+    sent: list[str] = []
+
+    def post(_id, pct, description):
+        if not sent and "stopped" not in description:
+            released.wait(20)  # the first update hangs until the stop has posted
+        sent.append(description)
+
+    monkeypatch.setattr("prefect.artifacts.create_progress_artifact", lambda *a, **k: "id")
+    monkeypatch.setattr("prefect.artifacts.update_progress_artifact", post)
+    progress = RunProgress(8, every_s=0.0)
+    hung = threading.Thread(target=progress.update, args=(1,), daemon=True)
+    hung.start()
+    time.sleep(0.2)
+    progress.stopped("KeyboardInterrupt", wait_s=0.3)
+    released.set()
+    hung.join(5)
+    progress.update(2)  # a pair that finishes after the stop changes nothing either
+    assert sent and "stopped after 1 of 8 pairs (KeyboardInterrupt)" in sent[-1], sent
+
+
 def test_progress_of_a_run_with_nothing_to_do_says_so(monkeypatch):
     """Old card of an all-skipped run: "0 of 0 pairs finished, 0.00 pairs/s, took 0s"."""
     sent = _recording_progress(monkeypatch)
