@@ -141,12 +141,28 @@ def _drop_probe(out: Storage, run: dict, error: str) -> None:
             pass
 
 
-def _mark_stopped(out: Storage, run: dict, error: str, status: str = CRASHED) -> None:
-    """Replace the "running" report (the write probe) of a run that stops without its report."""
+def _mark_stopped(out: Storage, run: dict, error: str, status: str = CRASHED,
+                  items: list[ReportItem] | None = None) -> None:
+    """Replace the "running" report (the write probe) of a run that stops without its report;
+    ``items``: what it knows of each pair, once planned."""
     try:
-        out.write(_report_key(run), report_bytes(stopped_report(run, status, error)), "application/json")
+        out.write(_report_key(run), report_bytes(stopped_report(run, status, error, items)), "application/json")
     except Exception:
         pass  # the storage may be what failed
+
+
+def _stopped_items(b: _Batch, why: str) -> list[ReportItem] | None:
+    """Each planned pair of a run that stopped part-way: skipped or failed at planning, finished
+    (done or failed) before the stop, or failed "the run stopped before the pair finished (why)".
+    None before the plan. Read in the flow's thread, where the pairs are collected."""
+    if not b.plans:
+        return None
+    items = {**b.items, **b.result.items}
+    for p in b.plans:
+        if p.index not in items and p.duplicate_of < 0:
+            items[p.index] = failed_item(p, f"the run stopped before the pair finished ({why})", b.out)
+    items = repeats_follow_their_first(items, b.plans, b.out)
+    return [items[p.index] for p in b.plans if p.index in items]
 
 
 #: How long a stopping run waits for the API to say whether it is being cancelled.
@@ -222,6 +238,10 @@ class _Batch:
     started: datetime = field(init=False)
     health: StorageHealth = field(init=False)  # every storage call of the run reports here
     progress: RunProgress | None = field(init=False, default=None)  # the progress card, once the pairs start
+    # what a run stopped part-way reports: the plan, the items known before running, the pairs finished
+    plans: list[PairPlan] = field(init=False, default_factory=list)
+    items: dict[int, ReportItem] = field(init=False, default_factory=dict)
+    result: PipelineResult = field(init=False, default_factory=PipelineResult)
 
     def __post_init__(self):
         run_id = runtime.flow_run.get_id() or f"local-{uuid.uuid4().hex}"
@@ -294,12 +314,13 @@ def _run(b: _Batch, plans: list[PairPlan], todo: list[PairPlan], done: set[int],
     if b.run.fan_out == "workers" and todo:
         # the chunk runs read only where this run may: the resolved list, never the empty default
         result = fan_out_to_workers(plans, done, b.output, b.params, b.run.model_copy(update={"allowed_sources": allowed}),
-                                    weights_id, b.flow_run["id"], on_done, b.credentials, b.health, live=live or {})
+                                    weights_id, b.flow_run["id"], on_done, b.credentials, b.health, live=live or {},
+                                    result=b.result)
     else:
         ctx = PairContext(b.output, b.params, b.devices, weights_id, b.run.labels, b.run.io_workers,
                           b.run.pair_timeout_s, {"id": b.flow_run["id"], "name": b.flow_run["name"]},
                           credentials=b.credentials, health=b.health, pairs_per_step=b.run.pairs_per_step)
-        result = run_pairs(todo, ctx, b.run.window, b.run.contact_sheet_rows, on_done)
+        result = run_pairs(todo, ctx, b.run.window, b.run.contact_sheet_rows, on_done, result=b.result)
     progress.update(len(todo), final=True)
     return result
 
@@ -399,6 +420,7 @@ def stylize_batch(
         # a crashed parent's chunk runs that this run adopts keep running (the rest are cancelled)
         mark_crashed_reports(b.out, b.flow_run, spare={str(r.id) for r in (live or {}).values()})
         items, todo, done = _skip(b, plans, weights_id)
+        b.plans, b.items = plans, items
         # already: what the done rule found made, not repeats (their outcome is their first's, known only after the run)
         result = _run(b, plans, todo, done, weights_id, allowed, already=len(done), live=live)
         items = repeats_follow_their_first({**items, **result.items}, plans, b.out)
@@ -419,11 +441,11 @@ def stylize_batch(
         stop_requested.set()
         if not reported:
             why = f"{type(err).__name__}: {err}".rstrip(": ")
-            _mark_stopped(b.out, b.flow_run, why)
+            _mark_stopped(b.out, b.flow_run, why, items=_stopped_items(b, why))
             # then, a SIGTERM of a run being cancelled (the UI's Cancel) says so: written second, so
             # that a second signal during the lookup leaves "crashed", not "running"
             if isinstance(err, TerminationSignal) and (cancelled := _cancelled(b.flow_run["id"])):
-                _mark_stopped(b.out, b.flow_run, cancelled, CANCELLED)
+                _mark_stopped(b.out, b.flow_run, cancelled, CANCELLED, _stopped_items(b, cancelled))
                 why = cancelled
             if b.progress is not None:  # last, after the report: its card would keep its rate and ETA
                 b.progress.stopped(why)

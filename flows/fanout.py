@@ -274,12 +274,13 @@ class ChunkWatcher:
     (no worker polls the pool, or `nst serve --limit 1`)."""
 
     def __init__(self, client, chunks: list[Chunk], out: Storage, run: RunOptions, on_done: Callable[[int, int], None],
-                 n_todo: int, health: StorageHealth | None = None, parent_id: str = ""):
+                 n_todo: int, health: StorageHealth | None = None, parent_id: str = "",
+                 result: PipelineResult | None = None):
         self.client, self.out, self.run, self.on_done, self.n_todo = client, out, run, on_done, n_todo
         self.parent_id = parent_id
         self.health = health or StorageHealth()
         self.chunks = {c.flow_run_id: c for c in chunks}
-        self.result = PipelineResult()
+        self.result = PipelineResult() if result is None else result  # the caller's, to read if the wait is stopped
         self.finished = 0  # pairs merged so far
         self.start_limit = min(run.chunk_timeout_s, START_TIMEOUT_S)
         self.last_move = time.monotonic()  # when a chunk last started or finished, or one was seen running
@@ -485,12 +486,13 @@ def fan_out_to_workers(
     plans: list[PairPlan], done: set[int], output: OutputSpec, params: StyleParams, run: RunOptions,
     weights_id: str, parent_id: str, on_done: Callable[[int, int], None],
     credentials: StorageCredentials = DEFAULT_CHAIN, health: StorageHealth | None = None, *, live: dict,
+    result: PipelineResult | None = None,
 ) -> PipelineResult:
     """Start the chunk runs of the plan (``start_chunks``, adopting those of ``live``), wait for all (``ChunkWatcher``) and merge
     their chunk reports, read with ``credentials`` (each chunk run resolves its own from ``output``)
     and heard by ``health`` (the parent's StorageHealth: an outage there, or in a chunk run, ends
     the wait). Anything that ends the wait early (Ctrl-C, an error, the stop flag) cancels the
-    unfinished chunk runs first."""
+    unfinished chunk runs first; ``result`` then holds the chunks merged before."""
     from prefect.client.orchestration import get_client
 
     try:
@@ -498,7 +500,7 @@ def fan_out_to_workers(
         n_todo = sum(1 for p in plans if p.runnable and p.index not in done)
         with get_client(sync_client=True) as client:
             watcher = ChunkWatcher(client, chunks, open_storage(output.uri, credentials), run, on_done, n_todo,
-                                   health, parent_id)
+                                   health, parent_id, result)
             return watcher.wait()
     except BaseException:
         try:

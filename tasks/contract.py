@@ -473,12 +473,16 @@ def running_report(run: dict, started: datetime | None = None, process: dict | N
     return {**report, **({"process": process} if process else {}), **({"api": api} if api else {})}
 
 
-def stopped_report(run: dict, status: str, error: str) -> dict:
+def stopped_report(run: dict, status: str, error: str, items: list[ReportItem] | None = None) -> dict:
     """What replaces the write probe of a run that ends without its report: CRASHED (interrupted,
     killed, an unhandled error), CANCELLED (the UI's Cancel) or FAILED (refused in preflight, where
-    the probe cannot be deleted)."""
-    return {"flow_run": run.get("name"), "flow_run_id": run["id"], "status": status, "error": error,
-            "finished": timestamp()}
+    the probe cannot be deleted). ``items``: a run stopped after its plan says what became of
+    each pair (with totals), as its full report would."""
+    report = {"flow_run": run.get("name"), "flow_run_id": run["id"], "status": status, "error": error,
+              "finished": timestamp()}
+    if items is not None:
+        report |= {"totals": totals(items), "items": [i.as_dict() for i in items]}
+    return report
 
 
 def run_report(run: dict, report_uri: str, started: datetime, inputs: dict, weights_id: str, devices: list[str],

@@ -36,12 +36,13 @@ def _error_of(fut, outcome) -> str:
 
 def run_pairs(
     todo: list[PairPlan], ctx: PairContext, window: int, contact_sheet_rows: int = 0,
-    on_done: Callable[[int, int], None] | None = None,
+    on_done: Callable[[int, int], None] | None = None, result: PipelineResult | None = None,
 ) -> PipelineResult:
     """Run ``todo`` with at most ``window`` pair tasks in flight, collecting whichever finishes
-    first (one slow pair never idles the other devices). Never raises for a bad pair."""
+    first (one slow pair never idles the other devices). Never raises for a bad pair. ``result``:
+    where to collect, so that a caller stopped part-way (Ctrl-C) still has the pairs finished."""
     logger = get_run_logger()
-    result = PipelineResult()
+    result = PipelineResult() if result is None else result
     finished = 0
     done: queue.Queue = queue.Queue()
 

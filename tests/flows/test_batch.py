@@ -717,14 +717,15 @@ def test_an_output_whose_temp_folder_is_a_link_is_refused_at_preflight(tmp_path)
         preflight(source, OutputSpec(uri=str(tmp_path / "out")), PARAMS, ["cpu"])
 
 
-def test_a_run_that_stops_part_way_leaves_a_progress_card_that_says_so(tmp_path, monkeypatch):
+def test_a_run_that_stops_part_way_leaves_a_report_and_a_progress_card_that_say_what_it_finished(tmp_path, monkeypatch):
     """Old card of a run stopped after 1 of 2 pairs (Ctrl-C, a cancel from the UI, a crash of the
-    flow): "1 of 2 pairs finished, ..., ETA ... (in 11s)" for ever, an ETA of a run that had stopped."""
+    flow): "1 of 2 pairs finished, ..., ETA ... (in 11s)" for ever, an ETA of a run that had stopped.
+    Old report: {"status": "crashed", "error": ...} only, no word of the pair it had made."""
     import flows.batch as batch
     from tasks.pipeline import run_pairs
 
-    def stops_after_one(todo, ctx, window, rows, on_done):
-        run_pairs(todo[:1], ctx, window, rows, on_done)
+    def stops_after_one(todo, ctx, window, rows, on_done, result=None):
+        run_pairs(todo[:1], ctx, window, rows, on_done, result=result)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(batch, "run_pairs", stops_after_one)
@@ -735,6 +736,12 @@ def test_a_run_that_stops_part_way_leaves_a_progress_card_that_says_so(tmp_path,
     progress = artifacts_of(runs[0])["progress"][0]
     assert ": stopped after 1 of 2 pairs (KeyboardInterrupt)" in progress.description, progress.description
     assert "ETA" not in progress.description and progress.data == 50.0
+    report = json.loads((tmp_path / "out" / "_runs" / f"{runs[0]}.json").read_text())
+    assert report["status"] == "crashed" and report["error"] == "KeyboardInterrupt", report
+    assert report["totals"] == {"pairs": 2, "done": 1, "skipped": 0, "failed": 1}, report["totals"]
+    done, stopped = sorted(report["items"], key=lambda i: i["status"] != "done")
+    assert done["status"] == "done" and (tmp_path / "out" / done["output"].rpartition("/")[2]).is_file(), done
+    assert stopped["status"] == "failed" and stopped["error"] == "the run stopped before the pair finished (KeyboardInterrupt)"
 
 
 def test_the_progress_card_counts_as_already_done_only_what_an_earlier_run_made(tmp_path):

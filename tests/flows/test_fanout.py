@@ -562,6 +562,10 @@ def test_cancelling_a_parent_run_through_the_api_cancels_its_chunk_runs(tmp_path
         # its report says what the UI says, with the cancel's message (old: "crashed", "TerminationSignal")
         report = json.loads((Path(output.uri) / "_runs" / f"{parent.id}.json").read_text())
         assert (report["status"], report["error"]) == ("cancelled", "cancelled: cancelled in the UI"), report
+        # with what became of each pair (old: nothing but the status)
+        assert report["totals"] == {"pairs": 4, "done": 0, "skipped": 0, "failed": 4}, report
+        assert {i["error"] for i in report["items"]} == {
+            "the run stopped before the pair finished (cancelled: cancelled in the UI)"}, report["items"]
         # and so does its progress card (old: its last rate and ETA, as if it still ran)
         card = artifacts_of(str(parent.id))["progress"][0].description
         assert ": stopped after 0 of 4 pairs (cancelled: cancelled in the UI)" in card, card
