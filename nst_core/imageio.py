@@ -74,6 +74,7 @@ class DecodedImage:
         return rgba
 
 
+_ORIENTATION = 0x0112  # the EXIF tag
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 _SRGB_ICC = _SRGB.tobytes()
 #: Which Pillow mode an ICC profile's colour space describes.
@@ -119,23 +120,31 @@ def _to_srgb(img: Image.Image, icc: bytes) -> Image.Image:
 
 
 def split_alpha(img: Image.Image) -> DecodedImage:
-    """Any Pillow mode -> sRGB RGB plus alpha (or None).
+    """Any Pillow mode -> sRGB RGB plus alpha (or None), turned as its EXIF orientation says.
 
     Palette transparency and a grey or RGB transparent colour key become alpha; an embedded ICC profile (``img.info["icc_profile"]``)
-    is converted to sRGB; alpha is kept as it is (it is not colour).
+    is converted to sRGB; alpha is kept as it is (it is not colour). A 16-bit RGB PNG's colour key
+    is not kept: Pillow gives its pixels in 8 bits, and the 16-bit key matches none of them exactly.
     """
+    if img.getexif().get(_ORIENTATION, 1) != 1:  # an image opened by the API's caller, not decode_image
+        img = _upright(img, "image")
     icc = img.info.get("icc_profile")
+    key = img.info.get("transparency")
+    alpha = None
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    elif img.mode in ("1", "L", "RGB") and img.info.get("transparency") is not None:
+    elif img.mode in ("1", "L", "RGB") and key is not None:
         # A transparent colour key (PNG tRNS on a grey or RGB image) is alpha too.
         img = img.convert("LA" if img.mode in ("1", "L") else "RGBA")
+    elif img.mode in ("RGBa", "La"):  # premultiplied: un-premultiply; the channel is named "a" there
+        img = img.convert("RGBA" if img.mode == "RGBa" else "LA")
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        if isinstance(key, int) and img.mode != "F":  # a 16-bit grey key, compared before the samples lose bits
+            alpha = Image.fromarray(np.where(np.asarray(img) == key, 0, 255).astype(np.uint8), mode="L")
         img = _to_8bit(img)
-    alpha = None
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if img.mode in ("RGBA", "LA", "PA"):
         alpha = img.getchannel("A")
-        img = img.convert("L" if img.mode in ("LA", "La") else "RGB")
+        img = img.convert("L" if img.mode == "LA" else "RGB")
     if icc:
         img = _to_srgb(img, icc)
     rgb = img.convert("RGB")

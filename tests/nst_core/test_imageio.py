@@ -264,3 +264,36 @@ def test_to_tensor_and_to_image_round_trip_rgb_and_refuse_other_modes():
     for mode in ("I;16", "RGBA", "L"):
         with pytest.raises(ValueError, match=f"not mode {mode}"):
             to_tensor(Image.new(mode, (8, 8)), "cpu")
+
+
+def test_an_image_given_to_the_api_is_turned_as_its_exif_says():
+    """The Python API takes PIL images (Image.open of a phone's JPEG): decode_image turned them by
+    their EXIF orientation, split_alpha (stylize's way in) did not: the result came out sideways."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display
+    opened = Image.open(io.BytesIO(to_bytes(pattern((40, 20)), "JPEG", exif=exif)))
+    assert split_alpha(opened).rgb.size == (20, 40)
+    once = decode_image(to_bytes(pattern((40, 20)), "JPEG", exif=exif), "rotated.jpg")
+    assert split_alpha(once.rgb).rgb.size == (20, 40)  # already upright: not turned twice
+
+
+@pytest.mark.parametrize("mode", ["RGBa", "La"])
+def test_premultiplied_alpha_is_alpha(mode):
+    """Old: ValueError 'The image has no channel "A"' (these modes name it "a")."""
+    rgba = pattern((20, 10)).convert("RGBA")
+    rgba.putalpha(Image.new("L", (20, 10), 128))
+    img = rgba.convert(mode) if mode == "RGBa" else rgba.convert("LA").convert("La")
+    decoded = split_alpha(img)
+    assert decoded.rgb.mode == "RGB" and decoded.alpha is not None
+    assert set(np.asarray(decoded.alpha).ravel().tolist()) == {128}
+
+
+def test_a_16_bit_grey_png_keeps_its_transparent_colour_key():
+    """PNG tRNS on a 16-bit grey image: the key is a 16-bit sample (old: dropped with the bit depth)."""
+    a = np.full((20, 30), 40000, np.uint16)
+    a[:, :10] = 1000
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG", transparency=1000)
+    alpha = decode_image(buf.getvalue(), "grey16.png").alpha
+    assert alpha is not None
+    assert (np.asarray(alpha)[:, :10] == 0).all() and (np.asarray(alpha)[:, 10:] == 255).all()
