@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-__all__ = ["NSTError", "ImageDecodeError", "ImageTooSmallError", "NonFiniteLossError", "WeightsError", "DeviceMemoryError"]
+__all__ = ["NSTError", "ParamsError", "ImageDecodeError", "ImageTooSmallError", "NonFiniteLossError", "WeightsError", "DeviceMemoryError"]
 
 
 class NSTError(Exception):
     """Base class of every error prefect-nst raises on purpose."""
+
+
+class ParamsError(NSTError, ValueError):
+    """Parameters that validate alone but do not fit the call (a blend weight per style image).
+    A ValueError too, as pydantic's checks of the same parameters are."""
 
 
 class ImageDecodeError(NSTError):

@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .errors import ParamsError
+
 __all__ = ["StyleParams", "VGG16_CFG", "VGG16_LAYERS", "VGG16_CHANNELS", "VGG16Layer", "DEVICES", "device_name",
            "STOP_WINDOW", "DEFAULT_STYLE_LAYERS", "DEFAULT_CONTENT_LAYERS", "markdown_table", "layer_index", "layer_factor",
            "min_side"]
@@ -265,6 +267,9 @@ class StyleParams(BaseModel):
                 f"style_layer_weights has {len(self.style_layer_weights)} values "
                 f"but style_layers has {len(self.style_layers)} layers"
             )
+        if self.content_weight == self.style_weight == self.tv_weight == 0:
+            raise ValueError("content_weight, style_weight and tv_weight are all 0: the objective is constant, "
+                             "and each pair would spend its whole budget returning its start image")
         return self
 
     def step_size(self) -> float:
@@ -290,7 +295,7 @@ class StyleParams(BaseModel):
         """Per-style-image weights, normalized to sum 1; checks the count against n_styles."""
         raw = self.style_blend_weights or [1.0] * n_styles
         if len(raw) != n_styles:
-            raise ValueError(f"style_blend_weights has {len(raw)} values for {n_styles} style image(s)")
+            raise ParamsError(f"style_blend_weights has {len(raw)} values for {n_styles} style image(s)")
         total = sum(raw)
         return [w / total for w in raw]
 

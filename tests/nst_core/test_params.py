@@ -105,3 +105,20 @@ def test_descriptions_say_what_the_engine_does():
     assert "same seed, same output only for the same device, thread count and library versions" in fields[
         "seed"].description
     assert "Upper bound" in fields["iterations"].description and "zero gradient" in fields["iterations"].description
+
+
+def test_a_blend_count_that_does_not_match_the_styles_is_an_engine_error():
+    """Old: a bare ValueError, which callers catching NSTError (stylize_many's per-pair errors, the
+    CLI) did not expect. Still a ValueError, for code that caught that."""
+    from nst_core import NSTError
+
+    with pytest.raises(NSTError, match="2 values for 1 style") as err:
+        StyleParams(style_blend_weights=[2, 1]).blend_weights(1)
+    assert isinstance(err.value, ValueError)
+
+
+def test_all_loss_weights_zero_is_refused():
+    """Old: accepted, and every pair spent its whole budget on a constant objective (the content back)."""
+    with pytest.raises(ValidationError, match="all 0"):
+        StyleParams(content_weight=0, style_weight=0, tv_weight=0)
+    StyleParams(content_weight=0, style_weight=0, tv_weight=1e-3)  # a term is left: allowed
