@@ -200,8 +200,9 @@ class BatchedLBFGS:
         else:
             d = self._direction(g, *self._remember(g, frozen))
             t = torch.full_like(self.t, self.lr)
-        # torch ends the step when the direction does not descend (gᵀd > −tolerance_change = 0)
-        self.descending &= _dot(g, d) <= 0
+        # torch ends the step when the direction does not descend (gᵀd > −tolerance_change = 0), and
+        # returns at once at a zero gradient (max|g| <= tolerance_grad = 0), where gᵀd = 0 would pass
+        self.descending &= (_dot(g, d) <= 0) & (g.abs().amax(1) > 0)
         move = ~frozen & self.descending
         d = torch.where(move[:, None], d, 0.0)
         self.d = d if self.d is None else torch.where(frozen[:, None], self.d, d)

@@ -279,6 +279,12 @@ def _prepare(pair: StylePair, params: StyleParams, extractor: FeatureExtractor, 
 
 
 def _init_image(kind: str, content: Tensor, style: Tensor | None, seed: int) -> Tensor:
+    """The start image, (1, 3, H, W) in [0, 1].
+
+    Differs from Gatys et al., whose main results start from white noise: the default starts from
+    the content (which the paper's CVPR version also compares), so a nightly budget of a few
+    hundred L-BFGS evaluations ends on a clean image with the content's structure, not on residual
+    noise; ``init="noise"`` (seeded by ``seed``) is the paper's start."""
     if kind == "content":
         return content.clone()
     if kind == "noise":

@@ -490,3 +490,10 @@ def test_an_exact_tail_that_goes_astray_never_replaces_a_better_reduced_precisio
     if not result.metadata["scales"][-1]["exact_tail"]:
         pytest.skip("auto precision is fp32 on this machine (no native bf16): no exact tail to test")
     assert result.losses["final"]["total"] < result.losses["initial"]["total"]
+
+
+def test_lbfgs_stops_at_a_zero_gradient(images):
+    """The content start with no style term is already the optimum (gradient exactly 0): torch's
+    L-BFGS returns there; ours ran every planned evaluation on it (60 full VGG passes for nothing)."""
+    result = stylize(*images, params(iterations=60, scales=1, style_weight=0, precision="fp32"))
+    assert result.metadata["evaluations"] < 5, result.metadata["evaluations"]
