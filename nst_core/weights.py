@@ -154,13 +154,27 @@ def _torch_load(data: bytes, label: str) -> object:
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = _refused_global(err)
-        raise WeightsError(
-            f"weights {label} refused: the file holds pickled Python objects"
-            f"{f' ({found})' if found else ''}, not only tensors, and loading it could run code; "
-            "only plain VGG16 state_dicts are loaded"
-        ) from None
+        if found or "Unsupported global" in str(err):
+            raise WeightsError(
+                f"weights {label} refused: the file holds pickled Python objects"
+                f"{f' ({found})' if found else ''}, not only tensors, and loading it could run code; "
+                "only plain VGG16 state_dicts are loaded"
+            ) from None
+        raise WeightsError(_not_a_checkpoint(data, label)) from None  # not a pickle at all: "Unsupported operand"
     except Exception as err:
+        if isinstance(err, KeyError):  # torch's legacy reader on bytes that are no checkpoint: KeyError('101')
+            raise WeightsError(_not_a_checkpoint(data, label)) from None
         raise WeightsError(f"weights {label} are not a loadable state_dict file ({_one_line(err)})") from None
+
+
+def _not_a_checkpoint(data: bytes, label: str) -> str:
+    """Why bytes that torch cannot read at all were refused: a safetensors file (its 8-byte header
+    length, then JSON) or anything else that torch.save did not write."""
+    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
+    if 0 < size <= len(data) - 8 and data[8:9] == b"{":
+        return (f"weights {label} are a safetensors file, which is not read here: save its tensors with "
+                "torch.save(state_dict, 'vgg16.pth') and give that file")
+    return f"weights {label} are not a PyTorch checkpoint (a file written by torch.save)"
 
 
 def _three(value: object, what: str, label: str) -> tuple[float, float, float]:

@@ -336,3 +336,20 @@ def test_a_refusal_says_what_and_why_in_our_words_and_no_torch_warning_escapes(t
     torch.save(_random_features(), good)
     load_extractor(str(good), layers=["relu1_1"])
     assert not [w for w in recwarn if issubclass(w.category, UserWarning) and "torch" in str(w.filename)]
+
+
+@pytest.mark.parametrize("name,data,reason", [
+    ("vgg.safetensors", (64).to_bytes(8, "little") + b'{"features.0.weight":{"dtype":"F32"}}' + bytes(64),
+     "a safetensors file"),
+    ("noise.pth", bytes(range(256)) * 16, "not a PyTorch checkpoint"),
+    ("notes.pth", b"hello\n", "not a PyTorch checkpoint"),
+])
+def test_a_file_that_is_no_checkpoint_is_not_called_unsafe(tmp_path, name, data, reason):
+    """Old: random bytes read "refused: the file holds pickled Python objects ... could run code"
+    (a safetensors VGG was called malicious) and a text file "not a loadable state_dict file (101)"."""
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(WeightsError) as err:
+        load_extractor(str(path), layers=["relu1_1"])
+    msg = str(err.value)
+    assert reason in msg and str(path) in msg and "could run code" not in msg and "(101)" not in msg, msg
