@@ -130,10 +130,18 @@ def add_stylize_parser(subparsers, opener: Callable[[str], bytes] | None = None)
 
 
 def _read(path: str) -> bytes:
+    """The file's bytes, at most MAX_INPUT_BYTES (no image decode_image accepts is larger): a pipe
+    (``<(curl …)``) is read too, but /dev/zero or a 50 GB file is refused, not read into memory."""
+    from .imageio import MAX_INPUT_BYTES
+
     try:
-        return Path(path).read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(MAX_INPUT_BYTES + 1)
     except OSError as err:
         raise NSTError(f"{path}: cannot read ({err.strerror or err})") from None
+    if len(data) > MAX_INPUT_BYTES:
+        raise NSTError(f"{path}: over the limit of {MAX_INPUT_BYTES:,} bytes for an input image")
+    return data
 
 
 def _write(path: Path, data: bytes | None) -> None:

@@ -46,8 +46,12 @@ def test_stylize_writes_image_and_sidecar(files):
     (["content.jpg", "style.png", "-o", "o.png", "--optimizer", "sgd"], "invalid choice: 'sgd'"),
     (["content.jpg", "style.png", "-o", "content.jpg/o.png"], "content.jpg: cannot write"),  # was a traceback
     (["content.jpg", "style.png", "-o", "o.png", "--image-size", "16"], "content.jpg: 16x13 px is too small"),
+    (["huge.png", "style.png", "-o", "o.png"], "huge.png: over the limit of 513,048,576 bytes for an input image"),
 ])
 def test_bad_input_exits_2_with_one_line(files, args, message):
+    if args[0] == "huge.png":  # sparse: no disk; read whole, it was "not a recognized image format" after 600 MB
+        with open(files / "huge.png", "wb") as f:
+            f.truncate(600 * 2**20)
     proc = nst("stylize", *args, "--weights", "random", cwd=files)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
