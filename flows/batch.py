@@ -52,7 +52,7 @@ from tasks.credentials import CREDENTIALS_REFUSED, DEFAULT_CHAIN, CredentialsErr
 from tasks.models import BatchSource, InvalidInputs, OutputSpec, RunOptions, StyleForm, batch_inputs
 from tasks.pair import PairContext, stop_requested
 from tasks.pipeline import PipelineResult, run_pairs
-from tasks.plan import PreflightError, default_allowed_sources, plan_pairs, source_entries
+from tasks.plan import PreflightError, default_allowed_sources, plan_pairs, refuse_outputs_over_inputs, source_entries
 from tasks.storage import (LocalStorage, Storage, StorageError, StorageHealth, StorageUnreachableError, open_storage,
                            read_uri, retrying, within)
 
@@ -265,6 +265,7 @@ def _plan(b: _Batch) -> tuple[list[PairPlan], str, list[str]]:
     except PreflightError as err:
         _drop_probe(b.out, b.flow_run, f"preflight failed: {err}")
         raise
+    plans = refuse_outputs_over_inputs(plans, b.out, getattr(b.source, "manifest", None))
     renamed = [(e, to) for e in entries if (to := renamed_output(e.output, b.output.format))]
     if renamed:  # the run's format decides the extension: say so rather than write another file than the row names
         e, to = renamed[0]

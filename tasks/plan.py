@@ -14,7 +14,7 @@ import io
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
 
 from nst_core.errors import NSTError
@@ -182,6 +182,26 @@ def _norm(uri: str, folder: bool = False, resolve: bool = True) -> str:
     except (TypeError, ValueError):
         return ""
     return text.rstrip("/") + "/" if folder else text
+
+
+def refuse_outputs_over_inputs(plans: list[PairPlan], out: Storage, manifest: str | None = None) -> list[PairPlan]:
+    """``plans`` with each pair whose image or sidecar would land on an input of the run (a content,
+    a style, the manifest) failed instead: a manifest names its outputs, and "c/a.jpg" written into
+    the folder that holds the photos replaced one, then again on every rerun (new bytes, new key)."""
+    inputs = {_norm(u): u for p in plans for u in (p.content, p.style)}
+    if manifest:
+        inputs[_norm(manifest)] = manifest
+    inputs.pop("", None)
+    checked = []
+    for p in plans:
+        hit = next((inputs[n] for key in (p.image_key, p.sidecar_key) if key and (n := _norm(out.uri_for(key))) in inputs),
+                   None)
+        if hit is not None and not p.error:
+            p = replace(p, sidecar_key="", key="", duplicate_of=-1, error=(
+                f"output {out.uri_for(p.image_key)} would replace an input of this run ({hit}); "
+                "give its row another output name"))
+        checked.append(p)
+    return checked
 
 
 def default_allowed_sources(source) -> list[str]:

@@ -754,3 +754,20 @@ def test_the_progress_card_counts_as_already_done_only_what_an_earlier_run_made(
     state = run(BatchSource(manifest=str(tmp_path / "m.jsonl")), OutputSpec(uri=str(tmp_path / "out")), max_failures=2)
     card = artifacts_of(state.state_details.flow_run_id)["progress"][0].description
     assert "2 of 2 pairs finished" in card and "already done" not in card, card
+
+
+def test_a_manifest_output_that_names_an_input_fails_its_pair_and_the_input_is_kept(tmp_path):
+    """Old: a row's output "c/c0.png" in an output folder holding the inputs replaced the content
+    photo with its stylized result, and every rerun (a new identity) stylized and replaced it again."""
+    _cross_folders(tmp_path, 2, 1)
+    before = (tmp_path / "c" / "c0.png").read_bytes()
+    rows = [{"content": "c/c0.png", "style": "s/s0.png", "output": "c/c0.png"},
+            {"content": "c/c1.png", "style": "s/s0.png", "output": "made/c1.png"}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    state = run(BatchSource(manifest=str(tmp_path / "m.jsonl")), OutputSpec(uri=str(tmp_path), format="png"),
+                max_failures=1)
+    report = state.result()
+    assert (tmp_path / "c" / "c0.png").read_bytes() == before
+    assert report["totals"] == {"pairs": 2, "done": 1, "skipped": 0, "failed": 1}, report["totals"]
+    failed = next(i for i in report["items"] if i["status"] == "failed")
+    assert "would replace an input of this run" in failed["error"] and "c0.png" in failed["error"], failed
