@@ -157,10 +157,8 @@ def write_pictures(out, run_id: str, items: list[dict], thumbs: list[tuple[bytes
             return _caption(item) if item else ""
 
         rows = [SheetRow(*t[:3], caption=caption(n, t)) for n, t in enumerate(thumbs)]
-        key = contact_sheet_key(run_id, attempt)
-        data = contact_sheet(rows, warning=warning)
-        retrying(lambda: out.write(key, data, "image/jpeg"))
-        uris["contact_sheet"] = out.uri_for(key)
+        uris["contact_sheet"] = _write_picture(out, contact_sheet_key(run_id, attempt),
+                                               contact_sheet(rows, warning=warning), "image/jpeg", "contact sheet")
     else:
         for earlier in range(attempt - 1, 0, -1):
             try:
@@ -174,10 +172,22 @@ def write_pictures(out, run_id: str, items: list[dict], thumbs: list[tuple[bytes
         key = loss_curve_key(run_id, attempt)
         random = warning and "random" in warning.lower()
         title = f"total loss per evaluation, {len(curves)} pair(s)" + (" (RANDOM weights)" if random else "")
-        data = loss_curve_png(curves, title=title)
-        retrying(lambda: out.write(key, data, "image/png"))
-        uris["loss_curve"] = out.uri_for(key)
+        uris["loss_curve"] = _write_picture(out, key, loss_curve_png(curves, title=title), "image/png", "loss curve")
     return uris
+
+
+def _write_picture(out, key: str, data: bytes, content_type: str, what: str) -> str | None:
+    """Write one of the run's pictures; its URI, or None with a warning when the storage refuses it
+    (a full disk, storage that gave up): a picture is a view of the pairs, never worth the report."""
+    from tasks.storage import StorageError, retrying
+
+    try:
+        retrying(lambda: out.write(key, data, content_type))
+    except (StorageError, OSError) as err:
+        logging.getLogger(__name__).warning("%s not written (%s: %s); the run report goes on without it",
+                                            what, type(err).__name__, err)
+        return None
+    return out.uri_for(key)
 
 
 #: How long a stopping run waits for its progress card's last update (RunProgress.stopped), at most

@@ -771,3 +771,25 @@ def test_a_manifest_output_that_names_an_input_fails_its_pair_and_the_input_is_k
     assert report["totals"] == {"pairs": 2, "done": 1, "skipped": 0, "failed": 1}, report["totals"]
     failed = next(i for i in report["items"] if i["status"] == "failed")
     assert "would replace an input of this run" in failed["error"] and "c0.png" in failed["error"], failed
+
+
+def test_a_picture_that_cannot_be_written_leaves_the_report_and_the_verdict_of_the_pairs(tmp_path, monkeypatch, caplog):
+    """A full disk (or storage giving up) at the contact sheet, after every pair was written: old,
+    the run crashed with OSError and its report said "crashed", nothing of the pairs it had made."""
+    import errno
+
+    from tasks.storage import LocalStorage
+
+    write = LocalStorage.write
+
+    def disk_full_for_pictures(self, key, data, content_type=None):
+        if key.startswith("_runs/") and key.endswith((".jpg", ".png")):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, key, data, content_type)
+
+    monkeypatch.setattr(LocalStorage, "write", disk_full_for_pictures)
+    state = run(_cross_folders(tmp_path, 2, 1), OutputSpec(uri=str(tmp_path / "out")))
+    assert state.is_completed(), state.message
+    report = json.loads(next((tmp_path / "out" / "_runs").glob("*.json")).read_text())
+    assert report["totals"]["done"] == 2 and report["contact_sheet"] is None and report["loss_curve"] is None, report
+    assert "contact sheet not written" in caplog.text and "No space left on device" in caplog.text
