@@ -15,6 +15,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Di
 from pydantic_core import CoreSchema
 
 from nst_core.params import Device, StyleParams, device_name
+from nst_core.uris import host_problem, parse_uri
 
 __all__ = ["BatchSource", "PrefixSource", "ManifestSource", "OutputSpec", "RunOptions", "StyleForm", "form_schema",
            "batch_inputs", "InvalidInputs"]
@@ -94,8 +95,22 @@ def _trimmed(value: str) -> str:
     return value
 
 
-def _manifest_name(value: str) -> str:
+def _place_uri(value: str) -> str:
+    """A folder, ``file:`` URI or ``s3://bucket/prefix``, refused here rather than by the storage
+    mid-run (which was a traceback): a file URI naming a host, an s3 URI with no bucket, another scheme."""
     _trimmed(value)
+    scheme, bucket, _ = parse_uri(value)
+    if scheme == "s3" and not bucket:
+        raise ValueError(f"{value} names no bucket; use s3://bucket/prefix")
+    if why := host_problem(value):
+        raise ValueError(why)
+    if scheme not in ("", "s3", "file") and len(scheme) > 1:  # one letter: a Windows drive
+        raise ValueError(f"{value}: unsupported scheme {scheme!r}; use s3://bucket/prefix or a folder")
+    return value
+
+
+def _manifest_name(value: str) -> str:
+    _place_uri(value)
     if not re.search(r"\.(jsonl|ndjson|csv)$", value, re.IGNORECASE):
         raise ValueError("must name a .jsonl, .ndjson or .csv file (a manifest, not a folder or an image)")
     return value
@@ -110,7 +125,7 @@ def _place(value: str) -> str:
     return _trimmed(value)
 
 
-_Uri = Annotated[str, AfterValidator(_trimmed)]
+_Uri = Annotated[str, AfterValidator(_place_uri)]
 _Place = Annotated[str, AfterValidator(_place), Field(min_length=1, json_schema_extra={"pattern": _TRIMMED})]
 _DeviceName = Annotated[Device, BeforeValidator(device_name)]  # type: ignore[valid-type]
 _ManifestUri = Annotated[str, AfterValidator(_manifest_name)]
@@ -214,7 +229,7 @@ class OutputSpec(BaseModel):
         default=7 * 24, ge=1, le=7 * 24, title="Link expiry (hours)",
         description="How long artifact S3 links work (S3's maximum: 168 h); temporary credentials end them sooner.",
     )
-    storage_credentials: _Uri = Field(
+    storage_credentials: Annotated[str, AfterValidator(_trimmed)] = Field(
         default="", json_schema_extra={"pattern": r"^(\S(.*\S)?)?$"}, title="Storage credentials block",
         description="A Prefect AwsCredentials block for every s3:// read and write; empty: boto3's default chain.",
     )

@@ -67,6 +67,11 @@ def test_batch_exit_codes(data):
     (["--contents", "c", "--styles", "s", "--output", "o", "--format", "gif"], "invalid choice: 'gif'"),
     (["--output", "o"], "one of the arguments --manifest --contents is required"),
     (["--contents", "file://c", "--styles", "s", "--output", "o"], "--contents file://c: a file URI with a host ('c')"),
+    # old: Prefect's traceback of StorageError from inside the flow, exit 1
+    (["--contents", "c", "--styles", "s", "--output", "file://out/x"], "uri: file://out/x: a file URI with a host"),
+    (["--contents", "c", "--styles", "s", "--output", "s3://"], "uri: s3:// names no bucket"),
+    (["--contents", "s3://", "--styles", "s", "--output", "o"], "contents: s3:// names no bucket"),
+    (["--contents", "c", "--styles", "s", "--output", "gs://b/out"], "uri: gs://b/out: unsupported scheme 'gs'"),
     # old: ignored without a word; a manifest lists its pairs itself
     (["--manifest", "m.csv", "--pairing", "zip", "--output", "o"], "--pairing goes with --contents and --styles"),
 ])
