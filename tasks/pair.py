@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Cancelled, State
+from prefect.states import Cancelled, Failed, State
 
 from nst_core.errors import NSTError, WeightsError
 from nst_core.imageio import MAX_INPUT_BYTES
@@ -253,13 +253,17 @@ def _stylize_step(ctx: PairContext, device: str, requests: list[StepRequest]) ->
 def process_pair(pair: PairPlan, ctx: PairContext) -> PairDone | State:
     """Fetch both inputs, stylize in a device step (``tasks.steps``: with up to
     ``pairs_per_step`` - 1 other pairs of the same output shape), write the image then the
-    sidecar. Raises (naming the input or the reason) when the pair fails; never retried as a whole.
-    A pair stopped on request (Ctrl-C, SIGTERM, the UI's Cancel) ends Cancelled with its reason:
-    not a failure, so no traceback (the task runner logs one per failed task)."""
+    sidecar; never retried as a whole. A pair stopped on request (Ctrl-C, SIGTERM, the UI's Cancel)
+    ends Cancelled with its reason; one that fails for a reason of ours (an NSTError: a bad or
+    changed input, its time limit, storage) ends Failed with its one line, which names the input.
+    Neither is a traceback: the task runner logs one per raising task, ~20 lines a pair in the
+    nightly log for one bad style. Anything else (a bug) still raises, with its traceback."""
     try:
         return _process(pair, ctx)
     except PairStopped as err:
         return Cancelled(message=str(err))
+    except NSTError as err:
+        return Failed(message=str(err) or type(err).__name__)
     finally:
         ctx.settle(pair)  # a step waiting for it waits no more
 

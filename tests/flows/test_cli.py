@@ -54,6 +54,9 @@ def test_batch_exit_codes(data):
     failed = nst("batch", "--contents", "c", "--styles", "s", "--output", "out", "--max-failures", "0", *FAST, cwd=data)
     assert failed.returncode == 1
     assert "1 of 3 pairs failed (report: " in failed.stdout
+    # a bad input is one line naming it, not a traceback per pair in the nightly log (old: ~20 lines each)
+    logged = failed.stdout + failed.stderr
+    assert "three.png: not a recognized image format" in logged and "Traceback" not in logged, logged[-3000:]
 
     (data / "m.csv").write_text("content,style\nc/one.png,s/st.png\nc/three.png,s/st.png\n")
     tolerated = nst("batch", "--manifest", "m.csv", "--output", "out2", "--max-failures", "1", *FAST, cwd=data)
