@@ -322,7 +322,8 @@ def _run(b: _Batch, plans: list[PairPlan], todo: list[PairPlan], done: set[int],
                           b.run.pair_timeout_s, {"id": b.flow_run["id"], "name": b.flow_run["name"]},
                           credentials=b.credentials, health=b.health, pairs_per_step=b.run.pairs_per_step)
         result = run_pairs(todo, ctx, b.run.window, b.run.contact_sheet_rows, on_done, result=b.result)
-    progress.update(len(todo), final=True)
+    if b.health.unreachable_since() is None:  # else _outage says the run stopped, and why
+        progress.update(len(todo), final=True)
     return result
 
 
@@ -354,10 +355,15 @@ def _outage(b: _Batch, items: list[ReportItem], result: PipelineResult, weights_
         written = ""
     except (StorageError, OSError):
         written = ", not written: the next run on this output marks it crashed"
-    publish_artifacts(report, b.out, b.output.link_expiry_hours, run_warning(weights_id, b.run.labels))
     counts = report["totals"]
     message = (f"{StorageUnreachableError(since)}: {counts['failed']} of {counts['pairs']} pairs failed "
                f"(report: {report['report']}{written})")
+    if b.progress is not None:  # not "n of n finished": the pairs left were never run
+        b.progress.stopped(str(StorageUnreachableError(since)))
+    try:
+        publish_artifacts(report, b.out, b.output.link_expiry_hours, run_warning(weights_id, b.run.labels))
+    except Exception as err:  # as in a run that ended well: the cards never replace the run's own verdict
+        get_run_logger().warning("artifacts not published: %s: %s", type(err).__name__, err)
     get_run_logger().error(message)
     return Failed(message=message)
 

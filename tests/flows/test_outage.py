@@ -13,7 +13,7 @@ from flows.batch import stylize_batch
 from flows.chunk import stylize_chunk
 from tasks.models import BatchSource, OutputSpec, RunOptions
 
-from helpers import pattern, tiny_params, to_bytes
+from helpers import artifacts_of, pattern, tiny_params, to_bytes
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
@@ -65,6 +65,9 @@ def test_an_endpoint_that_goes_silent_mid_run_ends_it_failed_in_time_and_a_rerun
     assert len(not_run) >= 30, rows
     failed_first = {(_name(r["content"]), _name(r["style"])) for r in rows if r["status"] == "failed"}
     first_id = str(state.state_details.flow_run_id)
+    # the progress card says the run stopped, and why (old: "40 of 40 pairs finished, ..., took 9s")
+    card = artifacts_of(first_id)["progress"][0].description
+    assert "stopped after" in card and SINCE.search(card) and "40 of 40" not in card, card
 
     s3_that_goes_silent.restore()
     again = stylize_batch(source, output, PARAMS, RunOptions(), return_state=True)
