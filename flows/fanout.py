@@ -150,7 +150,6 @@ def cancel_children(parent_id: str, message: str = f"{PARENT_STOPPED} was cancel
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
     from prefect.client.schemas.sorting import FlowRunSort
-    from prefect.states import Cancelling
 
     runs = []
     with get_client(sync_client=True) as client:
@@ -164,9 +163,19 @@ def cancel_children(parent_id: str, message: str = f"{PARENT_STOPPED} was cancel
         n = 0
         for child in runs:
             if child.state and not child.state.is_final() and str(child.id) not in keep:
-                client.set_flow_run_state(child.id, Cancelling(message=message), force=True)
+                client.set_flow_run_state(child.id, _cancel_state(child.state, message), force=True)
                 n += 1
     return n
+
+
+def _cancel_state(state, message: str):
+    """Cancelled at once for a run no worker holds yet (Scheduled, Paused: no process to stop, and
+    Prefect's server then left it "Cancelling" in the UI for its 5-minute timeout, without the
+    message); Cancelling for the rest, which their worker stops and ends Cancelled."""
+    from prefect.states import Cancelled, Cancelling
+
+    idle = state.type in (StateType.SCHEDULED, StateType.PAUSED)
+    return (Cancelled if idle else Cancelling)(message=message)
 
 
 def check_chunk_deployment(name: str) -> None:
@@ -256,12 +265,18 @@ class Chunk:
     restarts: int = 0
 
 
-def stopped_by_a_parent(state) -> bool:
+def stopped_by_a_parent(state, history=()) -> bool:
     """Whether a chunk run ended Cancelled because a parent stopped (cancel_children, or Prefect
-    for the subflows of a cancelled flow run), not for a reason of its own."""
-    message = state.message or ""
-    return state.type == StateType.CANCELLED and (message.startswith(PARENT_STOPPED)
-                                                  or message == _PREFECT_PARENT_CANCELLED)
+    for the subflows of a cancelled flow run), not for a reason of its own. The parent's word is in
+    the Cancelling state it set: Prefect's runner or worker then ends the run Cancelled with its own
+    ("Flow run was cancelled successfully.", "... while pending."), so ``history``, the run's
+    states, is read too."""
+    def by_a_parent(s) -> bool:
+        message = s.message or ""
+        return message.startswith(PARENT_STOPPED) or message == _PREFECT_PARENT_CANCELLED
+
+    return state.type == StateType.CANCELLED and (by_a_parent(state) or any(
+        s.type in (StateType.CANCELLING, StateType.CANCELLED) and by_a_parent(s) for s in history))
 
 
 class ChunkWatcher:
@@ -322,7 +337,7 @@ class ChunkWatcher:
                 continue
             chunk.state = child.state.name
             if child.state.is_final():
-                if not (stopped_by_a_parent(child.state) and self.start_again(chunk)):
+                if not (self._stopped_by_a_parent(child) and self.start_again(chunk)):
                     self.settle(chunk, child.state.name, child.state.message or "")
                 self.last_move = now
             elif child.state.type != StateType.SCHEDULED and chunk.started is None:
@@ -330,6 +345,17 @@ class ChunkWatcher:
         if any(c.started is not None for c in self.pending):
             self.last_move = now  # a chunk is running: the queued ones wait for its slot
         return now
+
+    def _stopped_by_a_parent(self, child) -> bool:
+        """stopped_by_a_parent, reading the states of a Cancelled run whose last message is not a
+        parent's (one API call, for Cancelled runs only); an API that fails to answer: not by a parent."""
+        if child.state.type != StateType.CANCELLED or stopped_by_a_parent(child.state):
+            return stopped_by_a_parent(child.state)
+        try:
+            return stopped_by_a_parent(child.state, self.client.read_flow_run_states(child.id))
+        except Exception as err:
+            self.logger.warning("could not read the states of chunk run %s: %s", child.id, err)
+            return False
 
     def start_again(self, chunk: Chunk) -> bool:
         """Give a chunk whose run another parent's stop cancelled a new run (it skips the pairs the old
@@ -374,10 +400,12 @@ class ChunkWatcher:
                                    "takes one slot and its chunks need another); cancelled")
 
     def cancel(self, chunk: Chunk, why: str) -> None:
-        from prefect.states import Cancelling
+        from prefect.states import Cancelled, Cancelling
 
         try:
-            self.client.set_flow_run_state(chunk.flow_run_id, Cancelling(message=why), force=True)
+            # queued as last polled: no worker holds it (one taking it now finds it ended, and lets it be)
+            state = (Cancelled if chunk.started is None else Cancelling)(message=why)
+            self.client.set_flow_run_state(chunk.flow_run_id, state, force=True)
         except Exception as err:
             self.logger.warning("could not cancel chunk run %s: %s", chunk.flow_run_id, err)
         self.settle(chunk, "Cancelled", why)

@@ -134,19 +134,24 @@ def test_a_chunk_deployment_the_api_lacks_is_refused_at_preflight(tmp_path, chun
 
 
 def test_cancel_children_cancels_that_parents_chunk_runs_only(prefect_api):
-    """The helper alone; cancelling a real parent run: the e2e test at the end of this file."""
+    """The helper alone; cancelling a real parent run: the e2e test at the end of this file. A queued
+    chunk run (no process to stop) ends Cancelled at once; a running one is set Cancelling for its
+    worker to stop. Old: queued ones too sat "Cancelling" in the UI, for the server's 5-minute
+    timeout, since no worker held them."""
     from prefect.client.orchestration import get_client
-    from prefect.states import Scheduled
+    from prefect.states import Running, Scheduled
 
     assert batch._on_cancel in stylize_batch.on_cancellation_hooks
     with get_client(sync_client=True) as client:
         flow_id = client.create_flow(stylize_chunk)
         del flow_id
         kids = [client.create_flow_run(stylize_chunk, tags=["nst-parent:p-123"], state=Scheduled()) for _ in range(2)]
+        running = client.create_flow_run(stylize_chunk, tags=["nst-parent:p-123"], state=Running())
         other = client.create_flow_run(stylize_chunk, tags=["nst-parent:someone-else"], state=Scheduled())
-        assert cancel_children("p-123") == 2
-        states = [client.read_flow_run(k.id).state.name for k in kids]
-        assert all(s in ("Cancelling", "Cancelled") for s in states), states
+        assert cancel_children("p-123") == 3
+        states = [client.read_flow_run(k.id).state for k in kids]
+        assert all(s.name == "Cancelled" and s.message.startswith(fanout.PARENT_STOPPED) for s in states), states
+        assert client.read_flow_run(running.id).state.name == "Cancelling"
         assert client.read_flow_run(other.id).state.name == "Scheduled"
 
 
@@ -783,7 +788,9 @@ def test_a_chunk_run_cancelled_by_the_other_of_two_overlapping_parents_is_starte
     running, which then carries both parents' tags. The duplicate A is cancelled: its cancellation
     (and Prefect's, for a cancelled parent's subflows) cancels that run. Old: B failed its pairs
     with "the parent stylize-batch run was cancelled" and ended Failed. Now B starts the chunk again
-    (the new run skips what the old one wrote)."""
+    (the new run skips what the old one wrote). The Cancelled state says what Prefect's runner says
+    ("Flow run was cancelled successfully."): the parent's word is in the Cancelling state before it
+    (first version: only the final message was read, so the chunk was never started again)."""
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelled, Completed, Running
 
@@ -801,8 +808,9 @@ def test_a_chunk_run_cancelled_by_the_other_of_two_overlapping_parents_is_starte
             cancel_children("parent-a")  # A is cancelled: its on_cancellation hook
         with get_client(sync_client=True) as client:
             for run in _recent_chunks(dep):
-                if run.state.name == "Cancelling":
-                    client.set_flow_run_state(run.id, Cancelled(message=run.state.message), force=True)
+                if run.state.name == "Cancelling":  # as Prefect's runner ends it: its own words over the parent's
+                    client.set_flow_run_state(run.id, Cancelled(message="Flow run was cancelled successfully."),
+                                              force=True)
                 elif not run.state.is_final() and clock.sleeps > 1:  # a worker ran it
                     client.set_flow_run_state(run.id, Completed(), force=True)
 
