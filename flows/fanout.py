@@ -299,6 +299,8 @@ class ChunkWatcher:
         self.finished = 0  # pairs merged so far
         self.start_limit = min(run.chunk_timeout_s, START_TIMEOUT_S)
         self.last_move = time.monotonic()  # when a chunk last started or finished, or one was seen running
+        self._pool: str | None = None  # the chunk deployment's work pool, once read
+        self._pool_busy: set[str] = set()  # its Pending/Running flow runs at the last look
         self.logger = get_run_logger()
 
     @property
@@ -387,15 +389,42 @@ class ChunkWatcher:
             return False
         return state is not None and (state.is_final() or state.type == StateType.CANCELLING)
 
+    def _pool_moved(self) -> bool:
+        """Whether the chunk deployment's work pool is busy with other runs and moving: the set of
+        its Pending or Running flow runs (another run's chunks, an overrunning nightly's) differs
+        from the last look. This run's queued chunks then wait their turn, not for a worker that
+        is missing; a set that never changes (a run left Running by a dead worker) is no
+        movement, so the wait stays bounded. An API that fails to answer: no movement."""
+        from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
+                                                    WorkPoolFilter, WorkPoolFilterName)
+
+        try:
+            if self._pool is None:
+                self._pool = self.client.read_deployment_by_name(self.run.chunk_deployment).work_pool_name or ""
+            if not self._pool:
+                return False
+            busy = {str(r.id) for r in self.client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+                    any_=[StateType.PENDING, StateType.RUNNING]))),
+                work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[self._pool])), limit=API_PAGE)}
+        except Exception as err:
+            self.logger.warning("could not read the busy runs of the chunk pool: %s", err)
+            return False
+        moved, self._pool_busy = bool(busy) and busy != self._pool_busy, busy
+        return moved
+
     def check_deadlines(self, now: float) -> None:
         run = self.run
+        if (any(c.started is None for c in self.pending) and now - self.last_move > self.start_limit
+                and self._pool_moved()):
+            self.last_move = now  # the pool's worker is busy with other runs: our chunks are queued behind them
         for chunk in self.pending:
             if chunk.started is not None and now - chunk.started > run.chunk_timeout_s:
                 self.cancel(chunk, f"ran longer than chunk_timeout_s={run.chunk_timeout_s:g} s (still {chunk.state}); "
                                    "cancelled")
             elif chunk.started is None and now - self.last_move > self.start_limit:
                 self.cancel(chunk, f"not started within {self.start_limit:g} s (still {chunk.state}) while no chunk "
-                                   f"of this run was running; is a worker polling the work pool of "
+                                   f"of this run, nor any run of its work pool, was running; is a worker polling the work pool of "
                                    f"{run.chunk_deployment}? (with `nst serve`, --limit must be at least 2: this run "
                                    "takes one slot and its chunks need another); cancelled")
 

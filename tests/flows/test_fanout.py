@@ -363,6 +363,54 @@ def test_a_queued_chunk_is_timed_from_its_own_start(tmp_path, monkeypatch, chunk
 
 
 @pytest.mark.slow
+def test_chunks_queued_behind_another_runs_busy_chunks_wait_for_them(tmp_path, monkeypatch,
+                                                                     chunk_deployment_without_worker):
+    """The nightly's chunks queue behind an overrunning job's on the one GPU pool: nothing of this
+    run moves for longer than the start limit, but the pool's worker is busy. Old: every chunk was
+    cancelled, "not started within ... is a worker polling the work pool?", and the night's pairs failed."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Running, Scheduled
+
+    source, output = _folders(tmp_path, contents=2)
+    dep = chunk_deployment_without_worker
+    foreign = [_chunk_run(dep, f"{n:x}" * 64, "another-job", f"_runs/x/chunk-{n}.json", Scheduled()) for n in range(6)]
+    client = get_client(sync_client=True).__enter__()
+
+    def worker(clock):  # the other job's six chunks, 8 s each (the start limit is 10 s); then ours
+        n = int(clock.now - 1000) // 8
+        if n < len(foreign):
+            if n:
+                client.set_flow_run_state(foreign[n - 1].id, Completed(), force=True)
+            client.set_flow_run_state(foreign[n].id, Running(), force=True)
+            return
+        client.set_flow_run_state(foreign[-1].id, Completed(), force=True)
+        for kid in _recent_chunks(dep):
+            if kid.state.name == "Scheduled":
+                client.set_flow_run_state(kid.id, Running(), force=True)
+            elif kid.state.name == "Running":
+                client.set_flow_run_state(kid.id, Completed(), force=True)
+
+    monkeypatch.setattr(fanout, "START_TIMEOUT_S", 10.0)
+    monkeypatch.setattr(fanout, "time", FakeClock(worker, step=2.0))
+    state = stylize_batch(source, output, tiny_params(),
+                          RunOptions(fan_out="workers", chunk_size=1, chunk_deployment=chunk_deployment_without_worker),
+                          return_state=True)
+    report = json.loads((tmp_path / "out" / "_runs" / f"{state.state_details.flow_run_id}.json").read_text())
+    errors = [i["error"] for i in report["items"]]
+    # the chunks "completed" without writing anything, so their pairs fail, but none was cancelled
+    assert len(errors) == 2 and all("ended Completed" in e for e in errors), errors
+    # a run left Running for ever (its worker died) is no movement: the wait stays bounded
+    stuck = _chunk_run(dep, "e" * 64, "dead-job", "_runs/y/chunk-0.json", Running())
+    monkeypatch.setattr(fanout, "time", FakeClock(step=2.0))
+    state = stylize_batch(source, OutputSpec(uri=str(tmp_path / "out2")), tiny_params(),
+                          RunOptions(fan_out="workers", chunk_size=1, chunk_deployment=dep), return_state=True)
+    client.__exit__(None, None, None)
+    report = json.loads((tmp_path / "out2" / "_runs" / f"{state.state_details.flow_run_id}.json").read_text())
+    assert all("not started within 10 s" in i["error"] for i in report["items"]), report["items"]
+    assert stuck.id not in {k.id for k in _children(str(state.state_details.flow_run_id))}
+
+
+@pytest.mark.slow
 def test_a_chunk_running_past_its_deadline_is_cancelled_with_that_reason(tmp_path, monkeypatch,
                                                                         chunk_deployment_without_worker):
     from prefect.client.orchestration import get_client
