@@ -50,7 +50,11 @@ class SourceEntry:
 
 
 def _is_image(key: str) -> bool:
-    return PurePosixPath(key).suffix.lower() in IMAGE_EXTENSIONS
+    """An image by its extension; never a hidden file or one in a hidden folder (".thumbs/",
+    macOS's "._a.jpg" AppleDouble files on shares), nor an S3 folder marker ("dir.png/")."""
+    path = PurePosixPath(key)
+    return (not key.endswith("/") and path.suffix.lower() in IMAGE_EXTENSIONS
+            and not any(part.startswith(".") and part not in (".", "..") for part in path.parts))
 
 
 def _refusal(uri: str, info: ObjectInfo) -> TooLargeError | None:
@@ -123,12 +127,15 @@ def read_manifest(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> 
     entries = []
     for line, row in rows:
         where = f"manifest {name} line {line}"
-        content, style, output = row.get("content"), row.get("style"), row.get("output") or None
+        content, style, output = row.get("content"), row.get("style"), row.get("output")
         if not isinstance(content, str) or not content or not isinstance(style, str) or not style:
             raise PreflightError(f"{where}: needs non-empty 'content' and 'style'")
+        if output is not None and not isinstance(output, str):  # true was written "True.jpg"
+            raise PreflightError(f"{where}: 'output' must be a file name (a string), not {json.dumps(output)}")
+        output = output or None
         try:
             if output is not None:
-                output = safe_key(str(output))
+                output = safe_key(output)
             entries.append(SourceEntry(_resolve(content, base), _resolve(style, base), output, where))
         except UnsafeKeyError as err:
             raise PreflightError(f"{where}: {err}; outputs and entries must stay under their prefix") from None

@@ -60,6 +60,10 @@ def test_a_jsonl_manifest_splits_rows_on_newlines_only(folders):
     ('{"content": "c/a.jpg", "style": "s.png"}\nnot json\n', "line 2: not JSON"),
     ("", "is empty"),
     ("\n\n", "is empty"),
+    # old: written as "True.jpg" and "['a'].jpg"; false and 0 were dropped without a word
+    ('{"content": "c/a.jpg", "style": "s/s1.png", "output": true}\n', "line 1: 'output' must be a file name"),
+    ('{"content": "c/a.jpg", "style": "s/s1.png", "output": ["a"]}\n', "line 1: 'output' must be a file name"),
+    ('{"content": "c/a.jpg", "style": "s/s1.png", "output": 0}\n', "line 1: 'output' must be a file name"),
 ])
 def test_bad_manifests_name_the_line(folders, text, message):
     (folders / "m.jsonl").write_text(text)
@@ -420,3 +424,18 @@ def test_an_allowed_entry_that_names_no_place_allows_nothing_and_breaks_nothing(
     assert outside_allowed(str(tmp_path / "x.png"), ["/da\x00ta", str(tmp_path)]) == ""
     assert "outside allowed_sources" in outside_allowed(str(tmp_path / "x.png"), ["/da\x00ta"])
     assert "outside allowed_sources" in outside_allowed("/da\x00ta/x.png", [str(tmp_path)])
+
+
+def test_hidden_files_and_folder_markers_are_not_inputs(folders, bucket):
+    """Old: ".hidden.png" and macOS's "._a.jpg" (AppleDouble, on shares) were inputs, failing a pair
+    every night, and an S3 folder marker "in/dir.png/" failed its pairs "no such object"."""
+    (folders / "c" / ".hidden.png").write_bytes(to_bytes(pattern((16, 16))))
+    (folders / "c" / "._a.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    entries = source_entries(BatchSource(contents=str(folders / "c"), styles=str(folders / "s")))
+    assert sorted(e.content.rsplit("/", 1)[1] for e in entries) == ["a.jpg", "b.png"]
+    name, client = bucket
+    client.put_object(Bucket=name, Key="in/c/a.png", Body=to_bytes(pattern((16, 16))))
+    client.put_object(Bucket=name, Key="in/c/dir.png/", Body=b"")
+    client.put_object(Bucket=name, Key="in/s/s.png", Body=to_bytes(pattern((16, 16), "style")))
+    entries = source_entries(BatchSource(contents=f"s3://{name}/in/c/", styles=f"s3://{name}/in/s/"))
+    assert [e.content for e in entries] == [f"s3://{name}/in/c/a.png"]
