@@ -200,7 +200,7 @@ class _LineBar(ProgressBar):
 
     def update(self, done: int, note: str = "") -> None:
         super().update(done, note)
-        self.open_line = done < self.total
+        self.open_line = self.tty and done < self.total
 
     def clear(self) -> None:
         if self.open_line:

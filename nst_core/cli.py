@@ -93,18 +93,30 @@ def one_line(err: Exception) -> str:
     return str(err)
 
 
-class ProgressBar:
-    """A one-line text progress bar on a stream (stderr), redrawn in place."""
+#: Seconds between progress lines when the stream is no terminal (a log file, cron's mail).
+PLAIN_EVERY_S = 30.0
 
-    def __init__(self, total: int, label: str = "", stream=sys.stderr, width: int = 30):
-        self.total, self.label, self.stream, self.width = total, label, stream, width
-        self._last = 0.0
+
+class ProgressBar:
+    """A one-line text progress bar on a stream (stderr), redrawn in place on a terminal; elsewhere
+    (a log file, cron) a plain "label k/n note" line at most every PLAIN_EVERY_S and at the end,
+    never a carriage return that would hide the log line after it from grep."""
+
+    def __init__(self, total: int, label: str = "", stream=None, width: int = 30):
+        self.stream = sys.stderr if stream is None else stream  # read now: tests and nst swap sys.stderr
+        self.total, self.label, self.width = total, label, width
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._last = -PLAIN_EVERY_S
 
     def update(self, done: int, note: str = "") -> None:
         now = time.monotonic()
-        if done < self.total and now - self._last < 0.1:
+        if done < self.total and now - self._last < (0.1 if self.tty else PLAIN_EVERY_S):
             return
         self._last = now
+        if not self.tty:
+            self.stream.write(f"{self.label}{done}/{self.total} {note}".rstrip() + "\n")
+            self.stream.flush()
+            return
         filled = int(self.width * done / max(self.total, 1))
         bar = "#" * filled + "-" * (self.width - filled)
         self.stream.write(f"\r{self.label}[{bar}] {done}/{self.total} {note}".ljust(100))

@@ -35,6 +35,9 @@ def test_stylize_writes_image_and_sidecar(files):
     assert meta["evaluations"] == 4 and meta["losses"]["final"]["total"] <= meta["losses"]["initial"]["total"]
     assert meta["styles"] == ["style.png", "style2.png"] and "versions" in meta and "seconds" in meta
     assert "4/4" in proc.stderr  # the progress bar reached the end
+    # not a terminal (a log file, cron's mail): whole lines, no carriage returns (old: "\r[###...]" redraws)
+    # (text mode reads each "\r" as a line end: the bar's redraws showed as padded "[####---]" lines)
+    assert "[#" not in proc.stderr and "-----" not in proc.stderr and "   \n" not in proc.stderr, repr(proc.stderr)
 
 
 @pytest.mark.parametrize("args,message", [
