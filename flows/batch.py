@@ -61,6 +61,12 @@ __all__ = ["stylize_batch", "preflight", "on_pair_done"]
 # A refused run ends Failed with its one line, without the engine's traceback of the returned state.
 quiet_returned_failures()
 
+#: Flow run ids of the stylize-batch runs started in this process: what `nst` records crashed when
+#: it must exit at once (a second Ctrl-C) before the engine recorded the run's end (a run that
+#: ended refuses the change). Kept until the caller clears it: the engine records the end after
+#: the flow body returns.
+in_progress: set[str] = set()
+
 #: Set by the CLI to draw a progress bar: called with (finished pairs, pairs to run).
 on_pair_done: contextvars.ContextVar[Callable[[int, int], None] | None] = contextvars.ContextVar(
     "on_pair_done", default=None)
@@ -416,6 +422,7 @@ def stylize_batch(
     stop_requested.clear()
     b = _Batch(source, output, params, run, credentials)
     reported = False  # the final report is written: never replace it
+    in_progress.add(b.flow_run["id"])
     try:
         try:
             plans, weights_id, allowed = _plan(b)

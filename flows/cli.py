@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import logging
 import os
 import signal
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_flow(source, output, params, run):
     """Run stylize_batch in this process with a progress bar; prints and returns the final state."""
-    from flows.batch import on_pair_done, stylize_batch
+    from flows.batch import in_progress, on_pair_done, stylize_batch
 
     bar: _LineBar | None = None
 
@@ -101,6 +102,7 @@ def _run_flow(source, output, params, run):
         with _logs_start_on_their_own_line(lambda: bar), _prefect_api():
             state = stylize_batch(source, output, params, run, return_state=True)
     finally:
+        in_progress.clear()  # the engine has recorded the run's end: nothing for an exit at once to record
         on_pair_done.reset(token)
         for signum, handler in previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
@@ -176,11 +178,44 @@ def _temporary_api():
     return sys.modules.get("flows.temporary_api")
 
 
+#: How long an exit at once waits for the API to record the runs in progress crashed.
+EXIT_RECORD_S = 3.0
+
+
 def _exit_now(code: int) -> None:
-    """Exit at once (os._exit skips Prefect's atexit stop of a temporary API server: stop it first)."""
+    """Exit at once (os._exit skips Prefect's atexit stop of a temporary API server: stop it first),
+    having told the API, within EXIT_RECORD_S, that the runs in progress crashed: their flow runs
+    otherwise stay Running for good (their reports already say "crashed", so no later run's sweep
+    looks at them)."""
+    _record_crashed(f"nst exited at once (exit {code}) before the run could record its end")
     if (temporary := _temporary_api()) is not None:
         temporary.stop_now()
     os._exit(code)
+
+
+def _record_crashed(message: str) -> None:
+    from flows.batch import in_progress
+
+    ids = list(in_progress)
+    if not ids:
+        return
+
+    def record() -> None:
+        import uuid
+
+        from prefect.client.orchestration import get_client
+        from prefect.states import Crashed
+
+        with contextlib.suppress(Exception), get_client(sync_client=True) as client:
+            for run_id in ids:
+                with contextlib.suppress(Exception):
+                    # not forced: a run the engine already ended (Completed, Crashed) keeps its state
+                    client.set_flow_run_state(uuid.UUID(run_id), Crashed(message=message))
+
+    # in this context: the API the run uses may be set in it (temporary settings), not in the environment
+    recording = threading.Thread(target=contextvars.copy_context().run, args=(record,), daemon=True)
+    recording.start()
+    recording.join(EXIT_RECORD_S)
 
 
 def _refusal(state) -> str | None:
@@ -253,7 +288,8 @@ def _install_interrupt_handlers() -> dict:
 
     def stop(code: int) -> None:
         stop_requested.set()
-        watchdog = threading.Timer(10.0, _exit_now, args=(code,))
+        # in the run's context (its API settings): _exit_now records the run crashed through that API
+        watchdog = threading.Timer(10.0, contextvars.copy_context().run, args=(_exit_now, code))
         watchdog.daemon = True
         watchdog.start()
 

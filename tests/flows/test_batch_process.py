@@ -209,6 +209,35 @@ def test_ctrl_c_then_kill_9_then_rerun(tmp_path):
 
 
 
+def test_a_second_ctrl_c_exits_at_once_and_the_run_is_still_recorded_crashed(tmp_path):
+    """Ctrl-C twice: nst exits at once (os._exit). Old: the flow run stayed RUNNING in the API for
+    good (the rerun's sweep reads only reports still saying "running", and this one said "crashed")."""
+    (tmp_path / "c").mkdir()
+    (tmp_path / "s").mkdir()
+    for i in range(PAIRS):
+        pattern((32, 24), "content", i).save(tmp_path / "c" / f"c{i}.png")
+    pattern((24, 32), "style").save(tmp_path / "s" / "s.png")
+    proc = _start(tmp_path, iterations=200)
+    try:
+        _wait_for(lambda: "evaluation" in _output(proc) or _sidecars(tmp_path / "out"), 300, proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.05)  # the first one handled (two pending SIGINTs are one), the run still unwinding
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=EXIT_AFTER_CTRL_C_S + SLACK_S)
+        output = _output(proc)
+        assert code == 130 and "interrupted again, exiting now" in output, output[-2000:]
+        _assert_server_stopped(output)
+        with contextlib.closing(sqlite3.connect(tmp_path / "prefect-home" / "prefect.db")) as db:
+            assert db.execute("SELECT state_type FROM flow_run").fetchall() == [("CRASHED",)], output[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for port in _server_ports(_output(proc)):
+            for pid in _serving(port):
+                os.kill(pid, signal.SIGKILL)
+
+
 def _assert_server_stopped(output: str, within_s: float = SLACK_S) -> None:
     """The temporary API server of an exited `nst` (in a session of its own, so not in nst's
     process group) is gone: no process serves the port nst logged, within ``within_s``."""
