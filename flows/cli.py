@@ -131,6 +131,8 @@ def _prefect_api():
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as wait
 
     url = PREFECT_API_URL.value()
+    if url:
+        _check_answers(url)
     try:
         with temporary_settings(set_defaults={wait: SERVER_START_TIMEOUT_S}):
             waited = wait.value()
@@ -155,6 +157,27 @@ def _prefect_api():
                            f"({without_userinfo(one_line(cause))}); "
                            "start it or fix PREFECT_API_URL, or unset it to run on a temporary API") from None
         raise
+
+
+#: How long the API at PREFECT_API_URL may take to answer its health check (env NST_API_CHECK_S).
+API_CHECK_S = 15.0
+
+
+def _check_answers(url: str) -> None:
+    """NSTError unless the API at ``url`` replies to GET /health within API_CHECK_S: one that accepts
+    connections and never replies (a hung proxy, a dead container's port forward) held nst silent
+    for minutes of Prefect's retries. Any reply, or a refused connection, is left to Prefect's own
+    calls and their messages (an API key's 401, a 500, "does not answer")."""
+    import httpx
+
+    wait = float(os.environ.get("NST_API_CHECK_S") or API_CHECK_S)
+    try:
+        httpx.get(f"{url.rstrip('/')}/health", timeout=wait)
+    except httpx.TimeoutException:
+        raise NSTError(f"the Prefect API at {without_userinfo(url)} does not answer (no reply within {wait:g} s); "
+                       "check the server, or unset PREFECT_API_URL to run on a temporary API") from None
+    except httpx.HTTPError:
+        pass
 
 
 def _answered(url: str, err: httpx.HTTPStatusError) -> str:

@@ -265,6 +265,24 @@ def test_an_api_url_that_cannot_be_used_is_one_line_without_its_credentials(data
     assert ("PREFECT_API_KEY" in errors[0]) == (api in ("401", "403")), errors[0]  # what to set
 
 
+@pytest.mark.parametrize("command", ["batch", "serve"])
+def test_an_api_that_accepts_but_never_answers_is_one_line_in_bounded_time(data, command):
+    """A PREFECT_API_URL whose server accepts connections and never replies (a hung proxy, a stopped
+    container's port forward). Old: 7 min 12 s of silence, then the error."""
+    import socket
+
+    args = ["--contents", "c", "--styles", "s", "--output", "out", *FAST] if command == "batch" else []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)  # accepted by the kernel, never read or answered
+        url = f"http://user:hunter2@127.0.0.1:{listener.getsockname()[1]}/api"
+        proc = nst(command, *args, cwd=data, env={**os.environ, "PREFECT_API_URL": url, "NST_API_CHECK_S": "2"})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("nst: error:")]
+    assert len(errors) == 1 and "does not answer (no reply within 2 s)" in errors[0], proc.stderr
+    assert "hunter2" not in proc.stderr + proc.stdout and "Traceback" not in proc.stderr + proc.stdout
+
+
 def test_progress_bar_and_log_lines_never_share_a_line():
     """Old: a log line written while the bar was drawn continued the bar's line."""
     import io
