@@ -90,7 +90,7 @@ def one_line(err: Exception) -> str:
     """A validation or NST error as one line for stderr."""
     if isinstance(err, ValidationError):
         return format_validation_error(err)
-    return str(err)
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # a library's own line breaks
 
 
 #: Seconds between progress lines when the stream is no terminal (a log file, cron's mail).

@@ -95,6 +95,10 @@ def _trimmed(value: str) -> str:
     return value
 
 
+#: What boto3 accepts as a bucket name (S3-compatible stores allow more than AWS's rules).
+_BUCKET = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")
+
+
 def _place_uri(value: str) -> str:
     """A folder, ``file:`` URI or ``s3://bucket/prefix``, refused here rather than by the storage
     mid-run (which was a traceback): a file URI naming a host, an s3 URI with no bucket, another scheme."""
@@ -102,6 +106,8 @@ def _place_uri(value: str) -> str:
     scheme, bucket, _ = parse_uri(value)
     if scheme == "s3" and not bucket:
         raise ValueError(f"{value} names no bucket; use s3://bucket/prefix")
+    if scheme == "s3" and not _BUCKET.fullmatch(bucket):  # boto3's own rule, which it checks only at the call
+        raise ValueError(f"{value}: {bucket!r} is not an S3 bucket name (letters, digits, '.', '-', '_')")
     if why := host_problem(value):
         raise ValueError(why)
     if scheme not in ("", "s3", "file") and len(scheme) > 1:  # one letter: a Windows drive
