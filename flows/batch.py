@@ -38,7 +38,8 @@ from pydantic import Field
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.fanout import PARENT_STOPPED, cancel_children, check_chunk_deployment, fan_out_to_workers, live_before_done
+from flows.fanout import (PARENT_STOPPED, cancel_children, cancel_stopped_children, check_chunk_deployment,
+                          fan_out_to_workers, live_before_done)
 from flows.quiet import quiet_returned_failures
 from flows.orphans import api_identity, mark_crashed_reports, still_running, this_process
 from nst_core.errors import NSTError
@@ -461,6 +462,10 @@ def stylize_batch(
             if isinstance(err, TerminationSignal) and (cancelled := _cancelled(b.flow_run["id"])):
                 _mark_stopped(b.out, b.flow_run, cancelled, CANCELLED, _stopped_items(b, cancelled))
                 why = cancelled
-            if b.progress is not None:  # last, after the report: its card would keep its rate and ETA
+            if b.progress is not None:  # after the report: its card would keep its rate and ETA
                 b.progress.stopped(why)
+        if run.fan_out == "workers" and isinstance(err, (KeyboardInterrupt, SystemExit, TerminationSignal)):
+            # last: a nightly's hundreds of chunk runs take as many API calls, and a cancel from the UI
+            # gives the run 30 s after SIGTERM; its report and card must not wait for them
+            cancel_stopped_children(b.flow_run["id"])
         raise

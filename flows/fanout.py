@@ -33,6 +33,7 @@ from functools import partial
 
 from prefect import get_run_logger
 from prefect.client.schemas.objects import StateType
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
 from nst_core.params import StyleParams
@@ -559,9 +560,17 @@ def fan_out_to_workers(
             watcher = ChunkWatcher(client, chunks, open_storage(output.uri, credentials), run, on_done, n_todo,
                                    health, parent_id, result)
             return watcher.wait()
+    except (KeyboardInterrupt, SystemExit, TerminationSignal):
+        raise  # a stop: the flow marks its report and card first, then cancels (cancel_stopped_children)
     except BaseException:
-        try:
-            cancel_children(parent_id, f"{PARENT_STOPPED} stopped before its chunks finished")
-        except Exception as err:  # the API is gone too: nothing more to do here
-            get_run_logger().warning("could not cancel the chunk runs: %s", err)
+        cancel_stopped_children(parent_id)
         raise
+
+
+def cancel_stopped_children(parent_id: str) -> None:
+    """Cancel the unfinished chunk runs of a parent that stopped before they finished (best effort:
+    the API may be what failed)."""
+    try:
+        cancel_children(parent_id, f"{PARENT_STOPPED} stopped before its chunks finished")
+    except Exception as err:  # the API is gone too: nothing more to do here
+        get_run_logger().warning("could not cancel the chunk runs: %s", err)

@@ -362,6 +362,34 @@ def test_a_queued_chunk_is_timed_from_its_own_start(tmp_path, monkeypatch, chunk
     assert all(k.state.name == "Completed" for k in _children(run_id))
 
 
+def test_a_stopping_parent_marks_its_report_before_it_cancels_its_chunk_runs(tmp_path, monkeypatch,
+                                                                              chunk_deployment_without_worker):
+    """The UI's Cancel gives the parent 30 s after SIGTERM; cancelling a nightly's 200 chunk runs is
+    200 API calls. Old: the chunk runs were cancelled first, and a parent killed meanwhile left its
+    report "running" and its card's ETA. Now the report and card first, then the chunk runs."""
+    import flows.batch as batch_mod
+
+    source, output = _folders(tmp_path, contents=2)
+    seen = []
+
+    def cancel(parent_id, message="", keep=frozenset()):
+        report = json.loads((tmp_path / "out" / "_runs" / f"{parent_id}.json").read_text())
+        seen.append(report.get("status"))
+        return real(parent_id, message, keep)
+
+    def interrupt(clock):
+        raise KeyboardInterrupt
+
+    real = fanout.cancel_children
+    monkeypatch.setattr(fanout, "cancel_children", cancel)
+    monkeypatch.setattr(batch_mod, "cancel_children", cancel)
+    monkeypatch.setattr(fanout, "time", FakeClock(interrupt))
+    with pytest.raises(KeyboardInterrupt):
+        stylize_batch(source, output, tiny_params(),
+                      RunOptions(fan_out="workers", chunk_size=1, chunk_deployment=chunk_deployment_without_worker))
+    assert seen and seen[0] == "crashed", seen
+
+
 @pytest.mark.slow
 def test_chunks_queued_behind_another_runs_busy_chunks_wait_for_them(tmp_path, monkeypatch,
                                                                      chunk_deployment_without_worker):
