@@ -327,7 +327,8 @@ def _run(b: _Batch, plans: list[PairPlan], todo: list[PairPlan], done: set[int],
     else:
         ctx = PairContext(b.output, b.params, b.devices, weights_id, b.run.labels, b.run.io_workers,
                           b.run.pair_timeout_s, {"id": b.flow_run["id"], "name": b.flow_run["name"]},
-                          credentials=b.credentials, health=b.health, pairs_per_step=b.run.pairs_per_step)
+                          credentials=b.credentials, health=b.health, pairs_per_step=b.run.pairs_per_step,
+                          recheck_done=b.run.skip_existing)
         result = run_pairs(todo, ctx, b.run.window, b.run.contact_sheet_rows, on_done, result=b.result)
     if b.health.unreachable_since() is None:  # else _outage says the run stopped, and why
         progress.update(len(todo), final=True)

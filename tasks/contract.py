@@ -418,9 +418,9 @@ def done_item(plan: PairPlan, storage, **measured) -> ReportItem:
                       storage.uri_for(plan.sidecar_key), **measured)
 
 
-def skipped_item(plan: PairPlan, storage, duplicate_of: PairPlan | None = None) -> ReportItem:
-    """A pair not run: done by the done rule, or (``duplicate_of``) the same result as an earlier pair."""
-    note = None
+def skipped_item(plan: PairPlan, storage, duplicate_of: PairPlan | None = None, note: str | None = None) -> ReportItem:
+    """A pair not run: done by the done rule, or (``duplicate_of``) the same result as an earlier
+    pair; ``note``: why, where the report should say it."""
     if duplicate_of is not None:
         note = (f"duplicate of pair {duplicate_of.index} ({duplicate_of.content} x {duplicate_of.style}): "
                 "the same result, made once")

@@ -30,7 +30,7 @@ from nst_core.imageio import MAX_INPUT_BYTES
 from nst_core.params import StyleParams
 
 from .compute import io_slot, run_on_device, targets_cache
-from .contract import PairPlan, ReportItem, done_item, image_record, sidecar
+from .contract import PairPlan, ReportItem, done_in, done_item, image_record, sidecar, skipped_item
 from .credentials import DEFAULT_CHAIN, StorageCredentials
 from .lru import LRU
 from .steps import StepRequest, device_steps
@@ -105,7 +105,7 @@ class PairContext:
                  labels: dict[str, str] | None = None, io_workers: int = 8, pair_timeout_s: float | None = None,
                  flow_run: dict | None = None, cache: ObjectCache | None = None,
                  credentials: StorageCredentials = DEFAULT_CHAIN, health: StorageHealth | None = None,
-                 pairs_per_step: int | str = 1):
+                 pairs_per_step: int | str = 1, recheck_done: bool = False):
         self.output = output  # OutputSpec
         self.credentials = credentials
         self.health = health or StorageHealth()
@@ -121,6 +121,8 @@ class PairContext:
         # RunOptions.pairs_per_step; a context built without a run (tests) steps one pair at a time
         self.pairs_per_step = pairs_per_step
         self.steps = device_steps(devices)
+        # RunOptions.skip_existing: each pair is judged by the done rule again as it starts (below)
+        self.recheck_done = recheck_done
 
     def announce(self, pair: PairPlan) -> None:
         """``pair`` was submitted: a device step of this run may wait for it to arrive (tasks.steps)."""
@@ -137,10 +139,11 @@ class PairContext:
 
 @dataclass
 class PairDone:
-    """A finished pair: its report item and contact-sheet thumbnails (JPEG bytes)."""
+    """A finished pair: its report item and contact-sheet thumbnails (JPEG bytes; None for a pair
+    another run made)."""
 
     item: ReportItem
-    thumbs: tuple[bytes, bytes, bytes] = field(repr=False)
+    thumbs: tuple[bytes, bytes, bytes] | None = field(repr=False)
 
 
 def _thumb(img) -> bytes:
@@ -273,6 +276,12 @@ def _process(pair: PairPlan, ctx: PairContext) -> PairDone:
 
     out = ctx.storage
     _check_stop(pair, ctx)
+    # Another run on this output (a nightly running late, a manual rerun) may have made the pair since
+    # this run planned: two reads (image, sidecar) against an optimization. Pairs that two runs start
+    # at the same moment are still made twice (the same bytes).
+    if ctx.recheck_done and done_in(out, [pair], list_once=False, io_workers=1, health=ctx.health):
+        return PairDone(skipped_item(pair, out, note="made by another run on this output after this run planned"),
+                        None)
     # Decoded straight from the fetch: a waiting pair holds its images, not their file bytes as well.
     content = decode_image(_fetch(ctx, pair.content, pair.content_identity), pair.content).merged()
     style = decode_image(_fetch(ctx, pair.style, pair.style_identity), pair.style).rgb

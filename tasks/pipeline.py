@@ -57,7 +57,7 @@ def run_pairs(
         outcome = fut.result(raise_on_failure=False)  # the task's return value, or its exception
         if isinstance(outcome, PairDone):
             result.items[p.index] = outcome.item
-            if len(result.thumbs) < contact_sheet_rows:
+            if outcome.thumbs is not None and len(result.thumbs) < contact_sheet_rows:
                 result.thumbs.append(outcome.thumbs)
         else:
             error = _error_of(fut, outcome)

@@ -793,3 +793,20 @@ def test_a_picture_that_cannot_be_written_leaves_the_report_and_the_verdict_of_t
     report = json.loads(next((tmp_path / "out" / "_runs").glob("*.json")).read_text())
     assert report["totals"]["done"] == 2 and report["contact_sheet"] is None and report["loss_curve"] is None, report
     assert "contact sheet not written" in caplog.text and "No space left on device" in caplog.text
+
+
+def test_a_pair_another_run_made_after_this_one_planned_is_not_made_again(tmp_path, monkeypatch):
+    """Two runs on one output overlap (a nightly running late, a manual rerun): each planned before
+    the other wrote anything. Old: both computed every pair, each sidecar naming whichever wrote last.
+    Now a pair is checked against the done rule again as it starts."""
+    import flows.batch as batch
+
+    source = _cross_folders(tmp_path, 2, 1)
+    output = OutputSpec(uri=str(tmp_path / "out"))
+    assert run(source, output).result()["totals"]["done"] == 2  # the other run, done first
+    made = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.json")}
+    monkeypatch.setattr(batch, "done_in", lambda *a, **k: set())  # this run planned before it wrote
+    report = run(source, output).result()
+    assert report["totals"] == {"pairs": 2, "done": 0, "skipped": 2, "failed": 0}, report["totals"]
+    assert all("made by another run" in (i["note"] or "") for i in report["items"]), report["items"]
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.json")} == made
