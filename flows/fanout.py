@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from datetime import datetime, timezone
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -300,8 +301,8 @@ class ChunkWatcher:
         self.finished = 0  # pairs merged so far
         self.start_limit = min(run.chunk_timeout_s, START_TIMEOUT_S)
         self.last_move = time.monotonic()  # when a chunk last started or finished, or one was seen running
-        self._pool: str | None = None  # the chunk deployment's work pool, once read
-        self._pool_busy: set[str] = set()  # its Pending/Running flow runs at the last look
+        self._where: dict | None = None  # the filter of the chunk deployment's pool (or itself), once read
+        self._busy: set[str] = set()  # other runs Pending/Running there at the last look
         self.logger = get_run_logger()
 
     @property
@@ -390,34 +391,40 @@ class ChunkWatcher:
             return False
         return state is not None and (state.is_final() or state.type == StateType.CANCELLING)
 
-    def _pool_moved(self) -> bool:
-        """Whether the chunk deployment's work pool is busy with other runs and moving: the set of
-        its Pending or Running flow runs (another run's chunks, an overrunning nightly's) differs
-        from the last look. This run's queued chunks then wait their turn, not for a worker that
-        is missing; a set that never changes (a run left Running by a dead worker) is no
-        movement, so the wait stays bounded. An API that fails to answer: no movement."""
-        from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
-                                                    WorkPoolFilter, WorkPoolFilterName)
+    def _others_moving(self) -> bool:
+        """Whether other runs are busy on the chunk deployment's work pool (a served deployment has
+        none: its own runs then, another batch run's chunks ahead of this one's in its concurrency
+        slot) and moving: the Pending/Running set changed since the last look, or one of them started
+        within ``run.chunk_timeout_s`` (a long chunk of an overrunning nightly). A run Running there
+        for longer (its worker died) does not count, so the wait stays bounded. An API that fails to
+        answer: not moving."""
+        from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
+                                                    FlowRunFilterState, FlowRunFilterStateType, WorkPoolFilter,
+                                                    WorkPoolFilterName)
 
         try:
-            if self._pool is None:
-                self._pool = self.client.read_deployment_by_name(self.run.chunk_deployment).work_pool_name or ""
-            if not self._pool:
-                return False
-            busy = {str(r.id) for r in self.client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
-                    any_=[StateType.PENDING, StateType.RUNNING]))),
-                work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[self._pool])), limit=API_PAGE)}
+            if self._where is None:
+                deployment = self.client.read_deployment_by_name(self.run.chunk_deployment)
+                self._where = ({"work_pool_filter": WorkPoolFilter(name=WorkPoolFilterName(
+                    any_=[deployment.work_pool_name]))} if deployment.work_pool_name else
+                    {"deployment_filter": DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))})
+            busy = self.client.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=[StateType.PENDING, StateType.RUNNING]))), limit=API_PAGE,
+                **self._where)
         except Exception as err:
             self.logger.warning("could not read the busy runs of the chunk pool: %s", err)
             return False
-        moved, self._pool_busy = bool(busy) and busy != self._pool_busy, busy
+        ids = {str(r.id) for r in busy} - set(self.chunks)
+        now = datetime.now(timezone.utc)
+        young = any(str(r.id) in ids and (r.start_time is None or (now - r.start_time).total_seconds()
+                                          < self.run.chunk_timeout_s) for r in busy)
+        moved, self._busy = bool(ids) and (ids != self._busy or young), ids
         return moved
 
     def check_deadlines(self, now: float) -> None:
         run = self.run
         if (any(c.started is None for c in self.pending) and now - self.last_move > self.start_limit
-                and self._pool_moved()):
+                and self._others_moving()):
             self.last_move = now  # the pool's worker is busy with other runs: our chunks are queued behind them
         for chunk in self.pending:
             if chunk.started is not None and now - chunk.started > run.chunk_timeout_s:
@@ -430,11 +437,13 @@ class ChunkWatcher:
                                    "takes one slot and its chunks need another); cancelled")
 
     def cancel(self, chunk: Chunk, why: str) -> None:
-        from prefect.states import Cancelled, Cancelling
+        from prefect.states import Cancelling
 
         try:
-            # queued as last polled: no worker holds it (one taking it now finds it ended, and lets it be)
-            state = (Cancelled if chunk.started is None else Cancelling)(message=why)
+            try:  # its state now, not as last polled: a worker may have taken it since (then Cancelling, to stop it)
+                state = _cancel_state(self.client.read_flow_run(chunk.flow_run_id).state, why)
+            except Exception:
+                state = Cancelling(message=why)
             self.client.set_flow_run_state(chunk.flow_run_id, state, force=True)
         except Exception as err:
             self.logger.warning("could not cancel chunk run %s: %s", chunk.flow_run_id, err)

@@ -44,7 +44,6 @@ def deployments(name: str = SERVED_NAME):
     """The served deployments; the API enforces their parameter schemas."""
     from flows.batch import stylize_batch
     from flows.chunk import stylize_chunk
-    from tasks.compute import expand_devices
     from tasks.models import RunOptions
 
     chunk = f"stylize-chunk/{name}"
@@ -58,11 +57,11 @@ def deployments(name: str = SERVED_NAME):
             description=(f"Served by `nst serve` on {_host()}: runs started from the UI's run form. "
                          f"Fan-out 'workers' sends chunks to {chunk}."),
         ),
-        # one chunk run per device at a time: each is a process of its own, and device leases are per
-        # process, so unlimited chunk runs would share a GPU, each sizing its steps from its free memory
+        # one chunk run at a time: each is a process of its own leasing every device of the machine
+        # (devices ["auto"]), and leases are per process, so two would share each GPU, each sizing its
+        # steps from the same free memory
         stylize_chunk.to_deployment(
-            name=name, enforce_parameter_schema=True, tags=[_SERVE_TAG],
-            concurrency_limit=len(expand_devices(["auto"], "auto")),
+            name=name, enforce_parameter_schema=True, tags=[_SERVE_TAG], concurrency_limit=1,
             description=f"Served by `nst serve` on {_host()}: one chunk of pairs of a stylize-batch/{name} run.",
         ),
     ]

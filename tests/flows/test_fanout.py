@@ -391,21 +391,33 @@ def test_a_stopping_parent_marks_its_report_before_it_cancels_its_chunk_runs(tmp
 
 
 @pytest.mark.slow
-def test_chunks_queued_behind_another_runs_busy_chunks_wait_for_them(tmp_path, monkeypatch,
+@pytest.mark.parametrize("pooled", [True, False])
+def test_chunks_queued_behind_another_runs_busy_chunks_wait_for_them(tmp_path, monkeypatch, pooled,
                                                                      chunk_deployment_without_worker):
-    """The nightly's chunks queue behind an overrunning job's on the one GPU pool: nothing of this
-    run moves for longer than the start limit, but the pool's worker is busy. Old: every chunk was
+    """The nightly's chunks queue behind an overrunning job's on the one GPU pool (or, served by `nst
+    serve`, a deployment without a pool, behind another batch run's chunks in its one slot): nothing
+    of this run moves for longer than the start limit, but the worker is busy. Old: every chunk was
     cancelled, "not started within ... is a worker polling the work pool?", and the night's pairs failed."""
+    import uuid
+
     from prefect.client.orchestration import get_client
     from prefect.states import Completed, Running, Scheduled
 
     source, output = _folders(tmp_path, contents=2)
     dep = chunk_deployment_without_worker
-    foreign = [_chunk_run(dep, f"{n:x}" * 64, "another-job", f"_runs/x/chunk-{n}.json", Scheduled()) for n in range(6)]
+    if not pooled:
+        with get_client(sync_client=True) as client:
+            name = f"served-{uuid.uuid4().hex[:8]}"
+            client.create_deployment(flow_id=client.create_flow(stylize_chunk), name=name,
+                                     entrypoint="flows/chunk.py:stylize_chunk")
+        dep = f"stylize-chunk/{name}"
+    # keys of their own: an idempotency key of an earlier test's runs would give those runs back
+    foreign = [_chunk_run(dep, uuid.uuid4().hex * 2, "another-job", f"_runs/x/chunk-{n}.json", Scheduled())
+               for n in range(3)]
     client = get_client(sync_client=True).__enter__()
 
-    def worker(clock):  # the other job's six chunks, 8 s each (the start limit is 10 s); then ours
-        n = int(clock.now - 1000) // 8
+    def worker(clock):  # the other job's chunks, 25 s each (the start limit is 10 s); then ours
+        n = int(clock.now - 1000) // 25
         if n < len(foreign):
             if n:
                 client.set_flow_run_state(foreign[n - 1].id, Completed(), force=True)
@@ -421,20 +433,21 @@ def test_chunks_queued_behind_another_runs_busy_chunks_wait_for_them(tmp_path, m
     monkeypatch.setattr(fanout, "START_TIMEOUT_S", 10.0)
     monkeypatch.setattr(fanout, "time", FakeClock(worker, step=2.0))
     state = stylize_batch(source, output, tiny_params(),
-                          RunOptions(fan_out="workers", chunk_size=1, chunk_deployment=chunk_deployment_without_worker),
-                          return_state=True)
+                          RunOptions(fan_out="workers", chunk_size=1, chunk_deployment=dep), return_state=True)
     report = json.loads((tmp_path / "out" / "_runs" / f"{state.state_details.flow_run_id}.json").read_text())
     errors = [i["error"] for i in report["items"]]
     # the chunks "completed" without writing anything, so their pairs fail, but none was cancelled
     assert len(errors) == 2 and all("ended Completed" in e for e in errors), errors
-    # a run left Running for ever (its worker died) is no movement: the wait stays bounded
-    stuck = _chunk_run(dep, "e" * 64, "dead-job", "_runs/y/chunk-0.json", Running())
+    # a run left Running longer than chunk_timeout_s (its worker died) is no movement: the wait stays
+    # bounded (here 3 s of wall time for it to count as stuck, then the 3 s start limit)
+    stuck = _chunk_run(dep, uuid.uuid4().hex * 2, "dead-job", "_runs/y/chunk-0.json", Running())
     monkeypatch.setattr(fanout, "time", FakeClock(step=2.0))
     state = stylize_batch(source, OutputSpec(uri=str(tmp_path / "out2")), tiny_params(),
-                          RunOptions(fan_out="workers", chunk_size=1, chunk_deployment=dep), return_state=True)
+                          RunOptions(fan_out="workers", chunk_size=1, chunk_deployment=dep, chunk_timeout_s=3),
+                          return_state=True)
     client.__exit__(None, None, None)
     report = json.loads((tmp_path / "out2" / "_runs" / f"{state.state_details.flow_run_id}.json").read_text())
-    assert all("not started within 10 s" in i["error"] for i in report["items"]), report["items"]
+    assert all("not started within 3 s" in i["error"] for i in report["items"]), report["items"]
     assert stuck.id not in {k.id for k in _children(str(state.state_details.flow_run_id))}
 
 

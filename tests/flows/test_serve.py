@@ -30,11 +30,10 @@ def test_served_deployments_have_their_own_names_and_chunk_target():
     assert all(d.enforce_parameter_schema for d in served.values())
     # the served batch deployment's chunk runs go to the served chunk deployment, not prefect.yaml's worker
     assert served["stylize-batch/served"].parameters["run"]["chunk_deployment"] == "stylize-chunk/served"
-    # one chunk run per device of this machine at a time (old: unlimited, each chunk run a process of
-    # its own sizing its steps from the same GPU's free memory); batch runs, which compute nothing, unlimited
-    from tasks.compute import expand_devices
-
-    assert served["stylize-chunk/served"].concurrency_limit == len(expand_devices(["auto"], "auto"))
+    # one chunk run at a time, which leases every device of the machine (old: unlimited, each chunk
+    # run a process of its own sizing its steps from the same GPUs' free memory); batch runs, which
+    # compute nothing, unlimited
+    assert served["stylize-chunk/served"].concurrency_limit == 1
     assert served["stylize-batch/served"].concurrency_limit is None
 
 
