@@ -95,8 +95,12 @@ def _trimmed(value: str) -> str:
     return value
 
 
-#: What boto3 accepts as a bucket name (S3-compatible stores allow more than AWS's rules).
-_BUCKET = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")
+def _s3_bucket(bucket: str) -> bool:
+    """Whether boto3 takes ``bucket`` as a Bucket: a name (S3-compatible stores allow more than
+    AWS's rules) or an access point ARN; botocore's own patterns, read where it keeps them."""
+    from botocore.handlers import VALID_BUCKET, VALID_S3_ARN
+
+    return bool(VALID_BUCKET.search(bucket) or VALID_S3_ARN.search(bucket))
 
 
 def _place_uri(value: str) -> str:
@@ -106,8 +110,9 @@ def _place_uri(value: str) -> str:
     scheme, bucket, _ = parse_uri(value)
     if scheme == "s3" and not bucket:
         raise ValueError(f"{value} names no bucket; use s3://bucket/prefix")
-    if scheme == "s3" and not _BUCKET.fullmatch(bucket):  # boto3's own rule, which it checks only at the call
-        raise ValueError(f"{value}: {bucket!r} is not an S3 bucket name (letters, digits, '.', '-', '_')")
+    if scheme == "s3" and not _s3_bucket(bucket):  # boto3 checks only at the call, in two lines of regexes
+        raise ValueError(f"{value}: {bucket!r} is not an S3 bucket name (letters, digits, '.', '-', '_') "
+                         "or access point ARN")
     if why := host_problem(value):
         raise ValueError(why)
     if scheme not in ("", "s3", "file") and len(scheme) > 1:  # one letter: a Windows drive
