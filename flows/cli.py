@@ -207,9 +207,9 @@ EXIT_RECORD_S = 3.0
 
 def _exit_now(code: int) -> None:
     """Exit at once (os._exit skips Prefect's atexit stop of a temporary API server: stop it first),
-    having told the API, within EXIT_RECORD_S, that the runs in progress crashed: their flow runs
-    otherwise stay Running for good (their reports already say "crashed", so no later run's sweep
-    looks at them)."""
+    having told the API, within EXIT_RECORD_S, that the runs in progress crashed (their flow runs
+    otherwise stay Running for good: their reports already say "crashed", so no later run's sweep
+    looks at them) and cancelled their unfinished chunk runs."""
     _record_crashed(f"nst exited at once (exit {code}) before the run could record its end")
     if (temporary := _temporary_api()) is not None:
         temporary.stop_now()
@@ -229,11 +229,16 @@ def _record_crashed(message: str) -> None:
         from prefect.client.orchestration import get_client
         from prefect.states import Crashed
 
+        from flows.fanout import PARENT_STOPPED, cancel_children
+
         with contextlib.suppress(Exception), get_client(sync_client=True) as client:
             for run_id in ids:
                 with contextlib.suppress(Exception):
                     # not forced: a run the engine already ended (Completed, Crashed) keeps its state
                     client.set_flow_run_state(uuid.UUID(run_id), Crashed(message=message))
+        for run_id in ids:  # a fan-out run cancels its chunk runs last, after its report: maybe not yet
+            with contextlib.suppress(Exception):
+                cancel_children(run_id, f"{PARENT_STOPPED} crashed")
 
     # in this context: the API the run uses may be set in it (temporary settings), not in the environment
     recording = threading.Thread(target=contextvars.copy_context().run, args=(record,), daemon=True)

@@ -317,3 +317,24 @@ def test_progress_bar_and_log_lines_never_share_a_line():
         assert not ("pairs [" in visible and ("log line" in visible or "another" in visible)), repr(line)
     shown = [line.rsplit("\r", 1)[-1].strip() for line in stream.getvalue().split("\n") if line.strip()]
     assert shown[:2] == ["a log line", "another"] and shown[-1].startswith("pairs [") and "3/3" in shown[-1]
+
+
+def test_an_exit_at_once_records_its_run_crashed_and_cancels_its_queued_chunk_runs(monkeypatch):
+    """A second Ctrl-C during a fan-out run: nst exits at once. The run cancels its chunk runs last,
+    after its report, so they may still be queued: old, they waited for a GPU worker, their parent
+    recorded Crashed only by the first half of this change."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running, Scheduled
+
+    import flows.batch as batch
+    from flows.chunk import stylize_chunk
+    from flows.cli import _record_crashed
+
+    with get_client(sync_client=True) as client:
+        parent = client.create_flow_run(batch.stylize_batch, state=Running())
+        kids = [client.create_flow_run(stylize_chunk, tags=[f"nst-parent:{parent.id}"], state=Scheduled())
+                for _ in range(2)]
+        monkeypatch.setattr(batch, "in_progress", {str(parent.id)})
+        _record_crashed("nst exited at once")
+        assert client.read_flow_run(parent.id).state.name == "Crashed"
+        assert [client.read_flow_run(k.id).state.name for k in kids] == ["Cancelled", "Cancelled"]
