@@ -199,16 +199,33 @@ def refuse_outputs_over_inputs(plans: list[PairPlan], out: Storage, manifest: st
     if manifest:
         inputs[_norm(manifest)] = manifest
     inputs.pop("", None)
+    # the same file under another spelling: "IMG_1.jpg" is "IMG_1.JPG" on macOS's and Windows' file systems
+    files = {f: u for n, u in inputs.items() if not n.startswith("s3://") and (f := _file_id(n))}
+
+    def over_an_input(key: str) -> str | None:
+        target = _norm(out.uri_for(key))
+        if target in inputs:
+            return inputs[target]
+        return files.get(_file_id(target)) if files and not target.startswith("s3://") else None
+
     checked = []
     for p in plans:
-        hit = next((inputs[n] for key in (p.image_key, p.sidecar_key) if key and (n := _norm(out.uri_for(key))) in inputs),
-                   None)
+        hit = next((h for key in (p.image_key, p.sidecar_key) if key and (h := over_an_input(key))), None)
         if hit is not None and not p.error:
             p = replace(p, sidecar_key="", key="", duplicate_of=-1, error=(
                 f"output {out.uri_for(p.image_key)} would replace an input of this run ({hit}); "
                 "give its row another output name"))
         checked.append(p)
     return checked
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    """(device, inode) of an existing local file, else None."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
 
 
 def default_allowed_sources(source) -> list[str]:

@@ -439,3 +439,19 @@ def test_hidden_files_and_folder_markers_are_not_inputs(folders, bucket):
     client.put_object(Bucket=name, Key="in/s/s.png", Body=to_bytes(pattern((16, 16), "style")))
     entries = source_entries(BatchSource(contents=f"s3://{name}/in/c/", styles=f"s3://{name}/in/s/"))
     assert [e.content for e in entries] == [f"s3://{name}/in/c/a.png"]
+
+
+def test_an_output_that_is_an_input_under_another_spelling_fails_its_pair(folders):
+    """On macOS's and Windows' file systems "in/IMG_1.jpg" is the photo "in/IMG_1.JPG": compared as
+    strings they differ, and the write replaced the photo. A hard link stands in for that second
+    spelling here (Linux file systems tell case apart): the same file, another name."""
+    import os
+
+    from tasks.plan import refuse_outputs_over_inputs
+    from tasks.storage import open_storage
+
+    os.link(folders / "c" / "a.jpg", folders / "c" / "A.jpg")
+    (folders / "m.jsonl").write_text(json.dumps({"content": "c/a.jpg", "style": "s/s1.png", "output": "c/A"}) + "\n")
+    plans = plan_pairs(read_manifest(str(folders / "m.jsonl")), StyleParams(), "w", "jpeg")
+    checked = refuse_outputs_over_inputs(plans, open_storage(str(folders)))
+    assert "would replace an input of this run" in checked[0].error and "a.jpg" in checked[0].error, checked[0]
