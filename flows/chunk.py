@@ -74,7 +74,7 @@ def stylize_chunk(
     this_run = {"id": flow_run.get_id(), "name": flow_run.get_name()}
     ctx = PairContext(output, params, devices, weights_id, run.labels, run.io_workers, run.pair_timeout_s,
                       {**this_run, "id": str(this_run["id"])}, credentials=credentials, health=health,
-                      pairs_per_step=run.pairs_per_step)
+                      pairs_per_step=run.pairs_per_step, recheck_done=run.skip_existing)
     stop_requested.clear()  # as stylize_batch: a stop of an earlier run in this process is not this one's
     try:
         result = run_pairs(todo, ctx, run.window, run.contact_sheet_rows)

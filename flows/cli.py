@@ -170,7 +170,10 @@ def _check_answers(url: str) -> None:
     calls and their messages (an API key's 401, a 500, "does not answer")."""
     import httpx
 
-    wait = float(os.environ.get("NST_API_CHECK_S") or API_CHECK_S)
+    try:
+        wait = float(os.environ.get("NST_API_CHECK_S") or API_CHECK_S)
+    except ValueError:
+        raise NSTError(f"NST_API_CHECK_S={os.environ['NST_API_CHECK_S']!r} is not a number of seconds") from None
     try:
         httpx.get(f"{url.rstrip('/')}/health", timeout=wait)
     except httpx.TimeoutException:

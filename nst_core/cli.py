@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -146,13 +147,16 @@ def _read(path: str) -> bytes:
     (``<(curl …)``) is read too, but /dev/zero or a 50 GB file is refused, not read into memory."""
     from .imageio import MAX_INPUT_BYTES
 
+    too_large = NSTError(f"{path}: over the limit of {MAX_INPUT_BYTES:,} bytes for an input image")
     try:
         with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size > MAX_INPUT_BYTES:  # a regular file: refused unread (a pipe says 0)
+                raise too_large
             data = f.read(MAX_INPUT_BYTES + 1)
     except OSError as err:
         raise NSTError(f"{path}: cannot read ({err.strerror or err})") from None
     if len(data) > MAX_INPUT_BYTES:
-        raise NSTError(f"{path}: over the limit of {MAX_INPUT_BYTES:,} bytes for an input image")
+        raise too_large
     return data
 
 

@@ -176,6 +176,17 @@ def write_pictures(out, run_id: str, items: list[dict], thumbs: list[tuple[bytes
     return uris
 
 
+def _run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The flow run's logger (its lines show on the run's page in the UI), else this module's."""
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+
+
 def _write_picture(out, key: str, data: bytes, content_type: str, what: str) -> str | None:
     """Write one of the run's pictures; its URI, or None with a warning when the storage refuses it
     (a full disk, storage that gave up): a picture is a view of the pairs, never worth the report."""
@@ -184,8 +195,8 @@ def _write_picture(out, key: str, data: bytes, content_type: str, what: str) -> 
     try:
         retrying(lambda: out.write(key, data, content_type))
     except (StorageError, OSError) as err:
-        logging.getLogger(__name__).warning("%s not written (%s: %s); the run report goes on without it",
-                                            what, type(err).__name__, err)
+        _run_logger().warning("%s not written (%s: %s); the run report goes on without it", what,
+                              type(err).__name__, err)
         return None
     return out.uri_for(key)
 
