@@ -414,11 +414,15 @@ class ChunkWatcher:
         except Exception as err:
             self.logger.warning("could not read the busy runs of the chunk pool: %s", err)
             return False
-        ids = {str(r.id) for r in busy} - set(self.chunks)
+        ids = {str(r.id) for r in busy} - set(self.chunks) - {self.parent_id}  # a parent in the same pool is not busy work
         now = datetime.now(timezone.utc)
-        young = any(str(r.id) in ids and (r.start_time is None or (now - r.start_time).total_seconds()
-                                          < self.run.chunk_timeout_s) for r in busy)
-        moved, self._busy = bool(ids) and (ids != self._busy or young), ids
+
+        def young(r) -> bool:  # started (or, Pending, taken) within chunk_timeout_s; a run with no time: stuck
+            since = r.start_time or (r.state.timestamp if r.state else None)
+            return since is not None and (now - since).total_seconds() < self.run.chunk_timeout_s
+
+        moving = any(str(r.id) in ids and young(r) for r in busy)
+        moved, self._busy = bool(ids) and (ids != self._busy or moving), ids
         return moved
 
     def check_deadlines(self, now: float) -> None:
@@ -439,11 +443,15 @@ class ChunkWatcher:
     def cancel(self, chunk: Chunk, why: str) -> None:
         from prefect.states import Cancelling
 
+        try:  # its state now, not as last polled: a worker may have taken it since (then Cancelling, to stop it)
+            now = self.client.read_flow_run(chunk.flow_run_id).state
+        except Exception:
+            now = None
+        if now is not None and now.is_final():  # it ended meanwhile: merge it as it ended, never overwrite that
+            self.settle(chunk, now.name, now.message or "")
+            return
         try:
-            try:  # its state now, not as last polled: a worker may have taken it since (then Cancelling, to stop it)
-                state = _cancel_state(self.client.read_flow_run(chunk.flow_run_id).state, why)
-            except Exception:
-                state = Cancelling(message=why)
+            state = _cancel_state(now, why) if now is not None else Cancelling(message=why)
             self.client.set_flow_run_state(chunk.flow_run_id, state, force=True)
         except Exception as err:
             self.logger.warning("could not cancel chunk run %s: %s", chunk.flow_run_id, err)

@@ -95,14 +95,6 @@ def _trimmed(value: str) -> str:
     return value
 
 
-def _s3_bucket(bucket: str) -> bool:
-    """Whether boto3 takes ``bucket`` as a Bucket: a name (S3-compatible stores allow more than
-    AWS's rules) or an access point ARN; botocore's own patterns, read where it keeps them."""
-    from botocore.handlers import VALID_BUCKET, VALID_S3_ARN
-
-    return bool(VALID_BUCKET.search(bucket) or VALID_S3_ARN.search(bucket))
-
-
 def _place_uri(value: str) -> str:
     """A folder, ``file:`` URI or ``s3://bucket/prefix``, refused here rather than by the storage
     mid-run (which was a traceback): a file URI naming a host, an s3 URI with no bucket, another scheme."""
@@ -110,7 +102,9 @@ def _place_uri(value: str) -> str:
     scheme, bucket, _ = parse_uri(value)
     if scheme == "s3" and not bucket:
         raise ValueError(f"{value} names no bucket; use s3://bucket/prefix")
-    if scheme == "s3" and not _s3_bucket(bucket):  # boto3 checks only at the call, in two lines of regexes
+    from tasks.storage import is_bucket  # boto3's rule lives with the storage; imported when a URI is checked
+
+    if scheme == "s3" and not is_bucket(bucket):  # boto3 checks only at the call, in two lines of regexes
         raise ValueError(f"{value}: {bucket!r} is not an S3 bucket name (letters, digits, '.', '-', '_') "
                          "or access point ARN")
     if why := host_problem(value):

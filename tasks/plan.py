@@ -219,13 +219,15 @@ def refuse_outputs_over_inputs(plans: list[PairPlan], out: Storage, manifest: st
     return checked
 
 
-def _file_id(path: str) -> tuple[int, int] | None:
-    """(device, inode) of an existing local file, else None."""
+def _file_id(path: str) -> tuple[int, int, int, str] | None:
+    """An existing local file's identity as a write by name would replace it: its folder's (device,
+    inode), its inode and its case-folded name (a hard link under another name is another entry,
+    which the atomic write leaves alone: not the same); None when there is no such file."""
     try:
-        st = os.stat(path)
+        folder, st = os.stat(os.path.dirname(path) or "."), os.stat(path)
     except (OSError, ValueError):
         return None
-    return st.st_dev, st.st_ino
+    return folder.st_dev, folder.st_ino, st.st_ino, os.path.basename(path).casefold()
 
 
 def default_allowed_sources(source) -> list[str]:

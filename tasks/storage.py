@@ -624,6 +624,15 @@ class S3Storage(Storage):
             raise self._wrap(err, key) from None
 
 
+def is_bucket(bucket: str) -> bool:
+    """Whether boto3 takes ``bucket`` as a Bucket: a name (S3-compatible stores allow more than AWS's
+    rules) or an access point ARN ("...:accesspoint:name"); botocore's own patterns, matched whole
+    (their "$" would let a trailing newline through)."""
+    from botocore.handlers import VALID_BUCKET, VALID_S3_ARN
+
+    return "\n" not in bucket and bool(VALID_BUCKET.search(bucket) or VALID_S3_ARN.search(bucket))
+
+
 def open_storage(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> Storage:
     """``s3://bucket/prefix`` -> S3Storage signing with ``credentials``; a folder path or ``file://``
     URI -> LocalStorage."""

@@ -401,7 +401,7 @@ def test_chunks_queued_behind_another_runs_busy_chunks_wait_for_them(tmp_path, m
     import uuid
 
     from prefect.client.orchestration import get_client
-    from prefect.states import Completed, Running, Scheduled
+    from prefect.states import Completed, Pending, Running, Scheduled
 
     source, output = _folders(tmp_path, contents=2)
     dep = chunk_deployment_without_worker
@@ -441,6 +441,8 @@ def test_chunks_queued_behind_another_runs_busy_chunks_wait_for_them(tmp_path, m
     # a run left Running longer than chunk_timeout_s (its worker died) is no movement: the wait stays
     # bounded (here 3 s of wall time for it to count as stuck, then the 3 s start limit)
     stuck = _chunk_run(dep, uuid.uuid4().hex * 2, "dead-job", "_runs/y/chunk-0.json", Running())
+    # and one left Pending (its worker died as it took it: Prefect gives it no start time)
+    _chunk_run(dep, uuid.uuid4().hex * 2, "dead-job", "_runs/y/chunk-1.json", Pending())
     monkeypatch.setattr(fanout, "time", FakeClock(step=2.0))
     state = stylize_batch(source, OutputSpec(uri=str(tmp_path / "out2")), tiny_params(),
                           RunOptions(fan_out="workers", chunk_size=1, chunk_deployment=dep, chunk_timeout_s=3),

@@ -443,15 +443,20 @@ def test_hidden_files_and_folder_markers_are_not_inputs(folders, bucket):
 
 def test_an_output_that_is_an_input_under_another_spelling_fails_its_pair(folders):
     """On macOS's and Windows' file systems "in/IMG_1.jpg" is the photo "in/IMG_1.JPG": compared as
-    strings they differ, and the write replaced the photo. A hard link stands in for that second
-    spelling here (Linux file systems tell case apart): the same file, another name."""
+    strings they differ, and the write replaced the photo. A hard link in the same folder under the
+    other case stands in for that second spelling here (Linux file systems tell case apart). A hard
+    link under another name is another entry, which the atomic write leaves alone: allowed."""
     import os
 
     from tasks.plan import refuse_outputs_over_inputs
     from tasks.storage import open_storage
 
     os.link(folders / "c" / "a.jpg", folders / "c" / "A.jpg")
-    (folders / "m.jsonl").write_text(json.dumps({"content": "c/a.jpg", "style": "s/s1.png", "output": "c/A"}) + "\n")
+    os.link(folders / "c" / "a.jpg", folders / "c" / "copy.jpg")
+    rows = [{"content": "c/a.jpg", "style": "s/s1.png", "output": "c/A"},
+            {"content": "c/a.jpg", "style": "s/s1.png", "output": "c/copy"}]
+    (folders / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     plans = plan_pairs(read_manifest(str(folders / "m.jsonl")), StyleParams(), "w", "jpeg")
     checked = refuse_outputs_over_inputs(plans, open_storage(str(folders)))
     assert "would replace an input of this run" in checked[0].error and "a.jpg" in checked[0].error, checked[0]
+    assert not checked[1].error, checked[1]
