@@ -120,7 +120,9 @@ def test_a_folder_named_like_a_file_is_missing_and_holds_no_descriptor(tmp_path)
     for _ in range(20):
         with pytest.raises(MissingObjectError, match=r"dir\.png: is a folder, not a file"):
             storage.identity("dir.png")
-    assert len(os.listdir("/proc/self/fd")) == before
+    # 20 attempts leaked 20; the process's other threads (a test server's connections) may open or
+    # close one meanwhile: seen once in `make test`, 14 where 15 were open before
+    assert len(os.listdir("/proc/self/fd")) - before <= 1
 
 
 def test_a_local_files_identity_is_its_sha256_read_in_blocks(tmp_path, monkeypatch):
