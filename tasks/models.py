@@ -104,6 +104,9 @@ def _place_uri(value: str) -> str:
         raise ValueError(f"{value} names no bucket; use s3://bucket/prefix")
     from tasks.storage import is_bucket  # boto3's rule lives with the storage; imported when a URI is checked
 
+    if scheme == "s3" and bucket.endswith(":accesspoint"):  # "arn:...:accesspoint/name": the name went to the key
+        raise ValueError(f"{value}: write an access point ARN as arn:aws:s3:REGION:ACCOUNT:accesspoint:NAME "
+                         "(a ':' before its name: '/' starts the prefix)")
     if scheme == "s3" and not is_bucket(bucket):  # boto3 checks only at the call, in two lines of regexes
         raise ValueError(f"{value}: {bucket!r} is not an S3 bucket name (letters, digits, '.', '-', '_') "
                          "or access point ARN")

@@ -271,6 +271,12 @@ def process_pair(pair: PairPlan, ctx: PairContext) -> PairDone | State:
         ctx.settle(pair)  # a step waiting for it waits no more
 
 
+def _made_meanwhile(pair: PairPlan, ctx: PairContext) -> bool:
+    """The done rule for one pair, its reads within the run's io_workers like every other read."""
+    with io_slot(ctx.io_workers):
+        return bool(done_in(ctx.storage, [pair], list_once=False, io_workers=1, health=ctx.health))
+
+
 def _process(pair: PairPlan, ctx: PairContext) -> PairDone:
     from nst_core.imageio import decode_image, encode_image, fit_longest
 
@@ -279,7 +285,7 @@ def _process(pair: PairPlan, ctx: PairContext) -> PairDone:
     # Another run on this output (a nightly running late, a manual rerun) may have made the pair since
     # this run planned: two reads (image, sidecar) against an optimization. Pairs that two runs start
     # at the same moment are still made twice (the same bytes).
-    if ctx.recheck_done and done_in(out, [pair], list_once=False, io_workers=1, health=ctx.health):
+    if ctx.recheck_done and _made_meanwhile(pair, ctx):
         return PairDone(skipped_item(pair, out, note="made by another run on this output after this run planned"),
                         None)
     # Decoded straight from the fetch: a waiting pair holds its images, not their file bytes as well.

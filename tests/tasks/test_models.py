@@ -19,6 +19,7 @@ def test_uris_users_write_are_accepted(uri):
 @pytest.mark.parametrize("uri,message", [
     ("s3://", "names no bucket"), ("s3://Bad_Bucket!/x", "is not an S3 bucket name"),
     ("file://host/x", "a file URI with a host"), ("gs://b/x", "unsupported scheme 'gs'"),
+    ("s3://arn:aws:s3:us-west-2:123456789012:accesspoint/my-ap/x", "accesspoint:NAME"),
 ])
 def test_uris_no_storage_can_use_are_refused_in_one_line(uri, message):
     with pytest.raises(ValidationError, match=message):
