@@ -171,9 +171,9 @@ def cancel_children(parent_id: str, message: str = f"{PARENT_STOPPED} was cancel
 
 
 def _cancel_state(state, message: str):
-    """Cancelled at once for a run no worker holds yet (Scheduled, Paused: no process to stop, and
-    Prefect's server then left it "Cancelling" in the UI for its 5-minute timeout, without the
-    message); Cancelling for the rest, which their worker stops and ends Cancelled."""
+    """Cancelled at once, with ``message``, for a run no worker holds yet (Scheduled, Paused: no
+    process to stop; set Cancelling, Prefect's server ends such a run Cancelled itself and drops the
+    message, which stopped_by_a_parent reads); Cancelling for the rest, which their worker stops."""
     from prefect.states import Cancelled, Cancelling
 
     idle = state.type in (StateType.SCHEDULED, StateType.PAUSED)

@@ -136,8 +136,8 @@ def test_a_chunk_deployment_the_api_lacks_is_refused_at_preflight(tmp_path, chun
 def test_cancel_children_cancels_that_parents_chunk_runs_only(prefect_api):
     """The helper alone; cancelling a real parent run: the e2e test at the end of this file. A queued
     chunk run (no process to stop) ends Cancelled at once; a running one is set Cancelling for its
-    worker to stop. Old: queued ones too sat "Cancelling" in the UI, for the server's 5-minute
-    timeout, since no worker held them."""
+    worker to stop. Old: queued ones were set Cancelling too, which Prefect's server turned into
+    Cancelled with no message (so another parent could not tell a parent had stopped them)."""
     from prefect.client.orchestration import get_client
     from prefect.states import Running, Scheduled
 
