@@ -119,15 +119,15 @@ def _to_srgb(img: Image.Image, icc: bytes) -> Image.Image:
         return img
 
 
-def split_alpha(img: Image.Image) -> DecodedImage:
-    """Any Pillow mode -> sRGB RGB plus alpha (or None), turned as its EXIF orientation says.
+def split_alpha(img: Image.Image, name: str = "image") -> DecodedImage:
+    """Any Pillow mode -> sRGB RGB plus alpha (or None), turned as its EXIF orientation says
+    (as stored, with a warning naming ``name``, when its EXIF block is damaged).
 
     Palette transparency and a grey or RGB transparent colour key become alpha; an embedded ICC profile (``img.info["icc_profile"]``)
     is converted to sRGB; alpha is kept as it is (it is not colour). A 16-bit RGB PNG's colour key
     is not kept: Pillow gives its pixels in 8 bits, and the 16-bit key matches none of them exactly.
     """
-    if img.getexif().get(_ORIENTATION, 1) != 1:  # an image opened by the API's caller, not decode_image
-        img = _upright(img, "image")
+    img = _upright(img, name)
     icc = img.info.get("icc_profile")
     key = img.info.get("transparency")
     alpha = None
@@ -148,9 +148,11 @@ def split_alpha(img: Image.Image) -> DecodedImage:
     if icc:
         img = _to_srgb(img, icc)
     rgb = img.convert("RGB")
-    # The pixels are sRGB now; a profile left in info (the source's, or lcms's sRGB) would invite
-    # a second conversion by the next split_alpha (stylize() calls it on the images it is given).
+    # The pixels are sRGB and upright now; a profile or EXIF block left in info (the source's, or
+    # lcms's sRGB) would invite a second conversion or turn, or a second warning about a damaged
+    # block, by the next split_alpha (stylize() calls it on the images it is given).
     rgb.info.pop("icc_profile", None)
+    rgb.info.pop("exif", None)
     return DecodedImage(rgb, alpha)
 
 
@@ -169,7 +171,7 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = MAX_PIXELS) -> Dec
                     name, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
                 )
             img.load()
-            return split_alpha(_upright(img, name))
+            return split_alpha(img, name)
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
@@ -181,9 +183,12 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = MAX_PIXELS) -> Dec
 
 
 def _upright(img: Image.Image, name: str) -> Image.Image:
-    """``img`` turned as its EXIF orientation says; as stored when its EXIF block is damaged (Pillow
-    then raises TypeError or struct.error rewriting it): the pixels are intact, and viewers show it so."""
+    """``img`` turned as its EXIF orientation says (``img`` itself when it needs no turn); as stored
+    when its EXIF block is damaged (Pillow then raises SyntaxError reading it, or TypeError or
+    struct.error rewriting it): the pixels are intact, and viewers show it so."""
     try:
+        if img.getexif().get(_ORIENTATION, 1) == 1:
+            return img
         return ImageOps.exif_transpose(img)
     except Exception as err:  # noqa: BLE001 (any failure of the EXIF rewrite, not of the pixels)
         logging.getLogger(__name__).warning("%s: damaged EXIF block, orientation not applied (%s: %s)",
