@@ -64,8 +64,8 @@ quiet_returned_failures()
 
 #: Flow run ids of the stylize-batch runs started in this process: what `nst` records crashed when
 #: it must exit at once (a second Ctrl-C) before the engine recorded the run's end (a run that
-#: ended refuses the change). Kept until the caller clears it: the engine records the end after
-#: the flow body returns.
+#: ended refuses the change). An id leaves when the engine has recorded its run's end (the state
+#: hooks below), which is after the flow body returns.
 in_progress: set[str] = set()
 
 #: Set by the CLI to draw a progress bar: called with (finished pairs, pairs to run).
@@ -203,7 +203,13 @@ def _cancelled(flow_run_id: str) -> str | None:
 
 
 # Hooks are called with keywords (flow=, flow_run=, state=) by a Runner, positionally by the engine.
+def _ended(flow, flow_run, state) -> None:
+    """The engine recorded the run's end: nothing left for an exit at once to record."""
+    in_progress.discard(str(flow_run.id))
+
+
 def _on_cancel(flow, flow_run, state) -> None:
+    _ended(flow, flow_run, state)
     cancel_children(str(flow_run.id))
 
 
@@ -211,6 +217,7 @@ def _on_crash(flow, flow_run, state) -> None:
     """The process died under the flow (a crash the flow body did not see): stop the chunk runs and
     replace the "running" report (the write probe), if it still says so, with one that says the run
     stopped (best effort)."""
+    _ended(flow, flow_run, state)
     try:
         cancel_children(str(flow_run.id), f"{PARENT_STOPPED} crashed")
     except Exception:
@@ -390,7 +397,8 @@ def _verdict(report: dict, max_failures: int) -> State:
 # validate_parameters=False: the flow validates its arguments itself, first thing (batch_inputs),
 # so a run created without the API's schema check fails at once with one line, not a traceback.
 @flow(name="stylize-batch", task_runner=ThreadPoolTaskRunner(max_workers=1024 + 16), persist_result=False,
-      on_cancellation=[_on_cancel], on_crashed=[_on_crash], validate_parameters=False,
+      on_completion=[_ended], on_failure=[_ended], on_cancellation=[_on_cancel], on_crashed=[_on_crash],
+      validate_parameters=False,
       description="Stylize every content/style pair of a dataset (S3 or folder) and write results, sidecars and a run report.")
 def stylize_batch(
     source: BatchSource = Field(

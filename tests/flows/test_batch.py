@@ -273,6 +273,23 @@ def test_preflight_names_missing_weights_and_writes_nothing(tmp_path):
     assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
 
 
+def test_a_run_that_ended_is_no_longer_in_progress(tmp_path):
+    """`in_progress` lists the runs an exit at once must record crashed. It was cleared only by the
+    CLI, so a process running many flows (the Python API, a long-lived worker) kept every id, and
+    its exit at once would ask the API about runs that ended long ago."""
+    from flows import batch
+
+    (tmp_path / "in").mkdir()
+    pattern((32, 24)).save(tmp_path / "in" / "c.png")
+    source = BatchSource(contents=str(tmp_path / "in"), styles=str(tmp_path / "in"))
+    done = run(source, OutputSpec(uri=str(tmp_path / "out")))
+    refused = run(source, OutputSpec(uri=str(tmp_path / "out2")),
+                  PARAMS.model_copy(update={"weights": str(tmp_path / "nope.pth")}))
+    assert done.is_completed() and refused.is_failed()
+    ids = {str(done.state_details.flow_run_id), str(refused.state_details.flow_run_id)}
+    assert not ids & batch.in_progress
+
+
 def test_an_output_inside_a_source_prefix_is_refused_before_anything_is_written(tmp_path, bucket):
     """Old: results written under the contents (or styles) prefix were listed by the next run as
     new inputs: each nightly run stylized the last one's images, contact sheets and loss curves,
