@@ -67,23 +67,43 @@ MAX_RESTARTS = 3
 #: and Prefect's when it cancels a cancelled flow run's subflows: ``stopped_by_a_parent``.
 PARENT_STOPPED = "the parent stylize-batch run"
 _PREFECT_PARENT_CANCELLED = "The parent flow run was cancelled."
+#: JSON bytes of pair plans one chunk run's parameters may carry: Prefect's server refuses a flow run
+#: whose parameters exceed server.api.max_parameter_size (default 524,288 bytes of compact JSON), and
+#: the rest of them (output, params, run options, keys) takes a few KB. A plan takes 0.3-3 KB, so
+#: a chunk of more than ~500 S3 pairs may be cut further.
+CHUNK_PAIRS_BYTES = 384 * 1024
 #: The states of a chunk run a new parent adopts instead of starting another.
 LIVE_STATES = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING]
 
 
 def plan_chunks(plans: list[PairPlan], chunk_size: int, output_uri: str,
                 done: set[int] | frozenset[int] = frozenset()) -> list[tuple[str, list[PairPlan]]]:
-    """(content key, pairs) per chunk of the FULL plan, cut by position and keyed by the output and
-    all of the chunk's pair keys and names (``chunk_key``). Any parent that plans the same source
-    with the same settings, after some pairs finished or not, cuts the same chunks under the same
-    keys; chunks whose pairs are all in ``done`` (or failed at planning) are not started. A child
-    skips the pairs of its chunk that are done."""
+    """(content key, pairs) per chunk of the FULL plan, cut by position (then by size, see
+    ``_by_size``) and keyed by the output and all of the chunk's pair keys and names
+    (``chunk_key``). Any parent that plans the same source with the same settings, after some
+    pairs finished or not, cuts the same chunks under the same keys; chunks whose pairs are all in
+    ``done`` (or failed at planning) are not started. A child skips the pairs of its chunk that are done."""
     chunks = []
     for i in range(0, len(plans), chunk_size):
-        chunk = [p for p in plans[i:i + chunk_size] if p.runnable]
-        if any(p.index not in done for p in chunk):
-            chunks.append((chunk_key(chunk, output_uri), chunk))
+        for chunk in _by_size([p for p in plans[i:i + chunk_size] if p.runnable]):
+            if any(p.index not in done for p in chunk):
+                chunks.append((chunk_key(chunk, output_uri), chunk))
     return chunks
+
+
+def _by_size(chunk: list[PairPlan]) -> list[list[PairPlan]]:
+    """``chunk`` cut into consecutive parts whose plans take at most CHUNK_PAIRS_BYTES of JSON (one
+    part, ``chunk`` itself, when it fits). From the plans alone, so every parent cuts alike."""
+    parts: list[list[PairPlan]] = [[]]
+    size = 0
+    for p in chunk:
+        n = len(json.dumps(asdict(p), separators=(",", ":")).encode()) + 1
+        if parts[-1] and size + n > CHUNK_PAIRS_BYTES:
+            parts.append([])
+            size = 0
+        parts[-1].append(p)
+        size += n
+    return parts
 
 
 def parent_tag(parent_id: str) -> str:
@@ -520,6 +540,14 @@ def _still_adoptable(client, live: dict, keys: list[str]) -> dict:
     return kept
 
 
+def chunk_parameters(pairs: list[PairPlan], output: OutputSpec, params: StyleParams, run: RunOptions,
+                     weights_id: str, report_key: str) -> dict:
+    """The parameters of a stylize-chunk run (JSON): its pairs' plans inline, and the run's settings."""
+    return {"pairs": [asdict(p) for p in pairs], "output": output.model_dump(mode="json"),
+            "params": params.model_dump(mode="json"), "run": run.model_dump(mode="json"),
+            "weights_id": weights_id, "report_key": report_key}
+
+
 def start_chunks(plans: list[PairPlan], done: set[int], output: OutputSpec, params: StyleParams, run: RunOptions,
                  weights_id: str, parent_id: str, live: dict) -> list[Chunk]:
     """One ``run.chunk_deployment`` run per chunk of ``plan_chunks``, tagged with the parent and
@@ -540,10 +568,9 @@ def start_chunks(plans: list[PairPlan], done: set[int], output: OutputSpec, para
             if stop_requested.is_set():
                 raise PairStopped("run interrupted while starting its chunk runs")
             child = adopt.get(key)
-            start = partial(start_chunk, deployment=run.chunk_deployment, key=key, parameters={
-                "pairs": [asdict(p) for p in pairs], "output": output.model_dump(mode="json"),
-                "params": params.model_dump(mode="json"), "run": worker_run.model_dump(mode="json"),
-                "weights_id": weights_id, "report_key": chunk_report_key(parent_id, key)},
+            start = partial(start_chunk, deployment=run.chunk_deployment, key=key,
+                            parameters=chunk_parameters(pairs, output, params, worker_run, weights_id,
+                                                        chunk_report_key(parent_id, key)),
                 name=f"{flow_run.get_name() or 'stylize-batch'}-chunk-{n:04d}", tags=[parent_tag(parent_id)])
             if child is None:
                 child = start(client, earlier=earlier[key])

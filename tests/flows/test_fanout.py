@@ -235,6 +235,30 @@ def test_a_retried_parent_keeps_every_chunk_key_of_pairs_still_in_flight():
     assert all_done.keys() == first.keys() - {next(iter(first))}  # a chunk whose pairs are all done is not started
 
 
+def test_every_chunk_run_fits_the_parameter_size_prefects_server_accepts():
+    """A chunk run's pairs travel in its parameters, and Prefect's server refuses a flow run whose
+    parameters exceed 524,288 bytes of JSON (server.api.max_parameter_size's default): at the
+    largest chunk_size the form allows, about 1,000 S3 pairs, the parent failed with a 422 naming
+    700 KB. Such a chunk is cut further by size; a chunk within the limit keeps its key."""
+    from prefect._internal.schemas.validators import validate_parameter_size
+
+    big = RunOptions.model_fields["chunk_size"].metadata[-1].le
+    bucket = "s3://nightly-dataset-eu-west-1/"
+    plans = [PairPlan(i, f"{bucket}contents/2026/12/{'x' * 60}-{i:06d}.jpg", f"{bucket}styles/{'y' * 40}.png",
+                      "etag-" + "0" * 40, "etag-" + "1" * 40, f"stylized/{'x' * 60}-{i:06d}__{'y' * 40}",
+                      f"stylized/{'x' * 60}-{i:06d}__{'y' * 40}.jpg", f"stylized/{'x' * 60}-{i:06d}__{'y' * 40}.json",
+                      f"{i:064x}") for i in range(3000)]
+    output = OutputSpec(uri=f"{bucket}stylized/")
+    chunks = plan_chunks(plans, big, output.uri)
+    assert len(chunks) > 1
+    assert [p.index for _, pairs in chunks for p in pairs] == list(range(3000))  # every pair once, in order
+    for key, pairs in chunks:
+        validate_parameter_size(fanout.chunk_parameters(pairs, output, tiny_params(), RunOptions(), "w" * 64, key),
+                                524_288)
+    small = plans[:50]  # what a default chunk holds: one chunk, keyed as before
+    assert [k for k, _ in plan_chunks(small, 50, output.uri)] == [fanout.chunk_key(small, output.uri)]
+
+
 def test_a_chunk_run_that_ended_is_never_returned_for_its_content(chunk_deployment_without_worker):
     """Last night's run of the same chunk (Completed, maybe with failed pairs; or Cancelled) is never
     found again by an idempotency key: the pairs that are not done need a new run, reporting elsewhere."""
