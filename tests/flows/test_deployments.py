@@ -140,8 +140,25 @@ def test_prefect_yaml_gives_workers_their_storage_environment_without_secrets():
     spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
     for d in spec["deployments"]:
         env = d["work_pool"]["job_variables"]["env"]
-        assert env["AWS_ENDPOINT_URL_S3"] == "{{ $AWS_ENDPOINT_URL_S3 }}" and env["AWS_DEFAULT_REGION"]
+        assert env["AWS_REQUEST_CHECKSUM_CALCULATION"] == "when_required"
         assert not [k for k in env if any(w in k for w in ("KEY", "SECRET", "TOKEN", "PASSWORD"))], env
+
+
+def test_prefect_yaml_leaves_the_endpoint_and_region_to_each_workers_environment(monkeypatch):
+    """A flow run's environment is the worker's, overridden by the deployment's env. The yaml set
+    AWS_ENDPOINT_URL_S3 from the shell that ran `prefect deploy`: deployed from a shell without it,
+    every run got "", which botocore skips, so a worker's own MinIO endpoint was hidden and the runs
+    went to AWS; and a fixed region overrode each worker's. Rendered as `prefect deploy` renders it."""
+    from prefect.utilities.templating import apply_values
+
+    for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION"):
+        monkeypatch.delenv(var, raising=False)
+    spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+    for d in spec["deployments"]:
+        env = apply_values(apply_values(d["work_pool"]["job_variables"]["env"], os.environ, remove_notset=False),
+                           {}, warn_on_notset=False)
+        assert all(value for value in env.values()), env  # "" hides the worker's own value from boto3
+        assert not {"AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION"} & env.keys(), env
 
 
 def _server_refusal(parameters: dict) -> str:
@@ -234,3 +251,15 @@ def test_no_field_renders_as_a_const_box():
         for name, prop in model.get("properties", {}).items():
             assert all("const" not in member for member in prop.get("anyOf", [])), name
     assert schema["definitions"]["RunOptions"]["properties"]["pairs_per_step"]["anyOf"][0]["enum"] == ["auto"]
+
+
+def test_every_deploy_command_shown_runs_without_prompts():
+    """`prefect deploy` without --no-prompt asks, per deployment, whether to set up remote code
+    storage and schedules; Enter starts those wizards. Every command the README and the yaml show
+    says --no-prompt."""
+    import re
+
+    shown = [line for path in (ROOT / "README.md", ROOT / "deployments" / "prefect.yaml")
+             for line in path.read_text().splitlines() if re.search(r"prefect\b.*\bdeploy --prefect-file", line)]
+    assert len(shown) >= 3
+    assert all("prefect --no-prompt deploy" in line for line in shown), shown
