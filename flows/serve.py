@@ -49,7 +49,9 @@ def deployments(name: str = SERVED_NAME):
     chunk = f"stylize-chunk/{name}"
     # unset values left out: the form shows no "None" toggle, so the schema types them without null,
     # and Prefect checks a new deployment's parameters without the null allowance its runs get
-    run_defaults = RunOptions(chunk_deployment=chunk).model_dump(mode="json", exclude_none=True)
+    # fan-out "workers": the stylizing happens in the chunk runs, one at a time (below). A "local" run
+    # stylizes in its own process, beside any other run's, each leasing every GPU of the machine.
+    run_defaults = RunOptions(fan_out="workers", chunk_deployment=chunk).model_dump(mode="json", exclude_none=True)
     return [
         stylize_batch.to_deployment(
             name=name, enforce_parameter_schema=True, parameters={"run": run_defaults},

@@ -32,9 +32,12 @@ def test_served_deployments_have_their_own_names_and_chunk_target():
     assert served["stylize-batch/served"].parameters["run"]["chunk_deployment"] == "stylize-chunk/served"
     # one chunk run at a time, which leases every device of the machine (old: unlimited, each chunk
     # run a process of its own sizing its steps from the same GPUs' free memory); batch runs, which
-    # compute nothing, unlimited
+    # compute nothing with fan-out "workers", unlimited
     assert served["stylize-chunk/served"].concurrency_limit == 1
     assert served["stylize-batch/served"].concurrency_limit is None
+    # ... and "workers" is what a run from the form does unless told otherwise: with "local" (the old
+    # default) two runs started from the UI each stylized in their own process on every GPU at once
+    assert served["stylize-batch/served"].parameters["run"]["fan_out"] == "workers"
 
 
 
