@@ -381,8 +381,9 @@ def _exit_on_sigterm(signum, frame):
 def run_serve(args: argparse.Namespace) -> int:
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_API_URL, temporary_settings
 
-    from flows.serve import local_server, serve_deployments
+    from flows.serve import check_serve_options, local_server, serve_deployments
 
+    check_serve_options(args.limit, args.name)  # before a server is started for nothing
     if PREFECT_API_URL.value():
         with _prefect_api():
             serve_deployments(limit=args.limit, name=args.name)
@@ -403,6 +404,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     state = _run_flow(*demo_inputs(args.output))
+    if (reason := _refusal(state)) is not None:
+        raise NSTError(reason)  # one line on stderr, exit 2, as nst batch
     print(f"demo took {time.monotonic() - started:.0f} s in all")
     report = state.result(raise_on_failure=False)
     if isinstance(report, dict):

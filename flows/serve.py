@@ -27,7 +27,8 @@ from pathlib import Path
 
 from nst_core.errors import NSTError
 
-__all__ = ["SERVED_NAME", "SERVER_START_TIMEOUT_S", "deployments", "serve_deployments", "check_names_are_free",
+__all__ = ["SERVED_NAME", "SERVER_START_TIMEOUT_S", "deployments", "serve_deployments", "check_serve_options",
+           "check_names_are_free",
            "prefect_yaml_names", "local_server"]
 
 #: How long a Prefect server the CLI starts may take to answer, ours or Prefect's temporary API. A
@@ -118,7 +119,11 @@ def check_names_are_free(names: list[str]) -> None:
                 )
 
 
-def _check_name(name: str) -> None:
+def check_serve_options(limit: int | None, name: str) -> None:
+    """NSTError for a ``--limit`` or ``--name`` that serve_deployments would refuse."""
+    if limit is not None and limit < 2:  # a batch run holds a slot while its chunk runs wait for one
+        raise NSTError(f"--limit must be at least 2 (got {limit}): a stylize-batch run takes one slot and, "
+                       "with fan-out 'workers', its chunk runs need another")
     if not name or name != name.strip() or "/" in name:
         raise NSTError(f"--name {name!r}: give a deployment name without '/' or surrounding spaces")
 
@@ -128,10 +133,7 @@ def serve_deployments(limit: int | None = None, name: str = SERVED_NAME) -> None
     from prefect import serve
     from prefect.settings import get_current_settings
 
-    if limit is not None and limit < 2:  # a batch run holds a slot while its chunk runs wait for one
-        raise NSTError(f"--limit must be at least 2 (got {limit}): a stylize-batch run takes one slot and, "
-                       "with fan-out 'workers', its chunk runs need another")
-    _check_name(name)
+    check_serve_options(limit, name)
     served = deployments(name)
     check_names_are_free([f"stylize-batch/{name}", f"stylize-chunk/{name}"])
     ui = get_current_settings().ui_url

@@ -338,3 +338,14 @@ def test_an_exit_at_once_records_its_run_crashed_and_cancels_its_queued_chunk_ru
         _record_crashed("nst exited at once")
         assert client.read_flow_run(parent.id).state.name == "Crashed"
         assert [client.read_flow_run(k.id).state.name for k in kids] == ["Cancelled", "Cancelled"]
+
+
+@pytest.mark.parametrize("args,message", [(["--limit", "1"], "--limit must be at least 2 (got 1)"),
+                                          (["--name", "a/b"], "--name 'a/b': give a deployment name without '/'")])
+def test_serve_refuses_its_options_before_it_starts_a_server(tmp_path, args, message):
+    """Old: `nst serve --limit 1` without PREFECT_API_URL started a local Prefect server, then refused."""
+    result = nst("serve", "--port", "4391", *args, cwd=tmp_path, env=first_start(tmp_path / "home"))
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("nst: error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "starting a local Prefect server" not in result.stdout + result.stderr

@@ -57,3 +57,19 @@ def test_timed_probe_runs_the_real_engine_and_splits_its_time():
     # one pair at the probe's own length is the probe: the parts add back up
     assert probe.estimate(1, 1, probe.evaluations) == pytest.approx(
         probe.evaluating_s + probe.targets_s + probe.other_s)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_api")
+def test_a_refused_demo_exits_2_with_the_reason_in_one_line(tmp_path, monkeypatch, capsys):
+    """`nst demo --output` somewhere unwritable: the flow refuses at preflight, and `nst batch` says so in
+    one line and exits 2. The demo printed its timings and exited 1, the reason only in Prefect's log."""
+    import flows.demo as demo
+    from flows.cli import main
+
+    monkeypatch.setattr(demo, "timed_probe", lambda params: demo.Probe(10, 1.0, 0.5, 0.1))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(["demo", "--output", str(blocker / "out")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nst: error:")]
+    assert len(errors) == 1 and "preflight failed" in errors[0] and str(blocker) in errors[0], errors
