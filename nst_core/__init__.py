@@ -12,7 +12,8 @@ Where things are: ``optimize`` (stylize: the loop in named steps), ``objective``
 
 from importlib import import_module
 
-from .errors import DeviceMemoryError, ImageDecodeError, NonFiniteLossError, NSTError, ParamsError, WeightsError
+from .errors import (DeviceMemoryError, ImageDecodeError, ImageTooSmallError, NonFiniteLossError, NSTError, ParamsError,
+                     WeightsError)
 from .params import VGG16_LAYERS, StyleParams
 
 _LAZY = {
@@ -33,7 +34,7 @@ _LAZY = {
     "tv_loss": "losses",
 }
 
-__all__ = ["NSTError", "ParamsError", "DeviceMemoryError", "ImageDecodeError", "NonFiniteLossError", "WeightsError", "StyleParams", "VGG16_LAYERS", *_LAZY]
+__all__ = ["NSTError", "ParamsError", "DeviceMemoryError", "ImageDecodeError", "ImageTooSmallError", "NonFiniteLossError", "WeightsError", "StyleParams", "VGG16_LAYERS", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -218,7 +218,7 @@ class StyleParams(BaseModel):
     )
     device: Device = Field(  # type: ignore[valid-type]
         default="auto", title="Device",
-        description="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.",
+        description="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:0 to cuda:7 or mps.",
     )
     tile_size: Literal["auto", "off"] | int = Field(
         default="auto", title="Tile size (px)",

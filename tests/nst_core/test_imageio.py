@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from nst_core import ImageDecodeError, NSTError, StyleParams
-from nst_core.errors import ImageTooSmallError
+from nst_core import ImageDecodeError, ImageTooSmallError, NSTError, StyleParams  # the public names
 from nst_core.imageio import check_min_side, decode_image, encode_image, format_for, resize_longest, split_alpha
 from nst_core.params import min_side
 
