@@ -25,7 +25,6 @@ runs first (``cancel_children``).
 from __future__ import annotations
 
 import json
-import os
 import time
 from datetime import datetime, timezone
 from collections.abc import Callable
@@ -45,7 +44,7 @@ from tasks.models import OutputSpec, RunOptions
 from tasks.pair import PairStopped, stop_requested
 from tasks.pipeline import PipelineResult
 from tasks.plan import PreflightError
-from tasks.storage import (Storage, StorageError, StorageHealth, StorageUnreachableError, open_storage,
+from tasks.storage import (Storage, StorageError, StorageHealth, StorageUnreachableError, env_seconds, open_storage,
                            retrying)
 
 __all__ = ["fan_out_to_workers", "check_chunk_deployment", "plan_chunks", "start_chunks", "start_chunk",
@@ -58,7 +57,7 @@ POLL_S = 2.0
 API_PAGE = 200
 #: Queued chunks are cancelled after min(run.chunk_timeout_s, this) with no chunk running, started or
 #: finished (no worker polling the pool). Env: NST_CHUNK_START_TIMEOUT_S.
-START_TIMEOUT_S = float(os.environ.get("NST_CHUNK_START_TIMEOUT_S", 3600))
+START_TIMEOUT_S = env_seconds("NST_CHUNK_START_TIMEOUT_S", 3600)
 #: Idempotency keys of a chunk's content tried by one parent past those its earlier runs took.
 MAX_CHUNK_ATTEMPTS = 20
 #: Times a chunk run cancelled by another parent's stop (``stopped_by_a_parent``) is started again.

@@ -21,6 +21,7 @@ are written with one PutObject.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import socket
@@ -64,6 +65,7 @@ __all__ = [
     "is_transient",
     "retrying",
     "S3_TIMEOUTS",
+    "env_seconds",
     "RETRY_DELAYS",
     "TEMP_DIR",
     "pid_space",
@@ -72,15 +74,34 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+
+def env_seconds(name: str, default: float) -> float:
+    """Seconds from the environment variable ``name``, else ``default``. A value that is not a
+    positive number is warned about, naming it, and ``default`` used: these are read when a module
+    is imported, where an error would be a traceback before `nst` could say anything."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        logging.getLogger(__name__).warning("%s=%r is not a positive number of seconds; using %g", name, raw, default)
+        return default
+    return value
+
+
 #: (connect, read) timeout of every S3 request, seconds. Env: NST_S3_CONNECT_TIMEOUT_S, NST_S3_READ_TIMEOUT_S.
-S3_TIMEOUTS = (float(os.environ.get("NST_S3_CONNECT_TIMEOUT_S", 10)), float(os.environ.get("NST_S3_READ_TIMEOUT_S", 60)))
+S3_TIMEOUTS = (env_seconds("NST_S3_CONNECT_TIMEOUT_S", 10), env_seconds("NST_S3_READ_TIMEOUT_S", 60))
 #: Waits between the attempts of one storage call (len + 1 attempts in all): the one retry budget.
 RETRY_DELAYS: tuple[float, ...] = (1.0, 4.0, 10.0)
 #: Local temp files live here under a storage root, outside every listing.
 TEMP_DIR = ".nst-tmp"
 #: Seconds after which another machine's temp file in a shared output folder counts as abandoned
 #: (its writer's pid means nothing on this machine). Env: NST_STALE_TEMP_S.
-STALE_TEMP_S = float(os.environ.get("NST_STALE_TEMP_S", 86400))
+STALE_TEMP_S = env_seconds("NST_STALE_TEMP_S", 86400)
 
 
 def pid_space() -> tuple[str, str] | None:
@@ -175,7 +196,7 @@ class StorageHealth:
     (a value the run passes to its calls, like its credentials), thread-safe."""
 
     def __init__(self, outage_s: float | None = None, min_failures: int = OUTAGE_MIN_FAILURES):
-        self.outage_s = float(os.environ.get("NST_STORAGE_OUTAGE_S", OUTAGE_S)) if outage_s is None else outage_s
+        self.outage_s = env_seconds("NST_STORAGE_OUTAGE_S", OUTAGE_S) if outage_s is None else outage_s
         self.min_failures = min_failures
         self._lock = threading.Lock()
         self._failing: tuple[float, datetime] | None = None  # (monotonic, UTC) start of the streak's first attempt

@@ -349,3 +349,19 @@ def test_serve_refuses_its_options_before_it_starts_a_server(tmp_path, args, mes
     errors = [line for line in result.stderr.splitlines() if line.startswith("nst: error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr
     assert "starting a local Prefect server" not in result.stdout + result.stderr
+
+
+def test_a_bad_seconds_variable_is_a_warning_naming_it_not_a_traceback(tmp_path, monkeypatch):
+    """Old: `NST_S3_READ_TIMEOUT_S=abc nst --help` died with a ValueError traceback from an import."""
+    env = {**os.environ, "NST_S3_READ_TIMEOUT_S": "abc", "NST_CHUNK_START_TIMEOUT_S": "-5", "NST_STALE_TEMP_S": "1e3"}
+    result = nst("--help", cwd=tmp_path, env=env)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "NST_S3_READ_TIMEOUT_S='abc' is not a positive number of seconds; using 60" in result.stderr
+    assert "NST_CHUNK_START_TIMEOUT_S" not in result.stderr  # not read by --help
+    assert "NST_STALE_TEMP_S" not in result.stderr  # a good value is taken quietly
+    from tasks.storage import env_seconds
+
+    for name in ("NST_S3_READ_TIMEOUT_S", "NST_CHUNK_START_TIMEOUT_S", "NST_STALE_TEMP_S"):
+        monkeypatch.setenv(name, env[name])
+    assert [env_seconds(name, 7) for name in ("NST_S3_READ_TIMEOUT_S", "NST_CHUNK_START_TIMEOUT_S",
+                                              "NST_STALE_TEMP_S")] == [7, 7, 1000]
