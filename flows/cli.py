@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from nst_core.cli import (ProgressBar, add_model_options, add_stylize_parser, args_for, model_from_args, one_line,
+from nst_core.cli import (ProgressBar, add_model_options, add_stylize_parser, args_for, one_line,
                           without_userinfo)
 from nst_core.errors import NSTError
 from nst_core.params import StyleParams
@@ -364,9 +364,11 @@ def run_batch(args: argparse.Namespace) -> int:
         local = path if scheme == "file" else uri
         if local and "://" not in local and not Path(local).expanduser().exists():  # refuse before starting Prefect
             raise NSTError(f"{flag} {uri}: no such {'file' if flag == '--manifest' else 'folder'}")
-    source = model_from_args(ManifestSource if args.manifest else PrefixSource, args)
-    output = OutputSpec(**{**args_for(OutputSpec, args), "uri": args.output})
-    # checked as the flow checks them, before Prefect starts (InvalidInputs: "invalid parameters: run.devices.0: ...")
+    kind = "manifest" if args.manifest else "prefixes"
+    source = {**args_for(ManifestSource if args.manifest else PrefixSource, args), "kind": kind}
+    output = {**args_for(OutputSpec, args), "uri": args.output}
+    # checked as the flow checks them, before Prefect starts, each field named by its place in the
+    # flow's parameters (InvalidInputs: "invalid parameters: output.uri: ...", "run.devices.0: ...")
     inputs = batch_inputs(source, output, args_for(StyleParams, args), args_for(RunOptions, args))
     state = _run_flow(*inputs)
     if (reason := _refusal(state)) is not None:

@@ -71,15 +71,18 @@ def test_batch_exit_codes(data):
     (["--output", "o"], "one of the arguments --manifest --contents is required"),
     (["--contents", "file://c", "--styles", "s", "--output", "o"], "--contents file://c: a file URI with a host ('c')"),
     # old: Prefect's traceback of StorageError from inside the flow, exit 1
-    (["--contents", "c", "--styles", "s", "--output", "file://out/x"], "uri: file://out/x: a file URI with a host"),
-    (["--contents", "c", "--styles", "s", "--output", "s3://"], "uri: s3:// names no bucket"),
-    (["--contents", "s3://", "--styles", "s", "--output", "o"], "contents: s3:// names no bucket"),
-    (["--contents", "c", "--styles", "s", "--output", "gs://b/out"], "uri: gs://b/out: unsupported scheme 'gs'"),
+    (["--contents", "c", "--styles", "s", "--output", "file://out/x"], "invalid parameters: output.uri: file://out/x: a file URI with a host"),
+    (["--contents", "c", "--styles", "s", "--output", "s3://"], "invalid parameters: output.uri: s3:// names no bucket"),
+    (["--contents", "s3://", "--styles", "s", "--output", "o"], "invalid parameters: source.contents: s3:// names no bucket"),
+    (["--contents", "c", "--styles", "s", "--output", "gs://b/out"], "invalid parameters: output.uri: gs://b/out: unsupported scheme 'gs'"),
     # old: boto's ParamValidationError over two lines, its regexes included, after Prefect started
     (["--contents", "s3://Bad_Bucket!/x", "--styles", "s", "--output", "o"],
-     "contents: s3://Bad_Bucket!/x: 'Bad_Bucket!' is not an S3 bucket name"),
+     "invalid parameters: source.contents: s3://Bad_Bucket!/x: 'Bad_Bucket!' is not an S3 bucket name"),
     # old: ignored without a word; a manifest lists its pairs itself
     (["--manifest", "m.csv", "--pairing", "zip", "--output", "o"], "--pairing goes with --contents and --styles"),
+    # old: "link_expiry_hours: ..." where the run's other fields say "run.devices", "params.tile_size"
+    (["--contents", "c", "--styles", "s", "--output", "o", "--link-expiry-hours", "200"],
+     "invalid parameters: output.link_expiry_hours:"),
 ])
 def test_batch_bad_arguments_exit_2(data, args, message):
     proc = nst("batch", *args, cwd=data)
