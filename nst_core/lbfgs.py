@@ -138,12 +138,13 @@ class BatchedLBFGS:
     Differs from torch's LBFGS in two places. The direction is computed in compact form
     (``compact_direction``: the same H, in a fixed number of device operations where torch's
     two-loop recursion takes nine per pair); the products it needs (SᵀY, YᵀY) are kept and only
-    the newest pair's row and column computed each step. And every problem writes slot ``head`` of
+    the newest pair's row and column computed each step. Every problem writes slot ``head`` of
     one shared ring (a host int, so the history is read as views, not per-problem gathers). A
     problem whose pair fails the curvature test (or that is frozen) leaves that slot empty
     (ρ = 0): for the next ``history`` steps it steers by history − 1 pairs where torch would keep
     its oldest pair, and a run of ``history`` skips leaves it none (the step −H₀·g). Until a pair
-    is skipped the trajectory is torch's, up to rounding.
+    is skipped the trajectory is torch's, up to rounding. (``restart``, which torch's LBFGS has not,
+    forgets a problem's history on request.)
     """
 
     def __init__(self, x: Tensor, lr: float, history: int = HISTORY):
@@ -162,6 +163,7 @@ class BatchedLBFGS:
         self.t: Tensor | None = None  # last step length (B,)
         self.prev_g: Tensor | None = None
         self.descending = torch.ones(b, dtype=torch.bool, device=x.device)
+        self.fresh = torch.zeros(b, dtype=torch.bool, device=x.device)  # restarted: the next step is a first step
 
     def _remember(self, g: Tensor, frozen: Tensor) -> tuple[Tensor, Tensor]:
         """Write (s, y) = (t·d, g − g_prev) to the next slot, its row and column of SᵀY and YᵀY;
@@ -191,15 +193,27 @@ class BatchedLBFGS:
         return compact_direction(g, self.s[:, :k], self.y[:, :k], self.sy[:, :k, :k], self.yy[:, :k, :k], sg, yg,
                                  self.rho[:k].T != 0, self.h_diag, self.head if k == self.m else 0)
 
+    def restart(self, which: Tensor) -> None:
+        """Forget the history of the problems ``which`` (B,) bool, on the device (no host read):
+        their next step is a first step, and the pair of their last step is never kept. Call it
+        after moving their x (stylize: back to their best) and pass step() their gradient there."""
+        self.rho = torch.where(which[None, :], 0.0, self.rho)
+        self.h_diag = torch.where(which, 1.0, self.h_diag)
+        self.fresh = self.fresh | which
+
     @torch.no_grad()
     def step(self, x: Tensor, g: Tensor, frozen: Tensor) -> None:
         g = g.reshape(g.shape[0], -1)
+        first = (1.0 / g.abs().sum(1)).clamp_max(1.0) * self.lr  # a first step's length
         if self.d is None:  # the first iteration: steepest descent, a step scaled by the gradient
             d = -g
-            t = (1.0 / g.abs().sum(1)).clamp_max(1.0) * self.lr
+            t = first
         else:
-            d = self._direction(g, *self._remember(g, frozen))
+            d = self._direction(g, *self._remember(g, frozen | self.fresh))
             t = torch.full_like(self.t, self.lr)
+            d = torch.where(self.fresh[:, None], -g, d)  # a restarted problem steps as on its first iteration
+            t = torch.where(self.fresh, first, t)
+        self.fresh = self.fresh & frozen  # a frozen problem has not taken its first step yet
         # torch ends the step when the direction does not descend (gᵀd > −tolerance_change = 0), and
         # returns at once at a zero gradient (max|g| <= tolerance_grad = 0), where gᵀd = 0 would pass
         self.descending &= (_dot(g, d) <= 0) & (g.abs().amax(1) > 0)

@@ -69,6 +69,38 @@ def test_a_frozen_problem_does_not_move_and_the_others_do_not_notice():
     assert _rosenbrock(x.detach())[1].item() == pytest.approx(alone[-1, 0].item(), rel=1e-9)
 
 
+def test_a_restarted_problem_steps_as_a_fresh_optimizer_would_and_the_others_do_not_notice():
+    """restart(): a problem's history is forgotten, its next step is a first step (steepest descent,
+    scaled by its gradient) and the pair of its last step, taken elsewhere, is never kept."""
+    gen = torch.Generator().manual_seed(2)
+    x0 = torch.rand(2, 2, 3, generator=gen, dtype=torch.float64)
+    elsewhere = torch.rand(2, 2, 3, generator=gen, dtype=torch.float64)
+
+    def run(opt, x, steps):
+        for _ in range(steps):
+            x.grad = None
+            _rosenbrock(x).sum().backward()
+            opt.step(x.data, x.grad, torch.zeros(x.shape[0], dtype=torch.bool))
+
+    x = elsewhere.clone().requires_grad_(True)
+    opt = BatchedLBFGS(x, 1.0, 5)
+    run(opt, x, 7)  # a history from another trajectory
+    kept = x.detach()[1].clone()
+    x.data[0] = x0[0]  # problem 0 moved back (to its best, in stylize) and restarted
+    opt.restart(torch.tensor([True, False]))
+    run(opt, x, 6)
+    fresh = x0.clone().requires_grad_(True)
+    run(BatchedLBFGS(fresh, 1.0, 5), fresh, 6)
+    assert torch.allclose(x.detach()[0], fresh.detach()[0], rtol=1e-12, atol=1e-14)
+    # problem 1 went on with its own history, as if nothing happened
+    y = elsewhere[1:].clone().requires_grad_(True)
+    other = BatchedLBFGS(y, 1.0, 5)
+    run(other, y, 7)
+    assert torch.allclose(y.detach()[0], kept, rtol=1e-12, atol=1e-14)
+    run(other, y, 6)
+    assert torch.allclose(x.detach()[1], y.detach()[0], rtol=1e-12, atol=1e-14)
+
+
 def test_no_host_reads_in_a_step(monkeypatch):
     # A GPU run stalls at every read of a device value; the step must make none.
     x = torch.rand(2, 3, 4, 4, requires_grad=True)
