@@ -64,6 +64,7 @@ def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], *
         kwargs = _option_type(info.annotation)
         default = info.get_default(call_default_factory=True)
         shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        shown = "unset" if shown is None or shown == "" else shown  # as the README's parameter table says
         group.add_argument(
             "--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS,
             help=f"{info.description} (default: {shown})".replace("%", "%%"), **kwargs,  # argparse formats help

@@ -130,6 +130,8 @@ def test_auto_or_number_options_parse_and_help_prints():
     parser = argparse.ArgumentParser()
     add_model_options(parser, StyleParams)
     assert "auto|off|INT" in parser.format_help()
+    # an unset default says so, as the README's table does (was "(default: None)")
+    assert "(default: None)" not in " ".join(parser.format_help().split())
     params = lambda *a: model_from_args(StyleParams, parser.parse_args(list(a)))  # noqa: E731
     assert params("--tile-size", "384", "--max-memory-gb", "2.5").tile_size == 384
     assert params("--tile-size", "off").tile_size == "off" and params().tile_size == "auto"
