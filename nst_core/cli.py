@@ -186,6 +186,7 @@ def run_stylize(args: argparse.Namespace, opener: Callable[[str], bytes] | None 
     from .imageio import decode_image, encode_image, format_for
 
     params = model_from_args(StyleParams, args)
+    params.blend_weights(len(args.style))  # ParamsError for a count that does not fit, before any read
     fmt = format_for(args.output)
     if not 1 <= args.quality <= 100:
         raise NSTError(f"--quality {args.quality} is outside 1-100")

@@ -66,6 +66,9 @@ def test_bad_input_exits_2_with_one_line(files, args, message):
     (["missing.png", "style.png", "--weights", "random"], "missing.png: cannot read"),
     (["content.jpg", "style.png", "--weights", "random", "--image-size", "16"], "content.jpg: 16x13 px is too small"),
     (["content.jpg", "style.png", "--weights", "nope.pth"], "weights file nope.pth does not exist"),
+    # old: refused by the engine, after torch loaded (5 s)
+    (["content.jpg", "style.png", "--weights", "random", "--style-blend-weights", "1", "2"],
+     "style_blend_weights has 2 values for 1 style image(s)"),
 ])
 def test_an_input_error_answers_before_the_engine_loads(files, args, message):
     # torch takes ~3 s to import (6.6 s for a misspelt file name before, with torchvision); every
