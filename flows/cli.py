@@ -411,7 +411,8 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"demo took {time.monotonic() - started:.0f} s in all")
     report = state.result(raise_on_failure=False)
     if isinstance(report, dict):
-        print(f"images and sidecars: {report['output']['uri']}/")
+        uri = report["output"]["uri"]
+        print(f"images and sidecars: {uri if '://' in uri else Path(uri).resolve()}/")  # absolute, as the two below
         print(f"run report:          {report['report']}")
         print(f"contact sheet:       {report['contact_sheet']}")
     return 0 if state.is_completed() else 1
