@@ -209,19 +209,22 @@ def _ended(flow, flow_run, state) -> None:
 
 
 def _on_cancel(flow, flow_run, state) -> None:
-    _ended(flow, flow_run, state)
-    cancel_children(str(flow_run.id))
+    try:
+        cancel_children(str(flow_run.id))
+    finally:  # after: an exit at once meanwhile must still find the run and cancel its chunk runs
+        _ended(flow, flow_run, state)
 
 
 def _on_crash(flow, flow_run, state) -> None:
     """The process died under the flow (a crash the flow body did not see): stop the chunk runs and
     replace the "running" report (the write probe), if it still says so, with one that says the run
     stopped (best effort)."""
-    _ended(flow, flow_run, state)
     try:
         cancel_children(str(flow_run.id), f"{PARENT_STOPPED} crashed")
     except Exception:
         pass
+    finally:  # after: an exit at once meanwhile must still find the run and cancel its chunk runs
+        _ended(flow, flow_run, state)
     try:
         output = (flow_run.parameters or {}).get("output") or {}
         if not isinstance(output, dict):

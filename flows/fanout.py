@@ -47,7 +47,8 @@ from tasks.plan import PreflightError
 from tasks.storage import (Storage, StorageError, StorageHealth, StorageUnreachableError, env_seconds, open_storage,
                            retrying)
 
-__all__ = ["fan_out_to_workers", "check_chunk_deployment", "plan_chunks", "start_chunks", "start_chunk",
+__all__ = ["fan_out_to_workers", "check_chunk_deployment", "plan_chunks", "chunk_parameters", "CHUNK_PAIRS_BYTES",
+           "start_chunks", "start_chunk",
            "live_chunk_runs", "live_before_done", "merge_chunk", "read_children", "cancel_children", "parent_tag", "content_tag",
            "Chunk", "ChunkWatcher", "POLL_S", "API_PAGE", "START_TIMEOUT_S", "MAX_CHUNK_ATTEMPTS"]
 

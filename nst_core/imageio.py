@@ -75,6 +75,9 @@ class DecodedImage:
 
 
 _ORIENTATION = 0x0112  # the EXIF tag
+#: Where Pillow's getexif() reads an orientation from: the EXIF block, XMP (tiff:Orientation), a PNG's
+#: EXIF text chunk.
+_ORIENTATION_SOURCES = ("exif", "xmp", "XML:com.adobe.xmp", "Raw profile type exif")
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 _SRGB_ICC = _SRGB.tobytes()
 #: Which Pillow mode an ICC profile's colour space describes.
@@ -148,11 +151,11 @@ def split_alpha(img: Image.Image, name: str = "image") -> DecodedImage:
     if icc:
         img = _to_srgb(img, icc)
     rgb = img.convert("RGB")
-    # The pixels are sRGB and upright now; a profile or EXIF block left in info (the source's, or
+    # The pixels are sRGB and upright now; a profile or orientation left in info (the source's, or
     # lcms's sRGB) would invite a second conversion or turn, or a second warning about a damaged
     # block, by the next split_alpha (stylize() calls it on the images it is given).
-    rgb.info.pop("icc_profile", None)
-    rgb.info.pop("exif", None)
+    for key in ("icc_profile", *_ORIENTATION_SOURCES):
+        rgb.info.pop(key, None)
     return DecodedImage(rgb, alpha)
 
 

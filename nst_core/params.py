@@ -218,7 +218,7 @@ class StyleParams(BaseModel):
     )
     device: Device = Field(  # type: ignore[valid-type]
         default="auto", title="Device",
-        description="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:0 to cuda:7 or mps.",
+        description=f"auto (CUDA, then MPS, then CPU), cpu, cuda, {DEVICES[4]} to {DEVICES[-1]} or mps.",
     )
     tile_size: Literal["auto", "off"] | int = Field(
         default="auto", title="Tile size (px)",

@@ -181,7 +181,7 @@ class _PairInputs:
     style: object  # PIL image, RGB
     logger: object  # its task run's logger: the step may run in another pair's task
     deadline: float = 0.0  # pair_timeout_s from its step's start: device time counts, not the wait
-    best: tuple[int, float] = (0, float("inf"))  # (scale, its lowest loss so far): the image kept is the best
+    best: tuple[int, int, float] = (0, 0, float("inf"))  # (scale, evaluation, loss) of the best so far at that scale
 
     def check(self, ev=None) -> None:
         """Raise when the pair must stop: Ctrl-C, a storage outage, or past pair_timeout_s."""
@@ -192,15 +192,16 @@ class _PairInputs:
 
     def progress(self, ev) -> None:
         self.check(ev)
-        if ev.scale != self.best[0] or ev.loss < self.best[1]:
-            self.best = (ev.scale, ev.loss)
+        # a new scale, or a step run again from its start (after running out of device memory), starts afresh
+        if ev.scale != self.best[0] or ev.iteration <= self.best[1] or ev.loss < self.best[2]:
+            self.best = (ev.scale, ev.iteration, ev.loss)
         step = max(1, self.ctx.params.iterations // 4)
         if ev.iteration % step == 0 or ev.iteration == ev.total:
             where = ev.where  # the loss jumps where a finer scale starts: say which
             # the best beside the current: L-BFGS without a line search may step uphill, and the
             # pair's image is its best evaluation, not its last
             self.logger.info("%s: evaluation %d/%d%s, loss %.4g (best %.4g)", self.pair.name, ev.iteration,
-                             ev.total, f" ({where})" if where else "", ev.loss, self.best[1])
+                             ev.total, f" ({where})" if where else "", ev.loss, self.best[2])
 
     def stopped_with_step(self, err: Exception) -> Exception:
         """This pair's own reason when another pair's stop or time limit ended their step."""

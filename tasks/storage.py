@@ -78,8 +78,9 @@ T = TypeVar("T")
 
 def env_seconds(name: str, default: float) -> float:
     """Seconds from the environment variable ``name``, else ``default``. A value that is not a
-    positive number is warned about, naming it, and ``default`` used: these are read when a module
-    is imported, where an error would be a traceback before `nst` could say anything."""
+    positive finite number is warned about, naming it, and ``default`` used (each time it is read):
+    most are read when a module is imported, where an error would be a traceback before `nst`
+    could say anything."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default

@@ -846,3 +846,20 @@ def test_a_pair_another_run_made_after_this_one_planned_is_not_made_again(tmp_pa
     assert report["totals"] == {"pairs": 2, "done": 0, "skipped": 2, "failed": 0}, report["totals"]
     assert all("made by another run" in (i["note"] or "") for i in report["items"]), report["items"]
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.json")} == made
+
+
+@pytest.mark.parametrize("hook", ["_on_cancel", "_on_crash"])
+def test_a_stopped_run_stays_in_progress_until_its_hook_has_cancelled_its_chunk_runs(monkeypatch, hook):
+    """An exit at once (a second Ctrl-C) while the hook cancels hundreds of chunk runs must still
+    find the run in `in_progress` and cancel them itself; the id leaves after, whatever happens."""
+    import uuid
+    from types import SimpleNamespace
+
+    from flows import batch
+
+    run_id = uuid.uuid4()
+    seen = []
+    monkeypatch.setattr(batch, "cancel_children", lambda parent, *a: seen.append(parent in batch.in_progress))
+    batch.in_progress.add(str(run_id))
+    getattr(batch, hook)(None, SimpleNamespace(id=run_id, parameters={}, name="r", run_count=1), None)
+    assert seen == [True] and str(run_id) not in batch.in_progress

@@ -311,8 +311,6 @@ def test_coarse_scales_too_thin_for_the_layers_are_left_out(images):
     assert result.metadata["evaluations"] == 6
 
 
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("content,style,evaluations", [("chelsea", "gravel", 30), ("chelsea", "brick", 60)])
 def test_the_default_is_never_worse_than_single_scale_fp32_at_equal_evaluations(content, style, evaluations):

@@ -135,3 +135,20 @@ def test_a_pair_stopped_on_request_ends_cancelled_with_its_reason_not_failed(tmp
     finally:
         stop_requested.clear()
     assert state.is_cancelled() and state.message == "c__s: run interrupted before the pair finished", state
+
+
+def test_progress_lines_start_their_best_afresh_when_a_step_runs_again_from_its_start():
+    """A step out of device memory runs its pairs again from their start, through the same progress
+    callback: the line's "best" kept the abandoned attempt's lower loss, one the image never had."""
+    from types import SimpleNamespace
+
+    from tasks.pair import _PairInputs
+    from tasks.storage import StorageHealth
+
+    lines = []
+    logger = SimpleNamespace(info=lambda fmt, *args: lines.append(fmt % args))
+    ctx = SimpleNamespace(params=SimpleNamespace(iterations=4), pair_timeout_s=None, health=StorageHealth())
+    x = _PairInputs(SimpleNamespace(name="p"), ctx, None, None, logger)
+    for i, loss in [(1, 2.0), (2, 1.5), (3, 1.2), (1, 2.0), (2, 1.6), (3, 1.4), (4, 1.3)]:
+        x.progress(SimpleNamespace(iteration=i, total=4, loss=loss, scale=1, where=""))
+    assert lines[-1] == "p: evaluation 4/4, loss 1.3 (best 1.3)", lines
