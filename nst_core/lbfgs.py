@@ -163,7 +163,10 @@ class BatchedLBFGS:
         self.t: Tensor | None = None  # last step length (B,)
         self.prev_g: Tensor | None = None
         self.descending = torch.ones(b, dtype=torch.bool, device=x.device)
-        self.fresh = torch.zeros(b, dtype=torch.bool, device=x.device)  # restarted: the next step is a first step
+        # restarted problems, whose next step (frozen steps aside) is a first step; None when no
+        # restart is pending (a host-side check: a run that never restarts takes none of its operations)
+        self.fresh: Tensor | None = None
+        self._fresh_steps = 0  # steps left that apply ``fresh``
 
     def _remember(self, g: Tensor, frozen: Tensor) -> tuple[Tensor, Tensor]:
         """Write (s, y) = (t·d, g − g_prev) to the next slot, its row and column of SᵀY and YᵀY;
@@ -199,21 +202,25 @@ class BatchedLBFGS:
         after moving their x (stylize: back to their best) and pass step() their gradient there."""
         self.rho = torch.where(which[None, :], 0.0, self.rho)
         self.h_diag = torch.where(which, 1.0, self.h_diag)
-        self.fresh = self.fresh | which
+        self.fresh = which if self.fresh is None else self.fresh | which
+        self._fresh_steps = 2  # the caller may freeze them for one step (stylize: to take the gradient at best)
 
     @torch.no_grad()
     def step(self, x: Tensor, g: Tensor, frozen: Tensor) -> None:
         g = g.reshape(g.shape[0], -1)
-        first = (1.0 / g.abs().sum(1)).clamp_max(1.0) * self.lr  # a first step's length
+        fresh = self.fresh
         if self.d is None:  # the first iteration: steepest descent, a step scaled by the gradient
             d = -g
-            t = first
+            t = (1.0 / g.abs().sum(1)).clamp_max(1.0) * self.lr
         else:
-            d = self._direction(g, *self._remember(g, frozen | self.fresh))
+            d = self._direction(g, *self._remember(g, frozen if fresh is None else frozen | fresh))
             t = torch.full_like(self.t, self.lr)
-            d = torch.where(self.fresh[:, None], -g, d)  # a restarted problem steps as on its first iteration
-            t = torch.where(self.fresh, first, t)
-        self.fresh = self.fresh & frozen  # a frozen problem has not taken its first step yet
+            if fresh is not None:  # a restarted problem steps as on its first iteration
+                d = torch.where(fresh[:, None], -g, d)
+                t = torch.where(fresh, (1.0 / g.abs().sum(1)).clamp_max(1.0) * self.lr, t)
+        if fresh is not None:
+            self._fresh_steps -= 1
+            self.fresh = fresh & frozen if self._fresh_steps > 0 else None  # frozen: its first step is still to come
         # torch ends the step when the direction does not descend (gᵀd > −tolerance_change = 0), and
         # returns at once at a zero gradient (max|g| <= tolerance_grad = 0), where gᵀd = 0 would pass
         self.descending &= (_dot(g, d) <= 0) & (g.abs().amax(1) > 0)

@@ -42,7 +42,7 @@ __all__ = ["StyleProgress", "StyleResult", "StylePair", "stylize", "stylize_many
 #: history (``BatchedLBFGS.restart``). Without a line search, under the clamp to [0, 1] (a
 #: projection its curvature pairs do not see), it can climb for good: the demo's harbour x waves
 #: (192 px, random weights) was best at evaluation 28 and climbed to above its start by the 80th.
-#: With 10 it ends at 1.572, 0.86x that best of 1.830, houses x waves at 0.91x its old result, and
+#: With 10 it ends at 1.577, 0.86x that best of 1.830, houses x waves at 0.91x its old result, and
 #: the six pairs that never climbed for 10 evaluations (so never restart) with the same final losses
 #: to 4 digits (examples/ and photos/, 192 px, 80 evaluations, fp32, random weights, 2-core CPU).
 #: Tuned on that one run: at 200 evaluations (harbour x waves, 64 px) it restarts every 13-15
@@ -421,14 +421,11 @@ class _Log:
                 job.planned -= evaluations - ran
 
 
-def _back_to_best(lbfgs: BatchedLBFGS, x: Tensor, grad: Tensor, best: Tensor, best_grad: Tensor,
-                  which: Tensor) -> Tensor:
+def _back_to_best(lbfgs: BatchedLBFGS, x: Tensor, best: Tensor, which: Tensor) -> None:
     """Pairs ``which`` (B,) bool go back to their best: x (B, C, H, W) moved there in place, their
-    L-BFGS history forgotten. Returns the gradient to step by: best_grad for them, grad for the rest."""
-    back = which[:, None, None, None]
-    x.data.copy_(torch.where(back, best, x.data))
+    L-BFGS history forgotten (their next step is a first step, by the gradient there)."""
+    x.data.copy_(torch.where(which[:, None, None, None], best, x.data))
     lbfgs.restart(which)
-    return torch.where(back, best_grad, grad)
 
 
 def _optimize_scale(objective: Objective, x0: Tensor, evaluations: int, params: StyleParams, precision: str,
@@ -447,8 +444,6 @@ def _optimize_scale(objective: Objective, x0: Tensor, evaluations: int, params: 
     adam = torch.optim.Adam([x], lr=params.step_size()) if lbfgs is None else None
     best_total = x.new_full((b,), math.inf)
     best = x.detach().clone()
-    best_grad = torch.zeros_like(best) if lbfgs is not None else None  # the gradient at best, for a restart there
-    grad_at_best = torch.zeros(b, dtype=torch.bool, device=x.device)  # best_grad is best's, at this precision
     since_best = torch.zeros(b, dtype=torch.long, device=x.device)  # evaluations since each pair's best
     before_tail = None
     seen: list[Tensor] = []  # best total after each evaluation at this scale, (B,) each
@@ -462,9 +457,6 @@ def _optimize_scale(objective: Objective, x0: Tensor, evaluations: int, params: 
             # 256 px, 300 evaluations: 2.04x the fp32 run's loss).
             with torch.no_grad(), precision_section(False):
                 best_total = torch.where(best_total.isfinite(), objective(best)[:, 3], best_total)
-            # best_grad is a reduced-precision gradient: no restart steps by it, or pairs it with an
-            # exact one (a pair that never beats that best in the tail climbs as it may; best is kept)
-            grad_at_best = torch.zeros_like(grad_at_best)
             # Tiled, the tail's own values carry the halo's approximation (±0.05% between grid
             # offsets in a one-off check at 96 px): its best is measured exactly again at the end.
             before_tail = (best.clone(), best_total.clone()) if objective.tiling is not None else None
@@ -487,9 +479,6 @@ def _optimize_scale(objective: Objective, x0: Tensor, evaluations: int, params: 
             best_total = torch.where(better, terms[:, 3], best_total)
             best = torch.where(better[:, None, None, None], x.detach(), best)
             since_best = torch.where(better, 0, since_best + 1)
-            if best_grad is not None:
-                best_grad = torch.where(better[:, None, None, None], x.grad, best_grad)
-                grad_at_best = grad_at_best | better
             seen.append(best_total)
             stopped = torch.zeros_like(active)
             if params.stop_tolerance is not None and len(seen) > STOP_WINDOW:
@@ -498,7 +487,8 @@ def _optimize_scale(objective: Objective, x0: Tensor, evaluations: int, params: 
             log.add(terms, active, loss_ok, grad_ok, stopped)
             frozen = frozen | ~loss_ok | ~grad_ok | stopped
             last = e == evaluations - 1
-            if last or (e + 1) % read_every == 0:
+            read = last or (e + 1) % read_every == 0
+            if read:
                 log.flush(index, shape, evaluations, dtype is not None)
                 frozen = frozen | log.failed(x.device)
                 if bool(frozen.all()):
@@ -510,12 +500,17 @@ def _optimize_scale(objective: Objective, x0: Tensor, evaluations: int, params: 
                 # Differs from torch's LBFGS as Gatys et al. used it (which goes on from its last
                 # iterate) because without a line search, and under the clamp above, it can climb
                 # for good (RESTART_AFTER): a pair above its best for that long goes back to its
-                # best and forgets its history. On the device, no host read; a pair that never
-                # climbs that long is not touched (torch.where keeps its values as they are).
-                climbing = ~frozen & grad_at_best & (since_best >= RESTART_AFTER) & (terms[:, 3] > best_total)
-                grad = _back_to_best(lbfgs, x, grad, best, best_grad, climbing)
-                since_best = torch.where(climbing, 0, since_best)
-                lbfgs.step(x.data, grad, frozen)
+                # best, forgets its history and holds still for one evaluation, whose gradient (at
+                # this precision) starts it afresh. Checked where the losses are read anyway (on
+                # CUDA every GPU_READ_EVERY evaluations, so after 10 to 17 there).
+                held = frozen
+                if read:
+                    climbing = ~frozen & (since_best >= RESTART_AFTER) & (terms[:, 3] > best_total)
+                    if bool(climbing.any()):
+                        _back_to_best(lbfgs, x, best, climbing)
+                        since_best = torch.where(climbing, 0, since_best)
+                        held = frozen | climbing
+                lbfgs.step(x.data, grad, held)
                 ended = frozen.logical_not() & ~lbfgs.descending  # torch's LBFGS would end the scale here
                 frozen = frozen | ended
             else:
