@@ -199,7 +199,8 @@ class BatchedLBFGS:
     def restart(self, which: Tensor) -> None:
         """Forget the history of the problems ``which`` (B,) bool, on the device (no host read):
         their next step is a first step, and the pair of their last step is never kept. Call it
-        after moving their x (stylize: back to their best) and pass step() their gradient there."""
+        after moving their x (stylize: back to their best), then either pass step() their gradient
+        there, or freeze them for that step and pass the next one the gradient at that x."""
         self.rho = torch.where(which[None, :], 0.0, self.rho)
         self.h_diag = torch.where(which, 1.0, self.h_diag)
         self.fresh = which if self.fresh is None else self.fresh | which
