@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
@@ -262,8 +263,38 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _md_link(text: str, url: str | None) -> str:
-    return f"[{text}]({url})" if url else f"`{text}`"
+#: Characters that make Markdown structure mid-line: code spans, links, HTML, table cells, emphasis
+#: by asterisks. (Not `_`: the project's own output names are `content__style__key`, and an
+#: underscore inside a word emphasises nothing.)
+_MD_SPECIAL = re.compile(r"([\\`*\[\]()<>|#!])")
+#: An error in the summary or table is cut to this many characters; the run report keeps it whole.
+MAX_SHOWN_ERROR = 300
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def md_text(text: object, limit: int | None = None) -> str:
+    """``text`` (a file name, an error, a run name: anything a user or an input chose) as Markdown that
+    renders as that text on one line: no heading, link, HTML or table cell of its own."""
+    line = _one_line(text)
+    if limit is not None and len(line) > limit:
+        line = line[:limit - 1] + "…"
+    return _MD_SPECIAL.sub(r"\\\1", line)
+
+
+def md_code(text: object, table: bool = False) -> str:
+    """``text`` in a code span on one line: fenced by more backticks than it holds in a row. In a
+    table cell a `|` ends the cell even in a code span, unless escaped (GFM)."""
+    line = _one_line(text).replace("|", "\\|") if table else _one_line(text)
+    fence = "`" * (1 + max((len(run) for run in re.findall("`+", line)), default=0))
+    pad = " " if line.startswith("`") or line.endswith("`") else ""
+    return f"{fence}{pad}{line}{pad}{fence}"
+
+
+def _md_link(text: str, url: str | None, table: bool = False) -> str:
+    return f"[{md_text(text)}]({url})" if url else md_code(text, table)
 
 
 #: Rows of the pairs table artifact and of the summary's chunk-run table; the report has them all.
@@ -286,12 +317,13 @@ def table_rows(items: list[dict], link=None, limit: int = MAX_TABLE_ROWS) -> lis
         side_url = link(sidecar) if (link and sidecar and item.get("status") != FAILED) else None
         rows.append({  # file names, so that the table fits a screen; the report has the full URIs
             "status": item.get("status"),
-            "content": file_name(item.get("content") or ""), "style": file_name(item.get("style") or ""),
-            "output": _md_link(file_name(output) or output, out_url) if output else "",
-            "sidecar": _md_link("json", side_url) if side_url else "",
+            "content": md_text(file_name(item.get("content") or "")),
+            "style": md_text(file_name(item.get("style") or "")),
+            "output": _md_link(file_name(output) or output, out_url, table=True) if output else "",
+            "sidecar": _md_link("json", side_url, table=True) if side_url else "",
             "final_loss": f"{loss:.4g}" if loss is not None else "",
             "seconds": f"{seconds:.1f}" if isinstance(seconds, (int, float)) else "",
-            "error": item.get("error") or "",
+            "error": md_text(item.get("error") or "", MAX_SHOWN_ERROR),
         })
     return rows
 
@@ -301,9 +333,9 @@ def summary_markdown(report: dict, links: dict[str, str | None], chunk_links: li
     """The run's summary: totals, links to the report, contact sheet and loss curve, chunk runs, failures."""
     counts = report["totals"]
     attempt = report.get("attempt", 1)
-    lines = [f"# stylize-batch `{report.get('flow_run')}`" + (f", attempt {attempt}" if attempt > 1 else ""), ""]
+    lines = [f"# stylize-batch {md_code(report.get('flow_run'))}" + (f", attempt {attempt}" if attempt > 1 else ""), ""]
     if warning:
-        lines += [f"> **Warning:** {warning}", ""]
+        lines += [f"> **Warning:** {md_text(warning)}", ""]
     if attempt > 1:
         lines += [f"Attempt {attempt} of this flow run (a Retry): each attempt keeps its own report; "
                   f"the first one's is `{report_key(report.get('flow_run_id', ''))}`.", ""]
@@ -325,15 +357,16 @@ def summary_markdown(report: dict, links: dict[str, str | None], chunk_links: li
         for chunk, url in chunk_links[:MAX_CHUNK_ROWS]:
             worker = chunk.get("worker") or {}
             where = f"{worker.get('host', '')} pid {worker.get('pid', '')}".strip() if worker else ""
-            lines.append(f"| {chunk.get('chunk')} | {_md_link(str(chunk.get('flow_run_id')), url)} | "
-                         f"{chunk.get('state')} | {where} |")
+            lines.append(f"| {chunk.get('chunk')} | {_md_link(str(chunk.get('flow_run_id')), url, table=True)} | "
+                         f"{md_text(chunk.get('state'))} | {md_text(where)} |")
         if len(chunk_links) > MAX_CHUNK_ROWS:  # 10,000 pairs in chunks of 1 must not make a 10,000-row page
             not_completed = [c for c, _ in chunk_links[MAX_CHUNK_ROWS:] if c.get("state") != "Completed"]
             lines += ["", f"… and {len(chunk_links) - MAX_CHUNK_ROWS} more chunk runs "
                           f"({len(not_completed)} of them not Completed; all are in the report)"]
     failures = [i for i in report.get("items", []) if i.get("status") == FAILED]
     if failures:
-        lines += ["", "## Failures", ""] + [f"- `{f['content']}` × `{f['style']}`: {f.get('error')}"
+        lines += ["", "## Failures", ""] + [f"- {md_code(f['content'])} × {md_code(f['style'])}: "
+                                            f"{md_text(f.get('error'), MAX_SHOWN_ERROR)}"
                                             for f in failures[:20]]
         if len(failures) > 20:
             lines.append(f"- … and {len(failures) - 20} more (see the report)")

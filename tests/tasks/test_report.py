@@ -1,6 +1,7 @@
 """Contact sheet and loss curve rendering (Pillow only)."""
 
 import io
+import re
 
 import numpy as np
 from PIL import Image
@@ -136,3 +137,30 @@ def test_loss_curve_marks_each_scale_and_has_a_legend():
     assert len(columns) and all(abs(c - at_boundary) <= 4 for c in columns), (columns, at_boundary)
     saturated = (plain.max(-1) - plain.min(-1)) > 100
     assert saturated[392:].sum() > 40  # coloured legend swatches under the axis
+
+
+HOSTILE = "x`\n\n# All pairs completed\n\n<img src=x onerror=alert(1)>.png"
+
+
+def test_hostile_names_and_errors_stay_text_in_the_summary_and_table():
+    """Old: file names, errors and run names went into the Markdown raw: a content file named with a
+    backtick, newlines and HTML (local folders and S3 allow all three) closed its code span and added
+    a heading and an <img> to the summary; a manifest output name `[see](https://evil)` made a
+    second link in the table. Now each stays on its line, in a code span or escaped."""
+    items = [{"content": f"/in/{HOSTILE}", "style": "/in/s|t.png", "status": "failed", "output": "",
+              "error": f"cannot read /in/{HOSTILE}: " + "e" * 1000},
+             {"content": "/in/a.png", "style": "/in/s.png", "status": "done",
+              "output": "s3://b/o/see [fix](https:__evil.example) now.jpg", "losses": {"final": {"total": 1.0}}}]
+    report = {"flow_run": "run`\n# x", "report": "/o/_runs/1.json", "items": items,
+              "totals": {"pairs": 2, "done": 1, "skipped": 0, "failed": 1}}
+    text = summary_markdown(report, {}, [({"chunk": 0, "flow_run_id": "a", "state": "Completed",
+                                           "worker": {"host": "h|<b>", "pid": 1}}, None)], warning="w <b>")
+    assert not [line for line in text.splitlines() if line.startswith("# ") and "stylize-batch" not in line]
+    outside_code = re.sub(r"(`+)(.+?)(?<!`)\1(?!`)", "", text)  # what is not in a code span renders
+    assert not re.search(r"(?<!\\)[<\[]", outside_code), outside_code
+    failure = [line for line in text.splitlines() if line.startswith("- ")][-1]
+    assert failure.startswith("- ``") and "All pairs completed" in failure and len(failure) < 800
+    rows = table_rows(items, link=lambda uri: "https://signed/x")
+    assert "\n" not in rows[0]["content"] + rows[0]["error"] and "\\<img" in rows[0]["error"]
+    assert len(rows[0]["error"]) < 400 and rows[0]["style"] == "s\\|t.png"
+    assert rows[1]["output"] == "[see \\[fix\\]\\(https:__evil.example\\) now.jpg](https://signed/x)"
