@@ -555,11 +555,16 @@ def test_a_chunk_on_a_worker_without_its_devices_fails_each_pair_naming_the_work
     source, output = _folders(tmp_path, contents=2)
     plans = plan_pairs(source_entries(source), tiny_params(), "random(seed=0)", output.format, output.quality)
     run = RunOptions(devices=["cpu", "cuda:7"], allowed_sources=[str(tmp_path)])
-    result = stylize_chunk(plans, output, tiny_params(), run, "random(seed=0)", "_runs/parent/chunk-d.json")
+    state = stylize_chunk(plans, output, tiny_params(), run, "random(seed=0)", "_runs/parent/chunk-d.json",
+                          return_state=True)
     report = json.loads((tmp_path / "out" / "_runs" / "parent" / "chunk-d.json").read_text())
     errors = [i["error"] for i in report["items"]]
-    assert result["done"] == 0 and len(errors) == 2, errors
+    assert state.result()["done"] == 0 and len(errors) == 2, errors
     assert all(f"worker {socket.gethostname()}: device 'cuda:7' requested but" in e for e in errors), errors
+    # Old: a plain Completed() with no message: the chunk's run page was green and said nothing of
+    # the failures. Now the state says the counts, as the batch run's does.
+    assert state.is_completed() and state.message.startswith("0 done, 0 skipped, 2 failed of 2 pairs"), state.message
+    assert "chunk-d.json" in state.message
 
 
 @pytest.mark.slow
