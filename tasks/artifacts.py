@@ -23,6 +23,7 @@ read, with the credentials of the output storage they are given (``Storage.crede
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import re
@@ -33,7 +34,8 @@ from datetime import datetime, timedelta, timezone
 
 from tasks.contract import DONE, SKIPPED, contact_sheet_key, loss_curve_key
 from tasks.credentials import DEFAULT_CHAIN, StorageCredentials
-from tasks.report import Curve, SheetRow, contact_sheet, file_name, loss_curve_png, summary_markdown, table_rows
+from tasks.report import (Curve, SheetRow, contact_sheet, file_name, loss_curve_png, md_text, summary_markdown,
+                          table_rows)
 
 __all__ = ["artifact_key", "browser_url", "links_note", "image_url", "write_pictures", "run_warning", "run_label", "RunProgress",
            "publish_artifacts", "MAX_EMBEDDED_BYTES", "RANDOM_WEIGHTS_WARNING"]
@@ -49,14 +51,17 @@ _KEY_CHARS = re.compile(r"[^a-z0-9-]+")
 
 def artifact_key(kind: str, flow_name: str = "stylize-batch") -> str | None:
     """``{flow}-{deployment}-{kind}`` in the characters Prefect allows (lowercase letters, digits,
-    dashes), or None outside a deployment (an ad-hoc run must not mix into a deployment's history)."""
+    dashes), or None outside a deployment (an ad-hoc run must not mix into a deployment's history).
+    A deployment name those characters cannot spell as is gets 6 hex digits of its hash after it."""
     from prefect.runtime import deployment
 
     name = deployment.name
     if not name:
         return None
-    key = _KEY_CHARS.sub("-", f"{flow_name}-{name}-{kind}".lower()).strip("-")
-    return re.sub("-{2,}", "-", key)
+    spelled = re.sub("-{2,}", "-", _KEY_CHARS.sub("-", name.lower())).strip("-")
+    if spelled != name:  # "Nightly" and "nightly!" (or 夜間 and 毎日) must not share one history
+        spelled = f"{spelled}-{hashlib.sha256(name.encode()).hexdigest()[:6]}".strip("-")
+    return f"{flow_name}-{spelled}-{kind}"
 
 
 def browser_url(uri: str, expiry_hours: int, credentials: StorageCredentials = DEFAULT_CHAIN) -> str | None:
@@ -222,7 +227,7 @@ class RunProgress:
 
         self.total, self.every_s = total, every_s
         self.pairs, self.already = (total + already if pairs is None else pairs), already
-        self.prefix = f"Progress of run {run_name}: " if run_name else ""
+        self.prefix = f"Progress of run {run_name}: " if run_name else ""  # run_label: Markdown already
         self.started = time.monotonic()
         self._last = 0.0
         self._held: int | None = None
@@ -335,7 +340,7 @@ def _ui_url(path: str) -> str | None:
 def run_label(name: str | None, attempt: int = 1) -> str:
     """How descriptions name a run: its name, and which attempt (Prefect's Retry runs the same
     flow run again, and all its attempts' artifacts show on the one run page)."""
-    return f"{name} (attempt {attempt})" if attempt > 1 else f"{name}"
+    return f"{md_text(name)} (attempt {attempt})" if attempt > 1 else md_text(name)
 
 
 def publish_artifacts(report: dict, out, expiry_hours: int, warning: str | None = None,

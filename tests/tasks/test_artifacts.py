@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import urllib.request
 
 import pytest
@@ -113,9 +114,16 @@ def test_local_folder_pictures_are_embedded(tmp_path):
 
 def test_keys_follow_the_deployment_name(monkeypatch):
     assert artifact_key("summary") is None
-    monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__NAME", "Nightly Run_2")
-    assert artifact_key("summary") == "stylize-batch-nightly-run-2-summary"
-    assert artifact_key("contact-sheet") == "stylize-batch-nightly-run-2-contact-sheet"
+    monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__NAME", "nightly")
+    assert artifact_key("summary") == "stylize-batch-nightly-summary"
+    # Old: "Nightly Run_2" and "nightly-run-2" (and 夜間 and 毎日, both "stylize-batch-summary") got one
+    # key: two deployments' runs mixed in one history. A name the key cannot spell gets a short hash.
+    keys = set()
+    for name in ("Nightly Run_2", "nightly run 2", "nightly-run-2", "夜間", "毎日"):
+        monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__NAME", name)
+        keys.add(artifact_key("summary"))
+        assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", artifact_key("contact-sheet")), artifact_key("contact-sheet")
+    assert len(keys) == 5 and "stylize-batch-nightly-run-2-summary" in keys, keys
 
 
 def test_progress_description_has_rate_and_eta(monkeypatch):
