@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nst_core import StyleParams, stylize  # noqa: E402
 from nst_core.imageio import resize_longest, to_tensor  # noqa: E402
+from nst_core.lbfgs import HISTORY  # noqa: E402
 from nst_core.objective import Objective  # noqa: E402
 from nst_core.params import layer_factor  # noqa: E402
 from nst_core.targets import compute_style_targets  # noqa: E402
@@ -135,9 +136,11 @@ def memory(args) -> None:
     for size in args.sizes:
         cells = []
         for tile in ("off", "auto"):
-            estimate = untiled_bytes(size, size * 2 // 3, layers)
+            height = size * 2 // 3
+            # as tiling_for counts an untiled run: its activations and tensors, and its L-BFGS history
+            estimate = untiled_bytes(height, size, layers) + 8 * HISTORY * 3 * height * size
             if tile == "off" and args.device == "cpu" and estimate > 0.8 * total:
-                cells.append((f"not run (estimate {estimate / 2**30:.0f} GB > RAM)", None))
+                cells.append((f"not run (estimate {estimate / 2**30:.0f} GB with its L-BFGS history > RAM)", None))
                 continue
             cmd = [sys.executable, __file__, "_child", "--size", str(size), "--evaluations", str(args.evaluations),
                    "--weights", args.weights, "--device", args.device, "--case-tile", tile,

@@ -46,7 +46,8 @@ class Objective:
     ``content_feats[layer]``: (B, nC, nH, nW) fp32 features of the contents as optimized (RGB, or
     luminance); ``style_grams[layer]``: (B, nC, nC) fp32 Grams normalized by nH·nW. Pair b's terms
     depend on image b alone, so one batched pass is B independent objectives. With a ``tiling``
-    the VGG pass runs tile by tile (``nst_core.tiling``): the same objective, less memory.
+    the VGG pass runs tile by tile (``nst_core.tiling``): less memory, the same objective with the
+    exact halo, a close approximation of its gradient with a smaller one (the default).
     """
 
     extractor: FeatureExtractor

@@ -222,7 +222,7 @@ class StyleParams(BaseModel):
     )
     tile_size: Literal["auto", "off"] | int = Field(
         default="auto", title="Tile size (px)",
-        description="VGG pass in tiles of this many px (same objective, less memory); auto: when over max_memory_gb.",
+        description="VGG pass in tiles of N px: less memory, exact at tile_halo 64, else close; auto: over max_memory_gb.",
     )
     tile_halo: int | None = Field(
         default=None, ge=0, le=512, title="Tile halo (px)",

@@ -183,7 +183,8 @@ def tiling_for(params: StyleParams, height: int, width: int, device: torch.devic
     """The tiling of a (height, width) evaluation, or None to run it whole.
 
     ``tile_size`` N: tiles of N px when the image is larger than that. ``auto``: tiles only when
-    ``untiled_bytes`` and an untiled run's L-BFGS history exceed ``memory_budget``, then the largest multiple of the alignment whose
+    ``untiled_bytes`` and an untiled run's L-BFGS history (none for Adam) exceed ``memory_budget``,
+    then the largest multiple of the alignment whose
     tile (with its halo) needs at most a quarter of the budget (the rest holds the image-sized
     tensors, the content features and the L-BFGS history). ``off``: never.
     """
@@ -198,7 +199,8 @@ def tiling_for(params: StyleParams, height: int, width: int, device: torch.devic
         size = _round_up(params.tile_size, align)  # what the grid uses, recorded as such
         return Tiling(size, halo, align, exact) if max(height, width) > size else None
     budget = memory_budget(params, device)
-    history = 8 * HISTORY * 3 * height * width  # L-BFGS pairs of an untiled run, fp32
+    # L-BFGS pairs of an untiled run, fp32; Adam keeps none (its moments are in untiled_bytes)
+    history = 8 * HISTORY * 3 * height * width if params.optimizer == "lbfgs" else 0
     if untiled_bytes(height, width, layers) + history <= budget:
         return None
     # Below a core of twice the halo a tile is mostly halo (work grows as ((s + 2h)/s)^2): the
