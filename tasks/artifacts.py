@@ -34,8 +34,8 @@ from datetime import datetime, timedelta, timezone
 
 from tasks.contract import DONE, SKIPPED, contact_sheet_key, loss_curve_key
 from tasks.credentials import DEFAULT_CHAIN, StorageCredentials
-from tasks.report import (Curve, SheetRow, contact_sheet, file_name, loss_curve_png, md_text, summary_markdown,
-                          table_rows)
+from tasks.report import (Curve, SheetRow, contact_sheet, file_name, loss_curve_png, md_code, md_text,
+                          summary_markdown, table_rows)
 
 __all__ = ["artifact_key", "browser_url", "links_note", "image_url", "write_pictures", "run_warning", "run_label", "RunProgress",
            "publish_artifacts", "MAX_EMBEDDED_BYTES", "RANDOM_WEIGHTS_WARNING"]
@@ -395,10 +395,13 @@ def publish_artifacts(report: dict, out, expiry_hours: int, warning: str | None 
         rows, key=artifact_key("pairs"),
         description=f"Pairs of run {run}: status, file names, output and sidecar, final loss, seconds and error "
                     f"of each pair{which}{table_note}.")
-    ids["report"] = create_link_artifact(
-        links["report"] or report["report"], link_text=report["report"], key=artifact_key("report"),
-        description=f"Run report of run {run}: the JSON record of every pair (inputs, outputs, losses, errors) "
-                    "and of the run's settings" + (f" ({expiry_note})" if links["report"] else "") + ".")
+    what = f"Run report of run {run}: the JSON record of every pair (inputs, outputs, losses, errors) and of the run's settings"
+    if links["report"]:
+        ids["report"] = create_link_artifact(links["report"], link_text=report["report"], key=artifact_key("report"),
+                                             description=f"{what} ({expiry_note}).")
+    else:  # a local path: as a link, the UI would open it on its own host, where it is not
+        ids["report"] = create_markdown_artifact(md_code(report["report"]), key=artifact_key("report"),
+                                                 description=f"{what}: a file on the machine that ran it.")
     chunk_links = [(c, _ui_url(f"runs/flow-run/{c['flow_run_id']}")) for c in report.get("chunks", [])]
     counts = report["totals"]
     rate = None

@@ -110,6 +110,13 @@ def test_local_folder_pictures_are_embedded(tmp_path):
     for art in images:
         assert art.data.startswith("data:image/") and "embedded copy of" in art.description
     assert (tmp_path / "out" / "_runs").is_dir() and list((tmp_path / "out" / "_runs").glob("*-loss.png"))
+    # Old: a link artifact [/tmp/…/x.json](/tmp/…/x.json), which the UI opened on its own host: a
+    # page that is not there. Now the path is shown as text, and said to be on the run's machine.
+    markdown = {a.description.split(" of ")[0]: a for a in artifacts_of(state.state_details.flow_run_id)["markdown"]}
+    report = markdown["Run report"]
+    path = str(tmp_path / "out" / "_runs" / f"{state.state_details.flow_run_id}.json")
+    assert "](" not in report.data and f"`{path}`" in report.data, report.data
+    assert "on the machine that ran it" in report.description
 
 
 def test_keys_follow_the_deployment_name(monkeypatch):
