@@ -312,9 +312,10 @@ def table_rows(items: list[dict], link=None, limit: int = MAX_TABLE_ROWS) -> lis
     rows = []
     for item in items[:limit]:
         loss, seconds = final_loss(item), item.get("seconds")
-        output, sidecar = item.get("output") or "", item.get("sidecar") or ""
-        out_url = link(output) if (link and output and item.get("status") != FAILED) else None
-        side_url = link(sidecar) if (link and sidecar and item.get("status") != FAILED) else None
+        written = item.get("status") != FAILED  # a failed pair's names are what it would have written
+        output, sidecar = (item.get("output") or "", item.get("sidecar") or "") if written else ("", "")
+        out_url = link(output) if (link and output) else None
+        side_url = link(sidecar) if (link and sidecar) else None
         rows.append({  # file names, so that the table fits a screen; the report has the full URIs
             "status": item.get("status"),
             "content": md_text(file_name(item.get("content") or "")),

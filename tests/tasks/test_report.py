@@ -64,9 +64,10 @@ def test_loss_curve_draws_every_pair_on_a_log_axis():
 def test_table_links_outputs_and_summary_links_chunks():
     items = [{"content": "s3://b/c/a.png", "style": "s3://b/s/x.png", "status": "done", "output": "s3://b/o/a__x.jpg",
               "sidecar": "s3://b/o/a__x.json", "losses": {"final": {"total": 1234.5}}, "seconds": 1.0},
-             {"content": "s3://b/c/b.png", "style": "s3://b/s/x.png", "status": "failed", "output": "",
+             {"content": "s3://b/c/b.png", "style": "s3://b/s/x.png", "status": "failed", "output": "s3://b/o/b__x.jpg",
               "error": "bad image"}]
     rows = table_rows(items, link=lambda uri: "https://signed/" + uri.rsplit("/", 1)[-1])
+    # old: a failed pair's row showed `b__x.jpg` in the output column, as if it had been written
     assert rows[0]["output"] == "[a__x.jpg](https://signed/a__x.jpg)" and rows[0]["final_loss"] == "1234"
     assert rows[0]["sidecar"] == "[json](https://signed/a__x.json)" and rows[1]["output"] == ""
     report = {"flow_run": "r", "report": "s3://b/o/_runs/1.json", "totals": {"pairs": 2, "done": 1, "skipped": 0,
