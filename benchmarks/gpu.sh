@@ -101,11 +101,11 @@ EOF
 
 if [ "$QUICK" = 1 ]; then
   ENGINE_SIZES=(64) S2=96 EV=8 ROUNDS=2 Q_ARGS=(--sizes 64 --evaluations 12 --only chelsea:gravel) TS=64 TEV=12 FR=2 THR_NS=(1 2) THR_EV=2 TILE_SIZES=(256) TILE_GB=0.05 AT_SIZE=64 AT_EV=3
-  TESTS=(tests/nst_core/test_optimize.py tests/nst_core/test_backend.py
-         -k "lbfgs_halves or tf32_off_cuda or targets_and_reported_losses or precision_follows or bf16_runs_keep")
+  TESTS=(tests/nst_core/test_optimize.py tests/nst_core/test_backend.py tests/tasks/test_steps.py
+         -k "lbfgs_halves or tf32_off_cuda or targets_and_reported_losses or precision_follows or bf16_runs_keep or measures_a_steps_memory")
 else
   ENGINE_SIZES=(128 192 256 512) S2=512 EV=48 ROUNDS=3 Q_ARGS=(--sizes 256 512 --evaluations 300) TS=512 TEV=500 FR=5 THR_NS=(1 2 4 8 16 32) THR_EV=50 TILE_SIZES=(4096) TILE_GB=19 AT_SIZE=512 AT_EV=100
-  TESTS=(tests/nst_core/test_optimize.py tests/nst_core/test_losses.py tests/nst_core/test_backend.py)
+  TESTS=(tests/nst_core/test_optimize.py tests/nst_core/test_losses.py tests/nst_core/test_backend.py tests/tasks/test_steps.py)
 fi
 
 FAILED=()

@@ -113,6 +113,9 @@ class StepSizer:
         import torch
 
         dev = torch.device(device)
+        # Before CUDA's first use (a chunk run's first step on a fresh worker) the peak reset raises
+        # "Invalid device argument": the allocator knows no device until CUDA is initialised.
+        torch.cuda.init()
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
         yield

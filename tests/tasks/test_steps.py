@@ -1,7 +1,10 @@
 """Device steps: waiting pairs grouped by run and shape, up to N per step, one step per device at a time."""
 
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -154,12 +157,38 @@ def test_auto_is_one_pair_off_cuda_and_fills_free_memory_on_cuda(monkeypatch):
     assert sizer.pairs("cuda:0", 4096 * 4096) == 1
 
 
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
-def test_auto_measures_a_steps_memory_on_cuda():
+def test_measuring_initialises_cuda_first(monkeypatch):
+    """torch's contract, modelled here (no GPU on this machine; the CUDA test below runs it for real):
+    ``reset_peak_memory_stats`` raises "Invalid device argument" until CUDA is initialised (its
+    allocator has no devices yet), where ``memory_allocated`` quietly says 0. A chunk run on a fresh
+    GPU worker touches CUDA first inside its first step: the old ``measure`` raised there, failing
+    every pair of the step, and of every later step (nothing ever initialised CUDA)."""
     import torch
 
+    state = {"initialised": False}
+
+    def reset(dev):
+        if not state["initialised"]:
+            raise RuntimeError("Invalid device argument : did you call init?")
+
+    monkeypatch.setattr(torch.cuda, "init", lambda: state.update(initialised=True))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda dev: 4000)
     sizer = StepSizer()
     with sizer.measure("cuda:0", 1000):
-        x = torch.empty(1000 * 1000, dtype=torch.uint8, device="cuda:0")
-    del x
-    assert sizer.bytes_per_pixel["cuda:0"] >= 1000
+        pass
+    assert sizer.bytes_per_pixel["cuda:0"] == 4.0
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_auto_measures_a_steps_memory_on_cuda():
+    """In a fresh process, as a chunk run on a new worker: CUDA not yet initialised."""
+    code = ("import torch\nfrom tasks.steps import StepSizer\nassert not torch.cuda.is_initialized()\n"
+            "sizer = StepSizer()\nwith sizer.measure('cuda:0', 1000):\n"
+            "    x = torch.empty(1000 * 1000, dtype=torch.uint8, device='cuda:0')\n"
+            "print(sizer.bytes_per_pixel['cuda:0'])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.split()[-1]) >= 1000
