@@ -510,7 +510,10 @@ def _optimize_scale(objective: Objective, x0: Tensor, evaluations: int, params: 
                         _back_to_best(lbfgs, x, best, climbing)
                         since_best = torch.where(climbing, 0, since_best)
                         held = frozen | climbing
-                lbfgs.step(x.data, grad, held)
+                # exact fp32 whatever the VGG pass uses: the step's batched products (curvature
+                # s·y, the direction) would otherwise run in the TF32 mode the last section left
+                with precision_section(False):
+                    lbfgs.step(x.data, grad, held)
                 ended = frozen.logical_not() & ~lbfgs.descending  # torch's LBFGS would end the scale here
                 frozen = frozen | ended
             else:

@@ -406,6 +406,26 @@ def test_targets_and_reported_losses_run_under_the_runs_settings(images, monkeyp
     assert torch.backends.cudnn.allow_tf32 == before and not torch.are_deterministic_algorithms_enabled()
 
 
+def test_the_lbfgs_step_runs_in_exact_fp32_in_a_tf32_run(images, monkeypatch):
+    """precision="tf32" (an sm_80+ GPU; uses_tf32 forced here) turns TF32 on for the VGG passes.
+    Old: the L-BFGS step's batched products (its history's dot products, its direction) ran
+    outside any section, so in TF32 too (10-bit mantissas on s·y), or in whatever mode another
+    device's run had set. Now they run in an exact-fp32 section, as the reported losses do."""
+    from nst_core.lbfgs import BatchedLBFGS
+
+    seen = []
+    real_step = BatchedLBFGS.step
+
+    def spy_step(self, *a, **k):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(optimize, "uses_tf32", lambda precision: True)
+    monkeypatch.setattr(BatchedLBFGS, "step", spy_step)
+    stylize(*images, params(iterations=4, scales=1, precision="fp32"))
+    assert seen == [False] * 3
+
+
 @pytest.mark.parametrize("scales", [1, 2])
 def test_early_stop_progress_ends_with_iteration_equal_to_total(images, scales):
     events = []
