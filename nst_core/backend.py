@@ -24,7 +24,7 @@ import torch
 
 from .errors import NSTError
 
-__all__ = ["DTYPES", "REDUCED_MIN_SIZE", "cuda_capability", "resolve_precision", "memory_format", "run_settings",
+__all__ = ["DTYPES", "REDUCED_MIN_SIZE", "cuda_capability", "free_device", "out_of_memory", "resolve_precision", "memory_format", "run_settings",
            "precision_section", "exact_fp32", "uses_tf32"]
 
 #: Autocast dtype of the VGG pass per precision (None: no autocast, fp32 storage).
@@ -250,6 +250,25 @@ class _Backend:
 
 
 _BACKEND = _Backend()
+
+
+def out_of_memory(err: BaseException, device: torch.device) -> bool:
+    """Whether ``err`` is the device running out of memory: torch.OutOfMemoryError (CUDA, CPU), or
+    on MPS a plain RuntimeError (its allocator raises with TORCH_CHECK) that says so."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    return device.type == "mps" and isinstance(err, RuntimeError) and "out of memory" in str(err)
+
+
+def free_device(device: torch.device) -> None:
+    """Return what a failed step held to the device (call once its traceback's frames are gone)."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
 
 
 def run_settings(device: torch.device, precision: str, deterministic: bool):

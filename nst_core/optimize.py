@@ -14,7 +14,6 @@ best evaluated image, not the last (``_optimize_scale``); reduced precision for 
 
 from __future__ import annotations
 
-import gc
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +23,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .backend import DTYPES, precision_section, resolve_precision, run_settings, uses_tf32
+from .backend import (DTYPES, free_device, out_of_memory, precision_section, resolve_precision, run_settings,
+                      uses_tf32)
 from .colour import luminance, with_chroma_of
 from .errors import DeviceMemoryError, NonFiniteLossError, NSTError
 from .imageio import DecodedImage, check_min_side, quantize, resize_longest, split_alpha, to_image, to_tensor
@@ -204,44 +204,55 @@ def stylize_many(
     with run_settings(device, precision, params.deterministic) as backend:
         extractor = extractor_for(params, opener=opener)
         jobs: dict[int, _Job] = {}
-        for i, pair in enumerate(pairs):
+
+        def prepare(i: int) -> bool:
+            """jobs[i] for pair i, or its error in results[i]: the targets of a style too large for
+            the device fail that pair alone (DeviceMemoryError), as its optimization would."""
+            failed = False
             try:
-                jobs[i] = _prepare(pair, params, extractor, precision)
+                jobs[i] = _prepare(pairs[i], params, extractor, precision)
+                return True
             except NSTError as err:
                 results[i] = err
+                return False
+            except Exception as err:
+                if not out_of_memory(err, device):
+                    raise
+                failed = True  # handled outside: the traceback (and the tensors its frames hold) dies here
+            if failed:
+                free_device(device)
+                results[i] = DeviceMemoryError(pairs[i].content_name, params.image_size, str(device))
+            return False
+
+        for i in range(len(pairs)):
+            prepare(i)
         groups: dict[tuple, list[int]] = {}
         for i, job in jobs.items():
             groups.setdefault(job.shapes, []).append(i)
         steps = list(groups.values())
         while steps:
             indexes = steps.pop(0)
-            out_of_memory = False
+            no_room = False
             try:
                 for i, result in zip(indexes, _run_step(indexes, [jobs[i] for i in indexes], params, precision,
                                                         extractor, backend, progress)):
                     results[i] = result
-            except torch.OutOfMemoryError:
-                out_of_memory = True  # handled outside: the traceback (and the tensors its frames hold) dies here
-            if not out_of_memory:
+            except Exception as err:
+                if not out_of_memory(err, device):
+                    raise
+                no_room = True  # handled outside: the traceback (and the tensors its frames hold) dies here
+            if not no_room:
                 continue
-            _free(device)
+            free_device(device)
             if len(indexes) == 1:
                 results[indexes[0]] = DeviceMemoryError(pairs[indexes[0]].content_name, params.image_size, str(device))
                 continue
             # A step too large for the device runs again as two halves, each pair from its start
             # (fresh jobs: the failed step advanced their state); only a pair alone fails for memory.
-            for i in indexes:
-                jobs[i] = _prepare(pairs[i], params, extractor, precision)
+            indexes = [i for i in indexes if prepare(i)]
             half = (len(indexes) + 1) // 2
-            steps[:0] = [indexes[:half], indexes[half:]]
+            steps[:0] = [part for part in (indexes[:half], indexes[half:]) if part]
     return results  # type: ignore[return-value]
-
-
-def _free(device: torch.device) -> None:
-    """Return what a failed step held to the device (its frames are gone by now)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def _prepare(pair: StylePair, params: StyleParams, extractor: FeatureExtractor, precision: str) -> _Job:

@@ -216,7 +216,9 @@ class _PairInputs:
 def _stylize_step(ctx: PairContext, device: str, requests: list[StepRequest]) -> list:
     """One device step: the requests' pairs through one ``stylize_many`` on ``device``. Returns one
     StyleResult or exception per request; a pair's bad style fails it alone, before the step."""
-    from nst_core import StylePair, compute_style_targets, extractor_for, stylize_many, targets_key, targets_need_content
+    from nst_core import (DeviceMemoryError, StylePair, compute_style_targets, extractor_for, stylize_many, targets_key,
+                          targets_need_content)
+    from nst_core.backend import free_device, out_of_memory
 
     inputs: list[_PairInputs] = [r.payload for r in requests]  # type: ignore[misc]
     p = ctx.params.model_copy(update={"device": device})
@@ -231,7 +233,7 @@ def _stylize_step(ctx: PairContext, device: str, requests: list[StepRequest]) ->
         live: list[int] = []
         pairs = []
         for i, x in enumerate(inputs):
-            targets = None
+            targets, no_room = None, False
             try:
                 if not targets_need_content(p):  # histogram / luminance targets depend on each content
                     key = (x.pair.style, x.pair.style_identity, device, targets_key(p, extractor, 1))
@@ -239,6 +241,14 @@ def _stylize_step(ctx: PairContext, device: str, requests: list[StepRequest]) ->
                         x.style, p, extractor=extractor, style_names=[x.pair.style]))
             except NSTError as err:
                 outcomes[i] = err
+                continue
+            except Exception as err:  # a style too large for the device fails its pair alone
+                if not out_of_memory(err, extractor.device):
+                    raise
+                no_room = True  # handled outside: the traceback (and the tensors its frames hold) dies here
+            if no_room:
+                free_device(extractor.device)
+                outcomes[i] = DeviceMemoryError(x.pair.content, p.image_size, device)
                 continue
             live.append(i)
             pairs.append(StylePair(x.content, x.style, targets, x.pair.content, [x.pair.style]))

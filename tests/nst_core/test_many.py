@@ -143,6 +143,40 @@ def test_a_step_too_large_for_the_device_runs_again_in_halves(monkeypatch):
     assert all(isinstance(r, DeviceMemoryError) for r in results)
 
 
+def test_out_of_memory_while_preparing_a_pair_fails_that_pair_alone(monkeypatch):
+    """Old: the targets and sizing of each pair (``_prepare``) ran outside the out-of-memory
+    handling, so a style too large for the device's targets raised torch's OutOfMemoryError out of
+    stylize_many, failing every pair of the step with a traceback. Now that pair fails with
+    DeviceMemoryError and the others run."""
+    import nst_core.optimize as optimize
+    from nst_core import DeviceMemoryError
+
+    real = optimize._prepare
+    pairs = _pairs()
+
+    def big_style(pair, *a, **k):
+        if pair.style is pairs[1].style:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(pair, *a, **k)
+
+    monkeypatch.setattr(optimize, "_prepare", big_style)
+    results = stylize_many(pairs, params(iterations=2))
+    assert isinstance(results[1], DeviceMemoryError) and "out of memory" in str(results[1])
+    assert [len(r.history) for i, r in enumerate(results) if i != 1] == [2, 2]
+
+
+def test_mps_out_of_memory_is_recognised():
+    """MPS raises its out of memory as a plain RuntimeError (MPSAllocator's TORCH_CHECK), not
+    torch.OutOfMemoryError: old code let it through as a traceback, not a DeviceMemoryError."""
+    from nst_core.backend import out_of_memory
+
+    mps_message = "MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.00 GB)"
+    assert out_of_memory(RuntimeError(mps_message), torch.device("mps"))
+    assert out_of_memory(torch.OutOfMemoryError("CUDA out of memory."), torch.device("cuda:0"))
+    assert not out_of_memory(RuntimeError("out of memory, said a CPU op"), torch.device("cpu"))
+    assert not out_of_memory(ValueError("bad"), torch.device("mps"))
+
+
 def test_a_pair_whose_progress_stops_it_ends_alone():
     """A pair's time limit (its progress callback raising) ended the whole step: the other pairs,
     even one that had already converged, failed with it. Now only that pair ends."""

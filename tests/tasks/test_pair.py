@@ -117,6 +117,42 @@ def test_ctrl_c_stops_every_pair_of_a_device_step_each_with_its_own_reason(tmp_p
     assert [str(o).split(":")[0] for o in outcomes] == ["c__s0", "c__s1", "c__s2"]
 
 
+def test_a_style_whose_targets_do_not_fit_the_device_fails_its_pair_alone(tmp_path, monkeypatch):
+    """Old: the style targets of a step's pairs were computed outside any out-of-memory handling:
+    one style too large for the device raised torch's OutOfMemoryError out of the step, failing
+    its other pairs with it, with a traceback. Now that pair fails with DeviceMemoryError."""
+    import logging
+
+    import torch
+
+    import nst_core
+    from helpers import pattern, tiny_params
+    from nst_core import DeviceMemoryError
+    from tasks.contract import PairPlan
+    from tasks.models import OutputSpec
+    from tasks.pair import PairContext, _PairInputs, _stylize_step
+    from tasks.steps import StepRequest
+
+    real = nst_core.compute_style_targets
+
+    def big_style(style, *a, **k):
+        if k.get("style_names") == ["s1.png"]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(style, *a, **k)
+
+    monkeypatch.setattr(nst_core, "compute_style_targets", big_style)
+    ctx = PairContext(OutputSpec(uri=str(tmp_path / "out")), tiny_params(iterations=3), ["cpu"], "random(seed=0)",
+                      pairs_per_step=3)
+    requests = []
+    for i in range(3):
+        plan = PairPlan.named(i, "c.png", f"s{i}.png", "cid", f"sid{i}", f"c__s{i}", "k", "png")
+        inputs = _PairInputs(plan, ctx, pattern((40, 32)), pattern((32, 40), "style", i), logging.getLogger("t"))
+        requests.append(StepRequest(ctx, (32, 26), 3, None, payload=inputs))
+    outcomes = _stylize_step(ctx, "cpu", requests)
+    assert isinstance(outcomes[1], DeviceMemoryError) and str(outcomes[1]).startswith("c.png: out of memory")
+    assert [len(o.history) for i, o in enumerate(outcomes) if i != 1] == [3, 3], outcomes
+
+
 def test_a_pair_stopped_on_request_ends_cancelled_with_its_reason_not_failed(tmp_path):
     """Stopping on request (Ctrl-C, SIGTERM, the UI's Cancel) is not a failure: the pair task's
     state is Cancelled with the pair's reason (old: it raised, and the task runner logged a
