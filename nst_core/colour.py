@@ -65,6 +65,8 @@ def match_color(source: Tensor, reference: Tensor) -> Tensor:
     x' = Σ_r^½ Σ_s^-½ (x − μ_s) + μ_r (Gatys et al. 2016, "Preserving color", image analogies
     variant). (1, 3, H, W), (1, 3, H', W') -> (1, 3, H, W), clamped to [0, 1].
     """
+    if source.device.type == "mps":  # MPS has no float64 (nor eigh): on the CPU, a 3x3 transform's worth
+        return match_color(source.cpu(), reference.cpu()).to(source.device)
     mu_s, cov_s = _pixel_stats(source)
     mu_r, cov_r = _pixel_stats(reference)
     transform = _sqrtm(cov_r, 0.5) @ _sqrtm(cov_s, -0.5)
