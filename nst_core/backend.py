@@ -253,11 +253,15 @@ _BACKEND = _Backend()
 
 
 def out_of_memory(err: BaseException, device: torch.device) -> bool:
-    """Whether ``err`` is the device running out of memory: torch.OutOfMemoryError (CUDA, CPU), or
-    on MPS a plain RuntimeError (its allocator raises with TORCH_CHECK) that says so."""
+    """Whether ``err`` is the device running out of memory: torch.OutOfMemoryError (the caching
+    allocator's), or a plain RuntimeError that says so: MPS's allocator (a TORCH_CHECK), and on
+    CUDA an allocation inside a library (CUBLAS_STATUS_ALLOC_FAILED, cuDNN's) or the driver's own
+    "CUDA error: out of memory"."""
     if isinstance(err, torch.OutOfMemoryError):
         return True
-    return device.type == "mps" and isinstance(err, RuntimeError) and "out of memory" in str(err)
+    text = str(err)
+    return (device.type in ("cuda", "mps") and isinstance(err, RuntimeError)
+            and ("out of memory" in text or "ALLOC_FAILED" in text))
 
 
 def free_device(device: torch.device) -> None:

@@ -165,14 +165,17 @@ def test_out_of_memory_while_preparing_a_pair_fails_that_pair_alone(monkeypatch)
     assert [len(r.history) for i, r in enumerate(results) if i != 1] == [2, 2]
 
 
-def test_mps_out_of_memory_is_recognised():
+def test_out_of_memory_raised_as_a_plain_runtime_error_is_recognised():
     """MPS raises its out of memory as a plain RuntimeError (MPSAllocator's TORCH_CHECK), not
-    torch.OutOfMemoryError: old code let it through as a traceback, not a DeviceMemoryError."""
+    torch.OutOfMemoryError, and so does cuBLAS when its handle's allocation fails: old code let
+    both through as a traceback, not a DeviceMemoryError."""
     from nst_core.backend import out_of_memory
 
     mps_message = "MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.00 GB)"
     assert out_of_memory(RuntimeError(mps_message), torch.device("mps"))
     assert out_of_memory(torch.OutOfMemoryError("CUDA out of memory."), torch.device("cuda:0"))
+    assert out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+                         torch.device("cuda:1"))
     assert not out_of_memory(RuntimeError("out of memory, said a CPU op"), torch.device("cpu"))
     assert not out_of_memory(ValueError("bad"), torch.device("mps"))
 
