@@ -41,8 +41,9 @@ SERVED_NAME = "served"
 _SERVE_TAG = "nst-serve"
 
 
-def deployments(name: str = SERVED_NAME):
-    """The served deployments; the API enforces their parameter schemas."""
+def deployments(name: str = SERVED_NAME, limit: int | None = None):
+    """The served deployments; the API enforces their parameter schemas. Under a runner ``limit``
+    the batch deployment may run one fewer at once: a slot is always left for a chunk run."""
     from flows.batch import stylize_batch
     from flows.chunk import stylize_chunk
     from tasks.models import RunOptions
@@ -57,6 +58,9 @@ def deployments(name: str = SERVED_NAME):
         stylize_batch.to_deployment(
             name=name, enforce_parameter_schema=True, parameters={"run": run_defaults},
             tags=[_SERVE_TAG],
+            # a parent holds its slot while its chunks wait for one: under --limit L, L parents would
+            # hold them all; a further one waits in AwaitingConcurrencySlot and the runner frees its slot
+            concurrency_limit=None if limit is None else limit - 1,
             description=(f"Served by `nst serve` on {_host()}: runs started from the UI's run form. "
                          f"Fan-out 'workers' sends chunks to {chunk}."),
         ),
@@ -134,7 +138,7 @@ def serve_deployments(limit: int | None = None, name: str = SERVED_NAME) -> None
     from prefect.settings import get_current_settings
 
     check_serve_options(limit, name)
-    served = deployments(name)
+    served = deployments(name, limit)
     check_names_are_free([f"stylize-batch/{name}", f"stylize-chunk/{name}"])
     ui = get_current_settings().ui_url
     if ui:

@@ -40,6 +40,35 @@ def test_served_deployments_have_their_own_names_and_chunk_target():
     assert served["stylize-batch/served"].parameters["run"]["fan_out"] == "workers"
 
 
+def test_under_a_limit_batch_runs_leave_a_slot_for_their_chunks():
+    """`nst serve --limit 2` and two batch runs started from the UI: old, both parents took the two
+    slots and their chunk runs waited until the start limit cancelled them. Now the served batch
+    deployment's own concurrency limit is one under --limit: a further batch run waits in
+    AwaitingConcurrencySlot (the runner gives its slot back), a chunk run always finds one."""
+    for limit in (2, 5):
+        served = {d.flow_name: d for d in deployments(limit=limit)}
+        assert served["stylize-batch"].concurrency_limit == limit - 1
+        assert served["stylize-chunk"].concurrency_limit == 1
+    assert {d.flow_name: d for d in deployments()}["stylize-batch"].concurrency_limit is None
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_the_batch_limit_reaches_the_api_and_goes_when_served_without_limit():
+    from prefect.client.orchestration import get_client
+
+    def batch_limit():
+        with get_client(sync_client=True) as client:
+            gcl = client.read_deployment_by_name("stylize-batch/limits").global_concurrency_limit
+        return gcl and gcl.limit
+
+    for d in deployments("limits", limit=3):
+        d.apply()
+    assert batch_limit() == 2
+    for d in deployments("limits"):  # served again without --limit: no limit left behind
+        d.apply()
+    assert batch_limit() is None
+
+
 
 def _snapshot(client, name: str) -> dict:
     d = client.read_deployment_by_name(name)
