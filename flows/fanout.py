@@ -268,7 +268,10 @@ def merge_chunk(n: int, chunk: list[PairPlan], state_name: str, message: str, re
         elif p.index in done:
             items[p.index] = done_item(p, out)
         else:
-            items[p.index] = failed_item(p, f"chunk {n} ended {state_name}: {message}".rstrip(": "), out)
+            # a Completed chunk's message gives its own counts: beside a pair it did not report, a contradiction
+            why = (f"chunk {n} ended Completed without a result for this pair" if state_name == "Completed"
+                   else f"chunk {n} ended {state_name}: {message}".rstrip(": "))
+            items[p.index] = failed_item(p, why, out)
     return items
 
 
