@@ -263,10 +263,9 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-#: Characters that make Markdown structure mid-line: code spans, links, HTML, table cells, emphasis
-#: by asterisks. (Not `_`: the project's own output names are `content__style__key`, and an
-#: underscore inside a word emphasises nothing.)
-_MD_SPECIAL = re.compile(r"([\\`*\[\]()<>|#!])")
+#: Characters that make Markdown structure mid-line: code spans, links, HTML, table cells,
+#: emphasis and strikethrough (`_draft_.png` would show "draft" in italics).
+_MD_SPECIAL = re.compile(r"([\\`*_~\[\]()<>|#!])")
 #: An error in the summary or table is cut to this many characters; the run report keeps it whole.
 MAX_SHOWN_ERROR = 300
 
@@ -286,7 +285,8 @@ def md_text(text: object, limit: int | None = None) -> str:
 
 def md_code(text: object, table: bool = False) -> str:
     """``text`` in a code span on one line: fenced by more backticks than it holds in a row. In a
-    table cell a `|` ends the cell even in a code span, unless escaped (GFM)."""
+    GFM table (the summary's) a `|` ends the cell even in a code span, unless escaped; a table
+    artifact's cells are rendered one by one, not as a GFM table, so they take ``table=False``."""
     line = _one_line(text).replace("|", "\\|") if table else _one_line(text)
     fence = "`" * (1 + max((len(run) for run in re.findall("`+", line)), default=0))
     pad = " " if line.startswith("`") or line.endswith("`") else ""
@@ -320,8 +320,8 @@ def table_rows(items: list[dict], link=None, limit: int = MAX_TABLE_ROWS) -> lis
             "status": item.get("status"),
             "content": md_text(file_name(item.get("content") or "")),
             "style": md_text(file_name(item.get("style") or "")),
-            "output": _md_link(file_name(output) or output, out_url, table=True) if output else "",
-            "sidecar": _md_link("json", side_url, table=True) if side_url else "",
+            "output": _md_link(file_name(output) or output, out_url) if output else "",
+            "sidecar": _md_link("json", side_url) if side_url else "",
             "final_loss": f"{loss:.4g}" if loss is not None else "",
             "seconds": f"{seconds:.1f}" if isinstance(seconds, (int, float)) else "",
             "error": md_text(item.get("error") or "", MAX_SHOWN_ERROR),

@@ -68,7 +68,7 @@ def test_table_links_outputs_and_summary_links_chunks():
               "error": "bad image"}]
     rows = table_rows(items, link=lambda uri: "https://signed/" + uri.rsplit("/", 1)[-1])
     # old: a failed pair's row showed `b__x.jpg` in the output column, as if it had been written
-    assert rows[0]["output"] == "[a__x.jpg](https://signed/a__x.jpg)" and rows[0]["final_loss"] == "1234"
+    assert rows[0]["output"] == "[a\\_\\_x.jpg](https://signed/a__x.jpg)" and rows[0]["final_loss"] == "1234"
     assert rows[0]["sidecar"] == "[json](https://signed/a__x.json)" and rows[1]["output"] == ""
     report = {"flow_run": "r", "report": "s3://b/o/_runs/1.json", "totals": {"pairs": 2, "done": 1, "skipped": 0,
                                                                              "failed": 1},
@@ -76,7 +76,7 @@ def test_table_links_outputs_and_summary_links_chunks():
     md = summary_markdown(report, {"report": "https://signed/1.json"},
                           [({"chunk": 0, "flow_run_id": "abc", "state": "Completed", "worker": {"host": "h", "pid": 7}},
                             "http://ui/runs/flow-run/abc")], warning="random weights", rate="1 pairs in 1s")
-    assert "[abc](http://ui/runs/flow-run/abc)" in md and "[s3://b/o/_runs/1.json](https://signed/1.json)" in md
+    assert "[abc](http://ui/runs/flow-run/abc)" in md and "[s3://b/o/\\_runs/1.json](https://signed/1.json)" in md
     assert "**Warning:** random weights" in md and "bad image" in md
 
 
@@ -164,4 +164,9 @@ def test_hostile_names_and_errors_stay_text_in_the_summary_and_table():
     rows = table_rows(items, link=lambda uri: "https://signed/x")
     assert "\n" not in rows[0]["content"] + rows[0]["error"] and "\\<img" in rows[0]["error"]
     assert len(rows[0]["error"]) < 400 and rows[0]["style"] == "s\\|t.png"
-    assert rows[1]["output"] == "[see \\[fix\\]\\(https:__evil.example\\) now.jpg](https://signed/x)"
+    assert rows[1]["output"] == "[see \\[fix\\]\\(https:\\_\\_evil.example\\) now.jpg](https://signed/x)"
+    # a table artifact's cells are rendered one by one (not as a GFM table), where a code span keeps
+    # a backslash: a local name with "|" is shown as it is; _draft_ is not emphasis
+    local = table_rows([{"content": "/in/_draft_.png", "style": "/in/s.png", "status": "done",
+                         "output": "/o/a|b__s.jpg"}])[0]
+    assert local["output"] == "`a|b__s.jpg`" and local["content"] == "\\_draft\\_.png"
