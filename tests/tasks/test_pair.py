@@ -136,7 +136,7 @@ def test_a_style_whose_targets_do_not_fit_the_device_fails_its_pair_alone(tmp_pa
     real = nst_core.compute_style_targets
 
     def big_style(style, *a, **k):
-        if k.get("style_names") == ["s1.png"]:
+        if k.get("style_names") == ["oom-s1.png"]:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return real(style, *a, **k)
 
@@ -144,8 +144,8 @@ def test_a_style_whose_targets_do_not_fit_the_device_fails_its_pair_alone(tmp_pa
     ctx = PairContext(OutputSpec(uri=str(tmp_path / "out")), tiny_params(iterations=3), ["cpu"], "random(seed=0)",
                       pairs_per_step=3)
     requests = []
-    for i in range(3):
-        plan = PairPlan.named(i, "c.png", f"s{i}.png", "cid", f"sid{i}", f"c__s{i}", "k", "png")
+    for i in range(3):  # styles of their own: the process's targets cache must not hold them already
+        plan = PairPlan.named(i, "c.png", f"oom-s{i}.png", "cid", f"oom-sid{i}", f"c__s{i}", "k", "png")
         inputs = _PairInputs(plan, ctx, pattern((40, 32)), pattern((32, 40), "style", i), logging.getLogger("t"))
         requests.append(StepRequest(ctx, (32, 26), 3, None, payload=inputs))
     outcomes = _stylize_step(ctx, "cpu", requests)
