@@ -354,12 +354,15 @@ def summary_markdown(report: dict, links: dict[str, str | None], chunk_links: li
     if report.get("loss_curve"):
         lines.append(f"- Loss curve: {_md_link(report['loss_curve'], links.get('loss_curve'))}")
     if chunk_links:
-        lines += ["", "## Chunk runs", "", "| chunk | flow run | state | worker |", "|---|---|---|---|"]
+        lines += ["", "## Chunk runs", "", "| chunk | flow run | state | done | skipped | failed | worker |",
+                  "|---|---|---|---|---|---|---|"]
         for chunk, url in chunk_links[:MAX_CHUNK_ROWS]:
             worker = chunk.get("worker") or {}
             where = f"{worker.get('host', '')} pid {worker.get('pid', '')}".strip() if worker else ""
+            # a chunk whose pairs all failed is still Completed: its counts say so
+            counts = " | ".join(str(chunk.get(k, "")) for k in ("done", "skipped", "failed"))
             lines.append(f"| {chunk.get('chunk')} | {_md_link(str(chunk.get('flow_run_id')), url, table=True)} | "
-                         f"{md_text(chunk.get('state'))} | {md_text(where)} |")
+                         f"{md_text(chunk.get('state'))} | {counts} | {md_text(where)} |")
         if len(chunk_links) > MAX_CHUNK_ROWS:  # 10,000 pairs in chunks of 1 must not make a 10,000-row page
             not_completed = [c for c, _ in chunk_links[MAX_CHUNK_ROWS:] if c.get("state") != "Completed"]
             lines += ["", f"… and {len(chunk_links) - MAX_CHUNK_ROWS} more chunk runs "

@@ -947,6 +947,7 @@ def test_a_chunk_run_cancelled_by_the_other_of_two_overlapping_parents_is_starte
     assert len(runs) == 2 and {r.state.name for r in runs} == {"Cancelled", "Completed"}
     chunk0 = next(c for c in report["chunks"] if c["chunk"] == 0)
     assert chunk0["flow_run_id"] != str(a_chunk.id) and chunk0["state"] == "Completed"
+    assert chunk0["done"] + chunk0["skipped"] + chunk0["failed"] == 2, chunk0  # its pairs, as the summary shows them
 
 
 def test_a_parent_being_cancelled_does_not_start_its_cancelled_chunks_again(prefect_api, tmp_path, monkeypatch):

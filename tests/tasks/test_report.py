@@ -74,8 +74,11 @@ def test_table_links_outputs_and_summary_links_chunks():
                                                                              "failed": 1},
               "contact_sheet": "s3://b/o/_runs/1-contact.jpg", "items": items}
     md = summary_markdown(report, {"report": "https://signed/1.json"},
-                          [({"chunk": 0, "flow_run_id": "abc", "state": "Completed", "worker": {"host": "h", "pid": 7}},
-                            "http://ui/runs/flow-run/abc")], warning="random weights", rate="1 pairs in 1s")
+                          [({"chunk": 0, "flow_run_id": "abc", "state": "Completed", "worker": {"host": "h", "pid": 7},
+                             "done": 0, "skipped": 1, "failed": 2}, "http://ui/runs/flow-run/abc")],
+                          warning="random weights", rate="1 pairs in 1s")
+    # old: "| 0 | [abc](…) | Completed | h pid 7 |": a chunk whose pairs all failed read as fine
+    assert "| 0 | [abc](http://ui/runs/flow-run/abc) | Completed | 0 | 1 | 2 | h pid 7 |" in md, md
     assert "[abc](http://ui/runs/flow-run/abc)" in md and "[s3://b/o/\\_runs/1.json](https://signed/1.json)" in md
     assert "**Warning:** random weights" in md and "bad image" in md
 
