@@ -208,7 +208,7 @@ def stylize_many(
         def prepare(i: int) -> bool:
             """jobs[i] for pair i, or its error in results[i]: the targets of a style too large for
             the device fail that pair alone (DeviceMemoryError), as its optimization would."""
-            failed = False
+            jobs.pop(i, None)  # a failed step's job: its tensors must not outlive a failed re-prepare
             try:
                 jobs[i] = _prepare(pairs[i], params, extractor, precision)
                 return True
@@ -218,10 +218,9 @@ def stylize_many(
             except Exception as err:
                 if not out_of_memory(err, device):
                     raise
-                failed = True  # handled outside: the traceback (and the tensors its frames hold) dies here
-            if failed:
-                free_device(device)
-                results[i] = DeviceMemoryError(pairs[i].content_name, params.image_size, str(device))
+            # out of memory, handled here: the traceback (and the tensors its frames hold) is gone
+            free_device(device)
+            results[i] = DeviceMemoryError(pairs[i].content_name, params.image_size, str(device))
             return False
 
         for i in range(len(pairs)):
