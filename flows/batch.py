@@ -48,7 +48,7 @@ from tasks.artifacts import RunProgress, publish_artifacts, run_label, run_warni
 from tasks.compute import device_problem, expand_devices, run_on_device
 from tasks.contract import (CANCELLED, CRASHED, DONE, FAILED, PairPlan, ReportItem, done_in, failed_item,
                             renamed_output, repeats_follow_their_first, report_bytes, report_key, run_report,
-                            running_report, skipped_item, stopped_report)
+                            running_report, skipped_item, stopped_report, totals_line)
 from tasks.credentials import CREDENTIALS_REFUSED, DEFAULT_CHAIN, CredentialsError, StorageCredentials, resolve
 from tasks.models import BatchSource, InvalidInputs, OutputSpec, RunOptions, StyleForm, batch_inputs
 from tasks.pair import PairContext, stop_requested
@@ -388,7 +388,7 @@ def _outage(b: _Batch, items: list[ReportItem], result: PipelineResult, weights_
 
 def _verdict(report: dict, max_failures: int) -> State:
     counts = report["totals"]
-    summary = f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed of {counts['pairs']} pairs"
+    summary = totals_line(counts)
     get_run_logger().info("%s (report: %s)", summary, report["report"])
     if counts["failed"] > max_failures:
         # No data=: Prefect 3 treats a Failed state's data as its exception ("Unexpected result

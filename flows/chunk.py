@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import socket
-from collections import Counter
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
@@ -23,8 +22,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tasks.models import OutputSpec, RunOptions
 from nst_core.params import StyleParams
 from tasks.compute import device_problem, expand_devices
-from tasks.contract import (DONE, FAILED, RUNS, SKIPPED, PairPlan, chunk_report, done_in, failed_item, in_runs,
-                            naming_problem, report_bytes, skipped_item)
+from tasks.contract import (DONE, RUNS, PairPlan, chunk_report, done_in, failed_item, in_runs, naming_problem,
+                            report_bytes, skipped_item, totals, totals_line)
 from tasks.credentials import resolve
 from tasks.pair import PairContext, stop_requested
 from tasks.pipeline import run_pairs
@@ -94,9 +93,7 @@ def stylize_chunk(
     report = chunk_report(this_run, worker, pairs, items,
                           result.thumbs, [i for i in result.items.values() if i.status == DONE])
     retrying(lambda: out.write(report_key, report_bytes(report), "application/json"))
-    uri, counts = out.uri_for(report_key), Counter(i.status for i in items)
+    uri, counts = out.uri_for(report_key), totals(items)
     # The message is what the chunk's run page says: a chunk whose pairs all failed is still
     # Completed (the parent judges failures against max_failures), but not a silent green.
-    return Completed(message=f"{counts[DONE]} done, {counts[SKIPPED]} skipped, {counts[FAILED]} failed of "
-                             f"{len(pairs)} pairs (chunk report: {uri})",
-                     data={"report": uri, "done": counts[DONE]})
+    return Completed(message=f"{totals_line(counts)} (chunk report: {uri})", data={"report": uri, "done": counts["done"]})

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections import Counter
 from datetime import datetime, timezone
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -38,8 +37,8 @@ from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
 from nst_core.params import StyleParams
-from tasks.contract import (DONE, FAILED, SKIPPED, PairPlan, ReportItem, attempt_report_key, chunk_items, chunk_key,
-                            chunk_report_key, decode_thumbs, done_in, done_item, failed_item, item_of)
+from tasks.contract import (PairPlan, ReportItem, attempt_report_key, chunk_items, chunk_key, chunk_report_key,
+                            decode_thumbs, done_in, done_item, failed_item, item_of, totals)
 from tasks.credentials import DEFAULT_CHAIN, StorageCredentials
 from tasks.models import OutputSpec, RunOptions
 from tasks.pair import PairStopped, stop_requested
@@ -505,9 +504,9 @@ class ChunkWatcher:
         if report:
             room = self.run.contact_sheet_rows - len(self.result.thumbs)
             self.result.thumbs += decode_thumbs(report.get("thumbs", []))[:max(room, 0)]
-        counts = Counter(item.status for item in items.values())  # the summary's chunk table shows them
+        counts = totals(list(items.values()))  # the summary's chunk table shows them
         self.result.chunks.append({"chunk": chunk.number, "flow_run_id": chunk.flow_run_id, "state": state_name,
-                                   "done": counts[DONE], "skipped": counts[SKIPPED], "failed": counts[FAILED],
+                                   "done": counts["done"], "skipped": counts["skipped"], "failed": counts["failed"],
                                    "report": self.out.uri_for(chunk.report_key), "worker": (report or {}).get("worker")})
 
     def _read_report(self, key: str) -> dict | None:

@@ -18,14 +18,17 @@ import os
 import platform
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 
 from .errors import NSTError
 
-__all__ = ["DTYPES", "REDUCED_MIN_SIZE", "cuda_capability", "free_device", "out_of_memory", "resolve_precision", "memory_format", "run_settings",
-           "precision_section", "exact_fp32", "uses_tf32"]
+T = TypeVar("T")
+
+__all__ = ["DTYPES", "REDUCED_MIN_SIZE", "OUT_OF_MEMORY", "cuda_capability", "out_of_memory", "unless_out_of_memory",
+           "resolve_precision", "memory_format", "run_settings", "precision_section", "exact_fp32", "uses_tf32"]
 
 #: Autocast dtype of the VGG pass per precision (None: no autocast, fp32 storage).
 DTYPES = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -264,8 +267,19 @@ def out_of_memory(err: BaseException, device: torch.device) -> bool:
             and ("out of memory" in text or "ALLOC_FAILED" in text))
 
 
-def free_device(device: torch.device) -> None:
-    """Return what a failed step held to the device (call once its traceback's frames are gone)."""
+#: What ``unless_out_of_memory`` returns when the device ran out of memory.
+OUT_OF_MEMORY = object()
+
+
+def unless_out_of_memory(work: Callable[[], T], device: torch.device) -> T | object:
+    """``work()``, or OUT_OF_MEMORY when ``device`` ran out of memory in it, with what it held given
+    back to the device: freed here, after the except block, once the traceback (and the tensors its
+    frames hold) is gone. Any other error propagates."""
+    try:
+        return work()
+    except Exception as err:
+        if not out_of_memory(err, device):
+            raise
     import gc
 
     gc.collect()
@@ -273,6 +287,7 @@ def free_device(device: torch.device) -> None:
         torch.cuda.empty_cache()
     elif device.type == "mps":
         torch.mps.empty_cache()
+    return OUT_OF_MEMORY
 
 
 def run_settings(device: torch.device, precision: str, deterministic: bool):

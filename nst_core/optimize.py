@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .backend import (DTYPES, free_device, out_of_memory, precision_section, resolve_precision, run_settings,
+from .backend import (DTYPES, OUT_OF_MEMORY, precision_section, resolve_precision, run_settings, unless_out_of_memory,
                       uses_tf32)
 from .colour import luminance, with_chroma_of
 from .errors import DeviceMemoryError, NonFiniteLossError, NSTError
@@ -210,18 +210,15 @@ def stylize_many(
             the device fail that pair alone (DeviceMemoryError), as its optimization would."""
             jobs.pop(i, None)  # a failed step's job: its tensors must not outlive a failed re-prepare
             try:
-                jobs[i] = _prepare(pairs[i], params, extractor, precision)
-                return True
+                job = unless_out_of_memory(lambda: _prepare(pairs[i], params, extractor, precision), device)
             except NSTError as err:
                 results[i] = err
                 return False
-            except Exception as err:
-                if not out_of_memory(err, device):
-                    raise
-            # out of memory, handled here: the traceback (and the tensors its frames hold) is gone
-            free_device(device)
-            results[i] = DeviceMemoryError(pairs[i].content_name, params.image_size, str(device))
-            return False
+            if job is OUT_OF_MEMORY:
+                results[i] = DeviceMemoryError(pairs[i].content_name, params.image_size, str(device))
+                return False
+            jobs[i] = job
+            return True
 
         for i in range(len(pairs)):
             prepare(i)
@@ -231,18 +228,12 @@ def stylize_many(
         steps = list(groups.values())
         while steps:
             indexes = steps.pop(0)
-            no_room = False
-            try:
-                for i, result in zip(indexes, _run_step(indexes, [jobs[i] for i in indexes], params, precision,
-                                                        extractor, backend, progress)):
+            step = unless_out_of_memory(lambda: _run_step(indexes, [jobs[i] for i in indexes], params, precision,
+                                                          extractor, backend, progress), device)
+            if step is not OUT_OF_MEMORY:
+                for i, result in zip(indexes, step):
                     results[i] = result
-            except Exception as err:
-                if not out_of_memory(err, device):
-                    raise
-                no_room = True  # handled outside: the traceback (and the tensors its frames hold) dies here
-            if not no_room:
                 continue
-            free_device(device)
             if len(indexes) == 1:
                 results[indexes[0]] = DeviceMemoryError(pairs[indexes[0]].content_name, params.image_size, str(device))
                 continue

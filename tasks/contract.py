@@ -83,7 +83,7 @@ __all__ = [
     "PairPlan", "ReportItem", "ThumbRow", "pair_key", "output_name", "renamed_output", "image_key", "sidecar_key",
     "in_runs", "reserved_folder", "naming_problem", "too_long", "NAME_BYTES", "chunk_key", "report_key",
     "chunk_report_key", "attempt_report_key", "contact_sheet_key", "loss_curve_key", "run_stem", "sidecar",
-    "image_record", "loss_history", "done_pairs", "done_in", "totals", "timestamp", "done_item", "skipped_item",
+    "image_record", "loss_history", "done_pairs", "done_in", "totals", "timestamp", "totals_line", "done_item", "skipped_item",
     "failed_item", "running_report", "stopped_report", "run_report", "chunk_report", "repeats_follow_their_first",
     "chunk_items", "item_of", "encode_thumbs", "decode_thumbs", "report_bytes",
 ]
@@ -408,6 +408,11 @@ def totals(items: list[ReportItem]) -> dict[str, int]:
         "skipped": sum(i.status == SKIPPED for i in items),
         "failed": sum(i.status == FAILED for i in items),
     }
+
+
+def totals_line(counts: dict[str, int]) -> str:
+    """``totals`` as a run's or a chunk run's state says them: "2 done, 0 skipped, 1 failed of 3 pairs"."""
+    return f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed of {counts['pairs']} pairs"
 
 
 # --- report items -------------------------------------------------------------------------------------

@@ -218,7 +218,7 @@ def _stylize_step(ctx: PairContext, device: str, requests: list[StepRequest]) ->
     StyleResult or exception per request; a pair's bad style fails it alone, before the step."""
     from nst_core import (DeviceMemoryError, StylePair, compute_style_targets, extractor_for, stylize_many, targets_key,
                           targets_need_content)
-    from nst_core.backend import free_device, out_of_memory
+    from nst_core.backend import OUT_OF_MEMORY, unless_out_of_memory
 
     inputs: list[_PairInputs] = [r.payload for r in requests]  # type: ignore[misc]
     p = ctx.params.model_copy(update={"device": device})
@@ -233,21 +233,17 @@ def _stylize_step(ctx: PairContext, device: str, requests: list[StepRequest]) ->
         live: list[int] = []
         pairs = []
         for i, x in enumerate(inputs):
-            targets, no_room = None, False
+            targets = None
             try:
                 if not targets_need_content(p):  # histogram / luminance targets depend on each content
                     key = (x.pair.style, x.pair.style_identity, device, targets_key(p, extractor, 1))
-                    targets = targets_cache.get_or_compute(key, lambda x=x: compute_style_targets(
-                        x.style, p, extractor=extractor, style_names=[x.pair.style]))
+                    targets = unless_out_of_memory(lambda x=x, key=key: targets_cache.get_or_compute(
+                        key, lambda: compute_style_targets(x.style, p, extractor=extractor, style_names=[x.pair.style])),
+                        extractor.device)
             except NSTError as err:
                 outcomes[i] = err
                 continue
-            except Exception as err:  # a style too large for the device fails its pair alone
-                if not out_of_memory(err, extractor.device):
-                    raise
-                no_room = True  # handled outside: the traceback (and the tensors its frames hold) dies here
-            if no_room:
-                free_device(extractor.device)
+            if targets is OUT_OF_MEMORY:  # a style too large for the device fails its pair alone
                 outcomes[i] = DeviceMemoryError(x.pair.content, p.image_size, device)
                 continue
             live.append(i)
