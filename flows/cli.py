@@ -30,7 +30,7 @@ from nst_core.uris import host_problem, parse_uri
 from flows.serve import SERVER_START_TIMEOUT_S
 from tasks.credentials import CREDENTIALS_REFUSED
 from tasks.models import ManifestSource, OutputSpec, PrefixSource, RunOptions, batch_inputs
-from tasks.storage import read_uri
+from tasks.storage import env_seconds, read_uri
 
 if TYPE_CHECKING:  # httpx comes with Prefect, imported only by the subcommands that need it
     import httpx
@@ -170,10 +170,7 @@ def _check_answers(url: str) -> None:
     calls and their messages (an API key's 401, a 500, "does not answer")."""
     import httpx
 
-    try:
-        wait = float(os.environ.get("NST_API_CHECK_S") or API_CHECK_S)
-    except ValueError:
-        raise NSTError(f"NST_API_CHECK_S={os.environ['NST_API_CHECK_S']!r} is not a number of seconds") from None
+    wait = env_seconds("NST_API_CHECK_S", API_CHECK_S)
     try:
         httpx.get(f"{url.rstrip('/')}/health", timeout=wait)
     except httpx.TimeoutException:

@@ -368,3 +368,19 @@ def test_a_bad_seconds_variable_is_a_warning_naming_it_not_a_traceback(tmp_path,
         monkeypatch.setenv(name, env[name])
     assert [env_seconds(name, 7) for name in ("NST_S3_READ_TIMEOUT_S", "NST_CHUNK_START_TIMEOUT_S",
                                               "NST_STALE_TEMP_S")] == [7, 7, 1000]
+
+
+@pytest.mark.parametrize("raw", ["-5", "0", "abc", "inf"])
+def test_a_bad_api_check_wait_is_warned_about_and_the_default_used(monkeypatch, caplog, raw):
+    """NST_API_CHECK_S reads like the other NST_..._S variables (README "Bounded time"). Old: -5
+    ended nst with httpx's "Timeout value out of range", 0 waited for nothing, abc ended it."""
+    import httpx
+
+    from flows import cli
+
+    waits = []
+    monkeypatch.setattr(httpx, "get", lambda url, timeout: waits.append(timeout))
+    monkeypatch.setenv("NST_API_CHECK_S", raw)
+    cli._check_answers("http://127.0.0.1:9/api")
+    assert waits == [cli.API_CHECK_S]
+    assert f"NST_API_CHECK_S={raw!r} is not a positive number of seconds" in caplog.text
