@@ -326,15 +326,21 @@ def plan_pairs(
         if why := too_long(name):  # only an explicit name can be: it would fail at the write, after the optimization
             plans.append(PairPlan.refused(i, e.content, e.style, cid, sid, f"{e.where or e.content}: {why}", "", fmt))
             continue
-        first = seen.get(name)
-        if first is not None and first[1] == key:  # the same result asked for twice: made once
-            plans.append(PairPlan.named(i, e.content, e.style, cid, sid, name, key, fmt, duplicate_of=first[0]))
+        # by case-folded name: macOS's and Windows' folders hold "Out" and "out" as one file
+        first = seen.get(name.casefold())
+        if first is not None and first[1] == key:  # the same result asked for twice: made once, under the first name
+            plans.append(PairPlan.named(i, e.content, e.style, cid, sid, first[3], key, fmt, duplicate_of=first[0]))
+            continue
+        if first is not None and first[3] != name:
+            plans.append(PairPlan.refused(i, e.content, e.style, cid, sid, (
+                f"{e.where or e.content}: output name {name!r} differs only in case from {first[3]!r}, the output "
+                f"of {first[2]} (one file on macOS and Windows); give one of them another output name"), name, fmt))
             continue
         if first is not None:  # another result under the same name: only this pair fails
             plans.append(PairPlan.refused(i, e.content, e.style, cid, sid, (
                 f"{e.where or e.content}: output name {name!r} is already the output of {first[2]} (other inputs "
                 "or parameters); give one of them another output name"), name, fmt))
             continue
-        seen[name] = (i, key, e.where or e.content)
+        seen[name.casefold()] = (i, key, e.where or e.content, name)
         plans.append(PairPlan.named(i, e.content, e.style, cid, sid, name, key, fmt))
     return plans

@@ -119,6 +119,21 @@ def test_an_output_name_collision_fails_only_the_colliding_pair(folders):
     assert plans[1].name == "same" and plans[1].image_key == "same.png" and not plans[1].runnable
 
 
+def test_output_names_that_differ_only_in_case_fail_the_second_pair(folders):
+    """"Out" and "out" are one file in macOS's and Windows' folders: the second write replaced the
+    first pair's image and sidecar, and each night redid both (each found the other's sidecar).
+    The same result asked for under two cases is made once, under the first name (a generated
+    name's stem keeps its case: A.png and a.png with the same bytes are one result)."""
+    (folders / "c" / "b.png").write_bytes(to_bytes(pattern((16, 16), seed=3)))
+    (folders / "m.csv").write_text("content,style,output\nc/a.jpg,s/s1.png,sub/Out\nc/b.png,s/s1.png,sub/out\n"
+                                   "c/a.jpg,s/s1.png,SUB/OUT\nc/b.png,s/s1.png,other\n")
+    plans = plan_pairs(read_manifest(str(folders / "m.csv")), StyleParams(), "w", "png")
+    assert not plans[0].error and not plans[3].error
+    assert "line 3: output name 'sub/out' differs only in case from 'sub/Out', the output of manifest m.csv line 2" in plans[1].error
+    assert not plans[1].runnable
+    assert not plans[2].error and plans[2].duplicate_of == 0 and plans[2].image_key == plans[0].image_key
+
+
 def test_a_pair_failed_at_planning_keeps_the_output_name_its_row_asked_for(folders):
     """The report item of a row that fails at planning names the output the row asked for, so a
     user can find the row; a pair without its own name had none yet (its name carries its key)."""
