@@ -297,9 +297,11 @@ def _identities(uris: set[str], known: dict[str, str], io_workers: int,
 def plan_pairs(
     entries: list[SourceEntry], params: StyleParams, weights_id: str, fmt: str, quality: int = 92,
     io_workers: int = 8, allowed_sources: list[str] | None = None, credentials: StorageCredentials = DEFAULT_CHAIN,
+    fold_case: bool = True,
 ) -> list[PairPlan]:
     """Output names and keys for every entry. A pair whose inputs are refused or cannot be
-    identified gets ``error`` (and no name): it is reported failed and never run."""
+    identified gets ``error`` (and no name): it is reported failed and never run. ``fold_case``:
+    output names that differ only in case are one (a folder's output; S3 keys tell case apart)."""
     refused: dict[str, str] = {}
     if allowed_sources is not None:
         for uri in {u for e in entries for u in (e.content, e.style)}:
@@ -326,8 +328,9 @@ def plan_pairs(
         if why := too_long(name):  # only an explicit name can be: it would fail at the write, after the optimization
             plans.append(PairPlan.refused(i, e.content, e.style, cid, sid, f"{e.where or e.content}: {why}", "", fmt))
             continue
-        # by case-folded name: macOS's and Windows' folders hold "Out" and "out" as one file
-        first = seen.get(name.casefold())
+        # by case-folded name in a folder: macOS's and Windows' hold "Out" and "out" as one file
+        folded = name.casefold() if fold_case else name
+        first = seen.get(folded)
         if first is not None and first[1] == key:  # the same result asked for twice: made once, under the first name
             plans.append(PairPlan.named(i, e.content, e.style, cid, sid, first[3], key, fmt, duplicate_of=first[0]))
             continue
@@ -341,6 +344,6 @@ def plan_pairs(
                 f"{e.where or e.content}: output name {name!r} is already the output of {first[2]} (other inputs "
                 "or parameters); give one of them another output name"), name, fmt))
             continue
-        seen[name.casefold()] = (i, key, e.where or e.content, name)
+        seen[folded] = (i, key, e.where or e.content, name)
         plans.append(PairPlan.named(i, e.content, e.style, cid, sid, name, key, fmt))
     return plans

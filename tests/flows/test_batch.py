@@ -184,7 +184,7 @@ def test_a_bad_input_in_a_step_of_three_fails_alone_and_the_other_two_are_writte
                 max_failures=1)
     assert state.is_completed(), state.message
     report = state.result()
-    assert report["totals"] == {"pairs": 3, "done": 2, "skipped": 0, "failed": 1}
+    assert report["totals"] == {"pairs": 4, "done": 3, "skipped": 0, "failed": 1}
     [bad] = [i for i in report["items"] if i["status"] == "failed"]
     assert bad["style"].endswith("s2.png") and "s2.png" in bad["error"] and "too small" in bad["error"]
     sidecars = sorted((tmp_path / "out").glob("*.json"))
@@ -234,6 +234,8 @@ def test_manifests_jsonl_and_csv_with_a_missing_key(bucket):
         {"content": "contents/c0.png", "style": "styles/s0.jpg", "output": "named/first"},
         {"content": f"s3://{name}/in/contents/c1.png", "style": "styles/s1.jpg"},
         {"content": "contents/missing.png", "style": "styles/s1.jpg", "output": "named/lost"},
+        # S3 keys tell case apart: another result, not a clash (in a folder it would be one)
+        {"content": "contents/c1.png", "style": "styles/s0.jpg", "output": "named/FIRST"},
     ])
     client.put_object(Bucket=name, Key="in/m.jsonl", Body=jsonl.encode())
     client.put_object(Bucket=name, Key="in/m.csv", Body=b"content,style\ncontents/c1.png,styles/s0.jpg\n")
@@ -241,11 +243,11 @@ def test_manifests_jsonl_and_csv_with_a_missing_key(bucket):
     state = run(BatchSource(manifest=f"s3://{name}/in/m.jsonl"), OutputSpec(uri=f"s3://{name}/out/"), max_failures=1)
     assert state.is_completed(), state.message
     report = state.result()
-    assert report["totals"] == {"pairs": 3, "done": 2, "skipped": 0, "failed": 1}
+    assert report["totals"] == {"pairs": 4, "done": 3, "skipped": 0, "failed": 1}
     missing = [i for i in report["items"] if i["status"] == "failed"][0]
     assert "in/contents/missing.png" in missing["error"] and "no such object" in missing["error"]
     assert missing["output"] == f"s3://{name}/out/named/lost.jpg"  # the row's own name, to find it by
-    assert {"out/named/first.jpg", "out/named/first.json"} <= set(keys(client, name))
+    assert {"out/named/first.jpg", "out/named/first.json", "out/named/FIRST.jpg"} <= set(keys(client, name))
 
     state = run(BatchSource(manifest=f"s3://{name}/in/m.csv"), OutputSpec(uri=f"s3://{name}/csv-out/"))
     assert state.is_completed(), state.message
