@@ -329,7 +329,7 @@ def plan_pairs(
             plans.append(PairPlan.refused(i, e.content, e.style, cid, sid, f"{e.where or e.content}: {why}", "", fmt))
             continue
         # by case-folded name in a folder: macOS's and Windows' hold "Out" and "out" as one file
-        folded = name.casefold() if fold_case else name
+        folded = name.lower() if fold_case else name  # lower(), not casefold(): "Straße" and "strasse" are two files
         first = seen.get(folded)
         if first is not None and first[1] == key:  # the same result asked for twice: made once, under the first name
             plans.append(PairPlan.named(i, e.content, e.style, cid, sid, first[3], key, fmt, duplicate_of=first[0]))
