@@ -328,8 +328,9 @@ def plan_pairs(
         if why := too_long(name):  # only an explicit name can be: it would fail at the write, after the optimization
             plans.append(PairPlan.refused(i, e.content, e.style, cid, sid, f"{e.where or e.content}: {why}", "", fmt))
             continue
-        # by case-folded name in a folder: macOS's and Windows' hold "Out" and "out" as one file
-        folded = name.lower() if fold_case else name  # lower(), not casefold(): "Straße" and "strasse" are two files
+        # by lower-cased name in a folder: macOS's and Windows' hold "Out" and "out" as one file; not
+        # casefold(), which makes "Straße" "strasse", two files on NTFS (its upcase table keeps ß)
+        folded = name.lower() if fold_case else name
         first = seen.get(folded)
         if first is not None and first[1] == key:  # the same result asked for twice: made once, under the first name
             plans.append(PairPlan.named(i, e.content, e.style, cid, sid, first[3], key, fmt, duplicate_of=first[0]))
