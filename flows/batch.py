@@ -44,7 +44,6 @@ from flows.quiet import quiet_returned_failures
 from flows.orphans import api_identity, mark_crashed_reports, still_running, this_process
 from nst_core.errors import NSTError
 from nst_core.params import StyleParams
-from nst_core.uris import parse_uri
 from tasks.artifacts import RunProgress, publish_artifacts, run_label, run_warning, write_pictures
 from tasks.compute import device_problem, expand_devices, run_on_device
 from tasks.contract import (CANCELLED, CRASHED, DONE, FAILED, PairPlan, ReportItem, done_in, failed_item,
@@ -279,7 +278,7 @@ def _plan(b: _Batch) -> tuple[list[PairPlan], str, list[str]]:
     allowed = b.run.allowed_sources or default_allowed_sources(b.source)
     try:
         plans = plan_pairs(entries, b.params, weights_id, b.output.format, b.output.quality, b.run.io_workers, allowed,
-                           b.credentials, fold_case=parse_uri(b.output.uri)[0] != "s3")
+                           b.credentials, fold_case=b.out.folds_case())
     except PreflightError as err:
         _drop_probe(b.out, b.flow_run, f"preflight failed: {err}")
         raise

@@ -301,7 +301,8 @@ def plan_pairs(
 ) -> list[PairPlan]:
     """Output names and keys for every entry. A pair whose inputs are refused or cannot be
     identified gets ``error`` (and no name): it is reported failed and never run. ``fold_case``:
-    output names that differ only in case are one (a folder's output; S3 keys tell case apart)."""
+    output names that differ only in case are one (``Storage.folds_case``: macOS's and Windows'
+    folders; Linux's and S3 tell case apart)."""
     refused: dict[str, str] = {}
     if allowed_sources is not None:
         for uri in {u for e in entries for u in (e.content, e.style)}:
@@ -328,7 +329,7 @@ def plan_pairs(
         if why := too_long(name):  # only an explicit name can be: it would fail at the write, after the optimization
             plans.append(PairPlan.refused(i, e.content, e.style, cid, sid, f"{e.where or e.content}: {why}", "", fmt))
             continue
-        # by lower-cased name in a folder: macOS's and Windows' hold "Out" and "out" as one file; not
+        # by lower-cased name where "Out" and "out" are one file (macOS's and Windows' folders); not
         # casefold(), which makes "Straße" "strasse", two files on NTFS (its upcase table keeps ß)
         folded = name.lower() if fold_case else name
         first = seen.get(folded)
@@ -338,7 +339,7 @@ def plan_pairs(
         if first is not None and first[3] != name:
             plans.append(PairPlan.refused(i, e.content, e.style, cid, sid, (
                 f"{e.where or e.content}: output name {name!r} differs only in case from {first[3]!r}, the output "
-                f"of {first[2]} (one file on macOS and Windows); give one of them another output name"), name, fmt))
+                f"of {first[2]} (one file in this output folder); give one of them another output name"), name, fmt))
             continue
         if first is not None:  # another result under the same name: only this pair fails
             plans.append(PairPlan.refused(i, e.content, e.style, cid, sid, (

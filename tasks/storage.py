@@ -297,6 +297,10 @@ class Storage:
     def uri_for(self, key: str) -> str:
         return f"{self.uri.rstrip('/')}/{safe_key(key)}"
 
+    def folds_case(self) -> bool:
+        """Whether keys that differ only in case ("Out", "out") are one object here (S3: never)."""
+        return False
+
 
 class LocalStorage(Storage):
     """A local folder. Writes are atomic: a temp file in the same folder, then a rename."""
@@ -413,6 +417,24 @@ class LocalStorage(Storage):
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def folds_case(self) -> bool:
+        """Whether this folder holds "Out" and "out" as one file (macOS's and Windows' file systems,
+        an ext4 casefold folder; Linux's usual ones tell them apart). Asked of the folder itself: a
+        probe file in its temp folder (a kill leaves it to clean_temp), looked up upper-cased. One
+        that cannot be made answers True: names that may clash fail a pair, never replace an image."""
+        probe = f"{os.getpid()}-case{uuid.uuid4().hex}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            temp_dir = self._temp_dir(create=True)
+            path = temp_dir / f"{probe}.{_TEMP_OWNER}"
+            path.touch(exist_ok=False)
+        except OSError:
+            return True
+        try:
+            return os.path.exists(temp_dir / f"{probe.upper()}.{_TEMP_OWNER}")
+        finally:
+            path.unlink(missing_ok=True)
 
     def _temp_dir(self, create: bool = False) -> Path:
         """The output's temp folder: a real folder of the root, never a link out of it (writes

@@ -117,6 +117,21 @@ def test_zip_on_local_folders(tmp_path):
     assert [row["status"] for row in table] == ["done", "done"]
 
 
+def test_names_that_differ_only_in_case_are_two_outputs_in_a_folder_that_tells_them_apart(tmp_path):
+    """A Linux folder holds "Out" and "out" as two files: a manifest naming both gets both (the
+    case rule is for folders that hold them as one: macOS, Windows; tests/tasks/test_plan.py)."""
+    (tmp_path / "in").mkdir()
+    for i in range(2):
+        pattern((32, 24), "content", i).save(tmp_path / "in" / f"c{i}.png")
+    pattern((24, 32), "style", 0).save(tmp_path / "in" / "s.png")
+    (tmp_path / "in" / "m.csv").write_text("content,style,output\nc0.png,s.png,sub/Out\nc1.png,s.png,sub/out\n")
+    state = run(BatchSource(manifest=str(tmp_path / "in" / "m.csv")), OutputSpec(uri=str(tmp_path / "out"), format="png"))
+    assert state.is_completed(), state.message
+    assert state.result()["totals"] == {"pairs": 2, "done": 2, "skipped": 0, "failed": 0}
+    assert sorted(p.name for p in (tmp_path / "out" / "sub").iterdir()) == ["Out.json", "Out.png", "out.json", "out.png"]
+    _no_temp_left(tmp_path / "out")
+
+
 def _no_temp_left(out):
     """Local writes go to ``{out}/.nst-tmp/{pid}-{hex}.{host}`` and are renamed into place: after a run that
     folder exists (the writer used it: this check cannot go vacuous) and is empty, and no other

@@ -132,7 +132,7 @@ def test_output_names_that_differ_only_in_case_fail_the_second_pair(folders):
     assert "line 3: output name 'sub/out' differs only in case from 'sub/Out', the output of manifest m.csv line 2" in plans[1].error
     assert not plans[1].runnable
     assert not plans[2].error and plans[2].duplicate_of == 0 and plans[2].image_key == plans[0].image_key
-    # S3 keys tell case apart (the flow passes fold_case=False for an s3:// output): each its own result
+    # where case tells names apart (S3, Linux folders: Storage.folds_case is False) each is its own result
     plans = plan_pairs(read_manifest(str(folders / "m.csv")), StyleParams(), "w", "png", fold_case=False)
     assert all(p.runnable for p in plans) and len({p.image_key for p in plans}) == 4
 

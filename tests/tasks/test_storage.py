@@ -532,3 +532,21 @@ def test_long_lived_keys_sign_links_for_the_whole_time_asked(bucket):
     assert signing_expiry(open_storage(f"s3://{name}/out/").credentials) == (False, None)
     query = parse_qs(urlparse(presigned_url(f"s3://{name}/out/a.png", 7 * 24 * 3600)).query)
     assert query["X-Amz-Expires"] == [str(7 * 24 * 3600)]
+
+
+def test_a_folder_says_whether_it_holds_names_that_differ_only_in_case_as_one_file(tmp_path, bucket, monkeypatch):
+    """The probe asks the folder itself: Linux's folders tell "Out" from "out", so a manifest naming
+    both there gets both; a folder that answers for the upper-cased name (macOS, Windows, an ext4
+    casefold folder: stood in for here, no such file system can be mounted in a test) holds one.
+    S3 keys always tell case apart. The probe leaves nothing behind."""
+    import tasks.storage as storage_module
+
+    storage = LocalStorage(tmp_path / "out")
+    assert storage.folds_case() is False
+    assert [p.name for p in (tmp_path / "out" / TEMP_DIR).iterdir()] == []
+
+    real_exists = os.path.exists
+    monkeypatch.setattr(storage_module.os.path, "exists", lambda p: real_exists(str(p).lower()) or real_exists(p))
+    assert storage.folds_case() is True
+    assert [p.name for p in (tmp_path / "out" / TEMP_DIR).iterdir()] == []
+    assert S3Storage(bucket[0], "out").folds_case() is False
