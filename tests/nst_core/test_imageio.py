@@ -103,6 +103,46 @@ def test_pixel_limit_rejects_before_decoding():
         decode_image(header_only, "huge.png", max_pixels=1_000_000)
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width×height RGB pixels and holds almost none (no allocation to make it)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's own, past 89.5 MP
+@pytest.mark.parametrize("width,height", [(10_000, 10_000), (100_000, 100_000)])
+def test_a_huge_header_is_refused_quoting_the_projects_limit_not_pillows(width, height):
+    """Past Pillow's own thresholds (89.5 and 179 MP) the refusal quoted them ("limit of
+    178956970"): a user could not tell what the limit is (64,000,000, README "Limits")."""
+    from nst_core.imageio import MAX_PIXELS
+
+    with pytest.raises(ImageDecodeError, match=f"huge.png: .*{width * height} pixels exceeds the limit of {MAX_PIXELS}"):
+        decode_image(_png_header(width, height), "huge.png")
+
+
+def test_decoding_in_threads_leaves_the_process_warning_filters_as_they_were():
+    """Pair tasks decode in threads; warnings.catch_warnings() around each decode saved and
+    restored the process-wide filter list across threads, and left Pillow's decompression-bomb
+    warning turned into an error for the whole process (a serve worker, the user's code)."""
+    import threading
+    import warnings
+
+    data = to_bytes(pattern((64, 48)))
+    before = list(warnings.filters)
+    threads = [threading.Thread(target=lambda: [decode_image(data, "x.png") for _ in range(200)]) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert warnings.filters == before
+
+
 @pytest.mark.parametrize("data,reason", [
     (b"", "empty"),
     (b"definitely not an image", "not a recognized image"),
