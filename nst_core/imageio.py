@@ -90,9 +90,11 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     I;16*: 16-bit samples, /257. F: floats in [0, 1] (the usual convention) ×255; larger values
     are taken as 0-255, then 0-65535. I (32-bit, e.g. TIFF): 0-255, 0-65535 or the full 32-bit
     range, whichever the largest sample fits; the mode alone does not say which was meant.
-    Negative samples and NaN become 0.
+    Negative samples and NaN become 0. One float32 copy, scaled in place (5 bytes a pixel with
+    the result: a 64 MP scan must not take GBs); float32 rounds no 16-bit sample to another level.
     """
-    arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    arr = np.array(img, dtype=np.float32)
+    np.nan_to_num(arr, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     peak = float(arr.max()) if arr.size else 0.0
     if img.mode.startswith("I;16"):
         full = 65535.0
@@ -100,8 +102,10 @@ def _to_8bit(img: Image.Image) -> Image.Image:
         full = 1.0
     else:
         full = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else 2.0**31 - 1
-    scaled = np.clip(arr * (255.0 / full), 0, 255)
-    return Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+    arr *= np.float32(255.0 / full)
+    np.clip(arr, 0, 255, out=arr)
+    np.rint(arr, out=arr)
+    return Image.fromarray(arr.astype(np.uint8), mode="L")
 
 
 def _to_srgb(img: Image.Image, icc: bytes) -> Image.Image:

@@ -75,6 +75,29 @@ def test_modes_become_rgb(mode):
         assert decoded.rgb.getpixel((15, 0)) == (255, 255, 255)
 
 
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_a_high_bit_depth_image_is_scaled_in_a_few_bytes_a_pixel(mode):
+    """16-bit, 32-bit and float samples were scaled through five float64 copies of the image
+    (about 40 bytes a pixel: 2.5 GB for a 64 MP scan, within the pixel limit). Counted by
+    tracemalloc (numpy's arrays, not Pillow's own buffers), bytes, not seconds."""
+    import tracemalloc
+
+    from nst_core.imageio import _to_8bit
+
+    arr = (np.arange(1000 * 1000, dtype=np.uint32).reshape(1000, 1000) % 65536)
+    img = {"I;16": lambda: Image.frombytes("I;16", (1000, 1000), arr.astype(np.uint16).tobytes()),
+           "I": lambda: Image.fromarray(arr.astype(np.int32), mode="I"),
+           "F": lambda: Image.fromarray((arr / 65535).astype(np.float32), mode="F")}[mode]()
+    tracemalloc.start()
+    try:
+        out = _to_8bit(img)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.mode == "L" and out.getpixel((257, 0)) == 1 and out.getpixel((535, 65)) == 255
+    assert peak < 10 * 1000 * 1000, f"{peak / 1e6:.1f} bytes a pixel"
+
+
 @pytest.mark.parametrize("mode", ["RGBA", "LA"])
 def test_alpha_is_kept_aside(mode):
     rgba = pattern((16, 12)).convert("RGBA")
