@@ -22,6 +22,7 @@ _LAZY = {
     "stylize": "optimize",
     "stylize_many": "optimize",
     "StylePair": "optimize",
+    "presized": "optimize",
     "StyleTargets": "targets",
     "compute_style_targets": "targets",
     "targets_need_content": "targets",

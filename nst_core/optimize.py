@@ -27,7 +27,8 @@ from .backend import (DTYPES, OUT_OF_MEMORY, precision_section, resolve_precisio
                       uses_tf32)
 from .colour import luminance, with_chroma_of
 from .errors import DeviceMemoryError, NonFiniteLossError, NSTError
-from .imageio import DecodedImage, check_min_side, quantize, resize_longest, split_alpha, to_image, to_tensor
+from .imageio import (DecodedImage, check_min_side, fit_longest, quantize, resize_longest, split_alpha, to_image,
+                      to_tensor)
 from .lbfgs import HISTORY, BatchedLBFGS
 from .objective import TERMS, Objective
 from .params import STOP_WINDOW, StyleParams
@@ -36,7 +37,7 @@ from .tiling import history_for, memory_budget, tiling_for
 from .targets import StyleTargets, compute_style_targets, style_tensor, targets_key, targets_need_content
 from .vgg import FeatureExtractor, Opener, extractor_for, resolve_device
 
-__all__ = ["StyleProgress", "StyleResult", "StylePair", "stylize", "stylize_many"]
+__all__ = ["StyleProgress", "StyleResult", "StylePair", "stylize", "stylize_many", "presized"]
 
 #: L-BFGS evaluations a pair may spend above its best before it goes back there and forgets its
 #: history (``BatchedLBFGS.restart``). Without a line search, under the clamp to [0, 1] (a
@@ -243,6 +244,20 @@ def stylize_many(
             half = (len(indexes) + 1) // 2
             steps[:0] = [part for part in (indexes[:half], indexes[half:]) if part]
     return results  # type: ignore[return-value]
+
+
+def presized(image: DecodedImage, params: StyleParams) -> DecodedImage:
+    """``image`` (a content or a style) sized as stylize will size it, where doing so now gives the
+    same result bit for bit: with one scale every input is resized to image_size once (Lanczos;
+    a content's rgb and alpha apart: ``_prepare``, ``style_tensor``, ``to_image``), and that resize
+    of the returned image is then a no-op. A caller that holds inputs a while (a pair waiting for
+    its device step) holds a small image, not a 64 MP scan. With several scales each scale is
+    resized from the original (and a smaller image is enlarged there): returned as it is."""
+    if params.scales != 1 or max(image.rgb.size) <= params.image_size:
+        return image
+    size = fit_longest(image.rgb.size, params.image_size)
+    return DecodedImage(image.rgb.resize(size, Image.Resampling.LANCZOS),
+                        None if image.alpha is None else image.alpha.resize(size, Image.Resampling.LANCZOS))
 
 
 def _prepare(pair: StylePair, params: StyleParams, extractor: FeatureExtractor, precision: str) -> _Job:

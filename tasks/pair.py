@@ -290,6 +290,7 @@ def _made_meanwhile(pair: PairPlan, ctx: PairContext) -> bool:
 
 
 def _process(pair: PairPlan, ctx: PairContext) -> PairDone:
+    from nst_core import presized
     from nst_core.imageio import decode_image, encode_image, fit_longest
 
     out = ctx.storage
@@ -300,9 +301,10 @@ def _process(pair: PairPlan, ctx: PairContext) -> PairDone:
     if ctx.recheck_done and _made_meanwhile(pair, ctx):
         return PairDone(skipped_item(pair, out, note="made by another run on this output after this run planned"),
                         None)
-    # Decoded straight from the fetch: a waiting pair holds its images, not their file bytes as well.
-    content = decode_image(_fetch(ctx, pair.content, pair.content_identity), pair.content).merged()
-    style = decode_image(_fetch(ctx, pair.style, pair.style_identity), pair.style).rgb
+    # Decoded straight from the fetch and sized as the engine will (where that changes nothing): a
+    # waiting pair holds its images at the output size, not their file bytes or a full-size scan.
+    content = presized(decode_image(_fetch(ctx, pair.content, pair.content_identity), pair.content), ctx.params).merged()
+    style = presized(decode_image(_fetch(ctx, pair.style, pair.style_identity), pair.style), ctx.params).rgb
     inputs = _PairInputs(pair, ctx, content, style, get_run_logger())
     request = StepRequest(ctx, fit_longest(inputs.content.size, ctx.params.image_size), ctx.pairs_per_step,
                           lambda device, requests: _stylize_step(ctx, device, requests), inputs.check, inputs)

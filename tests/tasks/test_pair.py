@@ -188,3 +188,51 @@ def test_progress_lines_start_their_best_afresh_when_a_step_runs_again_from_its_
     for i, loss in [(1, 2.0), (2, 1.5), (3, 1.2), (1, 2.0), (2, 1.6), (3, 1.4), (4, 1.3)]:
         x.progress(SimpleNamespace(iteration=i, total=4, loss=loss, scale=1, where=""))
     assert lines[-1] == "p: evaluation 4/4, loss 1.3 (best 1.3)", lines
+
+
+@pytest.mark.parametrize("scales", [1, 2])
+def test_a_waiting_pair_holds_its_inputs_at_the_output_size_where_that_changes_no_result(tmp_path, monkeypatch, scales):
+    """A pair waits for its device step holding its decoded inputs: it held them at full size (a
+    64 MP style scan, 192 MB, once per pair in flight: 8 pairs of an 8000 px style took 3.8 GB).
+    With one scale the engine resizes each input to image_size once, so that is done at decode
+    and the result is the same bit for bit; with several it resizes the original to each scale,
+    so the original is kept."""
+    import logging
+
+    import numpy as np
+    from PIL import Image
+
+    import tasks.pair as pair_module
+    from helpers import pattern, tiny_params
+    from nst_core import stylize
+    from tasks.contract import PairPlan
+    from tasks.models import OutputSpec
+    from tasks.pair import PairContext, _process
+
+    content = pattern((400, 300)).convert("RGBA")
+    content.putalpha(Image.linear_gradient("L").resize((400, 300)))
+    content.save(tmp_path / "c.png")
+    pattern((500, 500), "style").save(tmp_path / "s.png")
+    ids = {n: storage.LocalStorage(tmp_path).read(n)[1] for n in ("c.png", "s.png")}
+    params = tiny_params(image_size=64, iterations=2, scales=scales)
+    ctx = PairContext(OutputSpec(uri=str(tmp_path / "out")), params, ["cpu"], "random(seed=0)")
+    held = []
+
+    def device_step(request, index):  # what the pair hands its device step: held while it waits
+        held.append(request.payload)
+        request.outcome = RuntimeError("no device step in this test")
+        return request
+
+    monkeypatch.setattr(pair_module, "get_run_logger", lambda: logging.getLogger("t"))
+    monkeypatch.setattr(ctx.steps, "run", device_step)
+    plan = PairPlan.named(0, str(tmp_path / "c.png"), str(tmp_path / "s.png"), ids["c.png"], ids["s.png"], "c__s", "k", "png")
+    with pytest.raises(RuntimeError, match="no device step"):
+        _process(plan, ctx)
+    (inputs,) = held
+    if scales == 1:
+        assert (inputs.content.size, inputs.content.mode, inputs.style.size) == ((64, 48), "RGBA", (64, 64))
+        same = [stylize(c, s, params).image for c, s in ((content, Image.open(tmp_path / "s.png")),
+                                                        (inputs.content, inputs.style))]
+        assert np.array_equal(np.asarray(same[0]), np.asarray(same[1]))
+    else:
+        assert (inputs.content.size, inputs.style.size) == ((400, 300), (500, 500))
