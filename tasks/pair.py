@@ -40,6 +40,9 @@ __all__ = ["PairContext", "PairDone", "PairTimeoutError", "PairStopped", "InputC
            "stop_requested", "THUMB"]
 
 THUMB = 96  # contact-sheet cell, px
+#: Decoded styles a run keeps (bytes of pixels): 128 at 512 px; a full-size style (several
+#: scales) over it is decoded by each pair, as before.
+STYLE_CACHE_BYTES = 96 * 2**20
 
 #: Set (by the CLI on Ctrl-C) to stop every pair at its next loss evaluation or IO call.
 stop_requested = threading.Event()
@@ -58,17 +61,18 @@ class PairStopped(NSTError):
 
 
 class ObjectCache:
-    """Bytes of input objects by (URI, identity), fetched once per run even when many pairs ask
-    at the same time; least recently used entries are dropped above ``max_bytes``."""
+    """Input objects by (URI, identity), made once per run even when many pairs ask at the same
+    time: their bytes (``weigh=len``), or what they decode to; least recently used entries are
+    dropped above ``max_bytes`` of ``weigh``."""
 
-    def __init__(self, max_bytes: int = 256 * 2**20):
+    def __init__(self, max_bytes: int = 256 * 2**20, weigh: Callable[[object], int] = len):
         self.max_bytes = max_bytes
-        self._items: LRU[bytes] = LRU(max_bytes, weigh=len)
+        self._items: LRU = LRU(max_bytes, weigh=weigh)
         self._loading: dict[tuple[str, str], Future] = {}
         self._lock = threading.Lock()
-        self.fetches = 0  # downloads made (tests and logs read it)
+        self.fetches = 0  # values made: downloads, decodes (tests and logs read it)
 
-    def get(self, uri: str, identity: str, fetch: Callable[[str], bytes]) -> bytes:
+    def get(self, uri: str, identity: str, fetch: Callable[[str], object]):
         key = (uri, identity)
         with self._lock:
             data = self._items.get(key)
@@ -118,6 +122,9 @@ class PairContext:
         self.pair_timeout_s = pair_timeout_s
         self.flow_run = flow_run or {}
         self.cache = cache or ObjectCache()
+        # decoded styles, shared by the pairs of a style (a 64 MP scan decodes in ~1 s); at the output
+        # size with one scale (nst_core.presized), so a few MB hold hundreds
+        self.styles = ObjectCache(STYLE_CACHE_BYTES, weigh=lambda img: img.width * img.height * len(img.getbands()))
         # RunOptions.pairs_per_step; a context built without a run (tests) steps one pair at a time
         self.pairs_per_step = pairs_per_step
         self.steps = device_steps(devices)
@@ -304,7 +311,8 @@ def _process(pair: PairPlan, ctx: PairContext) -> PairDone:
     # Decoded straight from the fetch and sized as the engine will (where that changes nothing): a
     # waiting pair holds its images at the output size, not their file bytes or a full-size scan.
     content = presized(decode_image(_fetch(ctx, pair.content, pair.content_identity), pair.content), ctx.params).merged()
-    style = presized(decode_image(_fetch(ctx, pair.style, pair.style_identity), pair.style), ctx.params).rgb
+    style = ctx.styles.get(pair.style, pair.style_identity, lambda uri: presized(
+        decode_image(_fetch(ctx, uri, pair.style_identity), uri), ctx.params).rgb)
     inputs = _PairInputs(pair, ctx, content, style, get_run_logger())
     request = StepRequest(ctx, fit_longest(inputs.content.size, ctx.params.image_size), ctx.pairs_per_step,
                           lambda device, requests: _stylize_step(ctx, device, requests), inputs.check, inputs)

@@ -236,3 +236,41 @@ def test_a_waiting_pair_holds_its_inputs_at_the_output_size_where_that_changes_n
         assert np.array_equal(np.asarray(same[0]), np.asarray(same[1]))
     else:
         assert (inputs.content.size, inputs.style.size) == ((400, 300), (500, 500))
+
+
+def test_a_style_is_decoded_once_for_the_pairs_that_share_it(tmp_path, monkeypatch):
+    """Each pair decoded its style again: an 8000 px painting scan cost ~1 s of decoding per pair
+    (8 pairs of one 64 MP style: 25.7 s against 18.2 s with a small one, on 2 CPU cores). The
+    pairs of a run share one decoded style, at the output size; the contents are their own."""
+    import logging
+
+    import nst_core.imageio
+    import tasks.pair as pair_module
+    from helpers import pattern, tiny_params
+    from tasks.contract import PairPlan
+    from tasks.models import OutputSpec
+    from tasks.pair import PairContext, _process
+
+    for i in range(3):
+        pattern((80, 60), "content", i).save(tmp_path / f"c{i}.png")
+    pattern((300, 300), "style").save(tmp_path / "s.png")
+    ids = {p.name: storage.LocalStorage(tmp_path).read(p.name)[1] for p in tmp_path.glob("*.png")}
+    ctx = PairContext(OutputSpec(uri=str(tmp_path / "out")), tiny_params(image_size=64), ["cpu"], "random(seed=0)")
+    decoded, held = [], []
+    real = nst_core.imageio.decode_image
+    monkeypatch.setattr(nst_core.imageio, "decode_image", lambda data, name, **k: decoded.append(name) or real(data, name, **k))
+    monkeypatch.setattr(pair_module, "get_run_logger", lambda: logging.getLogger("t"))
+
+    def device_step(request, index):
+        held.append(request.payload)
+        request.outcome = RuntimeError("no device step in this test")
+        return request
+
+    monkeypatch.setattr(ctx.steps, "run", device_step)
+    for i in range(3):
+        plan = PairPlan.named(i, str(tmp_path / f"c{i}.png"), str(tmp_path / "s.png"), ids[f"c{i}.png"], ids["s.png"],
+                              f"c{i}__s", "k", "png")
+        with pytest.raises(RuntimeError, match="no device step"):
+            _process(plan, ctx)
+    assert sorted(n.rsplit("/", 1)[1] for n in decoded) == ["c0.png", "c1.png", "c2.png", "s.png"]
+    assert {x.style.size for x in held} == {(64, 64)} and len({id(x.content) for x in held}) == 3
