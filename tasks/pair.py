@@ -124,7 +124,7 @@ class PairContext:
         self.cache = cache or ObjectCache()
         # decoded styles, shared by the pairs of a style (a 64 MP scan decodes in ~1 s); at the output
         # size with one scale (nst_core.presized), so a few MB hold hundreds
-        self.styles = ObjectCache(STYLE_CACHE_BYTES, weigh=lambda img: img.width * img.height * len(img.getbands()))
+        self.styles = ObjectCache(STYLE_CACHE_BYTES, weigh=lambda img: img.width * img.height * 4)  # Pillow's RGB
         # RunOptions.pairs_per_step; a context built without a run (tests) steps one pair at a time
         self.pairs_per_step = pairs_per_step
         self.steps = device_steps(devices)
