@@ -93,7 +93,7 @@ EXTENSIONS = {fmt: exts[0].lstrip(".") for fmt, exts in FORMAT_EXTENSIONS.items(
 #: Run and chunk reports (and the contact sheet) live under this folder of the output.
 RUNS = "_runs"
 #: A run report's status while the run goes (the write probe), and when it stopped without its report.
-RUNNING, CRASHED, CANCELLED = "running", "crashed", "cancelled"
+RUNNING, CRASHED, CANCELLED, FINISHED = "running", "crashed", "cancelled", "finished"
 #: A pair's status in a report (and a run report's, when preflight refused the run: FAILED).
 DONE, SKIPPED, FAILED = "done", "skipped", "failed"
 #: At most this many points of a pair's loss history go into its sidecar.
@@ -497,6 +497,7 @@ def run_report(run: dict, report_uri: str, started: datetime, inputs: dict, weig
     return {
         "flow_run": run["name"],
         "flow_run_id": run["id"],
+        "status": FINISHED,  # ran to its end; totals say how its pairs went
         "attempt": run.get("attempt", 1),
         "report": report_uri,
         "started": timestamp(started),

@@ -63,6 +63,7 @@ def test_cross_on_s3_bad_pairs_fail_alone_and_rerun_skips(bucket):
     assert len(reports) == 1 and any(k.endswith("-contact.jpg") for k in written)
     report = json.loads(client.get_object(Bucket=name, Key=reports[0])["Body"].read())
     assert report["totals"] == {"pairs": 8, "done": 4, "skipped": 0, "failed": 4}
+    assert report["status"] == "finished"  # ran to its end, failures and all (jq .status never null)
     failed = {(i["content"].rsplit("/", 1)[1], i["error"]) for i in report["items"] if i["status"] == "failed"}
     assert {c for c, _ in failed} == {"corrupt.png", "empty.jpg"}
     assert all(f"in/contents/{c}" in err for c, err in failed)
