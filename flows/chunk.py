@@ -19,6 +19,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.quiet import quiet_returned_failures
 from tasks.models import OutputSpec, RunOptions
 from nst_core.params import StyleParams
 from tasks.compute import device_problem, expand_devices
@@ -31,6 +32,9 @@ from tasks.plan import outside_allowed
 from tasks.storage import StorageHealth, StorageUnreachableError, open_storage, retrying, safe_key
 
 __all__ = ["stylize_chunk"]
+
+# A chunk worker's pair that fails on its input logs one line, as in stylize-batch's own process.
+quiet_returned_failures()
 
 
 def _refusals(pairs: list[PairPlan], fmt: str, allowed_sources: list[str]) -> dict[int, str]:

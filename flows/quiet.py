@@ -7,17 +7,20 @@ cause), and logs it to the run's logs as "Engine execution exited with unexpecte
 with some 40 lines of Prefect's own frames, after the run already said "Finished in state
 Failed('…')". ``quiet_returned_failures`` drops exactly that record when its exception is a
 ``FailedRun``: a Failed state a flow returned, never an error raised in flow code, whose
-tracebacks are all kept.
+tracebacks are all kept. Likewise a pair task that returns Failed (its one line naming the
+input): the task engine's record of it, with an empty traceback, is dropped.
 """
 
 from __future__ import annotations
 
 import logging
 
-__all__ = ["quiet_returned_failures", "ReturnedFailureFilter"]
+__all__ = ["quiet_returned_failures", "ReturnedFailureFilter", "ReturnedFailedStateFilter"]
 
 #: The logger Prefect's engine reports a flow run's outcome on (prefect.logging.loggers.flow_run_logger).
 FLOW_RUN_LOGGER = "prefect.flow_runs"
+#: The logger Prefect's task engine reports a task run's outcome on (prefect.logging.loggers.task_run_logger).
+TASK_RUN_LOGGER = "prefect.task_runs"
 _ENGINE_MESSAGE = "Engine execution exited with unexpected exception"
 
 
@@ -31,8 +34,20 @@ class ReturnedFailureFilter(logging.Filter):
         return not (isinstance(exc, FailedRun) and record.getMessage() == _ENGINE_MESSAGE)
 
 
+class ReturnedFailedStateFilter(logging.Filter):
+    """Drops the task engine's "Task run failed with state: Failed(message=…)" of a Failed state a
+    task returned (a pair's bad input): logged with exc_info=True and no exception in flight, it
+    printed a stray "NoneType: None" under it, and "Finished in state Failed('…')" follows with the
+    same message. A raised exception's record carries the exception, and is kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        empty = bool(record.exc_info) and record.exc_info[0] is None
+        return not (empty and record.getMessage().startswith("Task run failed with state"))
+
+
 def quiet_returned_failures() -> None:
-    """Install the filter on the flow-run logger, once per process."""
-    logger = logging.getLogger(FLOW_RUN_LOGGER)
-    if not any(isinstance(f, ReturnedFailureFilter) for f in logger.filters):
-        logger.addFilter(ReturnedFailureFilter())
+    """Install the filters on the flow-run and task-run loggers, once per process."""
+    for name, kind in ((FLOW_RUN_LOGGER, ReturnedFailureFilter), (TASK_RUN_LOGGER, ReturnedFailedStateFilter)):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())

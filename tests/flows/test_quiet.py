@@ -7,7 +7,7 @@ import sys
 from prefect.exceptions import FailedRun
 
 import flows.batch  # noqa: F401  (installs the filter, as a worker importing the flow does)
-from flows.quiet import FLOW_RUN_LOGGER
+from flows.quiet import FLOW_RUN_LOGGER, TASK_RUN_LOGGER
 
 
 def _logged(exc: BaseException, message: str = "Engine execution exited with unexpected exception") -> list:
@@ -39,3 +39,64 @@ def test_the_engines_traceback_of_a_returned_failed_state_is_dropped():
 def test_other_errors_keep_their_traceback():
     assert len(_logged(ValueError("a bug"))) == 1
     assert len(_logged(FailedRun("x"), message="something else")) == 1
+
+
+def test_a_pair_task_that_returns_failed_logs_one_line_without_an_empty_traceback(prefect_api):
+    """A pair task ends Failed by returning a Failed state with the one line that names the input.
+    Prefect's task engine then logged "Task run failed with state: Failed(message=…, type=FAILED,
+    result=None)" with exc_info=True and no exception: a stray "NoneType: None" line under it,
+    before "Finished in state Failed('…')" said the same again."""
+    from prefect import flow, task
+    from prefect.states import Failed
+
+    @task
+    def pair():
+        return Failed(message="/data/in/empty.jpg: file is empty (0 bytes)")
+
+    @flow
+    def run():
+        pair(return_state=True)
+
+    lines = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(self.format(record))
+
+    logger = logging.getLogger(TASK_RUN_LOGGER)
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        run()
+    finally:
+        logger.removeHandler(handler)
+    text = "\n".join(lines)
+    assert "NoneType: None" not in text and "Task run failed with state" not in text, text
+    assert "Finished in state Failed('/data/in/empty.jpg: file is empty (0 bytes)')" in text, text
+
+
+def test_a_task_that_raises_keeps_its_traceback(prefect_api):
+    from prefect import flow, task
+
+    @task
+    def pair():
+        raise ValueError("a bug in a task")
+
+    @flow
+    def run():
+        pair(return_state=True)
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    logger = logging.getLogger(TASK_RUN_LOGGER)
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        run()
+    finally:
+        logger.removeHandler(handler)
+    assert any(r.exc_info and isinstance(r.exc_info[1], ValueError) for r in records), records
