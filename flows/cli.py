@@ -380,7 +380,7 @@ def _exit_on_sigterm(signum, frame):
 def run_serve(args: argparse.Namespace) -> int:
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_API_URL, temporary_settings
 
-    from flows.serve import check_serve_options, local_server, serve_deployments
+    from flows.serve import answers, check_serve_options, local_server, serve_deployments
 
     check_serve_options(args.limit, args.name)  # before a server is started for nothing
     if PREFECT_API_URL.value():
@@ -390,10 +390,14 @@ def run_serve(args: argparse.Namespace) -> int:
     # Prefect's ephemeral API has no UI, so a served deployment would be unreachable: start a server.
     # SIGTERM before serving begins must still stop it (serve installs its own handler later).
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    print(f"PREFECT_API_URL is not set: starting a local Prefect server on 127.0.0.1:{args.port} "
-          "(stopped when nst serve stops)", flush=True)
+    if answers(f"http://127.0.0.1:{args.port}/api"):  # local_server uses it as is, and leaves it running
+        print(f"PREFECT_API_URL is not set: using the Prefect server already answering on 127.0.0.1:{args.port} "
+              "(it keeps running when nst serve stops; --port picks another)", flush=True)
+    else:
+        print(f"PREFECT_API_URL is not set: starting a local Prefect server on 127.0.0.1:{args.port} "
+              "(stopped when nst serve stops)", flush=True)
     with local_server(args.port) as api_url:
-        with temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_UI_API_URL: api_url}):
+        with temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_UI_API_URL: api_url}), _prefect_api():
             serve_deployments(limit=args.limit, name=args.name)
     return 0
 

@@ -29,7 +29,7 @@ from nst_core.errors import NSTError
 
 __all__ = ["SERVED_NAME", "SERVER_START_TIMEOUT_S", "deployments", "serve_deployments", "check_serve_options",
            "check_names_are_free",
-           "prefect_yaml_names", "local_server"]
+           "prefect_yaml_names", "local_server", "answers"]
 
 #: How long a Prefect server the CLI starts may take to answer, ours or Prefect's temporary API. A
 #: fresh Prefect home first migrates its SQLite database: 12 s, then 8 s to serve, on a 2-core EPYC,
@@ -146,7 +146,8 @@ def serve_deployments(limit: int | None = None, name: str = SERVED_NAME) -> None
     serve(*served, limit=limit)
 
 
-def _healthy(api_url: str) -> bool:
+def answers(api_url: str) -> bool:
+    """Whether a Prefect API answers its health check at ``api_url`` (within 2 s)."""
     try:
         with urllib.request.urlopen(f"{api_url}/health", timeout=2) as resp:
             return resp.status == 200
@@ -161,7 +162,7 @@ def local_server(port: int, timeout: float = SERVER_START_TIMEOUT_S) -> Iterator
     A server already answering on that port is used as is (and left running).
     """
     api_url = f"http://127.0.0.1:{port}/api"
-    if _healthy(api_url):
+    if answers(api_url):
         yield api_url
         return
     # -m, not the `prefect` script beside the interpreter: a `pip install --user` puts that elsewhere
@@ -171,7 +172,7 @@ def local_server(port: int, timeout: float = SERVER_START_TIMEOUT_S) -> Iterator
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
-        while not _healthy(api_url):
+        while not answers(api_url):
             if proc.poll() is not None:
                 log.seek(0)
                 err = log.read().decode(errors="replace").strip().splitlines()

@@ -222,9 +222,10 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _answers(status: int):
+def _answers(status: int, health: int | None = None):
     """An HTTP server on 127.0.0.1 that answers every request ``status`` (404: an API URL missing its
-    /api, a proxy's error page; 401/403: an API behind authentication); stopped on exit. Yields its port."""
+    /api, a proxy's error page; 401/403: an API behind authentication), and /api/health ``health``
+    where given (a server that looks up but fails its calls); stopped on exit. Yields its port."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Handler(BaseHTTPRequestHandler):
@@ -233,9 +234,12 @@ def _answers(status: int):
 
         def do_GET(self):
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            self.send_response(status)
-            self.send_header("Content-Length", "0")
+            healthy = health is not None and self.path.rstrip("/") == "/api/health"
+            self.send_response(health if healthy else status)
+            self.send_header("Content-Length", "4" if healthy else "0")
             self.end_headers()
+            if healthy:
+                self.wfile.write(b"true")
 
         do_POST = do_PATCH = do_PUT = do_DELETE = do_GET
 
@@ -269,6 +273,20 @@ def test_an_api_url_that_cannot_be_used_is_one_line_without_its_credentials(data
     what = "does not answer" if api == "refused" else "cannot be used"
     assert f"the Prefect API at http://127.0.0.1:{port}/api {what}" in errors[0] and "PREFECT_API_URL" in errors[0]
     assert ("PREFECT_API_KEY" in errors[0]) == (api in ("401", "403")), errors[0]  # what to set
+
+
+def test_serve_says_it_uses_a_server_already_on_its_port_and_one_that_fails_is_one_line(data):
+    """Old: `nst serve` without PREFECT_API_URL printed "starting a local Prefect server … (stopped
+    when nst serve stops)" over a server already on its port, which it neither started nor stops;
+    when that server failed its API calls the command ended in Prefect's traceback, exit 1."""
+    with _answers(500, health=200) as port:
+        proc = nst("serve", "--port", str(port), cwd=data, env=first_start(data / "home"))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in out, out
+    assert f"using the Prefect server already answering on 127.0.0.1:{port}" in proc.stdout, out
+    assert "starting a local Prefect server" not in out and "stopped when nst serve stops" not in out
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("nst: error:")]
+    assert len(errors) == 1 and f"the Prefect API at http://127.0.0.1:{port}/api failed (500" in errors[0], out
 
 
 @pytest.mark.parametrize("command", ["batch", "serve"])
