@@ -163,21 +163,34 @@ def _prefect_api():
 API_CHECK_S = 15.0
 
 
+#: Statuses Prefect's client retries with growing waits (prefect.client.base's retry_codes).
+RETRIED_STATUSES = (408, 429, 502, 503)
+
+
 def _check_answers(url: str) -> None:
     """NSTError unless the API at ``url`` replies to GET /health within API_CHECK_S: one that accepts
     connections and never replies (a hung proxy, a dead container's port forward) held nst silent
     for minutes of Prefect's retries. Any reply, or a refused connection, is left to Prefect's own
-    calls and their messages (an API key's 401, a 500, "does not answer")."""
+    calls and their messages (an API key's 401, a 500, "does not answer"); a status its client
+    retries (a 503) is said first, on stderr, since those retries take a minute or more."""
     import httpx
+
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
 
     wait = env_seconds("NST_API_CHECK_S", API_CHECK_S)
     try:
-        httpx.get(f"{url.rstrip('/')}/health", timeout=wait)
+        reply = httpx.get(f"{url.rstrip('/')}/health", timeout=wait)
     except httpx.TimeoutException:
         raise NSTError(f"the Prefect API at {without_userinfo(url)} does not answer (no reply within {wait:g} s); "
                        "check the server, or unset PREFECT_API_URL to run on a temporary API") from None
     except httpx.HTTPError:
-        pass
+        return
+    if reply.status_code in RETRIED_STATUSES:  # not an error yet: a busy SQLite answers 503 for a moment
+        tries = PREFECT_CLIENT_MAX_RETRIES.value()
+        print(f"nst: warning: the Prefect API at {without_userinfo(url)} answers {reply.status_code} "
+              f"{reply.reason_phrase}; Prefect's client retries each call up to {tries} times "
+              f"(PREFECT_CLIENT_MAX_RETRIES) with growing waits, about {sum(2 ** k for k in range(1, tries + 1))} s, "
+              "before it gives up", file=sys.stderr, flush=True)
 
 
 def _answered(url: str, err: httpx.HTTPStatusError) -> str:

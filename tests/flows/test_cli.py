@@ -275,6 +275,23 @@ def test_an_api_url_that_cannot_be_used_is_one_line_without_its_credentials(data
     assert ("PREFECT_API_KEY" in errors[0]) == (api in ("401", "403")), errors[0]  # what to set
 
 
+def test_an_api_that_answers_503_is_said_at_once_not_after_minutes_of_silent_retries(data):
+    """Prefect's client retries a 503 (also 429, 502, 408) PREFECT_CLIENT_MAX_RETRIES times with
+    growing waits: with the default 5, nst said nothing for ~115 s before its one line. Now it says
+    so before the first call (and then waits as Prefect does: a busy SQLite answers 503 for a moment)."""
+    with _answers(503) as port:
+        url = f"http://user:hunter2@127.0.0.1:{port}/api"
+        proc = nst("batch", "--contents", "c", "--styles", "s", "--output", "out", *FAST, cwd=data,
+                   env={**os.environ, "PREFECT_API_URL": url, "PREFECT_CLIENT_MAX_RETRIES": "1"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in out and "hunter2" not in out, out
+    warned = [line for line in proc.stderr.splitlines() if line.startswith("nst: warning:")]
+    assert len(warned) == 1, out
+    assert f"the Prefect API at http://127.0.0.1:{port}/api answers 503 Service Unavailable" in warned[0], warned
+    assert "retries each call up to 1 times" in warned[0] and "PREFECT_CLIENT_MAX_RETRIES" in warned[0], warned
+    assert proc.stderr.index(warned[0]) < proc.stderr.index("nst: error:"), out
+
+
 def test_serve_says_it_uses_a_server_already_on_its_port_and_one_that_fails_is_one_line(data):
     """Old: `nst serve` without PREFECT_API_URL printed "starting a local Prefect server … (stopped
     when nst serve stops)" over a server already on its port, which it neither started nor stops;
