@@ -189,8 +189,8 @@ def _check_answers(url: str) -> None:
         tries = PREFECT_CLIENT_MAX_RETRIES.value()
         print(f"nst: warning: the Prefect API at {without_userinfo(url)} answers {reply.status_code} "
               f"{reply.reason_phrase}; Prefect's client retries each call up to {tries} times "
-              f"(PREFECT_CLIENT_MAX_RETRIES) with growing waits, about {sum(2 ** k for k in range(1, tries + 1))} s, "
-              "before it gives up", file=sys.stderr, flush=True)
+              f"(PREFECT_CLIENT_MAX_RETRIES) with growing waits ({sum(2 ** k for k in range(1, tries + 1))} s a call "
+              "at least) before it gives up", file=sys.stderr, flush=True)
 
 
 def _answered(url: str, err: httpx.HTTPStatusError) -> str:
