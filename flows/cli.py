@@ -163,7 +163,8 @@ def _prefect_api():
 API_CHECK_S = 15.0
 
 
-#: Statuses Prefect's client retries with growing waits (prefect.client.base's retry_codes).
+#: Statuses Prefect's client retries with growing waits (prefect.client.base's retry_codes, beside
+#: PREFECT_CLIENT_RETRY_EXTRA_CODES).
 RETRIED_STATUSES = (408, 429, 502, 503)
 
 
@@ -175,7 +176,7 @@ def _check_answers(url: str) -> None:
     retries (a 503) is said first, on stderr, since those retries take a minute or more."""
     import httpx
 
-    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, PREFECT_CLIENT_RETRY_EXTRA_CODES
 
     wait = env_seconds("NST_API_CHECK_S", API_CHECK_S)
     try:
@@ -185,12 +186,13 @@ def _check_answers(url: str) -> None:
                        "check the server, or unset PREFECT_API_URL to run on a temporary API") from None
     except httpx.HTTPError:
         return
-    if reply.status_code in RETRIED_STATUSES:  # not an error yet: a busy SQLite answers 503 for a moment
+    # not an error yet: a busy SQLite answers 503 for a moment
+    if reply.status_code in {*RETRIED_STATUSES, *PREFECT_CLIENT_RETRY_EXTRA_CODES.value()}:
         tries = PREFECT_CLIENT_MAX_RETRIES.value()
         print(f"nst: warning: the Prefect API at {without_userinfo(url)} answers {reply.status_code} "
               f"{reply.reason_phrase}; Prefect's client retries each call up to {tries} times "
-              f"(PREFECT_CLIENT_MAX_RETRIES) with growing waits ({sum(2 ** k for k in range(1, tries + 1))} s a call "
-              "at least) before it gives up", file=sys.stderr, flush=True)
+              "(PREFECT_CLIENT_MAX_RETRIES) with growing waits (2, 4, 8 ... s, unless the server sends Retry-After) "
+              "before it gives up", file=sys.stderr, flush=True)
 
 
 def _answered(url: str, err: httpx.HTTPStatusError) -> str:

@@ -169,15 +169,14 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = MAX_PIXELS) -> Dec
         raise ImageDecodeError(name, "file is empty (0 bytes)")
     try:
         # No warnings.catch_warnings() here: pairs decode in threads, and its save/restore of the
-        # process-wide filter list across them left its filter behind for the whole process. Our own
-        # limit (64 MP) is below Pillow's warning (89.5 MP); past twice that Pillow raises instead.
+        # process-wide filter list across them left its filter behind for the whole process. So a
+        # header past Pillow's own threshold (89.5 MP) gets Pillow's warning before this refusal;
+        # past twice that Pillow raises instead (below).
         img = Image.open(io.BytesIO(data), formats=DECODERS)
         width, height = img.size
         # Checked from the header, before any pixel is decoded.
         if width * height > max_pixels:
-            raise ImageDecodeError(
-                name, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
-            )
+            raise ImageDecodeError(name, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
         img.load()
         return split_alpha(img, name)
     except ImageDecodeError:
@@ -188,7 +187,8 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = MAX_PIXELS) -> Dec
         # refused by Pillow from the header: say our limit, not Pillow's threshold that its message quotes
         pixels = re.search(r"\((\d+) pixels\)", str(err))
         size = f"{pixels.group(1)} pixels" if pixels else "its size"
-        raise ImageDecodeError(name, f"{size} exceeds the limit of {max_pixels} (a decompression bomb?)") from None
+        limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))  # a max_pixels past Pillow's: Pillow's
+        raise ImageDecodeError(name, f"{size} exceeds the limit of {limit} (a decompression bomb?)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as err:
         raise ImageDecodeError(name, f"corrupt or truncated image: {err}") from None
 

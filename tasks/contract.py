@@ -41,7 +41,7 @@ Run report ``{output}/_runs/{flow_run_id}.json`` (``report_key``)
     process? {boot, pid_ns, pid, started}: the process that runs it, Linux} (the preflight write
     probe), replaced by ``run_report`` at the end, or by ``stopped_report`` {status: "crashed" (the
     run stopped early), "cancelled" or "failed" (refused in preflight), error} without it.
-    ``run_report``: flow_run (name), flow_run_id, report, started, finished, source, output, params,
+    ``run_report``: flow_run (name), flow_run_id, status: "finished", report, started, finished, source, output, params,
     run, weights_id, devices, totals {pairs, done, skipped, failed}, contact_sheet, loss_curve,
     chunks?, items (one ``ReportItem`` per pair: content, style, status, output, sidecar, error,
     seconds, losses, note; built by ``done_item``, ``skipped_item`` — a repeated pair is skipped
@@ -79,7 +79,7 @@ from nst_core.params import StyleParams
 from .storage import TEMP_DIR, parse_uri
 
 __all__ = [
-    "EXTENSIONS", "RUNS", "HISTORY_POINTS", "RUNNING", "CRASHED", "CANCELLED", "DONE", "SKIPPED", "FAILED",
+    "EXTENSIONS", "RUNS", "HISTORY_POINTS", "RUNNING", "CRASHED", "CANCELLED", "FINISHED", "DONE", "SKIPPED", "FAILED",
     "PairPlan", "ReportItem", "ThumbRow", "pair_key", "output_name", "renamed_output", "image_key", "sidecar_key",
     "in_runs", "reserved_folder", "naming_problem", "too_long", "NAME_BYTES", "chunk_key", "report_key",
     "chunk_report_key", "attempt_report_key", "contact_sheet_key", "loss_curve_key", "run_stem", "sidecar",
@@ -92,7 +92,8 @@ __all__ = [
 EXTENSIONS = {fmt: exts[0].lstrip(".") for fmt, exts in FORMAT_EXTENSIONS.items()}
 #: Run and chunk reports (and the contact sheet) live under this folder of the output.
 RUNS = "_runs"
-#: A run report's status while the run goes (the write probe), and when it stopped without its report.
+#: A run report's status while the run goes (the write probe), when it stopped without its report,
+#: and in the full report (the run reached its end, however its pairs went).
 RUNNING, CRASHED, CANCELLED, FINISHED = "running", "crashed", "cancelled", "finished"
 #: A pair's status in a report (and a run report's, when preflight refused the run: FAILED).
 DONE, SKIPPED, FAILED = "done", "skipped", "failed"

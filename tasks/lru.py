@@ -40,6 +40,13 @@ class LRU(Generic[V]):
         with self._lock:
             return len(self._items)
 
+    def pop(self, key: Hashable) -> None:
+        """Forget ``key`` (nothing if it is not held)."""
+        with self._lock:
+            old = self._items.pop(key, _MISSING)
+            if old is not _MISSING:
+                self._weight -= self.weigh(old)
+
     def put(self, key: Hashable, value: V) -> None:
         weight = self.weigh(value)
         with self._lock:

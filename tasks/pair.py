@@ -40,8 +40,8 @@ __all__ = ["PairContext", "PairDone", "PairTimeoutError", "PairStopped", "InputC
            "stop_requested", "THUMB"]
 
 THUMB = 96  # contact-sheet cell, px
-#: Decoded styles a run keeps (bytes of pixels): 128 at 512 px; a full-size style (several
-#: scales) over it is decoded by each pair, as before.
+#: Decoded styles a run keeps (bytes of pixels, 4 a pixel): 96 square styles at 512 px; a
+#: full-size style (several scales) over it is decoded by each pair, as before.
 STYLE_CACHE_BYTES = 96 * 2**20
 
 #: Set (by the CLI on Ctrl-C) to stop every pair at its next loss evaluation or IO call.
@@ -98,6 +98,15 @@ class ObjectCache:
         pending.set_result(data)
         return data
 
+    def drop(self, uri: str, identity: str) -> None:
+        """Forget one entry (its bytes are kept in another form elsewhere)."""
+        self._items.pop((uri, identity))
+
+
+def _pixel_bytes(img) -> int:
+    """Bytes of a decoded RGB image's pixels: Pillow holds 4 a pixel."""
+    return img.width * img.height * 4
+
 
 class PairContext:
     """What every pair of a run shares, the run's resolved storage credentials included (every
@@ -123,8 +132,8 @@ class PairContext:
         self.flow_run = flow_run or {}
         self.cache = cache or ObjectCache()
         # decoded styles, shared by the pairs of a style (a 64 MP scan decodes in ~1 s); at the output
-        # size with one scale (nst_core.presized), so a few MB hold hundreds
-        self.styles = ObjectCache(STYLE_CACHE_BYTES, weigh=lambda img: img.width * img.height * 4)  # Pillow's RGB
+        # size with one scale (nst_core.presized)
+        self.styles = ObjectCache(STYLE_CACHE_BYTES, weigh=_pixel_bytes)
         # RunOptions.pairs_per_step; a context built without a run (tests) steps one pair at a time
         self.pairs_per_step = pairs_per_step
         self.steps = device_steps(devices)
@@ -296,6 +305,18 @@ def _made_meanwhile(pair: PairPlan, ctx: PairContext) -> bool:
         return bool(done_in(ctx.storage, [pair], list_once=False, io_workers=1, health=ctx.health))
 
 
+def _decode_style(ctx: PairContext, uri: str, identity: str):
+    """A style decoded and sized for ctx.styles; its file bytes leave the download cache once the
+    decoded copy is kept (a 190 MB scan would crowd out the contents a cross run reads again)."""
+    from nst_core import presized
+    from nst_core.imageio import decode_image
+
+    image = presized(decode_image(_fetch(ctx, uri, identity), uri), ctx.params).rgb
+    if _pixel_bytes(image) <= ctx.styles.max_bytes:
+        ctx.cache.drop(uri, identity)
+    return image
+
+
 def _process(pair: PairPlan, ctx: PairContext) -> PairDone:
     from nst_core import presized
     from nst_core.imageio import decode_image, encode_image, fit_longest
@@ -311,8 +332,7 @@ def _process(pair: PairPlan, ctx: PairContext) -> PairDone:
     # Decoded straight from the fetch and sized as the engine will (where that changes nothing): a
     # waiting pair holds its images at the output size, not their file bytes or a full-size scan.
     content = presized(decode_image(_fetch(ctx, pair.content, pair.content_identity), pair.content), ctx.params).merged()
-    style = ctx.styles.get(pair.style, pair.style_identity, lambda uri: presized(
-        decode_image(_fetch(ctx, uri, pair.style_identity), uri), ctx.params).rgb)
+    style = ctx.styles.get(pair.style, pair.style_identity, lambda uri: _decode_style(ctx, uri, pair.style_identity))
     inputs = _PairInputs(pair, ctx, content, style, get_run_logger())
     request = StepRequest(ctx, fit_longest(inputs.content.size, ctx.params.image_size), ctx.pairs_per_step,
                           lambda device, requests: _stylize_step(ctx, device, requests), inputs.check, inputs)

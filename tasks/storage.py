@@ -429,12 +429,14 @@ class LocalStorage(Storage):
             temp_dir = self._temp_dir(create=True)
             path = temp_dir / f"{probe}.{_TEMP_OWNER}"
             path.touch(exist_ok=False)
-        except OSError:
+        except (OSError, StorageError):  # StorageError: the temp folder is a link or a file
             return True
+        folds = os.path.exists(temp_dir / f"{probe.upper()}.{_TEMP_OWNER}")
         try:
-            return os.path.exists(temp_dir / f"{probe.upper()}.{_TEMP_OWNER}")
-        finally:
             path.unlink(missing_ok=True)
+        except OSError:  # a folder that lets files be made but not removed: clean_temp tries again
+            pass
+        return folds
 
     def _temp_dir(self, create: bool = False) -> Path:
         """The output's temp folder: a real folder of the root, never a link out of it (writes

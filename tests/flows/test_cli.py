@@ -414,7 +414,7 @@ def test_a_bad_api_check_wait_is_warned_about_and_the_default_used(monkeypatch, 
     from flows import cli
 
     waits = []
-    monkeypatch.setattr(httpx, "get", lambda url, timeout: waits.append(timeout))
+    monkeypatch.setattr(httpx, "get", lambda url, timeout: waits.append(timeout) or httpx.Response(200))
     monkeypatch.setenv("NST_API_CHECK_S", raw)
     cli._check_answers("http://127.0.0.1:9/api")
     assert waits == [cli.API_CHECK_S]

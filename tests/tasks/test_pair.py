@@ -274,3 +274,5 @@ def test_a_style_is_decoded_once_for_the_pairs_that_share_it(tmp_path, monkeypat
             _process(plan, ctx)
     assert sorted(n.rsplit("/", 1)[1] for n in decoded) == ["c0.png", "c1.png", "c2.png", "s.png"]
     assert {x.style.size for x in held} == {(64, 64)} and len({id(x.content) for x in held}) == 3
+    # the style's file bytes left the download cache once its decoded copy was kept; the contents' stay
+    assert ctx.cache.fetches == 4 and len(ctx.cache._items) == 3

@@ -550,3 +550,14 @@ def test_a_folder_says_whether_it_holds_names_that_differ_only_in_case_as_one_fi
     assert storage.folds_case() is True
     assert [p.name for p in (tmp_path / "out" / TEMP_DIR).iterdir()] == []
     assert S3Storage(bucket[0], "out").folds_case() is False
+
+    # a probe that cannot be removed, or a temp folder that is a link: an answer, not a crash of the run
+    monkeypatch.setattr(storage_module.os.path, "exists", real_exists)
+    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: (_ for _ in ()).throw(PermissionError(13, "no")))
+    assert storage.folds_case() is False
+    monkeypatch.undo()
+    other = tmp_path / "linked"
+    other.mkdir()
+    (tmp_path / "out2").mkdir()
+    (tmp_path / "out2" / TEMP_DIR).symlink_to(other)
+    assert LocalStorage(tmp_path / "out2").folds_case() is True and list(other.iterdir()) == []
