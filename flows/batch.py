@@ -46,7 +46,7 @@ from nst_core.errors import NSTError
 from nst_core.params import StyleParams
 from tasks.artifacts import RunProgress, publish_artifacts, run_label, run_warning, write_pictures
 from tasks.compute import device_problem, expand_devices, run_on_device
-from tasks.contract import (CANCELLED, CRASHED, DONE, FAILED, PairPlan, ReportItem, done_in, failed_item,
+from tasks.contract import (CANCELLED, CRASHED, DONE, FAILED, PairPlan, ReportItem, done_in, done_item, failed_item,
                             renamed_output, repeats_follow_their_first, report_bytes, report_key, run_report,
                             running_report, skipped_item, stopped_report, totals_line)
 from tasks.credentials import CREDENTIALS_REFUSED, DEFAULT_CHAIN, CredentialsError, StorageCredentials, resolve
@@ -158,16 +158,46 @@ def _mark_stopped(out: Storage, run: dict, error: str, status: str = CRASHED,
         pass  # the storage may be what failed
 
 
+#: How long a stopping run looks in storage for pairs made but not collected (fan_out=workers: a
+#: chunk's pairs reach the parent only when the whole chunk ends; a chunk run may have made 49 of 50).
+#: Bounded: a cancel from the UI gives the run 30 s, and its chunk runs are cancelled after this.
+STOPPED_LOOKUP_S = 5.0
+
+
+def _made_before_the_stop(b: _Batch, plans: list[PairPlan]) -> set[int]:
+    """Indexes of ``plans`` done by the done rule in storage, looked up once per run for at most
+    STOPPED_LOOKUP_S (in a daemon thread: a storage that does not answer cannot hold the exit)."""
+    if b.made_at_stop is None:
+        found: list[set[int]] = []
+
+        def look() -> None:
+            try:  # many pairs: one listing; a few: one HEAD and one read each
+                found.append(done_in(b.out, plans, list_once=len(plans) > 64, io_workers=b.run.io_workers,
+                                     health=b.health))
+            except Exception:  # noqa: BLE001 (the storage may be why the run stopped: report them unfinished)
+                pass
+
+        looking = threading.Thread(target=look, name="nst-stopped-lookup", daemon=True)
+        looking.start()
+        looking.join(STOPPED_LOOKUP_S)
+        b.made_at_stop = found[0] if found else set()
+    return b.made_at_stop
+
+
 def _stopped_items(b: _Batch, why: str) -> list[ReportItem] | None:
     """Each planned pair of a run that stopped part-way: skipped or failed at planning, finished
-    (done or failed) before the stop, or failed "the run stopped before the pair finished (why)".
-    None before the plan. Read in the flow's thread, where the pairs are collected."""
+    (done or failed) before the stop, done by the done rule in storage (made, not yet collected),
+    or failed "the run stopped before the pair finished (why)". None before the plan. Read in the
+    flow's thread, where the pairs are collected."""
     if not b.plans:
         return None
     items = {**b.items, **b.result.items}
+    unfinished = [p for p in b.plans if p.index not in items and p.duplicate_of < 0 and p.runnable]
+    made = _made_before_the_stop(b, unfinished) if unfinished else set()
     for p in b.plans:
         if p.index not in items and p.duplicate_of < 0:
-            items[p.index] = failed_item(p, f"the run stopped before the pair finished ({why})", b.out)
+            items[p.index] = (done_item(p, b.out) if p.index in made
+                              else failed_item(p, f"the run stopped before the pair finished ({why})", b.out))
     items = repeats_follow_their_first(items, b.plans, b.out)
     return [items[p.index] for p in b.plans if p.index in items]
 
@@ -259,6 +289,7 @@ class _Batch:
     plans: list[PairPlan] = field(init=False, default_factory=list)
     items: dict[int, ReportItem] = field(init=False, default_factory=dict)
     result: PipelineResult = field(init=False, default_factory=PipelineResult)
+    made_at_stop: set[int] | None = field(init=False, default=None)  # _made_before_the_stop's answer
 
     def __post_init__(self):
         run_id = runtime.flow_run.get_id() or f"local-{uuid.uuid4().hex}"
