@@ -244,7 +244,11 @@ class RunProgress:
 
     def describe(self, finished: int, now: float | None = None) -> str:
         if self.total == 0:
-            return f"{self.already} of {self.pairs} already done, nothing to run"
+            rest = self.pairs - self.already  # refused or unreadable at planning, or a repeat of another pair
+            if not self.already:
+                return f"nothing to run: {rest} of {self.pairs} pairs failed at planning or repeat another (see the report)"
+            return f"{self.already} of {self.pairs} already done, nothing to run" + (
+                f"; {rest} failed at planning or repeat another" if rest else "")
         elapsed = max((now or time.monotonic()) - self.started, 1e-6)
         rate = finished / elapsed
         text = f"{finished} of {self.total} pairs finished, {rate:.2f} pairs/s"

@@ -247,6 +247,14 @@ def test_progress_of_a_run_with_nothing_to_do_says_so(monkeypatch):
     partly = RunProgress(3, pairs=8, already=5)
     partly.update(3, final=True)
     assert sent[-1][1].startswith("3 of 3 pairs finished") and "5 of 8 already done" in sent[-1][1], sent
+    # every pair failed at planning (inputs refused, unreadable): old "0 of 5 already done, nothing to
+    # run" at 100%, as if all were fine; the run itself ended Failed "5 of 5 pairs failed"
+    refused = RunProgress(0, pairs=5, already=0)
+    refused.update(0, final=True)
+    assert sent[-1][1] == "nothing to run: 5 of 5 pairs failed at planning or repeat another (see the report)", sent
+    mixed = RunProgress(0, pairs=5, already=3)
+    mixed.update(0, final=True)
+    assert sent[-1][1] == "3 of 5 already done, nothing to run; 2 failed at planning or repeat another", sent
 
 
 HUMAN_TITLES = ("Contact sheet", "Loss curve", "Pairs", "Run report", "Summary", "Progress")
