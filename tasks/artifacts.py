@@ -46,6 +46,8 @@ RANDOM_WEIGHTS_WARNING = ("RANDOM VGG16 weights (weights=random): these images s
 
 #: A picture larger than this is not embedded as a data: URL (the artifact lives in the API's database).
 MAX_EMBEDDED_BYTES = 1_500_000
+#: Most pairs a run's loss curve draws (their sidecars are read for it).
+CURVES_LIMIT = 200
 _KEY_CHARS = re.compile(r"[^a-z0-9-]+")
 
 
@@ -140,7 +142,7 @@ def _caption(item: dict, with_loss: bool = True) -> str:
 
 def write_pictures(out, run_id: str, items: list[dict], thumbs: list[tuple[bytes, bytes, bytes]],
                    thumb_items: list[dict] | None = None, warning: str | None = None, io_workers: int = 8,
-                   curves_limit: int = 200, attempt: int = 1) -> dict[str, str | None]:
+                   curves_limit: int = CURVES_LIMIT, attempt: int = 1) -> dict[str, str | None]:
     """Contact sheet (``contact_sheet_key``) and loss curve (``loss_curve_key``) of attempt
     ``attempt`` of run ``run_id``.
 
@@ -367,11 +369,14 @@ def publish_artifacts(report: dict, out, expiry_hours: int, warning: str | None 
         return browser_url(uri, expiry_hours, credentials)
 
     links: dict[str, str | None] = {"report": link(report["report"])}
+    counts = report["totals"]
+    # with none made here, write_pictures drew the curves of the pairs earlier runs made (their sidecars)
+    whose = "each pair" if counts.get("done") else "the pairs earlier runs made (all skipped in this one)"
     shows = {
         "contact_sheet": ("Contact sheet", "content, style and result of each pair, captioned with the file names "
                                            "and the final loss"),
-        "loss_curve": ("Loss curve", "total loss per evaluation of each pair, log scale; a dashed line marks "
-                                     "where each finer scale starts"),
+        "loss_curve": ("Loss curve", f"total loss per evaluation of {whose} (the first {CURVES_LIMIT} at most), "
+                                     "log scale; a dashed line marks where each finer scale starts"),
     }
     for kind, mime in (("contact_sheet", "image/jpeg"), ("loss_curve", "image/png")):
         uri = report.get(kind)
@@ -385,8 +390,9 @@ def publish_artifacts(report: dict, out, expiry_hours: int, warning: str | None 
         links[kind] = link(uri)
         if url:
             what, shown = shows[kind]
-            if attempt > 1 and f"-attempt-{attempt}-" not in uri:
-                shown += ", drawn by an earlier attempt (this one stylized nothing)"
+            if attempt > 1 and f"-attempt-{attempt}-" not in uri:  # this attempt had no thumbnails to draw
+                shown += (", drawn by an earlier attempt (this one's pairs came back from chunk runs without "
+                          "thumbnails)" if counts.get("done") else ", drawn by an earlier attempt (this one stylized nothing)")
             how = expiry_note if url.startswith("http") else f"embedded copy of {uri}"
             ids[kind] = create_image_artifact(url, key=artifact_key(kind.replace("_", "-")),
                                               description=f"{what} of run {run}: {shown} ({how}).")
@@ -407,7 +413,6 @@ def publish_artifacts(report: dict, out, expiry_hours: int, warning: str | None 
         ids["report"] = create_markdown_artifact(md_code(report["report"]), key=artifact_key("report"),
                                                  description=f"{what}: a file on the machine that ran it.")
     chunk_links = [(c, _ui_url(f"runs/flow-run/{c['flow_run_id']}")) for c in report.get("chunks", [])]
-    counts = report["totals"]
     rate = None
     if seconds and counts.get("done"):
         # the whole run, planning and reports included: the progress card's rate counts the pairs' own
@@ -416,5 +421,6 @@ def publish_artifacts(report: dict, out, expiry_hours: int, warning: str | None 
                 f"{counts['done'] / seconds:.2f} pairs/s")
     ids["summary"] = create_markdown_artifact(
         summary_markdown(report, links, chunk_links, warning, rate), key=artifact_key("summary"),
-        description=f"Summary of run {run}: totals, pairs/s, links to the report and pictures, chunk runs and failures.")
+        description=f"Summary of run {run}: totals, pairs/s, links to the report and pictures, chunk runs and "
+                    f"failures{table_note}.")
     return ids

@@ -63,6 +63,9 @@ def test_s3_run_shows_contact_sheet_loss_curve_links_and_progress(bucket):
     progress = arts["progress"][0]
     assert progress.data == 100.0 and "2 of 2 pairs finished" in progress.description
     assert "pairs/s" in progress.description
+    # the summary's links are presigned too: its card says until when, as the others do (old: nothing)
+    summary_card = next(a for a in arts["markdown"] if a.description.startswith("Summary"))
+    assert "valid 2 h" in summary_card.description, summary_card.description
     summary = markdown["Summary"]
     assert WARNING in summary and "Loss curve" in summary and "X-Amz-Signature" in summary
     # old: "2 pairs in 3s: 0.67 pairs/s" beside the card's "2.25 pairs/s": say which time each counts
@@ -258,6 +261,42 @@ def test_progress_of_a_run_with_nothing_to_do_says_so(monkeypatch):
 
 
 HUMAN_TITLES = ("Contact sheet", "Loss curve", "Pairs", "Run report", "Summary", "Progress")
+
+
+def test_the_loss_curve_of_a_run_that_made_nothing_says_it_shows_earlier_runs_pairs(tmp_path):
+    """A run whose pairs were all done draws its loss curve from the pairs earlier runs made (their
+    sidecars); its card said "total loss per evaluation of each pair", as if of this run's."""
+    _local_run(tmp_path)
+    state = stylize_batch(BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s")),
+                          OutputSpec(uri=str(tmp_path / "out")), PARAMS, RunOptions(), return_state=True)
+    assert state.is_completed() and state.result()["totals"]["skipped"] == 1, state.message
+    curve = next(a for a in artifacts_of(state.state_details.flow_run_id)["image"] if a.description.startswith("Loss"))
+    assert "of the pairs earlier runs made (all skipped in this one)" in curve.description, curve.description
+
+
+def test_an_attempt_whose_pairs_came_back_without_thumbnails_does_not_say_it_stylized_nothing(tmp_path):
+    """A Retry (attempt 2) whose pairs came back from chunk runs without thumbnails (a worker that
+    died after writing them: merged from their sidecars) shows attempt 1's contact sheet; its card
+    said "this one stylized nothing" though the report counts pairs done."""
+    from prefect import flow
+
+    from tasks.artifacts import publish_artifacts
+    from tasks.contract import contact_sheet_key
+    from tasks.storage import LocalStorage
+
+    out = LocalStorage(tmp_path / "out")
+    out.write(contact_sheet_key("run-1", 1), to_bytes(pattern((64, 64)), "JPEG"), "image/jpeg")
+    report = {"flow_run": "retried", "flow_run_id": "run-1", "attempt": 2, "report": str(tmp_path / "r.json"),
+              "totals": {"pairs": 1, "done": 1, "skipped": 0, "failed": 0}, "items": [],
+              "contact_sheet": out.uri_for(contact_sheet_key("run-1", 1))}
+
+    @flow
+    def publish():
+        return publish_artifacts(report, out, 2)
+
+    state = publish(return_state=True)
+    (card,) = artifacts_of(state.state_details.flow_run_id)["image"]
+    assert "this one stylized nothing" not in card.description and "without thumbnails" in card.description, card
 
 
 def test_every_artifact_is_described_for_a_person_and_random_weights_are_on_the_pictures(tmp_path):
