@@ -506,7 +506,7 @@ def stylize_batch(
                 _mark_stopped(b.out, b.flow_run, cancelled, CANCELLED, _stopped_items(b, cancelled))
                 why = cancelled
             if b.progress is not None:  # after the report: its card would keep its rate and ETA
-                b.progress.stopped(why)
+                b.progress.stopped(why, found=len(b.made_at_stop or ()))
         if run.fan_out == "workers" and isinstance(err, (KeyboardInterrupt, SystemExit, TerminationSignal)):
             # last: a nightly's hundreds of chunk runs take as many API calls, and a cancel from the UI
             # gives the run 30 s after SIGTERM; its report and card must not wait for them

@@ -281,17 +281,17 @@ class RunProgress:
         with self._lock:
             self._cancel()
 
-    def stopped(self, why: str, wait_s: float = STOP_UPDATE_WAIT_S) -> None:
+    def stopped(self, why: str, wait_s: float = STOP_UPDATE_WAIT_S, found: int = 0) -> None:
         """The last update of a run that stopped before its pairs finished (Ctrl-C, a cancel, an
-        error): what it finished and why, no rate or ETA, which would say it still runs. Waits at
-        most ``wait_s`` for the lock (a held-back update may be posting under it) and as long for
-        the API."""
+        error): what it finished and why, no rate or ETA, which would say it still runs. ``found``:
+        pairs found made in storage at the stop, not yet counted. Waits at most ``wait_s`` for the
+        lock (a held-back update may be posting under it) and as long for the API."""
         if self._lock.acquire(timeout=wait_s):  # else the holder is posting: nothing pending to drop
             try:
                 self._cancel()
             finally:
                 self._lock.release()
-        finished = self.finished
+        finished = min(self.total, self.finished + found)
         text = f"stopped after {finished} of {self.total} pairs ({why})"
         text += f"; {self.already} of {self.pairs} already done" if self.already else ""
         self._stop = (100.0 * finished / self.total if self.total else 100.0, text)

@@ -704,7 +704,7 @@ def test_cancelling_a_parent_run_through_the_api_cancels_its_chunk_runs(tmp_path
             "the run stopped before the pair finished (cancelled: cancelled in the UI)"}, report["items"]
         # and so does its progress card (old: its last rate and ETA, as if it still ran)
         card = artifacts_of(str(parent.id))["progress"][0].description
-        assert ": stopped after 0 of 4 pairs (cancelled: cancelled in the UI)" in card, card
+        assert ": stopped after 1 of 4 pairs (cancelled: cancelled in the UI)" in card, card  # the one made
     finally:
         stop_process(proc, timeout=30)
 
