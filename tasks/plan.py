@@ -9,6 +9,7 @@ key fails its pair at planning, with the reason; the other pairs run.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -95,22 +96,31 @@ def _resolve(entry: str, base: str) -> str:
 def read_manifest(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> list[SourceEntry]:
     """Rows of a JSONL or CSV manifest. Every problem names the manifest line."""
     try:
-        text = retrying(lambda: read_uri(uri, credentials, MAX_MANIFEST_BYTES)).decode("utf-8-sig")
+        data = retrying(lambda: read_uri(uri, credentials, MAX_MANIFEST_BYTES))
     except TooLargeError as err:
         raise PreflightError(f"manifest {TooLargeError(err.where, err.size, err.limit, 'a manifest')} "
                              f"(split it, or list the folders instead)") from None
-    except (StorageError, UnicodeDecodeError) as err:
+    except StorageError as err:
         raise PreflightError(f"manifest {uri}: cannot read: {err}") from None
+    try:  # UTF-8 with or without a BOM; UTF-16 with its BOM (a spreadsheet's "Unicode text")
+        text = data.decode("utf-16" if data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else "utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise PreflightError(f"manifest {uri}: not UTF-8 text (line {line}: {err.reason}); save it as UTF-8") from None
     base = split_uri(uri)[0].uri
     name = PurePosixPath(parse_uri(uri)[2]).name
     rows: list[tuple[int, dict]] = []
     if not text.strip():
         raise PreflightError(f"manifest {uri} is empty")
     if name.lower().endswith(".csv"):
-        reader = csv.DictReader(io.StringIO(text))
-        if not reader.fieldnames or not {"content", "style"} <= {f.strip() for f in reader.fieldnames}:
+        # the separator the header uses: a spreadsheet writes ";" where "," is the decimal mark, or tabs
+        header = text.lstrip().split("\n", 1)[0]
+        separator = next((c for c in (",", ";", "\t") if c in header), ",")
+        reader = csv.DictReader(io.StringIO(text), delimiter=separator)
+        names = {f.strip().lower() for f in reader.fieldnames or ()}  # "Content,Style": a spreadsheet's header
+        if not {"content", "style"} <= names:
             raise PreflightError(f"manifest {uri}: CSV header must name content,style[,output]")
-        rows = [(i + 2, {k.strip(): (v or "").strip() for k, v in row.items() if k}) for i, row in enumerate(reader)]
+        rows = [(i + 2, {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}) for i, row in enumerate(reader)]
     else:
         # "\n" only (a "\r" before it is JSON whitespace): splitlines() also breaks at U+2028, U+0085,
         # ... which json.dumps(ensure_ascii=False) leaves inside strings

@@ -71,6 +71,26 @@ def test_bad_manifests_name_the_line(folders, text, message):
         read_manifest(str(folders / "m.jsonl"))
 
 
+@pytest.mark.parametrize("data", [
+    "Content,Style,Output\r\nc/a.jpg,s/s1.png,x\r\n".encode(),  # a capitalised header
+    "\ufeffcontent;style;output\r\nc/a.jpg;s/s1.png;x\r\n".encode(),  # Excel in a locale whose list separator is ";"
+    "content\tstyle\toutput\nc/a.jpg\ts/s1.png\tx\n".encode(),  # tab-separated, saved as .csv
+    "content,style,output\r\nc/a.jpg,s/s1.png,x\r\n".encode("utf-16"),  # Excel's "Unicode Text"
+])
+def test_a_csv_manifest_saved_by_a_spreadsheet_reads_as_written(folders, data):
+    """Old: "CSV header must name content,style[,output]" for Content,Style or semicolons, and
+    "cannot read: 'utf-8' codec can't decode byte 0xff" for UTF-16."""
+    (folders / "m.csv").write_bytes(data)
+    (row,) = read_manifest(str(folders / "m.csv"))
+    assert (row.content, row.style, row.output) == (f"{folders}/c/a.jpg", f"{folders}/s/s1.png", "x")
+
+
+def test_a_manifest_that_is_not_utf8_says_so(folders):
+    (folders / "m.csv").write_bytes("content,style,output\nc/a.jpg,s/s1.png,caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(PreflightError, match=r"m.csv: not UTF-8 text \(line 2: .*\); save it as UTF-8"):
+        read_manifest(str(folders / "m.csv"))
+
+
 @pytest.mark.parametrize("text", ["", "\ufeff", " \r\n\r\n"])
 def test_an_empty_csv_manifest_says_it_is_empty(folders, text):
     """Old: "CSV header must name content,style[,output]", as if the header were wrong."""
