@@ -75,14 +75,20 @@ def list_images(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> li
     for info in storage.list():
         if not _is_image(info.key):
             continue
+        as_listed = f"{storage.uri.rstrip('/')}/{info.key}"
         try:
             uri = storage.uri_for(info.key)
-            if refused := _refusal(uri, info):
-                out.append((uri, "", str(refused)))
-            else:
-                out.append((uri, info.identity, ""))
         except UnsafeKeyError as err:
-            out.append((f"{storage.uri.rstrip('/')}/{info.key}", "", f"refused: {err}"))
+            out.append((as_listed, "", f"refused: {err}; rename the object"))
+            continue
+        if uri != as_listed:  # "a//b.png", "./b.png", "x\\y.png": keys fold as paths, and would read another object
+            folded = uri[len(storage.uri.rstrip("/")) + 1:]
+            out.append((as_listed, "", f"refused: key {info.key!r} would be read as {folded!r}, another key (an empty "
+                                       "or '.' segment, or a backslash, folds as in a path); rename the object"))
+        elif refused := _refusal(uri, info):
+            out.append((uri, "", str(refused)))
+        else:
+            out.append((uri, info.identity, ""))
     return sorted(out)
 
 

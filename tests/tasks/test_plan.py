@@ -212,6 +212,25 @@ def test_s3_prefixes_are_listed_once_and_need_no_other_requests(bucket, monkeypa
     assert {p.style_identity for p in plans} == {etag}
 
 
+def test_listed_keys_that_would_be_read_under_another_key_fail_alone_never_merge(bucket):
+    """S3 keys are literal: "c/a//b.png", "c/./d.png", "c/x\\y.png" and "c/a:1.png" are objects of
+    their own. Folded to a path ("c/a/b.png"), the first was read as another object: beside a real
+    c/a/b.png it became a "duplicate of pair 0, made once" and was never stylized, with no error;
+    alone it failed "no such object". Each now fails its pair naming the key as listed."""
+    name, client = bucket
+    odd = ["c/a//b.png", "c/./d.png", "c/x\\y.png", "c/a:1.png"]
+    for i, key in enumerate(["c/a/b.png", *odd]):
+        client.put_object(Bucket=name, Key=key, Body=to_bytes(pattern((16, 16), seed=i)))
+    client.put_object(Bucket=name, Key="s/x.png", Body=to_bytes(pattern((16, 16), "style")))
+    entries = source_entries(BatchSource(contents=f"s3://{name}/c/", styles=f"s3://{name}/s/"))
+    plans = plan_pairs(entries, StyleParams(), "w", "jpeg")
+    assert len(plans) == 5 and [p.content for p in plans if p.runnable] == [f"s3://{name}/c/a/b.png"], plans
+    failed = {p.content.split(f"s3://{name}/", 1)[1]: p.error for p in plans if not p.runnable}
+    assert set(failed) == set(odd), failed
+    assert all(not p.duplicate_of >= 0 for p in plans)
+    assert all(f"{key[2:]!r}" in why and "rename" in why for key, why in failed.items()), failed
+
+
 def test_an_unidentifiable_input_fails_its_pair_at_planning_with_the_reason(folders):
     (folders / "m.csv").write_text("content,style\nc/a.jpg,s/s1.png\nc/gone.png,s/s1.png\n")
     plans = plan_pairs(read_manifest(str(folders / "m.csv")), StyleParams(), "w", "jpeg")
