@@ -93,8 +93,11 @@ def preflight(source: BatchSource, output: OutputSpec, params: StyleParams, devi
     the report at the end: nothing extra is left in the output, and no DeleteObject is needed."""
     from nst_core.vgg import extractor_for
 
-    out = open_storage(output.uri, credentials)
-    _refuse_output_inside_a_source(out, source, credentials)
+    try:  # a prefix whose key the tool cannot read as written (a drive-like "t:in/"): one line, not a traceback
+        out = open_storage(output.uri, credentials)
+        _refuse_output_inside_a_source(out, source, credentials)
+    except StorageError as err:
+        raise PreflightError(str(err)) from None
     own = run is None  # called on its own (no run report to come): remove the probe where allowed
     run = run or {"id": f"preflight-{uuid.uuid4().hex}", "name": ""}
     probe = report_bytes(running_report(run, process=this_process(), api=api_identity()))

@@ -327,6 +327,16 @@ def test_a_pairs_progress_lines_give_its_best_loss_beside_the_current(tmp_path, 
     assert [float(b) for _, _, b in lines] == sorted((float(b) for _, _, b in lines), reverse=True)
 
 
+def test_a_prefix_the_tool_cannot_read_as_written_fails_preflight_in_one_line(bucket):
+    """Old: a source prefix such as s3://b/t:in/c/ (a drive-like colon) raised UnsafeKeyError out of
+    preflight: the run ended with a traceback, not the one preflight line the README promises."""
+    name, client = bucket
+    state = run(BatchSource(contents=f"s3://{name}/t:in/c/", styles=f"s3://{name}/s/"), OutputSpec(uri=f"s3://{name}/out/"))
+    assert state.is_failed(), state.message
+    assert state.message.startswith("preflight failed: ") and "'t:in/c/'" in state.message, state.message
+    assert keys(client, name, "") == []
+
+
 def test_an_output_inside_a_source_prefix_is_refused_before_anything_is_written(tmp_path, bucket):
     """Old: results written under the contents (or styles) prefix were listed by the next run as
     new inputs: each nightly run stylized the last one's images, contact sheets and loss curves,
