@@ -169,14 +169,17 @@ STOPPED_LOOKUP_S = 5.0
 
 def _made_before_the_stop(b: _Batch, plans: list[PairPlan]) -> set[int]:
     """Indexes of ``plans`` done by the done rule in storage, looked up once per run for at most
-    STOPPED_LOOKUP_S (in a daemon thread: a storage that does not answer cannot hold the exit)."""
+    STOPPED_LOOKUP_S, in one daemon thread (no pool, whose workers the interpreter joins at exit: a
+    storage that does not answer cannot hold the exit). Only with skip_existing: without it a
+    result of an earlier run under the same key would count as this run's."""
+    if b.made_at_stop is None and not b.run.skip_existing:
+        b.made_at_stop = set()
     if b.made_at_stop is None:
         found: list[set[int]] = []
 
         def look() -> None:
             try:  # many pairs: one listing; a few: one HEAD and one read each
-                found.append(done_in(b.out, plans, list_once=len(plans) > 64, io_workers=b.run.io_workers,
-                                     health=b.health))
+                found.append(done_in(b.out, plans, list_once=len(plans) > 64, io_workers=1, health=b.health))
             except Exception:  # noqa: BLE001 (the storage may be why the run stopped: report them unfinished)
                 pass
 
@@ -187,16 +190,17 @@ def _made_before_the_stop(b: _Batch, plans: list[PairPlan]) -> set[int]:
     return b.made_at_stop
 
 
-def _stopped_items(b: _Batch, why: str) -> list[ReportItem] | None:
+def _stopped_items(b: _Batch, why: str, look: bool = True) -> list[ReportItem] | None:
     """Each planned pair of a run that stopped part-way: skipped or failed at planning, finished
-    (done or failed) before the stop, done by the done rule in storage (made, not yet collected),
-    or failed "the run stopped before the pair finished (why)". None before the plan. Read in the
-    flow's thread, where the pairs are collected."""
+    (done or failed) before the stop, done by the done rule in storage (made, not yet collected;
+    ``look``: ask storage now, else only what an earlier call found), or failed "the run stopped
+    before the pair finished (why)". None before the plan. Read in the flow's thread, where the
+    pairs are collected."""
     if not b.plans:
         return None
     items = {**b.items, **b.result.items}
     unfinished = [p for p in b.plans if p.index not in items and p.duplicate_of < 0 and p.runnable]
-    made = _made_before_the_stop(b, unfinished) if unfinished else set()
+    made = (_made_before_the_stop(b, unfinished) if look else b.made_at_stop or set()) if unfinished else set()
     for p in b.plans:
         if p.index not in items and p.duplicate_of < 0:
             items[p.index] = (done_item(p, b.out) if p.index in made
@@ -467,7 +471,11 @@ def stylize_batch(
     except CredentialsError as err:  # a refusal too: the CLI exits 2 on its prefix (REFUSALS)
         return Failed(message=f"{CREDENTIALS_REFUSED} {err}")
     stop_requested.clear()
-    b = _Batch(source, output, params, run, credentials)
+    try:
+        b = _Batch(source, output, params, run, credentials)
+    except StorageError as err:  # an output prefix the tool cannot read as written (s3://b/t:out/)
+        get_run_logger().error("preflight failed: %s", err)
+        return Failed(message=f"preflight failed: {err}")
     reported = False  # the final report is written: never replace it
     in_progress.add(b.flow_run["id"])
     try:
@@ -502,7 +510,11 @@ def stylize_batch(
         stop_requested.set()
         if not reported:
             why = f"{type(err).__name__}: {err}".rstrip(": ")
-            _mark_stopped(b.out, b.flow_run, why, items=_stopped_items(b, why))
+            # first without asking storage (a second signal during the lookup must not leave "running"),
+            # then again with the pairs found made
+            _mark_stopped(b.out, b.flow_run, why, items=_stopped_items(b, why, look=False))
+            if b.plans:
+                _mark_stopped(b.out, b.flow_run, why, items=_stopped_items(b, why))
             # then, a SIGTERM of a run being cancelled (the UI's Cancel) says so: written second, so
             # that a second signal during the lookup leaves "crashed", not "running"
             if isinstance(err, TerminationSignal) and (cancelled := _cancelled(b.flow_run["id"])):

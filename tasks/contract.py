@@ -381,6 +381,8 @@ def done_pairs(plans: list[PairPlan], read_sidecar: Callable[[str], bytes | None
 
     if not candidates:
         return set()
+    if io_workers <= 1:  # in the caller's thread: no pool worker for the interpreter to join at exit
+        return {p.index for p in candidates if check(p)}
     with ThreadPoolExecutor(max_workers=max(1, min(io_workers, len(candidates)))) as pool:
         return {p.index for p, ok in zip(candidates, pool.map(check, candidates)) if ok}
 

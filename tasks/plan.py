@@ -111,7 +111,7 @@ def read_manifest(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> 
     try:  # UTF-8 with or without a BOM; UTF-16 with its BOM (a spreadsheet's "Unicode text")
         text = data.decode("utf-16" if data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else "utf-8-sig")
     except UnicodeDecodeError as err:
-        line = data[:err.start].count(b"\n") + 1
+        line = err.object[:err.start].count(b"\n") + 1  # err.start counts from after a BOM
         raise PreflightError(f"manifest {uri}: not UTF-8 text (line {line}: {err.reason}); save it as UTF-8") from None
     base = split_uri(uri)[0].uri
     name = PurePosixPath(parse_uri(uri)[2]).name
@@ -120,12 +120,12 @@ def read_manifest(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> 
         raise PreflightError(f"manifest {uri} is empty")
     if name.lower().endswith(".csv"):
         # the separator the header uses: a spreadsheet writes ";" where "," is the decimal mark, or tabs
+        # the separator whose header names content and style ("Content,Style": any case)
         header = text.lstrip().split("\n", 1)[0]
-        separator = next((c for c in (",", ";", "\t") if c in header), ",")
-        reader = csv.DictReader(io.StringIO(text), delimiter=separator)
-        names = {f.strip().lower() for f in reader.fieldnames or ()}  # "Content,Style": a spreadsheet's header
-        if not {"content", "style"} <= names:
+        separator = next((c for c in (",", ";", "\t") if {"content", "style"} <= _csv_names(header, c)), None)
+        if separator is None:
             raise PreflightError(f"manifest {uri}: CSV header must name content,style[,output]")
+        reader = csv.DictReader(io.StringIO(text), delimiter=separator)
         rows = [(i + 2, {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}) for i, row in enumerate(reader)]
     else:
         # "\n" only (a "\r" before it is JSON whitespace): splitlines() also breaks at U+2028, U+0085,
@@ -158,6 +158,11 @@ def read_manifest(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> 
     if not entries:
         raise PreflightError(f"manifest {uri} has no rows")
     return entries
+
+
+def _csv_names(header: str, separator: str) -> set[str]:
+    """A CSV header line's column names, stripped and lower-cased."""
+    return {name.strip().lower() for name in next(csv.reader([header], delimiter=separator), [])}
 
 
 def _source_kind(source) -> tuple[str | None, str | None, str | None, str]:

@@ -334,6 +334,9 @@ def test_a_prefix_the_tool_cannot_read_as_written_fails_preflight_in_one_line(bu
     state = run(BatchSource(contents=f"s3://{name}/t:in/c/", styles=f"s3://{name}/s/"), OutputSpec(uri=f"s3://{name}/out/"))
     assert state.is_failed(), state.message
     assert state.message.startswith("preflight failed: ") and "'t:in/c/'" in state.message, state.message
+    state = run(BatchSource(contents=f"s3://{name}/c/", styles=f"s3://{name}/s/"), OutputSpec(uri=f"s3://{name}/t:out/"))
+    assert state.is_failed(), state.message
+    assert state.message.startswith("preflight failed: ") and "'t:out/'" in state.message, state.message
     assert keys(client, name, "") == []
 
 

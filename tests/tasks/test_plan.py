@@ -76,6 +76,7 @@ def test_bad_manifests_name_the_line(folders, text, message):
     "\ufeffcontent;style;output\r\nc/a.jpg;s/s1.png;x\r\n".encode(),  # Excel in a locale whose list separator is ";"
     "content\tstyle\toutput\nc/a.jpg\ts/s1.png\tx\n".encode(),  # tab-separated, saved as .csv
     "content,style,output\r\nc/a.jpg,s/s1.png,x\r\n".encode("utf-16"),  # Excel's "Unicode Text"
+    'content;style;output;"notes, free"\nc/a.jpg;s/s1.png;x;"a, b"\n'.encode(),  # a comma inside a quoted name
 ])
 def test_a_csv_manifest_saved_by_a_spreadsheet_reads_as_written(folders, data):
     """Old: "CSV header must name content,style[,output]" for Content,Style or semicolons, and
@@ -85,8 +86,9 @@ def test_a_csv_manifest_saved_by_a_spreadsheet_reads_as_written(folders, data):
     assert (row.content, row.style, row.output) == (f"{folders}/c/a.jpg", f"{folders}/s/s1.png", "x")
 
 
-def test_a_manifest_that_is_not_utf8_says_so(folders):
-    (folders / "m.csv").write_bytes("content,style,output\nc/a.jpg,s/s1.png,caf\u00e9\n".encode("latin-1"))
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_a_manifest_that_is_not_utf8_says_so(folders, bom):
+    (folders / "m.csv").write_bytes(bom + "content,style,output\n\u00e9c/a.jpg,s/s1.png,x\n".encode("latin-1"))
     with pytest.raises(PreflightError, match=r"m.csv: not UTF-8 text \(line 2: .*\); save it as UTF-8"):
         read_manifest(str(folders / "m.csv"))
 
