@@ -10,24 +10,32 @@ import flows.batch  # noqa: F401  (installs the filter, as a worker importing th
 from flows.quiet import FLOW_RUN_LOGGER, TASK_RUN_LOGGER
 
 
-def _logged(exc: BaseException, message: str = "Engine execution exited with unexpected exception") -> list:
+def _records(logger_name: str, action) -> list[logging.LogRecord]:
+    """The records that pass ``logger_name``'s filters while ``action()`` runs."""
     seen = []
 
     class Keep(logging.Handler):
         def emit(self, record):
             seen.append(record)
 
-    logger = logging.getLogger(FLOW_RUN_LOGGER)
+    logger = logging.getLogger(logger_name)
     handler = Keep()
     logger.addHandler(handler)
     try:
-        try:
-            raise exc
-        except BaseException:
-            logger.error(message, exc_info=sys.exc_info())
+        action()
     finally:
         logger.removeHandler(handler)
     return seen
+
+
+def _logged(exc: BaseException, message: str = "Engine execution exited with unexpected exception") -> list:
+    def log() -> None:
+        try:
+            raise exc
+        except BaseException:
+            logging.getLogger(FLOW_RUN_LOGGER).error(message, exc_info=sys.exc_info())
+
+    return _records(FLOW_RUN_LOGGER, log)
 
 
 def test_the_engines_traceback_of_a_returned_failed_state_is_dropped():
@@ -57,20 +65,7 @@ def test_a_pair_task_that_returns_failed_logs_one_line_without_an_empty_tracebac
     def run():
         pair(return_state=True)
 
-    lines = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            lines.append(self.format(record))
-
-    logger = logging.getLogger(TASK_RUN_LOGGER)
-    handler = Keep()
-    logger.addHandler(handler)
-    try:
-        run()
-    finally:
-        logger.removeHandler(handler)
-    text = "\n".join(lines)
+    text = "\n".join(logging.Formatter().format(r) for r in _records(TASK_RUN_LOGGER, run))
     assert "NoneType: None" not in text and "Task run failed with state" not in text, text
     assert "Finished in state Failed('/data/in/empty.jpg: file is empty (0 bytes)')" in text, text
 
@@ -86,17 +81,5 @@ def test_a_task_that_raises_keeps_its_traceback(prefect_api):
     def run():
         pair(return_state=True)
 
-    records = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            records.append(record)
-
-    logger = logging.getLogger(TASK_RUN_LOGGER)
-    handler = Keep()
-    logger.addHandler(handler)
-    try:
-        run()
-    finally:
-        logger.removeHandler(handler)
+    records = _records(TASK_RUN_LOGGER, run)
     assert any(r.exc_info and isinstance(r.exc_info[1], ValueError) for r in records), records
