@@ -116,12 +116,17 @@ def _run_flow(source, output, params, run):
     return state
 
 
+#: What to do about an API that cannot be used, when the user set PREFECT_API_URL.
+SET_URL_ADVICE = "fix PREFECT_API_URL, or unset it to run on a temporary API"
+
+
 @contextmanager
-def _prefect_api():
+def _prefect_api(advice: str = SET_URL_ADVICE):
     """Around the CLI's Prefect calls: the temporary API (no PREFECT_API_URL) is started by
     flows.temporary_api and may take SERVER_START_TIMEOUT_S to start unless the user set its wait
     (any of Prefect's sources), and an API that cannot be used is one NSTError line, never showing
-    credentials, instead of Prefect's traceback.
+    credentials, instead of Prefect's traceback, ending in ``advice`` (nst serve's own server was
+    never the user's PREFECT_API_URL).
 
     Prefect waits 20 s for its temporary API; a fresh home's first start (the quickstart's `make
     demo`) took longer on a 2-core machine and the run died.
@@ -132,7 +137,7 @@ def _prefect_api():
 
     url = PREFECT_API_URL.value()
     if url:
-        _check_answers(url)
+        _check_answers(url, advice)
     try:
         with temporary_settings(set_defaults={wait: SERVER_START_TIMEOUT_S}):
             waited = wait.value()
@@ -144,18 +149,18 @@ def _prefect_api():
     except httpx.HTTPStatusError as err:
         if not url:
             raise
-        raise NSTError(_answered(url, err)) from None
+        raise NSTError(_answered(url, err, advice)) from None
     except (RuntimeError, httpx.ConnectError, httpx.ConnectTimeout) as err:
         text = str(err)
         if url and (not isinstance(err, RuntimeError) or text.startswith("Failed to reach API at")):
             cause = err.__cause__ or err
             if isinstance(cause, httpx.HTTPStatusError):  # Prefect's check at the start: the API answered
-                raise NSTError(_answered(url, cause)) from None
+                raise NSTError(_answered(url, cause, advice)) from None
             unreachable = (httpx.ConnectError, httpx.ConnectTimeout)
             what = "does not answer" if isinstance(err, unreachable) or isinstance(cause, unreachable) else "cannot be used"
             raise NSTError(f"the Prefect API at {without_userinfo(url)} {what} "
                            f"({without_userinfo(one_line(cause))}); "
-                           "start it or fix PREFECT_API_URL, or unset it to run on a temporary API") from None
+                           f"{'start it or ' if advice == SET_URL_ADVICE else ''}{advice}") from None
         raise
 
 
@@ -168,7 +173,7 @@ API_CHECK_S = 15.0
 RETRIED_STATUSES = (408, 429, 502, 503)
 
 
-def _check_answers(url: str) -> None:
+def _check_answers(url: str, advice: str = SET_URL_ADVICE) -> None:
     """NSTError unless the API at ``url`` replies to GET /health within API_CHECK_S: one that accepts
     connections and never replies (a hung proxy, a dead container's port forward) held nst silent
     for minutes of Prefect's retries. Any reply, or a refused connection, is left to Prefect's own
@@ -183,7 +188,7 @@ def _check_answers(url: str) -> None:
         reply = httpx.get(f"{url.rstrip('/')}/health", timeout=wait)
     except httpx.TimeoutException:
         raise NSTError(f"the Prefect API at {without_userinfo(url)} does not answer (no reply within {wait:g} s); "
-                       "check the server, or unset PREFECT_API_URL to run on a temporary API") from None
+                       + (f"check the server, or {advice}" if advice == SET_URL_ADVICE else advice)) from None
     except httpx.HTTPError:
         return
     # not an error yet: a busy SQLite answers 503 for a moment
@@ -195,7 +200,7 @@ def _check_answers(url: str) -> None:
               "before it gives up", file=sys.stderr, flush=True)
 
 
-def _answered(url: str, err: httpx.HTTPStatusError) -> str:
+def _answered(url: str, err: httpx.HTTPStatusError, advice: str = SET_URL_ADVICE) -> str:
     """One line for an HTTP error status from the API at ``url`` (an httpx.HTTPStatusError), without credentials.
 
     5xx: the server itself failed (an outage, its database): advice to change the URL would mislead.
@@ -206,8 +211,7 @@ def _answered(url: str, err: httpx.HTTPStatusError) -> str:
         return f"the Prefect API at {without_userinfo(url)} failed {what}; see the server's log, and run again once it answers"
     how = ("; set PREFECT_API_KEY (Prefect Cloud) or PREFECT_API_AUTH_STRING (a server's basic auth)"
            if status in (401, 403) else "")
-    return (f"the Prefect API at {without_userinfo(url)} cannot be used {what}{how}; "
-            "fix PREFECT_API_URL, or unset it to run on a temporary API")
+    return f"the Prefect API at {without_userinfo(url)} cannot be used {what}{how}; {advice}"
 
 
 def _temporary_api():
@@ -411,8 +415,11 @@ def run_serve(args: argparse.Namespace) -> int:
     else:
         print(f"PREFECT_API_URL is not set: starting a local Prefect server on 127.0.0.1:{args.port} "
               "(stopped when nst serve stops)", flush=True)
+    # the user set no URL: advice to fix one would mislead
+    advice = (f"it is the server nst serve uses on 127.0.0.1:{args.port}: see why it failed or stopped, "
+              "then start nst serve again (--port picks another port)")
     with local_server(args.port) as api_url:
-        with temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_UI_API_URL: api_url}), _prefect_api():
+        with temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_UI_API_URL: api_url}), _prefect_api(advice):
             serve_deployments(limit=args.limit, name=args.name)
     return 0
 

@@ -72,8 +72,8 @@ _FEATURE_KEY = re.compile(r"\d+\.(weight|bias)")
 _WRAPPER_PREFIXES = ("module.", "model.")  # DataParallel / Lightning-style wrappers
 
 HOW_TO_SUPPLY_WEIGHTS = (
-    "copy {file} into {hub}/checkpoints/ (TORCH_HOME), or pass weights=PATH|file://...|s3://... "
-    "of a VGG16 state_dict, or weights='random' for a smoke run"
+    "copy {file} into {hub}/checkpoints/ (TORCH_HOME), or set weights (--weights on the command line, "
+    "params.weights in a flow) to a path, file:// or s3:// URI of a VGG16 state_dict, or to 'random' for a smoke run"
 )
 
 Opener = Callable[[str], bytes]

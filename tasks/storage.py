@@ -555,7 +555,12 @@ class S3Storage(Storage):
         if not bucket:
             raise StorageError("an s3:// URI needs a bucket: s3://bucket/prefix")
         self.bucket = bucket
-        self.prefix = safe_key(prefix) + "/" if prefix.strip("/") else ""
+        body = prefix[:-1] if prefix.endswith("/") else prefix
+        if prefix.strip("/") and (folded := safe_key(prefix)) != body:
+            # "out//x/", "./out/", "a\\b/": S3 keeps them apart, a path folds them
+            raise UnsafeKeyError(f"prefix {prefix!r} would be used as {folded + '/'!r}, another prefix (an empty "
+                                 "or '.' segment, or a backslash, folds as in a path); write it as S3 lists it")
+        self.prefix = body + "/" if prefix.strip("/") else ""
         self.uri = f"s3://{bucket}/{self.prefix}"
         self.credentials = credentials
 
@@ -684,7 +689,7 @@ def open_storage(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> S
     URI -> LocalStorage."""
     scheme, bucket, path = parse_uri(uri)
     if scheme == "s3":
-        return S3Storage(bucket, path.lstrip("/"), credentials)
+        return S3Storage(bucket, path[1:], credentials)  # the "/" after the bucket
     if why := host_problem(uri):
         raise StorageError(why)
     if scheme == "file":
@@ -707,7 +712,7 @@ def split_uri(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> tupl
     if not name:
         raise StorageError(f"{uri}: not an object URI")
     if scheme == "s3":
-        return S3Storage(bucket, folder.lstrip("/"), credentials), name
+        return S3Storage(bucket, folder[1:], credentials), name
     if why := host_problem(uri):
         raise StorageError(why)
     return LocalStorage(folder or "."), name

@@ -337,6 +337,10 @@ def test_a_prefix_the_tool_cannot_read_as_written_fails_preflight_in_one_line(bu
     state = run(BatchSource(contents=f"s3://{name}/c/", styles=f"s3://{name}/s/"), OutputSpec(uri=f"s3://{name}/t:out/"))
     assert state.is_failed(), state.message
     assert state.message.startswith("preflight failed: ") and "'t:out/'" in state.message, state.message
+    # old: s3://b/out//x/ was used as out/x/, another prefix: its outputs landed where the user never said
+    state = run(BatchSource(contents=f"s3://{name}/c/", styles=f"s3://{name}/s/"), OutputSpec(uri=f"s3://{name}/out//x/"))
+    assert state.is_failed(), state.message
+    assert state.message.startswith("preflight failed: ") and "'out//x/' would be used as 'out/x/'" in state.message
     assert keys(client, name, "") == []
 
 

@@ -306,6 +306,20 @@ def test_serve_says_it_uses_a_server_already_on_its_port_and_one_that_fails_is_o
     assert len(errors) == 1 and f"the Prefect API at http://127.0.0.1:{port}/api failed (500" in errors[0], out
 
 
+def test_serves_own_server_failing_is_not_blamed_on_a_prefect_api_url_the_user_never_set(data):
+    """Old: a server on nst serve's port that answered /health and then failed its calls (404: not a
+    Prefect server, or one that died mid-serve) ended in "fix PREFECT_API_URL, or unset it" for a
+    user who had set none."""
+    with _answers(404, health=200) as port:
+        proc = nst("serve", "--port", str(port), cwd=data, env=first_start(data / "home"))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in out, out
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("nst: error:")]
+    assert len(errors) == 1 and f"the Prefect API at http://127.0.0.1:{port}/api cannot be used (404" in errors[0], out
+    assert "PREFECT_API_URL" not in errors[0] and f"nst serve uses on 127.0.0.1:{port}" in errors[0], errors[0]
+    assert "--port" in errors[0], errors[0]
+
+
 @pytest.mark.parametrize("command", ["batch", "serve"])
 def test_an_api_that_accepts_but_never_answers_is_one_line_in_bounded_time(data, command):
     """A PREFECT_API_URL whose server accepts connections and never replies (a hung proxy, a stopped

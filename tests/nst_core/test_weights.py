@@ -188,6 +188,7 @@ def test_unavailable_named_weights_say_how_to_supply_them(tmp_path, monkeypatch)
         load_extractor("imagenet1k_features", layers=["relu1_1"])
     msg = str(err.value)
     assert FEATURES_FILE in msg and "checkpoints" in msg and "random" in msg and "unreachable" in msg
+    assert "--weights" in msg and "weights=PATH" not in msg  # the CLI's spelling, not a keyword argument's
 
 
 def test_refused_file_gives_one_line_without_torch_advice(tmp_path):
