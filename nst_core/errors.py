@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import re
+
 __all__ = ["NSTError", "ParamsError", "ImageDecodeError", "ImageTooSmallError", "NonFiniteLossError", "WeightsError", "DeviceMemoryError"]
 
 
+#: The ``user:password@`` of a URL of any scheme but s3:// and file:// (which carry none, and whose
+#: keys may hold '@': IMG@2x.png), up to the last '@' before a space: a password may hold '/' or '@'.
+_USERINFO = re.compile(r"\b((?!(?:s3|file):)[A-Za-z][A-Za-z0-9+.-]*://)\S*@", re.IGNORECASE)
+
+
+def hide_userinfo(text: str) -> str:
+    """``text`` with the credentials of every URL in it removed."""
+    return _USERINFO.sub(r"\1", text)
+
+
 class NSTError(Exception):
-    """Base class of every error prefect-nst raises on purpose."""
+    """Base class of every error prefect-nst raises on purpose. Its message never carries a URL's
+    credentials: a library's error (botocore's "Could not connect to the endpoint URL") may quote an
+    endpoint set with ``user:password@``, and the message reaches logs, reports and the UI."""
+
+    def __init__(self, *args):
+        super().__init__(*(hide_userinfo(a) if isinstance(a, str) else a for a in args))
 
 
 class ParamsError(NSTError, ValueError):

@@ -3,25 +3,28 @@ paths), shared by the engine's weights reader and the batch's storage."""
 
 from __future__ import annotations
 
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 __all__ = ["parse_uri", "host_problem"]
 
 
 def parse_uri(uri: str) -> tuple[str, str, str]:
-    """(scheme, bucket, path) of an ``s3://`` or ``file:`` URI, the path verbatim; anything else:
-    (its scheme or "", "", the string as is). Not ``urlparse``'s path: '#' and '?' are plain
-    characters of S3 keys and file names ("IMG #3.jpg"), not a fragment or a query."""
+    """(scheme, bucket, path) of an ``s3://`` or ``file:`` URI, an S3 path verbatim, a file path
+    percent-decoded (``Path.as_uri()`` writes a space as %20); anything else: (its scheme or "", "",
+    the string as is). Not ``urlparse``'s path: '#' and '?' are plain characters of S3 keys and file
+    names ("IMG #3.jpg"), not a fragment or a query."""
     scheme = urlparse(uri).scheme
     rest = uri[len(scheme) + 1:]
     if scheme not in ("s3", "file"):
         return scheme, "", uri
     if not rest.startswith("//"):
-        return scheme, "", rest  # file:/abs/path
+        return scheme, "", unquote(rest)  # file:/abs/path
     bucket, slash, path = rest[2:].partition("/")
-    if scheme == "file" and bucket.lower() == "localhost":  # file://localhost/x is file:///x (RFC 8089)
+    if scheme == "s3":
+        return scheme, bucket, slash + path
+    if bucket.lower() == "localhost":  # file://localhost/x is file:///x (RFC 8089)
         bucket = ""
-    return scheme, bucket, slash + path
+    return scheme, bucket, unquote(slash + path)
 
 
 def host_problem(uri: str) -> str:

@@ -694,9 +694,15 @@ def open_storage(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> S
         raise StorageError(why)
     if scheme == "file":
         return LocalStorage(path)
-    if scheme and len(scheme) > 1:
-        raise StorageError(f"{uri}: unsupported scheme {scheme!r}; use s3://bucket/prefix or a folder")
+    _check_scheme(uri, scheme)
     return LocalStorage(uri)
+
+
+def _check_scheme(uri: str, scheme: str) -> None:
+    """StorageError for a URI of a scheme this tool does not read (https://, gs://): it was read as
+    a relative folder ("./https:/host/vgg.pth: no such file"). A one-letter scheme is a drive (C:)."""
+    if scheme and len(scheme) > 1 and scheme != "file":
+        raise StorageError(f"{uri}: unsupported scheme {scheme!r}; use s3://bucket/prefix, file:// or a path")
 
 
 def within(inner: Storage, outer: Storage) -> bool:
@@ -715,6 +721,7 @@ def split_uri(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> tupl
         return S3Storage(bucket, folder[1:], credentials), name
     if why := host_problem(uri):
         raise StorageError(why)
+    _check_scheme(uri, scheme)
     return LocalStorage(folder or "."), name
 
 

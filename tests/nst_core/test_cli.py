@@ -142,6 +142,26 @@ def test_auto_or_number_options_parse_and_help_prints():
         params("--tile-size", "32")
 
 
+def test_an_endpoint_with_credentials_never_reaches_an_error_line_and_keys_keep_their_at_signs(files):
+    """Old: `nst stylize --weights s3://...` with AWS_ENDPOINT_URL_S3=http://user:secretpw@host printed
+    botocore's "Could not connect to the endpoint URL: "http://user:secretpw@..."" as its error line;
+    in a flow the same message reached the log, the report and the UI."""
+    import os
+
+    from nst_core import NSTError
+
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y",
+           "AWS_ENDPOINT_URL_S3": "http://user:secretpw@127.0.0.1:9"}  # port 9: nothing listens
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "stylize", "content.jpg", "style.png", "-o", "o.png",
+                           "--weights", "s3://bucket/vgg.pth", "--image-size", "32", "--device", "cpu"],
+                          cwd=files, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and "could not read weights s3://bucket/vgg.pth" in proc.stderr, proc.stderr
+    assert "secretpw" not in proc.stderr + proc.stdout and "http://127.0.0.1:9/bucket/vgg.pth" in proc.stderr
+    # every error of ours: an endpoint's password goes, an S3 key's '@' stays
+    shown = str(NSTError('s3://b/IMG@2x.png: "HTTPS://u:p@ss@host/x" failed'))
+    assert shown == 's3://b/IMG@2x.png: "HTTPS://host/x" failed', shown
+
+
 @pytest.mark.parametrize("text, secret", [
     ("the Prefect API at http://admin:pa/ss@host:4200/api does not answer", "pa/ss"),
     ("at http://admin:p@ss@host:4200/api (refused)", "p@ss"),

@@ -283,6 +283,15 @@ def test_a_weights_file_whose_name_holds_a_hash_or_a_question_mark_loads_from_a_
         assert load_extractor(uri, layers=["relu1_1"]).weights_id.startswith("sha256:")
 
 
+def test_a_weights_file_uri_as_pathlib_writes_it_loads(tmp_path):
+    """Old: Path.as_uri()'s %20 for a space was taken literally: "file:///…/v%20g%20g.pth does not exist"."""
+    path = tmp_path / "with space" / "v g g.pth"
+    path.parent.mkdir()
+    torch.save(_random_features(), path)
+    assert "%20" in path.as_uri()
+    assert load_extractor(path.as_uri(), layers=["relu1_1"]).weights_id.startswith("sha256:")
+
+
 @pytest.mark.parametrize("extra,message", [
     ({"mean": torch.tensor(0.5), "std": torch.tensor(0.2)}, "'mean' must be 3 finite numbers"),  # TypeError before
     ({"mean": [0.5], "std": [0.2]}, "'mean' must be 3 finite numbers"),  # RuntimeError (view) before

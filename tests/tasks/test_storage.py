@@ -85,6 +85,10 @@ def test_keys_with_a_hash_or_a_question_mark_read_the_object_listed(bucket, tmp_
     (tmp_path / "a #1?.png").write_bytes(b"local")
     for uri in (str(tmp_path / "a #1?.png"), f"file://{tmp_path}/a #1?.png"):
         assert read_uri(uri) == b"local", uri
+    # a file URI percent-encodes (Path.as_uri): old, file:///…/out%20dir/ was a folder named "out%20dir"
+    out = open_storage((tmp_path / "out dir").as_uri())
+    out.write("x.png", b"x")
+    assert (tmp_path / "out dir" / "x.png").read_bytes() == b"x" and not (tmp_path / "out%20dir").exists()
     # output names keep what follows the '#'
     assert output_name(f"s3://{name}/in/photo #1.png", f"s3://{name}/s/b?.png", "0123456789") == "photo_1__b___01234567"
 
@@ -561,3 +565,12 @@ def test_a_folder_says_whether_it_holds_names_that_differ_only_in_case_as_one_fi
     (tmp_path / "out2").mkdir()
     (tmp_path / "out2" / TEMP_DIR).symlink_to(other)
     assert LocalStorage(tmp_path / "out2").folds_case() is True and list(other.iterdir()) == []
+
+
+def test_an_object_uri_of_a_scheme_the_tool_does_not_read_is_refused_by_scheme(tmp_path, monkeypatch):
+    """Old: read_uri("https://user:pw@host/vgg.pth") read the relative path ./https:/user:pw@host/vgg.pth
+    and said "no such file", naming the password."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StorageError, match="unsupported scheme 'https'") as err:
+        read_uri("https://user:pw@host/vgg.pth")
+    assert "pw@" not in str(err.value)
