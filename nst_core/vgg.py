@@ -23,7 +23,7 @@ from .backend import memory_format, resolve_precision
 from .errors import WeightsError
 from .params import VGG16_CFG, StyleParams, layer_index
 from .pooling import ScaledAvgPool2d, avg_pool_scales
-from .weights import Opener, clear_weights, load_weights
+from .weights import Opener, clear_weights, load_weights, weights_key
 
 __all__ = [
     "FeatureExtractor",
@@ -222,7 +222,7 @@ def load_extractor(
     inplace = not any(n.startswith("conv") for n in names)
     device = resolve_device(device) if isinstance(device, str) else device
     key = (
-        weights, sha256, seed if weights == "random" else None,
+        weights_key(weights, sha256), seed if weights == "random" else None,
         pooling, str(device), dtype, depth, inplace, memory_format,
     )
     with _cache_lock:

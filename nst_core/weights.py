@@ -28,7 +28,7 @@ from .uris import host_problem, parse_uri
 # torch (~3 s to import) loads inside the functions that read or fetch weights: the CLI checks a
 # weights path before the engine loads (check_weights_file).
 
-__all__ = ["Opener", "HOW_TO_SUPPLY_WEIGHTS", "LoadedWeights", "load_weights", "read_weights_bytes",
+__all__ = ["Opener", "HOW_TO_SUPPLY_WEIGHTS", "LoadedWeights", "load_weights", "weights_key", "read_weights_bytes",
            "check_weights_file", "clear_weights"]
 
 
@@ -304,6 +304,18 @@ def _require_file(path: Path, label: str) -> None:
         raise WeightsError(f"weights file {label} does not exist")
 
 
+def weights_key(weights: str, sha256: str | None) -> tuple:
+    """What names loaded weights in this process's caches: a local file by its resolved path, mtime
+    and size (a file replaced in place is read again: its id, and so every output key, follows it),
+    anything else by its spelling. A missing local file is a WeightsError."""
+    path = None if weights == "random" or weights in _NAMES else _local_path(weights)
+    if path is None:
+        return (weights, sha256)
+    _require_file(path, weights)
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_mtime_ns, stat.st_size, sha256)
+
+
 def load_weights(weights: str, sha256: str | None, seed: int, opener: Opener | None) -> LoadedWeights:
     """The features state_dict (None for random), its (mean, std) and the weights id.
 
@@ -315,11 +327,7 @@ def load_weights(weights: str, sha256: str | None, seed: int, opener: Opener | N
     check_weights_file(weights)
     spec = _named_weights()[weights] if weights in _NAMES else None
     path = _hub_checkpoint(weights, spec) if spec else _local_path(weights)
-    if path is not None:
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, sha256)
-    else:
-        key = (weights, sha256)
+    key = weights_key(str(path), sha256) if path is not None else (weights, sha256)
     with _states_lock:
         if key in _states:
             return _states[key]

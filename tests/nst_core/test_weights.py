@@ -1,6 +1,7 @@
 """Weight sources: hub checkpoints verified before unpickling, one-line refusals, key prefixes, caching."""
 
 import contextlib
+import os
 import hashlib
 import threading
 import time
@@ -363,3 +364,18 @@ def test_a_file_that_is_no_checkpoint_is_not_called_unsafe(tmp_path, name, data,
         load_extractor(str(path), layers=["relu1_1"])
     msg = str(err.value)
     assert reason in msg and str(path) in msg and "could run code" not in msg and "(101)" not in msg, msg
+
+
+def test_a_weights_file_replaced_in_place_is_read_again(tmp_path):
+    """Old: load_weights saw the new file (its cache is keyed by mtime and size) but load_extractor
+    cached by the spelling alone and kept the old tensors and id: in one process (a notebook, a
+    library caller) the new weights were ignored, and output keys built from the old id."""
+    path = tmp_path / "vgg.pth"
+    torch.save(_random_features(seed=3), path)
+    first = load_extractor(str(path), layers=["relu1_1"])
+    torch.save(_random_features(seed=4), path)
+    os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns + 1_000_000_000))  # a coarse clock: a new mtime
+    second = load_extractor(str(path), layers=["relu1_1"])
+    assert second.weights_id != first.weights_id
+    assert torch.equal(second.layers[0].weight, _random_features(seed=4)["0.weight"])
+    assert load_extractor(str(path), layers=["relu1_1"]) is second  # unchanged: still cached
