@@ -54,7 +54,7 @@ from tasks.models import BatchSource, InvalidInputs, OutputSpec, RunOptions, Sty
 from tasks.pair import PairContext, stop_requested
 from tasks.pipeline import PipelineResult, run_pairs
 from tasks.plan import PreflightError, default_allowed_sources, plan_pairs, refuse_outputs_over_inputs, source_entries
-from tasks.storage import (LocalStorage, Storage, StorageError, StorageHealth, StorageUnreachableError, open_storage,
+from tasks.storage import (LocalStorage, Storage, StorageError, StorageHealth, open_storage,
                            read_uri, retrying, within)
 
 __all__ = ["stylize_batch", "preflight", "on_pair_done"]
@@ -399,9 +399,8 @@ def _write_report(b: _Batch, items: list[ReportItem], result: PipelineResult, we
 
 
 def _outage(b: _Batch, items: list[ReportItem], result: PipelineResult, weights_id: str) -> State:
-    """The end of a run whose storage stopped answering: the report (no pictures: they need the
+    """The end of a run whose storage stopped answering, or refused writes: the report (no pictures: they need the
     storage) gets one try, bounded by the request timeouts; the artifacts show the pairs; Failed."""
-    since = b.health.unreachable_since()
     key = _report_key(b.flow_run)
     report = run_report(b.flow_run, b.out.uri_for(key), b.started,
                         {"source": b.source, "output": b.output, "params": b.params, "run": b.run},
@@ -412,10 +411,11 @@ def _outage(b: _Batch, items: list[ReportItem], result: PipelineResult, weights_
     except (StorageError, OSError):
         written = ", not written: the next run on this output marks it crashed"
     counts = report["totals"]
-    message = (f"{StorageUnreachableError(since)}: {counts['failed']} of {counts['pairs']} pairs failed "
+    stop = b.health.stop_error()
+    message = (f"{stop}: {counts['failed']} of {counts['pairs']} pairs failed "
                f"(report: {report['report']}{written})")
     if b.progress is not None:  # not "n of n finished": the pairs left were never run
-        b.progress.stopped(str(StorageUnreachableError(since)))
+        b.progress.stopped(str(stop))
     try:
         publish_artifacts(report, b.out, b.output.link_expiry_hours, run_warning(weights_id, b.run.labels))
     except Exception as err:  # as in a run that ended well: the cards never replace the run's own verdict

@@ -89,7 +89,7 @@ def stylize_chunk(
     if since is not None:  # its report could not be written either: the state carries the reason
         finished = done | {i for i, item in result.items.items() if item.status == DONE}
         not_done = sum(1 for p in pairs if p.index not in finished)
-        return Failed(message=f"{StorageUnreachableError(since)}: {not_done} of {len(pairs)} pairs not run")
+        return Failed(message=f"{health.stop_error()}: {not_done} of {len(pairs)} pairs not run")
     items = [failed_item(p, refused[p.index]) if refused[p.index] else result.items.get(p.index)
              or skipped_item(p, out) for p in pairs]
     worker = {"host": socket.gethostname(), "pid": os.getpid(), "parent_pid": os.getppid(), "devices": devices}

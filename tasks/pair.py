@@ -17,6 +17,7 @@ import io
 import json
 import threading
 import time
+from datetime import datetime, timezone
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from .contract import PairPlan, ReportItem, done_in, done_item, image_record, si
 from .credentials import DEFAULT_CHAIN, StorageCredentials
 from .lru import LRU
 from .steps import StepRequest, device_steps
-from .storage import StorageHealth, open_storage, read_object, read_uri, retrying
+from .storage import StorageHealth, WriteRefusedError, open_storage, read_object, read_uri, retrying
 
 __all__ = ["PairContext", "PairDone", "PairTimeoutError", "PairStopped", "InputChangedError", "ObjectCache", "process_pair",
            "stop_requested", "THUMB"]
@@ -346,7 +347,14 @@ def _process(pair: PairPlan, ctx: PairContext) -> PairDone:
         def once() -> str:
             with io_slot(ctx.io_workers):
                 return out.write(key, data, content_type)
-        return retrying(once, health=ctx.health)
+        started_at = datetime.now(timezone.utc)
+        try:
+            identity = retrying(once, health=ctx.health)
+        except WriteRefusedError as err:  # a full disk: the run stops starting pairs after a few
+            ctx.health.wrote(err, started_at)
+            raise
+        ctx.health.wrote(None, started_at)
+        return identity
 
     # The image first, the sidecar last: a sidecar with this key and this image's record means done.
     identity = write(pair.image_key, image, f"image/{ctx.output.format}")

@@ -15,7 +15,6 @@ from prefect import get_run_logger
 
 from .contract import PairPlan, ReportItem, failed_item
 from .pair import PairContext, PairDone, process_pair, stop_requested
-from .storage import StorageUnreachableError
 
 __all__ = ["PipelineResult", "run_pairs"]
 
@@ -89,8 +88,8 @@ def run_pairs(
         inflight -= 1
     for p in todo[submitted:window]:
         ctx.settle(p)  # announced, never started: no step waits for it
-    since = ctx.health.unreachable_since()
-    why = f"not run: {StorageUnreachableError(since)}" if since else "run interrupted before the pair started"
+    stop = ctx.health.stop_error()
+    why = f"not run: {stop}" if stop else "run interrupted before the pair started"
     for p in todo:
         result.items.setdefault(p.index, failed_item(p, why, ctx.storage))
     return result

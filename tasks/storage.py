@@ -20,6 +20,7 @@ are written with one PutObject.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -45,6 +46,7 @@ __all__ = [
     "TooLargeError",
     "MissingObjectError",
     "UnsafeKeyError",
+    "WriteRefusedError",
     "StorageUnreachableError",
     "StorageHealth",
     "ObjectInfo",
@@ -130,6 +132,9 @@ _TEMP_OWNER = _temp_owner()
 #: time out) + 70 s (one try at its report): about 4 minutes after the endpoint died.
 OUTAGE_S = 120.0
 OUTAGE_MIN_FAILURES = 3
+#: Writes refused in a row (a full disk, a read-only remount, credentials that expired) after which a
+#: run starts no more pairs: each would be optimized for nothing.
+WRITE_REFUSALS = 3
 
 
 class StorageError(NSTError):
@@ -161,18 +166,31 @@ class UnsafeKeyError(StorageError):
     """A key would resolve outside its storage root."""
 
 
-_UNREACHABLE = re.compile(r"storage unreachable since (\d\d):(\d\d):(\d\d) UTC")
+class WriteRefusedError(StorageError):
+    """The storage answered a write with a refusal that the next write will meet too (no space, a
+    read-only file system, access denied, expired credentials): never retried."""
+
+
+#: Local errors that refuse every write alike, and S3's error codes that do.
+_REFUSING_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+_REFUSING_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "AccountProblem", "ExpiredToken", "InvalidAccessKeyId",
+                             "InvalidToken", "NoSuchBucket", "SignatureDoesNotMatch", "TokenRefreshRequired"})
+
+
+_UNREACHABLE = re.compile(r"storage (?:unreachable|refuses writes) since (\d\d):(\d\d):(\d\d) UTC")
 
 
 class StorageUnreachableError(StorageError):
-    """The run's storage was declared unreachable (``StorageHealth``): no further attempt is made."""
+    """The run's storage was declared unreachable, or refusing writes (``why``: the last refusal),
+    by ``StorageHealth``: no further attempt is made."""
 
-    def __init__(self, since: datetime):
-        super().__init__(f"storage unreachable since {since:%H:%M:%S} UTC")
-        self.since = since
+    def __init__(self, since: datetime, why: str = ""):
+        super().__init__(f"storage refuses writes since {since:%H:%M:%S} UTC ({why})" if why
+                         else f"storage unreachable since {since:%H:%M:%S} UTC")
+        self.since, self.why = since, why
 
     def __reduce__(self):  # picklable, as a state's exception must be
-        return type(self), (self.since,)
+        return type(self), (self.since, self.why)
 
     @staticmethod
     def parse(text: str) -> datetime | None:
@@ -193,7 +211,8 @@ class StorageHealth:
     ``min_failures`` failed with transient errors (timeouts, refused or dropped connections, 5xx):
     timed from the start of the first failed attempt since the last answer, which is when the
     endpoint was last known to work. An error that is an answer (404, access denied) counts as
-    reachable. Once declared it stays declared: the run stops starting work and ends. One per run
+    reachable. Also declared, as refusing writes, after WRITE_REFUSALS writes in a row were refused
+    (``wrote``). Once declared it stays declared: the run stops starting work and ends. One per run
     (a value the run passes to its calls, like its credentials), thread-safe."""
 
     def __init__(self, outage_s: float | None = None, min_failures: int = OUTAGE_MIN_FAILURES):
@@ -203,6 +222,8 @@ class StorageHealth:
         self._failing: tuple[float, datetime] | None = None  # (monotonic, UTC) start of the streak's first attempt
         self._failures = 0
         self._since: datetime | None = None  # set once declared
+        self._why = ""  # declared for refused writes: the last refusal
+        self._refused: list[tuple[datetime, str]] = []  # the refused writes since the last write that went through
 
     def succeeded(self) -> None:
         with self._lock:
@@ -220,6 +241,21 @@ class StorageHealth:
         with self._lock:
             self._since = self._since or since
 
+    def wrote(self, refusal: WriteRefusedError | None, started_at: datetime) -> None:
+        """A write that started at ``started_at`` went through (None) or was refused."""
+        with self._lock:
+            if refusal is None:
+                self._refused = []
+                return
+            self._refused.append((started_at, " ".join(str(refusal).split())))
+            if self._since is None and len(self._refused) >= WRITE_REFUSALS:
+                self._since, self._why = self._refused[0][0], self._refused[-1][1]
+
+    def stop_error(self) -> StorageUnreachableError | None:
+        """Why the run stops starting pairs, once declared (unreachable, or refusing writes); else None."""
+        since = self.unreachable_since()
+        return None if since is None else StorageUnreachableError(since, self._why)
+
     def unreachable_since(self) -> datetime | None:
         """When the storage stopped answering, once declared unreachable; else None."""
         with self._lock:
@@ -230,9 +266,8 @@ class StorageHealth:
 
     def check(self) -> None:
         """Raise ``StorageUnreachableError`` once declared."""
-        since = self.unreachable_since()
-        if since is not None:
-            raise StorageUnreachableError(since)
+        if (err := self.stop_error()) is not None:
+            raise err
 
 
 @dataclass(frozen=True)
@@ -392,15 +427,20 @@ class LocalStorage(Storage):
         # Created 0666 by os.open, so the kernel applies the umask in force now (mkstemp makes 0600);
         # the pid and its pid space tell clean_temp() whether the writer is still alive.
         tmp = str(temp_dir / f"{os.getpid()}-{uuid.uuid4().hex}.{_TEMP_OWNER}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)  # same file system: atomic
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)  # same file system: atomic
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as err:
+            if err.errno in _REFUSING_ERRNOS:  # one line naming the file; the next write meets it too
+                raise WriteRefusedError(f"{path}: cannot write: {err.strerror or err}") from None
             raise
         return _sha256(data)
 
@@ -647,7 +687,10 @@ class S3Storage(Storage):
             # One PutObject (up to 5 GB): atomic, so a crash never leaves a partial object visible.
             resp = self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **extra)
         except Exception as err:
-            raise self._wrap(err, key) from None
+            wrapped = self._wrap(err, key)
+            if not wrapped.transient and _error_code(err) in _REFUSING_CODES:
+                raise WriteRefusedError(str(wrapped)) from None
+            raise wrapped from None
         return str(resp.get("ETag", "")).strip('"') or _sha256(data)
 
     def info(self, key: str) -> ObjectInfo | None:

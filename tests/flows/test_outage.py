@@ -97,3 +97,43 @@ def test_a_chunk_whose_storage_is_silent_ends_failed_with_the_reason_and_writes_
     assert time.monotonic() - started < OUTAGE_S + 12
     assert state.is_failed() and SINCE.search(state.message) and "4 of 4 pairs not run" in state.message, state.message
     assert "Contents" not in client.list_objects_v2(Bucket=name, Prefix="out/")  # the parent judges it by its state
+
+
+def test_an_output_that_refuses_writes_stops_the_run_and_says_why(tmp_path, monkeypatch):
+    """A disk that fills mid-run. Old: every remaining pair was optimized for nothing (24 of 24
+    optimizations, 22 failed) and each failure was an OSError traceback in the log. Now, after
+    WRITE_REFUSALS refused writes in a row, the run starts no more pairs and names the reason."""
+    import errno
+    import os
+
+    from tasks import storage as storage_mod
+
+    for i in range(4):
+        (tmp_path / "c").mkdir(exist_ok=True)
+        pattern((24, 24), "content", i).save(tmp_path / "c" / f"c{i}.png")
+    for i in range(3):
+        (tmp_path / "s").mkdir(exist_ok=True)
+        pattern((24, 24), "style", i).save(tmp_path / "s" / f"s{i}.png")
+    out = tmp_path / "out"
+    real_fsync, synced = os.fsync, []
+
+    def fsync(fd):  # the kernel's answer once the disk is full: only for files under the output
+        if str(out) in os.readlink(f"/proc/self/fd/{fd}"):
+            synced.append(fd)
+            if len(synced) > 6:  # the write probe, then a few pairs' images and sidecars
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(storage_mod.os, "fsync", fsync)
+    state = stylize_batch(BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s")),
+                          OutputSpec(uri=str(out)), PARAMS, RunOptions(window=2), return_state=True)
+    assert state.is_failed(), state.message
+    assert "storage refuses writes since" in state.message and "No space left on device" in state.message, state.message
+    rows = _table_rows(state.state_details.flow_run_id)
+    failed = [re.sub(r"\\(.)", r"\1", r["error"]) for r in rows if r["status"] == "failed"]  # the table's markdown escapes
+    refused = [e for e in failed if e.startswith(str(out))]  # names the file it could not write, in one line
+    stopped = [e for e in failed if e.startswith(("not run: storage refuses writes since", "storage refuses writes since"))]
+    assert len(rows) == 12 and len(refused) + len(stopped) == len(failed), failed
+    assert all(e.endswith("cannot write: No space left on device") for e in refused), refused
+    # WRITE_REFUSALS refusals, and at most the window's other pair: the rest never started
+    assert 3 <= len(refused) <= 4 and sum(e.startswith("not run:") for e in stopped) >= 12 - 2 - 4 - 2, failed

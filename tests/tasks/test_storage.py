@@ -442,6 +442,29 @@ def test_storage_is_declared_unreachable_after_every_attempt_failed_for_the_outa
     assert health.unreachable_since() == first
 
 
+def test_writes_refused_in_a_row_declare_the_storage_refusing_and_s3s_refusals_are_told_apart(bucket):
+    """A full disk or expired credentials answer every write alike: after WRITE_REFUSALS in a row
+    (a write that goes through resets the count) the run stops, naming the last refusal."""
+    from datetime import datetime, timezone
+
+    from tasks.storage import WRITE_REFUSALS, StorageHealth, WriteRefusedError
+
+    health, first = StorageHealth(), datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    full = WriteRefusedError("/out/a.png: cannot write: No space left on device")
+    for _ in range(WRITE_REFUSALS - 1):
+        health.wrote(full, first)
+    health.wrote(None, first)  # space was freed meanwhile
+    for _ in range(WRITE_REFUSALS - 1):
+        health.wrote(full, first)
+    assert health.stop_error() is None
+    health.wrote(full, datetime(2025, 1, 2, 3, 9, 0, tzinfo=timezone.utc))
+    assert str(health.stop_error()) == "storage refuses writes since 03:04:05 UTC (/out/a.png: cannot write: No space left on device)"
+    # S3: a bucket gone (or access denied, an expired token) refuses the next write too; never retried
+    name, client = bucket
+    with pytest.raises(WriteRefusedError, match="does not exist"):
+        S3Storage(name + "-gone", "out/").write("a.png", b"x")
+
+
 def test_the_outage_time_comes_from_the_environment(monkeypatch):
     from tasks.storage import OUTAGE_S, StorageHealth
 
