@@ -70,7 +70,16 @@ class WeightsError(NSTError):
 class DeviceMemoryError(NSTError):
     """The device ran out of memory for one pair; what it held is freed and the next pair can run."""
 
-    def __init__(self, name: str, size: int, device: str):
-        self.name, self.size, self.device = name, size, device
-        super().__init__(f"{name}: out of memory on {device} at image_size={size}; "
-                         "reduce image_size or use tile_size")
+    def __init__(self, name: str, size: int, device: str, tile_size: str | int = "off"):
+        self.name, self.size, self.device, self.tile_size = name, size, device, tile_size
+        if tile_size == "auto":  # it may have tiled already, sized from the device's total memory
+            advice = ("set max_memory_gb to what the device has free (auto sizes tiles from its total memory, "
+                      "which other processes may hold part of), a tile_size in px, or a smaller image_size")
+        elif tile_size == "off":
+            advice = "reduce image_size or use tile_size"
+        else:
+            advice = f"use a smaller tile_size (now {tile_size}) or image_size"
+        super().__init__(f"{name}: out of memory on {device} at image_size={size}; {advice}")
+
+    def __reduce__(self):  # picklable, as a state's exception must be
+        return type(self), (self.name, self.size, self.device, self.tile_size)

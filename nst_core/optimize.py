@@ -216,7 +216,7 @@ def stylize_many(
                 results[i] = err
                 return False
             if job is OUT_OF_MEMORY:
-                results[i] = DeviceMemoryError(pairs[i].content_name, params.image_size, str(device))
+                results[i] = DeviceMemoryError(pairs[i].content_name, params.image_size, str(device), params.tile_size)
                 return False
             jobs[i] = job
             return True
@@ -236,7 +236,7 @@ def stylize_many(
                     results[i] = result
                 continue
             if len(indexes) == 1:
-                results[indexes[0]] = DeviceMemoryError(pairs[indexes[0]].content_name, params.image_size, str(device))
+                results[indexes[0]] = DeviceMemoryError(pairs[indexes[0]].content_name, params.image_size, str(device), params.tile_size)
                 continue
             # A step too large for the device runs again as two halves, each pair from its start
             # (fresh jobs: the failed step advanced their state); only a pair alone fails for memory.

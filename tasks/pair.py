@@ -261,7 +261,7 @@ def _stylize_step(ctx: PairContext, device: str, requests: list[StepRequest]) ->
                 outcomes[i] = err
                 continue
             if targets is OUT_OF_MEMORY:  # a style too large for the device fails its pair alone
-                outcomes[i] = DeviceMemoryError(x.pair.content, p.image_size, device)
+                outcomes[i] = DeviceMemoryError(x.pair.content, p.image_size, device, p.tile_size)
                 continue
             live.append(i)
             pairs.append(StylePair(x.content, x.style, targets, x.pair.content, [x.pair.style]))

@@ -526,7 +526,11 @@ def test_out_of_memory_is_one_line_naming_the_pair_and_frees_what_it_held(images
     with pytest.raises(DeviceMemoryError) as err:
         stylize(*images, params(), content_name="scan-0042.tif")
     msg = str(err.value)
-    assert msg == "scan-0042.tif: out of memory on cpu at image_size=64; reduce image_size or use tile_size"
+    # the default tile_size auto may have tiled already: old, "use tile_size" to a run that used it
+    assert msg.startswith("scan-0042.tif: out of memory on cpu at image_size=64; set max_memory_gb"), msg
+    assert "tile_size in px" in msg and "\n" not in msg
+    assert str(DeviceMemoryError("a.png", 64, "cuda", "off")).endswith("reduce image_size or use tile_size")
+    assert str(DeviceMemoryError("a.png", 64, "cuda", 512)).endswith("use a smaller tile_size (now 512) or image_size")
     assert err.value.__context__ is None and err.value.__cause__ is None  # no traceback keeps the tensors
     assert held and held[0]() is None
     monkeypatch.setattr(Objective, "__call__", real)

@@ -111,6 +111,25 @@ def test_the_grid_shifts_between_evaluations_and_repeats_for_a_seed():
     assert offsets == [t.offset(7, e) for e in range(20)]
 
 
+def test_an_axis_no_longer_than_a_tile_is_never_cut():
+    """Old: the shifting grid cut both axes of a 512x520 image with 512 px tiles, 4 tiles in 286 of
+    300 evaluations where 2 do: each cut adds the halo's passes (a 264 px image ran 2.3x its untiled
+    time with 256 px tiles) and its approximation."""
+    t = Tiling(512, 32, 16, 64)
+    counts = {len(t.grid(512, 520, t.offset(3, e))) for e in range(50)}
+    assert counts <= {1, 2} and 2 in counts, counts
+    assert all(tile.y0 == 0 and tile.y1 == 512 for e in range(50) for tile in t.grid(512, 520, t.offset(3, e)))
+
+
+def test_the_halo_is_never_wider_than_the_exact_one():
+    """Old: shallow layers (exact at 12 px up to relu3_1) got the default 32 px halo: slower than
+    exact, for nothing."""
+    cpu = torch.device("cpu")
+    shallow = params(tile_size=64, content_layers=["relu3_1"], style_layers=["relu1_1", "relu2_1", "relu3_1"])
+    assert tiling_for(shallow, 300, 200, cpu) == Tiling(64, 12, 4, 12) and 12 < tiling_module.HALO
+    assert tiling_for(params(tile_size=128, tile_halo=96), 300, 200, cpu).halo == 64  # relu5_1: exact at 64
+
+
 def test_tiling_is_chosen_by_size_and_memory_budget():
     cpu = torch.device("cpu")
     assert tiling_for(params(tile_size="off", max_memory_gb=0.001), 4096, 4096, cpu) is None
