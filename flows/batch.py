@@ -485,7 +485,8 @@ def stylize_batch(
             get_run_logger().error("preflight failed: %s", err)
             return Failed(message=f"preflight failed: {err}")
         # the chunk runs in flight are read before the done set, never after: see live_before_done
-        live = live_before_done(plans, run.chunk_size, output.uri) if run.fan_out == "workers" else None
+        live = (live_before_done(plans, run.chunk_size, output.uri, redo=not run.skip_existing)
+                if run.fan_out == "workers" else None)
         # a crashed parent's chunk runs that this run adopts keep running (the rest are cancelled)
         mark_crashed_reports(b.out, b.flow_run, spare={str(r.id) for r in (live or {}).values()})
         items, todo, done = _skip(b, plans, weights_id)

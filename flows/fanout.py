@@ -77,7 +77,7 @@ LIVE_STATES = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING]
 
 
 def plan_chunks(plans: list[PairPlan], chunk_size: int, output_uri: str,
-                done: set[int] | frozenset[int] = frozenset()) -> list[tuple[str, list[PairPlan]]]:
+                done: set[int] | frozenset[int] = frozenset(), redo: bool = False) -> list[tuple[str, list[PairPlan]]]:
     """(content key, pairs) per chunk of the FULL plan, cut by position (then by size, see
     ``_by_size``) and keyed by the output and all of the chunk's pair keys and names
     (``chunk_key``). Any parent that plans the same source with the same settings, after some
@@ -87,7 +87,7 @@ def plan_chunks(plans: list[PairPlan], chunk_size: int, output_uri: str,
     for i in range(0, len(plans), chunk_size):
         for chunk in _by_size([p for p in plans[i:i + chunk_size] if p.runnable]):
             if any(p.index not in done for p in chunk):
-                chunks.append((chunk_key(chunk, output_uri), chunk))
+                chunks.append((chunk_key(chunk, output_uri, redo), chunk))
     return chunks
 
 
@@ -516,7 +516,7 @@ class ChunkWatcher:
             return None
 
 
-def live_before_done(plans: list[PairPlan], chunk_size: int, output_uri: str) -> dict:
+def live_before_done(plans: list[PairPlan], chunk_size: int, output_uri: str, redo: bool = False) -> dict:
     """Content key -> the live chunk run of every chunk of the full plan, read BEFORE the done set.
 
     The order is what makes adoption sound: a chunk run that completes after this read was live in
@@ -529,7 +529,7 @@ def live_before_done(plans: list[PairPlan], chunk_size: int, output_uri: str) ->
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        return live_chunk_runs(client, [key for key, _ in plan_chunks(plans, chunk_size, output_uri)])
+        return live_chunk_runs(client, [key for key, _ in plan_chunks(plans, chunk_size, output_uri, redo=redo)])
 
 
 def _still_adoptable(client, live: dict, keys: list[str]) -> dict:
@@ -562,7 +562,7 @@ def start_chunks(plans: list[PairPlan], done: set[int], output: OutputSpec, para
     from prefect.client.orchestration import get_client
 
     worker_run = run.model_copy(update={"devices": ["auto"]})  # a worker leases the devices it has
-    planned = plan_chunks(plans, run.chunk_size, output.uri, done)
+    planned = plan_chunks(plans, run.chunk_size, output.uri, done, redo=not run.skip_existing)
     chunks, adopted = [], 0
     with get_client(sync_client=True) as client:
         adopt = _still_adoptable(client, live, [key for key, _ in planned])

@@ -263,11 +263,13 @@ def naming_problem(plan: PairPlan, fmt: str) -> str:
     return ""
 
 
-def chunk_key(pairs: list[PairPlan], output_uri: str) -> str:
+def chunk_key(pairs: list[PairPlan], output_uri: str, redo: bool = False) -> str:
     """A chunk's identity from its content alone: the output it writes to and its pairs' keys
     (which cover the inputs, every parameter, the weights and the encoding) and names; never its
-    parent or its position. Any parent that plans the same pairs finds the chunk runs holding them."""
-    blob = "\n".join([output_uri.rstrip("/"), *(f"{p.key} {p.name}" for p in pairs)])
+    parent or its position. Any parent that plans the same pairs finds the chunk runs holding them.
+    ``redo`` (skip_existing off) is a content of its own: a run that skips done pairs does not make
+    them again for a parent asked to."""
+    blob = "\n".join([output_uri.rstrip("/"), *(f"{p.key} {p.name}" for p in pairs), *(["redo"] if redo else [])])
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -45,6 +45,8 @@ def test_a_chunk_is_keyed_by_its_content_and_output_never_by_its_parent():
     keys = [key for key, _ in plan_chunks(todo, 2, "s3://b/out/")]
     assert keys == [key for key, _ in plan_chunks(list(todo), 2, "s3://b/out/")]
     assert not set(keys) & {key for key, _ in plan_chunks(todo, 2, "s3://b/other/")}
+    # old: a run with skip_existing off adopted a live chunk run that skips done pairs, and redid none
+    assert not set(keys) & {key for key, _ in plan_chunks(todo, 2, "s3://b/out/", redo=True)}
     renamed = [todo[0], PairPlan(1, "c1", "s", "cid", "sid", "renamed", "renamed.jpg", "renamed.json", "key1")]
     assert [key for key, _ in plan_chunks(renamed, 2, "s3://b/out/")] != keys[:1]
 
