@@ -253,11 +253,15 @@ def _on_cancel(flow, flow_run, state) -> None:
 
 
 def _on_crash(flow, flow_run, state) -> None:
-    """The process died under the flow (a crash the flow body did not see): stop the chunk runs and
-    replace the "running" report (the write probe), if it still says so, with one that says the run
-    stopped (best effort)."""
+    """The run crashed: replace the "running" report (the write probe), if it still says so, with
+    one that says the run stopped (best effort). Its chunk runs stop with it only when the crash
+    happened in this process (the engine saw it: a Kubernetes or Docker worker's Cancel is a plain
+    SIGTERM). A worker runs this hook too, in its own process, once the flow's process died (kill -9,
+    an OOM kill): then the chunk runs go on on their GPU workers and the next run adopts them;
+    cancelled here, the pairs they were computing were lost and made again."""
     try:
-        cancel_children(str(flow_run.id), f"{PARENT_STOPPED} crashed")
+        if str(flow_run.id) in in_progress:
+            cancel_children(str(flow_run.id), f"{PARENT_STOPPED} crashed")
     except Exception:
         pass
     finally:  # after: an exit at once meanwhile must still find the run and cancel its chunk runs

@@ -755,6 +755,29 @@ def test_the_crash_hook_replaces_only_a_report_that_still_says_running(tmp_path)
     assert json.loads(key.read_text())["error"] == "Execution was aborted by a termination signal."
 
 
+def test_a_crash_seen_by_a_worker_leaves_the_chunk_runs_for_the_next_run_to_adopt(tmp_path, monkeypatch):
+    """Prefect's process worker runs on_crashed in its own process once the flow's process exits
+    non-zero (kill -9, an OOM kill). Old: the hook then cancelled every chunk run of the parent, mid-pair,
+    where the README promises they go on and the next run adopts them. A crash in the flow's own
+    process (a worker's Cancel as SIGTERM) still stops them."""
+    import uuid
+
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.states import Crashed
+
+    from flows import batch
+
+    cancelled = []
+    monkeypatch.setattr(batch, "cancel_children", lambda parent, why="": cancelled.append(parent))
+    run = FlowRun(id=uuid.uuid4(), name="nightly", flow_id=uuid.uuid4(), run_count=1,
+                  parameters={"output": {"uri": str(tmp_path)}})
+    batch._on_crash(None, run, Crashed(message="Process exited with status code: -9."))
+    assert cancelled == []
+    batch.in_progress.add(str(run.id))  # the flow body runs in this process
+    batch._on_crash(None, run, Crashed(message="Execution was aborted by a termination signal."))
+    assert cancelled == [str(run.id)] and str(run.id) not in batch.in_progress
+
+
 def test_the_api_failing_while_artifacts_are_published_leaves_a_finished_run_completed(tmp_path, monkeypatch):
     """Every pair written and the report saved, then the Prefect API drops while the summary table is
     created: the run ended Failed (ConnectError) and ``nst batch`` exited 1 over a card. Artifacts
