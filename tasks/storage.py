@@ -314,6 +314,11 @@ class Storage:
         backend gives one at listing time (S3: its ETag), else its SHA-256."""
         raise NotImplementedError
 
+    def create(self, key: str, data: bytes) -> bool:
+        """Write ``data`` at ``key`` only if no object is there, as one step no other writer can
+        come between (S3: If-None-Match; a folder: a hard link); False if one was."""
+        raise NotImplementedError
+
     def exists(self, key: str) -> bool:
         raise NotImplementedError
 
@@ -443,6 +448,27 @@ class LocalStorage(Storage):
                 raise WriteRefusedError(f"{path}: cannot write: {err.strerror or err}") from None
             raise
         return _sha256(data)
+
+    def create(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._temp_dir(create=True) / f"{os.getpid()}-{uuid.uuid4().hex}.{_TEMP_OWNER}"
+        tmp.write_bytes(data)
+        try:
+            os.link(tmp, path)  # whole or not at all, and never over another's
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: exclusive create, then the bytes
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def info(self, key: str) -> ObjectInfo | None:
         path = self._path(key)
@@ -692,6 +718,15 @@ class S3Storage(Storage):
                 raise WriteRefusedError(str(wrapped)) from None
             raise wrapped from None
         return str(resp.get("ETag", "")).strip('"') or _sha256(data)
+
+    def create(self, key: str, data: bytes) -> bool:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+            return True
+        except Exception as err:
+            if _error_code(err) in ("PreconditionFailed", "ConditionalRequestConflict"):  # 412; 409: another's in flight
+                return False
+            raise self._wrap(err, key) from None
 
     def info(self, key: str) -> ObjectInfo | None:
         try:

@@ -906,6 +906,81 @@ def test_a_pair_another_run_made_after_this_one_planned_is_not_made_again(tmp_pa
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.json")} == made
 
 
+def test_two_runs_on_one_output_that_overlap_make_each_pair_once(tmp_path):
+    """A manual rerun started while the nightly runs. Old: the later run caught up with the earlier
+    one (skipping what it found done) and then moved with it in lockstep: each pair was checked
+    before the other had written it, and every pair left was made by both. Now a pair's claim is
+    taken as it starts; the other run leaves it and, at its end, waits for it."""
+    import threading
+    import time
+
+    source = _cross_folders(tmp_path, 4, 2)  # 8 pairs
+    output = OutputSpec(uri=str(tmp_path / "out"))
+    params = tiny_params(iterations=30)
+    first: list = []
+    nightly = threading.Thread(target=lambda: first.append(run(source, output, params, window=2)))
+    nightly.start()
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "out").glob("*.json")) and time.monotonic() < deadline:  # its first pair made
+        time.sleep(0.05)
+    rerun = run(source, output, params, window=2)
+    nightly.join(300)
+    assert not nightly.is_alive() and first[0].is_completed() and rerun.is_completed(), (first, rerun)
+    reports = [first[0].result(), rerun.result()]
+    made = [r["totals"]["done"] for r in reports]
+    assert sum(made) == 8 and all(r["totals"]["failed"] == 0 for r in reports), [r["totals"] for r in reports]
+    assert len(list((tmp_path / "out").glob("*.jpg"))) == 8
+    assert not list((tmp_path / "out" / "_runs" / "claims").glob("*")), "claims and heartbeats left behind"
+
+
+def test_a_pair_held_by_a_run_that_dies_is_made_once_its_heartbeat_is_stale(tmp_path, monkeypatch, caplog):
+    """The other run's machine died mid-pair (on another machine: no process to look up): its claim
+    stays. The run leaves the pair, makes the others, then waits; once the dead run's heartbeat is
+    STALE_S old it takes the claim and makes the pair: nothing lost, and bounded."""
+    import datetime as dt
+    import threading
+
+    from tasks import claims as claims_mod
+    from tasks import pair as pair_mod
+    from tasks.claims import Claims
+    from tasks.storage import open_storage
+
+    monkeypatch.setattr(claims_mod, "STALE_S", 1.5)
+    monkeypatch.setattr(pair_mod, "POLL_S", 0.2)
+    source = _cross_folders(tmp_path, 2, 1)
+    output = OutputSpec(uri=str(tmp_path / "out"))
+    assert run(source, output).result()["totals"]["done"] == 2
+    out = open_storage(output.uri)
+    names = sorted(p.name for p in (tmp_path / "out").glob("*.jpg"))
+    for p in (tmp_path / "out").glob("c0__*"):
+        p.unlink()  # c0's pair is to be made again, and the dead run holds it
+    ghost = Claims(out, {"id": "ghost", "name": "lost-machine"})
+    from tasks.contract import PairPlan
+    held = PairPlan(0, "", "", "", "", names[0].rsplit(".", 1)[0], names[0], "", "")
+    out.write(ghost.key(held), json.dumps({"run": "ghost", "name": "lost-machine"}).encode())
+    # the ghost's heartbeat goes on until the run has found its claim live, then its machine dies
+    found_live, take = threading.Event(), Claims.take
+    monkeypatch.setattr(Claims, "take", lambda self, p: (lambda h: (h and found_live.set(), h)[1])(take(self, p)))
+
+    def beat():
+        while not found_live.is_set():
+            now = dt.datetime.now(dt.timezone.utc).isoformat()
+            out.write("_runs/claims/ghost.live", json.dumps({"run": "ghost", "at": now}).encode())
+            found_live.wait(0.2)
+
+    beating = threading.Thread(target=beat, daemon=True)
+    beat_once = dt.datetime.now(dt.timezone.utc).isoformat()
+    out.write("_runs/claims/ghost.live", json.dumps({"run": "ghost", "at": beat_once}).encode())
+    beating.start()
+    with caplog.at_level("INFO"):
+        report = run(source, output).result()
+    found_live.set()
+    assert report["totals"] == {"pairs": 2, "done": 1, "skipped": 1, "failed": 0}, report["totals"]
+    assert "is being made by run lost-machine (ghost)" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.jpg")) == names
+    assert not (tmp_path / "out" / "_runs" / "claims" / ghost.key(held).rsplit("/", 1)[1]).exists()
+
+
 @pytest.mark.parametrize("hook", ["_on_cancel", "_on_crash"])
 def test_a_stopped_run_stays_in_progress_until_its_hook_has_cancelled_its_chunk_runs(monkeypatch, hook):
     """An exit at once (a second Ctrl-C) while the hook cancels hundreds of chunk runs must still

@@ -222,14 +222,16 @@ def test_a_recorded_process_that_cannot_be_judged_is_never_called_gone(monkeypat
         assert orphans.process_gone(odd) is None, odd
     assert orphans.process_gone({**here, "started": here["started"] + 1}) is not None  # its pid, reused
 
-    readable = orphans._stat
+    from tasks import processes
+
+    readable = processes._stat
 
     def hidden(pid):  # pid 1's /proc entry hidden from this user; this process's own readable
         if pid == 1:
             raise PermissionError(13, "hidepid")
         return readable(pid)
 
-    monkeypatch.setattr(orphans, "_stat", hidden)
+    monkeypatch.setattr(processes, "_stat", hidden)
     assert orphans.process_gone({**here, "pid": 1}) is None  # pid 1 exists: kill(1, 0) says so
 
 

@@ -17,6 +17,7 @@ def plan(i: int) -> PairPlan:
 
 class Ctx:
     storage = None
+    claims = None
 
     def __init__(self):
         self.health = StorageHealth()
@@ -63,7 +64,7 @@ def test_window_bounds_pairs_in_flight(monkeypatch):
     tracker = {"in_flight": 0, "peak": 0}
 
     class Task:
-        def submit(self, p, ctx):
+        def submit(self, p, ctx, wait=False):
             tracker["in_flight"] += 1
             tracker["peak"] = max(tracker["peak"], tracker["in_flight"])
             fut = FakeFuture(PairDone(ReportItem(p.content, p.style, "done", "out"), (b"", b"", b"")))
@@ -84,7 +85,7 @@ def test_window_collects_whichever_pair_finishes_first(monkeypatch):
     order = []
 
     class Task:
-        def submit(self, p, ctx):
+        def submit(self, p, ctx, wait=False):
             fut = FakeFuture(PairDone(ReportItem(p.content, p.style, "done", "out"), (b"", b"", b"")))
             if p.index == 0:  # the slow pair: finishes only once 5 others were collected, or after 10 s
                 threading.Thread(target=lambda: (slow_released.wait(10), fut.finish()), daemon=True).start()
@@ -114,7 +115,7 @@ def test_no_pair_is_started_once_storage_is_declared_unreachable(monkeypatch):
     ctx = Ctx()
 
     class Task:
-        def submit(self, p, ctx):
+        def submit(self, p, ctx, wait=False):
             started.append(p.index)
             if p.index == 2:
                 ctx.health.declare(datetime(2025, 1, 1, 3, 4, 5, tzinfo=timezone.utc))
@@ -149,7 +150,7 @@ def test_the_first_window_is_announced_before_any_pair_starts(monkeypatch):
     ctx, seen = Announcing(), []
 
     class Task:
-        def submit(self, p, ctx):
+        def submit(self, p, ctx, wait=False):
             seen.append(set(ctx.announced))
             if p.index == 1:  # the storage goes away: pairs 2 and 3 were announced and never start
                 ctx.health.declare(datetime(2025, 1, 1, tzinfo=timezone.utc))

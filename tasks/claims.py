@@ -1,0 +1,156 @@
+"""Pair claims: which run is making a pair now, so that two runs on one output (a nightly running
+late, a manual rerun) never both make it.
+
+A run with ``skip_existing`` takes a pair's claim as the pair starts, after the done rule: an
+object ``_runs/claims/{hash of the image key}.json``, created only if none is there
+(``Storage.create``: S3's If-None-Match, a folder's hard link), and removed when the pair ends.
+A pair whose claim another live run holds is left for later (``Claims.take`` names the holder);
+once the run's other pairs are through it waits for each such pair: made meanwhile, it is
+skipped as made by another run; its holder dead, it takes the claim and makes the pair.
+
+A run is live while its heartbeat, ``_runs/claims/{flow run id}.live``, is renewed (every
+RENEW_S). A claim is stale when its run's heartbeat is gone (the run ended without removing it),
+was last renewed over STALE_S ago by this machine's clock (keep it well above the machines'
+skew), or its process is gone from this machine (``processes.process_gone``: a kill -9 rerun on
+the same machine takes the claims at once).
+
+Left: two runs that find one stale claim at the same moment may both take it over (the delete
+and the create are two steps); an S3-compatible store that ignores If-None-Match gives each
+creator the claim, which is the old behaviour (both make the pair, to the same bytes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from datetime import datetime, timezone
+
+from .contract import RUNS, PairPlan
+from .processes import process_gone, this_process
+from .storage import MissingObjectError, Storage, StorageError, StorageHealth, retrying
+
+__all__ = ["Claims", "CLAIMS", "RENEW_S", "STALE_S", "POLL_S"]
+
+CLAIMS = f"{RUNS}/claims"
+#: How often a run renews its heartbeat (s).
+RENEW_S = 30.0
+#: A heartbeat older than this (s, by this machine's clock) is a dead run's.
+STALE_S = 180.0
+#: How often a run waiting for another's pair looks again (s).
+POLL_S = 5.0
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+class Claims:
+    """The claims of one run (``run``: its flow run {id, name}) on ``storage``, thread-safe."""
+
+    def __init__(self, storage: Storage, run: dict, health: StorageHealth | None = None):
+        self.storage, self.run, self.health = storage, run, health
+        self._held: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._renewing: threading.Thread | None = None
+
+    def key(self, pair: PairPlan) -> str:
+        return f"{CLAIMS}/{hashlib.sha256(pair.image_key.encode()).hexdigest()[:40]}.json"
+
+    def _heartbeat_key(self, run_id: str) -> str:
+        return f"{CLAIMS}/{run_id}.live"
+
+    def _call(self, fn):
+        return retrying(fn, health=self.health)
+
+    def start(self) -> None:
+        """Write the heartbeat, then renew it every RENEW_S in a daemon thread until ``stop``. Never
+        raises: without a heartbeat this run's claims look abandoned, and another run may make its
+        pairs too (the old behaviour), which loses nothing."""
+        try:
+            self._beat()
+        except Exception:
+            pass
+        self._renewing = threading.Thread(target=self._renew, name="nst-claims", daemon=True)
+        self._renewing.start()
+
+    def _beat(self) -> None:
+        body = json.dumps({"run": self.run.get("id"), "at": _now()}).encode()
+        self._call(lambda: self.storage.write(self._heartbeat_key(str(self.run.get("id"))), body, "application/json"))
+
+    def _renew(self) -> None:
+        while not self._stop.wait(RENEW_S):
+            try:
+                self._beat()
+            except Exception:  # the storage's trouble is the pairs' to report; the next beat tries again
+                pass
+
+    def stop(self) -> None:
+        """Stop renewing and remove the heartbeat (best effort: a stale one is judged by its age)."""
+        self._stop.set()
+        if self._renewing is not None:
+            self._renewing.join(5)
+        try:
+            self.storage.delete(self._heartbeat_key(str(self.run.get("id"))))
+        except Exception:
+            pass
+
+    def take(self, pair: PairPlan) -> str | None:
+        """Take ``pair``'s claim: None when this run holds it now, else who holds it ("run NAME (ID)")."""
+        key = self.key(pair)
+        body = json.dumps({"run": self.run.get("id"), "name": self.run.get("name"), "pair": pair.image_key,
+                           "process": this_process(), "at": _now()}).encode()
+        for _ in range(3):  # a claim removed or taken over between our create and our read
+            if self._call(lambda: self.storage.create(key, body)):
+                with self._lock:
+                    self._held.add(key)
+                return None
+            try:
+                found = json.loads(self._call(lambda: self.storage.read(key))[0])
+            except MissingObjectError:
+                continue  # released meanwhile: try again
+            except (ValueError, StorageError):
+                found = {}
+            found = found if isinstance(found, dict) else {}
+            if found.get("run") == self.run.get("id"):  # an earlier attempt of this flow run (Prefect's Retry)
+                with self._lock:
+                    self._held.add(key)
+                return None
+            if self._stale(found) is None:
+                return f"run {found.get('name') or '?'} ({found.get('run') or 'unknown'})"
+            self._call(lambda: self.storage.delete(key))  # a dead run's: take it over
+        return "another run (its claim changed hands while this run looked)"
+
+    def _stale(self, found: dict) -> str | None:
+        """Why a claim's run is dead, or None while it is live (or nothing tells)."""
+        if why := process_gone(found.get("process")):
+            return why
+        run = found.get("run")
+        if not isinstance(run, str):
+            return "it names no run"
+        try:
+            beat = json.loads(self._call(lambda: self.storage.read(self._heartbeat_key(run)))[0])
+        except MissingObjectError:
+            return "its run ended without removing it"
+        except (ValueError, StorageError):
+            return None
+        try:
+            age = time.time() - datetime.fromisoformat(beat["at"]).timestamp()
+        except (KeyError, TypeError, ValueError):
+            return None
+        return f"its run's heartbeat is {age:.0f} s old" if age > STALE_S else None
+
+    def release(self, pair: PairPlan) -> None:
+        """Remove ``pair``'s claim if this run holds it (best effort: a claim left behind is stale
+        once this run's heartbeat is)."""
+        key = self.key(pair)
+        with self._lock:
+            if key not in self._held:
+                return
+            self._held.discard(key)
+        try:
+            self._call(lambda: self.storage.delete(key))
+        except Exception:
+            pass

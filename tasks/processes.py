@@ -1,0 +1,61 @@
+"""Which process wrote a record, and whether it is gone: enough for a later run on the same
+machine to tell a dead run's report or claim from a live one (Linux; elsewhere nothing can tell)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .storage import pid_space
+
+__all__ = ["this_process", "process_gone"]
+
+
+def this_process(pid: int | None = None) -> dict | None:
+    """{boot, pid_ns, pid, started} of this process (or ``pid``, of this pid namespace) on Linux,
+    else None: enough for a later run on this machine to know the process is gone, and never to
+    mistake another machine's or container's process for it (a boot and a pid namespace of its
+    own: pids repeat across them; ``started``, in clock ticks since boot: a pid is reused once its
+    process is gone)."""
+    space = pid_space()
+    if space is None:
+        return None
+    try:
+        return {"boot": space[0], "pid_ns": space[1], "pid": pid or os.getpid(), "started": _started(pid or os.getpid())}
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_gone(process) -> str | None:
+    """Why the process a report recorded (``this_process``) is gone, or None: it is alive, or it ran
+    on another machine or container, or nothing usable was recorded (nothing here can tell)."""
+    here = this_process()
+    if not isinstance(process, dict) or here is None:
+        return None
+    if (process.get("boot"), process.get("pid_ns")) != (here["boot"], here["pid_ns"]):
+        return None
+    pid, started = process.get("pid"), process.get("started")
+    if not all(type(v) is int and v > 0 for v in (pid, started)):  # not bool, float, or a JSON oddity
+        return None
+    try:
+        fields = _stat(pid)
+        if int(fields[19]) == started and fields[0] != "Z":  # starttime (field 22), state (3): a zombie has ended
+            return None
+    except (OSError, ValueError, IndexError):
+        try:  # unreadable: gone, or hidden (/proc mounted hidepid: another user's process)
+            os.kill(pid, 0)
+            return None
+        except ProcessLookupError:
+            pass
+        except OSError:
+            return None
+    return f"its process (pid {pid}) is gone from this machine"
+
+
+def _stat(pid: int) -> list[str]:
+    """/proc/{pid}/stat's fields from the third on (after the command name, which may hold spaces)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _started(pid: int) -> int:
+    return int(_stat(pid)[19])  # field 22, starttime
