@@ -3,7 +3,7 @@ late, a manual rerun) never both make it.
 
 A run with ``skip_existing`` takes a pair's claim as the pair starts, after the done rule: an
 object ``_runs/claims/{hash of the image key}.json``, created only if none is there
-(``Storage.create``: S3's If-None-Match, a folder's hard link), and removed when the pair ends.
+(``Storage.create``: S3's If-None-Match, a folder's hard link), and removes it when the pair ends.
 A pair whose claim another live run holds is left for later (``Claims.take`` names the holder);
 once the run's other pairs are through it waits for each such pair: made meanwhile, it is
 skipped as made by another run; its holder dead, it takes the claim and makes the pair.
@@ -29,9 +29,9 @@ from datetime import datetime, timezone
 
 from .contract import RUNS, PairPlan
 from .processes import process_gone, this_process
-from .storage import MissingObjectError, Storage, StorageError, StorageHealth, retrying
+from .storage import MissingObjectError, Storage, StorageError, StorageHealth, WriteRefusedError, retrying
 
-__all__ = ["Claims", "CLAIMS", "RENEW_S", "STALE_S", "POLL_S"]
+__all__ = ["Claims", "CLAIMS", "RENEW_S", "STALE_S", "POLL_S", "WAIT_S", "UNREADABLE_TRIES"]
 
 CLAIMS = f"{RUNS}/claims"
 #: How often a run renews its heartbeat (s).
@@ -40,6 +40,19 @@ RENEW_S = 30.0
 STALE_S = 180.0
 #: How often a run waiting for another's pair looks again (s).
 POLL_S = 5.0
+#: How long a run waits for the pairs another live run holds, after its own (s; env NST_CLAIM_WAIT_S).
+WAIT_S = 3600.0
+#: At a run's start, heartbeats older than this (s) are removed, and at most SWEEP_MAX objects looked at.
+SWEEP_AGE_S = 86400.0
+SWEEP_MAX = 1000
+#: Looks at a claim that cannot be read (a store's error, a file being written) before it counts as abandoned.
+UNREADABLE_TRIES = 3
+
+
+#: Flow run ids whose claims this process is renewing now: a claim written by this process for a
+#: run not among them was left by a run that ended here (its release and heartbeat's removal failed).
+_live_here: set[str] = set()
+_live_lock = threading.Lock()
 
 
 def _now() -> str:
@@ -52,6 +65,7 @@ class Claims:
     def __init__(self, storage: Storage, run: dict, health: StorageHealth | None = None):
         self.storage, self.run, self.health = storage, run, health
         self._held: set[str] = set()
+        self._unreadable: dict[str, int] = {}  # claim key -> looks that could not read it
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._renewing: threading.Thread | None = None
@@ -69,12 +83,38 @@ class Claims:
         """Write the heartbeat, then renew it every RENEW_S in a daemon thread until ``stop``. Never
         raises: without a heartbeat this run's claims look abandoned, and another run may make its
         pairs too (the old behaviour), which loses nothing."""
+        with _live_lock:
+            _live_here.add(str(self.run.get("id")))
         try:
             self._beat()
+            self._sweep()
         except Exception:
             pass
         self._renewing = threading.Thread(target=self._renew, name="nst-claims", daemon=True)
         self._renewing.start()
+
+    def _sweep(self) -> int:
+        """Remove what dead runs left under CLAIMS (a kill -9 leaves its heartbeat, and a claim whose
+        pair was made later is never taken again): heartbeats over a day old, claims whose run has no
+        heartbeat. One listing, a read per claim found (at most SWEEP_MAX). Returns how many."""
+        removed = 0
+        listed = self._call(lambda: self.storage.list(CLAIMS, flat=True))[:SWEEP_MAX]
+        beats = {info.key for info in listed if info.key.endswith(".live")}
+        for info in listed:
+            if info.key.endswith(".live"):
+                try:
+                    age = time.time() - datetime.fromisoformat(json.loads(self.storage.read(info.key)[0])["at"]).timestamp()
+                except (KeyError, TypeError, ValueError, StorageError):
+                    continue
+                if age > SWEEP_AGE_S:
+                    self.storage.delete(info.key)
+                    removed += 1
+            elif info.key.endswith(".json"):
+                found = self._read(info.key)
+                if found and f"{CLAIMS}/{found.get('run')}.live" not in beats and found.get("run") != self.run.get("id"):
+                    self.storage.delete(info.key)
+                    removed += 1
+        return removed
 
     def _beat(self) -> None:
         body = json.dumps({"run": self.run.get("id"), "at": _now()}).encode()
@@ -87,15 +127,32 @@ class Claims:
             except Exception:  # the storage's trouble is the pairs' to report; the next beat tries again
                 pass
 
-    def stop(self) -> None:
-        """Stop renewing and remove the heartbeat (best effort: a stale one is judged by its age)."""
+    def stop(self, ended: bool = True) -> None:
+        """Stop renewing; ``ended`` (the run's pairs are all through): remove the heartbeat too (best
+        effort: a stale one is judged by its age). A run stopped part-way (a cancel) leaves it to go
+        stale: its pairs still in flight hold their claims until they stop."""
         self._stop.set()
         if self._renewing is not None:
             self._renewing.join(5)
+        with _live_lock:
+            _live_here.discard(str(self.run.get("id")))
+        if ended:
+            try:
+                self.storage.delete(self._heartbeat_key(str(self.run.get("id"))))
+            except Exception:
+                pass
+
+    def _create(self, key: str, body: bytes) -> bool:
+        """``Storage.create``, its refusals told to the run's health as a write's are (a full disk
+        stops the run, whichever write meets it first). One that goes through is not told: a claim
+        of a few hundred bytes fits on a disk too full for any image."""
+        started_at = datetime.now(timezone.utc)
         try:
-            self.storage.delete(self._heartbeat_key(str(self.run.get("id"))))
-        except Exception:
-            pass
+            return self._call(lambda: self.storage.create(key, body))
+        except WriteRefusedError as err:
+            if self.health is not None:
+                self.health.wrote(err, started_at)
+            raise
 
     def take(self, pair: PairPlan) -> str | None:
         """Take ``pair``'s claim: None when this run holds it now, else who holds it ("run NAME (ID)")."""
@@ -103,33 +160,53 @@ class Claims:
         body = json.dumps({"run": self.run.get("id"), "name": self.run.get("name"), "pair": pair.image_key,
                            "process": this_process(), "at": _now()}).encode()
         for _ in range(3):  # a claim removed or taken over between our create and our read
-            if self._call(lambda: self.storage.create(key, body)):
+            if self._create(key, body):
                 with self._lock:
                     self._held.add(key)
                 return None
-            try:
-                found = json.loads(self._call(lambda: self.storage.read(key))[0])
-            except MissingObjectError:
+            found = self._read(key)
+            if found is None:
                 continue  # released meanwhile: try again
-            except (ValueError, StorageError):
-                found = {}
-            found = found if isinstance(found, dict) else {}
             if found.get("run") == self.run.get("id"):  # an earlier attempt of this flow run (Prefect's Retry)
+                self._call(lambda: self.storage.write(key, body, "application/json"))  # now with this process
                 with self._lock:
                     self._held.add(key)
                 return None
-            if self._stale(found) is None:
+            if self._stale(key, found) is None:
                 return f"run {found.get('name') or '?'} ({found.get('run') or 'unknown'})"
             self._call(lambda: self.storage.delete(key))  # a dead run's: take it over
         return "another run (its claim changed hands while this run looked)"
 
-    def _stale(self, found: dict) -> str | None:
+    def _read(self, key: str) -> dict | None:
+        """A claim's content; None if it is gone; {} if it cannot be read (counted: see _stale)."""
+        try:
+            found = json.loads(self._call(lambda: self.storage.read(key))[0])
+        except MissingObjectError:
+            return None
+        except (ValueError, StorageError):
+            found = None
+        with self._lock:
+            if isinstance(found, dict):
+                self._unreadable.pop(key, None)
+                return found
+            self._unreadable[key] = self._unreadable.get(key, 0) + 1
+        return {}
+
+    def _stale(self, key: str, found: dict) -> str | None:
         """Why a claim's run is dead, or None while it is live (or nothing tells)."""
+        if not found:  # a store's error, or a claim being written (a folder without hard links)
+            with self._lock:
+                tries = self._unreadable.get(key, 0)
+            return f"it could not be read in {tries} looks" if tries >= UNREADABLE_TRIES else None
         if why := process_gone(found.get("process")):
             return why
         run = found.get("run")
         if not isinstance(run, str):
             return "it names no run"
+        if (here := this_process()) is not None and found.get("process") == here:
+            with _live_lock:
+                if run not in _live_here:
+                    return "its run ended in this process"
         try:
             beat = json.loads(self._call(lambda: self.storage.read(self._heartbeat_key(run)))[0])
         except MissingObjectError:
@@ -143,14 +220,17 @@ class Claims:
         return f"its run's heartbeat is {age:.0f} s old" if age > STALE_S else None
 
     def release(self, pair: PairPlan) -> None:
-        """Remove ``pair``'s claim if this run holds it (best effort: a claim left behind is stale
-        once this run's heartbeat is)."""
+        """Remove ``pair``'s claim if this run holds it and it is still this run's (another run may
+        have taken it over, judging this run dead); best effort: a claim left behind is stale once
+        this run's heartbeat is."""
         key = self.key(pair)
         with self._lock:
             if key not in self._held:
                 return
             self._held.discard(key)
         try:
-            self._call(lambda: self.storage.delete(key))
+            found = self._read(key)
+            if found and found.get("run") == self.run.get("id"):
+                self._call(lambda: self.storage.delete(key))
         except Exception:
             pass

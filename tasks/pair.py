@@ -35,7 +35,7 @@ from .contract import PairPlan, ReportItem, done_in, done_item, image_record, si
 from .credentials import DEFAULT_CHAIN, StorageCredentials
 from .lru import LRU
 from .steps import StepRequest, device_steps
-from .claims import POLL_S, STALE_S, Claims
+from .claims import Claims
 from .storage import StorageHealth, WriteRefusedError, open_storage, read_object, read_uri, retrying
 
 __all__ = ["PairContext", "PairDone", "PairTimeoutError", "PairStopped", "InputChangedError", "ObjectCache", "process_pair",
@@ -160,12 +160,10 @@ class PairContext:
 @dataclass
 class PairDone:
     """A finished pair: its report item and contact-sheet thumbnails (JPEG bytes; None for a pair
-    another run made). ``deferred``: not finished, another live run is making it (who): the run
-    comes back to it once its other pairs are through (``process_pair(..., wait=True)``)."""
+    another run made)."""
 
-    item: ReportItem | None
+    item: ReportItem
     thumbs: tuple[bytes, bytes, bytes] | None = field(repr=False)
-    deferred: str | None = None
 
 
 def _thumb(img) -> bytes:
@@ -287,18 +285,16 @@ def _stylize_step(ctx: PairContext, device: str, requests: list[StepRequest]) ->
 
 
 @task(name="pair", task_run_name="{pair.name}", cache_policy=NO_CACHE, persist_result=False)
-def process_pair(pair: PairPlan, ctx: PairContext, wait: bool = False) -> PairDone | State:
+def process_pair(pair: PairPlan, ctx: PairContext) -> PairDone | State:
     """Fetch both inputs, stylize in a device step (``tasks.steps``: with up to
     ``pairs_per_step`` - 1 other pairs of the same output shape), write the image then the
     sidecar; never retried as a whole. A pair stopped on request (Ctrl-C, SIGTERM, the UI's Cancel)
     ends Cancelled with its reason; one that fails for a reason of ours (an NSTError: a bad or
     changed input, its time limit, storage) ends Failed with its one line, which names the input.
     Neither is a traceback: the task runner logs one per raising task, ~20 lines a pair in the
-    nightly log for one bad style. Anything else (a bug) still raises, with its traceback.
-    A pair another live run is making comes back ``deferred``, or with ``wait`` is waited for."""
+    nightly log for one bad style. Anything else (a bug) still raises, with its traceback. With
+    claims (skip_existing) the run holds the pair's claim when this starts; it lets go at the end."""
     try:
-        if ctx.recheck_done and (made := _claim(pair, ctx, wait)) is not None:
-            return made
         return _process(pair, ctx)
     except PairStopped as err:
         return Cancelled(message=str(err))
@@ -312,29 +308,6 @@ def process_pair(pair: PairPlan, ctx: PairContext, wait: bool = False) -> PairDo
 
 #: The note of a pair another run on this output made after this run planned.
 MADE_BY_ANOTHER = "made by another run on this output after this run planned"
-
-
-def _claim(pair: PairPlan, ctx: PairContext, wait: bool) -> PairDone | None:
-    """Before a pair's work: its claim (``tasks.claims``), then the done rule again: another run on
-    this output (a nightly running late, a manual rerun) may have made it since this run planned,
-    and a holder lets go only once its image and sidecar are written. None: this run makes it now.
-    Else a PairDone: skipped (made meanwhile), or deferred (another live run holds it); with
-    ``wait``, looks again every POLL_S until one of the first two, or fails the pair once it has
-    waited pair_timeout_s + STALE_S (a holder whose pair hangs while its heartbeat goes on)."""
-    started = time.monotonic()
-    while True:
-        _check_stop(pair, ctx)
-        holder = ctx.claims.take(pair) if ctx.claims is not None else None
-        if holder is None:
-            return PairDone(skipped_item(pair, ctx.storage, note=MADE_BY_ANOTHER), None) \
-                if _made_meanwhile(pair, ctx) else None
-        if not wait:
-            return PairDone(None, None, deferred=holder)
-        waited = time.monotonic() - started
-        if ctx.pair_timeout_s and waited > ctx.pair_timeout_s + STALE_S:
-            raise NSTError(f"{pair.name}: still being made by {holder} after this run waited {waited:.0f} s "
-                           "(pair_timeout_s + STALE_S); left to it, or to the next run if it never finishes")
-        stop_requested.wait(POLL_S)
 
 
 def _made_meanwhile(pair: PairPlan, ctx: PairContext) -> bool:
@@ -361,6 +334,11 @@ def _process(pair: PairPlan, ctx: PairContext) -> PairDone:
 
     out = ctx.storage
     _check_stop(pair, ctx)
+    # Another run on this output (a nightly running late, a manual rerun) may have made the pair since
+    # this run planned: two reads (image, sidecar) against an optimization. Read once this run holds
+    # the pair's claim (tasks.claims): a holder lets go only once its image and sidecar are written.
+    if ctx.recheck_done and _made_meanwhile(pair, ctx):
+        return PairDone(skipped_item(pair, out, note=MADE_BY_ANOTHER), None)
     # Decoded straight from the fetch and sized as the engine will (where that changes nothing): a
     # waiting pair holds its images at the output size, not their file bytes or a full-size scan.
     content = presized(decode_image(_fetch(ctx, pair.content, pair.content_identity), pair.content), ctx.params).merged()

@@ -8,13 +8,18 @@ unreachable since HH:MM:SS UTC"), and a rerun does exactly those (the done rule 
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prefect import get_run_logger
 
-from .contract import PairPlan, ReportItem, failed_item
+from nst_core.errors import NSTError
+
+from . import claims as claims_mod
+from .contract import PairPlan, ReportItem, failed_item, skipped_item
 from .pair import PairContext, PairDone, process_pair, stop_requested
+from .storage import env_seconds
 
 __all__ = ["PipelineResult", "run_pairs"]
 
@@ -40,15 +45,21 @@ def run_pairs(
     """Run ``todo`` with at most ``window`` pair tasks in flight, collecting whichever finishes
     first (one slow pair never idles the other devices). Never raises for a bad pair. ``result``:
     where to collect, so that a caller stopped part-way (Ctrl-C) still has the pairs finished.
-    Pairs another live run on the output is making (``PairDone.deferred``) are run again at the
-    end, waiting for that run: made by it, or made here if it died."""
+
+    With ``ctx.claims`` (skip_existing) a pair's task starts only once this run holds its claim
+    (``tasks.claims``): a pair another live run on the output holds is left until this run's own
+    pairs are through, then started as its claim comes free (its task finds it made by that run,
+    or makes it if that run died), for at most WAIT_S; one pair, one task run."""
     if ctx.claims is None:
         return _run_pairs(todo, ctx, window, contact_sheet_rows, on_done, result)
     ctx.claims.start()
+    ended = False
     try:
-        return _run_pairs(todo, ctx, window, contact_sheet_rows, on_done, result)
-    finally:
-        ctx.claims.stop()
+        result = _run_pairs(todo, ctx, window, contact_sheet_rows, on_done, result)
+        ended = True
+        return result
+    finally:  # stopped part-way, the pairs in flight keep their claims until they stop
+        ctx.claims.stop(ended=ended)
 
 
 def _run_pairs(todo, ctx, window, contact_sheet_rows, on_done, result) -> PipelineResult:
@@ -56,10 +67,9 @@ def _run_pairs(todo, ctx, window, contact_sheet_rows, on_done, result) -> Pipeli
     result = PipelineResult() if result is None else result
     finished = 0
     done: queue.Queue = queue.Queue()
-    deferred: list[PairPlan] = []
+    deferred: dict[int, tuple[PairPlan, str]] = {}  # by PairPlan.index: the pair, who holds it
 
     def collect() -> None:
-        nonlocal finished
         while True:
             try:
                 p, fut = done.get(timeout=1.0)  # a timeout keeps Ctrl-C responsive
@@ -67,11 +77,6 @@ def _run_pairs(todo, ctx, window, contact_sheet_rows, on_done, result) -> Pipeli
             except queue.Empty:
                 continue
         outcome = fut.result(raise_on_failure=False)  # the task's return value, or its exception
-        if isinstance(outcome, PairDone) and outcome.deferred:
-            logger.info("pair %s x %s is being made by %s on this output: this run comes back to it at its end",
-                        p.content, p.style, outcome.deferred)
-            deferred.append(p)
-            return
         if isinstance(outcome, PairDone):
             result.items[p.index] = outcome.item
             if outcome.thumbs is not None and len(result.thumbs) < contact_sheet_rows:
@@ -80,37 +85,83 @@ def _run_pairs(todo, ctx, window, contact_sheet_rows, on_done, result) -> Pipeli
             error = _error_of(fut, outcome)
             result.items[p.index] = failed_item(p, error, ctx.storage)
             logger.error("pair %s x %s failed: %s", p.content, p.style, error)
+        count()
+
+    def count() -> None:
+        nonlocal finished
         finished += 1
         if on_done:
             on_done(finished, len(todo))
 
-    def drive(pairs: list[PairPlan], wait: bool) -> None:
-        # A device step may wait for announced pairs (tasks.steps). The first window is announced before
-        # any pair starts: announced one by one, a first pair could reach a device before the loop had
-        # announced the rest, and start a step alone.
-        for p in pairs[:window]:
-            ctx.announce(p)
-        inflight, submitted = 0, 0
-        for p in pairs:
-            if stop_requested.is_set() or ctx.health.unreachable_since():
-                break
-            ctx.announce(p)
-            submitted += 1
-            fut = process_pair.submit(p, ctx, wait)
-            fut.add_done_callback(lambda f, p=p: done.put((p, f)))
-            inflight += 1
-            while inflight >= window:
-                collect()
-                inflight -= 1
-        while inflight:
+    def claimed(p: PairPlan) -> bool:
+        """Whether this run holds ``p``'s claim now (always, without claims); a pair it cannot
+        claim for a reason of the storage's fails with that reason."""
+        if ctx.claims is None:
+            return True
+        try:
+            holder = ctx.claims.take(p)
+        except NSTError as err:
+            result.items[p.index] = failed_item(p, str(err), ctx.storage)
+            logger.error("pair %s x %s failed: %s", p.content, p.style, err)
+            count()
+            return False
+        if holder is None:
+            deferred.pop(p.index, None)
+            return True
+        if p.index not in deferred:
+            logger.info("pair %s x %s is being made by %s on this output: this run comes back to it at its end",
+                        p.content, p.style, holder)
+        deferred[p.index] = (p, holder)
+        return False
+
+    def start(p: PairPlan) -> None:
+        nonlocal inflight
+        started.add(p.index)
+        fut = process_pair.submit(p, ctx)
+        fut.add_done_callback(lambda f, p=p: done.put((p, f)))
+        inflight += 1
+        while inflight >= window:
             collect()
             inflight -= 1
-        for p in pairs[submitted:window]:
-            ctx.settle(p)  # announced, never started: no step waits for it
 
-    drive(todo, wait=False)
-    if deferred:  # the other run's pairs: waited for, in plan order
-        drive(sorted(deferred, key=lambda p: p.index), wait=True)
+    def stopped() -> bool:
+        return stop_requested.is_set() or ctx.health.unreachable_since() is not None
+
+    # A device step may wait for announced pairs (tasks.steps). The first window is announced before
+    # any pair starts: announced one by one, a first pair could reach a device before the loop had
+    # announced the rest, and start a step alone.
+    for p in todo[:window]:
+        ctx.announce(p)
+    inflight, started = 0, set()
+    for p in todo:
+        if stopped():
+            break
+        if claimed(p):
+            ctx.announce(p)
+            start(p)
+        else:
+            ctx.settle(p)  # announced perhaps, not started: no step waits for it
+    for p in todo[:window]:
+        if p.index not in started:
+            ctx.settle(p)  # announced, never started (a stop): no step waits for it
+    # the pairs another run held: started as their claims come free, for at most WAIT_S
+    deadline = time.monotonic() + env_seconds("NST_CLAIM_WAIT_S", claims_mod.WAIT_S)
+    while deferred and not stopped() and time.monotonic() < deadline:
+        for p, _ in sorted(deferred.values(), key=lambda d: d[0].index):
+            if stopped():
+                break
+            if claimed(p):
+                ctx.announce(p)
+                start(p)
+        if deferred:
+            stop_requested.wait(claims_mod.POLL_S)
+    while inflight:
+        collect()
+        inflight -= 1
+    for p, holder in deferred.values() if not stopped() else ():
+        result.items[p.index] = skipped_item(p, ctx.storage, note=f"left to {holder}, still making it when this "
+                                                                   "run ended; the next run makes it if it never does")
+        count()
     stop = ctx.health.stop_error()
     why = f"not run: {stop}" if stop else "run interrupted before the pair started"
     for p in todo:

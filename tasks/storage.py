@@ -177,7 +177,9 @@ _REFUSING_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "AccountProble
                              "InvalidToken", "NoSuchBucket", "SignatureDoesNotMatch", "TokenRefreshRequired"})
 
 
-_UNREACHABLE = re.compile(r"storage (?:unreachable|refuses writes) since (\d\d):(\d\d):(\d\d) UTC")
+# Only an outage: a chunk run whose own writes were refused (its worker's mount, its token) fails
+# its own pairs, and the parent's other chunks go on.
+_UNREACHABLE = re.compile(r"storage unreachable since (\d\d):(\d\d):(\d\d) UTC")
 
 
 class StorageUnreachableError(StorageError):
@@ -453,22 +455,30 @@ class LocalStorage(Storage):
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._temp_dir(create=True) / f"{os.getpid()}-{uuid.uuid4().hex}.{_TEMP_OWNER}"
-        tmp.write_bytes(data)
         try:
-            os.link(tmp, path)  # whole or not at all, and never over another's
-            return True
-        except FileExistsError:
-            return False
-        except OSError:  # a file system without hard links: exclusive create, then the bytes
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+                tmp.write_bytes(data)
+                os.link(tmp, path)  # whole or not at all, and never over another's
+                return True
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            return True
-        finally:
-            tmp.unlink(missing_ok=True)
+            except OSError as err:
+                if err.errno in _REFUSING_ERRNOS:
+                    raise
+                # a file system without hard links: exclusive create, then the bytes
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+                except FileExistsError:
+                    return False
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                return True
+            finally:
+                tmp.unlink(missing_ok=True)
+        except OSError as err:
+            if err.errno in _REFUSING_ERRNOS:  # as write's: a full disk stops the run
+                raise WriteRefusedError(f"{path}: cannot write: {err.strerror or err}") from None
+            raise
 
     def info(self, key: str) -> ObjectInfo | None:
         path = self._path(key)
@@ -720,13 +730,21 @@ class S3Storage(Storage):
         return str(resp.get("ETag", "")).strip('"') or _sha256(data)
 
     def create(self, key: str, data: bytes) -> bool:
+        if not _conditional_puts(self.client):  # a botocore before S3's conditional writes (1.35): look, then write
+            if self.info(key) is not None:
+                return False
+            self.write(key, data, "application/json")
+            return True
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
             return True
         except Exception as err:
             if _error_code(err) in ("PreconditionFailed", "ConditionalRequestConflict"):  # 412; 409: another's in flight
                 return False
-            raise self._wrap(err, key) from None
+            wrapped = self._wrap(err, key)
+            if not wrapped.transient and _error_code(err) in _REFUSING_CODES:
+                raise WriteRefusedError(str(wrapped)) from None
+            raise wrapped from None
 
     def info(self, key: str) -> ObjectInfo | None:
         try:
@@ -787,6 +805,12 @@ def within(inner: Storage, outer: Storage) -> bool:
     """Whether every object of ``inner`` is also an object of ``outer`` (the same place, or below it)."""
     a, b = inner.uri.rstrip("/"), outer.uri.rstrip("/")
     return a == b or a.startswith(b + "/")
+
+
+def _conditional_puts(client) -> bool:
+    """Whether this botocore knows PutObject's IfNoneMatch (S3's conditional writes, botocore 1.35);
+    boto3 >= 1.34 is allowed, and an older one refuses the parameter before sending anything."""
+    return "IfNoneMatch" in client.meta.service_model.operation_model("PutObject").input_shape.members
 
 
 def split_uri(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> tuple[Storage, str]:

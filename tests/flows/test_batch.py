@@ -941,12 +941,11 @@ def test_a_pair_held_by_a_run_that_dies_is_made_once_its_heartbeat_is_stale(tmp_
     import threading
 
     from tasks import claims as claims_mod
-    from tasks import pair as pair_mod
     from tasks.claims import Claims
     from tasks.storage import open_storage
 
     monkeypatch.setattr(claims_mod, "STALE_S", 1.5)
-    monkeypatch.setattr(pair_mod, "POLL_S", 0.2)
+    monkeypatch.setattr(claims_mod, "POLL_S", 0.2)
     source = _cross_folders(tmp_path, 2, 1)
     output = OutputSpec(uri=str(tmp_path / "out"))
     assert run(source, output).result()["totals"]["done"] == 2
@@ -979,6 +978,49 @@ def test_a_pair_held_by_a_run_that_dies_is_made_once_its_heartbeat_is_stale(tmp_
     assert "is being made by run lost-machine (ghost)" in caplog.text
     assert sorted(p.name for p in (tmp_path / "out").glob("*.jpg")) == names
     assert not (tmp_path / "out" / "_runs" / "claims" / ghost.key(held).rsplit("/", 1)[1]).exists()
+
+
+def test_a_pair_another_live_run_keeps_is_waited_for_within_a_deadline_and_left_to_it(tmp_path, monkeypatch):
+    """A holder whose pair hangs while its heartbeat goes on: old (the first claims), the run waited
+    for ever without pair_timeout_s. Now at most NST_CLAIM_WAIT_S, then the pair is reported left to
+    that run (skipped, not failed: it is being made; the next run makes it if it never is)."""
+    import datetime as dt
+    import threading
+
+    from tasks import claims as claims_mod
+    from tasks.claims import Claims
+    from tasks.contract import PairPlan
+    from tasks.storage import open_storage
+
+    monkeypatch.setattr(claims_mod, "POLL_S", 0.2)
+    monkeypatch.setenv("NST_CLAIM_WAIT_S", "2")
+    source = _cross_folders(tmp_path, 2, 1)
+    output = OutputSpec(uri=str(tmp_path / "out"))
+    assert run(source, output).result()["totals"]["done"] == 2
+    names = sorted(p.name for p in (tmp_path / "out").glob("*.jpg"))
+    for p in (tmp_path / "out").glob("c0__*"):
+        p.unlink()
+    out = open_storage(output.uri)
+    held = PairPlan(0, "", "", "", "", names[0].rsplit(".", 1)[0], names[0], "", "")
+    out.write(Claims(out, {}).key(held), json.dumps({"run": "ghost", "name": "hung"}).encode())
+    alive = threading.Event()
+
+    def beat():
+        while not alive.is_set():
+            now = dt.datetime.now(dt.timezone.utc).isoformat()
+            out.write("_runs/claims/ghost.live", json.dumps({"run": "ghost", "at": now}).encode())
+            alive.wait(0.2)
+
+    threading.Thread(target=beat, daemon=True).start()
+    try:
+        state = run(source, output)
+    finally:
+        alive.set()
+    assert state.is_completed(), state.message
+    report = state.result()
+    assert report["totals"] == {"pairs": 2, "done": 0, "skipped": 2, "failed": 0}, report["totals"]  # c1: done before
+    left = [i for i in report["items"] if "c0" in i["content"]]
+    assert left[0]["note"].startswith("left to run hung (ghost), still making it when this run ended"), left
 
 
 @pytest.mark.parametrize("hook", ["_on_cancel", "_on_crash"])

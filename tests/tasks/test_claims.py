@@ -82,3 +82,99 @@ def test_a_dead_runs_claim_is_taken_over(out, monkeypatch):
         out.write(dead.key(PAIR), json.dumps({"run": "run-a", "name": "nightly", "process": gone}).encode())
         assert live.take(PAIR) is None
     dead.stop()
+
+
+def test_a_claim_that_cannot_be_read_is_not_taken_from_a_live_run_at_once(out, monkeypatch):
+    """Old: a store's error on the read, or a claim file seen empty while its creator wrote it
+    (a folder without hard links), read as "it names no run" and the live run's claim was taken."""
+    a, b = Claims(out, {"id": "run-a", "name": "nightly"}), Claims(out, {"id": "run-b", "name": "rerun"})
+    a.start()
+    try:
+        assert a.take(PAIR) is None
+        out.write(a.key(PAIR), b"")  # being written
+        looks = [b.take(PAIR) for _ in range(claims_mod.UNREADABLE_TRIES)]
+        assert all(h is not None for h in looks[:-1]), looks
+        assert looks[-1] is None  # still unreadable after UNREADABLE_TRIES looks: abandoned
+    finally:
+        a.stop()
+
+
+def test_a_run_lets_go_only_of_its_own_claim_and_a_retry_records_its_own_process(out):
+    """Old: release deleted whatever claim was there (after a takeover, the new holder's), and a
+    Retry's attempt 2 kept attempt 1's dead process in the claim, so other runs took it over."""
+    a, b = Claims(out, {"id": "run-a", "name": "nightly"}), Claims(out, {"id": "run-b", "name": "rerun"})
+    assert a.take(PAIR) is None
+    out.write(a.key(PAIR), json.dumps({"run": "run-b", "name": "rerun", "process": this_process()}).encode())
+    b._held.add(b.key(PAIR))  # run-b took it over, judging run-a dead
+    a.release(PAIR)
+    assert json.loads(out.read(a.key(PAIR))[0])["run"] == "run-b"
+    b.release(PAIR)
+    if this_process() is not None:
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        attempt_1 = this_process(child.pid)
+        child.kill()
+        child.wait()
+        out.write(a.key(PAIR), json.dumps({"run": "run-a", "name": "nightly", "process": attempt_1}).encode())
+        a.start()
+        try:
+            assert a.take(PAIR) is None  # attempt 2 of run-a: its own
+            assert json.loads(out.read(a.key(PAIR))[0])["process"] == this_process()
+            assert b.take(PAIR) == "run nightly (run-a)"
+        finally:
+            a.stop()
+
+
+def test_a_claim_refused_by_a_full_disk_counts_as_a_refused_write(tmp_path, monkeypatch):
+    """Old: creating a claim on a full disk raised a bare OSError (a traceback per pair), and the
+    run never stopped: the write-refusal stop saw only image and sidecar writes."""
+    import errno
+    import os
+
+    from tasks import storage as storage_mod
+    from tasks.storage import StorageHealth, WriteRefusedError
+
+    out = open_storage(str(tmp_path / "out"))
+    health = Claims(out, {"id": "run-a", "name": "n"}, StorageHealth())
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage_mod.os, "link", full)
+    for _ in range(3):
+        with pytest.raises(WriteRefusedError, match="cannot write: No space left on device"):
+            health.take(PAIR)
+    assert "storage refuses writes since" in str(health.health.stop_error())
+    assert os.listdir(tmp_path / "out" / ".nst-tmp") == []
+
+
+def test_an_older_botocore_without_conditional_puts_still_claims(bucket, monkeypatch):
+    """boto3 >= 1.34 is allowed; botocore before 1.35 refuses IfNoneMatch before sending: every pair
+    on S3 failed. It looks, then writes (two runs at the same moment may both take it, as before)."""
+    from tasks import storage as storage_mod
+
+    monkeypatch.setattr(storage_mod, "_conditional_puts", lambda client: False)
+    out = open_storage(f"s3://{bucket[0]}/out/")
+    a, b = Claims(out, {"id": "run-a", "name": "nightly"}), Claims(out, {"id": "run-b", "name": "rerun"})
+    a.start()
+    try:
+        assert a.take(PAIR) is None and b.take(PAIR) == "run nightly (run-a)"
+    finally:
+        a.stop()
+
+
+def test_a_run_removes_what_dead_runs_left_and_keeps_live_claims(out):
+    """A kill -9 left its heartbeat and a claim whose pair was later made (never taken again)."""
+    live = Claims(out, {"id": "run-live", "name": "nightly"})
+    live.start()
+    other = PairPlan(1, "c1.png", "s.png", "c", "s", "c1__s", "c1__s.jpg", "c1__s.json", "k1")
+    try:
+        assert live.take(other) is None
+        out.write("_runs/claims/run-dead.live", json.dumps({"run": "run-dead", "at": "2020-01-01T00:00:00+00:00"}).encode())
+        out.write(live.key(PAIR), json.dumps({"run": "run-gone", "name": "killed"}).encode())  # no heartbeat
+        late = Claims(out, {"id": "run-late", "name": "rerun"})
+        late.start()
+        late.stop()
+        left = sorted(i.key for i in out.list("_runs/claims", flat=True))
+        assert left == sorted([live.key(other), "_runs/claims/run-live.live"]), left
+    finally:
+        live.stop()

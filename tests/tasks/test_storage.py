@@ -447,7 +447,7 @@ def test_writes_refused_in_a_row_declare_the_storage_refusing_and_s3s_refusals_a
     (a write that goes through resets the count) the run stops, naming the last refusal."""
     from datetime import datetime, timezone
 
-    from tasks.storage import WRITE_REFUSALS, StorageHealth, WriteRefusedError
+    from tasks.storage import WRITE_REFUSALS, StorageHealth, StorageUnreachableError, WriteRefusedError
 
     health, first = StorageHealth(), datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
     full = WriteRefusedError("/out/a.png: cannot write: No space left on device")
@@ -459,6 +459,8 @@ def test_writes_refused_in_a_row_declare_the_storage_refusing_and_s3s_refusals_a
     assert health.stop_error() is None
     health.wrote(full, datetime(2025, 1, 2, 3, 9, 0, tzinfo=timezone.utc))
     assert str(health.stop_error()) == "storage refuses writes since 03:04:05 UTC (/out/a.png: cannot write: No space left on device)"
+    # a chunk run's refused writes are its own (its worker's mount, its token): never a parent's outage
+    assert StorageUnreachableError.parse(str(health.stop_error())) is None
     # S3: a bucket gone (or access denied, an expired token) refuses the next write too; never retried
     name, client = bucket
     with pytest.raises(WriteRefusedError, match="does not exist"):
