@@ -128,7 +128,11 @@ class Objective:
         while True:
             scale = self.loss_scale.value
             terms = self._value_and_grad(x, dtype, evaluation, scale)
-            if scale > 1 and bool(torch.isfinite(terms).all()) and not bool(torch.isfinite(x.grad).all()):
+            # per pair: a pair whose loss is not finite fails alone, and must not keep the others'
+            # overflowing gradients from a smaller scale
+            finite = torch.isfinite(terms).all(1)
+            overflowed = finite & ~torch.isfinite(x.grad).flatten(1).all(1)
+            if scale > 1 and bool(overflowed.any()):
                 self.loss_scale.overflowed()
                 x.grad = None
                 continue

@@ -46,6 +46,26 @@ def test_an_overflowing_fp16_scale_is_halved_and_the_evaluation_redone():
     assert bool(torch.isfinite(grad).all()) and float((grad - exact).norm() / exact.norm()) < 0.1
 
 
+def test_one_pairs_non_finite_loss_does_not_stop_the_others_loss_scale_from_halving():
+    """fp16, several pairs in one step. Old: the overflow test asked whether every pair's terms were
+    finite, so one pair's NaN loss (it fails alone) turned halving off for all, and another pair's
+    overflowing gradient failed it as "gradient is not finite; use precision=fp32"."""
+    p = StyleParams(weights="random", device="cpu")
+    extractor = extractor_for(p)
+    gen = torch.Generator().manual_seed(0)
+    content, style = torch.rand(2, 3, 48, 64, generator=gen), torch.rand(1, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        grams = {n: gram_matrix(f, normalize=True) for n, f in extractor(style, p.style_layers).items()}
+    objective = Objective.build(extractor, p, content, [grams, grams])
+    start = content.clone()
+    start[1] = float("nan")  # pair 1 has gone non-finite
+    objective.loss_scale.value = 2.0**30  # pair 0 overflows at this scale
+    x = start.clone().requires_grad_(True)
+    terms = objective.value_and_grad(x, torch.float16)
+    assert not bool(torch.isfinite(terms[1]).all()) and bool(torch.isfinite(terms[0]).all())
+    assert objective.loss_scale.value < 2.0**30 and bool(torch.isfinite(x.grad[0]).all())
+
+
 def test_a_reduced_precision_pass_runs_on_a_kept_copy_of_the_weights_with_autocasts_numbers():
     p = StyleParams(weights="random", device="cpu")
     extractor = extractor_for(p)
