@@ -21,6 +21,7 @@ are written with one PutObject.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -344,8 +345,45 @@ class Storage:
         return False
 
 
+#: Seconds one call on a local folder may take (env NST_LOCAL_IO_TIMEOUT_S): a hard-mounted NFS or
+#: a FUSE mount that stops answering blocks a read or a write for ever, and Python cannot
+#: interrupt the call. Past it the call is abandoned (its thread left to finish) and fails as a
+#: transient error, so the run's outage rule ends the run in bounded time.
+LOCAL_IO_TIMEOUT_S = 120.0
+
+
+def _bounded(method):
+    """``method`` of LocalStorage run in a daemon thread, waited for at most LOCAL_IO_TIMEOUT_S."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        wait = env_seconds("NST_LOCAL_IO_TIMEOUT_S", LOCAL_IO_TIMEOUT_S)
+        outcome: list = []
+        finished = threading.Event()
+
+        def run():
+            try:
+                outcome.append((True, method(self, *args, **kwargs)))
+            except BaseException as err:  # re-raised in the caller's thread
+                outcome.append((False, err))
+            finally:
+                finished.set()
+
+        threading.Thread(target=run, name=f"nst-local-{method.__name__}", daemon=True).start()
+        if not finished.wait(wait):
+            raise StorageError(f"{self.root}: {method.__name__} got no answer within {wait:g} s (a network mount "
+                               "that stopped answering?); NST_LOCAL_IO_TIMEOUT_S sets the wait", transient=True)
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
+
+    return call
+
+
 class LocalStorage(Storage):
-    """A local folder. Writes are atomic: a temp file in the same folder, then a rename."""
+    """A local folder. Writes are atomic: a temp file in the same folder, then a rename. Every call
+    is bounded (``_bounded``)."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser().resolve()
@@ -366,6 +404,7 @@ class LocalStorage(Storage):
             raise UnsafeKeyError(f"{key!r} resolves outside {self.root}")
         return named, path
 
+    @_bounded
     def list(self, prefix: str = "", flat: bool = False) -> list[ObjectInfo]:
         base = self._path(prefix) if prefix else self.root
         if not base.exists():
@@ -414,6 +453,7 @@ class LocalStorage(Storage):
             os.close(fd)
             raise
 
+    @_bounded
     def read(self, key: str, max_bytes: int | None = None) -> tuple[bytes, str]:
         where, fh = self._open(key, max_bytes)
         with fh:
@@ -422,11 +462,13 @@ class LocalStorage(Storage):
             raise TooLargeError(where, None, max_bytes)
         return data, _sha256(data)
 
+    @_bounded
     def identity(self, key: str, max_bytes: int | None = None) -> str:
         """The file's SHA-256, read in blocks: a file of any size hashes in bounded memory."""
         with self._open(key, max_bytes)[1] as fh:
             return "sha256:" + hashlib.file_digest(fh, "sha256").hexdigest()
 
+    @_bounded
     def write(self, key: str, data: bytes, content_type: str | None = None) -> str:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -451,6 +493,7 @@ class LocalStorage(Storage):
             raise
         return _sha256(data)
 
+    @_bounded
     def create(self, key: str, data: bytes) -> bool:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -480,6 +523,7 @@ class LocalStorage(Storage):
                 raise WriteRefusedError(f"{path}: cannot write: {err.strerror or err}") from None
             raise
 
+    @_bounded
     def info(self, key: str) -> ObjectInfo | None:
         path = self._path(key)
         try:
@@ -488,9 +532,11 @@ class LocalStorage(Storage):
             return None
         return ObjectInfo(safe_key(key), st.st_size, "") if path.is_file() else None
 
+    @_bounded
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    @_bounded
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 

@@ -137,3 +137,42 @@ def test_an_output_that_refuses_writes_stops_the_run_and_says_why(tmp_path, monk
     assert all(e.endswith("cannot write: No space left on device") for e in refused), refused
     # WRITE_REFUSALS refusals, and at most the window's other pair: the rest never started
     assert 3 <= len(refused) <= 4 and sum(e.startswith("not run:") for e in stopped) >= 12 - 2 - 4 - 2, failed
+
+
+def test_an_output_folder_that_stops_answering_ends_the_run_in_bounded_time(tmp_path, monkeypatch):
+    """A hard-mounted NFS (or FUSE) output that stops answering blocks a write for ever. Old: the run
+    never ended and its report said "running" for good; each later night queued behind it. Now each
+    local call is abandoned after NST_LOCAL_IO_TIMEOUT_S as a transient error, and the outage rule
+    ends the run."""
+    import os
+    import threading
+
+    from tasks import storage as storage_mod
+
+    monkeypatch.setenv("NST_LOCAL_IO_TIMEOUT_S", "0.5")
+    monkeypatch.setenv("NST_STORAGE_OUTAGE_S", str(OUTAGE_S))
+    monkeypatch.setattr(storage_mod, "RETRY_DELAYS", (0.1,))
+    for folder, kind, n in (("c", "content", 4), ("s", "style", 2)):
+        (tmp_path / folder).mkdir()
+        for i in range(n):
+            pattern((24, 24), kind, i).save(tmp_path / folder / f"{folder}{i}.png")
+    out = tmp_path / "out"
+    real_replace, mount_back = os.replace, threading.Event()
+
+    def replace(src, dst):  # the mount stops answering once the first image is written
+        if str(dst).endswith(".jpg") and list(out.glob("*.jpg")):
+            mount_back.wait(120)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(storage_mod.os, "replace", replace)
+    started = time.monotonic()
+    try:
+        state = stylize_batch(BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s")),
+                              OutputSpec(uri=str(out)), PARAMS, RunOptions(window=2), return_state=True)
+    finally:
+        mount_back.set()
+    assert time.monotonic() - started < 60
+    assert state.is_failed(), state.message
+    failed = [re.sub(r"\\(.)", r"\1", r["error"]) for r in _table_rows(state.state_details.flow_run_id)
+              if r["status"] == "failed"]
+    assert failed and all("got no answer within 0.5 s" in e or SINCE.search(e) for e in failed), failed
