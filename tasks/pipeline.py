@@ -69,13 +69,17 @@ def _run_pairs(todo, ctx, window, contact_sheet_rows, on_done, result) -> Pipeli
     done: queue.Queue = queue.Queue()
     deferred: dict[int, tuple[PairPlan, str]] = {}  # by PairPlan.index: the pair, who holds it
 
-    def collect() -> None:
+    def collect(within: float | None = None) -> bool:
+        """Account for one finished pair, waiting for it (``within`` seconds at most: False if none
+        finished by then)."""
+        ends = None if within is None else time.monotonic() + within
         while True:
             try:
-                p, fut = done.get(timeout=1.0)  # a timeout keeps Ctrl-C responsive
-                break
+                p, fut = done.get(timeout=1.0 if ends is None else max(0.0, min(1.0, ends - time.monotonic())))
+                break  # a timeout keeps Ctrl-C responsive
             except queue.Empty:
-                continue
+                if ends is not None and time.monotonic() >= ends:
+                    return False
         outcome = fut.result(raise_on_failure=False)  # the task's return value, or its exception
         if isinstance(outcome, PairDone):
             result.items[p.index] = outcome.item
@@ -86,6 +90,7 @@ def _run_pairs(todo, ctx, window, contact_sheet_rows, on_done, result) -> Pipeli
             result.items[p.index] = failed_item(p, error, ctx.storage)
             logger.error("pair %s x %s failed: %s", p.content, p.style, error)
         count()
+        return True
 
     def count() -> None:
         nonlocal finished
@@ -100,9 +105,11 @@ def _run_pairs(todo, ctx, window, contact_sheet_rows, on_done, result) -> Pipeli
             return True
         try:
             holder = ctx.claims.take(p)
-        except NSTError as err:
-            result.items[p.index] = failed_item(p, str(err), ctx.storage)
-            logger.error("pair %s x %s failed: %s", p.content, p.style, err)
+        except (NSTError, OSError) as err:  # a stale NFS handle, a disconnected mount: this pair fails, not the run
+            deferred.pop(p.index, None)
+            why = str(err) if isinstance(err, NSTError) else f"{p.name}: its claim could not be taken: {err}"
+            result.items[p.index] = failed_item(p, why, ctx.storage)
+            logger.error("pair %s x %s failed: %s", p.content, p.style, why)
             count()
             return False
         if holder is None:
@@ -153,8 +160,13 @@ def _run_pairs(todo, ctx, window, contact_sheet_rows, on_done, result) -> Pipeli
             if claimed(p):
                 ctx.announce(p)
                 start(p)
-        if deferred:
-            stop_requested.wait(claims_mod.POLL_S)
+        # look again in POLL_S, accounting meanwhile for the pairs that finish (the progress moves on)
+        look = time.monotonic() + claims_mod.POLL_S
+        while deferred and inflight and not stop_requested.is_set() and time.monotonic() < look:
+            if collect(within=look - time.monotonic()):
+                inflight -= 1
+        if deferred and not inflight:
+            stop_requested.wait(max(0.0, look - time.monotonic()))
     while inflight:
         collect()
         inflight -= 1

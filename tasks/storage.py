@@ -174,6 +174,7 @@ class WriteRefusedError(StorageError):
 
 #: Local errors that refuse every write alike, and S3's error codes that do.
 _REFUSING_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})  # whatever the call; EPERM may be link's own
 _REFUSING_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "AccountProblem", "ExpiredToken", "InvalidAccessKeyId",
                              "InvalidToken", "NoSuchBucket", "SignatureDoesNotMatch", "TokenRefreshRequired"})
 
@@ -352,12 +353,15 @@ class Storage:
 LOCAL_IO_TIMEOUT_S = 120.0
 
 
-def _bounded(method):
-    """``method`` of LocalStorage run in a daemon thread, waited for at most LOCAL_IO_TIMEOUT_S."""
+def _bounded(method=None, *, times: float = 1.0):
+    """``method`` of LocalStorage run in a daemon thread, waited for at most LOCAL_IO_TIMEOUT_S
+    (``times`` that for a call whose work grows with the data: a listing, a hash)."""
+    if method is None:
+        return functools.partial(_bounded, times=times)
 
     @functools.wraps(method)
     def call(self, *args, **kwargs):
-        wait = env_seconds("NST_LOCAL_IO_TIMEOUT_S", LOCAL_IO_TIMEOUT_S)
+        wait = times * env_seconds("NST_LOCAL_IO_TIMEOUT_S", LOCAL_IO_TIMEOUT_S)
         outcome: list = []
         finished = threading.Event()
 
@@ -371,7 +375,8 @@ def _bounded(method):
 
         threading.Thread(target=run, name=f"nst-local-{method.__name__}", daemon=True).start()
         if not finished.wait(wait):
-            raise StorageError(f"{self.root}: {method.__name__} got no answer within {wait:g} s (a network mount "
+            raise StorageError(f"{getattr(self, 'root', args[0] if args else '')}: {method.__name__} got no answer "
+                               f"within {wait:g} s (a network mount "
                                "that stopped answering?); NST_LOCAL_IO_TIMEOUT_S sets the wait", transient=True)
         ok, value = outcome[0]
         if not ok:
@@ -381,12 +386,28 @@ def _bounded(method):
     return call
 
 
+class _Root:
+    """What ``_bounded`` needs of a call that is not a LocalStorage's method (its message names ``root``)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+
+@_bounded
+def _resolve_root(holder: _Root) -> Path:
+    return holder.root.resolve()
+
+
+def _resolved(path: Path) -> Path:
+    return _resolve_root(_Root(path))
+
+
 class LocalStorage(Storage):
     """A local folder. Writes are atomic: a temp file in the same folder, then a rename. Every call
     is bounded (``_bounded``)."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root).expanduser().resolve()
+        self.root = _resolved(Path(root).expanduser())  # resolving reads the mount: bounded too
         self.uri = str(self.root)
 
     def _path(self, key: str) -> Path:
@@ -404,7 +425,7 @@ class LocalStorage(Storage):
             raise UnsafeKeyError(f"{key!r} resolves outside {self.root}")
         return named, path
 
-    @_bounded
+    @_bounded(times=10)
     def list(self, prefix: str = "", flat: bool = False) -> list[ObjectInfo]:
         base = self._path(prefix) if prefix else self.root
         if not base.exists():
@@ -462,7 +483,7 @@ class LocalStorage(Storage):
             raise TooLargeError(where, None, max_bytes)
         return data, _sha256(data)
 
-    @_bounded
+    @_bounded(times=10)
     def identity(self, key: str, max_bytes: int | None = None) -> str:
         """The file's SHA-256, read in blocks: a file of any size hashes in bounded memory."""
         with self._open(key, max_bytes)[1] as fh:
@@ -506,9 +527,10 @@ class LocalStorage(Storage):
             except FileExistsError:
                 return False
             except OSError as err:
-                if err.errno in _REFUSING_ERRNOS:
+                if err.errno in _FULL_ERRNOS:
                     raise
-                # a file system without hard links: exclusive create, then the bytes
+                # a file system without hard links (vfat, some FUSE and CIFS mounts answer EPERM):
+                # exclusive create, then the bytes
                 try:
                     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
                 except FileExistsError:
@@ -540,6 +562,7 @@ class LocalStorage(Storage):
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    @_bounded
     def folds_case(self) -> bool:
         """Whether this folder holds "Out" and "out" as one file (macOS's and Windows' file systems,
         an ext4 casefold folder; Linux's usual ones tell them apart). Asked of the folder itself: a
@@ -571,6 +594,7 @@ class LocalStorage(Storage):
                                f"remove it; temp files are written there")
         return path
 
+    @_bounded
     def clean_temp(self) -> int:
         """Remove temp files whose writer is gone (a crash or kill -9). Returns how many.
 

@@ -162,8 +162,9 @@ def test_an_older_botocore_without_conditional_puts_still_claims(bucket, monkeyp
         a.stop()
 
 
-def test_a_run_removes_what_dead_runs_left_and_keeps_live_claims(out):
-    """A kill -9 left its heartbeat and a claim whose pair was later made (never taken again)."""
+def test_a_run_removes_dead_runs_old_heartbeats_and_never_sweeps_claims(out):
+    """A kill -9 left its heartbeat (removed once a day old) and a claim. Claims are never swept: the
+    first sweep deleted a live run's claim whose heartbeat sorted past its 1000-key listing."""
     live = Claims(out, {"id": "run-live", "name": "nightly"})
     live.start()
     other = PairPlan(1, "c1.png", "s.png", "c", "s", "c1__s", "c1__s.jpg", "c1__s.json", "k1")
@@ -175,6 +176,22 @@ def test_a_run_removes_what_dead_runs_left_and_keeps_live_claims(out):
         late.start()
         late.stop()
         left = sorted(i.key for i in out.list("_runs/claims", flat=True))
-        assert left == sorted([live.key(other), "_runs/claims/run-live.live"]), left
+        assert left == sorted([live.key(other), live.key(PAIR), "_runs/claims/run-live.live"]), left
     finally:
         live.stop()
+
+
+def test_a_folder_without_hard_links_still_claims(tmp_path, monkeypatch):
+    """vfat, exFAT, some FUSE and CIFS mounts answer link(2) with EPERM. Old: that counted as a
+    refused write, so every claim was refused and the run stopped after three."""
+    import errno
+
+    from tasks import storage as storage_mod
+
+    def no_links(*args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(storage_mod.os, "link", no_links)
+    out = open_storage(str(tmp_path / "out"))
+    assert out.create("_runs/claims/x.json", b"1") is True and out.create("_runs/claims/x.json", b"2") is False
+    assert out.read("_runs/claims/x.json")[0] == b"1"

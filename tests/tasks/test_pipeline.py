@@ -162,3 +162,48 @@ def test_the_first_window_is_announced_before_any_pair_starts(monkeypatch):
     pipeline.run_pairs([plan(i) for i in range(10)], ctx, 4)
     assert seen[0] == {0, 1, 2, 3}
     assert ctx.settled == {2, 3}  # no device step waits for them
+
+
+def test_a_claim_error_fails_its_pair_alone_and_pairs_that_finish_during_the_wait_are_counted(monkeypatch):
+    """Claims taken in the driver: an OSError (a stale NFS handle) from one pair's claim crashed the
+    whole run; and pairs finishing while the run waited for another run's pair were not counted
+    until the wait ended (the progress card stood still for up to NST_CLAIM_WAIT_S)."""
+    from tasks import claims as claims_mod
+
+    monkeypatch.setattr(claims_mod, "POLL_S", 0.05)
+    looks, counted, release = {1: 0}, [], threading.Event()
+
+    class HeldClaims:
+        def take(self, p):
+            if p.index == 2:
+                raise OSError(116, "Stale file handle")
+            if p.index == 1:
+                looks[1] += 1
+                return None if release.is_set() else "run nightly (a)"
+            return None
+
+        def start(self):
+            pass
+
+        def stop(self, ended=True):
+            pass
+
+    ctx = Ctx()
+    ctx.claims = HeldClaims()
+
+    class Task:
+        def submit(self, p, ctx):
+            fut = FakeFuture(PairDone(ReportItem(p.content, p.style, "done", "out"), (b"", b"", b"")))
+            threading.Timer(0.3 if p.index == 0 else 0.01, fut.finish).start()
+            return fut
+
+    def on_done(n, total):
+        counted.append(n)
+        if n == 2:  # pair 0 (slow) counted while pair 1 still waits
+            release.set()
+
+    monkeypatch.setattr(pipeline, "process_pair", Task())
+    result = pipeline.run_pairs([plan(i) for i in range(3)], ctx, 4, 0, on_done)
+    assert result.items[2].status == "failed" and "Stale file handle" in result.items[2].error
+    assert result.items[0].status == result.items[1].status == "done"
+    assert counted == [1, 2, 3] and looks[1] >= 2

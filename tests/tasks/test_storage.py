@@ -599,3 +599,27 @@ def test_an_object_uri_of_a_scheme_the_tool_does_not_read_is_refused_by_scheme(t
     with pytest.raises(StorageError, match="unsupported scheme 'https'") as err:
         read_uri("https://user:pw@host/vgg.pth")
     assert "pw@" not in str(err.value)
+
+
+def test_a_folder_on_a_mount_that_stopped_answering_is_refused_in_bounded_time(tmp_path, monkeypatch):
+    """Resolving a folder reads the mount: a hung one held LocalStorage's constructor (every input's
+    fetch builds one) for ever."""
+    import threading
+    from pathlib import Path
+
+    monkeypatch.setenv("NST_LOCAL_IO_TIMEOUT_S", "0.2")
+    hung, real = threading.Event(), Path.resolve
+
+    def resolve(self, *args, **kwargs):
+        if "hung" in str(self):
+            hung.wait(30)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "resolve", resolve)
+    started = time.monotonic()
+    try:
+        with pytest.raises(StorageError, match="got no answer within 0.2 s") as err:
+            LocalStorage(tmp_path / "hung")
+        assert err.value.transient and time.monotonic() - started < 5
+    finally:
+        hung.set()
