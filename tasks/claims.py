@@ -1,12 +1,13 @@
 """Pair claims: which run is making a pair now, so that two runs on one output (a nightly running
 late, a manual rerun) never both make it.
 
-A run with ``skip_existing`` takes a pair's claim as the pair starts, after the done rule: an
-object ``_runs/claims/{hash of the image key}.json``, created only if none is there
-(``Storage.create``: S3's If-None-Match, a folder's hard link), and removes it when the pair ends.
-A pair whose claim another live run holds is left for later (``Claims.take`` names the holder);
-once the run's other pairs are through it waits for each such pair: made meanwhile, it is
-skipped as made by another run; its holder dead, it takes the claim and makes the pair.
+A run with ``skip_existing`` takes a pair's claim before it starts the pair's task (the task then
+applies the done rule again): an object ``_runs/claims/{hash of the image key}.json``, created
+only if none is there (``Storage.create``: S3's If-None-Match, a folder's hard link), removed when
+the pair ends. A pair whose claim another live run holds gets no task yet (``Claims.take`` names
+the holder); once the run's own pairs are started it takes each such claim as it comes free
+(``tasks.pipeline``: made meanwhile, the task reports it skipped, made by another run; its holder
+dead, it makes the pair), for at most WAIT_S, after which the pair is reported left to that run.
 
 A run is live while its heartbeat, ``_runs/claims/{flow run id}.live``, is renewed (every
 RENEW_S). A claim is stale when its run's heartbeat is gone (the run ended without removing it),
@@ -14,9 +15,14 @@ was last renewed over STALE_S ago by this machine's clock (keep it well above th
 skew), or its process is gone from this machine (``processes.process_gone``: a kill -9 rerun on
 the same machine takes the claims at once).
 
+A claim written by this process for a run no longer live here is stale too (its release failed
+in an outage). A claim that cannot be read counts as live for UNREADABLE_TRIES looks. Only old
+heartbeats are swept at a run's start, never claims.
+
 Left: two runs that find one stale claim at the same moment may both take it over (the delete
-and the create are two steps); an S3-compatible store that ignores If-None-Match gives each
-creator the claim, which is the old behaviour (both make the pair, to the same bytes).
+and the create are two steps); with a botocore before 1.35 a claim is a look then a write, and an
+S3-compatible store that ignores If-None-Match gives each creator the claim: then both may make
+the pair, which is the old behaviour.
 """
 
 from __future__ import annotations
