@@ -319,3 +319,29 @@ def test_every_artifact_is_described_for_a_person_and_random_weights_are_on_the_
     assert ((top[..., 0] > 140) & (top[..., 1] < 80)).sum() > 20  # the red warning line
     summary = next(a for a in arts if a.description.startswith("Summary")).data
     assert "random" in summary.lower() and "Warning" in summary
+
+
+def test_reading_loss_curves_stops_at_the_first_read_the_storage_fails(monkeypatch):
+    """An endpoint that goes silent as the run ends: each of up to 200 sidecar reads waited out its
+    60 s read timeout, 13-25 minutes before the run could end. The first transient failure ends it."""
+    import threading
+    import time
+
+    from tasks import artifacts
+    from tasks import storage as storage_mod
+    from tasks.storage import StorageError
+
+    reads, lock = [], threading.Lock()
+
+    class Silent:
+        def read(self, key):
+            with lock:
+                reads.append(key)
+            time.sleep(0.2)  # the timeout
+            raise StorageError(f"s3://b/out/{key}: ReadTimeoutError", transient=True)
+
+    monkeypatch.setattr(storage_mod, "split_uri", lambda uri, credentials=None: (Silent(), uri.rsplit("/", 1)[1]))
+    items = [{"status": "done", "content": f"c{i}.png", "style": "s.png", "sidecar": f"s3://b/out/c{i}.json"}
+             for i in range(50)]
+    assert artifacts._read_histories(items, 4, 200, None) == []
+    assert len(reads) <= 4, len(reads)  # those in flight when the first failed; old: all 50
