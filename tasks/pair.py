@@ -17,10 +17,10 @@ import io
 import json
 import threading
 import time
-from datetime import datetime, timezone
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -30,12 +30,12 @@ from nst_core.errors import NSTError, WeightsError
 from nst_core.imageio import MAX_INPUT_BYTES
 from nst_core.params import StyleParams
 
+from .claims import Claims
 from .compute import io_slot, run_on_device, targets_cache
 from .contract import PairPlan, ReportItem, done_in, done_item, image_record, sidecar, skipped_item
 from .credentials import DEFAULT_CHAIN, StorageCredentials
 from .lru import LRU
 from .steps import StepRequest, device_steps
-from .claims import Claims
 from .storage import StorageHealth, WriteRefusedError, open_storage, read_object, read_uri, retrying
 
 __all__ = ["PairContext", "PairDone", "PairTimeoutError", "PairStopped", "InputChangedError", "ObjectCache", "process_pair",
