@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 import types
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from .errors import NSTError
+from .errors import NSTError, hide_userinfo
 from .params import StyleParams
 from .validation import format_validation_error
 from .weights import check_weights_file
@@ -83,9 +82,8 @@ def args_for(model: type[BaseModel], args: argparse.Namespace) -> dict:
 
 def without_userinfo(text: str) -> str:
     """``text`` with the ``user:password@`` of every URL in it removed: an error line never shows
-    credentials. Up to the last '@' of the URL: a password may hold '/' or '@' (SQLAlchemy and
-    httpx take them), and a path that holds '@' loses its start, never a secret."""
-    return re.sub(r"(//)\S*@", r"\1", text)
+    credentials (``errors.hide_userinfo``, which every NSTError's message goes through)."""
+    return hide_userinfo(text)
 
 
 def one_line(err: Exception) -> str:

@@ -175,6 +175,11 @@ class WriteRefusedError(StorageError):
 #: Local errors that refuse every write alike, and S3's error codes that do.
 _REFUSING_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})  # whatever the call; EPERM may be link's own
+
+
+def _refusal(path: Path, err: OSError) -> WriteRefusedError | None:
+    """A local write's OSError as the refusal it is (no space, read-only, denied), else None."""
+    return WriteRefusedError(f"{path}: cannot write: {err.strerror or err}") if err.errno in _REFUSING_ERRNOS else None
 _REFUSING_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "AccountProblem", "ExpiredToken", "InvalidAccessKeyId",
                              "InvalidToken", "NoSuchBucket", "SignatureDoesNotMatch", "TokenRefreshRequired"})
 
@@ -375,7 +380,7 @@ def _bounded(method=None, *, times: float = 1.0):
 
         threading.Thread(target=run, name=f"nst-local-{method.__name__}", daemon=True).start()
         if not finished.wait(wait):
-            raise StorageError(f"{getattr(self, 'root', args[0] if args else '')}: {method.__name__} got no answer "
+            raise StorageError(f"{self.root if isinstance(self, LocalStorage) else self}: {method.__name__} got no answer "
                                f"within {wait:g} s (a network mount "
                                "that stopped answering?); NST_LOCAL_IO_TIMEOUT_S sets the wait", transient=True)
         ok, value = outcome[0]
@@ -386,20 +391,10 @@ def _bounded(method=None, *, times: float = 1.0):
     return call
 
 
-class _Root:
-    """What ``_bounded`` needs of a call that is not a LocalStorage's method (its message names ``root``)."""
-
-    def __init__(self, root: Path):
-        self.root = root
-
-
 @_bounded
-def _resolve_root(holder: _Root) -> Path:
-    return holder.root.resolve()
-
-
 def _resolved(path: Path) -> Path:
-    return _resolve_root(_Root(path))
+    """``path.resolve()``, bounded: resolving reads the mount."""
+    return path.resolve()
 
 
 class LocalStorage(Storage):
@@ -407,7 +402,7 @@ class LocalStorage(Storage):
     is bounded (``_bounded``)."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = _resolved(Path(root).expanduser())  # resolving reads the mount: bounded too
+        self.root = _resolved(Path(root).expanduser())
         self.uri = str(self.root)
 
     def _path(self, key: str) -> Path:
@@ -509,8 +504,8 @@ class LocalStorage(Storage):
                 Path(tmp).unlink(missing_ok=True)
                 raise
         except OSError as err:
-            if err.errno in _REFUSING_ERRNOS:  # one line naming the file; the next write meets it too
-                raise WriteRefusedError(f"{path}: cannot write: {err.strerror or err}") from None
+            if refused := _refusal(path, err):  # one line naming the file; the next write meets it too
+                raise refused from None
             raise
         return _sha256(data)
 
@@ -541,8 +536,8 @@ class LocalStorage(Storage):
             finally:
                 tmp.unlink(missing_ok=True)
         except OSError as err:
-            if err.errno in _REFUSING_ERRNOS:  # as write's: a full disk stops the run
-                raise WriteRefusedError(f"{path}: cannot write: {err.strerror or err}") from None
+            if refused := _refusal(path, err):  # as write's: a full disk stops the run
+                raise refused from None
             raise
 
     @_bounded
@@ -793,11 +788,15 @@ class S3Storage(Storage):
             # One PutObject (up to 5 GB): atomic, so a crash never leaves a partial object visible.
             resp = self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **extra)
         except Exception as err:
-            wrapped = self._wrap(err, key)
-            if not wrapped.transient and _error_code(err) in _REFUSING_CODES:
-                raise WriteRefusedError(str(wrapped)) from None
-            raise wrapped from None
+            raise self._write_error(err, key) from None
         return str(resp.get("ETag", "")).strip('"') or _sha256(data)
+
+    def _write_error(self, err: Exception, key: str) -> StorageError:
+        """``_wrap`` for a write: a refusal the next write meets too is a WriteRefusedError."""
+        wrapped = self._wrap(err, key)
+        if not wrapped.transient and _error_code(err) in _REFUSING_CODES:
+            return WriteRefusedError(str(wrapped))
+        return wrapped
 
     def create(self, key: str, data: bytes) -> bool:
         if not _conditional_puts(self.client):  # a botocore before S3's conditional writes (1.35): look, then write
@@ -811,10 +810,7 @@ class S3Storage(Storage):
         except Exception as err:
             if _error_code(err) in ("PreconditionFailed", "ConditionalRequestConflict"):  # 412; 409: another's in flight
                 return False
-            wrapped = self._wrap(err, key)
-            if not wrapped.transient and _error_code(err) in _REFUSING_CODES:
-                raise WriteRefusedError(str(wrapped)) from None
-            raise wrapped from None
+            raise self._write_error(err, key) from None
 
     def info(self, key: str) -> ObjectInfo | None:
         try:
