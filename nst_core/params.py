@@ -230,7 +230,7 @@ class StyleParams(BaseModel):
     )
     max_memory_gb: float | None = Field(
         default=None, gt=0, allow_inf_nan=False, title="Memory budget (GB)",
-        description="Memory one evaluation may use before auto tiles; empty: 80% of the GPU, half the RAM on CPU.",
+        description="Memory an evaluation may use before auto tiles; empty: 80% of a GPU, half RAM or pod limit on CPU.",
     )
 
     @field_validator("tile_size")

@@ -18,6 +18,7 @@ import os
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -27,7 +28,7 @@ from .losses import gram_matrix
 from .params import VGG16_CHANNELS, VGG16_LAYERS, StyleParams, layer_factor
 
 __all__ = ["Tile", "Tiling", "tile_grid", "positions", "exact_halo", "untiled_bytes", "memory_budget",
-           "tiling_for", "tiled_features", "tiled_grams", "tiled_maps", "history_for", "seam_ratio", "HALO"]
+           "cgroup_memory_limit", "tiling_for", "tiled_features", "tiled_grams", "tiled_maps", "history_for", "seam_ratio", "HALO"]
 
 #: Halo (px) of a tile when none is given: measured, not the receptive field's. The exact halo at
 #: relu5_1 (64 px) costs 1.89x an untiled evaluation at 1024 px with 384 px tiles; 32 px costs
@@ -169,10 +170,59 @@ def untiled_bytes(height: int, width: int, layers: Iterable[str]) -> int:
     return 4 * (floats + 8 * 3 * height * width)
 
 
+#: Where Linux mounts the cgroup hierarchies, and where it says which group this process is in.
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+SELF_CGROUP = Path("/proc/self/cgroup")
+
+
+def _limit_up_from(group: Path, mount: Path, name: str) -> int | None:
+    """The smallest numeric ``name`` file from ``group`` up to ``mount`` (a parent's limit binds its
+    children): "max" (v2) or v1's unlimited (2⁶³ less a page) count as none."""
+    limits = []
+    for folder in [group, *group.parents]:
+        try:
+            text = (folder / name).read_text().strip()
+        except OSError:
+            text = ""
+        if text.isdigit() and int(text) < 2**62:
+            limits.append(int(text))
+        if folder == mount:
+            break
+    return min(limits, default=None)
+
+
+def cgroup_memory_limit(root: Path | None = None, self_cgroup: Path | None = None) -> int | None:
+    """Bytes this process's cgroup (a container's, a Kubernetes pod's, a systemd unit's) may use, or
+    None where none is set or readable (not Linux). v2: ``memory.max`` in the process's group
+    (under ``root``, or ``root/unified`` in the hybrid layout); v1: ``memory.limit_in_bytes`` under
+    ``root/memory``. Inside a cgroup namespace the group is "/" and the mount is the group itself."""
+    root = CGROUP_ROOT if root is None else root
+    try:
+        lines = (SELF_CGROUP if self_cgroup is None else self_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        _, controllers, group = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":  # v2, unified
+            mount, name = (root if (root / "cgroup.controllers").exists() else root / "unified"), "memory.max"
+        elif "memory" in controllers.split(","):
+            mount, name = root / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        folder = mount / group.strip().lstrip("/")
+        limit = _limit_up_from(folder if folder.is_dir() else mount, mount, name)
+        if limit is not None:
+            limits.append(limit)
+    return min(limits, default=None)
+
+
 def memory_budget(params: StyleParams, device: torch.device) -> int:
     """Bytes one evaluation may use: ``max_memory_gb``, or a share of the device's total memory
     (the total, not what is free now, so the choice is the same on every run of one machine):
-    80% of a GPU, half of this host's RAM on CPU. Per pair: a device step of several pairs is
+    80% of a GPU, half of this host's RAM on CPU, or of the container's memory limit where that is
+    smaller (a pod's 4 GiB on a 256 GB node: planning by the node's RAM ran a print-size pair
+    untiled and the kernel killed the worker mid-pair). Per pair: a device step of several pairs is
     sized by their measured memory (``tasks.steps``), not by this."""
     if params.max_memory_gb is not None:
         return int(params.max_memory_gb * 2**30)
@@ -180,7 +230,8 @@ def memory_budget(params: StyleParams, device: torch.device) -> int:
         return int(0.8 * torch.cuda.get_device_properties(device).total_memory)
     if device.type == "mps":
         return int(0.8 * torch.mps.recommended_max_memory())
-    return int(0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(0.5 * min(host, cgroup_memory_limit() or host))
 
 
 def tiling_for(params: StyleParams, height: int, width: int, device: torch.device) -> Tiling | None:

@@ -223,3 +223,45 @@ def test_reduced_precision_colour_modes_and_a_blend_of_styles_run_tiled(images, 
     assert result.metadata["precision"] == "bf16" and result.metadata["styles"] == 2
     totals = [h["total"] for h in result.history]
     assert min(totals) < totals[0] and result.losses["final"]["total"] <= result.losses["initial"]["total"]
+
+
+def _cgroup_tree(root, self_cgroup, lines: str, limits: dict[str, str]):
+    """A /sys/fs/cgroup-like tree under ``root`` and a /proc/self/cgroup-like file."""
+    self_cgroup.write_text(lines)
+    for rel, value in limits.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(value + "\n")
+
+
+def test_a_containers_memory_limit_bounds_the_cpu_budget(tmp_path, monkeypatch):
+    """Old: half of the host's RAM. A Kubernetes worker with a 4 GiB limit on a 256 GB node planned
+    a 4096 px pair untiled (~24 GB) and was OOM-killed mid-pair: the run's pair lost, no report."""
+    from nst_core.tiling import cgroup_memory_limit, memory_budget
+
+    root, me = tmp_path / "cgroup", tmp_path / "self_cgroup"
+    # cgroup v2 (Kubernetes, systemd): the limit sits on an ancestor of the process's own group
+    _cgroup_tree(root, me, "0::/kubepods/pod1/nst\n", {
+        "cgroup.controllers": "cpu memory", "kubepods/pod1/memory.max": str(4 * 2**30),
+        "kubepods/pod1/nst/memory.max": "max", "kubepods/memory.max": "max"})
+    assert cgroup_memory_limit(root, me) == 4 * 2**30
+    # v1 (this machine's hybrid layout): the memory controller's own hierarchy; "unlimited" is a huge number
+    v1, me1 = tmp_path / "v1", tmp_path / "self_v1"
+    _cgroup_tree(v1, me1, "4:memory:/jobs/a\n0::/\n", {
+        "memory/jobs/a/memory.limit_in_bytes": str(3 * 2**30),
+        "memory/memory.limit_in_bytes": "9223372036854771712", "unified/cgroup.procs": ""})
+    assert cgroup_memory_limit(v1, me1) == 3 * 2**30
+    # inside a cgroup namespace the process's path is "/" and the mount is its own group
+    ns, me_ns = tmp_path / "ns", tmp_path / "self_ns"
+    _cgroup_tree(ns, me_ns, "0::/\n", {"cgroup.controllers": "memory", "memory.max": str(2**31)})
+    assert cgroup_memory_limit(ns, me_ns) == 2**31
+    # no limit, no cgroup files (not Linux): none
+    _cgroup_tree(ns, me_ns, "0::/\n", {"memory.max": "max"})
+    assert cgroup_memory_limit(ns, me_ns) is None
+    assert cgroup_memory_limit(tmp_path / "absent", tmp_path / "absent_self") is None
+
+    monkeypatch.setattr(tiling_module, "CGROUP_ROOT", root)
+    monkeypatch.setattr(tiling_module, "SELF_CGROUP", me)
+    cpu = torch.device("cpu")
+    assert memory_budget(params(), cpu) == 2 * 2**30  # half the container's 4 GiB, not half the host
+    assert memory_budget(params(max_memory_gb=8), cpu) == 8 * 2**30  # a budget given is the budget
+    assert tiling_for(params(), 4096, 2724, cpu) is not None
