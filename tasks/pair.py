@@ -200,7 +200,7 @@ class _PairInputs:
     content: object  # PIL image, alpha kept
     style: object  # PIL image, RGB
     logger: object  # its task run's logger: the step may run in another pair's task
-    deadline: float = 0.0  # pair_timeout_s from its step's start: device time counts, not the wait
+    deadline: float = 0.0  # pair_timeout_s from its step's start, weights loaded: device time counts, not the wait
     best: tuple[int, int, float] = (0, 0, float("inf"))  # (scale, evaluation, loss) of the best so far at that scale
 
     def check(self, ev=None) -> None:
@@ -244,11 +244,13 @@ def _stylize_step(ctx: PairContext, device: str, requests: list[StepRequest]) ->
     p = ctx.params.model_copy(update={"device": device})
 
     def on_device() -> list:
-        for x in inputs:
-            x.deadline = time.monotonic() + (ctx.pair_timeout_s or 0)
         extractor = extractor_for(p, opener=ctx.opener)
         if extractor.weights_id != ctx.weights_id:  # a worker whose weights differ from what the run planned with
             raise WeightsError(f"weights here are {extractor.weights_id}, but the run planned with {ctx.weights_id}")
+        # the clock starts once the weights are on the device: a fresh worker's first load (VGG16's
+        # 528 MB from S3, a CUDA context) is no pair's time
+        for x in inputs:
+            x.deadline = time.monotonic() + (ctx.pair_timeout_s or 0)
         outcomes: list = [None] * len(inputs)
         live: list[int] = []
         pairs = []

@@ -516,6 +516,28 @@ def test_a_pair_over_its_time_limit_fails_alone_and_the_failed_state_is_clean(tm
     assert not list((tmp_path / "out").glob("*.jpg"))
 
 
+def test_loading_the_weights_on_a_device_does_not_count_against_the_first_pairs_time_limit(tmp_path, monkeypatch):
+    """Old: the first pair on a device (a chunk run on a fresh GPU worker: 528 MB of VGG16 from S3,
+    the CUDA context) started its clock before the weights loaded, and failed over pair_timeout_s
+    for time no pair of its spent."""
+    import time
+
+    import nst_core
+
+    load = nst_core.extractor_for
+
+    def slow_load(*args, **kwargs):
+        time.sleep(3)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(nst_core, "extractor_for", slow_load)
+    source = _cross_folders(tmp_path, 1, 1)
+    state = run(source, OutputSpec(uri=str(tmp_path / "out")), PARAMS.model_copy(update={"iterations": 2}),
+                pair_timeout_s=2.5)
+    assert state.is_completed(), state.message
+    assert state.result()["totals"]["done"] == 1
+
+
 def test_every_pair_is_done_through_a_proxy_that_fails_a_fifth_of_the_requests(bucket, fault_proxy, monkeypatch):
     from tasks import storage
 
