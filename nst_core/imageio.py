@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import TYPE_CHECKING
@@ -189,7 +190,8 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = MAX_PIXELS) -> Dec
         size = f"{pixels.group(1)} pixels" if pixels else "its size"
         limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))  # a max_pixels past Pillow's: Pillow's
         raise ImageDecodeError(name, f"{size} exceeds the limit of {limit} (a decompression bomb?)") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as err:
+    except (OSError, ValueError, SyntaxError, EOFError, TypeError, IndexError, KeyError, ZeroDivisionError,
+            struct.error) as err:  # what Pillow's decoders raise on crafted headers (a TIFF tag of the wrong type)
         raise ImageDecodeError(name, f"corrupt or truncated image: {err}") from None
 
 

@@ -119,14 +119,24 @@ def read_manifest(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> 
     if not text.strip():
         raise PreflightError(f"manifest {uri} is empty")
     if name.lower().endswith(".csv"):
-        # the separator the header uses: a spreadsheet writes ";" where "," is the decimal mark, or tabs
-        # the separator whose header names content and style ("Content,Style": any case)
-        header = text.lstrip().split("\n", 1)[0]
+        # CR alone ends a line too (Excel for Mac's "CSV (Macintosh)"); blank lines before the header
+        # are skipped, and counted in the line numbers
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        body = text.lstrip()
+        before = text[:len(text) - len(body)].count("\n")
+        # the separator whose header names content and style ("Content,Style": any case): a
+        # spreadsheet writes ";" where "," is the decimal mark, or tabs
+        header = body.split("\n", 1)[0]
         separator = next((c for c in (",", ";", "\t") if {"content", "style"} <= _csv_names(header, c)), None)
         if separator is None:
             raise PreflightError(f"manifest {uri}: CSV header must name content,style[,output]")
-        reader = csv.DictReader(io.StringIO(text), delimiter=separator)
-        rows = [(i + 2, {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}) for i, row in enumerate(reader)]
+        reader = csv.DictReader(io.StringIO(body), delimiter=separator, strict=True)
+        try:
+            rows = [(before + reader.line_num, {k.strip().lower(): (v or "").strip() for k, v in row.items() if k})
+                    for row in reader]
+        except csv.Error as err:  # a field past csv's limit (131072 characters), a quote left open
+            # line_num counts the lines read before the row that failed
+            raise PreflightError(f"manifest {uri} line {before + reader.line_num + 1}: not CSV ({err})") from None
     else:
         # "\n" only (a "\r" before it is JSON whitespace): splitlines() also breaks at U+2028, U+0085,
         # ... which json.dumps(ensure_ascii=False) leaves inside strings
@@ -137,6 +147,9 @@ def read_manifest(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> 
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise PreflightError(f"manifest {uri} line {i}: not JSON ({err.msg})") from None
+            except (ValueError, RecursionError) as err:  # 5000 digits; "[" nested past the recursion limit
+                raise PreflightError(f"manifest {uri} line {i}: not JSON ({type(err).__name__}: "
+                                     f"{str(err)[:80] or 'nested too deep'})") from None
             if not isinstance(row, dict):
                 raise PreflightError(f"manifest {uri} line {i}: expected an object with content and style")
             rows.append((i, row))

@@ -177,6 +177,29 @@ def test_bad_bytes_name_the_input(data, reason):
     assert err.value.name == "bad-input.png"
 
 
+def _tiff_with_rational_strip_offsets() -> bytes:
+    """A TIFF whose StripOffsets tag (273) is retyped RATIONAL: Pillow's decoder raises TypeError."""
+    import struct
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 12), (1, 2, 3)).save(buf, "TIFF")
+    data = bytearray(buf.getvalue())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for i in range(struct.unpack_from("<H", data, ifd)[0]):
+        at = ifd + 2 + 12 * i
+        if struct.unpack_from("<H", data, at)[0] == 273:
+            data += struct.pack("<II", 8, 1)
+            struct.pack_into("<HHII", data, at, 273, 5, 1, len(data) - 8)
+    return bytes(data)
+
+
+def test_a_crafted_file_that_trips_the_decoder_names_the_input():
+    """Old: TypeError("'IFDRational' object cannot be interpreted as an integer") escaped: `nst
+    stylize` printed a traceback, and in a batch the pair's error named neither input nor reason."""
+    with pytest.raises(ImageDecodeError, match="evil.tif: corrupt or truncated image: .*IFDRational"):
+        decode_image(_tiff_with_rational_strip_offsets(), "evil.tif")
+
+
 def test_resize_longest_keeps_aspect():
     assert resize_longest(pattern((64, 32)), 32).size == (32, 16)
     assert resize_longest(pattern((20, 40)), 80).size == (40, 80)

@@ -86,6 +86,32 @@ def test_a_csv_manifest_saved_by_a_spreadsheet_reads_as_written(folders, data):
     assert (row.content, row.style, row.output) == (f"{folders}/c/a.jpg", f"{folders}/s/s1.png", "x")
 
 
+@pytest.mark.parametrize("data", [
+    b"content,style,output\rc/a.jpg,s/s1.png,x\r",  # Excel for Mac's "CSV (Macintosh)": CR line ends
+    b"\n\ncontent,style,output\nc/a.jpg,s/s1.png,x\n",  # blank lines before the header
+])
+def test_a_csv_manifest_with_odd_line_ends_reads_as_written(folders, data):
+    """Old: CR-only lines raised _csv.Error (a traceback, the run "crashed"); blank lines before the
+    header refused the manifest at "line 2", a line that has content and style."""
+    (folders / "m.csv").write_bytes(data)
+    (row,) = read_manifest(str(folders / "m.csv"))
+    assert (row.content, row.style, row.output) == (f"{folders}/c/a.jpg", f"{folders}/s/s1.png", "x")
+
+
+@pytest.mark.parametrize("name,data,message", [
+    ("m.csv", b"content,style\nc/a.jpg," + b"s" * 200_000 + b"\n", r"m.csv line 2: not CSV \(field larger"),
+    ("m.csv", b'content,style\nc/a.jpg,"s/s1.png\n', r"m.csv line 2: not CSV \(unexpected end"),
+    ("m.jsonl", b"[" * 100_000 + b"\n", r"m.jsonl line 1: not JSON"),
+    ("m.jsonl", b'{"content": "c/a.jpg", "style": ' + b"9" * 5000 + b"}\n", r"m.jsonl line 1: not JSON"),
+])
+def test_a_manifest_the_parser_cannot_read_is_refused_in_one_line(folders, name, data, message):
+    """Old: _csv.Error, RecursionError and ValueError escaped read_manifest: a traceback and a
+    crashed run, where a bad manifest is refused before any work with its line."""
+    (folders / name).write_bytes(data)
+    with pytest.raises(PreflightError, match=message):
+        read_manifest(str(folders / name))
+
+
 @pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
 def test_a_manifest_that_is_not_utf8_says_so(folders, bom):
     (folders / "m.csv").write_bytes(bom + "content,style,output\n\u00e9c/a.jpg,s/s1.png,x\n".encode("latin-1"))
