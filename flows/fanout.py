@@ -250,15 +250,18 @@ def start_chunk(client, deployment: str, key: str, parameters: dict, name: str, 
 
 
 def merge_chunk(n: int, chunk: list[PairPlan], state_name: str, message: str, report: dict | None, out: Storage,
-                io_workers: int = 8, health: StorageHealth | None = None) -> dict[int, ReportItem]:
+                io_workers: int = 8, health: StorageHealth | None = None,
+                made_by: str | None = None) -> dict[int, ReportItem]:
     """A finished chunk's pairs as report items. Pairs its report lacks (or all, without a readable
     report) are judged by the done rule on their sidecars before they are called failed (all of
-    them, when the storage is unreachable)."""
+    them, when the storage is unreachable). ``made_by``: a run that redoes its pairs (skip_existing
+    off) counts only sidecars this chunk run wrote (its flow run id), not an earlier run's."""
     listed = chunk_items(report)
     reported = {p.index: item for p in chunk if (item := item_of(listed, p)) is not None}
     missing = [p for p in chunk if p.index not in reported]
     try:
-        done = done_in(out, missing, list_once=False, io_workers=io_workers, health=health) if missing else set()
+        done = done_in(out, missing, list_once=False, io_workers=io_workers, health=health,
+                       made_by=made_by) if missing else set()
     except StorageError:
         done = set()
     items = {}
@@ -492,7 +495,7 @@ class ChunkWatcher:
         report = None if since else self._read_report(chunk.report_key)
         if since is None:
             items = merge_chunk(chunk.number, chunk.pairs, state_name, message, report, self.out, self.run.io_workers,
-                                self.health)
+                                self.health, made_by=None if self.run.skip_existing else chunk.flow_run_id)
         else:
             why = f"chunk {chunk.number} ended {state_name}: {message}" if StorageUnreachableError.parse(message) \
                 else f"not run: {StorageUnreachableError(since)} (chunk {chunk.number} ended {state_name})"

@@ -359,11 +359,12 @@ def _image_matches(plan: PairPlan, meta: dict, listed) -> bool:
 
 def done_pairs(plans: list[PairPlan], read_sidecar: Callable[[str], bytes | None],
                listed: dict | None = None, info: Callable[[str], object] | None = None,
-               io_workers: int = 8) -> set[int]:
+               io_workers: int = 8, made_by: str | None = None) -> set[int]:
     """Indexes of the plans that are done by the rule above.
 
     ``listed``: key -> ObjectInfo of everything under the output (one listing); without it,
     ``info`` gives one image's ObjectInfo (or None). ``read_sidecar``: its bytes, or None when missing.
+    ``made_by``: only sidecars that flow run wrote count.
     """
     candidates = [p for p in plans if p.runnable and (
         listed is None or (p.image_key in listed and p.sidecar_key in listed))]
@@ -377,6 +378,8 @@ def done_pairs(plans: list[PairPlan], read_sidecar: Callable[[str], bytes | None
             return False
         try:
             meta = json.loads(raw)
+            if made_by is not None and (meta.get("flow_run") or {}).get("id") != made_by:
+                return False
             return meta.get("key") == p.key and _image_matches(p, meta, image)
         except (ValueError, AttributeError, TypeError):
             return False  # a damaged sidecar: redo the pair
@@ -389,7 +392,8 @@ def done_pairs(plans: list[PairPlan], read_sidecar: Callable[[str], bytes | None
         return {p.index for p, ok in zip(candidates, pool.map(check, candidates)) if ok}
 
 
-def done_in(storage, plans: list[PairPlan], list_once: bool = True, io_workers: int = 8, health=None) -> set[int]:
+def done_in(storage, plans: list[PairPlan], list_once: bool = True, io_workers: int = 8, health=None,
+            made_by: str | None = None) -> set[int]:
     """``done_pairs`` against a Storage: one listing of the output (a run), or one HEAD per image
     (a chunk, whose pairs are few). Reads are retried when transient; ``health``: the run's
     StorageHealth (raises StorageUnreachableError once the storage is declared unreachable)."""
@@ -403,7 +407,7 @@ def done_in(storage, plans: list[PairPlan], list_once: bool = True, io_workers: 
 
     listed = {info.key: info for info in retrying(storage.list, health=health)} if list_once else None
     return done_pairs(plans, read_sidecar, listed, lambda k: retrying(lambda: storage.info(k), health=health),
-                      io_workers)
+                      io_workers, made_by)
 
 
 def totals(items: list[ReportItem]) -> dict[str, int]:

@@ -170,6 +170,23 @@ def test_a_chunk_without_a_readable_report_is_judged_by_its_sidecars(tmp_path):
     assert items[1].status == "failed" and items[1].error == "chunk 3 ended Crashed: worker died"
 
 
+def test_a_run_that_redoes_counts_only_what_its_own_chunk_run_made(tmp_path):
+    """skip_existing off, a chunk run OOM-killed before it touched its pairs: old, the sidecars of
+    last week's run under the same keys counted as made by this run: every pair "done", linking
+    old files, the run Completed."""
+    from flows.fanout import merge_chunk
+    from tasks.storage import open_storage
+
+    out = open_storage(str(tmp_path))
+    old, made = plan(0), plan(1)
+    for p, run_id in ((old, "last-week"), (made, "chunk-run-7")):
+        out.write(p.image_key, b"img")
+        out.write(p.sidecar_key, json.dumps({"key": p.key, "image": {"size": 3}, "flow_run": {"id": run_id}}).encode())
+    items = merge_chunk(3, [old, made], "Crashed", "worker died", None, out, made_by="chunk-run-7")
+    assert items[0].status == "failed" and items[0].error == "chunk 3 ended Crashed: worker died"
+    assert items[1].status == "done"
+
+
 
 def test_two_pairs_with_one_pair_key_each_keep_their_own_line_when_a_chunk_is_merged(tmp_path):
     """The same bytes under two names (a.png, a_copy.png), or two manifest rows naming two outputs
