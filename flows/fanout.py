@@ -16,7 +16,8 @@
    deadline (``check_deadlines``), each finished chunk merged as it ends (``settle``,
    ``merge_chunk``: its report's items by pair key, else its pairs' sidecars). A chunk that ends
    with "storage unreachable since …", or storage that stops answering the parent, ends the wait:
-   the other chunk runs are cancelled and their pairs reported with the reason.
+   the other chunk runs are cancelled and their pairs reported with the reason (``_unread``: by
+   what each chunk's state says, its report unread).
 
 Anything that ends the wait early (Ctrl-C, an error, the stop flag) cancels the unfinished chunk
 runs first (``cancel_children``).
@@ -38,7 +39,8 @@ from prefect.runtime import flow_run
 
 from nst_core.params import StyleParams
 from tasks.contract import (PairPlan, ReportItem, attempt_report_key, chunk_items, chunk_key, chunk_report_key,
-                            decode_thumbs, done_in, done_item, failed_item, item_of, totals)
+                            decode_thumbs, done_in, done_item, failed_item, item_of, parse_totals_line,
+                            skipped_item, totals)
 from tasks.credentials import DEFAULT_CHAIN, StorageCredentials
 from tasks.models import OutputSpec, RunOptions
 from tasks.pair import PairStopped, stop_requested
@@ -497,13 +499,13 @@ class ChunkWatcher:
             items = merge_chunk(chunk.number, chunk.pairs, state_name, message, report, self.out, self.run.io_workers,
                                 self.health, made_by=None if self.run.skip_existing else chunk.flow_run_id)
         else:
-            why = f"chunk {chunk.number} ended {state_name}: {message}" if StorageUnreachableError.parse(message) \
-                else f"not run: {StorageUnreachableError(since)} (chunk {chunk.number} ended {state_name})"
-            items = {p.index: failed_item(p, why, self.out) for p in chunk.pairs}
+            items = self._unread(chunk, state_name, message, StorageUnreachableError(since))
         for index, item in items.items():
             self.result.items[index] = item
-            self.finished += 1
-            self.on_done(self.finished, self.n_todo)
+            # progress counts the pairs known to have finished: after an outage, not an unread chunk's
+            if since is None or state_name == "Completed":
+                self.finished += 1
+                self.on_done(self.finished, self.n_todo)
         if report:
             room = self.run.contact_sheet_rows - len(self.result.thumbs)
             self.result.thumbs += decode_thumbs(report.get("thumbs", []))[:max(room, 0)]
@@ -511,6 +513,23 @@ class ChunkWatcher:
         self.result.chunks.append({"chunk": chunk.number, "flow_run_id": chunk.flow_run_id, "state": state_name,
                                    "done": counts["done"], "skipped": counts["skipped"], "failed": counts["failed"],
                                    "report": self.out.uri_for(chunk.report_key), "worker": (report or {}).get("worker")})
+
+    def _unread(self, chunk: Chunk, state_name: str, message: str, outage: StorageUnreachableError) -> dict[int, ReportItem]:
+        """A chunk's pairs once the storage is declared unreachable (its report is not read): what
+        its state says. A Completed chunk whose message counts all its pairs done (or all skipped) is
+        taken at its word; any other pair fails with what is known, never "not run" for a pair that
+        may have been made (a chunk cancelled mid-way, a Completed one with mixed counts)."""
+        counts = parse_totals_line(message) if state_name == "Completed" else None
+        if counts and counts["pairs"] == len(chunk.pairs) and counts["done"] == len(chunk.pairs):
+            return {p.index: done_item(p, self.out) for p in chunk.pairs}
+        if counts and counts["pairs"] == len(chunk.pairs) and counts["skipped"] == len(chunk.pairs):
+            return {p.index: skipped_item(p, self.out) for p in chunk.pairs}
+        if StorageUnreachableError.parse(message):  # the chunk that met the outage: its own count
+            why = f"chunk {chunk.number} ended {state_name}: {message}"
+        else:
+            why = (f"not known: {outage}; chunk {chunk.number} ended {state_name}" + (f" ({message})" if message else "")
+                   + " and its report was not read")
+        return {p.index: failed_item(p, why, self.out) for p in chunk.pairs}
 
     def _read_report(self, key: str) -> dict | None:
         try:

@@ -424,6 +424,15 @@ def totals_line(counts: dict[str, int]) -> str:
     return f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed of {counts['pairs']} pairs"
 
 
+_TOTALS_LINE = re.compile(r"(\d+) done, (\d+) skipped, (\d+) failed of (\d+) pairs")
+
+
+def parse_totals_line(message: str) -> dict[str, int] | None:
+    """The ``totals`` a state message starting with ``totals_line`` gives, else None."""
+    found = _TOTALS_LINE.match(message or "")
+    return dict(zip(("done", "skipped", "failed", "pairs"), map(int, found.groups()))) if found else None
+
+
 # --- report items -------------------------------------------------------------------------------------
 
 def done_item(plan: PairPlan, storage, **measured) -> ReportItem:

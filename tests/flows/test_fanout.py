@@ -837,6 +837,35 @@ def test_a_parent_whose_chunk_lost_storage_cancels_the_others_and_ends_failed_wi
     assert [k.state.name for k in kids][0] == "Failed" and kids[1].state.name in ("Cancelling", "Cancelled")
 
 
+def test_after_an_outage_a_completed_chunk_keeps_its_done_pairs_and_progress_counts_only_finished_ones(
+        tmp_path, monkeypatch):
+    """Chunk A ends Failed with "storage unreachable" (no report), then chunk B ends Completed with
+    its 2 pairs done. Old: once the outage was declared every later chunk's pairs were reported
+    "failed: not run" (B's made pairs too), and the progress card read "stopped after 4 of 4 pairs"
+    at 100% for pairs never run."""
+    import logging
+
+    from tasks.storage import open_storage
+
+    monkeypatch.setattr(fanout, "get_run_logger", lambda: logging.getLogger("test"))
+    a = fanout.Chunk(0, [plan(0), plan(1)], "_runs/x/a.json", "run-a")
+    b = fanout.Chunk(1, [plan(2), plan(3)], "_runs/x/b.json", "run-b")
+    c = fanout.Chunk(2, [plan(4)], "_runs/x/c.json", "run-c")
+    progress = []
+    watcher = fanout.ChunkWatcher(None, [a, b, c], open_storage(str(tmp_path)), RunOptions(),
+                                  lambda finished, total: progress.append(finished), 5)
+    watcher.settle(a, "Failed", "storage unreachable since 10:00:00 UTC: 2 of 2 pairs not run")
+    watcher.settle(b, "Completed", "2 done, 0 skipped, 0 failed of 2 pairs (chunk report: /o/_runs/x/b.json)")
+    watcher.settle(c, "Cancelled", "the run's storage is unreachable")
+    items = watcher.result.items
+    assert [items[i].status for i in range(5)] == ["failed", "failed", "done", "done", "failed"]
+    assert items[2].output.endswith(plan(2).image_key)
+    assert items[0].error.startswith("chunk 0 ended Failed: storage unreachable since 10:00:00 UTC")
+    assert "not known" in items[4].error and "chunk 2 ended Cancelled" in items[4].error, items[4].error
+    assert progress == [1, 2]  # B's pairs; A's and C's are not known to have finished
+    assert [(r["chunk"], r["done"], r["failed"]) for r in watcher.result.chunks] == [(0, 0, 2), (1, 2, 0), (2, 0, 1)]
+
+
 def test_a_chunk_runs_its_pairs_after_an_earlier_run_in_the_process_stopped(tmp_path, prefect_api):
     """A stop left by an earlier run in this process (its flow body ended by SIGTERM, Ctrl-C or an
     error) is not this chunk's. Old: the chunk started no pair and failed each one, "run interrupted
