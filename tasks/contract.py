@@ -451,6 +451,16 @@ def skipped_item(plan: PairPlan, storage, duplicate_of: PairPlan | None = None, 
                       storage.uri_for(plan.sidecar_key), note=note)
 
 
+#: How a pair left to another run (``tasks.claims``) begins its note: skipped, but not made.
+LEFT_TO = "left to "
+
+
+def left_item(plan: PairPlan, storage, holder: str) -> ReportItem:
+    """A pair another live run on the output still held when this run stopped waiting for it."""
+    return skipped_item(plan, storage, note=f"{LEFT_TO}{holder}, still making it when this run ended; the next "
+                                            "run makes it if it never does")
+
+
 def repeats_follow_their_first(items: dict[int, ReportItem], plans: list[PairPlan], storage) -> dict[int, ReportItem]:
     """``items`` (by plan index) with each repeated pair (``duplicate_of``) given its first pair's outcome
     once the run has settled every pair: skipped, naming the result, when the first is done or

@@ -17,7 +17,7 @@ from prefect import get_run_logger
 from nst_core.errors import NSTError
 
 from . import claims as claims_mod
-from .contract import PairPlan, ReportItem, failed_item, skipped_item
+from .contract import PairPlan, ReportItem, failed_item, left_item
 from .pair import PairContext, PairDone, process_pair, stop_requested
 from .storage import env_seconds
 
@@ -171,8 +171,7 @@ def _run_pairs(todo, ctx, window, contact_sheet_rows, on_done, result) -> Pipeli
         collect()
         inflight -= 1
     for p, holder in deferred.values() if not stopped() else ():
-        result.items[p.index] = skipped_item(p, ctx.storage, note=f"left to {holder}, still making it when this "
-                                                                   "run ended; the next run makes it if it never does")
+        result.items[p.index] = left_item(p, ctx.storage, holder)
         count()
     stop = ctx.health.stop_error()
     why = f"not run: {stop}" if stop else "run interrupted before the pair started"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .contract import FAILED, report_key
+from .contract import FAILED, LEFT_TO, SKIPPED, report_key
 
 __all__ = ["SheetRow", "Curve", "contact_sheet", "loss_curve_png", "summary_markdown", "table_rows", "final_loss",
            "file_name", "MAX_TABLE_ROWS", "MAX_CHUNK_ROWS"]
@@ -341,7 +341,11 @@ def summary_markdown(report: dict, links: dict[str, str | None], chunk_links: li
         lines += [f"Attempt {attempt} of this flow run (a Retry): each attempt keeps its own report; "
                   f"the first one's is `{report_key(report.get('flow_run_id', ''))}`.", ""]
     if counts["pairs"] and not counts["done"] and counts["skipped"] == counts["pairs"]:
-        lines += [f"{counts['skipped']} of {counts['pairs']} already done: nothing was stylized.", ""]
+        left = sum(i.get("status") == SKIPPED and (i.get("note") or "").startswith(LEFT_TO)
+                   for i in report.get("items", []))
+        lines += [f"Nothing was stylized: {counts['skipped'] - left} of {counts['pairs']} already done, {left} left to "
+                  "another run still making it." if left else
+                  f"{counts['skipped']} of {counts['pairs']} already done: nothing was stylized.", ""]
     lines += [
         "| pairs | done | skipped | failed |", "|---|---|---|---|",
         f"| {counts['pairs']} | {counts['done']} | {counts['skipped']} | {counts['failed']} |", "",

@@ -83,6 +83,21 @@ def test_table_links_outputs_and_summary_links_chunks():
     assert "**Warning:** random weights" in md and "bad image" in md
 
 
+def test_pairs_left_to_another_run_are_not_called_already_done():
+    """Old: a run that waited out NST_CLAIM_WAIT_S on another run's pairs said "2 of 2 already
+    done: nothing was stylized", though the other run was still making them (and could fail)."""
+    left = "left to run nightly (abc), still making it when this run ended; the next run makes it if it never does"
+    items = [{"content": "c0.png", "style": "s.png", "status": "skipped", "output": "/o/a.jpg", "note": left},
+             {"content": "c1.png", "style": "s.png", "status": "skipped", "output": "/o/b.jpg", "note": None}]
+    report = {"flow_run": "r", "report": "/o/_runs/1.json", "totals": {"pairs": 2, "done": 0, "skipped": 2, "failed": 0},
+              "items": items}
+    text = summary_markdown(report, {}, [])
+    assert "Nothing was stylized: 1 of 2 already done, 1 left to another run still making it." in text, text
+    assert "2 of 2 already done" not in text
+    report["items"] = items[1:] * 2
+    assert "2 of 2 already done: nothing was stylized." in summary_markdown(report, {}, [])
+
+
 def test_a_retry_summary_names_the_first_attempts_report():
     """Old: "the first one's is `_runs/{flow_run_id}.json`", the placeholder left in the text."""
     report = {"flow_run": "r", "flow_run_id": "6f1c", "attempt": 2, "report": "/o/_runs/6f1c-attempt-2.json",
