@@ -93,10 +93,26 @@ def list_images(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> li
 
 
 def _resolve(entry: str, base: str) -> str:
-    """A manifest entry: a full URI / absolute path as is, else a key relative to the manifest's folder."""
+    """A manifest entry: a full URI / absolute path as is, else a path relative to the manifest's
+    folder ``base``, where ``..`` goes up (``allowed_sources`` then decides whether it may be read:
+    by default only the manifest's folder). In a bucket only ``..`` folds: "c//a.png" stays as
+    written, for ``split_uri`` to refuse (S3 keys are not paths); UnsafeKeyError above the bucket."""
     if parse_uri(entry)[0] in ("s3", "file") or entry.startswith("/"):
         return entry
-    return f"{base.rstrip('/')}/{safe_key(entry)}"
+    if "\x00" in entry:
+        raise UnsafeKeyError(f"key {entry!r} is not a relative path under the manifest's folder")
+    scheme, bucket, path = parse_uri(base)
+    if scheme != "s3":
+        return os.path.normpath(os.path.join(base, entry))
+    parts = [p for p in path.strip("/").split("/") if p]
+    for part in entry.split("/"):
+        if part != "..":
+            parts.append(part)
+        elif not parts:
+            raise UnsafeKeyError(f"key {entry!r} would resolve outside the bucket s3://{bucket}")
+        else:
+            parts.pop()
+    return f"s3://{bucket}/" + "/".join(parts)
 
 
 def read_manifest(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> list[SourceEntry]:
@@ -165,9 +181,12 @@ def read_manifest(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> 
         try:
             if output is not None:
                 output = safe_key(output)
-            entries.append(SourceEntry(_resolve(content, base), _resolve(style, base), output, where))
         except UnsafeKeyError as err:
-            raise PreflightError(f"{where}: {err}; outputs and entries must stay under their prefix") from None
+            raise PreflightError(f"{where}: {err}; outputs must stay under the output prefix") from None
+        try:
+            entries.append(SourceEntry(_resolve(content, base), _resolve(style, base), output, where))
+        except UnsafeKeyError as err:  # this pair alone
+            entries.append(SourceEntry(content, style, output, where, error=f"{where}: {err}"))
     if not entries:
         raise PreflightError(f"manifest {uri} has no rows")
     return entries

@@ -886,6 +886,10 @@ def split_uri(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> tupl
     if not name:
         raise StorageError(f"{uri}: not an object URI")
     if scheme == "s3":
+        key = path[1:]  # as written after s3://bucket/
+        if key.endswith("/") or "\\" in key or any(part in ("", ".") for part in key.split("/")):
+            raise StorageError(f"{uri}: key {key!r} folds as a path (an empty or '.' segment, a trailing '/' or a "
+                               "backslash) and would read another object; name the object's key as it is")
         return S3Storage(bucket, folder[1:], credentials), name
     if why := host_problem(uri):
         raise StorageError(why)

@@ -37,6 +37,34 @@ def test_empty_source_is_a_preflight_error(folders):
         source_entries(BatchSource(contents=str(folders / "empty"), styles=str(folders / "s")))
 
 
+def test_a_manifest_entry_above_its_folder_is_judged_by_allowed_sources_and_fails_alone(folders):
+    """Old: one "../" in a row's content or style refused the whole manifest before any work,
+    though a manifest in manifests/ beside images/ is a common layout, and the module promises an
+    unsafe entry fails its pair alone."""
+    (folders / "m").mkdir()
+    (folders / "m" / "m.jsonl").write_text(
+        json.dumps({"content": "../c/a.jpg", "style": "../s/s1.png"}) + "\n"
+        + json.dumps({"content": "c.png", "style": "../s/s1.png"}) + "\n")
+    (folders / "m" / "c.png").write_bytes(to_bytes(pattern((16, 16))))
+    source = BatchSource(manifest=str(folders / "m" / "m.jsonl"))
+    entries = source_entries(source)
+    assert [e.content for e in entries] == [str(folders / "c" / "a.jpg"), str(folders / "m" / "c.png")]
+    plans = plan_pairs(entries, StyleParams(), "w", "png", allowed_sources=default_allowed_sources(source))
+    assert "outside allowed_sources" in plans[0].error and "outside allowed_sources" in plans[1].error
+    plans = plan_pairs(entries, StyleParams(), "w", "png", allowed_sources=[str(folders)])
+    assert [p.error for p in plans] == ["", ""]
+
+
+def test_a_manifest_entry_above_its_bucket_fails_its_pair_alone():
+    from tasks.plan import _resolve
+    from tasks.storage import UnsafeKeyError
+
+    assert _resolve("../images/a.png", "s3://b/manifests/") == "s3://b/images/a.png"
+    assert _resolve("c//a.png", "s3://b/m/") == "s3://b/m/c//a.png"  # as written: split_uri refuses it
+    with pytest.raises(UnsafeKeyError, match="outside"):
+        _resolve("../../a.png", "s3://b/m/")
+
+
 def test_manifest_csv_and_jsonl(folders):
     (folders / "m.csv").write_text("content,style,output\nc/a.jpg,s/s1.png,\nc/b.png,s/s1.png,named/out\n")
     rows = read_manifest(str(folders / "m.csv"))

@@ -186,6 +186,15 @@ def test_split_uri():
     assert (storage.uri, key) == ("/tmp/x", "y.csv")
 
 
+@pytest.mark.parametrize("uri", ["s3://bkt/c//a.png", "s3://bkt//a.png", "s3://bkt/x.png/", "s3://bkt/c/./a.png",
+                                 "s3://bkt/c\\a.png"])
+def test_an_s3_object_uri_that_folds_as_a_path_is_refused(uri):
+    """Old: "s3://bkt/c//a.png" in a manifest read the object c/a.png, another key, and the report
+    named the one written (a listing refuses these keys for that reason)."""
+    with pytest.raises(StorageError, match="another object"):
+        split_uri(uri)
+
+
 def test_only_transient_errors_are_retried(bucket, monkeypatch):
     import boto3
     from botocore.config import Config
