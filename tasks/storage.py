@@ -487,6 +487,13 @@ class LocalStorage(Storage):
     @_bounded
     def write(self, key: str, data: bytes, content_type: str | None = None) -> str:
         path = self._path(key)
+        try:
+            return self._write(path, data)
+        except (FileExistsError, NotADirectoryError, IsADirectoryError) as err:  # "o/x.png" beside "o/x.png/y.png"
+            raise StorageError(f"{path}: cannot write: a file or folder of that name is in the way "
+                               f"({err.strerror})") from None
+
+    def _write(self, path: Path, data: bytes) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         temp_dir = self._temp_dir(create=True)
         # Created 0666 by os.open, so the kernel applies the umask in force now (mkstemp makes 0600);

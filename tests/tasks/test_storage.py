@@ -186,6 +186,19 @@ def test_split_uri():
     assert (storage.uri, key) == ("/tmp/x", "y.csv")
 
 
+def test_a_file_or_folder_in_the_way_of_a_write_is_one_line_naming_it(tmp_path):
+    """Manifest outputs "o/x" and "o/x.png/y": old, the second write raised a bare FileExistsError
+    (NotADirectoryError, IsADirectoryError the other way round): a traceback, no file named."""
+    out = LocalStorage(str(tmp_path))
+    out.write("o/x.png", b"1")
+    with pytest.raises(StorageError, match=r"o/x.png/y.png: cannot write: .* in the way"):
+        out.write("o/x.png/y.png", b"2")
+    out.write("p/y.png/z.png", b"3")
+    with pytest.raises(StorageError, match=r"p/y.png: cannot write: .* in the way"):
+        out.write("p/y.png", b"4")
+    assert not list((tmp_path / TEMP_DIR).iterdir())
+
+
 @pytest.mark.parametrize("uri", ["s3://bkt/c//a.png", "s3://bkt//a.png", "s3://bkt/x.png/", "s3://bkt/c/./a.png",
                                  "s3://bkt/c\\a.png"])
 def test_an_s3_object_uri_that_folds_as_a_path_is_refused(uri):
