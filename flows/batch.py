@@ -411,9 +411,10 @@ def _outage(b: _Batch, items: list[ReportItem], result: PipelineResult, weights_
                         weights_id, b.devices, items, {"contact_sheet": None, "loss_curve": None}, result.chunks)
     try:
         b.out.write(key, report_bytes(report, indent=2), "application/json")
-        written = ""
-    except (StorageError, OSError):
+        written, unwritten = "", ""
+    except (StorageError, OSError) as err:
         written = ", not written: the next run on this output marks it crashed"
+        unwritten = str(b.health.stop_error() or err)
     counts = report["totals"]
     stop = b.health.stop_error()
     message = (f"{stop}: {counts['failed']} of {counts['pairs']} pairs failed "
@@ -421,7 +422,8 @@ def _outage(b: _Batch, items: list[ReportItem], result: PipelineResult, weights_
     if b.progress is not None:  # not "n of n finished": the pairs left were never run
         b.progress.stopped(str(stop))
     try:
-        publish_artifacts(report, b.out, b.output.link_expiry_hours, run_warning(weights_id, b.run.labels))
+        publish_artifacts(report, b.out, b.output.link_expiry_hours, run_warning(weights_id, b.run.labels),
+                          unwritten=unwritten)
     except Exception as err:  # as in a run that ended well: the cards never replace the run's own verdict
         get_run_logger().warning("artifacts not published: %s: %s", type(err).__name__, err)
     get_run_logger().error(message)

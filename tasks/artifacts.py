@@ -358,8 +358,9 @@ def run_label(name: str | None, attempt: int = 1) -> str:
 
 
 def publish_artifacts(report: dict, out, expiry_hours: int, warning: str | None = None,
-                      seconds: float | None = None) -> dict[str, object]:
-    """Create the run's artifacts from its report dict (the one written to ``report["report"]``).
+                      seconds: float | None = None, unwritten: str = "") -> dict[str, object]:
+    """Create the run's artifacts from its report dict (the one written to ``report["report"]``;
+    ``unwritten``: why it could not be, and the cards say so instead of linking it).
 
     Returns the artifact ids by kind (tests read them back through the API).
     """
@@ -414,7 +415,13 @@ def publish_artifacts(report: dict, out, expiry_hours: int, warning: str | None 
         description=f"Pairs of run {run}: status, file names, output and sidecar, final loss, seconds and error "
                     f"of each pair{which}{table_note}.")
     what = f"Run report of run {run}: the JSON record of every pair (inputs, outputs, losses, errors) and of the run's settings"
-    if links["report"]:
+    if unwritten:  # its key holds the run's "running" probe, or nothing: no link to it as the record
+        links["report"] = None
+        ids["report"] = create_markdown_artifact(
+            f"Not written ({md_text(unwritten)}): {md_code(report['report'])} still holds this run's \"running\" "
+            "record, which the next run on this output marks crashed. The pairs are in the table.",
+            key=artifact_key("report"), description=f"Run report of run {run}: not written, the storage failed.")
+    elif links["report"]:
         ids["report"] = create_link_artifact(links["report"], link_text=report["report"], key=artifact_key("report"),
                                              description=f"{what} ({expiry_note}).")
     else:  # a local path: as a link, the UI would open it on its own host, where it is not
@@ -428,7 +435,7 @@ def publish_artifacts(report: dict, out, expiry_hours: int, warning: str | None 
         rate = (f"{counts['done']} pairs stylized in {_duration(seconds)} from start to report: "
                 f"{counts['done'] / seconds:.2f} pairs/s")
     ids["summary"] = create_markdown_artifact(
-        summary_markdown(report, links, chunk_links, warning, rate), key=artifact_key("summary"),
+        summary_markdown(report, links, chunk_links, warning, rate, unwritten), key=artifact_key("summary"),
         description=f"Summary of run {run}: totals, pairs/s, links to the report and pictures, chunk runs and "
                     f"failures{table_note}.")
     return ids

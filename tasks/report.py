@@ -330,8 +330,9 @@ def table_rows(items: list[dict], link=None, limit: int = MAX_TABLE_ROWS) -> lis
 
 
 def summary_markdown(report: dict, links: dict[str, str | None], chunk_links: list[tuple[dict, str | None]],
-                     warning: str | None = None, rate: str | None = None) -> str:
-    """The run's summary: totals, links to the report, contact sheet and loss curve, chunk runs, failures."""
+                     warning: str | None = None, rate: str | None = None, unwritten: str = "") -> str:
+    """The run's summary: totals, links to the report (``unwritten``: why there is none), contact
+    sheet and loss curve, chunk runs, failures."""
     counts = report["totals"]
     attempt = report.get("attempt", 1)
     lines = [f"# stylize-batch {md_code(report.get('flow_run'))}" + (f", attempt {attempt}" if attempt > 1 else ""), ""]
@@ -352,7 +353,8 @@ def summary_markdown(report: dict, links: dict[str, str | None], chunk_links: li
     ]
     if rate:
         lines += [rate, ""]
-    lines.append(f"- Run report: {_md_link(report['report'], links.get('report'))}")
+    lines.append(f"- Run report: not written ({md_text(unwritten)})" if unwritten else
+                 f"- Run report: {_md_link(report['report'], links.get('report'))}")
     if report.get("contact_sheet"):
         lines.append(f"- Contact sheet: {_md_link(report['contact_sheet'], links.get('contact_sheet'))}")
     if report.get("loss_curve"):

@@ -299,6 +299,33 @@ def test_an_attempt_whose_pairs_came_back_without_thumbnails_does_not_say_it_sty
     assert "this one stylized nothing" not in card.description and "without thumbnails" in card.description, card
 
 
+def test_a_report_the_outage_kept_from_being_written_is_not_linked_as_the_record(tmp_path):
+    """Old: after an outage whose report write failed, the report card linked the key that still
+    held the run's "running" probe (or nothing), described as "the JSON record of every pair", and
+    the summary linked it too."""
+    from prefect import flow
+
+    from tasks.artifacts import publish_artifacts
+    from tasks.storage import LocalStorage
+
+    out = LocalStorage(tmp_path / "out")
+    report = {"flow_run": "outage", "flow_run_id": "run-9", "report": str(tmp_path / "out" / "_runs" / "run-9.json"),
+              "totals": {"pairs": 1, "done": 0, "skipped": 0, "failed": 1},
+              "items": [{"content": "c.png", "style": "s.png", "status": "failed", "output": "", "error": "not run"}]}
+
+    @flow
+    def publish():
+        return publish_artifacts(report, out, 2, unwritten="storage unreachable since 10:00:00 UTC")
+
+    state = publish(return_state=True)
+    arts = artifacts_of(state.state_details.flow_run_id)
+    card = next(a for a in arts["markdown"] if a.description.startswith("Run report"))
+    assert "JSON record of every pair" not in card.description and "not written" in card.description, card.description
+    assert "storage unreachable since 10:00:00 UTC" in card.data and "crashed" in card.data, card.data
+    summary = next(a for a in arts["markdown"] if a.description.startswith("Summary")).data
+    assert "- Run report: not written (storage unreachable since 10:00:00 UTC)" in summary, summary
+
+
 def test_every_artifact_is_described_for_a_person_and_random_weights_are_on_the_pictures(tmp_path):
     """Artifact cards are titled with their machine keys (stylize-batch-on-demand-contact-sheet), so
     each description starts with what it is, of which run, and what it shows. Old: the progress card
