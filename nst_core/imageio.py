@@ -164,6 +164,11 @@ def split_alpha(img: Image.Image, name: str = "image") -> DecodedImage:
     return DecodedImage(rgb, alpha)
 
 
+#: What else Pillow's decoders raise on crafted files, caught around opening and loading only (in
+#: our own conversions after them it would be a bug, and keeps its traceback).
+_CRAFTED = (TypeError, IndexError, KeyError, ZeroDivisionError, struct.error)
+
+
 def decode_image(data: bytes, name: str, *, max_pixels: int = MAX_PIXELS) -> DecodedImage:
     """Decode image bytes with EXIF orientation applied. Raises ImageDecodeError naming ``name``."""
     if not data:
@@ -173,12 +178,15 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = MAX_PIXELS) -> Dec
         # process-wide filter list across them left its filter behind for the whole process. So a
         # header past Pillow's own threshold (89.5 MP) gets Pillow's warning before this refusal;
         # past twice that Pillow raises instead (below).
-        img = Image.open(io.BytesIO(data), formats=DECODERS)
-        width, height = img.size
-        # Checked from the header, before any pixel is decoded.
-        if width * height > max_pixels:
-            raise ImageDecodeError(name, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
-        img.load()
+        try:
+            img = Image.open(io.BytesIO(data), formats=DECODERS)
+            width, height = img.size
+            # Checked from the header, before any pixel is decoded.
+            if width * height > max_pixels:
+                raise ImageDecodeError(name, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
+            img.load()
+        except _CRAFTED as err:  # Pillow's decoders on a crafted header (a TIFF tag of the wrong type)
+            raise ImageDecodeError(name, f"corrupt or truncated image: {type(err).__name__}: {err}") from None
         return split_alpha(img, name)
     except ImageDecodeError:
         raise
@@ -190,8 +198,7 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = MAX_PIXELS) -> Dec
         size = f"{pixels.group(1)} pixels" if pixels else "its size"
         limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))  # a max_pixels past Pillow's: Pillow's
         raise ImageDecodeError(name, f"{size} exceeds the limit of {limit} (a decompression bomb?)") from None
-    except (OSError, ValueError, SyntaxError, EOFError, TypeError, IndexError, KeyError, ZeroDivisionError,
-            struct.error) as err:  # what Pillow's decoders raise on crafted headers (a TIFF tag of the wrong type)
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
         raise ImageDecodeError(name, f"corrupt or truncated image: {err}") from None
 
 

@@ -93,25 +93,27 @@ def list_images(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> li
 
 
 def _resolve(entry: str, base: str) -> str:
-    """A manifest entry: a full URI / absolute path as is, else a path relative to the manifest's
-    folder ``base``, where ``..`` goes up (``allowed_sources`` then decides whether it may be read:
-    by default only the manifest's folder). In a bucket only ``..`` folds: "c//a.png" stays as
-    written, for ``split_uri`` to refuse (S3 keys are not paths); UnsafeKeyError above the bucket."""
+    """A manifest entry: a full URI / absolute path as is (``split_uri`` refuses an S3 key that folds
+    as a path), else a path relative to the manifest's folder ``base``, read as a path: "." and
+    empty segments drop, a backslash separates (a manifest written on Windows), ``..`` goes up
+    (``allowed_sources`` then decides whether it may be read: by default only the manifest's
+    folder). UnsafeKeyError above the bucket."""
     if parse_uri(entry)[0] in ("s3", "file") or entry.startswith("/"):
         return entry
     if "\x00" in entry:
         raise UnsafeKeyError(f"key {entry!r} is not a relative path under the manifest's folder")
     scheme, bucket, path = parse_uri(base)
+    relative = entry.replace("\\", "/")
     if scheme != "s3":
-        return os.path.normpath(os.path.join(base, entry))
-    parts = [p for p in path.strip("/").split("/") if p]
-    for part in entry.split("/"):
-        if part != "..":
-            parts.append(part)
-        elif not parts:
-            raise UnsafeKeyError(f"key {entry!r} would resolve outside the bucket s3://{bucket}")
-        else:
+        return os.path.normpath(os.path.join(base, relative))
+    parts = [p for p in path.split("/") if p]
+    for part in relative.split("/"):
+        if part == "..":
+            if not parts:
+                raise UnsafeKeyError(f"key {entry!r} would resolve outside the bucket s3://{bucket}")
             parts.pop()
+        elif part not in ("", "."):
+            parts.append(part)
     return f"s3://{bucket}/" + "/".join(parts)
 
 
@@ -146,11 +148,11 @@ def read_manifest(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> 
         separator = next((c for c in (",", ";", "\t") if {"content", "style"} <= _csv_names(header, c)), None)
         if separator is None:
             raise PreflightError(f"manifest {uri}: CSV header must name content,style[,output]")
-        reader = csv.DictReader(io.StringIO(body), delimiter=separator, strict=True)
+        reader = csv.DictReader(io.StringIO(body), delimiter=separator)
         try:
             rows = [(before + reader.line_num, {k.strip().lower(): (v or "").strip() for k, v in row.items() if k})
                     for row in reader]
-        except csv.Error as err:  # a field past csv's limit (131072 characters), a quote left open
+        except csv.Error as err:  # a field past csv's limit (131072 characters)
             # line_num counts the lines read before the row that failed
             raise PreflightError(f"manifest {uri} line {before + reader.line_num + 1}: not CSV ({err})") from None
     else:
