@@ -29,7 +29,7 @@ import json
 import time
 from datetime import datetime, timezone
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 
 from prefect import get_run_logger
@@ -39,8 +39,8 @@ from prefect.runtime import flow_run
 
 from nst_core.params import StyleParams
 from tasks.contract import (PairPlan, ReportItem, attempt_report_key, chunk_items, chunk_key, chunk_report_key,
-                            decode_thumbs, done_in, done_item, failed_item, item_of, parse_totals_line,
-                            skipped_item, totals)
+                            FAILED, decode_thumbs, done_in, done_item, failed_item, item_of, parse_totals_line,
+                            totals)
 from tasks.credentials import DEFAULT_CHAIN, StorageCredentials
 from tasks.models import OutputSpec, RunOptions
 from tasks.pair import PairStopped, stop_requested
@@ -253,11 +253,11 @@ def start_chunk(client, deployment: str, key: str, parameters: dict, name: str, 
 
 def merge_chunk(n: int, chunk: list[PairPlan], state_name: str, message: str, report: dict | None, out: Storage,
                 io_workers: int = 8, health: StorageHealth | None = None,
-                made_by: str | None = None) -> dict[int, ReportItem]:
+                made_by: set[str] | None = None) -> dict[int, ReportItem]:
     """A finished chunk's pairs as report items. Pairs its report lacks (or all, without a readable
     report) are judged by the done rule on their sidecars before they are called failed (all of
     them, when the storage is unreachable). ``made_by``: a run that redoes its pairs (skip_existing
-    off) counts only sidecars this chunk run wrote (its flow run id), not an earlier run's."""
+    off) counts only sidecars this chunk's runs wrote (their flow run ids), not an earlier run's."""
     listed = chunk_items(report)
     reported = {p.index: item for p in chunk if (item := item_of(listed, p)) is not None}
     missing = [p for p in chunk if p.index not in reported]
@@ -293,6 +293,7 @@ class Chunk:
     settled: bool = False
     restart: Callable[..., object] | None = None  # restart(client): a new run of its content (start_chunk)
     restarts: int = 0
+    earlier_runs: list[str] = field(default_factory=list)  # the flow run ids it had before restarts
 
 
 def stopped_by_a_parent(state, history=()) -> bool:
@@ -404,6 +405,7 @@ class ChunkWatcher:
         self.logger.warning("chunk %d: its run %s was cancelled by another parent's stop (%s); started again as %s",
                             chunk.number, chunk.flow_run_id, chunk.state, child.id)
         del self.chunks[chunk.flow_run_id]
+        chunk.earlier_runs.append(chunk.flow_run_id)
         chunk.flow_run_id, chunk.started, chunk.restarts = str(child.id), None, chunk.restarts + 1
         chunk.report_key = (child.parameters or {}).get("report_key", "")
         self.chunks[chunk.flow_run_id] = chunk
@@ -497,13 +499,14 @@ class ChunkWatcher:
         report = None if since else self._read_report(chunk.report_key)
         if since is None:
             items = merge_chunk(chunk.number, chunk.pairs, state_name, message, report, self.out, self.run.io_workers,
-                                self.health, made_by=None if self.run.skip_existing else chunk.flow_run_id)
+                                self.health, made_by=None if self.run.skip_existing
+                                else {chunk.flow_run_id, *chunk.earlier_runs})
         else:
             items = self._unread(chunk, state_name, message, StorageUnreachableError(since))
         for index, item in items.items():
             self.result.items[index] = item
-            # progress counts the pairs known to have finished: after an outage, not an unread chunk's
-            if since is None or state_name == "Completed":
+            # progress counts the pairs known to have finished: after an outage, not those it cannot know
+            if since is None or item.status != FAILED:
                 self.finished += 1
                 self.on_done(self.finished, self.n_todo)
         if report:
@@ -516,14 +519,12 @@ class ChunkWatcher:
 
     def _unread(self, chunk: Chunk, state_name: str, message: str, outage: StorageUnreachableError) -> dict[int, ReportItem]:
         """A chunk's pairs once the storage is declared unreachable (its report is not read): what
-        its state says. A Completed chunk whose message counts all its pairs done (or all skipped) is
-        taken at its word; any other pair fails with what is known, never "not run" for a pair that
-        may have been made (a chunk cancelled mid-way, a Completed one with mixed counts)."""
+        its state says. A Completed chunk whose message counts all its pairs done is taken at its
+        word; any other pair fails with what is known, never "not run" for a pair that may have been
+        made (a chunk cancelled mid-way), nor "skipped" (a skip may be a pair left to another run)."""
         counts = parse_totals_line(message) if state_name == "Completed" else None
         if counts and counts["pairs"] == len(chunk.pairs) and counts["done"] == len(chunk.pairs):
             return {p.index: done_item(p, self.out) for p in chunk.pairs}
-        if counts and counts["pairs"] == len(chunk.pairs) and counts["skipped"] == len(chunk.pairs):
-            return {p.index: skipped_item(p, self.out) for p in chunk.pairs}
         if StorageUnreachableError.parse(message):  # the chunk that met the outage: its own count
             why = f"chunk {chunk.number} ended {state_name}: {message}"
         else:

@@ -418,8 +418,9 @@ def publish_artifacts(report: dict, out, expiry_hours: int, warning: str | None 
     if unwritten:  # its key holds the run's "running" probe, or nothing: no link to it as the record
         links["report"] = None
         ids["report"] = create_markdown_artifact(
-            f"Not written ({md_text(unwritten)}): {md_code(report['report'])} still holds this run's \"running\" "
-            "record, which the next run on this output marks crashed. The pairs are in the table.",
+            f"Not written ({md_text(unwritten)}): {md_code(report['report'])} holds this run's \"running\" record "
+            "if its first write went through, which the next run on this output marks crashed. The pairs are in "
+            "the table.",
             key=artifact_key("report"), description=f"Run report of run {run}: not written, the storage failed.")
     elif links["report"]:
         ids["report"] = create_link_artifact(links["report"], link_text=report["report"], key=artifact_key("report"),

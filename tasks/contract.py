@@ -359,12 +359,12 @@ def _image_matches(plan: PairPlan, meta: dict, listed) -> bool:
 
 def done_pairs(plans: list[PairPlan], read_sidecar: Callable[[str], bytes | None],
                listed: dict | None = None, info: Callable[[str], object] | None = None,
-               io_workers: int = 8, made_by: str | None = None) -> set[int]:
+               io_workers: int = 8, made_by: set[str] | None = None) -> set[int]:
     """Indexes of the plans that are done by the rule above.
 
     ``listed``: key -> ObjectInfo of everything under the output (one listing); without it,
     ``info`` gives one image's ObjectInfo (or None). ``read_sidecar``: its bytes, or None when missing.
-    ``made_by``: only sidecars that flow run wrote count.
+    ``made_by``: only sidecars these flow runs wrote count.
     """
     candidates = [p for p in plans if p.runnable and (
         listed is None or (p.image_key in listed and p.sidecar_key in listed))]
@@ -378,7 +378,7 @@ def done_pairs(plans: list[PairPlan], read_sidecar: Callable[[str], bytes | None
             return False
         try:
             meta = json.loads(raw)
-            if made_by is not None and (meta.get("flow_run") or {}).get("id") != made_by:
+            if made_by is not None and (meta.get("flow_run") or {}).get("id") not in made_by:
                 return False
             return meta.get("key") == p.key and _image_matches(p, meta, image)
         except (ValueError, AttributeError, TypeError):
@@ -393,7 +393,7 @@ def done_pairs(plans: list[PairPlan], read_sidecar: Callable[[str], bytes | None
 
 
 def done_in(storage, plans: list[PairPlan], list_once: bool = True, io_workers: int = 8, health=None,
-            made_by: str | None = None) -> set[int]:
+            made_by: set[str] | None = None) -> set[int]:
     """``done_pairs`` against a Storage: one listing of the output (a run), or one HEAD per image
     (a chunk, whose pairs are few). Reads are retried when transient; ``health``: the run's
     StorageHealth (raises StorageUnreachableError once the storage is declared unreachable)."""

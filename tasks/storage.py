@@ -177,6 +177,11 @@ _REFUSING_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EAC
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})  # whatever the call; EPERM may be link's own
 
 
+def _in_the_way(path: Path, err: OSError) -> StorageError:
+    """A write whose path a file or folder blocks ("o/x.png" beside "o/x.png/y.png"): that pair's one line."""
+    return StorageError(f"{path}: cannot write: a file or folder of that name is in the way ({err.strerror})")
+
+
 def _refusal(path: Path, err: OSError) -> WriteRefusedError | None:
     """A local write's OSError as the refusal it is (no space, read-only, denied), else None."""
     return WriteRefusedError(f"{path}: cannot write: {err.strerror or err}") if err.errno in _REFUSING_ERRNOS else None
@@ -489,9 +494,8 @@ class LocalStorage(Storage):
         path = self._path(key)
         try:
             return self._write(path, data)
-        except (FileExistsError, NotADirectoryError, IsADirectoryError) as err:  # "o/x.png" beside "o/x.png/y.png"
-            raise StorageError(f"{path}: cannot write: a file or folder of that name is in the way "
-                               f"({err.strerror})") from None
+        except (FileExistsError, NotADirectoryError, IsADirectoryError) as err:
+            raise _in_the_way(path, err) from None
 
     def _write(self, path: Path, data: bytes) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -519,7 +523,10 @@ class LocalStorage(Storage):
     @_bounded
     def create(self, key: str, data: bytes) -> bool:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as err:
+            raise _in_the_way(path, err) from None
         tmp = self._temp_dir(create=True) / f"{os.getpid()}-{uuid.uuid4().hex}.{_TEMP_OWNER}"
         try:
             try:

@@ -170,7 +170,7 @@ def test_a_chunk_without_a_readable_report_is_judged_by_its_sidecars(tmp_path):
     assert items[1].status == "failed" and items[1].error == "chunk 3 ended Crashed: worker died"
 
 
-def test_a_run_that_redoes_counts_only_what_its_own_chunk_run_made(tmp_path):
+def test_a_run_that_redoes_counts_only_what_its_own_chunk_run_made(tmp_path, monkeypatch):
     """skip_existing off, a chunk run OOM-killed before it touched its pairs: old, the sidecars of
     last week's run under the same keys counted as made by this run: every pair "done", linking
     old files, the run Completed."""
@@ -182,9 +182,18 @@ def test_a_run_that_redoes_counts_only_what_its_own_chunk_run_made(tmp_path):
     for p, run_id in ((old, "last-week"), (made, "chunk-run-7")):
         out.write(p.image_key, b"img")
         out.write(p.sidecar_key, json.dumps({"key": p.key, "image": {"size": 3}, "flow_run": {"id": run_id}}).encode())
-    items = merge_chunk(3, [old, made], "Crashed", "worker died", None, out, made_by="chunk-run-7")
+    items = merge_chunk(3, [old, made], "Crashed", "worker died", None, out, made_by={"chunk-run-7", "chunk-run-1"})
     assert items[0].status == "failed" and items[0].error == "chunk 3 ended Crashed: worker died"
     assert items[1].status == "done"
+
+    # through the watcher: a redo run's chunk, restarted once (its first run wrote plan 1's sidecar)
+    import logging
+
+    monkeypatch.setattr(fanout, "get_run_logger", lambda: logging.getLogger("test"))
+    chunk = fanout.Chunk(3, [old, made], "_runs/x/gone.json", "chunk-run-8", earlier_runs=["chunk-run-7"])
+    watcher = fanout.ChunkWatcher(None, [chunk], out, RunOptions(skip_existing=False), lambda *a: None, 2)
+    watcher.settle(chunk, "Crashed", "worker died")
+    assert [watcher.result.items[i].status for i in (0, 1)] == ["failed", "done"]
 
 
 
@@ -851,19 +860,24 @@ def test_after_an_outage_a_completed_chunk_keeps_its_done_pairs_and_progress_cou
     a = fanout.Chunk(0, [plan(0), plan(1)], "_runs/x/a.json", "run-a")
     b = fanout.Chunk(1, [plan(2), plan(3)], "_runs/x/b.json", "run-b")
     c = fanout.Chunk(2, [plan(4)], "_runs/x/c.json", "run-c")
+    d = fanout.Chunk(3, [plan(5), plan(6)], "_runs/x/d.json", "run-d")
     progress = []
-    watcher = fanout.ChunkWatcher(None, [a, b, c], open_storage(str(tmp_path)), RunOptions(),
-                                  lambda finished, total: progress.append(finished), 5)
+    watcher = fanout.ChunkWatcher(None, [a, b, c, d], open_storage(str(tmp_path)), RunOptions(),
+                                  lambda finished, total: progress.append(finished), 7)
     watcher.settle(a, "Failed", "storage unreachable since 10:00:00 UTC: 2 of 2 pairs not run")
     watcher.settle(b, "Completed", "2 done, 0 skipped, 0 failed of 2 pairs (chunk report: /o/_runs/x/b.json)")
     watcher.settle(c, "Cancelled", "the run's storage is unreachable")
+    # a skip may be a pair left to another run, not made: not called done, nor "already done"
+    watcher.settle(d, "Completed", "1 done, 1 skipped, 0 failed of 2 pairs (chunk report: /o/_runs/x/d.json)")
     items = watcher.result.items
-    assert [items[i].status for i in range(5)] == ["failed", "failed", "done", "done", "failed"]
+    assert [items[i].status for i in range(7)] == ["failed", "failed", "done", "done", "failed", "failed", "failed"]
+    assert items[5].error.startswith("not known: ") and "1 done, 1 skipped" in items[5].error
     assert items[2].output.endswith(plan(2).image_key)
     assert items[0].error.startswith("chunk 0 ended Failed: storage unreachable since 10:00:00 UTC")
     assert "not known" in items[4].error and "chunk 2 ended Cancelled" in items[4].error, items[4].error
     assert progress == [1, 2]  # B's pairs; A's and C's are not known to have finished
-    assert [(r["chunk"], r["done"], r["failed"]) for r in watcher.result.chunks] == [(0, 0, 2), (1, 2, 0), (2, 0, 1)]
+    assert [(r["chunk"], r["done"], r["failed"]) for r in watcher.result.chunks] == [
+        (0, 0, 2), (1, 2, 0), (2, 0, 1), (3, 0, 2)]
 
 
 def test_a_chunk_runs_its_pairs_after_an_earlier_run_in_the_process_stopped(tmp_path, prefect_api):
