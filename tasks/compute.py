@@ -16,7 +16,7 @@ from typing import TypeVar
 from .lru import LRU
 
 __all__ = ["expand_devices", "device_problem", "lease_device", "try_lease", "release_device", "run_on_device",
-           "TargetsCache", "targets_cache", "io_slot"]
+           "TargetsCache", "targets_cache", "io_slot", "decode_slot", "DECODE_SLOTS"]
 
 T = TypeVar("T")
 
@@ -109,6 +109,19 @@ def run_on_device(device: str, fn: Callable[[], T]) -> T:
 
 
 _io_slots: dict[int, threading.BoundedSemaphore] = {}
+
+#: Images decoding at once in this process. A decode peaks at several times the image's pixels
+#: (a 64 MP 16-bit PNG: ~0.7 GB) before it is sized down for the engine: with every pair of the
+#: window (16) decoding at once that was ~9 GB. Two keep both cores of a small worker busy.
+DECODE_SLOTS = 2
+_decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
+
+
+@contextmanager
+def decode_slot() -> Iterator[None]:
+    """One of DECODE_SLOTS: hold it while an input decodes and is sized down."""
+    with _decode_slots:
+        yield
 
 
 @contextmanager

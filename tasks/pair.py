@@ -31,7 +31,7 @@ from nst_core.imageio import MAX_INPUT_BYTES
 from nst_core.params import StyleParams
 
 from .claims import Claims
-from .compute import io_slot, run_on_device, targets_cache
+from .compute import decode_slot, io_slot, run_on_device, targets_cache
 from .contract import PairPlan, ReportItem, done_in, done_item, image_record, sidecar, skipped_item
 from .credentials import DEFAULT_CHAIN, StorageCredentials
 from .lru import LRU
@@ -324,7 +324,9 @@ def _decode_style(ctx: PairContext, uri: str, identity: str):
     from nst_core import presized
     from nst_core.imageio import decode_image
 
-    image = presized(decode_image(_fetch(ctx, uri, identity), uri), ctx.params).rgb
+    data = _fetch(ctx, uri, identity)
+    with decode_slot():
+        image = presized(decode_image(data, uri), ctx.params).rgb
     if _pixel_bytes(image) <= ctx.styles.max_bytes:
         ctx.cache.drop(uri, identity)
     return image
@@ -343,7 +345,10 @@ def _process(pair: PairPlan, ctx: PairContext) -> PairDone:
         return PairDone(skipped_item(pair, out, note=MADE_BY_ANOTHER), None)
     # Decoded straight from the fetch and sized as the engine will (where that changes nothing): a
     # waiting pair holds its images at the output size, not their file bytes or a full-size scan.
-    content = presized(decode_image(_fetch(ctx, pair.content, pair.content_identity), pair.content), ctx.params).merged()
+    data = _fetch(ctx, pair.content, pair.content_identity)
+    with decode_slot():  # a few at a time: a decode's peak is several times the image's pixels
+        content = presized(decode_image(data, pair.content), ctx.params).merged()
+    del data
     style = ctx.styles.get(pair.style, pair.style_identity, lambda uri: _decode_style(ctx, uri, pair.style_identity))
     inputs = _PairInputs(pair, ctx, content, style, get_run_logger())
     request = StepRequest(ctx, fit_longest(inputs.content.size, ctx.params.image_size), ctx.pairs_per_step,

@@ -538,6 +538,36 @@ def test_loading_the_weights_on_a_device_does_not_count_against_the_first_pairs_
     assert state.result()["totals"]["done"] == 1
 
 
+def test_pairs_in_flight_decode_their_images_a_few_at_a_time(tmp_path, monkeypatch):
+    """Old: every pair of the window (16) decoded at once: sixteen 64 MP PNGs are ~9 GB of pixels
+    at their decode peak, in a worker whose pairs are each 300 MB at the output size (a pod's OOM
+    kill, every pair in flight lost)."""
+    import threading
+    import time
+
+    from nst_core import imageio
+    from tasks.compute import DECODE_SLOTS
+
+    decode, busy, most, lock = imageio.decode_image, [0], [0], threading.Lock()
+
+    def counted(*args, **kwargs):
+        with lock:
+            busy[0] += 1
+            most[0] = max(most[0], busy[0])
+        try:
+            time.sleep(0.3)
+            return decode(*args, **kwargs)
+        finally:
+            with lock:
+                busy[0] -= 1
+
+    monkeypatch.setattr(imageio, "decode_image", counted)
+    source = _cross_folders(tmp_path, 6, 1)
+    state = run(source, OutputSpec(uri=str(tmp_path / "out")), window=6)
+    assert state.result()["totals"]["done"] == 6
+    assert 1 < most[0] <= DECODE_SLOTS, most[0]
+
+
 def test_every_pair_is_done_through_a_proxy_that_fails_a_fifth_of_the_requests(bucket, fault_proxy, monkeypatch):
     from tasks import storage
 
