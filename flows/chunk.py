@@ -23,8 +23,8 @@ from flows.quiet import quiet_returned_failures
 from tasks.models import OutputSpec, RunOptions
 from nst_core.params import StyleParams
 from tasks.compute import device_problem, expand_devices
-from tasks.contract import (DONE, RUNS, PairPlan, chunk_report, done_in, failed_item, in_runs, naming_problem,
-                            report_bytes, skipped_item, totals, totals_line)
+from tasks.contract import (DONE, FAILED, NOT_RUN, RUNS, PairPlan, chunk_report, done_in, failed_item, in_runs,
+                            naming_problem, report_bytes, skipped_item, totals, totals_line)
 from tasks.credentials import resolve
 from tasks.pair import PairContext, stop_requested
 from tasks.pipeline import run_pairs
@@ -87,9 +87,10 @@ def stylize_chunk(
         raise
     since = health.unreachable_since()
     if since is not None:  # its report could not be written either: the state carries the reason
-        finished = done | {i for i, item in result.items.items() if item.status == DONE}
-        not_done = sum(1 for p in pairs if p.index not in finished)
-        return Failed(message=f"{health.stop_error()}: {not_done} of {len(pairs)} pairs not run")
+        # the pairs the outage kept from running: not those refused, done before, or finished either way
+        not_run = sum(1 for p in todo if (item := result.items.get(p.index)) is None
+                      or (item.status == FAILED and (item.error or "").startswith(NOT_RUN)))
+        return Failed(message=f"{health.stop_error()}: {not_run} of {len(pairs)} pairs not run")
     items = [failed_item(p, refused[p.index]) if refused[p.index] else result.items.get(p.index)
              or skipped_item(p, out) for p in pairs]
     worker = {"host": socket.gethostname(), "pid": os.getpid(), "parent_pid": os.getppid(), "devices": devices}

@@ -453,6 +453,8 @@ def skipped_item(plan: PairPlan, storage, duplicate_of: PairPlan | None = None, 
 
 #: How a pair left to another run (``tasks.claims``) begins its note: skipped, but not made.
 LEFT_TO = "left to "
+#: How the error of a pair a storage outage kept from starting begins.
+NOT_RUN = "not run: "
 
 
 def left_item(plan: PairPlan, storage, holder: str) -> ReportItem:

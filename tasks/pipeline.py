@@ -17,7 +17,7 @@ from prefect import get_run_logger
 from nst_core.errors import NSTError
 
 from . import claims as claims_mod
-from .contract import PairPlan, ReportItem, failed_item, left_item
+from .contract import NOT_RUN, PairPlan, ReportItem, failed_item, left_item
 from .pair import PairContext, PairDone, process_pair, stop_requested
 from .storage import env_seconds
 
@@ -174,7 +174,7 @@ def _run_pairs(todo, ctx, window, contact_sheet_rows, on_done, result) -> Pipeli
         result.items[p.index] = left_item(p, ctx.storage, holder)
         count()
     stop = ctx.health.stop_error()
-    why = f"not run: {stop}" if stop else "run interrupted before the pair started"
+    why = f"{NOT_RUN}{stop}" if stop else "run interrupted before the pair started"
     for p in todo:
         result.items.setdefault(p.index, failed_item(p, why, ctx.storage))
     return result

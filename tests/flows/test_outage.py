@@ -3,6 +3,7 @@ storage unreachable since HH:MM:SS UTC" and ends Failed within the bound; a reru
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -90,12 +91,14 @@ def test_a_chunk_whose_storage_is_silent_ends_failed_with_the_reason_and_writes_
     source = _seed(client, name, contents=4, styles=1)
     output = OutputSpec(uri=f"s3://{name}/out/")
     plans = plan_pairs(source_entries(source), tiny_params(), "random(seed=0)", output.format, output.quality)
+    # a fifth pair the chunk refuses (outside allowed_sources): refused, not "not run" (old: 5 of 5)
+    plans.append(dataclasses.replace(plans[0], index=4, content=f"s3://{name}/elsewhere/x.png"))
     s3_that_goes_silent.silenced_at = time.monotonic()
     started = time.monotonic()
     state = stylize_chunk(plans, output, tiny_params(), RunOptions(allowed_sources=[f"s3://{name}/in/"]),
                           "random(seed=0)", "_runs/parent/chunk-x.json", return_state=True)
     assert time.monotonic() - started < OUTAGE_S + 12
-    assert state.is_failed() and SINCE.search(state.message) and "4 of 4 pairs not run" in state.message, state.message
+    assert state.is_failed() and SINCE.search(state.message) and "4 of 5 pairs not run" in state.message, state.message
     assert "Contents" not in client.list_objects_v2(Bucket=name, Prefix="out/")  # the parent judges it by its state
 
 
