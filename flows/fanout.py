@@ -348,7 +348,7 @@ class ChunkWatcher:
             since = self.health.unreachable_since()
             if since is not None:  # each chunk would wait out the outage on its own, one after another
                 for chunk in self.pending:
-                    self.cancel(chunk, f"not run: {StorageUnreachableError(since)}; cancelled")
+                    self.cancel(chunk, f"cancelled by its parent: {StorageUnreachableError(since)}")
                 break
             if self.pending:
                 time.sleep(POLL_S)
@@ -525,7 +525,7 @@ class ChunkWatcher:
         counts = parse_totals_line(message) if state_name == "Completed" else None
         if counts and counts["pairs"] == len(chunk.pairs) and counts["done"] == len(chunk.pairs):
             return {p.index: done_item(p, self.out) for p in chunk.pairs}
-        if StorageUnreachableError.parse(message):  # the chunk that met the outage: its own count
+        if state_name == "Failed" and StorageUnreachableError.parse(message):  # the chunk that met it: its own count
             why = f"chunk {chunk.number} ended {state_name}: {message}"
         else:
             why = (f"not known: {outage}; chunk {chunk.number} ended {state_name}" + (f" ({message})" if message else "")

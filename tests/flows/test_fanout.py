@@ -866,7 +866,7 @@ def test_after_an_outage_a_completed_chunk_keeps_its_done_pairs_and_progress_cou
                                   lambda finished, total: progress.append(finished), 7)
     watcher.settle(a, "Failed", "storage unreachable since 10:00:00 UTC: 2 of 2 pairs not run")
     watcher.settle(b, "Completed", "2 done, 0 skipped, 0 failed of 2 pairs (chunk report: /o/_runs/x/b.json)")
-    watcher.settle(c, "Cancelled", "the run's storage is unreachable")
+    watcher.settle(c, "Cancelled", "cancelled by its parent: storage unreachable since 10:00:00 UTC")
     # a skip may be a pair left to another run, not made: not called done, nor "already done"
     watcher.settle(d, "Completed", "1 done, 1 skipped, 0 failed of 2 pairs (chunk report: /o/_runs/x/d.json)")
     items = watcher.result.items
