@@ -880,6 +880,48 @@ def test_after_an_outage_a_completed_chunk_keeps_its_done_pairs_and_progress_cou
         (0, 0, 2), (1, 2, 0), (2, 0, 1), (3, 0, 2)]
 
 
+def test_an_adopted_chunks_deadline_counts_from_its_own_start_not_from_when_this_parent_saw_it(tmp_path, monkeypatch):
+    """A GPU machine lost mid-night leaves its chunk run Running; the next nightly adopts it. Old:
+    its deadline counted from the new parent's first look, so the dead chunk got a full
+    chunk_timeout_s (6 h) more, and meanwhile counted as running. Now from the run's own start, by
+    the API's clock (its estimated_run_time)."""
+    import datetime
+    import logging
+    from types import SimpleNamespace
+
+    from prefect.states import Running
+
+    from tasks.storage import open_storage
+
+    class Client:
+        def __init__(self, run):
+            self.run, self.set = run, []
+
+        def read_flow_runs(self, **kwargs):
+            return [self.run]
+
+        def read_flow_run(self, run_id):
+            return self.run
+
+        def set_flow_run_state(self, run_id, state, force=False):
+            self.set.append(state)
+
+    monkeypatch.setattr(fanout, "get_run_logger", lambda: logging.getLogger("test"))
+    monkeypatch.setattr(fanout, "time", FakeClock())
+    lost_id = "9a6c0d7e-3f52-4b8e-9d41-2f1c6a0b7e55"
+    lost = SimpleNamespace(id=lost_id, tags=[], state=Running(),
+                           estimated_run_time=datetime.timedelta(hours=5, minutes=30))
+    chunk = fanout.Chunk(0, [plan(0)], "_runs/x/chunk.json", lost_id)
+    client = Client(lost)
+    watcher = fanout.ChunkWatcher(client, [chunk], open_storage(str(tmp_path)),
+                                  RunOptions(chunk_timeout_s=6 * 3600), lambda *a: None, 1)
+    now = watcher.poll()
+    watcher.check_deadlines(now)
+    assert not chunk.settled  # 5.5 h in: within its 6 h
+    watcher.check_deadlines(now + 31 * 60)
+    assert chunk.settled and "ran longer than chunk_timeout_s=21600 s" in watcher.result.items[0].error
+
+
 def test_a_chunk_runs_its_pairs_after_an_earlier_run_in_the_process_stopped(tmp_path, prefect_api):
     """A stop left by an earlier run in this process (its flow body ended by SIGTERM, Ctrl-C or an
     error) is not this chunk's. Old: the chunk started no pair and failed each one, "run interrupted
