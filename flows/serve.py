@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from flows.temporary_api import dies_with_this_process
 from nst_core.errors import NSTError
 
 __all__ = ["SERVED_NAME", "SERVER_START_TIMEOUT_S", "deployments", "serve_deployments", "check_serve_options",
@@ -169,7 +170,10 @@ def local_server(port: int, timeout: float = SERVER_START_TIMEOUT_S) -> Iterator
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_UI_API_URL": api_url}
     log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server never blocks on it
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # its own session (a Ctrl-C to nst serve's group is nst's to handle), ending with nst serve however
+    # it ends (a kill -9, an OOM kill: the kernel signals it)
+    proc = subprocess.Popen(dies_with_this_process(cmd), env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
         while not answers(api_url):

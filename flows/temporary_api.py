@@ -194,7 +194,7 @@ os.execv(sys.argv[2], sys.argv[2:])
 """
 
 
-def _dies_with_this_process(args: list[str]) -> list[str]:
+def dies_with_this_process(args: list[str]) -> list[str]:
     """Prefect's server command, run so that it ends when this process does (Linux); else as is."""
     if not sys.platform.startswith("linux"):
         return args
@@ -210,7 +210,7 @@ def _popen_in_new_session(log):
 
     class InNewSession(subprocess.Popen):
         def __init__(self, args, *rest, **kwargs):
-            super().__init__(_dies_with_this_process(list(args)), *rest,
+            super().__init__(dies_with_this_process(list(args)), *rest,
                              **{**kwargs, "start_new_session": True, "stdout": log, "stderr": subprocess.STDOUT})
 
     class Subprocess:  # the subprocess module, but for Popen

@@ -2,6 +2,7 @@
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -140,7 +141,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_nst_serve_without_api_url_starts_a_server_and_prints_its_ui_url(tmp_path):
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP", "SIGKILL"])
+def test_nst_serve_without_api_url_starts_a_server_and_prints_its_ui_url(tmp_path, stop):
+    """Stopped however it is stopped, its server stops too. Old: a closed terminal (SIGHUP) or a
+    kill -9 / OOM kill left the server (in a session of its own) answering for ever, and the next
+    nst serve adopted it as "a server already answering"."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_UI_API_URL")}
     env["PREFECT_HOME"] = str(tmp_path / "home")
@@ -159,10 +164,24 @@ def test_nst_serve_without_api_url_starts_a_server_and_prints_its_ui_url(tmp_pat
             assert resp.status == 200
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as resp:
             assert resp.status == 200 and b"<html" in resp.read().lower()  # a UI is served there
+        if stop != "SIGTERM":
+            os.kill(proc.pid, getattr(signal, stop))  # nst serve alone, as a closed terminal or the OOM killer does
+            proc.wait(timeout=60)
     finally:
         stop_process(proc, timeout=60)
+    deadline = time.time() + 30  # SIGTERM: stopped before nst exits; kill -9: the kernel signals it then
+    while time.time() < deadline and _answers(port):
+        time.sleep(0.5)
     with pytest.raises(OSError):  # the server it started stopped with it
         urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=5)
+
+
+def _answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 def test_serve_refuses_the_prefect_yaml_names_even_before_they_are_deployed():

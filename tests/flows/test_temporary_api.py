@@ -71,8 +71,8 @@ def test_the_server_process_ends_when_its_starter_dies_without_running_code(tmp_
     before the server's process set that up: the process exits at once instead of serving."""
     up = tmp_path / "up"
     starter = ("import os, signal, subprocess, sys, time\n"
-               "from flows.temporary_api import _dies_with_this_process\n"
-               "p = subprocess.Popen(_dies_with_this_process([sys.executable, '-c', "
+               "from flows.temporary_api import dies_with_this_process\n"
+               "p = subprocess.Popen(dies_with_this_process([sys.executable, '-c', "
                "'import os, time; print(os.getpid(), flush=True); time.sleep(120)']), stdout=open(sys.argv[1], 'w'))\n"
                "while not open(sys.argv[1]).read(): time.sleep(0.05)\n"
                "os.kill(os.getpid(), signal.SIGKILL)\n")
@@ -94,5 +94,5 @@ def test_the_server_process_ends_when_its_starter_dies_without_running_code(tmp_
         if alive():
             os.kill(server, signal.SIGKILL)
 
-    gone = subprocess.run(temporary_api._dies_with_this_process(["/bin/false"])[:4] + ["1", "/bin/false"], timeout=30)
+    gone = subprocess.run(temporary_api.dies_with_this_process(["/bin/false"])[:4] + ["1", "/bin/false"], timeout=30)
     assert gone.returncode == 0  # not /bin/false's 1: its starter (pid 1 here) is not its parent
