@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import urllib.parse
 from datetime import datetime, timezone
 from uuid import UUID
 
@@ -160,13 +161,18 @@ def api_identity() -> str:
 
 def identity_of(api_url: str | None, database_url: str) -> str:
     """A Prefect API as a report records it, never with credentials: its URL without user,
-    password, query or fragment; or, for the temporary API (no API URL), TEMPORARY_API, this
-    machine's name and the database that keeps its runs (one started again on the same database
-    knows the same runs)."""
+    password, query or fragment, and this machine's name where the URL is a loopback one (each
+    machine's 127.0.0.1:4200 is its own `nst serve` server); or, for the temporary API (no API
+    URL), TEMPORARY_API, this machine's name and the database that keeps its runs (one started
+    again on the same database knows the same runs)."""
     def bare(url: str) -> str:
         return re.split(r"[?#]", without_userinfo(url), maxsplit=1)[0].rstrip("/")
 
-    return bare(api_url) if api_url else f"{TEMPORARY_API} on {socket.gethostname()}: {bare(database_url)}"
+    if not api_url:
+        return f"{TEMPORARY_API} on {socket.gethostname()}: {bare(database_url)}"
+    host = (urllib.parse.urlsplit(api_url).hostname or "").lower()
+    loopback = host == "localhost" or host.startswith("127.") or host == "::1"
+    return f"{bare(api_url)} on {socket.gethostname()}" if loopback else bare(api_url)
 
 
 def _judged_elsewhere(found: dict) -> str | None:

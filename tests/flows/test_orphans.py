@@ -148,6 +148,25 @@ def test_the_api_a_report_names_carries_no_credentials():
         ": sqlite+aiosqlite:////home/me/.prefect/prefect.db")
 
 
+def test_a_loopback_api_is_this_machines_own_and_another_machines_runs_on_theirs_are_not_unknown(monkeypatch):
+    """Two machines each running `nst serve` without PREFECT_API_URL on one S3 output: both recorded
+    "http://127.0.0.1:4200/api", so each took the other's live run for one of its own API that it
+    did not know, and marked its report crashed while it ran."""
+    import socket
+
+    from flows import orphans
+    from flows.orphans import identity_of
+
+    here = socket.gethostname()
+    for url in ("http://127.0.0.1:4200/api", "http://localhost:4200/api/", "http://[::1]:4200/api"):
+        assert identity_of(url, "") == f"{url.rstrip('/')} on {here}"
+    assert identity_of("https://prefect.example.com/api", "") == "https://prefect.example.com/api"
+    monkeypatch.setattr(orphans, "api_identity", lambda: identity_of("http://127.0.0.1:4200/api", ""))
+    theirs = {"api": "http://127.0.0.1:4200/api on gpu-box-2", "status": "running"}
+    assert orphans._judged_elsewhere(theirs) == theirs["api"]
+    assert orphans._judged_elsewhere({"api": f"http://127.0.0.1:4200/api on {here}"}) is None
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process identities are read from /proc")
 def test_a_run_the_api_calls_running_whose_process_is_gone_from_this_machine_is_marked_crashed(tmp_path):
     """`nst batch` killed with kill -9 (or an OOM kill) leaves its flow run Running in the API for
