@@ -87,9 +87,11 @@ def stylize_chunk(
         raise
     since = health.unreachable_since()
     if since is not None:  # its report could not be written either: the state carries the reason
-        # the pairs the outage kept from running: not those refused, done before, or finished either way
+        # the pairs the outage kept from being made (never started, or stopped in flight by it): not
+        # those refused, done before, or finished either way
         not_run = sum(1 for p in todo if (item := result.items.get(p.index)) is None
-                      or (item.status == FAILED and (item.error or "").startswith(NOT_RUN)))
+                      or (item.status == FAILED and ((item.error or "").startswith(NOT_RUN)
+                                                     or StorageUnreachableError.parse(item.error) is not None)))
         return Failed(message=f"{health.stop_error()}: {not_run} of {len(pairs)} pairs not run")
     items = [failed_item(p, refused[p.index]) if refused[p.index] else result.items.get(p.index)
              or skipped_item(p, out) for p in pairs]

@@ -404,13 +404,14 @@ def run_serve(args: argparse.Namespace) -> int:
     check_serve_options(args.limit, args.name)  # before a server is started for nothing
     if PREFECT_API_URL.value():
         with _prefect_api():
-            _serve_through_outages(args.limit, args.name, PREFECT_API_URL.value())
+            _serve(args.limit, args.name, PREFECT_API_URL.value())
         return 0
     # Prefect's ephemeral API has no UI, so a served deployment would be unreachable: start a server.
-    # SIGTERM before serving begins must still stop it (serve installs its own handler later); SIGHUP
-    # (the terminal closed) too: its default ended nst serve where it stood, its server left running.
+    # SIGTERM before serving begins must still stop it (serve installs its own handler later). SIGHUP
+    # (the terminal closed) is a SIGTERM, before serving and during it (Prefect's handler then stops the
+    # served runs as Cancelled): its default ended nst serve where it stood, its server left running.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    signal.signal(signal.SIGHUP, _exit_on_sigterm)
+    signal.signal(signal.SIGHUP, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
     if answers(f"http://127.0.0.1:{args.port}/api"):  # local_server uses it as is, and leaves it running
         print(f"PREFECT_API_URL is not set: using the Prefect server already answering on 127.0.0.1:{args.port} "
               "(it keeps running when nst serve stops; --port picks another)", flush=True)
@@ -422,44 +423,25 @@ def run_serve(args: argparse.Namespace) -> int:
               "then start nst serve again (--port picks another port)")
     with local_server(args.port) as api_url:
         with temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_UI_API_URL: api_url}), _prefect_api(advice):
-            _serve_through_outages(args.limit, args.name, api_url)
+            _serve(args.limit, args.name, api_url)
     return 0
 
 
-#: How long nst serve waits for a lost Prefect API to answer again before it exits (env NST_SERVE_API_WAIT_S).
-SERVE_API_WAIT_S = 3600.0
-#: How often it looks meanwhile (s).
-SERVE_API_POLL_S = 5.0
+def _serve(limit: int | None, name: str, api_url: str) -> None:
+    """serve_deployments. Prefect's runner gives up on a lost API after three failed polls for runs
+    (~3.5 min of an outage or restart) with a nested ExceptionGroup, which was a traceback: one line
+    now. Serving does not resume by itself (a supervisor such as systemd's Restart=on-failure
+    starts nst serve again): leaving the runner stops the flow runs it serves."""
+    from flows.serve import serve_deployments
 
-
-def _lost_the_api(group: BaseExceptionGroup) -> bool:
-    """Prefect's runner giving up after 3 failed polls in a row (``critical_service_loop``)."""
-    return all(isinstance(e, RuntimeError) and "exceeded error threshold" in str(e)
-               for e in group.exceptions)
-
-
-def _serve_through_outages(limit: int | None, name: str, api_url: str) -> None:
-    """serve_deployments, served again once a lost API answers again. Prefect's runner ends after
-    three failed polls for runs (~3.5 min of an API restart or outage) with an ExceptionGroup: an
-    unattended nst serve ended there, with a traceback. Waits at most NST_SERVE_API_WAIT_S."""
-    from flows import serve
-
-    while True:
-        try:
-            serve.serve_deployments(limit=limit, name=name)
-            return
-        except BaseExceptionGroup as group:
-            if not _lost_the_api(group):
-                raise
-        wait = env_seconds("NST_SERVE_API_WAIT_S", SERVE_API_WAIT_S)
-        print(f"nst serve: lost the Prefect API at {without_userinfo(api_url)} (its polls for runs failed); "
-              f"serving again once it answers (waiting up to {wait:.0f} s)", file=sys.stderr, flush=True)
-        deadline = time.monotonic() + wait
-        while not serve.answers(api_url):
-            if time.monotonic() > deadline:
-                raise NSTError(f"the Prefect API at {without_userinfo(api_url)} did not answer again within "
-                               f"{wait:.0f} s (NST_SERVE_API_WAIT_S); start nst serve again once it does")
-            time.sleep(min(SERVE_API_POLL_S, max(0.0, deadline - time.monotonic())))
+    try:
+        serve_deployments(limit=limit, name=name)
+    except BaseExceptionGroup as group:
+        lost, rest = group.split(lambda e: isinstance(e, RuntimeError) and "exceeded error threshold" in str(e))
+        if lost is None or rest is not None:
+            raise
+        raise NSTError(f"lost the Prefect API at {without_userinfo(api_url)}: its polls for runs failed 3 times in a "
+                       "row, and the runs it served stopped; start nst serve again once the API answers") from None
 
 
 def run_demo(args: argparse.Namespace) -> int:

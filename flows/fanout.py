@@ -376,8 +376,7 @@ class ChunkWatcher:
             elif child.state.type != StateType.SCHEDULED and chunk.started is None:
                 # its own start, by the API's clock (no skew with this machine's): a chunk adopted from
                 # a parent that died hours ago (its GPU machine lost) has run that long already
-                ran = getattr(child, "estimated_run_time", None)
-                chunk.started = now - (ran.total_seconds() if ran else 0.0)
+                chunk.started = now - child.estimated_run_time.total_seconds()  # 0 while Pending
         if any(c.started is not None for c in self.pending):
             self.last_move = now  # a chunk is running: the queued ones wait for its slot
         return now

@@ -26,6 +26,7 @@ ends in between wrote its full report before its state became final, and that is
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import socket
@@ -171,7 +172,10 @@ def identity_of(api_url: str | None, database_url: str) -> str:
     if not api_url:
         return f"{TEMPORARY_API} on {socket.gethostname()}: {bare(database_url)}"
     host = (urllib.parse.urlsplit(api_url).hostname or "").lower()
-    loopback = host == "localhost" or host.startswith("127.") or host == "::1"
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name
+        loopback = False
     return f"{bare(api_url)} on {socket.gethostname()}" if loopback else bare(api_url)
 
 
