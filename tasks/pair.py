@@ -348,7 +348,6 @@ def _process(pair: PairPlan, ctx: PairContext) -> PairDone:
     data = _fetch(ctx, pair.content, pair.content_identity)
     with decode_slot():  # a few at a time: a decode's peak is several times the image's pixels
         content = presized(decode_image(data, pair.content), ctx.params).merged()
-    del data
     style = ctx.styles.get(pair.style, pair.style_identity, lambda uri: _decode_style(ctx, uri, pair.style_identity))
     inputs = _PairInputs(pair, ctx, content, style, get_run_logger())
     request = StepRequest(ctx, fit_longest(inputs.content.size, ctx.params.image_size), ctx.pairs_per_step,
