@@ -320,7 +320,7 @@ def _plan(b: _Batch) -> tuple[list[PairPlan], str, list[str]]:
     allowed = b.run.allowed_sources or default_allowed_sources(b.source)
     try:
         plans = plan_pairs(entries, b.params, weights_id, b.output.format, b.output.quality, b.run.io_workers, allowed,
-                           b.credentials, fold_case=b.out.folds_case())
+                           b.credentials, fold_case=b.out.folds_case(), tree=isinstance(b.out, LocalStorage))
     except PreflightError as err:
         _drop_probe(b.out, b.flow_run, f"preflight failed: {err}")
         raise

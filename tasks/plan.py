@@ -352,12 +352,13 @@ def _identities(uris: set[str], known: dict[str, str], io_workers: int,
 def plan_pairs(
     entries: list[SourceEntry], params: StyleParams, weights_id: str, fmt: str, quality: int = 92,
     io_workers: int = 8, allowed_sources: list[str] | None = None, credentials: StorageCredentials = DEFAULT_CHAIN,
-    fold_case: bool = True,
+    fold_case: bool = True, tree: bool = False,
 ) -> list[PairPlan]:
     """Output names and keys for every entry. A pair whose inputs are refused or cannot be
     identified gets ``error`` (and no name): it is reported failed and never run. ``fold_case``:
     output names that differ only in case are one (``Storage.folds_case``: macOS's and Windows'
-    folders; Linux's and S3 tell case apart)."""
+    folders; Linux's and S3 tell case apart). ``tree``: the output is a folder, where a name may not
+    need a folder where another pair's output is a file (``_under_a_file``)."""
     refused: dict[str, str] = {}
     if allowed_sources is not None:
         for uri in {u for e in entries for u in (e.content, e.style)}:
@@ -403,4 +404,24 @@ def plan_pairs(
             continue
         seen[folded] = (i, key, e.where or e.content, name)
         plans.append(PairPlan.named(i, e.content, e.style, cid, sid, name, key, fmt))
-    return plans
+    return _under_a_file(plans, entries, fmt) if tree else plans
+
+
+def _under_a_file(plans: list[PairPlan], entries: list[SourceEntry], fmt: str) -> list[PairPlan]:
+    """``plans`` with each pair whose image or sidecar needs a folder where another pair's output
+    file is ("o/x.png/y.png" beside "o/x.png") failed at planning, not at its write after the
+    optimization."""
+    files = {k: p for p in plans if not p.error for k in (p.image_key, p.sidecar_key) if k}
+    checked = []
+    for p in plans:
+        blocked = next(((key, str(folder)) for key in (p.image_key, p.sidecar_key) if key and not p.error
+                        for folder in PurePosixPath(key).parents if str(folder) in files), None)
+        if blocked is not None:
+            key, folder = blocked
+            other = files[folder]
+            p = PairPlan.refused(p.index, p.content, p.style, p.content_identity, p.style_identity, (
+                f"{entries[p.index].where or p.content}: {key} needs a folder {folder} where the output of "
+                f"{entries[other.index].where or other.content} is a file; give one of them another output name"),
+                p.name, fmt)
+        checked.append(p)
+    return checked

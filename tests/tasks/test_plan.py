@@ -69,6 +69,19 @@ def test_a_manifest_entry_above_its_bucket_fails_its_pair_alone():
         _resolve("../../a.png", "s3://b/m/")
 
 
+def test_in_a_folder_an_output_under_another_outputs_file_fails_at_planning(folders):
+    """Manifest outputs "o/x" and "o/x.png/y": in a folder the second needs a folder where the first
+    is a file. Old: planned, optimized, then failed at its write. On S3 both keys are fine."""
+    (folders / "m.csv").write_text("content,style,output\nc/a.jpg,s/s1.png,o/x\nc/b.png,s/s1.png,o/x.png/y\n")
+    entries = read_manifest(str(folders / "m.csv"))
+    plans = plan_pairs(entries, StyleParams(), "w", "png", tree=True)
+    assert not plans[0].error and plans[0].image_key == "o/x.png"
+    assert "line 3: o/x.png/y.png needs a folder o/x.png where the output of manifest m.csv line 2 is a file" in \
+        plans[1].error, plans[1].error
+    assert plans[1].key == ""
+    assert [p.error for p in plan_pairs(entries, StyleParams(), "w", "png", tree=False)] == ["", ""]
+
+
 def test_manifest_csv_and_jsonl(folders):
     (folders / "m.csv").write_text("content,style,output\nc/a.jpg,s/s1.png,\nc/b.png,s/s1.png,named/out\n")
     rows = read_manifest(str(folders / "m.csv"))
