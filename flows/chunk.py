@@ -89,10 +89,10 @@ def stylize_chunk(
     if since is not None:  # its report could not be written either: the state carries the reason
         # the pairs the outage kept from being made (never started, or stopped in flight by it): not
         # those refused, done before, or finished either way
+        stop = str(health.stop_error())  # unreachable, or refusing writes: the error of a pair it stopped
         not_run = sum(1 for p in todo if (item := result.items.get(p.index)) is None
-                      or (item.status == FAILED and ((item.error or "").startswith(NOT_RUN)
-                                                     or StorageUnreachableError.parse(item.error) is not None)))
-        return Failed(message=f"{health.stop_error()}: {not_run} of {len(pairs)} pairs not run")
+                      or (item.status == FAILED and ((item.error or "").startswith(NOT_RUN) or stop in (item.error or ""))))
+        return Failed(message=f"{stop}: {not_run} of {len(pairs)} pairs not run")
     items = [failed_item(p, refused[p.index]) if refused[p.index] else result.items.get(p.index)
              or skipped_item(p, out) for p in pairs]
     worker = {"host": socket.gethostname(), "pid": os.getpid(), "parent_pid": os.getppid(), "devices": devices}
