@@ -25,8 +25,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from flows.temporary_api import dies_with_this_process
 from nst_core.errors import NSTError
+from tasks.processes import dies_with_this_process
 
 __all__ = ["SERVED_NAME", "SERVER_START_TIMEOUT_S", "deployments", "serve_deployments", "check_serve_options",
            "check_names_are_free",

@@ -21,11 +21,9 @@ immediate exit.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -36,6 +34,7 @@ from prefect.server.api import server as prefect_server
 
 from nst_core.cli import without_userinfo
 from nst_core.errors import NSTError
+from tasks.processes import dies_with_this_process
 
 __all__ = ["RESTARTS", "start", "running", "stop_now"]
 
@@ -174,32 +173,6 @@ def _signals_noted():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         for signum in noted:
             signal.raise_signal(signum)
-
-
-#: Runs first in the server's process, then execs Prefect's command: the kernel SIGTERMs the
-#: server when nst dies however it dies (kill -9, an OOM kill, a crash: no code of nst runs then),
-#: PR_SET_PDEATHSIG being kept across exec. nst already gone by then: exit at once. Linux only.
-#: The signal follows the *thread* that started the process: the main thread, or the restarting
-#: thread, which waits on the process it started.
-_DIE_WITH_NST = """
-import os, signal, sys
-try:
-    import ctypes
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-except Exception:
-    pass  # serve without it rather than not at all
-if os.getppid() != int(sys.argv[1]):
-    sys.exit(0)
-os.execv(sys.argv[2], sys.argv[2:])
-"""
-
-
-def dies_with_this_process(args: list[str]) -> list[str]:
-    """Prefect's server command, run so that it ends when this process does (Linux); else as is."""
-    if not sys.platform.startswith("linux"):
-        return args
-    # -I: the standard library only (no ctypes.py of the working directory, no PYTHON* variables)
-    return [sys.executable, "-I", "-c", _DIE_WITH_NST, str(os.getpid()), *args]
 
 
 @contextmanager

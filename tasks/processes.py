@@ -4,11 +4,12 @@ machine to tell a dead run's report or claim from a live one (Linux; elsewhere n
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from .storage import pid_space
 
-__all__ = ["this_process", "process_gone"]
+__all__ = ["this_process", "process_gone", "dies_with_this_process"]
 
 
 def this_process(pid: int | None = None) -> dict | None:
@@ -59,3 +60,29 @@ def _stat(pid: int) -> list[str]:
 
 def _started(pid: int) -> int:
     return int(_stat(pid)[19])  # field 22, starttime
+
+
+#: Runs first in the server's process, then execs Prefect's command: the kernel SIGTERMs the
+#: server when nst dies however it dies (kill -9, an OOM kill, a crash: no code of nst runs then),
+#: PR_SET_PDEATHSIG being kept across exec. nst already gone by then: exit at once. Linux only.
+#: The signal follows the *thread* that started the process: the main thread, or the restarting
+#: thread, which waits on the process it started.
+_DIE_WITH_NST = """
+import os, signal, sys
+try:
+    import ctypes
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+except Exception:
+    pass  # serve without it rather than not at all
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(0)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def dies_with_this_process(args: list[str]) -> list[str]:
+    """``args`` (a Prefect server's command) run so that it ends when this process does (Linux); else as is."""
+    if not sys.platform.startswith("linux"):
+        return args
+    # -I: the standard library only (no ctypes.py of the working directory, no PYTHON* variables)
+    return [sys.executable, "-I", "-c", _DIE_WITH_NST, str(os.getpid()), *args]

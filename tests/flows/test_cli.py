@@ -90,6 +90,28 @@ def test_batch_bad_arguments_exit_2(data, args, message):
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
+#: Runs nst as its console script does, then prints which heavy packages the process imported.
+_IMPORTS_AT_EXIT = ("import atexit, sys\n"
+                    "atexit.register(lambda: print('heavy:', sorted(m for m in ('prefect', 'torch') if m in sys.modules),"
+                    " file=sys.stderr))\n"
+                    "from flows.cli import main\n"
+                    "sys.exit(main(sys.argv[1:]))\n")
+
+
+@pytest.mark.parametrize("args", [
+    ["--help"], ["batch", "--help"], ["batch", "--contents", "c"],
+    ["batch", "--contents", "c", "--styles", "s", "--output", "o", "--iterations", "0"],
+    ["batch", "--contents", "nope", "--styles", "s", "--output", "o"],
+])
+def test_help_and_refused_arguments_answer_without_importing_prefect_or_torch(data, args):
+    """Old: flows.cli imported flows.serve, which imported Prefect's server app (3 s of imports
+    here), so `nst --help` took 4.8 s and every typo 4-5 s, against the module's own promise."""
+    proc = subprocess.run([sys.executable, "-c", _IMPORTS_AT_EXIT, *args], cwd=data, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode in (0, 2), proc.stderr
+    assert "heavy: []" in proc.stderr, proc.stderr
+
+
 @pytest.mark.parametrize("args,message", [
     # old: torch's "Expected one of cpu, cuda, ..." traceback from inside the flow, exit 1
     (["--devices", "foo"], "run.devices.0: device 'foo' is not one of auto, cpu"),
