@@ -27,6 +27,7 @@ __all__ = [
     "MAX_PIXELS",
     "MAX_INPUT_BYTES",
     "FORMATS",
+    "QUALITY_FORMATS",
     "FORMAT_EXTENSIONS",
     "IMAGE_EXTENSIONS",
     "decode_image",
@@ -248,6 +249,10 @@ def format_for(path: str) -> str:
     return FORMATS[suffix]
 
 
+#: The output formats whose encoder takes a quality (png is lossless: it has none).
+QUALITY_FORMATS = ("jpeg", "webp")
+
+
 def encode_image(img: Image.Image, fmt: str, *, quality: int = 92) -> bytes:
     """Encode to png / jpeg / webp, tagged with an sRGB ICC profile (the engine works in sRGB).
 
@@ -258,7 +263,7 @@ def encode_image(img: Image.Image, fmt: str, *, quality: int = 92) -> bytes:
     if fmt == "jpeg" and img.mode != "RGB":
         img = img.convert("RGB")
     buf = io.BytesIO()
-    options = {"quality": quality} if fmt in ("jpeg", "webp") else {"optimize": False}
+    options = {"quality": quality} if fmt in QUALITY_FORMATS else {"optimize": False}
     options["icc_profile"] = _SRGB_ICC
     img.save(buf, format=_PIL_FORMAT[fmt], **options)
     return buf.getvalue()

@@ -73,7 +73,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import PurePosixPath
 
-from nst_core.imageio import FORMAT_EXTENSIONS, FORMATS
+from nst_core.imageio import FORMAT_EXTENSIONS, FORMATS, QUALITY_FORMATS
 from nst_core.params import StyleParams
 
 from .storage import TEMP_DIR, parse_uri
@@ -164,8 +164,16 @@ class ReportItem:
 _ADDED_LATER = {"tile_size": "auto", "tile_halo": None, "max_memory_gb": None}
 
 
+#: The quality a png result's key records whatever the run asked: png's encoder takes none, so any
+#: value gives the same file; 92, the default, is what the keys written before hold.
+_KEY_QUALITY_WITHOUT_ONE = 92
+
+
 def _key_params(params: StyleParams) -> dict:
-    dumped = params.model_dump(mode="json", exclude={"device"})
+    # weights_sha256 only checks the weights weights_id already names (a state_dict's own SHA-256,
+    # torchvision's hash-named file): pinning it, or not, is the same result. Kept at None, not
+    # left out, so the keys written before stay as they were.
+    dumped = {**params.model_dump(mode="json", exclude={"device"}), "weights_sha256": None}
     return {k: v for k, v in dumped.items() if k not in _ADDED_LATER or v != _ADDED_LATER[k]}
 
 
@@ -177,7 +185,7 @@ def pair_key(content_identity: str, style_identity: str, params: StyleParams, we
     blob = json.dumps(
         {"content": content_identity, "style": style_identity, "weights": weights_id,
          "params": _key_params(params),
-         "output": {"format": fmt, "quality": quality}},
+         "output": {"format": fmt, "quality": quality if fmt in QUALITY_FORMATS else _KEY_QUALITY_WITHOUT_ONE}},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -62,6 +62,21 @@ def test_an_upgrade_that_adds_params_keeps_every_key_of_the_results_written_befo
     assert tiled != pair_key(c, s, StyleParams(), "random", "png", 92)  # a tiling asked for is its own result
 
 
+def test_settings_that_cannot_change_the_file_keep_the_key():
+    """Old: pinning weights_sha256 (the weights weights_id already names) or another quality on a
+    png run (png has none) changed every key: the whole dataset redone, under new names beside the
+    old results. Any quality that reaches a jpeg or webp encoder still changes it."""
+    from nst_core import StyleParams
+    from tasks.contract import pair_key
+
+    c, s, w = "s3://b/c.png#e1", "s3://b/s.png#e2", "torchvision:vgg16_features-amdegroot-88604fc0.pth"
+    pinned = StyleParams(weights_sha256="a" * 64)
+    assert pair_key(c, s, pinned, w, "jpeg", 92) == pair_key(c, s, StyleParams(), w, "jpeg", 92)
+    assert pair_key(c, s, StyleParams(), w, "png", 80) == pair_key(c, s, StyleParams(), w, "png", 92)
+    assert pair_key(c, s, StyleParams(), w, "jpeg", 80) != pair_key(c, s, StyleParams(), w, "jpeg", 92)
+    assert pair_key(c, s, StyleParams(), w, "webp", 80) != pair_key(c, s, StyleParams(), w, "webp", 92)
+
+
 def test_an_output_name_with_another_formats_extension_is_renamed_to_the_runs():
     assert renamed_output("x.jpg", "png") == "x.png" and renamed_output("a/b.JPG", "webp") == "a/b.webp"
     assert renamed_output("x.jpeg", "jpeg") == "x.jpg" and renamed_output("x.PNG", "png") == "x.png"
