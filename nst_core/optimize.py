@@ -579,8 +579,11 @@ def _finish(jobs: list[_Job], x: Tensor, objective: Objective, params: StylePara
             "styles": job.styles,
             "pairs_per_step": len(jobs),
             "backend": backend,
-            "seconds": {"targets": round(job.seconds_targets, 4), "optimize": round(seconds, 4),
-                        "total": round(job.seconds_targets + seconds, 4)},
+            # optimize: this pair's share of the step (pairs_per_step pairs ran in it together),
+            # so summing a run's pairs gives its device time; step: the whole step, how long the
+            # pair waited for it.
+            "seconds": {"targets": round(job.seconds_targets, 4), "optimize": round(seconds / len(jobs), 4),
+                        "total": round(job.seconds_targets + seconds / len(jobs), 4), "step": round(seconds, 4)},
             "versions": _versions(),
         }
         results.append(StyleResult(image, {"initial": initials[b], "final": finals[b]}, job.history, metadata))

@@ -93,6 +93,18 @@ def test_a_pair_that_goes_non_finite_fails_alone(monkeypatch):
         assert results[i].losses["final"]["total"] == pytest.approx(alone.losses["final"]["total"], rel=0.005)
 
 
+def test_each_pair_of_a_step_records_its_share_of_the_step_so_a_runs_seconds_add_up():
+    """Old: every pair of a step of 3 recorded the whole step as its optimize time, so a run's
+    seconds summed to 3x its device time."""
+    results = stylize_many(_pairs(), params(iterations=3))
+    steps = {r.metadata["seconds"]["step"] for r in results}
+    assert len(steps) == 1 and results[0].metadata["pairs_per_step"] == 3
+    assert sum(r.metadata["seconds"]["optimize"] for r in results) == pytest.approx(steps.pop(), abs=1e-3)
+    for r in results:
+        seconds = r.metadata["seconds"]
+        assert seconds["total"] == pytest.approx(seconds["targets"] + seconds["optimize"], abs=1e-3)
+
+
 def test_bad_inputs_fail_alone_and_other_shapes_run_in_their_own_step():
     pairs = [*_pairs()[:2], StylePair(pattern((64, 12)), pattern((48, 64), "style"), content_name="thin.png"),
              StylePair(pattern((48, 64), "content"), pattern((48, 64), "rings"))]

@@ -234,7 +234,7 @@ def test_metadata_is_json_and_complete(images):
     result = stylize(*images, params(iterations=2))
     meta = json.loads(json.dumps(result.metadata))
     assert meta["weights_id"] == "random(seed=0)" and meta["device"] == "cpu"
-    assert meta["params"]["iterations"] == 2 and set(meta["seconds"]) == {"targets", "optimize", "total"}
+    assert meta["params"]["iterations"] == 2 and set(meta["seconds"]) == {"targets", "optimize", "total", "step"}
     assert meta["precision"] in ("fp32", "bf16") and meta["memory_format"] in ("contiguous", "channels_last")
     assert sum(s["evaluations"] for s in meta["scales"]) == meta["evaluations"] == len(result.history)
     assert meta["backend"]["threads"] >= 1
