@@ -252,7 +252,8 @@ def reserved_folder(name: str) -> str:
     """The folder of the output an output name may not be in ("" if none): ``_runs/`` (reports),
     ``.nst-tmp/`` (temp files, which every run's clean-up removes)."""
     first = name.split("/")[0]
-    return first if first in (RUNS, TEMP_DIR) else ""
+    # in any case: where "_RUNS" and "_runs" are one folder (macOS's, Windows') it is that folder
+    return first if first.lower() in (RUNS, TEMP_DIR) else ""
 
 
 def naming_problem(plan: PairPlan, fmt: str) -> str:
@@ -367,18 +368,22 @@ def _image_matches(plan: PairPlan, meta: dict, listed) -> bool:
 
 def done_pairs(plans: list[PairPlan], read_sidecar: Callable[[str], bytes | None],
                listed: dict | None = None, info: Callable[[str], object] | None = None,
-               io_workers: int = 8, made_by: set[str] | None = None) -> set[int]:
+               io_workers: int = 8, made_by: set[str] | None = None, fold_case: bool = False) -> set[int]:
     """Indexes of the plans that are done by the rule above.
 
     ``listed``: key -> ObjectInfo of everything under the output (one listing); without it,
     ``info`` gives one image's ObjectInfo (or None). ``read_sidecar``: its bytes, or None when missing.
-    ``made_by``: only sidecars these flow runs wrote count.
+    ``made_by``: only sidecars these flow runs wrote count. ``fold_case``: the output holds "Out"
+    and "out" as one file, so a plan's key is looked up in ``listed`` by its lower case.
     """
+    if listed is not None and fold_case:
+        listed = {key.lower(): found for key, found in listed.items()}
+    look = str.lower if fold_case else str
     candidates = [p for p in plans if p.runnable and (
-        listed is None or (p.image_key in listed and p.sidecar_key in listed))]
+        listed is None or (look(p.image_key) in listed and look(p.sidecar_key) in listed))]
 
     def check(p: PairPlan) -> bool:
-        image = listed[p.image_key] if listed is not None else info(p.image_key)
+        image = listed[look(p.image_key)] if listed is not None else info(p.image_key)
         if image is None:
             return False
         raw = read_sidecar(p.sidecar_key)
@@ -414,8 +419,9 @@ def done_in(storage, plans: list[PairPlan], list_once: bool = True, io_workers: 
             return None
 
     listed = {info.key: info for info in retrying(storage.list, health=health)} if list_once else None
+    fold_case = list_once and retrying(storage.folds_case, health=health)
     return done_pairs(plans, read_sidecar, listed, lambda k: retrying(lambda: storage.info(k), health=health),
-                      io_workers, made_by)
+                      io_workers, made_by, fold_case)
 
 
 def totals(items: list[ReportItem]) -> dict[str, int]:

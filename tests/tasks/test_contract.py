@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from tasks.contract import PairPlan, done_pairs, renamed_output, sidecar
+from tasks.contract import PairPlan, done_in, done_pairs, renamed_output, sidecar
 from tasks.storage import ObjectInfo
 
 
@@ -31,6 +31,41 @@ def test_a_sidecar_without_an_image_record_counts_only_where_the_name_carries_th
     named, keyed = plan(), plan(f"c__s__{'k' * 8}")
     assert not judge(named, {"key": named.key}, ObjectInfo(named.image_key, 10, ""))
     assert judge(keyed, {"key": keyed.key}, ObjectInfo(keyed.image_key, 10, ""))
+
+
+class _FoldingFolder:
+    """A folder of macOS's or Windows' file systems ("Photos/x" and "photos/x" are one file), as
+    done_in sees it: its listing keeps the case the files were made with. This machine's folders
+    tell cases apart, so it stands in for one."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files = files
+
+    def folds_case(self) -> bool:
+        return True
+
+    def list(self):
+        return [ObjectInfo(k, len(v), "") for k, v in self.files.items()]
+
+    def read(self, key: str):
+        found = {k.lower(): v for k, v in self.files.items()}.get(key.lower())
+        if found is None:
+            from tasks.storage import MissingObjectError
+            raise MissingObjectError(key)
+        return found, ""
+
+
+def test_a_done_pair_is_found_whatever_the_case_of_its_folder_where_the_output_folds_case():
+    """Manifest output "Photos/x" and the folder made as "photos" by an earlier run: old: the
+    listing was looked up with exact case, so the pair was never done at planning; it got a task
+    and a claim every night and was reported "made by another run on this output after this run
+    planned"."""
+    p = plan("Photos/x")
+    meta = json.dumps({"key": p.key, "image": {"size": 10, "identity": ""}}).encode()
+    folder = _FoldingFolder({"photos/x.png": b"0123456789", "photos/x.json": meta})
+    assert done_in(folder, [p], io_workers=1) == {0}
+    listed = {info.key: info for info in folder.list()}
+    assert done_pairs([p], lambda key: meta, listed) == set()  # where cases are two files: not this one
 
 
 def test_the_engine_metadata_cannot_overwrite_contract_fields():

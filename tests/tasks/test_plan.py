@@ -192,10 +192,12 @@ def test_output_names_and_keys(folders):
         pair_key("", "y", params, "w", "jpeg", 92)  # never hash an empty identity
 
 
-@pytest.mark.parametrize("output", ["_runs/x", ".nst-tmp/x", ".nst-tmp/sub/x"])
+@pytest.mark.parametrize("output", ["_runs/x", ".nst-tmp/x", ".nst-tmp/sub/x", "_RUNS/x", ".NST-Tmp/x"])
 def test_reserved_output_names_are_rejected(folders, output):
     """_runs/ holds the reports; .nst-tmp/ the temp files, which every run's clean_temp removes
-    (a result there was redone every run; one in a subfolder made clean_temp fail every run after)."""
+    (a result there was redone every run; one in a subfolder made clean_temp fail every run after).
+    In any case: on macOS's and Windows' folders "_RUNS/x" is in _runs/ (old: accepted, and could
+    replace a run report; ".NST-TMP/x" was made and deleted every night)."""
     (folders / "m.csv").write_text(f"content,style,output\nc/a.jpg,s/s1.png,{output}\n")
     with pytest.raises(PreflightError, match=output.split("/")[0] + "/"):
         plan_pairs(read_manifest(str(folders / "m.csv")), StyleParams(), "w", "png")
