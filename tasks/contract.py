@@ -10,8 +10,9 @@ Naming (``image_key``, ``sidecar_key``)
 
 Pair key
     SHA-256 hex of the content and style *identities* (S3 ETag or the file's SHA-256), every
-    StyleParams field but ``device`` (it does not change what is asked for), the weights id,
-    and the output encoding (``format``, ``quality``). Never computed from an empty identity:
+    StyleParams field but ``device`` and ``weights_sha256`` (neither changes the result: the pin
+    only checks the weights the id names), the weights id, and the output encoding (``format``,
+    ``quality``; png's key records 92, as png takes none). Never computed from an empty identity:
     a pair whose input cannot be identified fails at planning with the reason.
 
 Write order
