@@ -85,8 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _prefect_defaults() -> None:
+    """Prefect imported (its settings read the user's profile), then the CLI's own defaults where
+    neither the environment nor the profile says otherwise. Before a subcommand's first Prefect
+    call: `nst --help`, `nst stylize` and refused arguments never import Prefect."""
+    import prefect.context  # noqa: F401  (the settings context: environment, then the profile)
+
+    # The ephemeral API's telemetry heartbeat races its own SQLite setup and logs a traceback; a
+    # batch tool has no use for it. Set after the import, so a profile's setting wins over it.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
 def _run_flow(source, output, params, run):
     """Run stylize_batch in this process with a progress bar; prints and returns the final state."""
+    _prefect_defaults()
     from flows.batch import in_progress, on_pair_done, stylize_batch
 
     bar: _LineBar | None = None
@@ -397,6 +409,7 @@ def _exit_on_sigterm(signum, frame):
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    _prefect_defaults()
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_API_URL, temporary_settings
 
     from flows.serve import answers, check_serve_options, local_server
@@ -462,9 +475,6 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # The ephemeral API's telemetry heartbeat races its own SQLite setup and logs a traceback;
-    # a batch tool has no use for it. A user's explicit setting wins.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     parser = build_parser()
     args = parser.parse_args(argv)  # usage errors exit 2 with one line
     try:

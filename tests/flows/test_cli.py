@@ -235,6 +235,25 @@ def test_the_temporary_apis_wait_is_generous_unless_the_user_set_it():
             assert wait.value() == 7
 
 
+@pytest.mark.parametrize("profile", [None, "true", "false"])
+def test_telemetry_is_off_by_default_and_a_profiles_setting_wins(tmp_path, profile):
+    """In the temporary API server (whose heartbeat it is), off unless the user's environment or
+    profile says otherwise. Old, once Prefect was no longer imported at startup: the default went
+    into the environment before Prefect read the profile, and beat a profile's "true"."""
+    if profile is not None:
+        (tmp_path / "profiles.toml").write_text(
+            f'active = "mine"\n[profiles.mine]\nPREFECT_SERVER_ANALYTICS_ENABLED = "{profile}"\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_PROFILE")}
+    # the server's environment as Prefect's SubprocessASGIServer builds it
+    code = ("import os\nfrom flows.cli import _prefect_defaults\n_prefect_defaults()\n"
+            "from prefect.settings import get_current_settings\n"
+            "env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True)}\n"
+            "print(env['PREFECT_SERVER_ANALYTICS_ENABLED'].capitalize())\n")
+    proc = subprocess.run([sys.executable, "-c", code], env={**env, "PREFECT_HOME": str(tmp_path)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == ("True" if profile == "true" else "False"), proc.stderr
+
+
 def _free_port() -> int:
     import socket
 
