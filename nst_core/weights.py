@@ -129,11 +129,11 @@ def read_weights_bytes(uri: str, opener: Opener | None = None) -> bytes:
 
 
 def _check_digest(label: str, digest: str, sha256: str | None, prefix: str | None = None) -> None:
-    """Refuse a file whose SHA-256 is not the pinned one, or lacks its name's prefix (pinned or not:
-    the weights id is that name, and results are keyed by the id, not by the pin)."""
-    if sha256 is not None and digest != sha256.lower():
-        raise WeightsError(f"weights {label} have sha256 {digest}, expected {sha256.lower()}")
-    if prefix is not None and not digest.startswith(prefix):
+    """Refuse a file whose SHA-256 is not the pinned one (or, unpinned, lacks its name's prefix)."""
+    if sha256 is not None:
+        if digest != sha256.lower():
+            raise WeightsError(f"weights {label} have sha256 {digest}, expected {sha256.lower()}")
+    elif prefix is not None and not digest.startswith(prefix):
         raise WeightsError(
             f"weights {label} have sha256 {digest}, but their file name promises one starting {prefix}; "
             "refusing to load them (delete the file to download it again)"
@@ -336,7 +336,10 @@ def load_weights(weights: str, sha256: str | None, seed: int, opener: Opener | N
         match = _HASH_IN_NAME.search(path.name)
         _check_digest(str(path), digest, sha256, match.group(1) if match else None)
         features, mean_std = _features_state(_torch_load(data, str(path)), str(path))[0], (spec.mean, spec.std)
-        weights_id = f"torchvision:{path.name}"
+        # torchvision's name only where the file is what the name promises: a pinned hash replaces
+        # that check, and results are keyed by this id, not by the pin (other bytes, own id)
+        promised = match is None or digest.startswith(match.group(1))
+        weights_id = f"torchvision:{path.name}" if promised else f"sha256:{digest}"
     else:
         if path is not None:
             data, digest = _read_hashed(path)

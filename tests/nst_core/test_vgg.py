@@ -158,7 +158,9 @@ def test_pinned_sha256_replaces_the_file_name_prefix_check(tmp_path, monkeypatch
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     ex = load_extractor("imagenet1k_v1", layers=["relu1_1"], sha256=digest)
     assert torch.equal(ex.layers[0].weight, features["0.weight"])
-    assert ex.weights_id == "torchvision:vgg16-397923af.pth"
+    # its own id: the pin is not in the pair key, so torchvision's id would have keyed its results
+    # as those of the real weights (old: "torchvision:vgg16-397923af.pth")
+    assert ex.weights_id == f"sha256:{digest}"
     assert ex.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
 
 
