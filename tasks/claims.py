@@ -19,8 +19,13 @@ A claim written by this process for a run no longer live here is stale too (its 
 in an outage). A claim that cannot be read counts as live for UNREADABLE_TRIES looks. Only old
 heartbeats are swept at a run's start, never claims.
 
-Left: two runs that find one stale claim at the same moment may both take it over (the delete
-and the create are two steps); with a botocore before 1.35 a claim is a look then a write, and an
+A dead run's claim is taken over by one run only: before its delete, the taker creates a marker
+named after that claim's content (``{claim}.{digest}.taken``, only if none is there), so a run that
+judged the same dead claim stale a moment later backs off instead of deleting the taker's new
+claim. Markers stay (a late looker must still find one) and are swept with old heartbeats.
+
+Left: a taker that dies between its marker and its new claim leaves that dead claim to wait for
+the sweep (a day); with a botocore before 1.35 a claim is a look then a write, and an
 S3-compatible store that ignores If-None-Match gives each creator the claim: then both may make
 the pair, which is the old behaviour.
 """
@@ -48,7 +53,7 @@ STALE_S = 180.0
 POLL_S = 5.0
 #: How long a run waits for the pairs another live run holds, after its own (s; env NST_CLAIM_WAIT_S).
 WAIT_S = 3600.0
-#: At a run's start, heartbeats older than this (s) are removed, and at most SWEEP_MAX objects looked at.
+#: At a run's start, heartbeats and takeover markers older than this (s) are removed, at most SWEEP_MAX looked at.
 SWEEP_AGE_S = 86400.0
 SWEEP_MAX = 100
 #: Looks at a claim that cannot be read (a store's error, a file being written) before it counts as abandoned.
@@ -100,12 +105,14 @@ class Claims:
         self._renewing.start()
 
     def _sweep(self) -> int:
-        """Remove the heartbeats dead runs left under CLAIMS (a kill -9 leaves its own) once over a
-        day old: one listing, a read per heartbeat, at most SWEEP_MAX. Claims are never swept: one
-        may be taken over between a look and a delete, and a dead run's is taken over when its pair
-        is next wanted (one whose pair was made meanwhile stays: a few hundred bytes). Returns how many."""
+        """Remove the heartbeats dead runs left under CLAIMS (a kill -9 leaves its own) and takeover
+        markers once over a day old: one listing, a read per object, at most SWEEP_MAX. Claims are
+        never swept: one may be taken over between a look and a delete, and a dead run's is taken
+        over when its pair is next wanted (one whose pair was made meanwhile stays: a few hundred
+        bytes). Returns how many."""
         removed = 0
-        listed = [i for i in self._call(lambda: self.storage.list(CLAIMS, flat=True)) if i.key.endswith(".live")]
+        listed = [i for i in self._call(lambda: self.storage.list(CLAIMS, flat=True))
+                  if i.key.endswith((".live", ".taken"))]
         for info in listed[:SWEEP_MAX]:
             try:
                 age = time.time() - datetime.fromisoformat(json.loads(self.storage.read(info.key)[0])["at"]).timestamp()
@@ -174,8 +181,20 @@ class Claims:
                 return None
             if self._stale(key, found) is None:
                 return f"run {found.get('name') or '?'} ({found.get('run') or 'unknown'})"
-            self._call(lambda: self.storage.delete(key))  # a dead run's: take it over
+            # A dead run's: take it over, if no other run is taking over this very claim. Without
+            # the marker two runs that judged it stale together both deleted (the second deleting
+            # the first's new claim) and both made the pair.
+            if not self._create(self._taken_key(key, found), json.dumps({"run": self.run.get("id"), "at": _now()}).encode()):
+                return "another run (it is taking over a dead run's claim)"
+            self._call(lambda: self.storage.delete(key))
         return "another run (its claim changed hands while this run looked)"
+
+    @staticmethod
+    def _taken_key(key: str, found: dict) -> str:
+        """The takeover marker of the claim at ``key`` with content ``found`` (a claim that cannot
+        be read: {}), in CLAIMS: one per dead claim, whoever takes it over."""
+        digest = hashlib.sha256(json.dumps(found, sort_keys=True).encode()).hexdigest()[:16]
+        return f"{key.removesuffix('.json')}.{digest}.taken"
 
     def _read(self, key: str) -> dict | None:
         """A claim's content; None if it is gone; {} if it cannot be read (counted: see _stale)."""

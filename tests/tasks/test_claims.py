@@ -84,6 +84,36 @@ def test_a_dead_runs_claim_is_taken_over(out, monkeypatch):
     dead.stop()
 
 
+def test_a_dead_runs_claim_is_taken_over_by_one_of_many_runs_that_find_it_together(out):
+    """Old: runs that judged one dead claim stale together each deleted it, the later ones deleting
+    the first's new claim, and several held the pair (each made it). Five rounds of 6 runs."""
+    runs = [Claims(out, {"id": f"run-{i}", "name": f"r{i}"}) for i in range(6)]
+    for run in runs:
+        run.start()
+    try:
+        for round_ in range(5):
+            # a kill -9'd run's claim: its heartbeat is gone
+            out.write(runs[0].key(PAIR), json.dumps({"run": f"dead-{round_}", "name": "killed"}).encode())
+            held, go = [], threading.Barrier(len(runs))
+
+            def race(run):
+                go.wait()
+                if run.take(PAIR) is None:
+                    held.append(run)
+
+            threads = [threading.Thread(target=race, args=(run,)) for run in runs]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert len(held) == 1, [r.run["id"] for r in held]
+            assert json.loads(out.read(runs[0].key(PAIR))[0])["run"] == held[0].run["id"]
+            held[0].release(PAIR)
+    finally:
+        for run in runs:
+            run.stop()
+
+
 def test_a_claim_that_cannot_be_read_is_not_taken_from_a_live_run_at_once(out, monkeypatch):
     """Old: a store's error on the read, or a claim file seen empty while its creator wrote it
     (a folder without hard links), read as "it names no run" and the live run's claim was taken."""
@@ -171,6 +201,7 @@ def test_a_run_removes_dead_runs_old_heartbeats_and_never_sweeps_claims(out):
     try:
         assert live.take(other) is None
         out.write("_runs/claims/run-dead.live", json.dumps({"run": "run-dead", "at": "2020-01-01T00:00:00+00:00"}).encode())
+        out.write("_runs/claims/x.0123456789abcdef.taken", json.dumps({"run": "run-dead", "at": "2020-01-01T00:00:00+00:00"}).encode())
         out.write(live.key(PAIR), json.dumps({"run": "run-gone", "name": "killed"}).encode())  # no heartbeat
         late = Claims(out, {"id": "run-late", "name": "rerun"})
         late.start()
