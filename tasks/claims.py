@@ -22,10 +22,13 @@ heartbeats are swept at a run's start, never claims.
 A dead run's claim is taken over by one run only: before its delete, the taker creates a marker
 named after that claim's content (``{claim}.{digest}.taken``, only if none is there), so a run that
 judged the same dead claim stale a moment later backs off instead of deleting the taker's new
-claim. Markers stay (a late looker must still find one) and are swept with old heartbeats.
+claim, and the taker deletes the claim only if it is still the one it judged dead. A marker over
+STALE_S old is a dead taker's: the claim is taken over again. Markers stay (a late looker must
+still find one) and are swept with old heartbeats.
 
-Left: a taker that dies between its marker and its new claim leaves that dead claim to wait for
-the sweep (a day); with a botocore before 1.35 a claim is a look then a write, and an
+Left: the look that the claim is still the dead one and its delete are two steps, so a Retry's
+attempt (or a run's new claim) landing between them is deleted, and both runs may make the pair;
+with a botocore before 1.35 a claim is a look then a write, and an
 S3-compatible store that ignores If-None-Match gives each creator the claim: then both may make
 the pair, which is the old behaviour.
 """
@@ -174,20 +177,39 @@ class Claims:
             found = self._read(key)
             if found is None:
                 continue  # released meanwhile: try again
-            if found.get("run") == self.run.get("id"):  # an earlier attempt of this flow run (Prefect's Retry)
-                self._call(lambda: self.storage.write(key, body, "application/json"))  # now with this process
-                with self._lock:
-                    self._held.add(key)
-                return None
-            if self._stale(key, found) is None:
+            # An earlier attempt of this flow run (Prefect's Retry) is taken over as a dead run's
+            # is: another run may be taking it over already, its attempt having died.
+            if found.get("run") != self.run.get("id") and self._stale(key, found) is None:
                 return f"run {found.get('name') or '?'} ({found.get('run') or 'unknown'})"
-            # A dead run's: take it over, if no other run is taking over this very claim. Without
-            # the marker two runs that judged it stale together both deleted (the second deleting
-            # the first's new claim) and both made the pair.
-            if not self._create(self._taken_key(key, found), json.dumps({"run": self.run.get("id"), "at": _now()}).encode()):
+            # One taker only (the marker), and only while the claim is still the one judged dead:
+            # without both, runs that judged it so together each deleted the claim, the later ones
+            # the first's new one, and several made the pair.
+            if not self._may_take_over(key, found):
                 return "another run (it is taking over a dead run's claim)"
+            if self._read(key) != found:
+                continue  # it changed hands meanwhile: look again
             self._call(lambda: self.storage.delete(key))
         return "another run (its claim changed hands while this run looked)"
+
+    def _may_take_over(self, key: str, found: dict) -> bool:
+        """Whether this run takes over the dead claim ``found`` at ``key``: it created its marker,
+        or the marker is its own (an earlier look whose answer was lost, or whose delete failed),
+        or the marker's taker died (it is over STALE_S old, or unreadable for UNREADABLE_TRIES looks)."""
+        marker = self._taken_key(key, found)
+        if self._create(marker, json.dumps({"run": self.run.get("id"), "at": _now()}).encode()):
+            return True
+        held = self._read(marker)
+        if held is None:
+            return False  # swept meanwhile: the next look makes it again
+        if not held:
+            with self._lock:
+                return self._unreadable.get(marker, 0) >= UNREADABLE_TRIES
+        if held.get("run") == self.run.get("id"):
+            return True
+        try:
+            return time.time() - datetime.fromisoformat(held["at"]).timestamp() > STALE_S
+        except (KeyError, TypeError, ValueError):
+            return False
 
     @staticmethod
     def _taken_key(key: str, found: dict) -> str:

@@ -114,6 +114,53 @@ def test_a_dead_runs_claim_is_taken_over_by_one_of_many_runs_that_find_it_togeth
             run.stop()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process identities are read from /proc")
+def test_a_takeover_in_progress_is_left_to_its_taker_and_a_dead_takers_marker_is_not_for_ever(out, monkeypatch):
+    """Review of the first takeover marker: (1) a Retry's attempt rewrote its dead attempt's claim
+    blindly while another run was taking it over: both held it; (2) a taker whose delete failed, or
+    whose marker's answer was lost, found its own marker on its next look and backed off for a day;
+    (3) a taker that died after its marker left the dead claim for a day."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    gone = this_process(child.pid)  # a process of this machine that is gone: its claims are dead at once
+    child.kill()
+    child.wait()
+
+    def dead_claim(run_id):
+        out.write(PAIR_KEY(out), json.dumps({"run": run_id, "name": "killed", "process": gone}).encode())
+        return json.loads(out.read(PAIR_KEY(out))[0])
+
+    taker, retry = Claims(out, {"id": "run-b", "name": "rerun"}), Claims(out, {"id": "run-a", "name": "nightly"})
+    taker.start()
+    retry.start()
+    try:
+        found = dead_claim("run-a")  # attempt 1 of run-a died
+        assert taker._may_take_over(PAIR_KEY(out), found)  # run-b is taking it over...
+        assert retry.take(PAIR) is not None  # ...so attempt 2 of run-a backs off (old: it rewrote and held)
+        assert taker.take(PAIR) is None and retry.take(PAIR) == "run rerun (run-b)"
+        taker.release(PAIR)
+
+        found = dead_claim("run-x")
+        real_delete = out.delete
+        monkeypatch.setattr(out, "delete", lambda key: (_ for _ in ()).throw(OSError("the store said no")))
+        with pytest.raises(OSError):
+            taker.take(PAIR)  # the marker is made, the delete fails
+        monkeypatch.setattr(out, "delete", real_delete)
+        assert taker.take(PAIR) is None  # its own marker: it goes on (old: "another run ... taking it over")
+        taker.release(PAIR)
+
+        found = dead_claim("run-y")
+        out.write(Claims._taken_key(PAIR_KEY(out), found),
+                  json.dumps({"run": "run-died-taking", "at": "2020-01-01T00:00:00+00:00"}).encode())
+        assert taker.take(PAIR) is None  # the marker's taker is long dead
+    finally:
+        taker.stop()
+        retry.stop()
+
+
+def PAIR_KEY(out):
+    return Claims(out, {"id": "k"}).key(PAIR)
+
+
 def test_a_claim_that_cannot_be_read_is_not_taken_from_a_live_run_at_once(out, monkeypatch):
     """Old: a store's error on the read, or a claim file seen empty while its creator wrote it
     (a folder without hard links), read as "it names no run" and the live run's claim was taken."""
