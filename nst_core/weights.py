@@ -328,6 +328,8 @@ def load_weights(weights: str, sha256: str | None, seed: int, opener: Opener | N
     spec = _named_weights()[weights] if weights in _NAMES else None
     path = _hub_checkpoint(weights, spec) if spec else _local_path(weights)
     key = weights_key(str(path), sha256) if path is not None else (weights, sha256)
+    if spec is not None:  # the enum's normalization, not a bare state_dict's, even from the same file
+        key = (weights, *key)
     with _states_lock:
         if key in _states:
             return _states[key]
@@ -337,9 +339,10 @@ def load_weights(weights: str, sha256: str | None, seed: int, opener: Opener | N
         _check_digest(str(path), digest, sha256, match.group(1) if match else None)
         features, mean_std = _features_state(_torch_load(data, str(path)), str(path))[0], (spec.mean, spec.std)
         # torchvision's name only where the file is what the name promises: a pinned hash replaces
-        # that check, and results are keyed by this id, not by the pin (other bytes, own id)
+        # that check, and results are keyed by this id, not by the pin (other bytes, own id; with
+        # the enum's name, since its normalization is the enum's, not a bare state_dict's default)
         promised = match is None or digest.startswith(match.group(1))
-        weights_id = f"torchvision:{path.name}" if promised else f"sha256:{digest}"
+        weights_id = f"torchvision:{path.name}" if promised else f"{weights}:sha256:{digest}"
     else:
         if path is not None:
             data, digest = _read_hashed(path)
