@@ -168,7 +168,12 @@ def local_server(port: int, timeout: float = SERVER_START_TIMEOUT_S) -> Iterator
         return
     # -m, not the `prefect` script beside the interpreter: a `pip install --user` puts that elsewhere
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_UI_API_URL": api_url}
+    # as Prefect starts its own servers: the settings the user set (a profile's too) over the
+    # environment, where nst's defaults are (flows.cli._prefect_defaults)
+    from prefect.settings import get_current_settings
+
+    env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
+           "PREFECT_API_URL": api_url, "PREFECT_UI_API_URL": api_url}
     log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server never blocks on it
     # its own session (a Ctrl-C to nst serve's group is nst's to handle), ending with nst serve however
     # it ends (a kill -9, an OOM kill: the kernel signals it)

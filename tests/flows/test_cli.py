@@ -244,14 +244,20 @@ def test_telemetry_is_off_by_default_and_a_profiles_setting_wins(tmp_path, profi
         (tmp_path / "profiles.toml").write_text(
             f'active = "mine"\n[profiles.mine]\nPREFECT_SERVER_ANALYTICS_ENABLED = "{profile}"\n')
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_PROFILE")}
-    # the server's environment as Prefect's SubprocessASGIServer builds it
+    # the temporary API's environment as Prefect's SubprocessASGIServer builds it, then the one
+    # nst serve's local_server starts `prefect server start` with (its Popen stopped there)
     code = ("import os\nfrom flows.cli import _prefect_defaults\n_prefect_defaults()\n"
             "from prefect.settings import get_current_settings\n"
             "env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True)}\n"
-            "print(env['PREFECT_SERVER_ANALYTICS_ENABLED'].capitalize())\n")
+            "print(env['PREFECT_SERVER_ANALYTICS_ENABLED'].capitalize())\n"
+            "from flows import serve\n"
+            "class Seen(Exception): pass\n"
+            "def popen(cmd, env, **kw): raise Seen(env['PREFECT_SERVER_ANALYTICS_ENABLED'].capitalize())\n"
+            "serve.subprocess.Popen = popen\n"
+            "try:\n    serve.local_server(1).__enter__()\nexcept Seen as seen:\n    print(seen)\n")
     proc = subprocess.run([sys.executable, "-c", code], env={**env, "PREFECT_HOME": str(tmp_path)},
                           capture_output=True, text=True, timeout=120)
-    assert proc.stdout.strip() == ("True" if profile == "true" else "False"), proc.stderr
+    assert proc.stdout.split() == ["True" if profile == "true" else "False"] * 2, proc.stdout + proc.stderr
 
 
 def _free_port() -> int:
