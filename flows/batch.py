@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from prefect import flow, get_run_logger, runtime
 from prefect.exceptions import TerminationSignal
 from pydantic import Field
-from prefect.states import Completed, Failed, State
+from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.fanout import (PARENT_STOPPED, cancel_children, cancel_stopped_children, check_chunk_deployment,
@@ -237,6 +237,49 @@ def _cancelled(flow_run_id: str) -> str | None:
     asking.start()
     asking.join(CANCEL_LOOKUP_S)
     return found[0] if found else None
+
+
+def superseded() -> str | None:
+    """Why this run stands down, or None: it is a scheduled run (a nightly) and a later scheduled
+    run of its deployment is due too and not over. After days of a worker pool's downtime, Prefect
+    starts every late nightly at once: each planned the whole dataset, and their chunk runs queued
+    on the GPU pool behind each other's. The latest runs the dataset; the others end Cancelled,
+    naming it. A run started by hand (the UI's Run, nst batch, a Retry of a cancelled one) is never
+    superseded, nor is one whose later run passes other parameters; an API that cannot say lets
+    the run go on."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterDeploymentId,
+                                                FlowRunFilterExpectedStartTime, FlowRunFilterId,
+                                                FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags)
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    run = ctx.flow_run if ctx is not None else None
+    if run is None or run.deployment_id is None or not run.auto_scheduled or run.run_count > 1:
+        return None
+    try:
+        with get_client(sync_client=True) as client:
+            later = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    id=FlowRunFilterId(not_any_=[run.id]),
+                    deployment_id=FlowRunFilterDeploymentId(any_=[run.deployment_id]),
+                    tags=FlowRunFilterTags(all_=["auto-scheduled"]),
+                    expected_start_time=FlowRunFilterExpectedStartTime(after_=run.expected_start_time,
+                                                                       before_=datetime.now(timezone.utc)),
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(
+                        any_=[StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING]))),
+                sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=50)
+    except Exception:
+        return None
+    # the same parameters only: a deployment's schedules may each pass their own (another dataset)
+    same = [r for r in later if r.parameters == run.parameters and r.expected_start_time > run.expected_start_time]
+    if not same:
+        return None
+    newer = same[0]
+    return (f"superseded: the scheduled run {newer.name} ({newer.id}) of "
+            f"{newer.expected_start_time:%Y-%m-%d %H:%M} UTC is due too and runs the same dataset")
 
 
 # Hooks are called with keywords (flow=, flow_run=, state=) by a Runner, positionally by the engine.
@@ -476,6 +519,9 @@ def stylize_batch(
         return Failed(message=str(err))
     except CredentialsError as err:  # a refusal too: the CLI exits 2 on its prefix (REFUSALS)
         return Failed(message=f"{CREDENTIALS_REFUSED} {err}")
+    if (why := superseded()) is not None:
+        get_run_logger().info("%s; this run stands down", why)
+        return Cancelled(message=why)
     stop_requested.clear()
     try:
         b = _Batch(source, output, params, run, credentials)

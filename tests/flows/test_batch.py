@@ -1090,3 +1090,50 @@ def test_a_stopped_run_stays_in_progress_until_its_hook_has_cancelled_its_chunk_
     batch.in_progress.add(str(run_id))
     getattr(batch, hook)(None, SimpleNamespace(id=run_id, parameters={}, name="r", run_count=1), None)
     assert seen == [True] and str(run_id) not in batch.in_progress
+
+
+def test_of_late_nightlies_started_together_only_the_latest_runs_the_dataset(tmp_path):
+    """After days of a worker pool's downtime Prefect starts every late scheduled run at once. Old:
+    each planned the dataset and fanned out; their chunks queued on the GPU pool behind each
+    other's. Now the older ones end Cancelled naming the latest, which runs it; a run with other
+    parameters (another schedule's dataset) or started by hand is never superseded."""
+    import uuid
+    from datetime import datetime, timedelta, timezone
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.schedules import IntervalSchedule
+    from prefect.flow_engine import run_flow
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "s").mkdir()
+    pattern((32, 24), "content").save(tmp_path / "c" / "c.png")
+    pattern((24, 32), "style").save(tmp_path / "s" / "s.png")
+    parameters = {"source": {"kind": "prefixes", "contents": str(tmp_path / "c"), "styles": str(tmp_path / "s")},
+                  "output": {"uri": str(tmp_path / "out")}, "params": PARAMS.model_dump(mode="json")}
+    now = datetime.now(timezone.utc)
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow(stylize_batch)
+        deployment = client.create_deployment(
+            flow_id=flow_id, name=f"nightly-{uuid.uuid4().hex[:8]}", parameters=parameters,
+            entrypoint="flows/batch.py:stylize_batch")
+        client.create_deployment_schedules(deployment, [(IntervalSchedule(interval=timedelta(days=1),
+                                                                         anchor_date=now - timedelta(days=3)), True)])
+        # the scheduler's own backfill: three nightlies, all late by now
+        client._client.post(f"/deployments/{deployment}/schedule",
+                            json={"start_time": (now - timedelta(days=3, minutes=1)).isoformat(),
+                                  "end_time": (now - timedelta(minutes=1)).isoformat()}).raise_for_status()
+        late = sorted(client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment]))),
+                      key=lambda r: r.expected_start_time)
+        by_hand = client.create_flow_run_from_deployment(deployment)
+        # the middle one as another schedule of the deployment would pass it: another output
+        other = {**parameters, "output": {"uri": str(tmp_path / "other")}}
+        client.update_flow_run(late[1].id, parameters=other)
+        late[1] = client.read_flow_run(late[1].id)
+    assert len(late) == 3 and all(r.auto_scheduled for r in late)
+
+    states = [run_flow(stylize_batch, flow_run=r, parameters=r.parameters, return_type="state") for r in late]
+    assert states[0].is_cancelled() and late[2].name in states[0].message and str(late[2].id) in states[0].message
+    assert states[1].is_completed() and states[2].is_completed(), (states[1].message, states[2].message)
+    assert len(list((tmp_path / "out").glob("*.jpg"))) == len(list((tmp_path / "other").glob("*.jpg"))) == 1
+    assert run_flow(stylize_batch, flow_run=by_hand, parameters=parameters, return_type="state").is_completed()
