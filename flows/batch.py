@@ -239,6 +239,10 @@ def _cancelled(flow_run_id: str) -> str | None:
     return found[0] if found else None
 
 
+#: Pages of 50 later due scheduled runs superseded() reads at most.
+_SUPERSEDED_PAGES = 10
+
+
 def superseded() -> str | None:
     """Why this run stands down, or None: it is a scheduled run (a nightly) and a later scheduled
     run of its deployment is due too and not over. After days of a worker pool's downtime, Prefect
@@ -259,22 +263,34 @@ def superseded() -> str | None:
     run = ctx.flow_run if ctx is not None else None
     if run is None or run.deployment_id is None or not run.auto_scheduled or run.run_count > 1:
         return None
+    now = datetime.now(timezone.utc)
+    due = FlowRunFilter(
+        id=FlowRunFilterId(not_any_=[run.id]),
+        deployment_id=FlowRunFilterDeploymentId(any_=[run.deployment_id]),
+        tags=FlowRunFilterTags(all_=["auto-scheduled"]),
+        expected_start_time=FlowRunFilterExpectedStartTime(after_=run.expected_start_time, before_=now),
+        state=FlowRunFilterState(type=FlowRunFilterStateType(
+            any_=[StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING])))
+
+    def newer_same(found) -> bool:
+        # the same parameters only: a deployment's schedules may each pass their own (another
+        # dataset); a run moved to a later time (rescheduled, waiting to retry) is not due yet
+        # (expected_start_time is its first scheduled time, never moved)
+        when = found.state.state_details.scheduled_time if found.state and found.state.is_scheduled() else None
+        return (found.parameters == run.parameters and found.expected_start_time > run.expected_start_time
+                and (when is None or when <= now))
+
+    same = []
     try:
         with get_client(sync_client=True) as client:
-            later = client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(
-                    id=FlowRunFilterId(not_any_=[run.id]),
-                    deployment_id=FlowRunFilterDeploymentId(any_=[run.deployment_id]),
-                    tags=FlowRunFilterTags(all_=["auto-scheduled"]),
-                    expected_start_time=FlowRunFilterExpectedStartTime(after_=run.expected_start_time,
-                                                                       before_=datetime.now(timezone.utc)),
-                    state=FlowRunFilterState(type=FlowRunFilterStateType(
-                        any_=[StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING]))),
-                sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=50)
+            for page in range(_SUPERSEDED_PAGES):  # another schedule's runs may fill whole pages
+                found = client.read_flow_runs(flow_run_filter=due, sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+                                              limit=50, offset=50 * page)
+                same = [r for r in found if newer_same(r)]
+                if same or len(found) < 50:
+                    break
     except Exception:
         return None
-    # the same parameters only: a deployment's schedules may each pass their own (another dataset)
-    same = [r for r in later if r.parameters == run.parameters and r.expected_start_time > run.expected_start_time]
     if not same:
         return None
     newer = same[0]

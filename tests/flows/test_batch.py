@@ -1095,8 +1095,9 @@ def test_a_stopped_run_stays_in_progress_until_its_hook_has_cancelled_its_chunk_
 def test_of_late_nightlies_started_together_only_the_latest_runs_the_dataset(tmp_path):
     """After days of a worker pool's downtime Prefect starts every late scheduled run at once. Old:
     each planned the dataset and fanned out; their chunks queued on the GPU pool behind each
-    other's. Now the older ones end Cancelled naming the latest, which runs it; a run with other
-    parameters (another schedule's dataset) or started by hand is never superseded."""
+    other's. Now the older ones end Cancelled naming the latest due one, which runs it; a run with
+    other parameters (another schedule's dataset) or started by hand is never superseded, and a
+    run moved to next week is not due."""
     import uuid
     from datetime import datetime, timedelta, timezone
 
@@ -1104,6 +1105,7 @@ def test_of_late_nightlies_started_together_only_the_latest_runs_the_dataset(tmp
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.client.schemas.schedules import IntervalSchedule
     from prefect.flow_engine import run_flow
+    from prefect.states import Scheduled
 
     (tmp_path / "c").mkdir()
     (tmp_path / "s").mkdir()
@@ -1118,11 +1120,13 @@ def test_of_late_nightlies_started_together_only_the_latest_runs_the_dataset(tmp
             flow_id=flow_id, name=f"nightly-{uuid.uuid4().hex[:8]}", parameters=parameters,
             entrypoint="flows/batch.py:stylize_batch")
         client.create_deployment_schedules(deployment, [(IntervalSchedule(interval=timedelta(days=1),
-                                                                         anchor_date=now - timedelta(days=3)), True)])
-        # the scheduler's own backfill: three nightlies, all late by now
-        client._client.post(f"/deployments/{deployment}/schedule",
-                            json={"start_time": (now - timedelta(days=3, minutes=1)).isoformat(),
-                                  "end_time": (now - timedelta(minutes=1)).isoformat()}).raise_for_status()
+                                                                         anchor_date=now - timedelta(days=4)), True)])
+        # the scheduler's own backfill: four nightlies, all late by now (two calls: one made 3 at most)
+        for start, end in ((4, 2), (2, 0)):
+            client._client.post(f"/deployments/{deployment}/schedule",
+                                json={"start_time": (now - timedelta(days=start, minutes=1)).isoformat(),
+                                      "end_time": (now - timedelta(days=end, minutes=1)).isoformat()}
+                                ).raise_for_status()
         late = sorted(client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment]))),
                       key=lambda r: r.expected_start_time)
         by_hand = client.create_flow_run_from_deployment(deployment)
@@ -1130,10 +1134,12 @@ def test_of_late_nightlies_started_together_only_the_latest_runs_the_dataset(tmp
         other = {**parameters, "output": {"uri": str(tmp_path / "other")}}
         client.update_flow_run(late[1].id, parameters=other)
         late[1] = client.read_flow_run(late[1].id)
-    assert len(late) == 3 and all(r.auto_scheduled for r in late)
+        # the latest moved to next week (through the API, an automation): not due, so it supersedes nothing
+        client.set_flow_run_state(late[3].id, Scheduled(scheduled_time=now + timedelta(days=7)), force=True)
+    assert len(late) == 4 and all(r.auto_scheduled for r in late), [str(r.expected_start_time) for r in late]
 
     try:
-        states = [run_flow(stylize_batch, flow_run=r, parameters=r.parameters, return_type="state") for r in late]
+        states = [run_flow(stylize_batch, flow_run=r, parameters=r.parameters, return_type="state") for r in late[:3]]
         assert states[0].is_cancelled() and late[2].name in states[0].message and str(late[2].id) in states[0].message
         assert states[1].is_completed() and states[2].is_completed(), (states[1].message, states[2].message)
         assert len(list((tmp_path / "out").glob("*.jpg"))) == len(list((tmp_path / "other").glob("*.jpg"))) == 1
