@@ -239,8 +239,8 @@ def _cancelled(flow_run_id: str) -> str | None:
     return found[0] if found else None
 
 
-#: Pages of 50 later due scheduled runs superseded() reads at most.
-_SUPERSEDED_PAGES = 10
+#: superseded() reads later due scheduled runs in pages of _SUPERSEDED_PAGE, at most _SUPERSEDED_PAGES.
+_SUPERSEDED_PAGE, _SUPERSEDED_PAGES = 50, 10
 
 
 def superseded() -> str | None:
@@ -285,9 +285,9 @@ def superseded() -> str | None:
         with get_client(sync_client=True) as client:
             for page in range(_SUPERSEDED_PAGES):  # another schedule's runs may fill whole pages
                 found = client.read_flow_runs(flow_run_filter=due, sort=FlowRunSort.EXPECTED_START_TIME_DESC,
-                                              limit=50, offset=50 * page)
+                                              limit=_SUPERSEDED_PAGE, offset=_SUPERSEDED_PAGE * page)
                 same = [r for r in found if newer_same(r)]
-                if same or len(found) < 50:
+                if same or len(found) < _SUPERSEDED_PAGE:
                     break
     except Exception:
         return None

@@ -26,8 +26,9 @@ claim, and the taker deletes the claim only if it is still the one it judged dea
 STALE_S old is a dead taker's: the claim is taken over again. Markers stay (a late looker must
 still find one) and are swept with old heartbeats.
 
-Left: the look that the claim is still the dead one and its delete are two steps, so a Retry's
-attempt (or a run's new claim) landing between them is deleted, and both runs may make the pair;
+Left: the look that the claim is still the dead one and its delete are two steps, so a claim
+written between them (by a run judged dead that was alive, or by a second taker once the marker
+is STALE_S old) is deleted, and both runs may make the pair;
 with a botocore before 1.35 a claim is a look then a write, and an
 S3-compatible store that ignores If-None-Match gives each creator the claim: then both may make
 the pair, which is the old behaviour.

@@ -1,5 +1,6 @@
 """Which process wrote a record, and whether it is gone: enough for a later run on the same
-machine to tell a dead run's report or claim from a live one (Linux; elsewhere nothing can tell)."""
+machine to tell a dead run's report or claim from a live one (Linux; elsewhere nothing can tell).
+And a child's command (a Prefect server nst starts) made to end when this process dies."""
 
 from __future__ import annotations
 
