@@ -38,7 +38,7 @@ from pydantic import Field
 from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.fanout import (PARENT_STOPPED, cancel_children, cancel_stopped_children, check_chunk_deployment,
+from flows.fanout import (API_PAGE, PARENT_STOPPED, cancel_children, cancel_stopped_children, check_chunk_deployment,
                           fan_out_to_workers, live_before_done)
 from flows.quiet import quiet_returned_failures
 from flows.orphans import api_identity, mark_crashed_reports, still_running, this_process
@@ -239,10 +239,6 @@ def _cancelled(flow_run_id: str) -> str | None:
     return found[0] if found else None
 
 
-#: superseded() reads later due scheduled runs in pages of _SUPERSEDED_PAGE, at most _SUPERSEDED_PAGES.
-_SUPERSEDED_PAGE, _SUPERSEDED_PAGES = 50, 10
-
-
 def superseded() -> str | None:
     """Why this run stands down, or None: it is a scheduled run (a nightly) and a later scheduled
     run of its deployment is due too and not over. After days of a worker pool's downtime, Prefect
@@ -280,14 +276,14 @@ def superseded() -> str | None:
         return (found.parameters == run.parameters and found.expected_start_time > run.expected_start_time
                 and (when is None or when <= now))
 
-    same = []
+    same, offset = [], 0
     try:
         with get_client(sync_client=True) as client:
-            for page in range(_SUPERSEDED_PAGES):  # another schedule's runs may fill whole pages
+            while not same:  # page by page: another schedule's due runs may fill whole pages
                 found = client.read_flow_runs(flow_run_filter=due, sort=FlowRunSort.EXPECTED_START_TIME_DESC,
-                                              limit=_SUPERSEDED_PAGE, offset=_SUPERSEDED_PAGE * page)
-                same = [r for r in found if newer_same(r)]
-                if same or len(found) < _SUPERSEDED_PAGE:
+                                              limit=API_PAGE, offset=offset)
+                same, offset = [r for r in found if newer_same(r)], offset + API_PAGE
+                if len(found) < API_PAGE:
                     break
     except Exception:
         return None

@@ -166,7 +166,8 @@ _ADDED_LATER = {"tile_size": "auto", "tile_halo": None, "max_memory_gb": None}
 
 
 #: The quality a png result's key records whatever the run asked: png's encoder takes none, so any
-#: value gives the same file; 92, the default, is what the keys written before hold.
+#: value gives the same file. 92 is what the keys written before hold (OutputSpec's default then);
+#: a constant, not read from OutputSpec, so that a new default would not change these keys.
 _KEY_QUALITY_WITHOUT_ONE = 92
 
 
