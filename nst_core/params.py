@@ -18,7 +18,7 @@ from .errors import ParamsError
 
 __all__ = ["StyleParams", "VGG16_CFG", "VGG16_LAYERS", "VGG16_CHANNELS", "VGG16Layer", "DEVICES", "device_name",
            "STOP_WINDOW", "DEFAULT_STYLE_LAYERS", "DEFAULT_CONTENT_LAYERS", "markdown_table", "layer_index", "layer_factor",
-           "min_side"]
+           "min_side", "OPTIMIZER_STEPS", "equal_shares"]
 
 #: torchvision's VGG16 "D" config: channels per conv, "M" for a pooling layer (nst_core.vgg builds
 #: the stack from it; the layer names and widths below come from it too).
@@ -112,6 +112,15 @@ def _check_weights(values: list[float] | None) -> list[float] | None:
     if values is not None and not sum(values) > 0:
         raise ValueError("weights must not all be zero")
     return values
+
+
+#: The step each optimizer takes when learning_rate is empty.
+OPTIMIZER_STEPS = {"lbfgs": 1.0, "adam": 0.02}
+
+
+def equal_shares(values: list[float] | None) -> bool:
+    """Whether ``values``, normalized to sum 1, are equal shares, as no values are: none, or all equal."""
+    return not values or len(set(values)) == 1
 
 
 class StyleParams(BaseModel):
@@ -274,11 +283,12 @@ class StyleParams(BaseModel):
 
     def step_size(self) -> float:
         """The learning rate in effect: the explicit one or the optimizer's default."""
-        return self.learning_rate or {"lbfgs": 1.0, "adam": 0.02}[self.optimizer]
+        return self.learning_rate or OPTIMIZER_STEPS[self.optimizer]
 
     def layer_weights(self) -> dict[str, float]:
         """Style layer -> weight, normalized to sum 1 (equal when unset)."""
-        raw = self.style_layer_weights or [1.0] * len(self.style_layers)
+        # equal values as exactly 1/n, as unset (tasks.contract keys the two as one): 0.3 / sum([0.3] * 5) is not 0.2
+        raw = [1.0] * len(self.style_layers) if equal_shares(self.style_layer_weights) else self.style_layer_weights
         total = sum(raw)
         return {name: w / total for name, w in zip(self.style_layers, raw)}
 

@@ -11,8 +11,10 @@ Naming (``image_key``, ``sidecar_key``)
 Pair key
     SHA-256 hex of the content and style *identities* (S3 ETag or the file's SHA-256), every
     StyleParams field but ``device`` and ``weights_sha256`` (neither changes the result: the pin
-    only checks the weights the id names), the weights id, and the output encoding (``format``,
-    ``quality``; png's key records 92, as png takes none). Never computed from an empty identity:
+    only checks the weights the id names), a default spelt out recorded as the default (the
+    optimizer's own ``learning_rate``, equal ``style_layer_weights``, one ``style_blend_weights``
+    value), the weights id, and the output encoding (``format``, ``quality``; png's key records 92,
+    as png takes none). Never computed from an empty identity:
     a pair whose input cannot be identified fails at planning with the reason.
 
 Write order
@@ -75,7 +77,7 @@ from datetime import datetime, timezone
 from pathlib import PurePosixPath
 
 from nst_core.imageio import FORMAT_EXTENSIONS, FORMATS, QUALITY_FORMATS
-from nst_core.params import StyleParams
+from nst_core.params import OPTIMIZER_STEPS, StyleParams, equal_shares
 
 from .storage import TEMP_DIR, parse_uri
 
@@ -174,8 +176,15 @@ _KEY_QUALITY_WITHOUT_ONE = 92
 def _key_params(params: StyleParams) -> dict:
     # weights_sha256 only checks the weights weights_id already names (a state_dict's own SHA-256,
     # torchvision's hash-named file): pinning it, or not, is the same result. Kept at None, not
-    # left out, so the keys written before stay as they were.
+    # left out, so the keys written before stay as they were. So is a default spelt out: the
+    # optimizer's own step, equal style layer weights, a pair's one style blend weight (always 1).
     dumped = {**params.model_dump(mode="json", exclude={"device"}), "weights_sha256": None}
+    if params.learning_rate == OPTIMIZER_STEPS[params.optimizer]:
+        dumped["learning_rate"] = None
+    if equal_shares(params.style_layer_weights):
+        dumped["style_layer_weights"] = None
+    if params.style_blend_weights is not None and len(params.style_blend_weights) == 1:
+        dumped["style_blend_weights"] = None
     return {k: v for k, v in dumped.items() if k not in _ADDED_LATER or v != _ADDED_LATER[k]}
 
 

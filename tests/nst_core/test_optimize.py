@@ -57,6 +57,15 @@ def test_same_seed_same_pixels(images, init):
         assert stylize(*images, repeatable(init=init, seed=4)).image.tobytes() != a.image.tobytes()
 
 
+@pytest.mark.parametrize("spelt", [{"learning_rate": 1.0}, {"style_layer_weights": [2.0] * 5},
+                                   {"style_layer_weights": [0.3] * 5}, {"style_blend_weights": [3.0]}])
+def test_a_default_spelt_out_gives_the_same_pixels_and_losses(images, spelt):
+    """What lets tasks.contract key a spelt-out default as the default (one result, one key).
+    [0.3] * 5: their float sum is 1.5000000000000002, yet each layer's share is exactly 1/5."""
+    a, b = stylize(*images, repeatable(**spelt)), stylize(*images, repeatable())
+    assert a.image.tobytes() == b.image.tobytes() and a.history == b.history and a.losses == b.losses
+
+
 def test_non_finite_loss_names_the_evaluation(images):
     with pytest.raises(NonFiniteLossError, match="evaluation 1") as err:
         stylize(*images, params(style_weight=1e300))

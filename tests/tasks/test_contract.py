@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tasks.contract import PairPlan, done_in, done_pairs, renamed_output, sidecar
 from tasks.storage import ObjectInfo
 
@@ -110,6 +112,35 @@ def test_settings_that_cannot_change_the_file_keep_the_key():
     assert pair_key(c, s, StyleParams(), w, "png", 80) == pair_key(c, s, StyleParams(), w, "png", 92)
     assert pair_key(c, s, StyleParams(), w, "jpeg", 80) != pair_key(c, s, StyleParams(), w, "jpeg", 92)
     assert pair_key(c, s, StyleParams(), w, "webp", 80) != pair_key(c, s, StyleParams(), w, "webp", 92)
+
+
+@pytest.mark.parametrize("spelt", [
+    {"learning_rate": 1.0},  # L-BFGS's own step
+    {"optimizer": "adam", "learning_rate": 0.02},  # Adam's
+    {"style_layer_weights": [2.0] * 5},  # normalized to sum 1: equal weights, as unset
+    {"style_blend_weights": [3.0]},  # a batch pair's one style: weight 1, as unset
+])
+def test_a_default_spelt_out_keeps_the_key(spelt):
+    """Old: writing a default out (learning_rate 1.0 under L-BFGS, equal style_layer_weights) changed
+    every key, so the whole dataset was redone under new names beside the old results.
+    tests/nst_core/test_optimize.py shows the two spellings give the same pixels."""
+    from nst_core import StyleParams
+    from tasks.contract import pair_key
+
+    c, s = "s3://b/c.png#e1", "s3://b/s.png#e2"
+    implicit = StyleParams(**{k: v for k, v in spelt.items() if k == "optimizer"})
+    assert pair_key(c, s, StyleParams(**spelt), "random", "jpeg", 92) == pair_key(c, s, implicit, "random", "jpeg", 92)
+
+
+@pytest.mark.parametrize("changed", [{"learning_rate": 0.5}, {"optimizer": "adam", "learning_rate": 1.0},
+                                     {"style_layer_weights": [1.0, 1.0, 1.0, 1.0, 2.0]}])
+def test_a_step_or_layer_weights_other_than_the_default_change_the_key(changed):
+    from nst_core import StyleParams
+    from tasks.contract import pair_key
+
+    c, s = "s3://b/c.png#e1", "s3://b/s.png#e2"
+    implicit = StyleParams(**{k: v for k, v in changed.items() if k == "optimizer"})
+    assert pair_key(c, s, StyleParams(**changed), "random", "jpeg", 92) != pair_key(c, s, implicit, "random", "jpeg", 92)
 
 
 def test_an_output_name_with_another_formats_extension_is_renamed_to_the_runs():
