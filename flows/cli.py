@@ -417,7 +417,7 @@ def run_serve(args: argparse.Namespace) -> int:
     check_serve_options(args.limit, args.name)  # before a server is started for nothing
     if PREFECT_API_URL.value():
         with _prefect_api():
-            _serve(args.limit, args.name, PREFECT_API_URL.value())
+            _serve(args.limit, args.name, PREFECT_API_URL.value(), resume=True)
         return 0
     # Prefect's ephemeral API has no UI, so a served deployment would be unreachable: start a server.
     # SIGTERM before serving begins must still stop it (serve installs its own handler later). SIGHUP
@@ -436,25 +436,61 @@ def run_serve(args: argparse.Namespace) -> int:
               "then start nst serve again (--port picks another port)")
     with local_server(args.port) as api_url:
         with temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_UI_API_URL: api_url}), _prefect_api(advice):
-            _serve(args.limit, args.name, api_url)
+            # its own server died (nothing starts it again on that port): no waiting for it
+            _serve(args.limit, args.name, api_url, resume=False)
     return 0
 
 
-def _serve(limit: int | None, name: str, api_url: str) -> None:
+def _lost_api(err: BaseException) -> bool:
+    """Whether ``err`` is how Prefect's runner ends on a lost API: its poller's error threshold
+    (critical_service_loop), or a connection error of its shutdown's own calls (pausing the served
+    deployments) while the API is still away; in an ExceptionGroup, nothing else beside them."""
+    import httpx
+
+    if isinstance(err, BaseExceptionGroup):
+        return all(_lost_api(e) for e in err.exceptions)
+    return (isinstance(err, RuntimeError) and "exceeded error threshold" in str(err)) or isinstance(err, httpx.TransportError)
+
+
+#: How often nst serve looks whether a lost API (PREFECT_API_URL) answers again.
+RESUME_POLL_S = 5.0
+
+
+def _serve(limit: int | None, name: str, api_url: str, resume: bool) -> None:
     """serve_deployments. Prefect's runner gives up on a lost API after three failed polls for runs
-    (~3.5 min of an outage or restart) with a nested ExceptionGroup, which was a traceback: one line
-    now. Serving does not resume by itself (a supervisor such as systemd's Restart=on-failure
-    starts nst serve again): leaving the runner stops the flow runs it serves."""
+    (~3.5 min of an outage or restart) with a nested ExceptionGroup, which was a traceback, and
+    leaving the runner stops the flow runs it serves. With ``resume`` (the API at PREFECT_API_URL,
+    which its owner restarts) nst serve says so, waits until the API answers and serves again:
+    an unattended nst serve ended at the server's first upgrade and served no nightly after it.
+    Else it ends with one line (its own server died: nothing would start it again)."""
+    from prefect.client.orchestration import get_client
+    from prefect.logging import get_logger
+
     from flows.serve import serve_deployments
 
-    try:
-        serve_deployments(limit=limit, name=name)
-    except BaseExceptionGroup as group:
-        lost, rest = group.split(lambda e: isinstance(e, RuntimeError) and "exceeded error threshold" in str(e))
-        if lost is None or rest is not None:
-            raise
-        raise NSTError(f"lost the Prefect API at {without_userinfo(api_url)}: its polls for runs failed 3 times in a "
-                       "row, and the runs it served stopped; start nst serve again once the API answers") from None
+    def answers() -> bool:
+        with get_client(sync_client=True) as client:  # Prefect's own auth, TLS and proxy settings
+            return client.api_healthcheck() is None
+
+    log = get_logger("nst")
+    while True:
+        # its own server answered before serving began (local_server); PREFECT_API_URL's may never
+        # have: not a lost API, but Prefect's error, one line through _prefect_api
+        answered = not resume or answers()
+        try:
+            serve_deployments(limit=limit, name=name)
+            return
+        except BaseException as err:
+            if not (answered and _lost_api(err)):
+                raise
+        lost_api = (f"lost the Prefect API at {without_userinfo(api_url)}: its polls for runs failed 3 times in a "
+                    "row, and the runs it served stopped")
+        if not resume:
+            raise NSTError(f"{lost_api}; start nst serve again once the API answers")
+        log.warning("%s; serving again once it answers (Ctrl-C stops)", lost_api)
+        while not answers():
+            time.sleep(RESUME_POLL_S)
+        log.warning("the Prefect API at %s answers again: serving", without_userinfo(api_url))
 
 
 def run_demo(args: argparse.Namespace) -> int:

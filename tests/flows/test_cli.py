@@ -482,23 +482,32 @@ def test_a_bad_api_check_wait_is_warned_about_and_the_default_used(monkeypatch, 
     assert f"NST_API_CHECK_S={raw!r} is not a positive number of seconds" in caplog.text
 
 
-def test_nst_serve_losing_its_api_is_one_line_not_a_traceback(monkeypatch):
+def test_nst_serve_losing_its_own_server_is_one_line_not_a_traceback(monkeypatch):
     """Prefect's runner gives up after three failed polls for runs (~3.5 min of an API restart):
-    old, an unattended nst serve ended there with an ExceptionGroup traceback. The runner is stood
+    old, an unattended nst serve ended there with an ExceptionGroup traceback. On the server it
+    started itself, nothing starts that server again: one line (tests/flows/test_serve.py: on
+    PREFECT_API_URL's, it serves again). The runner is stood
     in for by what it raises there: its poller's task group inside the runner's
     (prefect/utilities/services.py critical_service_loop, runner/_scheduled_run_poller.py)."""
+    import httpx
+
     from flows import cli, serve
     from nst_core.errors import NSTError
 
     def losing(limit, name):
         raise ExceptionGroup("runner", [ExceptionGroup("poller", [RuntimeError("Service exceeded error threshold.")])])
 
-    monkeypatch.setattr(serve, "serve_deployments", losing)
-    with pytest.raises(NSTError, match=r"lost the Prefect API at http://127.0.0.1:9/api: its polls for runs failed") as err:
-        cli._serve(2, "x", "http://user:secretpw@127.0.0.1:9/api")
-    assert "secretpw" not in str(err.value)
+    def pausing_fails(limit, name):  # the API still away when the runner pauses its deployments
+        raise httpx.ConnectError("All connection attempts failed")
+
+    for lost in (losing, pausing_fails):
+        monkeypatch.setattr(serve, "serve_deployments", lost)
+        with pytest.raises(NSTError, match=r"lost the Prefect API at http://127.0.0.1:9/api: its polls for runs failed") as err:
+            cli._serve(2, "x", "http://user:secretpw@127.0.0.1:9/api", resume=False)  # its own server: it died
+        assert "secretpw" not in str(err.value)
     other = ExceptionGroup("runner", [ExceptionGroup("poller", [RuntimeError("Service exceeded error threshold.")]),
                                       ValueError("a bug")])
     monkeypatch.setattr(serve, "serve_deployments", lambda limit, name: (_ for _ in ()).throw(other))
-    with pytest.raises(ExceptionGroup):  # anything else keeps its traceback
-        cli._serve(2, "x", "http://127.0.0.1:9/api")
+    for resume in (False, True):
+        with pytest.raises(ExceptionGroup):  # anything else keeps its traceback
+            cli._serve(2, "x", "http://127.0.0.1:9/api", resume=resume)

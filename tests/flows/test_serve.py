@@ -1,5 +1,6 @@
 """`nst serve` against a real Prefect API: its own deployment names, the prefect.yaml ones untouched."""
 
+import contextlib
 import os
 import re
 import signal
@@ -225,3 +226,112 @@ def test_serve_refuses_an_existing_deployment_it_did_not_make():
     for bad in ("", "a/b", " x"):
         with pytest.raises(NSTError, match="--name"):
             serve_deployments(name=bad)
+
+
+class _Forwarder:
+    """A TCP forwarder on 127.0.0.1 in front of an API, which can go away (connections refused, the
+    open ones cut, as when a server restarts) and come back on the same port."""
+
+    def __init__(self, target_port: int):
+        self.target, self.port, self.listener, self.conns = target_port, _free_port(), None, []
+
+    def up(self) -> None:
+        import threading
+
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def down(self) -> None:
+        with contextlib.suppress(OSError):  # close alone leaves a socket in accept() listening (Linux)
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+        self.conns = []
+
+    def _accept(self, listener) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # down
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a, b) -> None:
+        with contextlib.suppress(OSError):
+            while data := a.recv(65536):
+                b.sendall(data)
+        with contextlib.suppress(OSError):
+            b.shutdown(socket.SHUT_WR)
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_nst_serve_serves_again_when_its_lost_api_answers_again(tmp_path):
+    """Old: the runner gave up on a lost API after three failed polls (a server restart, an
+    upgrade) and nst serve exited: an unattended nst serve served no nightly after the server's
+    first restart unless a supervisor started it again. Now it waits for the API and serves again:
+    a run started from the UI after the outage is picked up and finishes."""
+    import uuid
+    from urllib.parse import urlparse
+
+    from prefect.client.orchestration import get_client
+
+    from tasks.models import BatchSource, OutputSpec, RunOptions
+
+    from helpers import pattern, tiny_params
+
+    api = PREFECT_API_URL.value()
+    forwarder = _Forwarder(urlparse(api).port)
+    forwarder.up()
+    url = api.replace(f":{urlparse(api).port}", f":{forwarder.port}")
+    name = f"resume-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "PREFECT_API_URL": url, "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+           "PREFECT_CLIENT_MAX_RETRIES": "0", "PYTHONPATH": str(ROOT)}
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--name", name], cwd=ROOT, env=env,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_for(what, predicate, deadline_s):
+        end = time.monotonic() + deadline_s
+        while not (found := predicate()):
+            assert proc.poll() is None, f"nst serve exited ({proc.returncode}): {log.read_text()[-3000:]}"
+            assert time.monotonic() < end, f"timed out waiting for {what}: {log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        return found
+
+    try:
+        wait_for("serving", lambda: "Prefect UI:" in log.read_text(), 120)
+        time.sleep(2)  # the runner's first polls
+        forwarder.down()
+        wait_for("the lost API to be said", lambda: "serving again once it answers" in log.read_text(), 120)
+        forwarder.up()
+        wait_for("serving again", lambda: "answers again: serving" in log.read_text(), 60)
+        assert "nst: error" not in log.read_text()
+
+        (tmp_path / "c").mkdir()
+        (tmp_path / "s").mkdir()
+        pattern((24, 24), "content").save(tmp_path / "c" / "c.png")
+        pattern((24, 24), "style").save(tmp_path / "s" / "s.png")
+        parameters = {"source": BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s")),
+                      "output": OutputSpec(uri=str(tmp_path / "out")), "params": tiny_params(),
+                      "run": RunOptions(fan_out="local", devices=["cpu"])}
+        with get_client(sync_client=True) as client:  # the UI's Run button, after the outage
+            deployment = wait_for("the deployment served again", lambda: (
+                d := client.read_deployment_by_name(f"stylize-batch/{name}")).status.value == "READY" and d, 60)
+            assert not deployment.paused  # the runner paused it when it gave up, if the API let it
+            run = client.create_flow_run_from_deployment(
+                deployment.id, parameters={k: v.model_dump(mode="json") for k, v in parameters.items()})
+            state = wait_for("the run to end", lambda: (s := client.read_flow_run(run.id).state).is_final() and s, 180)
+        assert state.is_completed(), f"{state.name}: {state.message}\n{log.read_text()[-3000:]}"
+        assert len(list((tmp_path / "out").glob("*.json"))) == 1
+    finally:
+        stop_process(proc, timeout=60)
+        forwarder.down()
