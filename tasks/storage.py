@@ -224,7 +224,9 @@ class StorageHealth:
     Declared unreachable when, for ``outage_s`` seconds, no attempt succeeded and at least
     ``min_failures`` failed with transient errors (timeouts, refused or dropped connections, 5xx):
     timed from the start of the first failed attempt since the last answer, which is when the
-    endpoint was last known to work. An error that is an answer (404, access denied) counts as
+    endpoint was last known to work, to the last failure seen. Time without attempts proves
+    nothing: a fan-out parent idle between two chunk endings, or a pipeline computing a pair,
+    declared an outage 120 s after a 30 s blip long over, and cancelled every chunk run. An error that is an answer (404, access denied) counts as
     reachable. Also declared, as refusing writes, after WRITE_REFUSALS writes in a row were refused
     (``wrote``). Once declared it stays declared: the run stops starting work and ends. One per run
     (a value the run passes to its calls, like its credentials), thread-safe."""
@@ -235,6 +237,7 @@ class StorageHealth:
         self._lock = threading.Lock()
         self._failing: tuple[float, datetime] | None = None  # (monotonic, UTC) start of the streak's first attempt
         self._failures = 0
+        self._seen = 0.0  # (monotonic) when the streak's last failure was seen
         self._since: datetime | None = None  # set once declared
         self._why = ""  # declared for refused writes: the last refusal
         self._refused: list[tuple[datetime, str]] = []  # the refused writes since the last write that went through
@@ -249,6 +252,7 @@ class StorageHealth:
             if self._failing is None or started < self._failing[0]:
                 self._failing = (started, started_at)
             self._failures += 1
+            self._seen = time.monotonic()
 
     def declare(self, since: datetime) -> None:
         """Declared from elsewhere (a chunk run that found its storage unreachable)."""
@@ -274,7 +278,7 @@ class StorageHealth:
         """When the storage stopped answering, once declared unreachable; else None."""
         with self._lock:
             if (self._since is None and self._failing is not None and self._failures >= self.min_failures
-                    and time.monotonic() - self._failing[0] >= self.outage_s):
+                    and self._seen - self._failing[0] >= self.outage_s):
                 self._since = self._failing[1]
             return self._since
 

@@ -464,6 +464,28 @@ def test_storage_is_declared_unreachable_after_every_attempt_failed_for_the_outa
     assert health.unreachable_since() == first
 
 
+def test_a_blip_long_over_is_no_outage_however_long_the_run_makes_no_call_after_it(monkeypatch):
+    """Old: the outage was timed to the moment it was asked about, so a fan-out parent idle between
+    two chunk endings (or a pipeline computing a pair) after a 30 s blip declared the storage
+    unreachable 120 s after its first failure, and cancelled every chunk run, work in flight lost."""
+    from datetime import datetime, timezone
+
+    from tasks import storage
+    from tasks.storage import StorageHealth
+
+    clock = Clock()
+    monkeypatch.setattr(storage.time, "monotonic", clock.monotonic)
+    health = StorageHealth(outage_s=120, min_failures=3)
+    first = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    for _ in range(4):  # a chunk's merge: its report and sidecars, retried through a 30 s blip
+        health.failed(clock.now, first)
+        clock.now += 10
+    clock.now += 600  # no call: the run waits on chunk runs, or computes
+    assert health.unreachable_since() is None
+    health.failed(clock.now, first)  # ... and the next call still fails: down all along
+    assert health.unreachable_since() == first
+
+
 def test_writes_refused_in_a_row_declare_the_storage_refusing_and_s3s_refusals_are_told_apart(bucket):
     """A full disk or expired credentials answer every write alike: after WRITE_REFUSALS in a row
     (a write that goes through resets the count) the run stops, naming the last refusal."""
