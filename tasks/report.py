@@ -304,7 +304,7 @@ MAX_CHUNK_ROWS = 100
 
 def table_rows(items: list[dict], link=None, limit: int = MAX_TABLE_ROWS) -> list[dict]:
     """Rows for the Prefect table artifact (capped: the report file has them all): status, content
-    and style file names, output and sidecar, final loss, seconds (one decimal), error.
+    and style file names, output and sidecar, final loss, seconds (one decimal), error, note.
 
     ``link(uri)`` returns a URL a browser can open (presigned for S3) or None; outputs and
     sidecars are then Markdown links, which the UI's table renders.
@@ -312,7 +312,8 @@ def table_rows(items: list[dict], link=None, limit: int = MAX_TABLE_ROWS) -> lis
     rows = []
     for item in items[:limit]:
         loss, seconds = final_loss(item), item.get("seconds")
-        written = item.get("status") != FAILED  # a failed pair's names are what it would have written
+        # a failed pair's names are what it would have written; a pair left to another run is not made yet
+        written = item.get("status") != FAILED and not _left(item)
         output, sidecar = (item.get("output") or "", item.get("sidecar") or "") if written else ("", "")
         out_url = link(output) if (link and output) else None
         side_url = link(sidecar) if (link and sidecar) else None
@@ -325,8 +326,14 @@ def table_rows(items: list[dict], link=None, limit: int = MAX_TABLE_ROWS) -> lis
             "final_loss": f"{loss:.4g}" if loss is not None else "",
             "seconds": f"{seconds:.1f}" if isinstance(seconds, (int, float)) else "",
             "error": md_text(item.get("error") or "", MAX_SHOWN_ERROR),
+            "note": md_text(item.get("note") or "", MAX_SHOWN_ERROR),
         })
     return rows
+
+
+def _left(item: dict) -> bool:
+    """A pair left to another run still making it (skipped, not made)."""
+    return item.get("status") == SKIPPED and (item.get("note") or "").startswith(LEFT_TO)
 
 
 def summary_markdown(report: dict, links: dict[str, str | None], chunk_links: list[tuple[dict, str | None]],
@@ -341,12 +348,14 @@ def summary_markdown(report: dict, links: dict[str, str | None], chunk_links: li
     if attempt > 1:
         lines += [f"Attempt {attempt} of this flow run (a Retry): each attempt keeps its own report; "
                   f"the first one's is `{report_key(report.get('flow_run_id', ''))}`.", ""]
+    left = sum(_left(i) for i in report.get("items", []))
     if counts["pairs"] and not counts["done"] and counts["skipped"] == counts["pairs"]:
-        left = sum(i.get("status") == SKIPPED and (i.get("note") or "").startswith(LEFT_TO)
-                   for i in report.get("items", []))
         lines += [f"Nothing was stylized: {counts['skipped'] - left} of {counts['pairs']} already done, {left} left to "
                   "another run still making it." if left else
                   f"{counts['skipped']} of {counts['pairs']} already done: nothing was stylized.", ""]
+    elif left:  # counted as skipped: say they are not made
+        lines += [f"{left} pair{'s' if left > 1 else ''} left to another run still making {'them' if left > 1 else 'it'}: "
+                  "not made by this run (the next run makes any it never does; see the table's note).", ""]
     lines += [
         "| pairs | done | skipped | failed |", "|---|---|---|---|",
         f"| {counts['pairs']} | {counts['done']} | {counts['skipped']} | {counts['failed']} |", "",

@@ -61,6 +61,24 @@ def test_loss_curve_draws_every_pair_on_a_log_axis():
     assert none.size == (720, 420)
 
 
+def test_a_pair_left_to_another_run_is_not_shown_as_made():
+    """Old: "skipped" with links to an image and sidecar that did not exist (NoSuchKey), and
+    nothing in the table or the summary said the pair was not made (only the JSON report's note)."""
+    note = "left to run r2 (h pid 9), still making it when this run ended; the next run makes it if it never does"
+    items = [{"content": "c/a.png", "style": "s/x.png", "status": "done", "output": "s3://b/o/a__x.jpg",
+              "sidecar": "s3://b/o/a__x.json", "seconds": 1.0},
+             {"content": "c/b.png", "style": "s/x.png", "status": "skipped", "output": "s3://b/o/b__x.jpg",
+              "sidecar": "s3://b/o/b__x.json", "note": note},
+             {"content": "c/d.png", "style": "s/x.png", "status": "skipped", "output": "s3://b/o/d__x.jpg",
+              "sidecar": "s3://b/o/d__x.json", "note": "already done"}]
+    rows = table_rows(items, link=lambda uri: "https://signed/" + uri.rsplit("/", 1)[-1])
+    assert rows[1]["output"] == rows[1]["sidecar"] == "" and "left to run r2" in rows[1]["note"]
+    assert rows[2]["output"].startswith("[d\\_\\_x.jpg](https://signed/") and rows[0]["note"] == ""
+    report = {"flow_run": "r", "report": "s3://b/o/_runs/1.json", "items": items,
+              "totals": {"pairs": 3, "done": 1, "skipped": 2, "failed": 0}}
+    assert "1 pair left to another run still making it: not made by this run" in summary_markdown(report, {}, [])
+
+
 def test_table_links_outputs_and_summary_links_chunks():
     items = [{"content": "s3://b/c/a.png", "style": "s3://b/s/x.png", "status": "done", "output": "s3://b/o/a__x.jpg",
               "sidecar": "s3://b/o/a__x.json", "losses": {"final": {"total": 1234.5}}, "seconds": 1.0},
