@@ -482,8 +482,11 @@ class ChunkWatcher:
         if now is not None and now.is_final():  # it ended meanwhile: merge it as it ended, never overwrite that
             self.settle(chunk, now.name, now.message or "")
             return
+        # in a parent's words: another parent that adopted this run starts it again (stopped_by_a_parent)
+        # and keeps its own deadlines, not this one's (it may have started waiting an hour later)
+        said = f"{PARENT_STOPPED}{' ' + self.parent_id if self.parent_id else ''} cancelled it: {why}"
         try:
-            state = _cancel_state(now, why) if now is not None else Cancelling(message=why)
+            state = _cancel_state(now, said) if now is not None else Cancelling(message=said)
             self.client.set_flow_run_state(chunk.flow_run_id, state, force=True)
         except Exception as err:
             self.logger.warning("could not cancel chunk run %s: %s", chunk.flow_run_id, err)
@@ -494,7 +497,9 @@ class ChunkWatcher:
         A chunk that ended with "storage unreachable since …" (it wrote no report) declares the outage
         here; once it is declared, no storage is read: every pair of the chunk fails with the reason."""
         chunk.settled = True
-        since = StorageUnreachableError.parse(message)
+        # a chunk run's own end only: a Cancelled one's message may be another parent's outage, seen
+        # from its machine
+        since = StorageUnreachableError.parse(message) if state_name != "Cancelled" else None
         if since is not None:
             self.health.declare(since)
         since = self.health.unreachable_since()

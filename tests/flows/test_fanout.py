@@ -866,6 +866,11 @@ def test_after_an_outage_a_completed_chunk_keeps_its_done_pairs_and_progress_cou
                                   lambda finished, total: progress.append(finished), 7)
     watcher.settle(a, "Failed", "storage unreachable since 10:00:00 UTC: 2 of 2 pairs not run")
     watcher.settle(b, "Completed", "2 done, 0 skipped, 0 failed of 2 pairs (chunk report: /o/_runs/x/b.json)")
+    alone = fanout.ChunkWatcher(None, [c], open_storage(str(tmp_path)), RunOptions(), lambda *a: None, 1)
+    alone.settle(c, "Cancelled", "the parent stylize-batch run x cancelled it: cancelled by its parent: storage "
+                                 "unreachable since 10:00:00 UTC")  # another parent's outage, seen from its machine
+    assert alone.health.unreachable_since() is None
+    c.settled = False
     watcher.settle(c, "Cancelled", "cancelled by its parent: storage unreachable since 10:00:00 UTC")
     # a skip may be a pair left to another run, not made: not called done, nor "already done"
     watcher.settle(d, "Completed", "1 done, 1 skipped, 0 failed of 2 pairs (chunk report: /o/_runs/x/d.json)")
@@ -1060,6 +1065,56 @@ def test_a_chunk_run_cancelled_by_the_other_of_two_overlapping_parents_is_starte
     chunk0 = next(c for c in report["chunks"] if c["chunk"] == 0)
     assert chunk0["flow_run_id"] != str(a_chunk.id) and chunk0["state"] == "Completed"
     assert chunk0["done"] + chunk0["skipped"] + chunk0["failed"] == 2, chunk0  # its pairs, as the summary shows them
+
+
+@pytest.mark.parametrize("why", ["not started within 3600 s (still Scheduled) while no chunk run moved; cancelled",
+                                 "cancelled by its parent: storage unreachable since 10:00:00 UTC"])
+def test_a_chunk_run_the_other_parent_cancelled_for_its_own_deadline_or_outage_is_started_again(
+        tmp_path, monkeypatch, chunk_deployment_without_worker, why):
+    """B adopted A's chunk run; A's watcher then cancels it for A's own reason: its hour with nothing
+    started ran out (A began 40 minutes before B), or an outage seen from A's machine. Old: B failed
+    the chunk's pairs with A's reason ("not started within 3600 s" after 20 minutes of B's own
+    wait), and for A's outage declared the storage unreachable itself from the Cancelled message,
+    cancelled all its chunk runs and ended Failed. Now B starts the chunk again and applies its
+    own deadlines; an outage is read from a chunk run's own Failed end only."""
+    import logging
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled, Completed, Running
+
+    from tasks.storage import open_storage
+
+    dep = chunk_deployment_without_worker
+    source, output = _folders(tmp_path, contents=4)
+    params = tiny_params()
+    plans = plan_pairs(source_entries(source), params, "random(seed=0)", output.format, output.quality)
+    (key0, pairs0), _ = plan_chunks(plans, 2, output.uri)
+    a_chunk = _chunk_run(dep, key0, "parent-a", "_runs/parent-a/chunk-0.json", Running())
+
+    def on_sleep(clock):
+        with get_client(sync_client=True) as client:
+            if clock.sleeps == 1:  # A's watcher, on A's machine
+                monkeypatch.setattr(fanout, "get_run_logger", lambda: logging.getLogger("parent-a"))
+                a = fanout.ChunkWatcher(client, [fanout.Chunk(0, pairs0, "_runs/parent-a/chunk-0.json", str(a_chunk.id))],
+                                        open_storage(output.uri), RunOptions(), lambda done, total: None, 2,
+                                        parent_id="parent-a")
+                a.cancel(a.pending[0], why)
+            for run in _recent_chunks(dep):
+                if run.state.name == "Cancelling":  # as Prefect's runner ends it: its own words over the parent's
+                    client.set_flow_run_state(run.id, Cancelled(message="Flow run was cancelled successfully."),
+                                              force=True)
+                elif not run.state.is_final() and clock.sleeps > 1:  # a worker ran it
+                    client.set_flow_run_state(run.id, Completed(), force=True)
+
+    monkeypatch.setattr(fanout, "time", FakeClock(on_sleep))
+    state = stylize_batch(source, output, params, RunOptions(fan_out="workers", chunk_size=2, chunk_deployment=dep),
+                          return_state=True)
+    assert "unreachable" not in state.message, state.message
+    report = json.loads((tmp_path / "out" / "_runs" / f"{state.state_details.flow_run_id}.json").read_text())
+    errors = [i["error"] or "" for i in report["items"]]  # (the stand-in worker writes no chunk report)
+    assert not any(why.split(" (")[0] in e or "unreachable" in e for e in errors), errors
+    chunk0 = next(c for c in report["chunks"] if c["chunk"] == 0)
+    assert chunk0["flow_run_id"] != str(a_chunk.id) and chunk0["state"] == "Completed"
 
 
 def test_a_parent_being_cancelled_does_not_start_its_cancelled_chunks_again(prefect_api, tmp_path, monkeypatch):
