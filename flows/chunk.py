@@ -67,7 +67,7 @@ def stylize_chunk(
     if unusable := device_problem(devices):  # this worker lacks a device the run names: no pair runs here
         refused = {i: why or f"worker {socket.gethostname()}: {unusable}" for i, why in refused.items()}
     valid = [p for p in pairs if not refused[p.index]]
-    health = StorageHealth()
+    health = StorageHealth(probe=lambda: out.exists(RUNS))
     try:  # the same done rule as the parent's: a retried chunk redoes nothing that is done
         done = done_in(out, valid, list_once=False, io_workers=run.io_workers, health=health) if run.skip_existing else set()
     except StorageUnreachableError:

@@ -133,6 +133,9 @@ _TEMP_OWNER = _temp_owner()
 #: time out) + 70 s (one try at its report): about 4 minutes after the endpoint died.
 OUTAGE_S = 120.0
 OUTAGE_MIN_FAILURES = 3
+#: A failure seen within this long is fresh evidence of an outage; older evidence (no attempt
+#: since) is checked with one probe attempt before the storage is declared unreachable.
+FRESH_S = 30.0
 #: Writes refused in a row (a full disk, a read-only remount, credentials that expired) after which a
 #: run starts no more pairs: each would be optimized for nothing.
 WRITE_REFUSALS = 3
@@ -224,16 +227,21 @@ class StorageHealth:
     Declared unreachable when, for ``outage_s`` seconds, no attempt succeeded and at least
     ``min_failures`` failed with transient errors (timeouts, refused or dropped connections, 5xx):
     timed from the start of the first failed attempt since the last answer, which is when the
-    endpoint was last known to work, to the last failure seen. Time without attempts proves
-    nothing: a fan-out parent idle between two chunk endings, or a pipeline computing a pair,
-    declared an outage 120 s after a 30 s blip long over, and cancelled every chunk run. An error that is an answer (404, access denied) counts as
+    endpoint was last known to work. Evidence no failure renewed for FRESH_S (no attempt since:
+    a fan-out parent waiting on its chunk runs, a pair being computed) is first checked with one
+    ``probe`` attempt, where the run gave one: a storage that answers it had a blip, long over
+    (declared an outage 120 s after it, such a parent cancelled every chunk run); one that fails
+    it is declared at once, as before. An error that is an answer (404, access denied) counts as
     reachable. Also declared, as refusing writes, after WRITE_REFUSALS writes in a row were refused
     (``wrote``). Once declared it stays declared: the run stops starting work and ends. One per run
     (a value the run passes to its calls, like its credentials), thread-safe."""
 
-    def __init__(self, outage_s: float | None = None, min_failures: int = OUTAGE_MIN_FAILURES):
+    def __init__(self, outage_s: float | None = None, min_failures: int = OUTAGE_MIN_FAILURES,
+                 probe: Callable[[], object] | None = None):
         self.outage_s = env_seconds("NST_STORAGE_OUTAGE_S", OUTAGE_S) if outage_s is None else outage_s
         self.min_failures = min_failures
+        self.probe = probe  # one cheap call to the run's storage (an exists), for evidence gone stale
+        self._probing = False
         self._lock = threading.Lock()
         self._failing: tuple[float, datetime] | None = None  # (monotonic, UTC) start of the streak's first attempt
         self._failures = 0
@@ -275,12 +283,40 @@ class StorageHealth:
         return None if since is None else StorageUnreachableError(since, self._why)
 
     def unreachable_since(self) -> datetime | None:
-        """When the storage stopped answering, once declared unreachable; else None."""
+        """When the storage stopped answering, once declared unreachable; else None. Stale
+        evidence is probed first (one attempt, in the caller's thread; None meanwhile for others)."""
         with self._lock:
-            if (self._since is None and self._failing is not None and self._failures >= self.min_failures
-                    and self._seen - self._failing[0] >= self.outage_s):
+            if self._since is not None or not self._due():
+                return self._since
+            if self.probe is None or time.monotonic() - self._seen <= FRESH_S:
+                self._since = self._failing[1]
+                return self._since
+            if self._probing:
+                return None
+            self._probing = True
+        try:
+            self._probe_once()
+        finally:
+            with self._lock:
+                self._probing = False
+        with self._lock:
+            if self._since is None and self._due() and time.monotonic() - self._seen <= FRESH_S:
                 self._since = self._failing[1]
             return self._since
+
+    def _due(self) -> bool:
+        return (self._failing is not None and self._failures >= self.min_failures
+                and time.monotonic() - self._failing[0] >= self.outage_s)
+
+    def _probe_once(self) -> None:
+        started, started_at = time.monotonic(), datetime.now(timezone.utc)
+        try:
+            self.probe()
+        except Exception as err:
+            if is_transient(err):
+                self.failed(started, started_at)
+                return
+        self.succeeded()  # an answer, even an error that is one
 
     def check(self) -> None:
         """Raise ``StorageUnreachableError`` once declared."""

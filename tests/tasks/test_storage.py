@@ -465,25 +465,42 @@ def test_storage_is_declared_unreachable_after_every_attempt_failed_for_the_outa
 
 
 def test_a_blip_long_over_is_no_outage_however_long_the_run_makes_no_call_after_it(monkeypatch):
-    """Old: the outage was timed to the moment it was asked about, so a fan-out parent idle between
-    two chunk endings (or a pipeline computing a pair) after a 30 s blip declared the storage
-    unreachable 120 s after its first failure, and cancelled every chunk run, work in flight lost."""
+    """Old: a fan-out parent idle between two chunk endings (or a pipeline computing a pair) after a
+    30 s blip declared the storage unreachable 120 s after its first failure, and cancelled every
+    chunk run, work in flight lost. Now evidence no failure renewed for FRESH_S is checked with one
+    probe attempt first; a storage down all along fails it and is declared as before."""
     from datetime import datetime, timezone
 
     from tasks import storage
-    from tasks.storage import StorageHealth
+    from tasks.storage import FRESH_S, StorageHealth
 
     clock = Clock()
     monkeypatch.setattr(storage.time, "monotonic", clock.monotonic)
-    health = StorageHealth(outage_s=120, min_failures=3)
     first = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+
+    def down():
+        raise StorageError("s3://b/o/_runs: ConnectTimeoutError", transient=True)
+
+    probes = []
+    back, dead, bare = (StorageHealth(outage_s=120, min_failures=3, probe=lambda: probes.append(clock.now)),
+                        StorageHealth(outage_s=120, min_failures=3, probe=down), StorageHealth(outage_s=120))
     for _ in range(4):  # a chunk's merge: its report and sidecars, retried through a 30 s blip
-        health.failed(clock.now, first)
+        for health in (back, dead, bare):
+            health.failed(clock.now, first)
         clock.now += 10
+    assert back.unreachable_since() is None and not probes  # fresh, and only 30 s of it
     clock.now += 600  # no call: the run waits on chunk runs, or computes
-    assert health.unreachable_since() is None
-    health.failed(clock.now, first)  # ... and the next call still fails: down all along
-    assert health.unreachable_since() == first
+    assert back.unreachable_since() is None and len(probes) == 1  # the probe answered: the blip is over
+    back.failed(clock.now, first)  # one new failure starts a new streak, not the old one's 650 s
+    assert back.unreachable_since() is None and len(probes) == 1
+    assert dead.unreachable_since() == first  # down all along: the probe failed too
+    assert bare.unreachable_since() == first  # no probe to ask (a caller without a storage): as before
+    # evidence renewed within FRESH_S needs no probe: a real outage with calls still failing
+    clock.now += 200
+    for _ in range(3):
+        back.failed(clock.now, first)
+    clock.now += FRESH_S - 1
+    assert back.unreachable_since() == first and len(probes) == 1
 
 
 def test_writes_refused_in_a_row_declare_the_storage_refusing_and_s3s_refusals_are_told_apart(bucket):
