@@ -441,15 +441,36 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Statuses of an API that is away for now (a proxy before a server restarting, an overloaded one).
+AWAY_STATUSES = (502, 503, 504)
+
+
 def _lost_api(err: BaseException) -> bool:
     """Whether ``err`` is how Prefect's runner ends on a lost API: its poller's error threshold
-    (critical_service_loop), or a connection error of its shutdown's own calls (pausing the served
-    deployments) while the API is still away; in an ExceptionGroup, nothing else beside them."""
+    (critical_service_loop), or a connection error or AWAY_STATUSES answer of its own calls
+    (registering, pausing the served deployments) while the API is away; in an ExceptionGroup,
+    nothing else beside them. A 500 (a server's bug) or a 4xx is not a lost API."""
     import httpx
 
     if isinstance(err, BaseExceptionGroup):
         return all(_lost_api(e) for e in err.exceptions)
-    return (isinstance(err, RuntimeError) and "exceeded error threshold" in str(err)) or isinstance(err, httpx.TransportError)
+    return ((isinstance(err, RuntimeError) and "exceeded error threshold" in str(err))
+            or isinstance(err, httpx.TransportError)
+            or (isinstance(err, httpx.HTTPStatusError) and err.response.status_code in AWAY_STATUSES))
+
+
+def _how_lost(err: BaseException) -> str:
+    """How a lost API (``_lost_api``) showed, without its URL (it may carry credentials)."""
+    import httpx
+
+    leaves = [err]
+    while any(isinstance(e, BaseExceptionGroup) for e in leaves):
+        leaves = [x for e in leaves for x in (e.exceptions if isinstance(e, BaseExceptionGroup) else [e])]
+    if any(isinstance(e, RuntimeError) for e in leaves):
+        return "its polls for runs failed 3 times in a row"
+    status = next((e.response for e in leaves if isinstance(e, httpx.HTTPStatusError)), None)
+    return f"it answered {status.status_code} {status.reason_phrase}" if status is not None else \
+        f"it did not answer ({type(leaves[0]).__name__})"
 
 
 #: How often nst serve looks whether a lost API (PREFECT_API_URL) answers again.
@@ -473,22 +494,27 @@ def _serve(limit: int | None, name: str, api_url: str, resume: bool) -> None:
             return client.api_healthcheck() is None
 
     log = get_logger("nst")
+    # its own server answered before serving began (local_server); PREFECT_API_URL's may never
+    # have: not a lost API, but Prefect's error, one line through _prefect_api. After a loss, serving
+    # again begins once it answered.
+    answered = not resume or answers()
     while True:
-        # its own server answered before serving began (local_server); PREFECT_API_URL's may never
-        # have: not a lost API, but Prefect's error, one line through _prefect_api
-        answered = not resume or answers()
         try:
             serve_deployments(limit=limit, name=name)
             return
         except BaseException as err:
             if not (answered and _lost_api(err)):
                 raise
-        lost_api = (f"lost the Prefect API at {without_userinfo(api_url)}: its polls for runs failed 3 times in a "
-                    "row, and the runs it served stopped")
+            how = _how_lost(err)
+        lost_api = f"lost the Prefect API at {without_userinfo(api_url)}: {how}, and the runs it served stopped"
         if not resume:
             raise NSTError(f"{lost_api}; start nst serve again once the API answers")
         log.warning("%s; serving again once it answers (Ctrl-C stops)", lost_api)
-        while not answers():
+        # the runner that gave up left its SIGTERM handler, on its closed event loop: a stop now
+        # (systemctl stop) was a traceback
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        time.sleep(RESUME_POLL_S)  # at least this between two tries: an API whose health answers
+        while not answers():  # while its polls fail is tried every few minutes, not in a loop
             time.sleep(RESUME_POLL_S)
         log.warning("the Prefect API at %s answers again: serving", without_userinfo(api_url))
 

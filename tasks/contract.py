@@ -505,6 +505,8 @@ def repeats_follow_their_first(items: dict[int, ReportItem], plans: list[PairPla
         elif first.status == FAILED:
             out[p.index] = failed_item(p, f"duplicate of pair {p.duplicate_of} ({first.content} x {first.style}), "
                                           f"which failed: {first.error}", storage)
+        elif first.status == SKIPPED and (first.note or "").startswith(LEFT_TO):  # not made either
+            out[p.index] = skipped_item(p, storage, note=first.note)
     return out
 
 

@@ -1,6 +1,7 @@
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -500,9 +501,14 @@ def test_nst_serve_losing_its_own_server_is_one_line_not_a_traceback(monkeypatch
     def pausing_fails(limit, name):  # the API still away when the runner pauses its deployments
         raise httpx.ConnectError("All connection attempts failed")
 
-    for lost in (losing, pausing_fails):
+    def unavailable(limit, name):  # a proxy in front of a server restarting
+        request = httpx.Request("GET", "http://user:secretpw@127.0.0.1:9/api/deployments/x")
+        raise httpx.HTTPStatusError("503", request=request, response=httpx.Response(503, request=request))
+
+    for lost, how in ((losing, "its polls for runs failed 3 times in a row"), (pausing_fails, "it did not answer (ConnectError)"),
+                      (unavailable, "it answered 503 Service Unavailable")):
         monkeypatch.setattr(serve, "serve_deployments", lost)
-        with pytest.raises(NSTError, match=r"lost the Prefect API at http://127.0.0.1:9/api: its polls for runs failed") as err:
+        with pytest.raises(NSTError, match=rf"lost the Prefect API at http://127.0.0.1:9/api: {re.escape(how)}, and") as err:
             cli._serve(2, "x", "http://user:secretpw@127.0.0.1:9/api", resume=False)  # its own server: it died
         assert "secretpw" not in str(err.value)
     other = ExceptionGroup("runner", [ExceptionGroup("poller", [RuntimeError("Service exceeded error threshold.")]),
@@ -511,3 +517,37 @@ def test_nst_serve_losing_its_own_server_is_one_line_not_a_traceback(monkeypatch
     for resume in (False, True):
         with pytest.raises(ExceptionGroup):  # anything else keeps its traceback
             cli._serve(2, "x", "http://127.0.0.1:9/api", resume=resume)
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_nst_serve_waiting_for_its_lost_api_stops_on_sigterm_without_a_traceback(monkeypatch):
+    """Old: while waiting, SIGTERM (systemctl stop) reached the handler of the runner that gave up,
+    on its closed event loop: "RuntimeError: Event loop is closed", a traceback and exit 1. Now the
+    wait has nst's own (exit 143). Waits at least RESUME_POLL_S before serving again."""
+    import signal
+
+    from flows import cli, serve
+
+    served = []
+
+    def losing(limit, name):
+        served.append(name)
+        if len(served) > 2:  # old (the first version): served again at once, in a loop
+            pytest.fail("served again without waiting")
+        raise ExceptionGroup("runner", [RuntimeError("Service exceeded error threshold.")])
+
+    monkeypatch.setattr(serve, "serve_deployments", losing)
+    waits = []
+
+    def sleep(seconds):  # the first wait: a SIGTERM arrives
+        waits.append(seconds)
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+
+    monkeypatch.setattr(cli.time, "sleep", sleep)
+    previous = signal.signal(signal.SIGTERM, lambda *a: pytest.fail("the runner's handler ran"))
+    try:
+        with pytest.raises(SystemExit) as ended:
+            cli._serve(2, "x", PREFECT_API_URL.value(), resume=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert ended.value.code == 143 and waits == [cli.RESUME_POLL_S]

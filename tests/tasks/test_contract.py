@@ -149,3 +149,17 @@ def test_an_output_name_with_another_formats_extension_is_renamed_to_the_runs():
     assert renamed_output("x.jpg", "jpeg") is None and renamed_output("x.png", "png") is None
     assert renamed_output("x", "png") is None and renamed_output(None, "png") is None
     assert renamed_output("x.tif", "png") is None  # not an output format: part of the name (x.tif.png)
+
+
+def test_a_repeat_of_a_pair_left_to_another_run_is_left_too(tmp_path):
+    """Old: the repeat kept its planned "the same result, made once", so the pairs table linked it to
+    files never made and did not count it as left (tasks.report)."""
+    from tasks.contract import LEFT_TO, left_item, repeats_follow_their_first, skipped_item
+    from tasks.storage import open_storage
+
+    out = open_storage(str(tmp_path))
+    first = PairPlan.named(0, "c/a.png", "s/x.png", "e1", "e2", "a__x", "k" * 64, "jpeg")
+    repeat = PairPlan.named(1, "c/b.png", "s/x.png", "e1", "e2", "a__x", "k" * 64, "jpeg", duplicate_of=0)
+    items = {0: left_item(first, out, "run r2 (h pid 9)"), 1: skipped_item(repeat, out, duplicate_of=first)}
+    after = repeats_follow_their_first(items, [first, repeat], out)
+    assert after[1].status == "skipped" and after[1].note.startswith(f"{LEFT_TO}run r2 (h pid 9)")
