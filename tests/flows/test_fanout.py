@@ -1022,6 +1022,33 @@ def test_a_dead_parents_chunk_that_crashes_while_the_new_parent_reads_the_done_s
 
 
 @pytest.mark.slow
+def _shared_chunk(tmp_path, deployment: str):
+    """Four pairs in chunks of two, the first chunk's run started by parent A and Running: (source,
+    output, params, chunk 0's content key, its pairs, A's run of it)."""
+    from prefect.states import Running
+
+    source, output = _folders(tmp_path, contents=4)
+    params = tiny_params()
+    plans = plan_pairs(source_entries(source), params, "random(seed=0)", output.format, output.quality)
+    (key0, pairs0), _ = plan_chunks(plans, 2, output.uri)
+    return source, output, params, key0, pairs0, _chunk_run(deployment, key0, "parent-a", "_runs/parent-a/chunk-0.json",
+                                                            Running())
+
+
+def _as_a_worker_would(deployment: str, clock) -> None:
+    """The chunk runs of ``deployment`` as a worker ends them: a Cancelling one Cancelled in Prefect's
+    runner's words (over the parent's), the others Completed after the first sleep (no report)."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled, Completed
+
+    with get_client(sync_client=True) as client:
+        for run in _recent_chunks(deployment):
+            if run.state.name == "Cancelling":
+                client.set_flow_run_state(run.id, Cancelled(message="Flow run was cancelled successfully."), force=True)
+            elif not run.state.is_final() and clock.sleeps > 1:
+                client.set_flow_run_state(run.id, Completed(), force=True)
+
+
 def test_a_chunk_run_cancelled_by_the_other_of_two_overlapping_parents_is_started_again(
         tmp_path, monkeypatch, chunk_deployment_without_worker):
     """Two runs of one plan overlap (a schedule, a second trigger): B adopts the chunk run A is
@@ -1031,28 +1058,13 @@ def test_a_chunk_run_cancelled_by_the_other_of_two_overlapping_parents_is_starte
     (the new run skips what the old one wrote). The Cancelled state says what Prefect's runner says
     ("Flow run was cancelled successfully."): the parent's word is in the Cancelling state before it
     (first version: only the final message was read, so the chunk was never started again)."""
-    from prefect.client.orchestration import get_client
-    from prefect.states import Cancelled, Completed, Running
-
-    from tasks.plan import plan_pairs, source_entries
-
     dep = chunk_deployment_without_worker
-    source, output = _folders(tmp_path, contents=4)
-    params = tiny_params()
-    plans = plan_pairs(source_entries(source), params, "random(seed=0)", output.format, output.quality)
-    (key0, pairs0), _ = plan_chunks(plans, 2, output.uri)
-    a_chunk = _chunk_run(dep, key0, "parent-a", "_runs/parent-a/chunk-0.json", Running())
+    source, output, params, key0, pairs0, a_chunk = _shared_chunk(tmp_path, dep)
 
     def on_sleep(clock):
         if clock.sleeps == 1:
             cancel_children("parent-a")  # A is cancelled: its on_cancellation hook
-        with get_client(sync_client=True) as client:
-            for run in _recent_chunks(dep):
-                if run.state.name == "Cancelling":  # as Prefect's runner ends it: its own words over the parent's
-                    client.set_flow_run_state(run.id, Cancelled(message="Flow run was cancelled successfully."),
-                                              force=True)
-                elif not run.state.is_final() and clock.sleeps > 1:  # a worker ran it
-                    client.set_flow_run_state(run.id, Completed(), force=True)
+        _as_a_worker_would(dep, clock)
 
     monkeypatch.setattr(fanout, "time", FakeClock(on_sleep))
     state = stylize_batch(source, output, params, RunOptions(fan_out="workers", chunk_size=2, chunk_deployment=dep),
@@ -1076,20 +1088,15 @@ def test_a_chunk_run_the_other_parent_cancelled_for_its_own_deadline_or_outage_i
     the chunk's pairs with A's reason ("not started within 3600 s" after 20 minutes of B's own
     wait), and for A's outage declared the storage unreachable itself from the Cancelled message,
     cancelled all its chunk runs and ended Failed. Now B starts the chunk again and applies its
-    own deadlines; an outage is read from a chunk run's own Failed end only."""
+    own deadlines; an outage is read from a chunk run's own end, never a Cancelled one."""
     import logging
 
     from prefect.client.orchestration import get_client
-    from prefect.states import Cancelled, Completed, Running
 
     from tasks.storage import open_storage
 
     dep = chunk_deployment_without_worker
-    source, output = _folders(tmp_path, contents=4)
-    params = tiny_params()
-    plans = plan_pairs(source_entries(source), params, "random(seed=0)", output.format, output.quality)
-    (key0, pairs0), _ = plan_chunks(plans, 2, output.uri)
-    a_chunk = _chunk_run(dep, key0, "parent-a", "_runs/parent-a/chunk-0.json", Running())
+    source, output, params, key0, pairs0, a_chunk = _shared_chunk(tmp_path, dep)
 
     def on_sleep(clock):
         with get_client(sync_client=True) as client:
@@ -1099,12 +1106,7 @@ def test_a_chunk_run_the_other_parent_cancelled_for_its_own_deadline_or_outage_i
                                         open_storage(output.uri), RunOptions(), lambda done, total: None, 2,
                                         parent_id="parent-a")
                 a.cancel(a.pending[0], why)
-            for run in _recent_chunks(dep):
-                if run.state.name == "Cancelling":  # as Prefect's runner ends it: its own words over the parent's
-                    client.set_flow_run_state(run.id, Cancelled(message="Flow run was cancelled successfully."),
-                                              force=True)
-                elif not run.state.is_final() and clock.sleeps > 1:  # a worker ran it
-                    client.set_flow_run_state(run.id, Completed(), force=True)
+        _as_a_worker_would(dep, clock)
 
     monkeypatch.setattr(fanout, "time", FakeClock(on_sleep))
     state = stylize_batch(source, output, params, RunOptions(fan_out="workers", chunk_size=2, chunk_deployment=dep),
