@@ -46,9 +46,9 @@ from nst_core.errors import NSTError
 from nst_core.params import StyleParams
 from tasks.artifacts import RunProgress, publish_artifacts, run_label, run_warning, write_pictures
 from tasks.compute import device_problem, expand_devices, run_on_device
-from tasks.contract import (CANCELLED, CRASHED, DONE, FAILED, RUNS, PairPlan, ReportItem, done_in, done_item, failed_item,
+from tasks.contract import (CANCELLED, CRASHED, DONE, FAILED, PairPlan, ReportItem, done_in, done_item, failed_item,
                             renamed_output, repeats_follow_their_first, report_bytes, report_key, run_report,
-                            running_report, skipped_item, stopped_report, totals_line)
+                            output_health, running_report, skipped_item, stopped_report, totals_line)
 from tasks.credentials import CREDENTIALS_REFUSED, DEFAULT_CHAIN, CredentialsError, StorageCredentials, resolve
 from tasks.models import BatchSource, InvalidInputs, OutputSpec, RunOptions, StyleForm, batch_inputs
 from tasks.pair import PairContext, stop_requested
@@ -365,7 +365,7 @@ class _Batch:
         self.started = datetime.now(timezone.utc)
         self.devices = expand_devices(self.run.devices, self.params.device)
         self.out = open_storage(self.output.uri, self.credentials)
-        self.health = StorageHealth(probe=lambda: self.out.exists(RUNS))
+        self.health = output_health(self.out)
 
 
 def _plan(b: _Batch) -> tuple[list[PairPlan], str, list[str]]:

@@ -24,12 +24,12 @@ from tasks.models import OutputSpec, RunOptions
 from nst_core.params import StyleParams
 from tasks.compute import device_problem, expand_devices
 from tasks.contract import (DONE, FAILED, NOT_RUN, RUNS, PairPlan, chunk_report, done_in, failed_item, in_runs,
-                            naming_problem, report_bytes, skipped_item, totals, totals_line)
+                            naming_problem, output_health, report_bytes, skipped_item, totals, totals_line)
 from tasks.credentials import resolve
 from tasks.pair import PairContext, stop_requested
 from tasks.pipeline import run_pairs
 from tasks.plan import outside_allowed
-from tasks.storage import StorageHealth, StorageUnreachableError, open_storage, retrying, safe_key
+from tasks.storage import StorageUnreachableError, open_storage, retrying, safe_key
 
 __all__ = ["stylize_chunk"]
 
@@ -67,7 +67,7 @@ def stylize_chunk(
     if unusable := device_problem(devices):  # this worker lacks a device the run names: no pair runs here
         refused = {i: why or f"worker {socket.gethostname()}: {unusable}" for i, why in refused.items()}
     valid = [p for p in pairs if not refused[p.index]]
-    health = StorageHealth(probe=lambda: out.exists(RUNS))
+    health = output_health(out)
     try:  # the same done rule as the parent's: a retried chunk redoes nothing that is done
         done = done_in(out, valid, list_once=False, io_workers=run.io_workers, health=health) if run.skip_existing else set()
     except StorageUnreachableError:

@@ -79,7 +79,7 @@ from pathlib import PurePosixPath
 from nst_core.imageio import FORMAT_EXTENSIONS, FORMATS, QUALITY_FORMATS
 from nst_core.params import OPTIMIZER_STEPS, StyleParams, equal_shares
 
-from .storage import TEMP_DIR, parse_uri
+from .storage import TEMP_DIR, StorageHealth, parse_uri
 
 __all__ = [
     "EXTENSIONS", "RUNS", "HISTORY_POINTS", "RUNNING", "CRASHED", "CANCELLED", "FINISHED", "DONE", "SKIPPED", "FAILED",
@@ -88,7 +88,8 @@ __all__ = [
     "chunk_report_key", "attempt_report_key", "contact_sheet_key", "loss_curve_key", "run_stem", "sidecar",
     "image_record", "loss_history", "done_pairs", "done_in", "totals", "timestamp", "totals_line", "done_item", "skipped_item",
     "failed_item", "running_report", "stopped_report", "run_report", "chunk_report", "repeats_follow_their_first",
-    "chunk_items", "item_of", "encode_thumbs", "decode_thumbs", "report_bytes",
+    "chunk_items", "item_of", "encode_thumbs", "decode_thumbs", "report_bytes", "left_item", "left_to_another",
+    "output_health",
 ]
 
 #: OutputSpec.format -> the extension its images are written with.
@@ -435,6 +436,12 @@ def done_in(storage, plans: list[PairPlan], list_once: bool = True, io_workers: 
                       io_workers, made_by, fold_case)
 
 
+def output_health(storage) -> StorageHealth:
+    """The StorageHealth of a run (or chunk run) writing to ``storage``: evidence of an outage gone
+    stale is checked with one exists of ``_runs``."""
+    return StorageHealth(probe=lambda: storage.exists(RUNS))
+
+
 def totals(items: list[ReportItem]) -> dict[str, int]:
     return {
         "pairs": len(items),
@@ -488,6 +495,12 @@ def left_item(plan: PairPlan, storage, holder: str) -> ReportItem:
                                             "run makes it if it never does")
 
 
+def left_to_another(status: str | None, note: str | None) -> bool:
+    """Whether a report item with ``status`` and ``note`` is a pair left to another run (``left_item``):
+    skipped, but not made."""
+    return status == SKIPPED and (note or "").startswith(LEFT_TO)
+
+
 def repeats_follow_their_first(items: dict[int, ReportItem], plans: list[PairPlan], storage) -> dict[int, ReportItem]:
     """``items`` (by plan index) with each repeated pair (``duplicate_of``) given its first pair's outcome
     once the run has settled every pair: skipped, naming the result, when the first is done or
@@ -505,7 +518,7 @@ def repeats_follow_their_first(items: dict[int, ReportItem], plans: list[PairPla
         elif first.status == FAILED:
             out[p.index] = failed_item(p, f"duplicate of pair {p.duplicate_of} ({first.content} x {first.style}), "
                                           f"which failed: {first.error}", storage)
-        elif first.status == SKIPPED and (first.note or "").startswith(LEFT_TO):  # not made either
+        elif left_to_another(first.status, first.note):  # not made either
             out[p.index] = skipped_item(p, storage, note=first.note)
     return out
 

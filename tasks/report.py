@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .contract import FAILED, LEFT_TO, SKIPPED, report_key
+from .contract import FAILED, left_to_another, report_key
 
 __all__ = ["SheetRow", "Curve", "contact_sheet", "loss_curve_png", "summary_markdown", "table_rows", "final_loss",
            "file_name", "MAX_TABLE_ROWS", "MAX_CHUNK_ROWS"]
@@ -333,7 +333,7 @@ def table_rows(items: list[dict], link=None, limit: int = MAX_TABLE_ROWS) -> lis
 
 def _left(item: dict) -> bool:
     """A pair left to another run still making it (skipped, not made)."""
-    return item.get("status") == SKIPPED and (item.get("note") or "").startswith(LEFT_TO)
+    return left_to_another(item.get("status"), item.get("note"))
 
 
 def summary_markdown(report: dict, links: dict[str, str | None], chunk_links: list[tuple[dict, str | None]],

@@ -32,6 +32,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -309,14 +310,9 @@ class StorageHealth:
                 and time.monotonic() - self._failing[0] >= self.outage_s)
 
     def _probe_once(self) -> None:
-        started, started_at = time.monotonic(), datetime.now(timezone.utc)
-        try:
-            self.probe()
-        except Exception as err:
-            if is_transient(err):
-                self.failed(started, started_at)
-                return
-        self.succeeded()  # an answer, even an error that is one
+        # one attempt, heard as every attempt is (an answer, even an error that is one, ends the streak)
+        with suppress(Exception):
+            retrying(self.probe, delays=(), health=self)
 
     def check(self) -> None:
         """Raise ``StorageUnreachableError`` once declared."""
