@@ -593,7 +593,7 @@ def start_chunks(plans: list[PairPlan], done: set[int], output: OutputSpec, para
 
     worker_run = run.model_copy(update={"devices": ["auto"]})  # a worker leases the devices it has
     planned = plan_chunks(plans, run.chunk_size, output.uri, done, redo=not run.skip_existing)
-    chunks, adopted = [], 0
+    chunks, started, rejoined, adopted = [], 0, 0, 0
     with get_client(sync_client=True) as client:
         adopt = _still_adoptable(client, live, [key for key, _ in planned])
         fresh = [key for key, _ in planned if key not in adopt]
@@ -607,15 +607,22 @@ def start_chunks(plans: list[PairPlan], done: set[int], output: OutputSpec, para
                             parameters=chunk_parameters(pairs, output, params, worker_run, weights_id,
                                                         chunk_report_key(parent_id, key)),
                 name=f"{flow_run.get_name() or 'stylize-batch'}-chunk-{n:04d}", tags=[parent_tag(parent_id)])
-            if child is None:
-                child = start(client, earlier=earlier[key])
-            adopted += parent_tag(parent_id) not in (child.tags or [])
+            new = child is None
+            if new:
+                child = start(client, earlier=earlier[key])  # maybe the run another parent started just now
+            if parent_tag(parent_id) not in (child.tags or []):
+                adopted += 1
+            elif new:
+                started += 1
+            else:
+                rejoined += 1  # a Retry keeps its flow run id: its earlier attempt's run, still going
             _join(client, child, parent_id)
             # the run's own parameters name its report (an adopted run reports under its first parent)
             chunks.append(Chunk(n, [p for p in pairs if p.index not in done],
                                 (child.parameters or {}).get("report_key", ""), str(child.id), restart=start))
-    get_run_logger().info("%d chunk runs of %s (chunk size %d): %d started, %d adopted from other parents",
-                          len(chunks), run.chunk_deployment, run.chunk_size, len(chunks) - adopted, adopted)
+    get_run_logger().info("%d chunk runs of %s (chunk size %d): %d started, %d rejoined from this run's earlier "
+                          "attempt, %d adopted from other parents", len(chunks), run.chunk_deployment, run.chunk_size,
+                          started, rejoined, adopted)
     return chunks
 
 

@@ -1142,3 +1142,30 @@ def test_a_parent_being_cancelled_does_not_start_its_cancelled_chunks_again(pref
         watcher.poll()
     assert not restarted and chunk.settled
     assert watcher.result.items[0].error == "chunk 0 ended Cancelled: The parent flow run was cancelled."
+
+
+def test_a_retried_parent_logs_its_own_chunk_runs_as_rejoined_not_started(
+        tmp_path, monkeypatch, caplog, chunk_deployment_without_worker):
+    """The UI's Retry of a fan-out parent whose chunk runs still run: it rejoins them (same flow
+    run id, so same parent tag), another parent's run is adopted, and only the rest are started.
+    Old: "2 started, 1 adopted" for a retry that started one."""
+    import logging
+
+    from prefect.states import Running
+
+    dep = chunk_deployment_without_worker
+    source, output = _folders(tmp_path, contents=6)
+    params = tiny_params()
+    plans = plan_pairs(source_entries(source), params, "random(seed=0)", output.format, output.quality)
+    (key0, _), (key1, _), _ = plan_chunks(plans, 2, output.uri)
+    _chunk_run(dep, key0, "retried", "_runs/retried/chunk-0.json", Running())  # its attempt 1's
+    _chunk_run(dep, key1, "other", "_runs/other/chunk-1.json", Running())
+    monkeypatch.setattr(fanout, "get_run_logger", lambda: logging.getLogger("retried"))
+    run = RunOptions(fan_out="workers", chunk_size=2, chunk_deployment=dep)
+    with caplog.at_level(logging.INFO, logger="retried"):
+        chunks = fanout.start_chunks(plans, set(), output, params, run, "random(seed=0)", "retried",
+                                     fanout.live_before_done(plans, 2, output.uri))
+    cancel_children("retried")
+    cancel_children("other")
+    assert len(chunks) == 3
+    assert "1 started, 1 rejoined from this run's earlier attempt, 1 adopted from other parents" in caplog.text, caplog.text
