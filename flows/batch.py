@@ -55,7 +55,7 @@ from tasks.pair import PairContext, stop_requested
 from tasks.pipeline import PipelineResult, run_pairs
 from tasks.plan import PreflightError, default_allowed_sources, plan_pairs, refuse_outputs_over_inputs, source_entries
 from tasks.storage import (LocalStorage, Storage, StorageError, StorageHealth, open_storage,
-                           read_uri, retrying, within)
+                           retrying, weights_reader, within)
 
 __all__ = ["stylize_batch", "preflight", "on_pair_done"]
 
@@ -118,7 +118,7 @@ def preflight(source: BatchSource, output: OutputSpec, params: StyleParams, devi
             raise PreflightError(why)
         try:
             first = params.model_copy(update={"device": device})
-            extractor = run_on_device(device, lambda: extractor_for(first, opener=lambda u: read_uri(u, credentials)))
+            extractor = run_on_device(device, lambda: extractor_for(first, opener=weights_reader(credentials)))
         except NSTError as err:
             raise PreflightError(f"weights: {err}") from None
         if chunk_deployment:  # fan_out=workers: before the plan lists every input

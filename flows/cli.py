@@ -30,7 +30,7 @@ from nst_core.uris import host_problem, parse_uri
 from flows.serve import SERVER_START_TIMEOUT_S
 from tasks.credentials import CREDENTIALS_REFUSED
 from tasks.models import ManifestSource, OutputSpec, PrefixSource, RunOptions, batch_inputs
-from tasks.storage import env_seconds, read_uri
+from tasks.storage import env_seconds, weights_reader
 
 if TYPE_CHECKING:  # httpx comes with Prefect, imported only by the subcommands that need it
     import httpx
@@ -48,7 +48,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nst", description="Batch neural style transfer (Gatys, VGG16) on Prefect.")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_stylize_parser(sub, opener=read_uri)  # s3:// weights through the storage layer
+    add_stylize_parser(sub, opener=weights_reader())  # s3:// weights through the storage layer, retried
 
     batch = sub.add_parser("batch", help="run the stylize-batch flow locally over a manifest or two prefixes",
                            description="Run the stylize-batch flow (ephemeral Prefect API unless PREFECT_API_URL is set).")

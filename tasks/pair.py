@@ -36,7 +36,7 @@ from .contract import PairPlan, ReportItem, done_in, done_item, image_record, si
 from .credentials import DEFAULT_CHAIN, StorageCredentials
 from .lru import LRU
 from .steps import StepRequest, device_steps
-from .storage import StorageHealth, WriteRefusedError, open_storage, read_object, read_uri, retrying
+from .storage import StorageHealth, WriteRefusedError, open_storage, read_object, retrying, weights_reader
 
 __all__ = ["PairContext", "PairDone", "PairTimeoutError", "PairStopped", "InputChangedError", "ObjectCache", "process_pair",
            "stop_requested", "THUMB"]
@@ -154,7 +154,7 @@ class PairContext:
 
     def opener(self, uri: str) -> bytes:
         """Bytes of a URI the engine asks for (weights), read with the run's credentials."""
-        return read_uri(uri, self.credentials)
+        return weights_reader(self.credentials, self.health)(uri)
 
 
 @dataclass

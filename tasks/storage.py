@@ -953,6 +953,14 @@ def read_uri(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN, max_byte
     return storage.read(key, max_bytes)[0]
 
 
+def weights_reader(credentials: StorageCredentials = DEFAULT_CHAIN,
+                   health: StorageHealth | None = None) -> Callable[[str], bytes]:
+    """The engine's reader of weights URIs it cannot open itself (s3://): ``read_uri`` with the
+    run's credentials, each transient error retried as every other read is (one 503 while reading
+    the 528 MB checkpoint must not fail a nightly run)."""
+    return lambda uri: retrying(lambda: read_uri(uri, credentials), health=health)
+
+
 def read_object(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN,
                 max_bytes: int | None = None) -> tuple[bytes, str]:
     """(bytes, identity) of one object by full URI: the identity of the bytes read (S3: the GET's

@@ -1147,3 +1147,35 @@ def test_of_late_nightlies_started_together_only_the_latest_runs_the_dataset(tmp
     finally:  # its schedule's future runs would sit in the session's API for the other tests
         with get_client(sync_client=True) as client:
             client.delete_deployment(deployment)
+
+
+def test_one_throttled_read_of_s3_weights_is_retried_not_a_failed_run(bucket, monkeypatch):
+    """A 503 SlowDown while reading the 528 MB checkpoint at preflight. Old: the weights were the one
+    read with no retry budget, so one throttled GET failed the whole nightly run ("preflight
+    failed: weights: could not read weights … SlowDown") where every other read is retried."""
+    import io
+
+    import torch
+
+    from nst_core.vgg import load_extractor
+    from tasks import storage
+    from tasks.storage import S3Storage, StorageError
+
+    name, client = bucket
+    seed_bucket(client, name, broken=False)
+    buf = io.BytesIO()
+    torch.save(load_extractor("random", layers=["relu5_1"], seed=7).layers.state_dict(), buf)
+    client.put_object(Bucket=name, Key="models/vgg16.pth", Body=buf.getvalue())
+    real_read, throttled = S3Storage.read, []
+
+    def read(self, key, max_bytes=None):
+        if key.endswith("vgg16.pth") and not throttled:
+            throttled.append(key)
+            raise StorageError(f"s3://{name}/{key}: SlowDown: Please reduce your request rate", transient=True)
+        return real_read(self, key, max_bytes)
+
+    monkeypatch.setattr(S3Storage, "read", read)
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0, 0, 0))
+    state = run(BatchSource(contents=f"s3://{name}/in/contents/", styles=f"s3://{name}/in/styles/"),
+                OutputSpec(uri=f"s3://{name}/out/"), PARAMS.model_copy(update={"weights": f"s3://{name}/models/vgg16.pth"}))
+    assert throttled and state.is_completed(), state.message
