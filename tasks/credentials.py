@@ -16,10 +16,10 @@ nothing this package writes (sidecars, reports, artifacts) records more than the
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 __all__ = ["BLOCK_TYPE", "CredentialsError", "CREDENTIALS_REFUSED", "StorageCredentials", "DEFAULT_CHAIN", "resolve"]
 
@@ -48,6 +48,9 @@ class StorageCredentials:
     region_name: str | None = None
     endpoint_url: str | None = None  # None: boto3's own (AWS_ENDPOINT_URL_S3, ~/.aws/config, AWS)
     verify: bool | str = True  # TLS verification, or a CA bundle path
+    #: the block's botocore settings (``aws_client_parameters.config``, e.g. path-style addressing),
+    #: as sorted JSON so the value stays hashable; the S3 client's own timeouts and retries win over it
+    client_config: str = ""
 
     def session_args(self) -> dict[str, str]:
         """Keyword arguments of ``boto3.session.Session`` (only those set)."""
@@ -69,12 +72,10 @@ def _secret(value: Any) -> str | None:
 
 
 def _has_userinfo(url: Any) -> bool:
-    if not isinstance(url, str) or not url:
-        return False
-    try:
-        return "@" in urlsplit(url).netloc
-    except ValueError:
-        return True  # unparsable: refuse rather than let boto print it
+    """Whether an endpoint URL may carry ``user:password@``. Any "@" counts, not only one in the
+    netloc: ``minio:pw@host:9000`` (no scheme) or ``https:/u:pw@host`` has none for urlsplit, and
+    botocore's "Invalid endpoint: …" echoes it whole. An S3 endpoint has no other use for "@"."""
+    return isinstance(url, str) and "@" in url
 
 
 def _check_environment() -> None:
@@ -101,6 +102,17 @@ def _read_block(name: str) -> dict[str, Any]:
     return doc.data or {}
 
 
+def _check_config(name: str, config: Any) -> None:
+    """Refuse, by the block's name, a botocore config the S3 client could not be built with."""
+    from botocore.config import Config
+
+    try:
+        Config(**config)
+    except (TypeError, ValueError) as err:
+        raise CredentialsError(f"storage_credentials: the config of block {name!r} is not a botocore "
+                               f"Config: {err}") from None
+
+
 def resolve(name: str) -> StorageCredentials:
     """The credentials block ``name`` read now ("" = ``DEFAULT_CHAIN``), checked: a missing block, or
     an endpoint URL with ``user:password@`` in it (boto echoes endpoint URLs into its errors, which
@@ -118,7 +130,13 @@ def resolve(name: str) -> StorageCredentials:
         )
     if not params.get("endpoint_url"):  # boto falls back to the environment's endpoint
         _check_environment()
+    if params.get("config"):
+        _check_config(name, params["config"])
+    # prefect-aws keeps a CA bundle in verify_cert_path (a path in verify is its deprecated form) and
+    # ignores it when verify is False, as boto3 gets it from AwsClientParameters
     verify = params.get("verify")
+    if params.get("verify_cert_path") and verify is not False:
+        verify = params["verify_cert_path"]
     return StorageCredentials(
         block=name,
         access_key_id=data.get("aws_access_key_id") or None,
@@ -128,4 +146,5 @@ def resolve(name: str) -> StorageCredentials:
         region_name=data.get("region_name") or None,
         endpoint_url=params.get("endpoint_url") or None,
         verify=True if verify is None else verify,
+        client_config=json.dumps(params["config"], sort_keys=True) if params.get("config") else "",
     )

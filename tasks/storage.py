@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
+import json
 import logging
 import os
 import re
@@ -694,6 +695,8 @@ def s3_client(credentials: StorageCredentials = DEFAULT_CHAIN):
         if key not in _clients:
             config = Config(retries={"mode": "standard", "total_max_attempts": 1}, max_pool_connections=32,
                             connect_timeout=S3_TIMEOUTS[0], read_timeout=S3_TIMEOUTS[1], signature_version="s3v4")
+            if credentials.client_config:  # the block's own (addressing style, …); ours win: bounded time
+                config = Config(**json.loads(credentials.client_config)).merge(config)
             _clients[key] = boto3.session.Session(**credentials.session_args()).client(
                 "s3", config=config, endpoint_url=credentials.endpoint_url, verify=credentials.verify)
         return _clients[key]

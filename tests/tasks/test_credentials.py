@@ -11,7 +11,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_api")]
 SECRET = "block-secret-never-to-be-seen-7f3a"
 
 
-def save_aws_credentials_block(name: str, endpoint: str, key_id: str = "block-key-id") -> None:
+def save_aws_credentials_block(name: str, endpoint: str, key_id: str = "block-key-id", **client_parameters) -> None:
     """What `AwsCredentials(...).save(name)` stores (prefect-aws's block type slug, secret fields
     marked), created through the API so the test needs no prefect-aws install. Saving an existing
     name again replaces its keys."""
@@ -36,7 +36,7 @@ def save_aws_credentials_block(name: str, endpoint: str, key_id: str = "block-ke
                                    "region_name": {"type": "string"},
                                    "aws_client_parameters": {"type": "object"}}}))
         data = {"aws_access_key_id": key_id, "aws_secret_access_key": SECRET, "region_name": "us-east-1",
-                "aws_client_parameters": {"endpoint_url": endpoint}}
+                "aws_client_parameters": {"endpoint_url": endpoint, **client_parameters}}
         try:
             existing = client.read_block_document_by_name(name, block_type_slug="aws-credentials")
         except ObjectNotFound:
@@ -151,6 +151,56 @@ def test_a_block_without_an_endpoint_refuses_an_endpoint_variable_with_credentia
     with pytest.raises(credentials.CredentialsError, match="AWS_ENDPOINT_URL_S3") as caught:
         credentials.resolve("nst-no-endpoint")
     assert SECRET not in str(caught.value)
+
+@pytest.mark.parametrize("endpoint", [f"minio:{SECRET}@minio.internal:9000", f"https:/minio:{SECRET}@minio.internal"])
+def test_an_endpoint_without_its_scheme_or_slashes_is_refused_too_when_it_carries_credentials(monkeypatch, endpoint):
+    """``host:9000`` as MinIO's docs print it, or ``https:/`` with a slash missing: no netloc for
+    urlsplit, so the user:password@ check passed, and botocore's "Invalid endpoint: …" echoed the
+    password into the preflight message (the old code)."""
+    from tasks import credentials
+
+    save_aws_credentials_block("nst-no-scheme", endpoint)
+    with pytest.raises(credentials.CredentialsError, match="nst-no-scheme") as caught:
+        credentials.resolve("nst-no-scheme")
+    assert SECRET not in str(caught.value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    with pytest.raises(credentials.CredentialsError, match="AWS_ENDPOINT_URL_S3") as caught:
+        credentials.resolve("")
+    assert SECRET not in str(caught.value)
+
+
+def test_a_blocks_ca_bundle_is_used_where_prefect_aws_keeps_it(tmp_path):
+    """prefect-aws keeps a private CA (a MinIO or Ceph behind the company's own CA) in
+    ``aws_client_parameters.verify_cert_path`` and calls a path in ``verify`` deprecated. Old: only
+    ``verify`` was read, so such a block verified against the public CAs and every request failed
+    CERTIFICATE_VERIFY_FAILED."""
+    from tasks.credentials import resolve
+
+    bundle = tmp_path / "company-ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    save_aws_credentials_block("nst-private-ca", "https://minio.internal:9000", verify_cert_path=str(bundle))
+    assert resolve("nst-private-ca").verify == str(bundle)
+    save_aws_credentials_block("nst-no-verify", "https://minio.internal:9000", verify=False)
+    assert resolve("nst-no-verify").verify is False
+    save_aws_credentials_block("nst-default-verify", "https://minio.internal:9000")
+    assert resolve("nst-default-verify").verify is True
+
+
+def test_a_blocks_botocore_config_reaches_the_client_under_the_clients_own_timeouts():
+    """Path-style addressing (many MinIO setups) set in the block's ``config``. Old: dropped
+    without a word. A config botocore refuses fails the run by the block's name."""
+    from tasks import storage
+    from tasks.credentials import CredentialsError, resolve
+
+    save_aws_credentials_block("nst-path-style", "http://127.0.0.1:9",
+                               config={"s3": {"addressing_style": "path"}, "read_timeout": 3600})
+    config = storage.s3_client(resolve("nst-path-style")).meta.config
+    assert config.s3["addressing_style"] == "path"
+    assert config.read_timeout == storage.S3_TIMEOUTS[1]  # bounded time stays the client's
+    save_aws_credentials_block("nst-bad-config", "http://127.0.0.1:9", config={"no_such_setting": 1})
+    with pytest.raises(CredentialsError, match="nst-bad-config"):
+        resolve("nst-bad-config")
+
 
 def test_a_block_edited_between_runs_is_read_again_and_its_repr_shows_no_secret():
     """Rotated keys reach the next run: ``resolve`` reads the block each time. Old code: the first
