@@ -10,11 +10,13 @@ __all__ = ["NSTError", "ParamsError", "ImageDecodeError", "ImageTooSmallError", 
 #: The ``user:password@`` of a URL of any scheme but s3:// and file:// (which carry none, and whose
 #: keys may hold '@': IMG@2x.png), up to the last '@' before a space: a password may hold '/' or '@'.
 _USERINFO = re.compile(r"\b((?!(?:s3|file):)[A-Za-z][A-Za-z0-9+.-]*://)\S*@", re.IGNORECASE)
+#: botocore's error for an endpoint it cannot parse quotes it whole, scheme or not (``minio:pw@host``).
+_BAD_ENDPOINT = re.compile(r"(Invalid endpoint: )\S*@")
 
 
 def hide_userinfo(text: str) -> str:
     """``text`` with the credentials of every URL in it removed."""
-    return _USERINFO.sub(r"\1", text)
+    return _BAD_ENDPOINT.sub(r"\1", _USERINFO.sub(r"\1", text))
 
 
 class NSTError(Exception):

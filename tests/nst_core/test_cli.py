@@ -166,6 +166,9 @@ def test_an_endpoint_with_credentials_never_reaches_an_error_line_and_keys_keep_
     ("the Prefect API at http://admin:pa/ss@host:4200/api does not answer", "pa/ss"),
     ("at http://admin:p@ss@host:4200/api (refused)", "p@ss"),
     ("postgresql+asyncpg://prefect:s3cret@db:5432/prefect", "s3cret"),
+    # botocore's words for an endpoint it cannot parse (~/.aws/config's, no scheme or one slash)
+    ("s3://b/in/: ValueError: Invalid endpoint: minio:s3cret@db:5432/prefect", "s3cret"),
+    ("s3://b/in/: ValueError: Invalid endpoint: https:/minio:s3cret@db:5432/prefect", "s3cret"),
 ])
 def test_credentials_in_a_url_never_reach_an_error_line(text, secret):
     """Old: a password holding '/' or '@' (valid to SQLAlchemy and httpx) was kept whole or in part."""
