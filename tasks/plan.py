@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
@@ -92,6 +93,10 @@ def list_images(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> li
     return sorted(out)
 
 
+#: A URL's scheme and its "//" (a colon alone is a file name's: ``photo:2.png``).
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+)://")
+
+
 def _resolve(entry: str, base: str) -> str:
     """A manifest entry: a full URI / absolute path as is (``split_uri`` refuses an S3 key that folds
     as a path), else a path relative to the manifest's folder ``base``, read as a path: "." and
@@ -100,6 +105,9 @@ def _resolve(entry: str, base: str) -> str:
     folder). UnsafeKeyError above the bucket."""
     if parse_uri(entry)[0] in ("s3", "file") or entry.startswith("/"):
         return entry
+    if scheme := _URL_SCHEME.match(entry):  # https://, gs://: never a path under the manifest's folder
+        raise UnsafeKeyError(f"{entry}: {scheme.group(1)}:// is not read here; entries are s3:// URIs, local paths "
+                             "or keys relative to the manifest's folder")
     if "\x00" in entry:
         raise UnsafeKeyError(f"key {entry!r} is not a relative path under the manifest's folder")
     scheme, bucket, path = parse_uri(base)

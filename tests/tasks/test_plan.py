@@ -69,6 +69,24 @@ def test_a_manifest_entry_above_its_bucket_fails_its_pair_alone():
         _resolve("../../a.png", "s3://b/m/")
 
 
+@pytest.mark.parametrize("base", ["s3://b/manifests/", "/data/manifests"])
+def test_a_manifest_entry_of_a_scheme_the_tool_cannot_read_fails_alone_saying_so(folders, base):
+    """A CDN's https:// URL or a gs:// one in a manifest. Old: read as a path under the manifest's
+    folder, so the pair failed over a file the user never wrote ("no such file:
+    /data/manifests/https:/cdn.example.com/a.jpg"), or over allowed_sources."""
+    from tasks.plan import _resolve
+    from tasks.storage import UnsafeKeyError
+
+    for entry in ("https://cdn.example.com/img/a.jpg", "gs://bucket/a.jpg"):
+        with pytest.raises(UnsafeKeyError, match=f"{entry.split(':')[0]}://.*s3:// URIs, local paths"):
+            _resolve(entry, base)
+    assert _resolve("photo:2.png", "/data/m") == "/data/m/photo:2.png"  # a colon in a file name is no scheme
+    (folders / "m.jsonl").write_text(json.dumps({"content": "https://cdn.example.com/a.jpg", "style": "s/s1.png"})
+                                     + "\n" + json.dumps({"content": "c/a.jpg", "style": "s/s1.png"}) + "\n")
+    entries = read_manifest(str(folders / "m.jsonl"))
+    assert "line 1" in entries[0].error and "https://" in entries[0].error and not entries[1].error
+
+
 def test_in_a_folder_an_output_under_another_outputs_file_fails_at_planning(folders):
     """Manifest outputs "o/x" and "o/x.png/y": in a folder the second needs a folder where the first
     is a file. Old: planned, optimized, then failed at its write. On S3 both keys are fine."""
