@@ -106,6 +106,10 @@ def _check_layers(names: list[str]) -> list[str]:
     return names
 
 
+#: The pretrained checkpoints ``weights`` names (torchvision's VGG16_Weights members, in lower case).
+NAMED_WEIGHTS = ("imagenet1k_features", "imagenet1k_v1")
+
+
 def _check_weights(values: list[float] | None) -> list[float] | None:
     if values is not None and any(not math.isfinite(v) or v < 0 for v in values):
         raise ValueError("weights must be finite and >= 0")
@@ -262,7 +266,11 @@ class StyleParams(BaseModel):
     @field_validator("weights")
     @classmethod
     def _weights_source(cls, v: str) -> str:
-        return v.strip()
+        # torchvision's spellings (IMAGENET1K_V1, VGG16_Weights.IMAGENET1K_V1) are those weights, under
+        # one spelling: the pair key hashes the name as written
+        v = v.strip()
+        name = v.lower().removeprefix("vgg16_weights.")
+        return name if name in (*NAMED_WEIGHTS, "random") else v
 
     @field_validator("device", mode="before")
     @classmethod

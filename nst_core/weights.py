@@ -23,6 +23,7 @@ from typing import NamedTuple
 from urllib.parse import urlparse
 
 from .errors import WeightsError
+from .params import NAMED_WEIGHTS
 from .uris import host_problem, parse_uri
 
 # torch (~3 s to import) loads inside the functions that read or fetch weights: the CLI checks a
@@ -41,7 +42,7 @@ class _Named(NamedTuple):
 
 
 #: torchvision's VGG16_Weights members by the names ``weights`` takes (the Caffe port: 0-255 inputs, mean only).
-_NAMES = {"imagenet1k_features": "IMAGENET1K_FEATURES", "imagenet1k_v1": "IMAGENET1K_V1"}
+_NAMES = {name: name.upper() for name in NAMED_WEIGHTS}  # -> torchvision's VGG16_Weights member
 
 
 @functools.cache
@@ -301,7 +302,8 @@ def check_weights_file(weights: str) -> None:
 
 def _require_file(path: Path, label: str) -> None:
     if not path.is_file():
-        raise WeightsError(f"weights file {label} does not exist")
+        raise WeightsError(f"weights file {label} does not exist (weights are a state_dict's path, file:// or s3:// "
+                           f"URI, or one of {', '.join(NAMED_WEIGHTS)}, random)")
 
 
 def weights_key(weights: str, sha256: str | None) -> tuple:

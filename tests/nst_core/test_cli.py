@@ -111,7 +111,8 @@ def test_unknown_layer_message_lists_every_valid_name(files):
 
 def test_missing_weights_file_exits_2(files):
     proc = nst("stylize", "content.jpg", "style.png", "-o", "o.png", "--weights", "nope.pth", cwd=files)
-    assert proc.returncode == 2 and proc.stderr.strip() == "nst: error: weights file nope.pth does not exist"
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("nst: error: weights file nope.pth does not exist (weights are "), proc.stderr
 
 
 def test_progress_bar_ends_full_after_an_early_stop(files):

@@ -122,3 +122,23 @@ def test_all_loss_weights_zero_is_refused():
     with pytest.raises(ValidationError, match="all 0"):
         StyleParams(content_weight=0, style_weight=0, tv_weight=0)
     StyleParams(content_weight=0, style_weight=0, tv_weight=1e-3)  # a term is left: allowed
+
+
+@pytest.mark.parametrize("spelled, meant", [
+    ("IMAGENET1K_FEATURES", "imagenet1k_features"), ("VGG16_Weights.IMAGENET1K_V1", "imagenet1k_v1"),
+    ("vgg16_weights.imagenet1k_features", "imagenet1k_features"), (" Random ", "random"),
+    ("./IMAGENET1K_V1", "./IMAGENET1K_V1"), ("s3://b/IMAGENET1K_V1", "s3://b/IMAGENET1K_V1"),
+])
+def test_torchvisions_own_spellings_of_the_named_weights_are_those_weights(spelled, meant):
+    """What a torchvision user types: the enum's member or its qualified name. Old: read as a file
+    name, "weights file IMAGENET1K_FEATURES does not exist", naming none of the accepted names.
+    One spelling is kept, so the pair keys are those of the lower-case name."""
+    assert StyleParams(weights=spelled).weights == meant
+
+
+def test_a_missing_weights_file_lists_the_names_too():
+    from nst_core.errors import WeightsError
+    from nst_core.weights import check_weights_file
+
+    with pytest.raises(WeightsError, match="vgg16.pth does not exist.*imagenet1k_features, imagenet1k_v1, random"):
+        check_weights_file("vgg16.pth")
