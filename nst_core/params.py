@@ -79,6 +79,34 @@ def min_side(layer_names: Iterable[str]) -> int:
     return max(layer_factor(n) for n in layer_names)
 
 
+def _reach(name: str) -> int:
+    """How far (px) beyond its own f×f block of pixels one position of this layer sees, on either
+    side: the span of input pixels a position depends on, walked back from the layer (a 3×3 conv
+    widens it by one position each side, a 2×2 pool doubles it), less the block.
+    relu5_1: pixels 16i − 58 … 16i + 73 for position i, so 58 px each side of 16i … 16i + 15."""
+    lo, hi = 0, 0  # in the coordinates of the current layer's input, for output position 0
+    for n in reversed(VGG16_LAYERS[:VGG16_LAYERS.index(name) + 1]):
+        if n.startswith("conv"):
+            lo, hi = lo - 1, hi + 1
+        elif n.startswith("pool"):
+            lo, hi = 2 * lo, 2 * hi + 1
+    return max(-lo, hi - (layer_factor(name) - 1))
+
+
+def exact_halo(layers: Iterable[str]) -> int:
+    """The halo (px) at which tiled features equal untiled ones: the deepest reach of the layers,
+    rounded up to the alignment (relu5_1: 58 px, 64 px with tiles on multiples of 16)."""
+    layers = list(layers)
+    align = max(layer_factor(n) for n in layers)
+    return -(-max(_reach(n) for n in layers) // align) * align
+
+
+#: The least tile_halo (px) accepted, or the layers' exact halo where that is smaller: below it each
+#: tile's zero-padded border leaves the gradient far off (relative error 1.40 at 16 px, 4.5 at 0;
+#: 0.065 at 32: README, "Tiling").
+MIN_HALO = 32
+
+
 #: One VGG16 layer name, as an enum: the run form shows a dropdown and the API refuses others.
 VGG16Layer = Literal[VGG16_LAYERS]  # type: ignore[valid-type]
 #: Device names the run form offers (cuda:N up to 7: one machine's GPUs).
@@ -284,6 +312,13 @@ class StyleParams(BaseModel):
                 f"style_layer_weights has {len(self.style_layer_weights)} values "
                 f"but style_layers has {len(self.style_layers)} layers"
             )
+        layers = [*self.content_layers, *self.style_layers]
+        if self.tile_halo is not None and self.tile_halo < (least := min(MIN_HALO, exact_halo(layers))):
+            raise ValueError(f"tile_halo {self.tile_halo} leaves each tile's gradient far off; at least {least} px "
+                             f"(exact: {exact_halo(layers)} px for these layers)")
+        if self.image_size < self.content_min_side():
+            raise ValueError(f"image_size {self.image_size} is below what the layers need: at least "
+                             f"{self.content_min_side()} px (for {max(layers, key=layer_factor)})")
         if self.content_weight == self.style_weight == self.tv_weight == 0:
             raise ValueError("content_weight, style_weight and tv_weight are all 0: the objective is constant, "
                              "and each pair would spend its whole budget returning its start image")

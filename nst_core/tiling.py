@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .lbfgs import HISTORY
 from .losses import gram_matrix
-from .params import VGG16_CHANNELS, VGG16_LAYERS, StyleParams, layer_factor
+from .params import VGG16_CHANNELS, VGG16_LAYERS, StyleParams, exact_halo, layer_factor
 
 __all__ = ["Tile", "Tiling", "tile_grid", "positions", "exact_halo", "untiled_bytes", "memory_budget",
            "cgroup_memory_limit", "tiling_for", "tiled_features", "tiled_grams", "tiled_maps", "history_for", "seam_ratio", "HALO"]
@@ -133,27 +133,6 @@ def positions(layer: str, height: int, width: int) -> int:
     """Feature positions nH·nW of a layer over a (height, width) image (what Grams are normalized by)."""
     factor = layer_factor(layer)
     return (height // factor) * (width // factor)
-
-
-def _reach(name: str) -> int:
-    """How far (px) beyond its own f×f block of pixels one position of this layer sees, on either
-    side: the span of input pixels a position depends on, walked back from the layer (a 3×3 conv
-    widens it by one position each side, a 2×2 pool doubles it), less the block.
-    relu5_1: pixels 16i − 58 … 16i + 73 for position i, so 58 px each side of 16i … 16i + 15."""
-    lo, hi = 0, 0  # in the coordinates of the current layer's input, for output position 0
-    for n in reversed(VGG16_LAYERS[:VGG16_LAYERS.index(name) + 1]):
-        if n.startswith("conv"):
-            lo, hi = lo - 1, hi + 1
-        elif n.startswith("pool"):
-            lo, hi = 2 * lo, 2 * hi + 1
-    return max(-lo, hi - (layer_factor(name) - 1))
-
-
-def exact_halo(layers: Iterable[str]) -> int:
-    """The halo (px) at which tiled features equal untiled ones: the deepest reach of the layers,
-    rounded up to the alignment (relu5_1: 58 px, 64 px with tiles on multiples of 16)."""
-    layers = list(layers)
-    return _round_up(max(_reach(n) for n in layers), max(layer_factor(n) for n in layers))
 
 
 def untiled_bytes(height: int, width: int, layers: Iterable[str]) -> int:
