@@ -185,18 +185,19 @@ def read_manifest(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> 
         content, style, output = row.get("content"), row.get("style"), row.get("output")
         if not isinstance(content, str) or not content or not isinstance(style, str) or not style:
             raise PreflightError(f"{where}: needs non-empty 'content' and 'style'")
+        # a bad output name fails its pair alone, as a bad content or style key does: nothing is written
+        problem = ""
         if output is not None and not isinstance(output, str):  # true was written "True.jpg"
-            raise PreflightError(f"{where}: 'output' must be a file name (a string), not {json.dumps(output)}")
-        output = output or None
+            problem, output = f"'output' must be a file name (a string), not {json.dumps(output)}", None
         try:
-            if output is not None:
-                output = safe_key(output)
+            output = safe_key(output) if output else None
         except UnsafeKeyError as err:
-            raise PreflightError(f"{where}: {err}; outputs must stay under the output prefix") from None
+            problem, output = f"{err}; outputs must stay under the output prefix", None
         try:
-            entries.append(SourceEntry(_resolve(content, base), _resolve(style, base), output, where))
-        except UnsafeKeyError as err:  # this pair alone
-            entries.append(SourceEntry(content, style, output, where, error=f"{where}: {err}"))
+            resolved = _resolve(content, base), _resolve(style, base)
+        except UnsafeKeyError as err:
+            resolved, problem = (content, style), problem or str(err)
+        entries.append(SourceEntry(*resolved, output, where, error=f"{where}: {problem}" if problem else ""))
     if not entries:
         raise PreflightError(f"manifest {uri} has no rows")
     return entries
@@ -387,9 +388,10 @@ def plan_pairs(
             continue
         key = pair_key(cid, sid, params, weights_id, fmt, quality)
         name = output_name(e.content, e.style, key, e.output)
-        if folder := reserved_folder(name):
-            raise PreflightError(f"{e.where or name}: output names may not start with {folder}/ "
-                                 f"({'run reports' if folder == RUNS else 'temp files'} live there)")
+        if folder := reserved_folder(name):  # this pair alone
+            why = f"output names may not start with {folder}/ ({'run reports' if folder == RUNS else 'temp files'} live there)"
+            plans.append(PairPlan.refused(i, e.content, e.style, cid, sid, f"{e.where or name}: {why}", "", fmt))
+            continue
         if why := too_long(name):  # only an explicit name can be: it would fail at the write, after the optimization
             plans.append(PairPlan.refused(i, e.content, e.style, cid, sid, f"{e.where or e.content}: {why}", "", fmt))
             continue

@@ -270,15 +270,20 @@ def test_manifests_jsonl_and_csv_with_a_missing_key(bucket):
     assert len([k for k in keys(client, name, "csv-out/") if k.endswith(".jpg") and "_runs" not in k]) == 1
 
 
-def test_manifest_escaping_the_prefix_is_rejected_before_any_work(bucket):
+def test_a_manifest_row_escaping_the_prefix_fails_alone_and_writes_nothing_outside(bucket):
+    """Old: the whole run was refused (nothing made) for one such row."""
     name, client = bucket
     seed_bucket(client, name, broken=False)
-    client.put_object(Bucket=name, Key="in/evil.jsonl", Body=json.dumps(
-        {"content": "contents/c0.png", "style": "styles/s0.jpg", "output": "../../escaped"}).encode())
+    client.put_object(Bucket=name, Key="in/evil.jsonl", Body=(json.dumps(
+        {"content": "contents/c0.png", "style": "styles/s0.jpg", "output": "../../escaped"}) + "\n" + json.dumps(
+        {"content": "contents/c1.png", "style": "styles/s0.jpg", "output": "kept"}) + "\n").encode())
     state = run(BatchSource(manifest=f"s3://{name}/in/evil.jsonl"), OutputSpec(uri=f"s3://{name}/out/deep/"))
-    assert state.is_failed()
-    assert "line 1" in state.message and "outside" in state.message
-    assert [k for k in keys(client, name, "") if not k.startswith("in/")] == []
+    report = json.loads(client.get_object(Bucket=name, Key=f"out/deep/_runs/{state.state_details.flow_run_id}.json")
+                        ["Body"].read())
+    evil, kept = report["items"]
+    assert evil["status"] == "failed" and "line 1" in evil["error"] and "outside" in evil["error"], evil
+    assert kept["status"] == "done"
+    assert [k for k in keys(client, name, "") if not k.startswith(("in/", "out/deep/"))] == []
 
 
 def test_preflight_names_missing_weights_and_writes_nothing(tmp_path):
