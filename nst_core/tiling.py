@@ -305,14 +305,19 @@ def history_for(budget: int, numel: int, wanted: int) -> int:
 
 def seam_ratio(image: Tensor, size: int, align: int, offset: tuple[int, int] = (0, 0)) -> float:
     """How much a grid's tile borders stand out in a (B, C, H, W) image: the mean |difference| of
-    neighbouring pixels across the borders over the mean elsewhere (1.0: no seam)."""
+    neighbouring pixels across the borders over the mean elsewhere (1.0: no seam; also with no
+    border). ``size`` and ``offset`` are rounded as ``tile_grid`` rounds them: its borders."""
     height, width = image.shape[-2:]
+    size = max(align, _round_up(size, align))
+    offset = (offset[0] // align * align, offset[1] // align * align)
     dy = (image[..., 1:, :] - image[..., :-1, :]).abs()  # dy[..., r, :] crosses from row r to r + 1
     dx = (image[..., :, 1:] - image[..., :, :-1]).abs()
     rows = torch.zeros(height - 1, dtype=torch.bool)
     cols = torch.zeros(width - 1, dtype=torch.bool)
     rows[[c - 1 for c in _cuts(height, size, align, offset[0])[1:-1]]] = True
     cols[[c - 1 for c in _cuts(width, size, align, offset[1])[1:-1]]] = True
+    if not (rows.any() or cols.any()):
+        return 1.0
     across = torch.cat([dy[..., rows, :].flatten(), dx[..., cols].flatten()])
     along = torch.cat([dy[..., ~rows, :].flatten(), dx[..., ~cols].flatten()])
     return float(across.mean() / along.mean())

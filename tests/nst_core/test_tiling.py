@@ -266,3 +266,15 @@ def test_a_containers_memory_limit_bounds_the_cpu_budget(tmp_path, monkeypatch):
     assert memory_budget(params(), cpu) == 2 * 2**30  # half the container's 4 GiB, not half the host
     assert memory_budget(params(max_memory_gb=8), cpu) == 8 * 2**30  # a budget given is the budget
     assert tiling_for(params(), 4096, 2724, cpu) is not None
+
+
+def test_the_seam_metric_measures_the_grid_the_tiles_use():
+    """Old: ``seam_ratio`` cut at a size and offset not rounded as ``tile_grid`` rounds them (70 px
+    tiles at offset 5: borders 75 and 140 where the tiles meet at 80), and was NaN with no cut."""
+    image = torch.rand(1, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+    meet = sorted({t.y1 for t in tile_grid(160, 160, 70, 0, 16, (5, 5))} - {160})
+    assert meet == [80]
+    image[..., 80:, :] += 1  # a step where the tiles meet, both ways: a seam there
+    image[..., :, 80:] += 1
+    assert seam_ratio(image, 70, 16, (5, 5)) > 2
+    assert seam_ratio(image[..., :64, :64], 70, 16) == 1.0  # one tile: no border, no seam
