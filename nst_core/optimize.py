@@ -476,6 +476,10 @@ def _optimize_scale(objective: Objective, x0: Tensor, evaluations: int, params: 
             # Tiled, the tail's own values carry the halo's approximation (±0.05% between grid
             # offsets in a one-off check at 96 px): its best is measured exactly again at the end.
             before_tail = (best.clone(), best_total.clone()) if objective.tiling is not None else None
+            # The early stop judges exact values only: the reduced-precision phase levels off at its
+            # own rounding floor, which is why the tail exists (judged there, a stop skipped the tail
+            # and returned the best by bf16 values, worse than the start in the engine review).
+            seen = []
         # Differs from Gatys et al. (unconstrained pixels) because an image outside [0, 1] is not
         # one we can return, and VGG was trained on in-range inputs; the clamp is a projection
         # before each evaluation, so the loss reported is that of a valid image.
@@ -497,21 +501,17 @@ def _optimize_scale(objective: Objective, x0: Tensor, evaluations: int, params: 
             since_best = torch.where(better, 0, since_best + 1)
             seen.append(best_total)
             stopped = torch.zeros_like(active)
-            if params.stop_tolerance is not None and len(seen) > STOP_WINDOW:
+            in_tail = exact_tail == 0 or e >= evaluations - exact_tail
+            if params.stop_tolerance is not None and in_tail and len(seen) > STOP_WINDOW:
                 before = seen[-STOP_WINDOW - 1]
                 stopped = active & (before - best_total < params.stop_tolerance * before.abs())
-            log.add(terms, active, loss_ok, grad_ok, stopped)
             frozen = frozen | ~loss_ok | ~grad_ok | stopped
             last = e == evaluations - 1
             read = last or (e + 1) % read_every == 0
-            if read:
-                log.flush(index, shape, evaluations, dtype is not None)
-                frozen = frozen | log.failed(x.device)
-                if bool(frozen.all()):
-                    break
-            if last:
-                break
-            if lbfgs is not None:
+            # The step before this evaluation's events: a pair whose L-BFGS ends here closes its
+            # progress count with this event (total = iteration), as an early stop does.
+            ended = torch.zeros_like(active)
+            if not last and lbfgs is not None:
                 grad = torch.where((loss_ok & grad_ok)[:, None, None, None], x.grad, 0.0)
                 # Differs from torch's LBFGS as Gatys et al. used it (which goes on from its last
                 # iterate) because without a line search, and under the clamp above, it can climb
@@ -532,10 +532,18 @@ def _optimize_scale(objective: Objective, x0: Tensor, evaluations: int, params: 
                     lbfgs.step(x.data, grad, held)
                 ended = frozen.logical_not() & ~lbfgs.descending  # torch's LBFGS would end the scale here
                 frozen = frozen | ended
-            else:
+            elif not last:
                 kept = x.detach().clone()
                 adam.step()
                 x.data = torch.where(frozen[:, None, None, None], kept, x.data)
+            log.add(terms, active, loss_ok, grad_ok, stopped | ended)
+            if read:
+                log.flush(index, shape, evaluations, dtype is not None)
+                frozen = frozen | log.failed(x.device)
+                if bool(frozen.all()):  # (one more pass saved once every pair's L-BFGS has ended)
+                    break
+            if last:
+                break
     log.flush(index, shape, evaluations, dtype is not None)
     log.end_stage(evaluations)
     if before_tail is not None:
@@ -553,14 +561,27 @@ def _finish(jobs: list[_Job], x: Tensor, objective: Objective, params: StylePara
     own Y after the chroma went back and the gamut was clipped) and on the start.
     """
     content = torch.cat([job.content for job in jobs])
-    out8 = quantize(with_chroma_of(x, content) if x.shape[1] == 1 else x)
-    seen = out8.float().div_(255)
-    if x.shape[1] == 1:
-        seen = luminance(seen)
+
+    def delivered(image: Tensor) -> tuple[Tensor, Tensor]:
+        """(the 8-bit image written, what the objective sees of it) of an optimized (B, C, H, W) image."""
+        out8 = quantize(with_chroma_of(image, content) if image.shape[1] == 1 else image)
+        seen = out8.float().div_(255)
+        return out8, luminance(seen) if image.shape[1] == 1 else seen
+
+    out8, seen = delivered(x)
     final_size = jobs[0].stages[-1].work.shape[-2:]
     firsts = torch.cat([_own_start(job, len(job.stages) - 1, params) if params.init == "content"
                         else (job.start if len(job.stages) == 1 else _upsample(job.start, final_size)) for job in jobs])
     finals, initials = objective.measure(seen), objective.measure(firsts.clamp(0, 1))
+    if params.init == "content" and any(f["total"] > i["total"] for f, i in zip(finals, initials)):
+        # Differs from Gatys et al. (the optimized image) because the best float image can lose
+        # its small gain to 8-bit rounding and end above the content it started from (light
+        # stylization, a short budget: 0.050763 against 0.050663 in the engine review): the start,
+        # rounded alike, is returned where it is lower.
+        start8, start_seen = delivered(firsts.clamp(0, 1))
+        for b, start in enumerate(objective.measure(start_seen)):
+            if start["total"] < finals[b]["total"]:
+                out8[b], finals[b] = start8[b], start
     results: list[StyleResult | NSTError] = []
     for b, job in enumerate(jobs):
         if job.error is not None:
