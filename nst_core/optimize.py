@@ -9,7 +9,8 @@ Departures from Gatys et al. (2016), each marked where it happens: coarse to fin
 (``schedule``, ``_scale_start``); clamping to [0, 1] before each evaluation and returning the
 best evaluated image, not the last (``_optimize_scale``); reduced precision for the VGG pass
 (``objective``), with the reported losses always recomputed in exact fp32 at the output size
-(``_finish``); luminance-only optimization (``_prepare``).
+(``_finish``); returning the start where the 8-bit best is above it (``_finish``); luminance-only
+optimization (``_prepare``).
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ class StyleProgress:
     """
 
     iteration: int  # 1-based loss evaluation count of this pair, over all scales
-    # evaluations planned over all scales; an early stop (stop_tolerance) lowers it at the event
-    # that stops, so the last event has iteration == total
+    # evaluations planned over all scales; an early stop (stop_tolerance) or an L-BFGS end lowers
+    # it at the event that stops, so the last event has iteration == total
     total: int
     content: float
     style: float
@@ -169,7 +170,8 @@ def stylize(
 
     Minimizes α·content + β·Σ_l w_l·style_l + γ·tv (``Objective``) over the pixels, clamped to
     [0, 1], over ``scale_sizes(params)`` with ``params.iterations`` loss evaluations in all
-    (``split_budget``), and returns the lowest-loss image evaluated at the last scale.
+    (``split_budget``), and returns the lowest-loss image evaluated at the last scale (or the
+    start, where 8-bit rounding leaves that image above it).
     ``targets`` (from ``compute_style_targets``) skips recomputing the style Grams.
     ``content_name`` / ``style_names`` name the inputs in errors (an image too small for the layers).
     """
@@ -379,7 +381,6 @@ class _Log:
     def __init__(self, indexes: list[int], jobs: list[_Job], progress, started: float):
         self.indexes, self.jobs, self.progress, self.started = indexes, jobs, progress, started
         self.ran_in_stage: dict[int, int] = {}
-        self.settled: set[int] = set()  # pairs whose planned total an early stop already lowered
         self.pending: list[tuple] = []
 
     def add(self, terms: Tensor, active: Tensor, loss_ok: Tensor, grad_ok: Tensor, stopped: Tensor) -> None:
@@ -411,7 +412,6 @@ class _Log:
                     continue
                 if stopped[b]:
                     job.planned -= evaluations - ran
-                    self.settled.add(id(job))
                 if self.progress is not None:
                     try:
                         self.progress(StyleProgress(
@@ -426,15 +426,7 @@ class _Log:
         return torch.tensor([job.error is not None for job in self.jobs], device=device)
 
     def start_stage(self) -> None:
-        self.ran_in_stage, self.settled = {}, set()
-
-    def end_stage(self, evaluations: int) -> None:
-        """A pair that ended its scale sooner than planned without an early stop (its L-BFGS
-        direction went uphill): later events count without the rest."""
-        for job in self.jobs:
-            ran = self.ran_in_stage.get(id(job), 0)
-            if job.error is None and ran < evaluations and id(job) not in self.settled:
-                job.planned -= evaluations - ran
+        self.ran_in_stage = {}
 
 
 def _back_to_best(lbfgs: BatchedLBFGS, x: Tensor, best: Tensor, which: Tensor) -> None:
@@ -545,7 +537,6 @@ def _optimize_scale(objective: Objective, x0: Tensor, evaluations: int, params: 
             if last:
                 break
     log.flush(index, shape, evaluations, dtype is not None)
-    log.end_stage(evaluations)
     if before_tail is not None:
         with torch.no_grad(), precision_section(False):
             exact = objective(best)[:, 3]  # the exact halo

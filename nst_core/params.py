@@ -97,8 +97,20 @@ def exact_halo(layers: Iterable[str]) -> int:
     """The halo (px) at which tiled features equal untiled ones: the deepest reach of the layers,
     rounded up to the alignment (relu5_1: 58 px, 64 px with tiles on multiples of 16)."""
     layers = list(layers)
-    align = max(layer_factor(n) for n in layers)
-    return -(-max(_reach(n) for n in layers) // align) * align
+    return round_up(max(_reach(n) for n in layers), max(layer_factor(n) for n in layers))
+
+
+def round_up(value: int, align: int) -> int:
+    """``value`` up to a multiple of ``align``."""
+    return -(-value // align) * align
+
+
+def used_halo(halo: int, layers: Iterable[str]) -> int:
+    """The halo (px) tiles get for a ``tile_halo`` of ``halo``: up to the pools' alignment, and never
+    beyond the exact halo (a wider one costs more and changes nothing; up to relu3_1 the exact halo
+    is 12 px, under the default 32)."""
+    layers = list(layers)
+    return min(round_up(halo, max(layer_factor(n) for n in layers)), exact_halo(layers))
 
 
 #: The least tile_halo (px) accepted, or the layers' exact halo where that is smaller: below it each
@@ -313,8 +325,10 @@ class StyleParams(BaseModel):
                 f"but style_layers has {len(self.style_layers)} layers"
             )
         layers = [*self.content_layers, *self.style_layers]
-        if self.tile_halo is not None and self.tile_halo < (least := min(MIN_HALO, exact_halo(layers))):
-            raise ValueError(f"tile_halo {self.tile_halo} leaves each tile's gradient far off; at least {least} px "
+        if (self.tile_halo is not None and self.tile_size != "off"
+                and used_halo(self.tile_halo, layers) < (least := used_halo(MIN_HALO, layers))):
+            raise ValueError(f"tile_halo {self.tile_halo} leaves each tile's gradient far off; at least "
+                             f"{least - max(layer_factor(n) for n in layers) + 1} px, which tiles use as {least} "
                              f"(exact: {exact_halo(layers)} px for these layers)")
         if self.image_size < self.content_min_side():
             raise ValueError(f"image_size {self.image_size} is below what the layers need: at least "

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .lbfgs import HISTORY
 from .losses import gram_matrix
-from .params import VGG16_CHANNELS, VGG16_LAYERS, StyleParams, exact_halo, layer_factor
+from .params import VGG16_CHANNELS, VGG16_LAYERS, StyleParams, exact_halo, layer_factor, round_up, used_halo
 
 __all__ = ["Tile", "Tiling", "tile_grid", "positions", "exact_halo", "untiled_bytes", "memory_budget",
            "cgroup_memory_limit", "tiling_for", "tiled_features", "tiled_grams", "tiled_maps", "history_for", "seam_ratio", "HALO"]
@@ -112,21 +112,24 @@ def _cuts(length: int, size: int, align: int, offset: int) -> list[int]:
     return [0, *inner, length]
 
 
+def _grid_cuts(height: int, width: int, size: int, align: int, offset: tuple[int, int]) -> tuple[list[int], list[int]]:
+    """(row edges, column edges) of the grid of ``size`` px tiles at ``offset``, both rounded to
+    ``align`` (size up, offset down)."""
+    size = max(align, round_up(size, align))
+    return (_cuts(height, size, align, offset[0] // align * align),
+            _cuts(width, size, align, offset[1] // align * align))
+
+
 def tile_grid(height: int, width: int, size: int, halo: int, align: int,
               offset: tuple[int, int] = (0, 0)) -> list[Tile]:
     """Tiles covering a (height, width) image: cores partition it, crops add ``halo`` inside it.
 
     ``size``, ``halo`` and ``offset`` are rounded to multiples of ``align`` (size and halo up).
     """
-    size, halo = max(align, _round_up(size, align)), _round_up(halo, align)
-    ys = _cuts(height, size, align, offset[0] // align * align)
-    xs = _cuts(width, size, align, offset[1] // align * align)
+    halo = round_up(halo, align)
+    ys, xs = _grid_cuts(height, width, size, align, offset)
     return [Tile(y0, y1, x0, x1, max(0, y0 - halo), min(height, y1 + halo), max(0, x0 - halo), min(width, x1 + halo))
             for y0, y1 in zip(ys, ys[1:]) for x0, x1 in zip(xs, xs[1:])]
-
-
-def _round_up(value: int, align: int) -> int:
-    return -(-value // align) * align
 
 
 def positions(layer: str, height: int, width: int) -> int:
@@ -224,15 +227,12 @@ def tiling_for(params: StyleParams, height: int, width: int, device: torch.devic
     """
     layers = [*params.content_layers, *params.style_layers]
     align = max(layer_factor(n) for n in layers)
-    halo = HALO if params.tile_halo is None else params.tile_halo
+    halo = used_halo(HALO if params.tile_halo is None else params.tile_halo, layers)
     exact = exact_halo(layers)
-    # never beyond the exact halo: a wider one costs more and changes nothing (up to relu3_1 the exact
-    # halo is 12 px, under the default 32)
-    halo = min(_round_up(halo, align), exact)
     if params.tile_size == "off":
         return None
     if params.tile_size != "auto":
-        size = _round_up(params.tile_size, align)  # what the grid uses, recorded as such
+        size = round_up(params.tile_size, align)  # what the grid uses, recorded as such
         return Tiling(size, halo, align, exact) if max(height, width) > size else None
     budget = memory_budget(params, device)
     # L-BFGS pairs of an untiled run, fp32; Adam keeps none (its moments are in untiled_bytes)
@@ -241,7 +241,7 @@ def tiling_for(params: StyleParams, height: int, width: int, device: torch.devic
         return None
     # Below a core of twice the halo a tile is mostly halo (work grows as ((s + 2h)/s)^2): the
     # smallest tile, even where its pass exceeds a quarter of a tiny budget.
-    size = max(align, _round_up(2 * halo, align))
+    size = max(align, round_up(2 * halo, align))
     while size < max(height, width) and untiled_bytes(size + align + 2 * halo, size + align + 2 * halo, layers) <= budget / 4:
         size += align
     return Tiling(size, halo, align, exact)
@@ -308,14 +308,13 @@ def seam_ratio(image: Tensor, size: int, align: int, offset: tuple[int, int] = (
     neighbouring pixels across the borders over the mean elsewhere (1.0: no seam; also with no
     border). ``size`` and ``offset`` are rounded as ``tile_grid`` rounds them: its borders."""
     height, width = image.shape[-2:]
-    size = max(align, _round_up(size, align))
-    offset = (offset[0] // align * align, offset[1] // align * align)
+    ys, xs = _grid_cuts(height, width, size, align, offset)
     dy = (image[..., 1:, :] - image[..., :-1, :]).abs()  # dy[..., r, :] crosses from row r to r + 1
     dx = (image[..., :, 1:] - image[..., :, :-1]).abs()
     rows = torch.zeros(height - 1, dtype=torch.bool)
     cols = torch.zeros(width - 1, dtype=torch.bool)
-    rows[[c - 1 for c in _cuts(height, size, align, offset[0])[1:-1]]] = True
-    cols[[c - 1 for c in _cuts(width, size, align, offset[1])[1:-1]]] = True
+    rows[[c - 1 for c in ys[1:-1]]] = True
+    cols[[c - 1 for c in xs[1:-1]]] = True
     if not (rows.any() or cols.any()):
         return 1.0
     across = torch.cat([dy[..., rows, :].flatten(), dx[..., cols].flatten()])

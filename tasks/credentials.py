@@ -102,17 +102,6 @@ def _read_block(name: str) -> dict[str, Any]:
     return doc.data or {}
 
 
-def _check_config(name: str, config: Any) -> None:
-    """Refuse, by the block's name, a botocore config the S3 client could not be built with."""
-    from botocore.config import Config
-
-    try:
-        Config(**config)
-    except (TypeError, ValueError) as err:
-        raise CredentialsError(f"storage_credentials: the config of block {name!r} is not a botocore "
-                               f"Config: {err}") from None
-
-
 def resolve(name: str) -> StorageCredentials:
     """The credentials block ``name`` read now ("" = ``DEFAULT_CHAIN``), checked: a missing block, or
     an endpoint URL with ``user:password@`` in it (boto echoes endpoint URLs into its errors, which
@@ -130,14 +119,12 @@ def resolve(name: str) -> StorageCredentials:
         )
     if not params.get("endpoint_url"):  # boto falls back to the environment's endpoint
         _check_environment()
-    if params.get("config"):
-        _check_config(name, params["config"])
     # prefect-aws keeps a CA bundle in verify_cert_path (a path in verify is its deprecated form) and
     # ignores it when verify is False, as boto3 gets it from AwsClientParameters
     verify = params.get("verify")
     if params.get("verify_cert_path") and verify is not False:
         verify = params["verify_cert_path"]
-    return StorageCredentials(
+    credentials = StorageCredentials(
         block=name,
         access_key_id=data.get("aws_access_key_id") or None,
         secret_access_key=_secret(data.get("aws_secret_access_key")) or None,
@@ -148,3 +135,12 @@ def resolve(name: str) -> StorageCredentials:
         verify=True if verify is None else verify,
         client_config=json.dumps(params["config"], sort_keys=True) if params.get("config") else "",
     )
+    if credentials.client_config:  # built here (no network), so a config botocore refuses fails by the block's name
+        from .storage import s3_client
+
+        try:
+            s3_client(credentials)
+        except Exception as err:
+            raise CredentialsError(f"storage_credentials: block {name!r}: its aws_client_parameters give no S3 client: "
+                                   f"{type(err).__name__}: {err}") from None
+    return credentials

@@ -154,7 +154,7 @@ class PairContext:
 
     def opener(self, uri: str) -> bytes:
         """Bytes of a URI the engine asks for (weights), read with the run's credentials."""
-        return weights_reader(self.credentials, self.health)(uri)
+        return weights_reader(self.credentials, self.health, stop_requested.is_set)(uri)
 
 
 @dataclass

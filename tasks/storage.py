@@ -956,12 +956,12 @@ def read_uri(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN, max_byte
     return storage.read(key, max_bytes)[0]
 
 
-def weights_reader(credentials: StorageCredentials = DEFAULT_CHAIN,
-                   health: StorageHealth | None = None) -> Callable[[str], bytes]:
+def weights_reader(credentials: StorageCredentials = DEFAULT_CHAIN, health: StorageHealth | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> Callable[[str], bytes]:
     """The engine's reader of weights URIs it cannot open itself (s3://): ``read_uri`` with the
     run's credentials, each transient error retried as every other read is (one 503 while reading
     the 528 MB checkpoint must not fail a nightly run)."""
-    return lambda uri: retrying(lambda: read_uri(uri, credentials), health=health)
+    return lambda uri: retrying(lambda: read_uri(uri, credentials), health=health, should_stop=should_stop)
 
 
 def read_object(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN,

@@ -149,13 +149,13 @@ def test_a_halo_too_small_for_a_close_gradient_is_refused_naming_the_least():
     gradient was far off (relative error 4.5 at halo 0, 1.40 at 16: README's tiling table) and the
     logged losses ~40% off the true ones, with no word. Halos of at least 32 px, or the layers'
     exact halo where that is smaller (12 px up to relu3_1), are accepted."""
-    with pytest.raises(ValidationError, match="tile_halo 0 .* at least 32"):
+    with pytest.raises(ValidationError, match="tile_halo 0 .* at least 17 px, which tiles use as 32"):
         StyleParams(tile_halo=0)
-    with pytest.raises(ValidationError, match="tile_halo 16 .* at least 32"):
-        StyleParams(tile_halo=16)
     assert StyleParams(tile_halo=32).tile_halo == 32
     shallow = {"content_layers": ["relu2_2"], "style_layers": ["relu1_1", "relu2_1", "relu3_1"]}
     assert StyleParams(tile_halo=12, **shallow).tile_halo == 12
+    with pytest.raises(ValidationError, match="at least 9 px, which tiles use as 12"):
+        StyleParams(tile_halo=8, **shallow)
 
 
 def test_an_image_size_no_image_can_have_for_the_layers_is_refused_up_front():
@@ -164,3 +164,15 @@ def test_an_image_size_no_image_can_have_for_the_layers_is_refused_up_front():
     with pytest.raises(ValidationError, match="image_size 16 .* at least 32 px"):
         StyleParams(image_size=16, content_layers=["pool5"])
     assert StyleParams(image_size=32, content_layers=["pool5"]).image_size == 32
+
+
+def test_a_halo_that_tiles_round_up_to_32_is_accepted_and_one_without_tiles_is_not_judged():
+    """The first version judged the number as written: 20 px, which tiles round up to 32 (the
+    pools' 16 px), was refused as "far off", and so was any halo with tiling off."""
+    from nst_core.tiling import tiling_for
+
+    p = StyleParams(tile_halo=20, tile_size=64, weights="random", device="cpu")
+    assert tiling_for(p, 200, 200, "cpu").halo == 32
+    with pytest.raises(ValidationError, match="at least 17 px, which tiles use as 32"):
+        StyleParams(tile_halo=16)
+    assert StyleParams(tile_halo=0, tile_size="off").tile_halo == 0

@@ -197,9 +197,11 @@ def test_a_blocks_botocore_config_reaches_the_client_under_the_clients_own_timeo
     config = storage.s3_client(resolve("nst-path-style")).meta.config
     assert config.s3["addressing_style"] == "path"
     assert config.read_timeout == storage.S3_TIMEOUTS[1]  # bounded time stays the client's
-    save_aws_credentials_block("nst-bad-config", "http://127.0.0.1:9", config={"no_such_setting": 1})
-    with pytest.raises(CredentialsError, match="nst-bad-config"):
-        resolve("nst-bad-config")
+    # refused by Config(), by botocore's own checks of it, and only when the client is built
+    for bad in ({"no_such_setting": 1}, {"retries": {"mode": "bogus"}}, {"s3": "x"}, {"s3": {"addressing_style": "bogus"}}):
+        save_aws_credentials_block("nst-bad-config", "http://127.0.0.1:9", config=bad)
+        with pytest.raises(CredentialsError, match="nst-bad-config"):
+            resolve("nst-bad-config")
 
 
 def test_a_block_edited_between_runs_is_read_again_and_its_repr_shows_no_secret():
