@@ -31,8 +31,8 @@
 # against the compact form nst_core uses (benchmarks/lbfgs.py); engine cost per evaluation at
 # 128-512 px (fp32) and 512 px (bf16): bare VGG pass, + Grams,
 # stylize (goals: Grams share <= 10%, overhead <= 3%); the default against single-scale fp32 on
-# every pair of the photo set and examples/ at 256 and 512 px, with today's exact tail (2/3) and the
-# candidate 0.8 against one reference run each (benchmarks/quality.py; goals: loss ratio <= 1.02 on
+# every pair of the photo set and examples/ at 256 and 512 px, with today's exact tail (0.8) and the
+# earlier 2/3 against one reference run each (benchmarks/quality.py; goals: loss ratio <= 1.02 on
 # every pair, geometric-mean time ratio <= 0.5); 512 px x 500 evaluations wall time for fp32, TF32, bf16
 # (single scale) and the default (goal <= 5 s on an H200); the speed.py ratio (goal <= 0.5);
 # channels_last vs contiguous; pairs per hour with N = 1, 2, 4 ... 32 pairs per device step and

@@ -58,11 +58,12 @@ GPU_READ_EVERY = 8
 #: in exact fp32 at the end, continuing the same L-BFGS; the image returned is the best by exact
 #: loss of the tail's evaluations and the reduced-precision phase's best.
 #: Differs from a plain bf16 run because bf16 gradients carry ~0.4% rounding, as large as the
-#: loss differences L-BFGS steers by near the end. Two thirds, because on a high-frequency style
+#: loss differences L-BFGS steers by near the end. Four fifths, because on a high-frequency style
 #: the bf16 phase settles somewhere the tail cannot fully leave (chelsea × brick, 256 px, 300
 #: evaluations, over single-scale fp32: bf16 alone 1.091, a third 1.038, half 1.023, two thirds
-#: 1.014; benchmarks/quality.py puts every pair of its set within 1.02 with two thirds).
-EXACT_TAIL = 2 / 3
+#: 1.014), and because after the L-BFGS restart two thirds left houses × mosaic at 512 px at
+#: 1.023, four fifths at 1.019 (benchmarks/quality.py, 2026-12-07: README, Performance).
+EXACT_TAIL = 0.8
 
 
 @dataclass(frozen=True)
