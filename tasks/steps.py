@@ -95,7 +95,7 @@ class StepSizer:
         if not device.startswith("cuda"):
             return 1  # CPU: measured not to pay; MPS: not measured
         cost = self.bytes_per_pixel.get(device)
-        if cost is None:
+        if not cost:
             return 1  # this step measures
         import torch
 
@@ -105,10 +105,14 @@ class StepSizer:
         return max(1, min(MAX_AUTO, int(HEADROOM * usable / (cost * pixels))))
 
     @contextmanager
-    def measure(self, device: str, pixels: int) -> Iterator[None]:
-        """Record the bytes per pixel of the step run inside; ``pixels`` = B·H·W. CUDA only."""
+    def measure(self, device: str, pixels: int) -> Iterator[dict]:
+        """Record the bytes per pixel of the step run inside; ``pixels`` = B·H·W. CUDA only. The
+        block sets the dict's "counts" False when no pair of the step got far enough to say what a
+        pair costs (every one refused: a style too thin, a bad image), as does a step that
+        allocated nothing: a cost of 0 made every later auto step divide by it."""
+        counts = {"counts": True}
         if not device.startswith("cuda"):
-            yield
+            yield counts
             return
         import torch
 
@@ -118,9 +122,10 @@ class StepSizer:
         torch.cuda.init()
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
-        yield
+        yield counts
         cost = (torch.cuda.max_memory_allocated(dev) - base) / max(1, pixels)
-        self.bytes_per_pixel[device] = max(cost, self.bytes_per_pixel.get(device, 0.0))
+        if counts["counts"] and cost > 0:
+            self.bytes_per_pixel[device] = max(cost, self.bytes_per_pixel.get(device, 0.0))
 
 
 class DeviceSteps:
@@ -209,8 +214,9 @@ class DeviceSteps:
             r.started, r.device = start, device
         outcomes: list = [None] * len(group)
         try:
-            with self.sizer.measure(device, len(group) * group[0].pixels):
+            with self.sizer.measure(device, len(group) * group[0].pixels) as measured:
                 outcomes = list(group[0].step(device, group))
+                measured["counts"] = not all(isinstance(o, BaseException) for o in outcomes)
         except BaseException as err:  # the step as a whole failed (changed weights, a bug): each pair says so
             outcomes = [err] * len(group)
             if not isinstance(err, Exception):

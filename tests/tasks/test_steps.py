@@ -181,6 +181,45 @@ def test_measuring_initialises_cuda_first(monkeypatch):
     assert sizer.bytes_per_pixel["cuda:0"] == 4.0
 
 
+def fake_cuda_memory(monkeypatch):
+    """CUDA's memory calls, modelled (no GPU here): 20 GiB free, nothing allocated between steps;
+    a step's peak is what it sets ``state["peak"]`` to."""
+    import torch
+
+    state = {"peak": 0}
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda dev: state.update(peak=0))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda dev: state["peak"])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (20 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev: 0)
+    return state
+
+
+def test_a_first_step_whose_pairs_were_all_refused_measures_nothing(monkeypatch):
+    """A step whose one pair is refused before it allocates (a style too thin for the output size,
+    a bad image; the weights already on the device from preflight) peaks at its start: the old
+    sizer recorded a cost of 0 bytes per pixel, and every later auto step on that device divided by
+    it: ZeroDivisionError for every pair after the first of a one-GPU run."""
+    state = fake_cuda_memory(monkeypatch)
+    board, sizes = DeviceSteps(["cuda:0"]), []
+
+    def step(device, requests):
+        sizes.append(len(requests))
+        if requests[0].payload == 0:
+            return [ValueError("style too thin")]  # refused before any tensor was made
+        state["peak"] = 1000 * len(requests) * requests[0].pixels
+        return [f"image {r.payload}" for r in requests]
+
+    outcomes = {}
+    for i in range(4):  # one after another: each its own step, as a slow decoder would feed them
+        board.announce(RUN, i)
+        outcomes[i] = board.run(StepRequest(RUN, (32, 32), "auto", step, payload=i), i).outcome
+    assert isinstance(outcomes[0], ValueError)
+    assert [outcomes[i] for i in (1, 2, 3)] == ["image 1", "image 2", "image 3"]
+    assert board.sizer.bytes_per_pixel["cuda:0"] == 1000.0  # measured by the first step that ran a pair
+
+
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
 def test_auto_measures_a_steps_memory_on_cuda():
     """In a fresh process, as a chunk run on a new worker: CUDA not yet initialised."""
