@@ -15,6 +15,7 @@ URL, and stops it when serving stops.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from nst_core.cli import without_userinfo
 from nst_core.errors import NSTError
 from tasks.processes import dies_with_this_process
 
@@ -142,18 +144,30 @@ def serve_deployments(limit: int | None = None, name: str = SERVED_NAME) -> None
     served = deployments(name, limit)
     check_names_are_free([f"stylize-batch/{name}", f"stylize-chunk/{name}"])
     ui = get_current_settings().ui_url
-    if ui:
-        print(f"Prefect UI: {ui}/deployments  (start runs of stylize-batch/{name} from its Run button)", flush=True)
+    if ui:  # Prefect builds it from PREFECT_API_URL, user:password@ and all
+        print(f"Prefect UI: {without_userinfo(ui)}/deployments  (start runs of stylize-batch/{name} from its Run button)", flush=True)
     serve(*served, limit=limit)
 
 
 def answers(api_url: str) -> bool:
-    """Whether a Prefect API answers its health check at ``api_url`` (within 2 s)."""
+    """Whether a Prefect API answers its health check at ``api_url`` (within 2 s): ``true``, as
+    Prefect's does, not just any 200 (``/api/health`` is a common path, and 4200 a common port)."""
     try:
         with urllib.request.urlopen(f"{api_url}/health", timeout=2) as resp:
-            return resp.status == 200
+            return resp.status == 200 and resp.read(16).strip() == b"true"
     except (OSError, urllib.error.URLError):
         return False
+
+
+def _exit_message(port: int, log: str, code: int) -> str:
+    """One line for a `prefect server start` that exited before it answered: its own reason (the
+    last exception it logged, else its last line), and the port advice only where the port was taken."""
+    lines = [line.strip() for line in log.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"\w[\w.]*(?:Error|Exception)\b", line)]
+    reason = without_userinfo((errors or lines or [f"exit code {code}"])[-1])
+    if "already in use" in log:
+        return f"prefect server on port {port} exited: the port is in use; choose another with --port"
+    return f"prefect server on port {port} exited ({reason})"
 
 
 @contextmanager
@@ -173,7 +187,8 @@ def local_server(port: int, timeout: float = SERVER_START_TIMEOUT_S) -> Iterator
     from prefect.settings import get_current_settings
 
     env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
-           "PREFECT_API_URL": api_url, "PREFECT_UI_API_URL": api_url}
+           "PREFECT_API_URL": api_url, "PREFECT_UI_API_URL": api_url,
+           "COLUMNS": "1000"}  # Prefect's console wraps its messages at 80 columns off a terminal
     log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server never blocks on it
     # its own session (a Ctrl-C to nst serve's group is nst's to handle), ending with nst serve however
     # it ends (a kill -9, an OOM kill: the kernel signals it)
@@ -184,9 +199,7 @@ def local_server(port: int, timeout: float = SERVER_START_TIMEOUT_S) -> Iterator
         while not answers(api_url):
             if proc.poll() is not None:
                 log.seek(0)
-                err = log.read().decode(errors="replace").strip().splitlines()
-                raise NSTError(f"prefect server on port {port} exited ({err[-1] if err else proc.returncode}); "
-                               "is the port in use? choose another with --port")
+                raise NSTError(_exit_message(port, log.read().decode(errors="replace"), proc.returncode))
             if time.monotonic() > deadline:
                 raise NSTError(f"prefect server on port {port} did not answer within {timeout:.0f} s")
             time.sleep(0.5)

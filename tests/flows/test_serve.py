@@ -337,3 +337,76 @@ def test_nst_serve_serves_again_when_its_lost_api_answers_again(tmp_path):
     finally:
         stop_process(proc, timeout=60)
         forwarder.down()
+
+
+def test_the_ui_url_nst_serve_prints_carries_no_credentials(monkeypatch, capsys):
+    """Prefect builds its UI URL from PREFECT_API_URL, user:password@ and all; nst serve printed it
+    as is (under systemd, into the journal) where every other line of nst drops them."""
+    import prefect
+    from prefect.settings import temporary_settings
+
+    from flows import serve
+
+    monkeypatch.setattr(serve, "check_names_are_free", lambda names: None)
+    monkeypatch.setattr(prefect, "serve", lambda *deployments, limit=None: None)
+    with temporary_settings(updates={PREFECT_API_URL: "https://admin:s3cret@prefect.example.com/api"}):
+        serve.serve_deployments()
+    out = capsys.readouterr().out
+    assert "Prefect UI: https://prefect.example.com" in out
+    assert "s3cret" not in out and "admin" not in out
+
+
+@contextlib.contextmanager
+def _http_server(status: int, body: bytes):
+    """A plain HTTP server on 127.0.0.1 answering every GET with ``status`` and ``body``; yields its port."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_only_a_prefect_api_counts_as_one_answering():
+    """Any 200 on /api/health (a web app's health check; 4200 is Angular's port too) counted as a
+    Prefect server already answering: nst serve used it and failed with "Expecting value: line 1
+    column 1". Prefect's health check says ``true``."""
+    from flows.serve import answers
+
+    with _http_server(200, b"<html>ok</html>") as port:
+        assert not answers(f"http://127.0.0.1:{port}/api")
+    with _http_server(200, b"true") as port:
+        assert answers(f"http://127.0.0.1:{port}/api")
+
+
+def test_a_local_server_on_a_taken_port_says_so_in_one_whole_line():
+    """Prefect's console wraps at 80 columns off a terminal: the message was the wrapped line's tail
+    ("exited (flag.); is the port in use?"); and every other failure was blamed on the port too."""
+    from flows.serve import _exit_message, local_server
+    from nst_core.errors import NSTError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(NSTError) as err:
+            with local_server(port, timeout=120):
+                pass
+    assert str(err.value) == f"prefect server on port {port} exited: the port is in use; choose another with --port"
+    other = _exit_message(4200, "Traceback ...\nsqlite3.OperationalError: unable to open database file\n", 3)
+    assert other == "prefect server on port 4200 exited (sqlite3.OperationalError: unable to open database file)"
