@@ -39,7 +39,7 @@ from prefect import get_run_logger
 from flows.fanout import PARENT_STOPPED, cancel_children, read_children
 from nst_core.cli import without_userinfo
 from tasks.contract import CRASHED, RUNNING, RUNS, report_bytes, stopped_report
-from tasks.processes import process_gone, this_process
+from tasks.processes import process_alive, process_gone, this_process
 from tasks.storage import Storage, StorageError, retrying
 
 __all__ = ["mark_crashed_reports", "still_running", "this_process", "process_gone", "api_identity", "identity_of", "SMALL_REPORT"]
@@ -135,6 +135,11 @@ def _mark(out: Storage, key: str, why: str | None, logger, spare: set[str] = fro
     if (found := still_running(out, key)) is None:
         return False
     run = {"id": found.get("flow_run_id") or _REPORT_KEY.match(key)["id"], "name": found.get("flow_run")}
+    if why == UNKNOWN and process_alive(found.get("process")):
+        # unknown to this API, but its process runs on this machine (another Prefect home's
+        # temporary API, another user's, a database reset under it): it will write its own end
+        logger.info("%s says running, and its process runs on this machine: left alone", out.uri_for(key))
+        return False
     elsewhere = _judged_elsewhere(found) if why == UNKNOWN else None
     if elsewhere:  # not ours to ask, nor to set Crashed: its report is all this run can mend
         if (why := process_gone(found.get("process")) or _stale(found)) is None:
@@ -173,9 +178,11 @@ def identity_of(api_url: str | None, database_url: str) -> str:
         return f"{TEMPORARY_API} on {socket.gethostname()}: {bare(database_url)}"
     host = (urllib.parse.urlsplit(api_url).hostname or "").lower()
     try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(host)
+        # 0.0.0.0 and [::] too: copied from a server's --host, each machine reaches its own there
+        loopback = ip.is_loopback or ip.is_unspecified
     except ValueError:  # a name
-        loopback = False
+        loopback = host == "localhost"
     return f"{bare(api_url)} on {socket.gethostname()}" if loopback else bare(api_url)
 
 

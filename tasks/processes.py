@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .storage import pid_space
 
-__all__ = ["this_process", "process_gone", "dies_with_this_process"]
+__all__ = ["this_process", "process_gone", "process_alive", "dies_with_this_process"]
 
 
 def this_process(pid: int | None = None) -> dict | None:
@@ -31,6 +31,18 @@ def this_process(pid: int | None = None) -> dict | None:
 def process_gone(process) -> str | None:
     """Why the process a report recorded (``this_process``) is gone, or None: it is alive, or it ran
     on another machine or container, or nothing usable was recorded (nothing here can tell)."""
+    return f"its process (pid {process['pid']}) is gone from this machine" if _judged(process) is False else None
+
+
+def process_alive(process) -> bool:
+    """Whether the process a report recorded (``this_process``) is known alive: on this machine and
+    pid namespace, the same process (its start time) and not a zombie. False where nothing can tell."""
+    return _judged(process) is True
+
+
+def _judged(process) -> bool | None:
+    """True: the recorded process is alive here; False: it is gone from here; None: nothing here
+    can tell (another machine or container, nothing usable recorded, hidden from this user)."""
     here = this_process()
     if not isinstance(process, dict) or here is None:
         return None
@@ -42,7 +54,7 @@ def process_gone(process) -> str | None:
     try:
         fields = _stat(pid)
         if int(fields[19]) == started and fields[0] != "Z":  # starttime (field 22), state (3): a zombie has ended
-            return None
+            return True
     except (OSError, ValueError, IndexError):
         try:  # unreadable: gone, or hidden (/proc mounted hidepid: another user's process)
             os.kill(pid, 0)
@@ -51,7 +63,7 @@ def process_gone(process) -> str | None:
             pass
         except OSError:
             return None
-    return f"its process (pid {pid}) is gone from this machine"
+    return False
 
 
 def _stat(pid: int) -> list[str]:

@@ -138,6 +138,41 @@ def test_a_report_of_a_run_on_another_prefect_api_is_left_alone_unless_its_proce
     assert report("container")["status"] == "crashed" and "unknown to the Prefect API" in report("container")["error"]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process identities are read from /proc")
+def test_a_run_unknown_to_this_api_whose_process_lives_on_this_machine_is_left_alone(tmp_path):
+    """Two Prefect homes on one machine (two users of a GPU box, root and a user, `nst batch` beside
+    `nst serve`'s server) on one output: each temporary API knows only its own runs, so the other's
+    live run was "unknown to the Prefect API" and its report marked crashed while it ran, though
+    its process was alive right here; and the live run's own end then left that wrong reason."""
+    import subprocess
+
+    from flows.orphans import this_process
+
+    for folder, kind in (("c", "content"), ("s", "style")):
+        (tmp_path / folder).mkdir()
+        pattern((24, 24), kind).save(tmp_path / folder / f"{kind}.png")
+    runs = tmp_path / "out" / "_runs"
+    runs.mkdir(parents=True)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        neighbour = "temporary API on this-box: sqlite+aiosqlite:////home/other/.prefect/prefect.db"
+        run_id = str(uuid.uuid4())
+        report = running_report({"id": run_id, "name": "neighbour"}, process=this_process(child.pid), api=neighbour)
+        (runs / f"{run_id}.json").write_bytes(report_bytes(report))
+        state = stylize_batch(BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s")),
+                              OutputSpec(uri=str(tmp_path / "out")), tiny_params(), RunOptions(), return_state=True)
+        assert state.is_completed(), state.message
+        assert json.loads((runs / f"{run_id}.json").read_text())["status"] == "running"
+    finally:
+        child.kill()
+        child.wait()
+    state = stylize_batch(BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s")),
+                          OutputSpec(uri=str(tmp_path / "out")), tiny_params(), RunOptions(), return_state=True)
+    assert state.is_completed(), state.message
+    marked = json.loads((runs / f"{run_id}.json").read_text())
+    assert marked["status"] == "crashed" and "unknown to the Prefect API" in marked["error"]  # once it is gone
+
+
 def test_the_api_a_report_names_carries_no_credentials():
     from flows.orphans import identity_of
 
@@ -158,7 +193,8 @@ def test_a_loopback_api_is_this_machines_own_and_another_machines_runs_on_theirs
     from flows.orphans import identity_of
 
     here = socket.gethostname()
-    for url in ("http://127.0.0.1:4200/api", "http://localhost:4200/api/", "http://[::1]:4200/api"):
+    for url in ("http://127.0.0.1:4200/api", "http://localhost:4200/api/", "http://[::1]:4200/api",
+                "http://0.0.0.0:4200/api", "http://[::]:4200/api"):  # copied from a server's --host
         assert identity_of(url, "") == f"{url.rstrip('/')} on {here}"
     assert identity_of("https://prefect.example.com/api", "") == "https://prefect.example.com/api"
     monkeypatch.setattr(orphans, "api_identity", lambda: identity_of("http://127.0.0.1:4200/api", ""))
