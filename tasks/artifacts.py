@@ -300,7 +300,7 @@ class RunProgress:
             finally:
                 self._lock.release()
         finished = min(self.total, self.finished + found)
-        text = f"stopped after {finished} of {self.total} pairs ({why})"
+        text = f"stopped after {finished} of {self.total} pairs ({md_text(why)})"  # an error: it may name inputs
         text += f"; {self.already} of {self.pairs} already done" if self.already else ""
         self._stop = (100.0 * finished / self.total if self.total else 100.0, text)
         post = threading.Thread(target=self._post, args=self._stop, daemon=True)
@@ -402,7 +402,7 @@ def publish_artifacts(report: dict, out, expiry_hours: int, warning: str | None 
             if attempt > 1 and f"-attempt-{attempt}-" not in uri:  # this attempt had no thumbnails to draw
                 shown += (", drawn by an earlier attempt (this one's pairs came back from chunk runs without "
                           "thumbnails)" if counts.get("done") else ", drawn by an earlier attempt (this one stylized nothing)")
-            how = expiry_note if url.startswith("http") else f"embedded copy of {uri}"
+            how = expiry_note if url.startswith("http") else f"embedded copy of {md_code(uri)}"
             ids[kind] = create_image_artifact(url, key=artifact_key(kind.replace("_", "-")),
                                               description=f"{what} of run {run}: {shown} ({how}).")
 
@@ -423,7 +423,8 @@ def publish_artifacts(report: dict, out, expiry_hours: int, warning: str | None 
             "the table.",
             key=artifact_key("report"), description=f"Run report of run {run}: not written, the storage failed.")
     elif links["report"]:
-        ids["report"] = create_link_artifact(links["report"], link_text=report["report"], key=artifact_key("report"),
+        # the UI renders it as [link_text](link): a bracket in the output prefix would make its own link
+        ids["report"] = create_link_artifact(links["report"], link_text=md_text(report["report"]), key=artifact_key("report"),
                                              description=f"{what} ({expiry_note}).")
     else:  # a local path: as a link, the UI would open it on its own host, where it is not
         ids["report"] = create_markdown_artifact(md_code(report["report"]), key=artifact_key("report"),

@@ -12,6 +12,7 @@ from flows.batch import stylize_batch
 from helpers import artifacts_of, pattern, to_bytes
 from nst_core.params import StyleParams
 from tasks.artifacts import RunProgress, artifact_key
+from tasks.report import md_text
 from tasks.models import BatchSource, OutputSpec, RunOptions
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_api")]
@@ -58,7 +59,7 @@ def test_s3_run_shows_contact_sheet_loss_curve_links_and_progress(bucket):
     assert all(r["final_loss"] for r in table)
     markdown = {a.description.split(" of ")[0]: a.data for a in arts["markdown"]}  # a link artifact is markdown
     link = markdown["Run report"]
-    assert link.startswith(f"[{report['report']}](http")
+    assert link.startswith(f"[{md_text(report['report'])}](http")
     assert json.loads(_get(link.split("](", 1)[1][:-1]))["flow_run_id"] == report["flow_run_id"]
     progress = arts["progress"][0]
     assert progress.data == 100.0 and "2 of 2 pairs finished" in progress.description
@@ -120,6 +121,37 @@ def test_local_folder_pictures_are_embedded(tmp_path):
     path = str(tmp_path / "out" / "_runs" / f"{state.state_details.flow_run_id}.json")
     assert "](" not in report.data and f"`{path}`" in report.data, report.data
     assert "on the machine that ran it" in report.description
+
+
+def test_an_output_prefix_that_looks_like_markdown_makes_no_link_of_its_own(bucket, tmp_path, monkeypatch):
+    """The report's link text, an embedded picture's description and a stop's reason went to the UI
+    unescaped, where every other name goes through md_text or md_code: an output prefix
+    ``runs](https:/evil.example/phish)[x/`` made the report card a link labelled with the bucket
+    that opened evil.example (browsers read ``https:/`` as ``https://``)."""
+    name, client = bucket
+    client.put_object(Bucket=name, Key="in/c/c.png", Body=to_bytes(pattern((32, 24), "content")))
+    client.put_object(Bucket=name, Key="in/s/s.png", Body=to_bytes(pattern((24, 32), "style")))
+    hostile = "runs](https:/evil.example/phish)[x"
+    state = stylize_batch(BatchSource(contents=f"s3://{name}/in/c/", styles=f"s3://{name}/in/s/"),
+                          OutputSpec(uri=f"s3://{name}/{hostile}/"), PARAMS, RunOptions(), return_state=True)
+    assert state.is_completed(), state.message
+    link = next(a.data for a in artifacts_of(state.state_details.flow_run_id)["markdown"]
+                if a.description.startswith("Run report"))
+    assert "](https:/evil" not in link and link.count("](") == 1, link
+    (tmp_path / "c").mkdir()
+    (tmp_path / "s").mkdir()
+    pattern((32, 24), "content").save(tmp_path / "c" / "a.png")
+    pattern((24, 32), "style").save(tmp_path / "s" / "b.png")
+    state = stylize_batch(BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s")),
+                          OutputSpec(uri=str(tmp_path / hostile)), PARAMS, RunOptions(), return_state=True)
+    assert state.is_completed(), state.message
+    for art in artifacts_of(state.state_details.flow_run_id)["image"]:
+        outside_code = re.sub(r"`[^`]*`", "", art.description)  # a code span shows its text as is
+        assert "embedded copy of `" in art.description and "](" not in outside_code, art.description
+    sent = _recording_progress(monkeypatch)
+    progress = RunProgress(2, every_s=0.0)
+    progress.stopped("cannot read s3://b/[x](https://evil.example)", wait_s=1)
+    assert "](https://evil" not in sent[-1][1], sent
 
 
 def test_keys_follow_the_deployment_name(monkeypatch):
