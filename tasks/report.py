@@ -82,13 +82,20 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
     """``text`` cut with an ellipsis in the middle so it fits ``width`` pixels (file names keep their ends)."""
     if draw.textlength(text, font=font) <= width:
         return text
-    keep = len(text)
-    while keep > 4:
-        keep -= 1
-        cut = text[: keep // 2] + "…" + text[len(text) - keep // 2:]
-        if draw.textlength(cut, font=font) <= width:
-            return cut
-    return text[:4]
+
+    def cut(keep: int) -> str:
+        return text[: keep // 2] + "…" + text[len(text) - keep // 2:]
+
+    # the most characters kept that fit, by bisection: measuring one cut per character kept was
+    # quadratic in the caption (a 200-row sheet of 250-character names took ~50 s)
+    lo, hi = 3, len(text) - 1  # cut(lo) fits or lo is 3; cut(hi + 1) does not
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if draw.textlength(cut(mid), font=font) <= width:
+            lo = mid
+        else:
+            hi = mid - 1
+    return cut(lo) if lo >= 4 else text[:4]
 
 
 def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
