@@ -189,6 +189,7 @@ def stylize_many(
     *,
     progress: Callable[[StyleProgress], None] | None = None,
     opener: Opener | None = None,
+    started: Callable[[list[int]], None] | None = None,
 ) -> list[StyleResult | NSTError]:
     """Several pairs, each the same optimization as its own ``stylize`` call, optimized together.
 
@@ -196,7 +197,10 @@ def stylize_many(
     per evaluation (no padding: it would change the Grams); each keeps its own targets, L-BFGS
     history, step, best image, losses and history. Returns one StyleResult per pair, in order,
     or the pair's own NSTError (a bad input, a non-finite loss, or an NSTError that ``progress``
-    raised for it: a stop or time limit of that pair) while the others finish.
+    raised for it: a stop or time limit of that pair) while the others finish. ``started(indexes)``
+    is called as the optimization of those pairs starts, and again each time it starts afresh (a
+    step too large for the device runs again in halves, one after the other): a caller's time
+    limit per pair counts from there, not through the other half's run.
     """
     params = params or StyleParams()
     device = resolve_device(params.device)
@@ -232,6 +236,8 @@ def stylize_many(
         steps = list(groups.values())
         while steps:
             indexes = steps.pop(0)
+            if started is not None:
+                started(indexes)
             step = unless_out_of_memory(lambda: _run_step(indexes, [jobs[i] for i in indexes], params, precision,
                                                           extractor, backend, progress), device)
             if step is not OUT_OF_MEMORY:

@@ -200,7 +200,7 @@ class _PairInputs:
     content: object  # PIL image, alpha kept
     style: object  # PIL image, RGB
     logger: object  # its task run's logger: the step may run in another pair's task
-    deadline: float = 0.0  # pair_timeout_s from its step's start, weights loaded: device time counts, not the wait
+    deadline: float = 0.0  # pair_timeout_s from its optimization's (re)start: its own device time counts, not the wait
     best: tuple[int, int, float] = (0, 0, float("inf"))  # (scale, evaluation, loss) of the best so far at that scale
 
     def check(self, ev=None) -> None:
@@ -247,10 +247,6 @@ def _stylize_step(ctx: PairContext, device: str, requests: list[StepRequest]) ->
         extractor = extractor_for(p, opener=ctx.opener)
         if extractor.weights_id != ctx.weights_id:  # a worker whose weights differ from what the run planned with
             raise WeightsError(f"weights here are {extractor.weights_id}, but the run planned with {ctx.weights_id}")
-        # the clock starts once the weights are on the device: a fresh worker's first load (VGG16's
-        # 528 MB from S3, a CUDA context) is no pair's time
-        for x in inputs:
-            x.deadline = time.monotonic() + (ctx.pair_timeout_s or 0)
         outcomes: list = [None] * len(inputs)
         live: list[int] = []
         pairs = []
@@ -274,9 +270,17 @@ def _stylize_step(ctx: PairContext, device: str, requests: list[StepRequest]) ->
             return outcomes
         # A pair's stop or time limit, raised by its progress check, ends that pair alone (the
         # engine fails it and the others run on, a pair already finished keeps its result).
+        def clock_starts(indexes: list[int]) -> None:
+            # as the pairs' optimization starts, weights loaded (a fresh worker's first load, VGG16's
+            # 528 MB from S3 and a CUDA context, is no pair's time), and again when a step too large
+            # for the device runs again in halves: the second half's pairs waited through the
+            # failed step and the first half's run, time none of theirs
+            for i in indexes:
+                inputs[live[i]].deadline = time.monotonic() + (ctx.pair_timeout_s or 0)
+
         try:
             results = stylize_many(pairs, p, progress=lambda ev: inputs[live[ev.pair]].progress(ev),
-                                   opener=ctx.opener)
+                                   opener=ctx.opener, started=clock_starts)
         except NSTError as err:  # the step as a whole (the weights): each pair with its own reason if it has one
             results = [inputs[i].stopped_with_step(err) for i in live]
         for i, result in zip(live, results):

@@ -1184,3 +1184,36 @@ def test_one_throttled_read_of_s3_weights_is_retried_not_a_failed_run(bucket, mo
     state = run(BatchSource(contents=f"s3://{name}/in/contents/", styles=f"s3://{name}/in/styles/"),
                 OutputSpec(uri=f"s3://{name}/out/"), PARAMS.model_copy(update={"weights": f"s3://{name}/models/vgg16.pth"}))
     assert throttled and state.is_completed(), state.message
+
+
+def test_a_pairs_time_limit_counts_none_of_the_wait_while_its_split_step_runs_other_halves(tmp_path, monkeypatch):
+    """A step too large for the device runs again in halves, one after the other, each pair from its
+    start. Old: every pair's clock started with the first step, so the later halves' pairs were
+    charged the failed step and the earlier halves' whole runs, and failed "over pair_timeout_s at
+    evaluation 1" after little time of their own. Here each pair alone takes ~2.2 s (evaluations
+    of 0.5 s); three together run out of memory, then [0, 1] does, then 0, 1 and 2 run one after
+    another: pair 2 waited ~4.4 s before its own ~2.2 s, against a limit of 5 s (old: pairs 1 and
+    2 failed at evaluation 1)."""
+    import time
+
+    import torch
+
+    from nst_core.objective import Objective
+
+    real = Objective.__call__
+
+    def small_slow_device(self, x, dtype=None):
+        if x.requires_grad and x.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if x.requires_grad:
+            time.sleep(0.5)
+        return real(self, x, dtype)
+
+    monkeypatch.setattr(Objective, "__call__", small_slow_device)
+    source = _cross_folders(tmp_path, 3, 1)
+    state = run(source, OutputSpec(uri=str(tmp_path / "out")),
+                PARAMS.model_copy(update={"iterations": 4, "stop_tolerance": None}), pairs_per_step=3,
+                pair_timeout_s=5)
+    report = json.loads(next((tmp_path / "out" / "_runs").glob("*.json")).read_text())
+    assert state.is_completed(), [i.get("error") for i in report["items"]]
+    assert report["totals"]["done"] == 3
