@@ -53,6 +53,7 @@ class _Server(prefect_server.SubprocessASGIServer):
             self.stopping = False
             self.lock = threading.Lock()  # a stop and a restart never cross
             self.watched = False
+            self.answered = False  # once: a later end is a death mid-run, started again
         super().__init__(port)
 
     def stop(self) -> None:
@@ -65,6 +66,11 @@ class _Server(prefect_server.SubprocessASGIServer):
         # another try may escape, or a failed startup, which it will not
         if self.server_process is not None and (cause := startup_failure(self.log)):
             raise _cannot_start(cause)
+        # any other end before it first answered (an OOM kill, a crash in native code): another
+        # start would fare no better, and Prefect's loop would poll a dead process until its timeout
+        if self.server_process is not None and not self.answered and self.server_process.returncode not in (None, 3):
+            raise _cannot_start(f"its process exited with code {self.server_process.returncode}"
+                                f"{last_line(self.log)}")
         with _signals_noted(), _popen_in_new_session(self.log):
             # recorded before a noted Ctrl-C or SIGTERM acts: one that lost it would leave it running
             self.server_process = super()._run_uvicorn_command()
@@ -91,6 +97,7 @@ def start(wait_s: float, wait_setting: str) -> None:
     except BaseException:  # Prefect's start() cleans up after an Exception only
         server.stop()
         raise
+    server.answered = True
     with server.lock:
         if server.watched:
             return
@@ -144,6 +151,13 @@ def _cannot_start(cause: str) -> NSTError:
                     "or set PREFECT_API_URL to a running server")
 
 
+def last_line(log) -> str:
+    """": " and the last line the server logged (credentials removed), or "" when it logged nothing."""
+    log.seek(0)
+    lines = log.read().decode(errors="replace").strip().splitlines()
+    return f": {without_userinfo(lines[-1].strip())}" if lines else ""
+
+
 def startup_failure(log) -> str | None:
     """The exception a failed server startup logged last (credentials removed), else None."""
     log.seek(0)
@@ -185,6 +199,12 @@ def _popen_in_new_session(log):
         def __init__(self, args, *rest, **kwargs):
             super().__init__(dies_with_this_process(list(args)), *rest,
                              **{**kwargs, "start_new_session": True, "stdout": log, "stderr": subprocess.STDOUT})
+
+        def poll(self):
+            # Prefect's start loop acts on exit code 3 alone (it starts another server); any end
+            # reads as 3 there, so _run_uvicorn_command sees it at once (``returncode`` stays true)
+            code = super().poll()
+            return code if code is None else 3
 
     class Subprocess:  # the subprocess module, but for Popen
         Popen = InNewSession
