@@ -571,6 +571,7 @@ def _finish(jobs: list[_Job], x: Tensor, objective: Objective, params: StylePara
     firsts = torch.cat([_own_start(job, len(job.stages) - 1, params) if params.init == "content"
                         else (job.start if len(job.stages) == 1 else _upsample(job.start, final_size)) for job in jobs])
     finals, initials = objective.measure(seen), objective.measure(firsts.clamp(0, 1))
+    returned = ["best evaluation"] * len(jobs)
     if params.init == "content" and any(f["total"] > i["total"] for f, i in zip(finals, initials)):
         # Differs from Gatys et al. (the optimized image) because the best float image can lose
         # its small gain to 8-bit rounding and end above the content it started from (light
@@ -579,7 +580,7 @@ def _finish(jobs: list[_Job], x: Tensor, objective: Objective, params: StylePara
         start8, start_seen = delivered(firsts.clamp(0, 1))
         for b, start in enumerate(objective.measure(start_seen)):
             if start["total"] < finals[b]["total"]:
-                out8[b], finals[b] = start8[b], start
+                out8[b], finals[b], returned[b] = start8[b], start, "start"
     results: list[StyleResult | NSTError] = []
     for b, job in enumerate(jobs):
         if job.error is not None:
@@ -592,6 +593,9 @@ def _finish(jobs: list[_Job], x: Tensor, objective: Objective, params: StylePara
             "device": str(extractor.device),
             "size": list(image.size),
             "evaluations": len(job.history),
+            # "start": the content it started from, rounded to 8 bits, beat every evaluation's
+            # image once rounded alike (its final losses are then the start's)
+            "returned": returned[b],
             "precision": precision,
             "memory_format": "channels_last" if extractor.memory_format == torch.channels_last else "contiguous",
             "scales": job.ran,

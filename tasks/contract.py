@@ -37,7 +37,8 @@ Sidecar fields (``sidecar()``)
     (``final`` is the *best* evaluation: the image written is the lowest-loss one),
     loss_history (<= 100 evaluations, every k-th plus the last), flow_run {id, name},
     labels, created, and the engine's metadata (params, weights_id, device, size,
-    evaluations, seconds, versions).
+    evaluations, returned: "best evaluation", or "start" where the content it started from, rounded
+    to 8 bits, was lower than every evaluation's image rounded alike, seconds, versions).
 
 Run report ``{output}/_runs/{flow_run_id}.json`` (``report_key``)
     Written first as ``running_report`` {flow_run, flow_run_id, status: "running", started,
