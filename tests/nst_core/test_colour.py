@@ -30,3 +30,21 @@ def test_histogram_matching_gives_the_content_colour_statistics():
     out = match_color(src, ref)
     assert torch.allclose(out.reshape(3, -1).mean(1), ref.reshape(3, -1).mean(1), atol=0.02)
     assert torch.allclose(torch.cov(out.reshape(3, -1)), torch.cov(ref.reshape(3, -1)), atol=0.005)
+
+
+def test_a_luminance_put_back_outside_the_gamut_keeps_that_luminance():
+    """Gatys et al. put the optimized Y back with the content's chroma; where the content is
+    saturated, Y + chroma leaves the RGB cube. Clipping each channel moved Y by up to 0.1 (60% of
+    a red-to-blue gradient's pixels), throwing away the texture the optimization put in Y. Now the
+    chroma is pulled toward grey just enough to fit: Y stays, the hue stays."""
+    gen = torch.Generator().manual_seed(0)
+    vivid = torch.rand(1, 3, 24, 32, generator=gen).round()  # pure primaries and secondaries
+    y = torch.rand(1, 1, 24, 32, generator=gen)
+    out = with_chroma_of(y, vivid)
+    assert out.min() >= 0 and out.max() <= 1
+    assert torch.allclose(luminance(out), y, atol=2e-3), (luminance(out) - y).abs().max()
+    cb_cr, kept = rgb_to_ycbcr(vivid)[:, 1:] - 0.5, rgb_to_ycbcr(out)[:, 1:] - 0.5
+    # the chroma only shrinks, along its own direction (the hue is kept)
+    assert (kept.norm(dim=1) <= cb_cr.norm(dim=1) + 2e-3).all()
+    cross = cb_cr[:, 0] * kept[:, 1] - cb_cr[:, 1] * kept[:, 0]
+    assert cross.abs().max() < 2e-3
