@@ -193,7 +193,13 @@ def tv_loss(image: Tensor, reduction: str = "mean") -> Tensor:
     (B, C, H, W) -> scalar (batch mean) or (B,)."""
     dy = image[..., 1:, :] - image[..., :-1, :]
     dx = image[..., :, 1:] - image[..., :, :-1]
-    return _reduce(dy.pow(2).flatten(1).mean(1) + dx.pow(2).flatten(1).mean(1), reduction)
+    return _reduce(_mean_square(dy) + _mean_square(dx), reduction)
+
+
+def _mean_square(d: Tensor) -> Tensor:
+    """Per-sample mean of d² (B,); 0 where d is empty (an image 1 px high or wide: the mean of
+    nothing was NaN, and the pair failed as if its weights were too high)."""
+    return d.pow(2).flatten(1).mean(1) if d[0].numel() else d.new_zeros(d.shape[0])
 
 
 def weighted_sum(terms: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:

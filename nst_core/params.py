@@ -162,6 +162,18 @@ def _check_weights(values: list[float] | None) -> list[float] | None:
 OPTIMIZER_STEPS = {"lbfgs": 1.0, "adam": 0.02}
 
 
+def shares(raw: list[float]) -> list[float]:
+    """``raw`` (finite, >= 0, not all 0) normalized to sum 1. Values whose sum overflows (1e308
+    twice) are divided by the largest first: their sum was inf, every share 0, and the style term
+    vanished without a word."""
+    total = sum(raw)
+    if not math.isfinite(total):
+        top = max(raw)
+        raw = [w / top for w in raw]
+        total = sum(raw)
+    return [w / total for w in raw]
+
+
 def equal_shares(values: list[float] | None) -> bool:
     """Whether ``values``, normalized to sum 1, are equal shares, as no values are: none, or all equal."""
     return not values or len(set(values)) == 1
@@ -346,8 +358,7 @@ class StyleParams(BaseModel):
         """Style layer -> weight, normalized to sum 1 (equal when unset)."""
         # equal values as exactly 1/n, as unset (tasks.contract keys the two as one): 0.3 / sum([0.3] * 5) is not 0.2
         raw = [1.0] * len(self.style_layers) if equal_shares(self.style_layer_weights) else self.style_layer_weights
-        total = sum(raw)
-        return {name: w / total for name, w in zip(self.style_layers, raw)}
+        return dict(zip(self.style_layers, shares(raw)))
 
     def content_min_side(self) -> int:
         """Smallest side (px) the content may have at image_size: every layer sees it."""
@@ -363,8 +374,7 @@ class StyleParams(BaseModel):
         raw = self.style_blend_weights or [1.0] * n_styles
         if len(raw) != n_styles:
             raise ParamsError(f"style_blend_weights has {len(raw)} values for {n_styles} style image(s)")
-        total = sum(raw)
-        return [w / total for w in raw]
+        return shares(raw)
 
 
 def markdown_table() -> str:

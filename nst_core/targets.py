@@ -130,6 +130,8 @@ def compute_style_targets(
     weights = params.blend_weights(len(styles))
     names = list(style_names or [f"style image {i + 1}" if len(styles) > 1 else "style image"
                                  for i in range(len(styles))])
+    if len(names) != len(styles):  # zip would drop the styles past the names, and their weights' share
+        raise ValueError(f"{len(names)} style_names for {len(styles)} styles")
     by_size: dict[int, dict[str, Tensor]] = {}
     # Under the run's deterministic setting, and in exact fp32 (no TF32) whatever the precision:
     # the batch tasks call this outside stylize(), once per style and device.

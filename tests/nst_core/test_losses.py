@@ -143,3 +143,11 @@ def test_style_loss_through_a_bf16_pass_adds_an_fp32_gram_term_as_the_unfused_pa
         grads.append(x.grad)
     assert grads[0].dtype == torch.bfloat16
     assert torch.allclose(grads[0].float(), grads[1].float(), rtol=1e-2, atol=1e-3)
+
+
+def test_total_variation_of_an_image_one_pixel_high_or_wide_is_finite():
+    """With block-1 layers alone an image may be 1 px on a side; the mean of its empty vertical (or
+    horizontal) differences was NaN, and the pair failed "lower the weights or the learning rate"."""
+    row, column = torch.rand(2, 3, 1, 8), torch.rand(2, 3, 8, 1)
+    assert torch.equal(tv_loss(row, "none"), (row[..., 1:] - row[..., :-1]).pow(2).flatten(1).mean(1))
+    assert torch.isfinite(tv_loss(column)) and tv_loss(torch.rand(1, 3, 1, 1)) == 0

@@ -649,6 +649,12 @@ def test_a_vivid_contents_colours_put_back_do_not_undo_the_stylization(init):
     assert result.losses["final"]["total"] <= 1.1 * best, (result.losses["final"]["total"], best)
 
 
+def test_style_names_that_do_not_match_the_styles_are_refused(images):
+    """Two styles and one name: zip dropped the second style, and the first kept half the weight."""
+    with pytest.raises(ValueError, match="1 style_names for 2 styles"):
+        compute_style_targets([images[1], images[0]], params(), style_names=["waves.png"])
+
+
 def test_the_last_progress_event_closes_the_count_when_lbfgs_ends_by_itself(images):
     """Content = style: L-BFGS ends at once (a zero gradient). Old: the events were [(1, 40)], so
     a progress bar stayed at 1/40; the count drops with the last event, as for an early stop."""

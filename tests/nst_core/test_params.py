@@ -176,3 +176,15 @@ def test_a_halo_that_tiles_round_up_to_32_is_accepted_and_one_without_tiles_is_n
     with pytest.raises(ValidationError, match="at least 17 px, which tiles use as 32"):
         StyleParams(tile_halo=16)
     assert StyleParams(tile_halo=0, tile_size="off").tile_halo == 0
+
+
+def test_weights_too_large_to_sum_keep_their_shares():
+    """Each weight finite, their sum not: 1e308 twice summed to inf and every share to 0, so the
+    style term vanished (the content came back pixel for pixel, reported with a style loss of 0)."""
+    p = StyleParams(style_layer_weights=[1e308, 1e308, 1.0, 1.0, 1.0], style_blend_weights=[1e308, 1e308])
+    shares = p.layer_weights()
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert shares["relu1_1"] == shares["relu2_1"] == pytest.approx(0.5)
+    assert p.blend_weights(2) == [0.5, 0.5]
+    usual = StyleParams(style_layer_weights=[0.5, 0.2, 0.1, 0.1, 0.1])
+    assert usual.layer_weights()["relu1_1"] == 0.5 / sum([0.5, 0.2, 0.1, 0.1, 0.1])  # unchanged, bit for bit
