@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["rgb_to_ycbcr", "ycbcr_to_rgb", "luminance", "with_chroma_of", "match_luminance", "match_color"]
+__all__ = ["rgb_to_ycbcr", "ycbcr_to_rgb", "luminance", "with_chroma_of", "visible", "match_luminance", "match_color"]
 
 
 def rgb_to_ycbcr(x: Tensor) -> Tensor:
@@ -45,14 +45,28 @@ def with_chroma_of(y: Tensor, rgb: Tensor) -> Tensor:
     return (y + room.amin(1, keepdim=True).clamp(0, 1) * offset).clamp(0, 1)
 
 
-def match_luminance(style_y: Tensor, content_y: Tensor) -> Tensor:
-    """Give the style's luminance the content's mean and σ (Gatys et al. 2016, "Preserving color").
+def visible(x: Tensor, alpha: Tensor | None) -> Tensor:
+    """The pixels of a (1, C, H, W) image as (C, N) columns: those its alpha (1, 1, H, W) does not
+    hide (alpha > 0), or all of them where there is no alpha or it hides every one."""
+    flat = x.reshape(x.shape[1], -1)
+    if alpha is None:
+        return flat
+    shown = alpha.reshape(-1) > 0
+    return flat[:, shown] if shown.any() else flat
+
+
+def match_luminance(style_y: Tensor, content_y: Tensor, content_alpha: Tensor | None = None) -> Tensor:
+    """Give the style's luminance the content's mean and σ (Gatys et al. 2016, "Preserving color"),
+    over the content's visible pixels (``content_alpha``, (1, 1, H', W'): a cut-out's transparent
+    background is no colour of it).
 
     Y' = (Y_s − μ_s)·σ_c/σ_s + μ_c, clamped to [0, 1] (the range the optimized image lives in).
     (1, 1, H, W), (1, 1, H', W') -> (1, 1, H, W).
     """
     mu_s, sd_s = style_y.mean(), style_y.std().clamp_min(1e-5)
-    return ((style_y - mu_s) * (content_y.std() / sd_s) + content_y.mean()).clamp(0, 1)
+    shown = visible(content_y, content_alpha)
+    sd_c = shown.std() if shown.numel() > 1 else shown.new_zeros(())
+    return ((style_y - mu_s) * (sd_c / sd_s) + shown.mean()).clamp(0, 1)
 
 
 def _sqrtm(cov: Tensor, power: float) -> Tensor:
@@ -61,25 +75,27 @@ def _sqrtm(cov: Tensor, power: float) -> Tensor:
     return vecs @ torch.diag(vals.clamp_min(1e-8) ** power) @ vecs.T
 
 
-def _pixel_stats(t: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean (3, 1) and covariance (3, 3) of a (1, 3, H, W) image's pixels, in float64."""
-    flat = t.reshape(3, -1).double()
+def _pixel_stats(pixels: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean (3, 1) and covariance (3, 3) of (3, N) pixels, in float64."""
+    flat = pixels.double()
     mu = flat.mean(1, keepdim=True)
     centered = flat - mu
     eye = torch.eye(3, dtype=flat.dtype, device=flat.device)
     return mu, centered @ centered.T / flat.shape[1] + 1e-5 * eye
 
 
-def match_color(source: Tensor, reference: Tensor) -> Tensor:
-    """Affine colour transfer: give ``source`` the mean and covariance of ``reference``'s pixels.
+def match_color(source: Tensor, reference: Tensor, reference_alpha: Tensor | None = None) -> Tensor:
+    """Affine colour transfer: give ``source`` the mean and covariance of ``reference``'s visible
+    pixels (``reference_alpha`` (1, 1, H', W'), as ``match_luminance``).
 
     x' = Σ_r^½ Σ_s^-½ (x − μ_s) + μ_r (Gatys et al. 2016, "Preserving color", image analogies
     variant). (1, 3, H, W), (1, 3, H', W') -> (1, 3, H, W), clamped to [0, 1].
     """
     if source.device.type == "mps":  # MPS has no float64 (nor eigh): on the CPU, a 3x3 transform's worth
-        return match_color(source.cpu(), reference.cpu()).to(source.device)
-    mu_s, cov_s = _pixel_stats(source)
-    mu_r, cov_r = _pixel_stats(reference)
+        return match_color(source.cpu(), reference.cpu(),
+                           None if reference_alpha is None else reference_alpha.cpu()).to(source.device)
+    mu_s, cov_s = _pixel_stats(source.reshape(3, -1))
+    mu_r, cov_r = _pixel_stats(visible(reference, reference_alpha))
     transform = _sqrtm(cov_r, 0.5) @ _sqrtm(cov_s, -0.5)
     out = transform @ (source.reshape(3, -1).double() - mu_s) + mu_r
     return out.reshape(source.shape).to(source.dtype).clamp(0, 1)

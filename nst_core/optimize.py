@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -269,6 +270,14 @@ def presized(image: DecodedImage, params: StyleParams) -> DecodedImage:
                         None if image.alpha is None else image.alpha.resize(size, Image.Resampling.LANCZOS))
 
 
+def _alpha_tensor(alpha: Image.Image | None, size: tuple[int, int], device) -> Tensor | None:
+    """A content's alpha (mode L) at ``size`` as (1, 1, H, W) in [0, 1], or None."""
+    if alpha is None:
+        return None
+    a = alpha.resize(size, Image.Resampling.LANCZOS)
+    return torch.from_numpy(np.array(a)).to(device=device, dtype=torch.float32).div_(255)[None, None]
+
+
 def _prepare(pair: StylePair, params: StyleParams, extractor: FeatureExtractor, precision: str) -> _Job:
     """Decode and size the content, get the style targets, the content at each scale, and the
     starting image."""
@@ -282,7 +291,8 @@ def _prepare(pair: StylePair, params: StyleParams, extractor: FeatureExtractor, 
     check_min_side(content_full.size, need, pair.content_name)
     c_rgb = to_tensor(content_full, device)
     if targets is None:
-        targets = compute_style_targets(style, params, extractor=extractor, content=c_rgb, style_names=pair.style_names)
+        targets = compute_style_targets(style, params, extractor=extractor, content=c_rgb, style_names=pair.style_names,
+                                        content_alpha=_alpha_tensor(decoded.alpha, content_full.size, device))
     elif targets_need_content(params):
         raise NSTError(f"targets cannot be reused with preserve_color={params.preserve_color!r} "
                        "(they depend on the content)")

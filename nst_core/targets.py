@@ -67,8 +67,9 @@ def targets_key(params: StyleParams, extractor: FeatureExtractor, n_styles: int)
 
 
 def style_tensor(img: Image.Image, size: int, params: StyleParams, device: torch.device,
-                  content: Tensor | None, name: str = "style") -> Tensor:
-    """A style image prepared as the optimization sees it (size, luminance, matched colours).
+                  content: Tensor | None, name: str = "style", content_alpha: Tensor | None = None) -> Tensor:
+    """A style image prepared as the optimization sees it (size, luminance, colours matched to the
+    content's visible pixels: ``content_alpha``, (1, 1, H, W) in [0, 1] beside ``content``).
 
     At the output size a style thinner than the deepest style layer needs is refused, naming it.
     At a coarser scale it is enlarged to that minimum instead (differs from Gatys et al., who have
@@ -93,8 +94,8 @@ def style_tensor(img: Image.Image, size: int, params: StyleParams, device: torch
         raise NSTError(f"preserve_color={params.preserve_color!r} matches the style to each content: "
                        "targets are per pair")
     if params.preserve_color == "luminance":
-        return match_luminance(luminance(s), luminance(content))
-    return match_color(s, content)
+        return match_luminance(luminance(s), luminance(content), content_alpha)
+    return match_color(s, content, content_alpha)
 
 
 def _grams(extractor: FeatureExtractor, style: Tensor, params: StyleParams) -> dict[str, Tensor]:
@@ -115,13 +116,15 @@ def compute_style_targets(
     opener: Opener | None = None,
     content: Tensor | None = None,
     style_names: Sequence[str] | None = None,
+    content_alpha: Tensor | None = None,
 ) -> StyleTargets:
     """Style Grams at every scale, blended over several style images by ``style_blend_weights``.
 
     Ĝ = Σ_i w_i·gram(a_l(S_i)) / (nH·nW) per style layer l and scale, in fp32 whatever the run's
     precision (computed once per style; the generated image's Grams are matched to exact
     targets). ``content`` (RGB, (1, 3, H, W)) is only needed, and only allowed to matter, with
-    ``preserve_color`` histogram or luminance. ``style_names`` name the styles in errors.
+    ``preserve_color`` histogram or luminance; ``content_alpha`` ((1, 1, H, W) in [0, 1]) then
+    leaves its transparent pixels out of the colours matched. ``style_names`` name the styles in errors.
     """
     styles = [style] if isinstance(style, Image.Image) else list(style)
     if not styles:
@@ -141,7 +144,8 @@ def compute_style_targets(
         for size in scale_sizes(params):
             grams: dict[str, Tensor] = {}
             for img, w, name in zip(styles, weights, names):
-                for layer, g in _grams(extractor, style_tensor(img, size, params, device, content, name), params).items():
+                style_in = style_tensor(img, size, params, device, content, name, content_alpha)
+                for layer, g in _grams(extractor, style_in, params).items():
                     grams[layer] = grams[layer] + w * g if layer in grams else w * g
             by_size[size] = grams
     return StyleTargets(by_size, targets_key(params, extractor, len(styles)))

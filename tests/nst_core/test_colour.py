@@ -48,3 +48,42 @@ def test_a_luminance_put_back_outside_the_gamut_keeps_that_luminance():
     assert (kept.norm(dim=1) <= cb_cr.norm(dim=1) + 2e-3).all()
     cross = cb_cr[:, 0] * kept[:, 1] - cb_cr[:, 1] * kept[:, 0]
     assert cross.abs().max() < 2e-3
+
+
+@pytest.mark.parametrize("mode", ["histogram", "luminance"])
+def test_a_cut_outs_transparent_background_is_no_colour_of_it(mode):
+    """A subject on transparent black (the usual PNG cut-out): its colour statistics were taken over
+    every pixel, the hidden black included, so the style was recoloured toward colours no one
+    sees. Now they are the visible pixels': the targets of the cut-out are those of the subject."""
+    from PIL import Image
+
+    from nst_core import StyleParams, compute_style_targets
+
+    subject = pattern((24, 32), "content")
+    cut = Image.new("RGBA", (48, 32), (0, 0, 0, 0))
+    cut.paste(subject, (12, 0))
+    rgba = torch.from_numpy(__import__("numpy").array(cut)).permute(2, 0, 1)[None].float() / 255
+    p = StyleParams(weights="random", image_size=48, preserve_color=mode, scales=1, device="cpu")
+    style = pattern((40, 40), "style")
+    cut_out = compute_style_targets(style, p, content=rgba[:, :3], content_alpha=rgba[:, 3:])
+    alone = compute_style_targets(style, p, content=_to_tensor(subject, torch.device("cpu")))
+    opaque = compute_style_targets(style, p, content=rgba[:, :3])  # the black counted, as before
+    for layer, gram in alone.by_size[48].items():
+        assert torch.allclose(cut_out.by_size[48][layer], gram, rtol=1e-4, atol=1e-6), layer
+        assert not torch.allclose(opaque.by_size[48][layer], gram, rtol=1e-2), layer
+
+
+def test_stylize_hands_the_contents_alpha_to_its_colour_matching(monkeypatch):
+    from PIL import Image
+
+    from nst_core import StyleParams, optimize, stylize
+
+    seen = []
+    real = optimize.compute_style_targets
+    monkeypatch.setattr(optimize, "compute_style_targets", lambda *a, **k: seen.append(k["content_alpha"]) or real(*a, **k))
+    cut = Image.new("RGBA", (48, 32), (0, 0, 0, 0))
+    cut.paste(pattern((24, 32), "content"), (12, 0))
+    p = StyleParams(weights="random", image_size=48, iterations=2, preserve_color="histogram", device="cpu")
+    result = stylize(cut, pattern((40, 40), "style"), p)
+    assert result.image.mode == "RGBA"
+    assert seen[0].shape == (1, 1, 32, 48) and seen[0].mean().item() == pytest.approx(0.5, abs=0.02)
