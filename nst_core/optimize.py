@@ -290,9 +290,10 @@ def _prepare(pair: StylePair, params: StyleParams, extractor: FeatureExtractor, 
     content_full = resize_longest(decoded.rgb, params.image_size)
     check_min_side(content_full.size, need, pair.content_name)
     c_rgb = to_tensor(content_full, device)
+    c_alpha = _alpha_tensor(decoded.alpha, content_full.size, device)  # preserve_color: the visible pixels' colours
     if targets is None:
         targets = compute_style_targets(style, params, extractor=extractor, content=c_rgb, style_names=pair.style_names,
-                                        content_alpha=_alpha_tensor(decoded.alpha, content_full.size, device))
+                                        content_alpha=c_alpha)
     elif targets_need_content(params):
         raise NSTError(f"targets cannot be reused with preserve_color={params.preserve_color!r} "
                        "(they depend on the content)")
@@ -316,8 +317,8 @@ def _prepare(pair: StylePair, params: StyleParams, extractor: FeatureExtractor, 
     # init="style" with a blend starts from the first style image (a pixel blend would be a mix
     # no style looks like).
     first_style = style if isinstance(style, Image.Image) else style[0]
-    init_style = (style_tensor(first_style, stages[0].size, params, device, c_rgb, (pair.style_names or ["style image"])[0])
-                  if params.init == "style" else None)
+    init_style = (style_tensor(first_style, stages[0].size, params, device, c_rgb, (pair.style_names or ["style image"])[0],
+                               c_alpha) if params.init == "style" else None)
     start = _init_image(params.init, stages[0].work, init_style, params.seed)
     return _Job(decoded, c_rgb, stages, start, n_styles, time.perf_counter() - t0,
                 planned=sum(s.evaluations for s in stages))
@@ -566,7 +567,7 @@ def _finish(jobs: list[_Job], x: Tensor, objective: Objective, params: StylePara
     """8-bit images, their exact fp32 losses, and each pair's record.
 
     The reported losses: fp32 at the output size, on the returned 8-bit image (for luminance its
-    own Y after the chroma went back and the gamut was clipped) and on the start.
+    own Y after the chroma went back into the gamut) and on the start.
     """
     content = torch.cat([job.content for job in jobs])
 

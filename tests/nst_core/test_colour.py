@@ -69,7 +69,7 @@ def test_a_cut_outs_transparent_background_is_no_colour_of_it(mode):
     alone = compute_style_targets(style, p, content=_to_tensor(subject, torch.device("cpu")))
     opaque = compute_style_targets(style, p, content=rgba[:, :3])  # the black counted, as before
     for layer, gram in alone.by_size[48].items():
-        assert torch.allclose(cut_out.by_size[48][layer], gram, rtol=1e-4, atol=1e-6), layer
+        assert torch.allclose(cut_out.by_size[48][layer], gram, rtol=1e-3, atol=1e-4), layer  # float64 vs float32 sums
         assert not torch.allclose(opaque.by_size[48][layer], gram, rtol=1e-2), layer
 
 
@@ -78,12 +78,28 @@ def test_stylize_hands_the_contents_alpha_to_its_colour_matching(monkeypatch):
 
     from nst_core import StyleParams, optimize, stylize
 
+    """The targets and, with init "style", the start (the review found it still matched to the
+    whole frame): both get the content's alpha."""
     seen = []
-    real = optimize.compute_style_targets
-    monkeypatch.setattr(optimize, "compute_style_targets", lambda *a, **k: seen.append(k["content_alpha"]) or real(*a, **k))
+    targets, prepared = optimize.compute_style_targets, optimize.style_tensor
+    monkeypatch.setattr(optimize, "compute_style_targets",
+                        lambda *a, **k: seen.append(("targets", k["content_alpha"])) or targets(*a, **k))
+    monkeypatch.setattr(optimize, "style_tensor", lambda *a: seen.append(("start", a[6])) or prepared(*a))
     cut = Image.new("RGBA", (48, 32), (0, 0, 0, 0))
     cut.paste(pattern((24, 32), "content"), (12, 0))
-    p = StyleParams(weights="random", image_size=48, iterations=2, preserve_color="histogram", device="cpu")
+    p = StyleParams(weights="random", image_size=48, iterations=2, preserve_color="histogram", device="cpu", init="style")
     result = stylize(cut, pattern((40, 40), "style"), p)
     assert result.image.mode == "RGBA"
-    assert seen[0].shape == (1, 1, 32, 48) and seen[0].mean().item() == pytest.approx(0.5, abs=0.02)
+    assert [what for what, _ in seen] == ["targets", "start"]
+    for _, alpha in seen:
+        assert alpha.shape == (1, 1, 32, 48) and alpha.mean().item() == pytest.approx(0.5, abs=0.02)
+
+
+def test_a_semi_transparent_pixel_counts_as_much_as_it_shows():
+    """Edges a resize made faint (alpha 10 of 255) mostly show what is behind them: weighted by alpha,
+    not counted whole as any pixel with alpha > 0 would be."""
+    y = torch.tensor([[[[0.2, 0.8, 0.0]]]])
+    alpha = torch.tensor([[[[1.0, 1.0, 0.04]]]])
+    out = match_luminance(torch.tensor([[[[0.0, 1.0]]]]), y, alpha)  # the style's own mean 0.5, σ 0.707
+    weighted_mean = (0.2 + 0.8) / 2.04
+    assert out.mean().item() == pytest.approx(weighted_mean, abs=1e-4)
