@@ -135,9 +135,10 @@ def _mark(out: Storage, key: str, why: str | None, logger, spare: set[str] = fro
     if (found := still_running(out, key)) is None:
         return False
     run = {"id": found.get("flow_run_id") or _REPORT_KEY.match(key)["id"], "name": found.get("flow_run")}
-    if why == UNKNOWN and process_alive(found.get("process")):
+    if why == UNKNOWN and process_alive(found.get("process")) and not _stale(found):
         # unknown to this API, but its process runs on this machine (another Prefect home's
-        # temporary API, another user's, a database reset under it): it will write its own end
+        # temporary API, another user's, a database reset under it): it will write its own end;
+        # past ELSEWHERE_STALE_S, as another API's run, it is over (a notebook kernel that lost its end)
         logger.info("%s says running, and its process runs on this machine: left alone", out.uri_for(key))
         return False
     elsewhere = _judged_elsewhere(found) if why == UNKNOWN else None

@@ -14,6 +14,7 @@ URL, and stops it when serving stops.
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import subprocess
@@ -155,7 +156,7 @@ def answers(api_url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{api_url}/health", timeout=2) as resp:
             return resp.status == 200 and resp.read(16).strip() == b"true"
-    except (OSError, urllib.error.URLError):
+    except (OSError, urllib.error.URLError, http.client.HTTPException):  # HTTPException: not HTTP at all (ssh)
         return False
 
 

@@ -392,6 +392,19 @@ def test_only_a_prefect_api_counts_as_one_answering():
         assert not answers(f"http://127.0.0.1:{port}/api")
     with _http_server(200, b"true") as port:
         assert answers(f"http://127.0.0.1:{port}/api")
+    with socket.socket() as ssh:  # not HTTP at all: a banner, no status line (http.client's BadStatusLine)
+        ssh.bind(("127.0.0.1", 0))
+        ssh.listen()
+        import threading
+
+        def banner():
+            conn, _ = ssh.accept()
+            with conn:
+                conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+                time.sleep(0.5)
+
+        threading.Thread(target=banner, daemon=True).start()
+        assert not answers(f"http://127.0.0.1:{ssh.getsockname()[1]}/api")
 
 
 def test_a_local_server_on_a_taken_port_says_so_in_one_whole_line():
