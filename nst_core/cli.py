@@ -160,14 +160,34 @@ def _read(path: str) -> bytes:
 
 
 def _write(path: Path, data: bytes | None) -> None:
-    """Write ``data`` to ``path`` (None: create the folder ``path``); failures are one NSTError line."""
+    """Write ``data`` to ``path`` whole or not at all (a temporary file beside it, then renamed:
+    a Ctrl-C or a full disk mid-write leaves no half image under its name); None: create the
+    folder ``path``. Failures are one NSTError line."""
+    tmp = None if data is None else path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        if data is None:
+        if tmp is None:
             path.mkdir(parents=True, exist_ok=True)
         else:
-            path.write_bytes(data)
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
     except OSError as err:
         raise NSTError(f"{path}: cannot write ({err.strerror or err})") from None
+    finally:
+        if tmp is not None and tmp.exists():
+            tmp.unlink()
+
+
+def _check_output(out: Path, inputs: list[str]) -> None:
+    """Refuse, before the optimization, an output that would replace an input image, that is a
+    folder, or whose folder takes no file (found only after minutes of work before)."""
+    for given in inputs:
+        if out.exists() and os.path.exists(given) and os.path.samefile(out, given):
+            raise NSTError(f"-o {out} is the input image {given}; choose another output")
+    if out.is_dir():
+        raise NSTError(f"{out}: is a folder; give a file name (e.g. {out / 'result.png'})")
+    _write(out.parent, None)
+    _write(out.parent / f".nst-probe.{os.getpid()}", b"")
+    (out.parent / f".nst-probe.{os.getpid()}").unlink()
 
 
 def _check_sizes(params: StyleParams, content: tuple[str, Image.Image], *styles: tuple[str, Image.Image]) -> None:
@@ -194,7 +214,7 @@ def run_stylize(args: argparse.Namespace, opener: Callable[[str], bytes] | None 
     check_weights_file(params.weights)
     content_img = content.merged()
     out = Path(args.output)
-    _write(out.parent, None)  # before the optimization: an unwritable output fails in a second, not after it
+    _check_output(out, [args.content, *args.style])  # before the optimization: fails in a second, not after it
     from .optimize import stylize  # torch: ~3 s to import, after the checks that need none
 
     bar = None if args.no_progress else ProgressBar(params.iterations, "stylize ")

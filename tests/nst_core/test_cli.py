@@ -71,10 +71,26 @@ def test_bad_input_exits_2_with_one_line(files, args, message):
      "style_blend_weights has 2 values for 1 style image(s)"),
 ])
 def test_an_input_error_answers_before_the_engine_loads(files, args, message):
+    _answers_before_the_engine_loads(files, [*args, "-o", "o.png"], message)
+
+
+@pytest.mark.parametrize("args,message", [
+    # Old: the content photo was replaced by the result (exit 0); a folder named like an image, or a
+    # folder that takes no file, failed "cannot write" after the whole optimization.
+    (["content.jpg", "style.png", "-o", "content.jpg"], "-o content.jpg is the input image content.jpg"),
+    (["content.jpg", "style.png", "-o", "./style.png"], "is the input image style.png"),
+    (["content.jpg", "style.png", "-o", "folder.png"], "folder.png: is a folder"),
+])
+def test_an_output_that_cannot_be_written_as_asked_is_refused_before_the_engine_loads(files, args, message):
+    (files / "folder.png").mkdir()
+    before = (files / "content.jpg").read_bytes(), (files / "style.png").read_bytes()
+    _answers_before_the_engine_loads(files, [*args, "--weights", "random"], message)
+    assert ((files / "content.jpg").read_bytes(), (files / "style.png").read_bytes()) == before
+def _answers_before_the_engine_loads(files, args, message):
     # torch takes ~3 s to import (6.6 s for a misspelt file name before, with torchvision); every
     # check that needs no torch (files, sizes, weights path, format, parameters, the output folder)
     # comes first.
-    code = (f"import sys; from flows.cli import main; rc = main(['stylize', *{args!r}, '-o', 'o.png']); "
+    code = (f"import sys; from flows.cli import main; rc = main(['stylize', *{args!r}]); "
             "print(rc, 'torch' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=files, capture_output=True, text=True, timeout=120)
     assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr
