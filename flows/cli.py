@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "and prints its UI URL.")
     serve.add_argument("--limit", type=int, default=None, help="max concurrent flow runs (default: unlimited)")
     serve.add_argument("--name", default="served", help="deployment name of both served flows (default: served)")
-    serve.add_argument("--port", type=int, default=4200,
+    serve.add_argument("--port", type=_port, default=4200,
                        help="port of the local Prefect server started when PREFECT_API_URL is unset (default: 4200)")
     serve.set_defaults(handler=run_serve)
 
@@ -128,6 +128,17 @@ def _run_flow(source, output, params, run):
     return state
 
 
+def _port(text: str) -> int:
+    """A TCP port, 1-65535 (0 waited 120 s for a server that can never answer on it)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is outside 1-65535")
+    return port
+
+
 #: What to do about an API that cannot be used, when the user set PREFECT_API_URL.
 SET_URL_ADVICE = "fix PREFECT_API_URL, or unset it to run on a temporary API"
 
@@ -144,14 +155,18 @@ def _prefect_api(advice: str = SET_URL_ADVICE):
     demo`) took longer on a 2-core machine and the run died.
     """
     import httpx
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, PREFECT_UI_URL, temporary_settings
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as wait
 
     url = PREFECT_API_URL.value()
     if url:
         _check_answers(url, advice)
+    # Prefect builds its UI URL from the API's, user:password@ and all, and prints it: "View at"
+    # for every run, `prefect serve`'s banner, the artifacts' links; the flow runs it starts inherit it
+    ui = PREFECT_UI_URL.value()
+    bare_ui = {PREFECT_UI_URL: without_userinfo(ui)} if ui and without_userinfo(ui) != ui else {}
     try:
-        with temporary_settings(set_defaults={wait: SERVER_START_TIMEOUT_S}):
+        with temporary_settings(updates=bare_ui, set_defaults={wait: SERVER_START_TIMEOUT_S}):
             waited = wait.value()
             if not url and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
                 from flows import temporary_api

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.models import BatchSource, OutputSpec, RunOptions
-from nst_core.errors import WeightsError
+from nst_core.errors import NSTError, WeightsError
 from nst_core.params import StyleParams
 
 __all__ = ["demo_inputs", "timed_probe", "Probe", "EXAMPLES"]
@@ -26,7 +26,13 @@ RANDOM_WEIGHTS_WARNING = (
 
 
 def _images(kind: str) -> list[Path]:
-    return sorted((EXAMPLES / kind).glob("*.png"))
+    """The bundled sample images of ``kind``; NSTError where there are none (the examples/ folder
+    of a source checkout: an installed wheel has no sample images)."""
+    found = sorted((EXAMPLES / kind).glob("*.png"))
+    if not found:
+        raise NSTError(f"no sample images in {EXAMPLES / kind}: nst demo runs from a source checkout "
+                       "(git clone, then make demo); elsewhere run nst batch on your own folders")
+    return found
 
 
 def _minutes(seconds: float) -> str:

@@ -41,6 +41,17 @@ def data(tmp_path):
 FAST = ["--weights", "random", "--image-size", "32", "--iterations", "2", "--device", "cpu"]
 
 
+def test_credentials_in_prefect_api_url_are_not_printed_with_its_ui_links(data):
+    """Prefect builds its UI URL from PREFECT_API_URL, user:password@ and all, and its "View at"
+    line printed it for every run (cron mail, the journal); nst's own lines dropped them already."""
+    url = PREFECT_API_URL.value().replace("http://", "http://alice:s3cret@", 1)
+    proc = nst("batch", "--contents", "c", "--styles", "s", "--output", "out", *FAST, cwd=data,
+               env={**os.environ, "PREFECT_API_URL": url})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "View at http://127.0.0.1:" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert "s3cret" not in proc.stdout + proc.stderr and "alice" not in proc.stdout + proc.stderr
+
+
 def test_batch_exit_codes(data):
     # The first run as the quickstart makes it: Prefect's temporary API on a fresh home. Old: its
     # database migrations outlasted Prefect's 20 s wait on a 2-core machine and the run died there.

@@ -73,3 +73,16 @@ def test_a_refused_demo_exits_2_with_the_reason_in_one_line(tmp_path, monkeypatc
     assert main(["demo", "--output", str(blocker / "out")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nst: error:")]
     assert len(errors) == 1 and "preflight failed" in errors[0] and str(blocker) in errors[0], errors
+
+
+def test_a_demo_without_its_sample_images_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    """An installed wheel has no examples/ folder: `nst demo` ended in IndexError's traceback."""
+    import flows.demo as demo
+    from flows.cli import main
+
+    monkeypatch.setattr(demo, "EXAMPLES", tmp_path / "no-examples")
+    monkeypatch.setattr(demo, "timed_probe", lambda params: demo.Probe(10, 1.0, 0.5, 0.1))
+    assert main(["demo", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("nst: error:")]
+    assert len(errors) == 1 and "no sample images in" in errors[0] and "Traceback" not in err, err

@@ -423,3 +423,15 @@ def test_a_local_server_on_a_taken_port_says_so_in_one_whole_line():
     assert str(err.value) == f"prefect server on port {port} exited: the port is in use; choose another with --port"
     other = _exit_message(4200, "Traceback ...\nsqlite3.OperationalError: unable to open database file\n", 3)
     assert other == "prefect server on port 4200 exited (sqlite3.OperationalError: unable to open database file)"
+
+
+@pytest.mark.parametrize("port", ["0", "-1", "70000", "http"])
+def test_a_port_no_server_can_listen_on_is_refused_at_once(port, capsys):
+    """--port 0 waited 120 s for a server that could not answer there, -1 blamed the host, 70000
+    was an OverflowError's traceback."""
+    from flows.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--port", port])
+    assert exit_.value.code == 2
+    assert "--port" in capsys.readouterr().err
