@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from nst_core.cli import (ProgressBar, add_model_options, add_stylize_parser, args_for, one_line,
+from nst_core.cli import (ProgressBar, add_model_options, add_stylize_parser, args_for, one_line, pipe_safe_streams,
                           without_userinfo)
 from nst_core.errors import NSTError
 from nst_core.params import StyleParams
@@ -313,7 +313,7 @@ class _LineBar(ProgressBar):
 
     def clear(self) -> None:
         if self.open_line:
-            self.stream.write("\r" + " " * 100 + "\r")
+            self.stream.write("\r" + " " * self.shown + "\r")
             self.stream.flush()
             self.open_line = False
             self._last = 0.0  # the next update redraws it under the log line
@@ -554,14 +554,15 @@ def run_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # usage errors exit 2 with one line
-    try:
-        return args.handler(args)
-    except (NSTError, ValidationError, ValueError) as err:
-        print(f"nst: error: {one_line(err)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("nst: interrupted", file=sys.stderr)
-        return 130
+    with pipe_safe_streams():  # `nst batch | head`: the run goes on when its reader goes away
+        try:
+            return args.handler(args)
+        except (NSTError, ValidationError, ValueError) as err:
+            print(f"nst: error: {one_line(err)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("nst: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

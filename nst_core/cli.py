@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 import types
 import typing
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
@@ -26,6 +28,7 @@ if typing.TYPE_CHECKING:
     from PIL import Image
 
 __all__ = ["add_model_options", "model_from_args", "add_stylize_parser", "run_stylize", "ProgressBar", "one_line",
+           "PipeSafe", "pipe_safe_streams",
            "without_userinfo"]
 
 
@@ -93,8 +96,59 @@ def one_line(err: Exception) -> str:
     return " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # a library's own line breaks
 
 
+class PipeSafe:
+    """A text stream (stdout, stderr) whose writes never fail because its reader went away (`nst
+    batch | head`, a `less` quit early): from the first broken pipe on, its descriptor writes to
+    /dev/null. Without it the first progress line or log record after that raised: Prefect's
+    console handler (rich) exited the flow with SystemExit(1), the run crashed with no image
+    written, and a finished run's last print exited 1 with a traceback."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._gone()
+
+    def _gone(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def pipe_safe_streams():
+    """sys.stdout and sys.stderr as PipeSafe streams while the block runs (a command's whole run:
+    Prefect's log handler takes the stream it finds when it is set up)."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = PipeSafe(sys.stdout), PipeSafe(sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
 #: Seconds between progress lines when the stream is no terminal (a log file, cron's mail).
 PLAIN_EVERY_S = 30.0
+
+
+def terminal_columns() -> int:
+    """The terminal's width in columns (80 where it cannot be told)."""
+    return shutil.get_terminal_size((80, 24)).columns
 
 
 class ProgressBar:
@@ -107,6 +161,7 @@ class ProgressBar:
         self.total, self.label, self.width = total, label, width
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._last = -PLAIN_EVERY_S
+        self.shown = 0  # characters of the line drawn last: the next one blanks what it does not cover
 
     def update(self, done: int, note: str = "") -> None:
         now = time.monotonic()
@@ -119,7 +174,11 @@ class ProgressBar:
             return
         filled = int(self.width * done / max(self.total, 1))
         bar = "#" * filled + "-" * (self.width - filled)
-        self.stream.write(f"\r{self.label}[{bar}] {done}/{self.total} {note}".ljust(100))
+        # within the terminal's width: a line that wraps is not redrawn by "\r" (it returns to the
+        # wrapped part), so a bar padded to 100 columns left a line per redraw on an 80-column terminal
+        line = f"{self.label}[{bar}] {done}/{self.total} {note}".rstrip()[:terminal_columns() - 1]
+        self.stream.write("\r" + line.ljust(self.shown))
+        self.shown = len(line)
         if done >= self.total:
             self.stream.write("\n")
         self.stream.flush()

@@ -52,6 +52,25 @@ def test_credentials_in_prefect_api_url_are_not_printed_with_its_ui_links(data):
     assert "s3cret" not in proc.stdout + proc.stderr and "alice" not in proc.stdout + proc.stderr
 
 
+def test_a_batch_whose_output_reader_goes_away_still_finishes_and_exits_0(data):
+    """`nst batch ... 2>&1 | head -3`: once head had its lines, the next log record hit a broken pipe,
+    Prefect's console handler (rich) raised SystemExit(1) inside the flow: the run Crashed with no
+    image written, exit 1. With only stdout gone, the run finished but its last print exited 1."""
+    import json as json_
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line: every write breaks
+    try:
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", "batch", "--contents", "c", "--styles", "s",
+                               "--output", "out", *FAST], cwd=data, stdout=write, stderr=write, timeout=300,
+                              env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()})
+    finally:
+        os.close(write)
+    reports = [json_.loads(p.read_text()) for p in (data / "out" / "_runs").glob("*.json")]
+    assert proc.returncode == 0 and [r["status"] for r in reports] == ["finished"], reports
+    assert len(list((data / "out").glob("*.jpg"))) == 2
+
+
 def test_batch_exit_codes(data):
     # The first run as the quickstart makes it: Prefect's temporary API on a fresh home. Old: its
     # database migrations outlasted Prefect's 20 s wait on a 2-core machine and the run died there.

@@ -194,3 +194,27 @@ def test_credentials_in_a_url_never_reach_an_error_line(text, secret):
     shown = without_userinfo(text)
     assert secret not in shown and "ss@" not in shown, shown
     assert "host:4200/api" in shown or "db:5432/prefect" in shown, shown
+
+
+def test_the_progress_bar_fits_its_terminal_so_each_redraw_replaces_the_last(monkeypatch):
+    """Each redraw was padded to 100 columns: on an 80-column terminal it wrapped, "\\r" went back to
+    the wrapped part only, and every redraw left a line (300 lines for a default stylize). Now a
+    line fits the terminal and is padded only over what the one before it showed."""
+    import io
+    import os as os_
+
+    from nst_core.cli import ProgressBar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr("shutil.get_terminal_size", lambda fallback=(80, 24): os_.terminal_size((80, 24)))
+    stream = Terminal()
+    bar = ProgressBar(300, "stylize ", stream=stream)
+    for done in (1, 150, 300):
+        bar._last = -1.0  # not throttled
+        bar.update(done, f"loss {1.0 / done:.4g} at scale 2/3 (181x136) and a long note to wrap it" * 2)
+    redraws = stream.getvalue().rstrip("\n").split("\r")[1:]
+    assert len(redraws) == 3 and all(len(r) < 80 for r in redraws), [len(r) for r in redraws]
+    assert "300/300" in redraws[-1]
