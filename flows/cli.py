@@ -139,6 +139,18 @@ def _port(text: str) -> int:
     return port
 
 
+def _without_credentials(url: str | None) -> str | None:
+    """``url`` without its user:password@, or None where it has none (an @ in its path stays)."""
+    import urllib.parse
+
+    if not url:
+        return None
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return None
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
 #: What to do about an API that cannot be used, when the user set PREFECT_API_URL.
 SET_URL_ADVICE = "fix PREFECT_API_URL, or unset it to run on a temporary API"
 
@@ -163,8 +175,7 @@ def _prefect_api(advice: str = SET_URL_ADVICE):
         _check_answers(url, advice)
     # Prefect builds its UI URL from the API's, user:password@ and all, and prints it: "View at"
     # for every run, `prefect serve`'s banner, the artifacts' links; the flow runs it starts inherit it
-    ui = PREFECT_UI_URL.value()
-    bare_ui = {PREFECT_UI_URL: without_userinfo(ui)} if ui and without_userinfo(ui) != ui else {}
+    bare_ui = {PREFECT_UI_URL: bare} if (bare := _without_credentials(PREFECT_UI_URL.value())) else {}
     try:
         with temporary_settings(updates=bare_ui, set_defaults={wait: SERVER_START_TIMEOUT_S}):
             waited = wait.value()

@@ -91,6 +91,7 @@ def demo_inputs(output: str) -> tuple[BatchSource, OutputSpec, StyleParams, RunO
     from nst_core.vgg import extractor_for
     from tasks.compute import expand_devices, run_on_device
 
+    _images("contents"), _images("styles")  # before the weights: a wheel has no samples, and VGG16 is 528 MB
     on_gpu = torch.cuda.is_available()
     # CPU: 4 pairs x 80 evaluations at 192 px fit in ~3 minutes on 2 cores; GPU: the defaults.
     params = StyleParams() if on_gpu else StyleParams(image_size=192, iterations=80)

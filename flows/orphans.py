@@ -135,12 +135,13 @@ def _mark(out: Storage, key: str, why: str | None, logger, spare: set[str] = fro
     if (found := still_running(out, key)) is None:
         return False
     run = {"id": found.get("flow_run_id") or _REPORT_KEY.match(key)["id"], "name": found.get("flow_run")}
-    if why == UNKNOWN and process_alive(found.get("process")) and not _stale(found):
+    if why == UNKNOWN and process_alive(found.get("process")):
         # unknown to this API, but its process runs on this machine (another Prefect home's
         # temporary API, another user's, a database reset under it): it will write its own end;
         # past ELSEWHERE_STALE_S, as another API's run, it is over (a notebook kernel that lost its end)
-        logger.info("%s says running, and its process runs on this machine: left alone", out.uri_for(key))
-        return False
+        if (why := _stale(found)) is None:
+            logger.info("%s says running, and its process runs on this machine: left alone", out.uri_for(key))
+            return False
     elsewhere = _judged_elsewhere(found) if why == UNKNOWN else None
     if elsewhere:  # not ours to ask, nor to set Crashed: its report is all this run can mend
         if (why := process_gone(found.get("process")) or _stale(found)) is None:
@@ -199,7 +200,8 @@ def _judged_elsewhere(found: dict) -> str | None:
 
 
 def _stale(found: dict) -> str | None:
-    """Why a report whose run lives on another API is over by its age alone, or None."""
+    """Why a report whose run this run cannot ask about (another API's; one whose process lives on
+    this machine, unknown to this API) is over by its age alone, or None."""
     try:
         started = datetime.fromisoformat(found["started"])
         age = (datetime.now(timezone.utc) - started).total_seconds()
@@ -207,7 +209,7 @@ def _stale(found: dict) -> str | None:
         return None
     if age <= ELSEWHERE_STALE_S:
         return None
-    return f"its run on another Prefect API started {age / 86400:.0f} days ago and never wrote its report"
+    return f"its run started {age / 86400:.0f} days ago and never wrote its report"
 
 
 def still_running(out: Storage, key: str) -> dict | None:

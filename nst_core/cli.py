@@ -10,11 +10,12 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 import types
 import typing
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
@@ -127,18 +128,25 @@ class PipeSafe:
             os.close(devnull)
 
     def __getattr__(self, name: str):
+        if name == "_stream":  # copy.copy and pickle look before __init__ has run
+            raise AttributeError(name)
         return getattr(self._stream, name)
 
 
 @contextmanager
 def pipe_safe_streams():
     """sys.stdout and sys.stderr as PipeSafe streams while the block runs (a command's whole run:
-    Prefect's log handler takes the stream it finds when it is set up)."""
+    Prefect's log handler takes the stream it finds when it is set up), flushed through them at
+    the end: a last line still buffered (stdout to a pipe is) would meet the broken pipe at the
+    interpreter's exit, and exit 120. A stream that is None (started with it closed) stays None."""
     saved = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = PipeSafe(sys.stdout), PipeSafe(sys.stderr)
+    sys.stdout, sys.stderr = (None if s is None else PipeSafe(s) for s in saved)
     try:
         yield
     finally:
+        for stream in (sys.stdout, sys.stderr):
+            if isinstance(stream, PipeSafe):
+                stream.flush()
         sys.stdout, sys.stderr = saved
 
 
@@ -146,9 +154,13 @@ def pipe_safe_streams():
 PLAIN_EVERY_S = 30.0
 
 
-def terminal_columns() -> int:
-    """The terminal's width in columns (80 where it cannot be told)."""
-    return shutil.get_terminal_size((80, 24)).columns
+def terminal_columns(stream=None) -> int:
+    """The width in columns of the terminal ``stream`` writes to (the bar's: stderr, when stdout
+    goes to a file or a pipe), else of stdout's; 80 where neither can be told."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return shutil.get_terminal_size((80, 24)).columns
 
 
 class ProgressBar:
@@ -176,7 +188,7 @@ class ProgressBar:
         bar = "#" * filled + "-" * (self.width - filled)
         # within the terminal's width: a line that wraps is not redrawn by "\r" (it returns to the
         # wrapped part), so a bar padded to 100 columns left a line per redraw on an 80-column terminal
-        line = f"{self.label}[{bar}] {done}/{self.total} {note}".rstrip()[:terminal_columns() - 1]
+        line = f"{self.label}[{bar}] {done}/{self.total} {note}".rstrip()[:terminal_columns(self.stream) - 1]
         self.stream.write("\r" + line.ljust(self.shown))
         self.shown = len(line)
         if done >= self.total:
@@ -222,31 +234,40 @@ def _write(path: Path, data: bytes | None) -> None:
     """Write ``data`` to ``path`` whole or not at all (a temporary file beside it, then renamed:
     a Ctrl-C or a full disk mid-write leaves no half image under its name); None: create the
     folder ``path``. Failures are one NSTError line."""
-    tmp = None if data is None else path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = None
     try:
-        if tmp is None:
+        if data is None:
             path.mkdir(parents=True, exist_ok=True)
-        else:
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            return
+        target = Path(os.path.realpath(path))  # an output that is a link: its target, not the link, is replaced
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".nst-", suffix=".tmp")  # a short name: any output name fits
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+        tmp = None
     except OSError as err:
         raise NSTError(f"{path}: cannot write ({err.strerror or err})") from None
     finally:
-        if tmp is not None and tmp.exists():
-            tmp.unlink()
+        if tmp is not None:
+            with suppress(OSError):
+                os.unlink(tmp)
 
 
 def _check_output(out: Path, inputs: list[str]) -> None:
     """Refuse, before the optimization, an output that would replace an input image, that is a
     folder, or whose folder takes no file (found only after minutes of work before)."""
-    for given in inputs:
-        if out.exists() and os.path.exists(given) and os.path.samefile(out, given):
-            raise NSTError(f"-o {out} is the input image {given}; choose another output")
-    if out.is_dir():
-        raise NSTError(f"{out}: is a folder; give a file name (e.g. {out / 'result.png'})")
-    _write(out.parent, None)
-    _write(out.parent / f".nst-probe.{os.getpid()}", b"")
-    (out.parent / f".nst-probe.{os.getpid()}").unlink()
+    try:
+        for given in inputs:
+            if out.exists() and os.path.exists(given) and os.path.samefile(out, given):
+                raise NSTError(f"-o {out} is the input image {given}; choose another output")
+        if out.is_dir():
+            raise NSTError(f"{out}: is a folder; give a file name (e.g. {out / 'result.png'})")
+        _write(out.parent, None)
+        fd, probe = tempfile.mkstemp(dir=Path(os.path.realpath(out)).parent, prefix=".nst-", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:  # a folder this user may not search or write
+        raise NSTError(f"{out}: cannot write ({err.strerror or err})") from None
 
 
 def _check_sizes(params: StyleParams, content: tuple[str, Image.Image], *styles: tuple[str, Image.Image]) -> None:

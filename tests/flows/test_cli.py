@@ -60,15 +60,25 @@ def test_a_batch_whose_output_reader_goes_away_still_finishes_and_exits_0(data):
 
     read, write = os.pipe()
     os.close(read)  # the reader is gone before the first line: every write breaks
+    # stdout buffered, as on a user's machine: the last line met the pipe at exit (rc 120)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     try:
         proc = subprocess.run([sys.executable, "-m", "flows.cli", "batch", "--contents", "c", "--styles", "s",
                                "--output", "out", *FAST], cwd=data, stdout=write, stderr=write, timeout=300,
-                              env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()})
+                              env={**env, "PREFECT_API_URL": PREFECT_API_URL.value()})
     finally:
         os.close(write)
     reports = [json_.loads(p.read_text()) for p in (data / "out" / "_runs").glob("*.json")]
     assert proc.returncode == 0 and [r["status"] for r in reports] == ["finished"], reports
     assert len(list((data / "out").glob("*.jpg"))) == 2
+
+
+def test_only_credentials_leave_a_ui_url():
+    from flows.cli import _without_credentials
+
+    assert _without_credentials("http://alice:s3cret@127.0.0.1:4200") == "http://127.0.0.1:4200"
+    assert _without_credentials("https://ui.example.com/prefect/@team") is None  # an @ in the path is no user
+    assert _without_credentials("https://ui.example.com") is None and _without_credentials(None) is None
 
 
 def test_batch_exit_codes(data):

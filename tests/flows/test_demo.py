@@ -82,6 +82,8 @@ def test_a_demo_without_its_sample_images_says_so_in_one_line(tmp_path, monkeypa
 
     monkeypatch.setattr(demo, "EXAMPLES", tmp_path / "no-examples")
     monkeypatch.setattr(demo, "timed_probe", lambda params: demo.Probe(10, 1.0, 0.5, 0.1))
+    # said before the weights load: an installed wheel would fetch VGG16's 528 MB first
+    monkeypatch.setattr("nst_core.vgg.extractor_for", lambda params: pytest.fail("weights loaded first"))
     assert main(["demo", "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("nst: error:")]

@@ -153,16 +153,24 @@ def test_a_run_unknown_to_this_api_whose_process_lives_on_this_machine_is_left_a
         pattern((24, 24), kind).save(tmp_path / folder / f"{kind}.png")
     runs = tmp_path / "out" / "_runs"
     runs.mkdir(parents=True)
+    from datetime import datetime, timedelta, timezone
+
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         neighbour = "temporary API on this-box: sqlite+aiosqlite:////home/other/.prefect/prefect.db"
-        run_id = str(uuid.uuid4())
+        run_id, old_id = str(uuid.uuid4()), str(uuid.uuid4())
         report = running_report({"id": run_id, "name": "neighbour"}, process=this_process(child.pid), api=neighbour)
         (runs / f"{run_id}.json").write_bytes(report_bytes(report))
+        # alive, but started 8 days ago (a notebook kernel that lost its end): over by its age, and said so
+        week_ago = datetime.now(timezone.utc) - timedelta(days=8)
+        old = running_report({"id": old_id, "name": "old"}, week_ago, process=this_process(child.pid), api=neighbour)
+        (runs / f"{old_id}.json").write_bytes(report_bytes(old))
         state = stylize_batch(BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s")),
                               OutputSpec(uri=str(tmp_path / "out")), tiny_params(), RunOptions(), return_state=True)
         assert state.is_completed(), state.message
         assert json.loads((runs / f"{run_id}.json").read_text())["status"] == "running"
+        aged = json.loads((runs / f"{old_id}.json").read_text())
+        assert aged["status"] == "crashed" and "started 8 days ago" in aged["error"], aged
     finally:
         child.kill()
         child.wait()

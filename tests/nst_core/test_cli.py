@@ -196,6 +196,36 @@ def test_credentials_in_a_url_never_reach_an_error_line(text, secret):
     assert "host:4200/api" in shown or "db:5432/prefect" in shown, shown
 
 
+def test_pipe_safe_streams_keep_a_closed_stream_closed_and_copy(monkeypatch):
+    """`nst ... >&-` starts with sys.stdout None: print() writes nothing there, and wrapping it made
+    every print an AttributeError; a wrapped stream must copy (copy.copy recursed)."""
+    import copy
+    import io
+
+    from nst_core.cli import PipeSafe, pipe_safe_streams
+
+    monkeypatch.setattr(sys, "stdout", None)
+    with pipe_safe_streams():
+        assert sys.stdout is None
+        print("nowhere")
+    assert copy.copy(PipeSafe(io.StringIO())) is not None
+
+
+def test_outputs_are_written_whole_under_any_name_and_through_a_link(tmp_path):
+    """The temporary file was named after the output (.{name}.{pid}.tmp): a 245-character name,
+    valid before, failed after the optimization; an output that is a link was replaced by a file."""
+    from nst_core.cli import _write
+
+    long = tmp_path / ("x" * 245 + ".png")
+    _write(long, b"image")
+    assert long.read_bytes() == b"image"
+    (tmp_path / "real.png").write_bytes(b"old")
+    (tmp_path / "link.png").symlink_to("real.png")
+    _write(tmp_path / "link.png", b"new")
+    assert (tmp_path / "link.png").is_symlink() and (tmp_path / "real.png").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([long.name, "real.png", "link.png"])  # no temp left
+
+
 def test_the_progress_bar_fits_its_terminal_so_each_redraw_replaces_the_last(monkeypatch):
     """Each redraw was padded to 100 columns: on an 80-column terminal it wrapped, "\\r" went back to
     the wrapped part only, and every redraw left a line (300 lines for a default stylize). Now a
