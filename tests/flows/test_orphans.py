@@ -18,15 +18,27 @@ from helpers import pattern, tiny_params
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
 
-def test_running_reports_whose_runs_ended_or_are_unknown_are_marked_crashed(tmp_path):
-    from prefect.client.orchestration import get_client
-    from prefect.states import Completed, Crashed, Running
-
+def _one_pair_and_runs(tmp_path):
+    """A content folder c/ and a style folder s/ of one image each; returns out/_runs/, made."""
     for folder, kind in (("c", "content"), ("s", "style")):
         (tmp_path / folder).mkdir()
         pattern((24, 24), kind).save(tmp_path / folder / f"{kind}.png")
     runs = tmp_path / "out" / "_runs"
     runs.mkdir(parents=True)
+    return runs
+
+
+def _batch(tmp_path):
+    """stylize_batch of c/ x s/ into out/, its state."""
+    return stylize_batch(BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s")),
+                         OutputSpec(uri=str(tmp_path / "out")), tiny_params(), RunOptions(), return_state=True)
+
+
+def test_running_reports_whose_runs_ended_or_are_unknown_are_marked_crashed(tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Crashed, Running
+
+    runs = _one_pair_and_runs(tmp_path)
     with get_client(sync_client=True) as client:
         ended, crashed, alive = (client.create_flow_run(stylize_batch, name=name, state=state)
                                  for name, state in (("ended", Completed()), ("killed", Crashed()), ("alive", Running())))
@@ -36,8 +48,7 @@ def test_running_reports_whose_runs_ended_or_are_unknown_are_marked_crashed(tmp_
     finished = {"flow_run_id": str(ended.id), "totals": {"pairs": 1}, "items": []}
     (runs / "finished.json").write_text(json.dumps(finished))  # a full report: never touched
 
-    state = stylize_batch(BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s")),
-                          OutputSpec(uri=str(tmp_path / "out")), tiny_params(), RunOptions(), return_state=True)
+    state = _batch(tmp_path)
     assert state.is_completed(), state.message
 
     def report(run_id) -> dict:
@@ -104,11 +115,7 @@ def test_a_report_of_a_run_on_another_prefect_api_is_left_alone_unless_its_proce
 
     from flows.orphans import api_identity, this_process
 
-    for folder, kind in (("c", "content"), ("s", "style")):
-        (tmp_path / folder).mkdir()
-        pattern((24, 24), kind).save(tmp_path / folder / f"{kind}.png")
-    runs = tmp_path / "out" / "_runs"
-    runs.mkdir(parents=True)
+    runs = _one_pair_and_runs(tmp_path)
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead = this_process(child.pid)
     child.kill()
@@ -124,8 +131,7 @@ def test_a_report_of_a_run_on_another_prefect_api_is_left_alone_unless_its_proce
         report = running_report({"id": ids[name], "name": name}, started, process=process, api=api)
         (runs / f"{ids[name]}.json").write_bytes(report_bytes(report))
 
-    state = stylize_batch(BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s")),
-                          OutputSpec(uri=str(tmp_path / "out")), tiny_params(), RunOptions(), return_state=True)
+    state = _batch(tmp_path)
     assert state.is_completed(), state.message
 
     def report(name) -> dict:
@@ -148,11 +154,7 @@ def test_a_run_unknown_to_this_api_whose_process_lives_on_this_machine_is_left_a
 
     from flows.orphans import this_process
 
-    for folder, kind in (("c", "content"), ("s", "style")):
-        (tmp_path / folder).mkdir()
-        pattern((24, 24), kind).save(tmp_path / folder / f"{kind}.png")
-    runs = tmp_path / "out" / "_runs"
-    runs.mkdir(parents=True)
+    runs = _one_pair_and_runs(tmp_path)
     from datetime import datetime, timedelta, timezone
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
@@ -165,8 +167,7 @@ def test_a_run_unknown_to_this_api_whose_process_lives_on_this_machine_is_left_a
         week_ago = datetime.now(timezone.utc) - timedelta(days=8)
         old = running_report({"id": old_id, "name": "old"}, week_ago, process=this_process(child.pid), api=neighbour)
         (runs / f"{old_id}.json").write_bytes(report_bytes(old))
-        state = stylize_batch(BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s")),
-                              OutputSpec(uri=str(tmp_path / "out")), tiny_params(), RunOptions(), return_state=True)
+        state = _batch(tmp_path)
         assert state.is_completed(), state.message
         assert json.loads((runs / f"{run_id}.json").read_text())["status"] == "running"
         aged = json.loads((runs / f"{old_id}.json").read_text())
@@ -174,8 +175,7 @@ def test_a_run_unknown_to_this_api_whose_process_lives_on_this_machine_is_left_a
     finally:
         child.kill()
         child.wait()
-    state = stylize_batch(BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s")),
-                          OutputSpec(uri=str(tmp_path / "out")), tiny_params(), RunOptions(), return_state=True)
+    state = _batch(tmp_path)
     assert state.is_completed(), state.message
     marked = json.loads((runs / f"{run_id}.json").read_text())
     assert marked["status"] == "crashed" and "unknown to the Prefect API" in marked["error"]  # once it is gone
@@ -227,11 +227,7 @@ def test_a_run_the_api_calls_running_whose_process_is_gone_from_this_machine_is_
     from flows.fanout import parent_tag
     from flows.orphans import this_process
 
-    for folder, kind in (("c", "content"), ("s", "style")):
-        (tmp_path / folder).mkdir()
-        pattern((24, 24), kind).save(tmp_path / folder / f"{kind}.png")
-    runs = tmp_path / "out" / "_runs"
-    runs.mkdir(parents=True)
+    runs = _one_pair_and_runs(tmp_path)
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead = this_process(child.pid)
     child.kill()
@@ -250,8 +246,7 @@ def test_a_run_the_api_calls_running_whose_process_is_gone_from_this_machine_is_
             report = running_report({"id": str(ids[name]), "name": name}, process=process)
             (runs / f"{ids[name]}.json").write_bytes(report_bytes(report))
 
-        state = stylize_batch(BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s")),
-                              OutputSpec(uri=str(tmp_path / "out")), tiny_params(), RunOptions(), return_state=True)
+        state = _batch(tmp_path)
         assert state.is_completed(), state.message
         killed = json.loads((runs / f"{ids['killed']}.json").read_text())
         assert killed["status"] == "crashed" and f"its process (pid {child.pid}) is gone" in killed["error"], killed
