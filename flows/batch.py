@@ -44,6 +44,8 @@ from flows.quiet import quiet_returned_failures
 from flows.orphans import api_identity, mark_crashed_reports, still_running, this_process
 from nst_core.errors import NSTError
 from nst_core.params import StyleParams
+from nst_core.uris import absolute_local
+from nst_core.weights import portable_weights
 from tasks.artifacts import RunProgress, publish_artifacts, run_label, run_warning, write_pictures
 from tasks.compute import device_problem, expand_devices, run_on_device
 from tasks.contract import (CANCELLED, CRASHED, DONE, FAILED, PairPlan, ReportItem, done_in, done_item, failed_item,
@@ -427,8 +429,12 @@ def _run(b: _Batch, plans: list[PairPlan], todo: list[PairPlan], done: set[int],
         progress.update(finished)
 
     if b.run.fan_out == "workers" and todo:
-        # the chunk runs read only where this run may: the resolved list, never the empty default
-        result = fan_out_to_workers(plans, done, b.output, b.params, b.run.model_copy(update={"allowed_sources": allowed}),
+        # the chunk runs read only where this run may: the resolved list, never the empty default;
+        # every local place absolute, as they run in their workers' working folders, not this one's
+        # (the output is, since stylize_batch began)
+        run = b.run.model_copy(update={"allowed_sources": [absolute_local(a) for a in allowed]})
+        params = b.params.model_copy(update={"weights": portable_weights(b.params.weights)})
+        result = fan_out_to_workers(plans, done, b.output, params, run,
                                     weights_id, b.flow_run["id"], on_done, b.credentials, b.health, live=live or {},
                                     result=b.result)
     else:
@@ -531,6 +537,8 @@ def stylize_batch(
         return Failed(message=str(err))
     except CredentialsError as err:  # a refusal too: the CLI exits 2 on its prefix (REFUSALS)
         return Failed(message=f"{CREDENTIALS_REFUSED} {err}")
+    if run.fan_out == "workers":  # chunk runs write it from their workers' working folders, and key by it
+        output = output.model_copy(update={"uri": absolute_local(output.uri)})
     if (why := superseded()) is not None:
         get_run_logger().info("%s; this run stands down", why)
         return Cancelled(message=why)

@@ -3,9 +3,10 @@ paths), shared by the engine's weights reader and the batch's storage."""
 
 from __future__ import annotations
 
+import os
 from urllib.parse import unquote, urlparse
 
-__all__ = ["parse_uri", "host_problem"]
+__all__ = ["parse_uri", "host_problem", "absolute_local"]
 
 
 def parse_uri(uri: str) -> tuple[str, str, str]:
@@ -35,3 +36,13 @@ def host_problem(uri: str) -> str:
         return (f"{uri}: a file URI with a host ({host!r}) is not a path on this machine; "
                 f"use file:///absolute/path or a plain folder path")
     return ""
+
+
+def absolute_local(uri: str) -> str:
+    """``uri`` as another process in another working folder reads it: a local path or ``file:`` URI
+    as an absolute path (from this process's working folder; links kept as spelled), anything else
+    (``s3://``, a file URI naming a host, "") as it is."""
+    scheme, host, path = parse_uri(uri)
+    if not uri or scheme not in ("", "file") or host:
+        return uri
+    return os.path.abspath(os.path.expanduser(path))

@@ -24,13 +24,13 @@ from urllib.parse import urlparse
 
 from .errors import WeightsError
 from .params import NAMED_WEIGHTS
-from .uris import host_problem, parse_uri
+from .uris import absolute_local, host_problem, parse_uri
 
 # torch (~3 s to import) loads inside the functions that read or fetch weights: the CLI checks a
 # weights path before the engine loads (check_weights_file).
 
 __all__ = ["Opener", "HOW_TO_SUPPLY_WEIGHTS", "LoadedWeights", "load_weights", "weights_key", "read_weights_bytes",
-           "check_weights_file", "clear_weights"]
+           "check_weights_file", "clear_weights", "portable_weights"]
 
 
 class _Named(NamedTuple):
@@ -113,6 +113,17 @@ def _local_path(uri: str) -> Path | None:
     if scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt"):
         return Path(path).expanduser()
     return None
+
+
+def _path_of(weights: str) -> Path | None:
+    """The local file ``weights`` names, or None (random, named or remote weights)."""
+    return None if weights == "random" or weights in _NAMES else _local_path(weights)
+
+
+def portable_weights(weights: str) -> str:
+    """``weights`` as another process in another working folder (a chunk run's worker) reads them:
+    a local file's path made absolute, anything else as it is."""
+    return weights if _path_of(weights) is None else absolute_local(weights)
 
 
 def read_weights_bytes(uri: str, opener: Opener | None = None) -> bytes:
@@ -295,7 +306,7 @@ def _download(url: str, path: Path, hash_prefix: str | None) -> None:
 def check_weights_file(weights: str) -> None:
     """Refuse (WeightsError) a local weights path that is not a file; random, named and remote
     weights pass. Needs no torch."""
-    path = None if weights == "random" or weights in _NAMES else _local_path(weights)
+    path = _path_of(weights)
     if path is not None:
         _require_file(path, weights)
 
@@ -310,7 +321,7 @@ def weights_key(weights: str, sha256: str | None) -> tuple:
     """What names loaded weights in this process's caches: a local file by its resolved path, mtime
     and size (a file replaced in place is read again: its id, and so every output key, follows it),
     anything else by its spelling. A missing local file is a WeightsError."""
-    path = None if weights == "random" or weights in _NAMES else _local_path(weights)
+    path = _path_of(weights)
     if path is None:
         return (weights, sha256)
     _require_file(path, weights)

@@ -365,6 +365,42 @@ def test_ctrl_c_while_waiting_cancels_the_chunk_runs(tmp_path, monkeypatch, chun
     assert len(kids) == 2 and all(k.state.name in ("Cancelling", "Cancelled") for k in kids), [k.state for k in kids]
 
 
+@pytest.mark.slow
+def test_a_chunk_run_works_on_the_places_its_parent_was_given_from_any_working_folder(
+        tmp_path, monkeypatch, chunk_deployment_without_worker):
+    """`nst batch --contents c --styles s --output out --weights w.pth --fan-out workers`: a chunk
+    run works in its worker's folder (the deployment's, nst serve's), not the parent's. Relative
+    places went to it as typed: every pair refused as outside allowed_sources, or made in the
+    worker's folder while the parent found nothing there, and the weights file missing."""
+    import torch
+
+    from nst_core.vgg import load_extractor
+
+    here, worker_folder = tmp_path / "here", tmp_path / "worker"
+    here.mkdir()
+    worker_folder.mkdir()
+    _folders(here, contents=2)
+    torch.save(load_extractor("random", layers=["relu5_1"], seed=3).layers.state_dict(), here / "w.pth")
+    sent = {}
+
+    def worker(clock):  # the GPU worker: takes the chunk run with its parameters as the API has them
+        kids = [k for k in _recent_chunks(chunk_deployment_without_worker) if str(here) in json.dumps(k.parameters)]
+        if kids:
+            sent.update(kids[0].parameters)
+            raise KeyboardInterrupt  # the parent stops here: the chunk run is the worker's now
+
+    monkeypatch.chdir(here)
+    monkeypatch.setattr(fanout, "time", FakeClock(worker))
+    with pytest.raises(KeyboardInterrupt):
+        stylize_batch(BatchSource(contents="c", styles="s"), OutputSpec(uri="out"), tiny_params(weights="w.pth"),
+                      RunOptions(fan_out="workers", chunk_size=2, chunk_deployment=chunk_deployment_without_worker))
+    monkeypatch.chdir(worker_folder)
+    result = stylize_chunk(**sent)
+    assert result["done"] == 2, result
+    assert len(list((here / "out").glob("*.jpg"))) == 2
+    assert list(worker_folder.iterdir()) == []
+
+
 def _parent_id(chunk_run) -> str:
     """The parent a chunk run was started by (its nst-parent tag; the API keeps tags sorted)."""
     return next(t for t in chunk_run.tags if t.startswith("nst-parent:")).split(":", 1)[1]
