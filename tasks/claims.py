@@ -22,13 +22,15 @@ heartbeats are swept at a run's start, never claims.
 A dead run's claim is taken over by one run only: before its delete, the taker creates a marker
 named after that claim's content (``{claim}.{digest}.taken``, only if none is there), so a run that
 judged the same dead claim stale a moment later backs off instead of deleting the taker's new
-claim, and the taker deletes the claim only if it is still the one it judged dead. A marker over
+claim, and the taker writes its own claim over it only if it is still the one it judged dead
+(a write, not a delete: credentials without DeleteObject take over too; their claims and
+heartbeats are never removed, and are judged dead as those of a run killed -9 are). A marker over
 STALE_S old is a dead taker's: the claim is taken over again. Markers stay (a late looker must
 still find one) and are swept with old heartbeats.
 
-Left: the look that the claim is still the dead one and its delete are two steps, so a claim
-written between them (by a run judged dead that was alive, or by a second taker once the marker
-is STALE_S old) is deleted, and both runs may make the pair;
+Left: the look that the claim is still the dead one and the write over it are two steps, so a
+claim written between them (by a run judged dead that was alive, or by a second taker once the
+marker is STALE_S old) is written over, and both runs may make the pair;
 with a botocore before 1.35 a claim is a look then a write, and an
 S3-compatible store that ignores If-None-Match gives each creator the claim: then both may make
 the pair, which is the old behaviour.
@@ -157,9 +159,13 @@ class Claims:
         """``Storage.create``, its refusals told to the run's health as a write's are (a full disk
         stops the run, whichever write meets it first). One that goes through is not told: a claim
         of a few hundred bytes fits on a disk too full for any image."""
+        return self._told(lambda: self.storage.create(key, body))
+
+    def _told(self, write):
+        """``write()`` through ``_call``, a refusal told to the run's health (see ``_create``)."""
         started_at = datetime.now(timezone.utc)
         try:
-            return self._call(lambda: self.storage.create(key, body))
+            return self._call(write)
         except WriteRefusedError as err:
             if self.health is not None:
                 self.health.wrote(err, started_at)
@@ -189,7 +195,12 @@ class Claims:
                 return "another run (it is taking over a dead run's claim)"
             if self._read(key) != found:
                 continue  # it changed hands meanwhile: look again
-            self._call(lambda: self.storage.delete(key))
+            # written over the dead claim, not deleted and created again: one step, and one that needs
+            # no DeleteObject (a bucket that refuses it kept every dead claim, failing its pair for ever)
+            self._told(lambda: self.storage.write(key, body, "application/json"))
+            with self._lock:
+                self._held.add(key)
+            return None
         return "another run (its claim changed hands while this run looked)"
 
     def _may_take_over(self, key: str, found: dict) -> bool:

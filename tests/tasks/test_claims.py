@@ -84,6 +84,31 @@ def test_a_dead_runs_claim_is_taken_over(out, monkeypatch):
     dead.stop()
 
 
+def test_a_dead_runs_claim_is_taken_over_where_nothing_may_be_deleted(out, monkeypatch):
+    """Credentials that may write but not delete (the README needs no DeleteObject): a claim is never
+    released, and a pair that failed once failed on every later run, "AccessDenied" from the takeover's
+    delete of its claim. The taker now writes its claim over the dead one."""
+    from tasks.storage import StorageError
+
+    def denied(self, key):
+        raise StorageError(f"{key}: AccessDenied: Access Denied")
+
+    monkeypatch.setattr(type(out), "delete", denied)
+    night1 = Claims(out, {"id": "night-1", "name": "nightly"})
+    night1.start()
+    assert night1.take(PAIR) is None
+    night1.release(PAIR)  # the pair failed; its claim stays
+    night1.stop()
+    night2, night3 = Claims(out, {"id": "night-2", "name": "nightly"}), Claims(out, {"id": "night-3", "name": "nightly"})
+    night2.start()
+    try:
+        assert night2.take(PAIR) is None  # night 1's run ended in this process: its claim is dead
+        assert json.loads(out.read(night2.key(PAIR))[0])["run"] == "night-2"
+        assert night3.take(PAIR) == "run nightly (night-2)"  # and it holds, as a created one does
+    finally:
+        night2.stop()
+
+
 def test_a_dead_runs_claim_is_taken_over_by_one_of_many_runs_that_find_it_together(out):
     """Old: runs that judged one dead claim stale together each deleted it, the later ones deleting
     the first's new claim, and several held the pair (each made it). Five rounds of 6 runs."""
@@ -117,7 +142,7 @@ def test_a_dead_runs_claim_is_taken_over_by_one_of_many_runs_that_find_it_togeth
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process identities are read from /proc")
 def test_a_takeover_in_progress_is_left_to_its_taker_and_a_dead_takers_marker_is_not_for_ever(out, monkeypatch):
     """Review of the first takeover marker: (1) a Retry's attempt rewrote its dead attempt's claim
-    blindly while another run was taking it over: both held it; (2) a taker whose delete failed, or
+    blindly while another run was taking it over: both held it; (2) a taker whose write failed, or
     whose marker's answer was lost, found its own marker on its next look and backed off for a day;
     (3) a taker that died after its marker left the dead claim for a day."""
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -140,11 +165,11 @@ def test_a_takeover_in_progress_is_left_to_its_taker_and_a_dead_takers_marker_is
         taker.release(PAIR)
 
         found = dead_claim("run-x")
-        real_delete = out.delete
-        monkeypatch.setattr(out, "delete", lambda key: (_ for _ in ()).throw(OSError("the store said no")))
+        real_write = out.write
+        monkeypatch.setattr(out, "write", lambda *args: (_ for _ in ()).throw(OSError("the store said no")))
         with pytest.raises(OSError):
-            taker.take(PAIR)  # the marker is made, the delete fails
-        monkeypatch.setattr(out, "delete", real_delete)
+            taker.take(PAIR)  # the marker is made, the write over the dead claim fails
+        monkeypatch.setattr(out, "write", real_write)
         assert taker.take(PAIR) is None  # its own marker: it goes on (old: "another run ... taking it over")
         taker.release(PAIR)
 
