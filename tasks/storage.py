@@ -535,12 +535,12 @@ class LocalStorage(Storage):
             raise _in_the_way(path, err) from None
 
     def _write(self, path: Path, data: bytes) -> str:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp_dir = self._temp_dir(create=True)
-        # Created 0666 by os.open, so the kernel applies the umask in force now (mkstemp makes 0600);
-        # the pid and its pid space tell clean_temp() whether the writer is still alive.
-        tmp = str(temp_dir / f"{os.getpid()}-{uuid.uuid4().hex}.{_TEMP_OWNER}")
-        try:
+        try:  # its folders too: a read-only remount met at a new folder is a refusal like any other
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temp_dir = self._temp_dir(create=True)
+            # Created 0666 by os.open, so the kernel applies the umask in force now (mkstemp makes 0600);
+            # the pid and its pid space tell clean_temp() whether the writer is still alive.
+            tmp = str(temp_dir / f"{os.getpid()}-{uuid.uuid4().hex}.{_TEMP_OWNER}")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
             try:
                 with os.fdopen(fd, "wb") as fh:
@@ -564,8 +564,10 @@ class LocalStorage(Storage):
             path.parent.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError) as err:
             raise _in_the_way(path, err) from None
-        tmp = self._temp_dir(create=True) / f"{os.getpid()}-{uuid.uuid4().hex}.{_TEMP_OWNER}"
+        except OSError as err:
+            raise _refusal(path, err) or err from None
         try:
+            tmp = self._temp_dir(create=True) / f"{os.getpid()}-{uuid.uuid4().hex}.{_TEMP_OWNER}"
             try:
                 tmp.write_bytes(data)
                 os.link(tmp, path)  # whole or not at all, and never over another's
@@ -596,7 +598,7 @@ class LocalStorage(Storage):
         path = self._path(key)
         try:
             st = path.stat()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # "o/x.png/y" under the file "o/x.png": nothing
             return None
         return ObjectInfo(safe_key(key), st.st_size, "") if path.is_file() else None
 
@@ -606,7 +608,8 @@ class LocalStorage(Storage):
 
     @_bounded
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        with suppress(NotADirectoryError):  # a key under a file: nothing there to delete
+            self._path(key).unlink(missing_ok=True)
 
     @_bounded
     def folds_case(self) -> bool:
@@ -947,7 +950,7 @@ def split_uri(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> tupl
     if why := host_problem(uri):
         raise StorageError(why)
     _check_scheme(uri, scheme)
-    return LocalStorage(folder or "."), name
+    return LocalStorage(folder or ("/" if path.startswith("/") else ".")), name  # "/x.jsonl": the root
 
 
 def read_uri(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN, max_bytes: int | None = None) -> bytes:

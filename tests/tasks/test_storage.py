@@ -684,3 +684,43 @@ def test_a_folder_on_a_mount_that_stopped_answering_is_refused_in_bounded_time(t
         assert err.value.transient and time.monotonic() - started < 5
     finally:
         hung.set()
+
+
+@pytest.mark.parametrize("op", ["write", "create"])
+def test_a_folder_a_write_cannot_make_is_a_refused_write(tmp_path, monkeypatch, op):
+    """A read-only remount or a full disk met where a write first makes its folder (a manifest's
+    "2026-12-07/x"): a bare OSError, so the run's rule (three refused writes stop it) never heard of
+    it, and every pair ran its whole optimization to fail with a traceback."""
+    import errno
+
+    from tasks.storage import WriteRefusedError
+
+    out = LocalStorage(tmp_path / "out")
+    out.write("_runs/r.json", b"{}")  # the run's write probe: the output and its temp folder exist
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(WriteRefusedError, match="2026-12-07/x.png: cannot write: Read-only file system"):
+        getattr(out, op)("2026-12-07/x.png", b"data")
+
+
+def test_a_key_under_a_file_is_nothing_there_to_look_at_or_delete(tmp_path):
+    """An earlier run left the file "o/x.png"; tonight's manifest asks for "o/x.png/y": looking at or
+    deleting that key raised a bare NotADirectoryError (a traceback for the pair) where nothing is there."""
+    out = LocalStorage(tmp_path / "out")
+    out.write("o/x.png", b"data")
+    assert out.info("o/x.png/y.png") is None and out.exists("o/x.png/y.png") is False
+    out.delete("o/x.png/y.png")
+    assert out.read("o/x.png")[0] == b"data"
+
+
+@pytest.mark.parametrize("uri", ["{root}", "file://{root}"])
+def test_a_file_at_the_root_of_the_file_system_is_read_there(tmp_path, monkeypatch, uri):
+    """"/pairs.jsonl" (a container's bind mount) was read from the working folder: its folder, "",
+    was taken for "."."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nst-test-decoy.json").write_bytes(b"the working folder's")
+    storage, key = split_uri(uri.format(root="/nst-test-decoy.json"))
+    assert (storage.uri, key) == ("/", "nst-test-decoy.json")
