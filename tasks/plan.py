@@ -164,9 +164,9 @@ def read_manifest(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> 
             # line_num counts the lines read before the row that failed
             raise PreflightError(f"manifest {uri} line {before + reader.line_num + 1}: not CSV ({err})") from None
     else:
-        # "\n" only (a "\r" before it is JSON whitespace): splitlines() also breaks at U+2028, U+0085,
-        # ... which json.dumps(ensure_ascii=False) leaves inside strings
-        for i, line in enumerate(text.split("\n"), 1):
+        # CR, LF or CRLF only (none can be inside a JSON string, where control characters are escaped):
+        # splitlines() also breaks at U+2028, U+0085, ... which json.dumps(ensure_ascii=False) leaves there
+        for i, line in enumerate(re.split(r"\r\n|\r|\n", text), 1):
             if not line.strip():
                 continue
             try:

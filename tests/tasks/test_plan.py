@@ -116,6 +116,14 @@ def test_a_jsonl_manifest_splits_rows_on_newlines_only(folders):
     (folders / "m.jsonl").write_bytes("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode())
     assert [r.output for r in read_manifest(str(folders / "m.jsonl"))] == ["named/x\u2028y", "named/x\x85y"]
 
+
+def test_a_jsonl_manifest_with_cr_line_ends_reads_as_written(folders):
+    """The README promises CR line ends: a JSONL saved with them was refused "line 1: not JSON (Extra
+    data)". A lone CR cannot be inside a JSON string (control characters are escaped there)."""
+    rows = [{"content": "c/a.jpg", "style": "s/s1.png", "output": f"x{i}"} for i in range(2)]
+    (folders / "m.jsonl").write_bytes("\r".join(json.dumps(r) for r in rows).encode() + b"\r")
+    assert [r.output for r in read_manifest(str(folders / "m.jsonl"))] == ["x0", "x1"]
+
 @pytest.mark.parametrize("text,message", [
     ('{"content": "c/a.jpg"}\n', "line 1: needs non-empty 'content' and 'style'"),
     ('{"content": "c/a.jpg", "style": "s.png"}\nnot json\n', "line 2: not JSON"),
