@@ -171,17 +171,17 @@ def startup_failure(log) -> str | None:
 @contextmanager
 def _signals_noted():
     """In the main thread, SIGINT, SIGTERM and SIGHUP (all three stop nst) only noted while the
-    block runs, then raised again:
+    block runs (the block gets the list of those noted), then raised again:
     Python runs its handlers in the main thread whichever thread the kernel picked, so blocking
     them there (pthread_sigmask) would not hold them back. Elsewhere, nothing to do."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     noted: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield noted
+        return
     previous = {signum: signal.signal(signum, lambda signum, frame: noted.append(signum))
                 for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        yield
+        yield noted
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
