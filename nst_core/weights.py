@@ -83,10 +83,13 @@ def _read_hashed(path: Path) -> tuple[bytes, str]:
     """A file's bytes and their SHA-256, read once in ``_CHUNK``-sized pieces: what is loaded
     afterwards is exactly what was hashed."""
     digest, parts = hashlib.sha256(), []
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-            parts.append(chunk)
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+                parts.append(chunk)
+    except OSError as err:  # another user's file in a shared cache, a mount gone: one line, not a traceback
+        raise WeightsError(f"weights file {path} cannot be read: {err.strerror or err}") from None
     return b"".join(parts), digest.hexdigest()
 
 
@@ -210,18 +213,21 @@ def _features_state(obj: object, label: str) -> tuple[dict, tuple | None]:
     Takes vgg16().state_dict() ("features.N.*", "classifier.*" dropped), vgg16().features'
     ("N.*"), either under "module." / "model." wrappers, or {"state_dict", "mean", "std"}.
     """
-    from torch import Tensor
+    import torch
 
     if not isinstance(obj, dict):
         raise WeightsError(f"weights {label} hold a {type(obj).__name__}, not a state_dict")
     mean_std = None
     if "state_dict" in obj:
-        if "mean" in obj and "std" in obj:
+        for one, other in (("mean", "std"), ("std", "mean")):  # one alone would be dropped for ImageNet's pair
+            if one in obj and other not in obj:
+                raise WeightsError(f"weights {label}: {one!r} without {other!r}; give both (one per RGB channel) or neither")
+        if "mean" in obj:
             mean_std = (_three(obj["mean"], "mean", label), _three(obj["std"], "std", label))
         obj = obj["state_dict"]
         if not isinstance(obj, dict):
             raise WeightsError(f"weights {label}: 'state_dict' holds a {type(obj).__name__}, not a dict")
-    features = {}
+    features, keys = {}, {}
     for key in obj:
         name = str(key)
         while name.startswith(_WRAPPER_PREFIXES):
@@ -234,10 +240,18 @@ def _features_state(obj: object, label: str) -> tuple[dict, tuple | None]:
                 f"weights {label}: key {key!r} is not a VGG16 features key; expected 'features.N.weight' "
                 "or 'N.weight' (and .bias; 'module.' / 'model.' prefixes are stripped)"
             )
+        if name in keys:  # "features.0.weight" beside "module.features.0.weight": the later won, silently
+            raise WeightsError(f"weights {label}: {key!r} and {keys[name]!r} are both layer {name}")
         value = obj[key]
-        if isinstance(value, Tensor) and value.is_floating_point() and not bool(value.isfinite().all()):
+        if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
+            what = f"a {type(value).__name__}" if not isinstance(value, torch.Tensor) else f"a {value.layout} tensor"
+            raise WeightsError(f"weights {label}: {key!r} holds {what}, not a dense tensor")
+        if not value.is_floating_point():  # loading would cast integers and drop a complex value's imaginary part
+            raise WeightsError(f"weights {label}: {key!r} holds {str(value.dtype).removeprefix('torch.')}, "
+                               "not floating point")
+        if not bool(value.isfinite().all()):
             raise WeightsError(f"weights {label}: {key!r} holds NaN or infinite values")
-        features[name] = value
+        features[name], keys[name] = value, key
     if not features:
         raise WeightsError(f"weights {label} hold no VGG16 features keys (expected 'features.N.weight' or 'N.weight')")
     return features, mean_std
@@ -284,11 +298,13 @@ def _download(url: str, path: Path, hash_prefix: str | None) -> None:
     """Fetch ``url`` to ``path``: streamed to a temporary file beside it, its SHA-256 checked
     against ``hash_prefix``, then renamed into place (a failed or interrupted download leaves
     nothing a later run could mistake for the checkpoint)."""
-    import tempfile
     import urllib.request
 
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    # Created 0666, so the umask decides as for torch.hub's own download (mkstemp's 0600 kept a
+    # cache shared by several users readable by the one who filled it only)
+    tmp = str(path.parent / f".{path.name}.{os.urandom(8).hex()}.part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
             while chunk := resp.read(1 << 20):
@@ -312,6 +328,8 @@ def check_weights_file(weights: str) -> None:
 
 
 def _require_file(path: Path, label: str) -> None:
+    if path.is_dir():
+        raise WeightsError(f"weights file {label} is a folder, not a weights file (a state_dict saved with torch.save)")
     if not path.is_file():
         raise WeightsError(f"weights file {label} does not exist (weights are a state_dict's path, file:// or s3:// "
                            f"URI, or one of {', '.join(NAMED_WEIGHTS)}, random)")

@@ -157,6 +157,38 @@ def test_missing_hub_checkpoint_is_downloaded_and_its_hash_prefix_checked(tmp_pa
     assert sorted(p.name for p in checkpoints.iterdir()) == [name]  # no partial or temporary file left
 
 
+def test_a_downloaded_checkpoint_is_as_readable_as_the_umask_allows(tmp_path, monkeypatch):
+    """A hub cache shared by users (one TORCH_HOME on a GPU box): mkstemp made the checkpoint 0600, so
+    only the user who downloaded it could read it, and everyone else's run failed on it for good."""
+    import stat
+
+    checkpoints = _hub(tmp_path, monkeypatch)
+    staging = tmp_path / "staging.pth"
+    torch.save(_random_features(), staging)
+    data = staging.read_bytes()
+    name = f"vgg16-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+    previous = os.umask(0o022)
+    try:
+        with _http({name: data}) as url:
+            _named_at(monkeypatch, f"{url}/{name}")
+            load_extractor("imagenet1k_v1", layers=["relu1_1"])
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((checkpoints / name).stat().st_mode) == 0o644
+
+
+def test_a_weights_file_that_cannot_be_read_is_one_weights_error(tmp_path, monkeypatch):
+    path = tmp_path / "vgg.pth"
+    torch.save(_random_features(), path)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(weights_mod, "open", denied, raising=False)
+    with pytest.raises(WeightsError, match=r"weights file .*vgg.pth cannot be read: Permission denied"):
+        load_extractor(str(path), layers=["relu1_1"])
+
+
 def test_a_download_that_never_answers_fails_in_bounded_time(tmp_path, monkeypatch):
     """Old: torch.hub's urlopen had no timeout, so a first run behind a stalled proxy or a firewall
     that drops packets hung before its first line, for ever."""
@@ -297,12 +329,41 @@ def test_a_weights_file_uri_as_pathlib_writes_it_loads(tmp_path):
     ({"mean": torch.tensor(0.5), "std": torch.tensor(0.2)}, "'mean' must be 3 finite numbers"),  # TypeError before
     ({"mean": [0.5], "std": [0.2]}, "'mean' must be 3 finite numbers"),  # RuntimeError (view) before
     ({"mean": [0.5] * 3, "std": [0.0] * 3}, "'std' must be 3 finite numbers"),  # loaded: NaN features before
+    # one without the other was dropped, and ImageNet's pair used: a Caffe-style mean-only file 58x off
+    ({"mean": [0.5] * 3}, "'mean' without 'std'"),
+    ({"std": [0.2] * 3}, "'std' without 'mean'"),
 ])
 def test_bad_mean_or_std_is_one_weights_error(tmp_path, extra, message):
     path = tmp_path / "vgg.pth"
     torch.save({"state_dict": _random_features(), **extra}, path)
     with pytest.raises(WeightsError, match=message):
         load_extractor(str(path), layers=["relu1_1"])
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_weights_that_are_not_real_numbers_are_refused_at_load(tmp_path, dtype):
+    """Old: loaded, integers and booleans cast, a complex value's imaginary part dropped."""
+    features = _random_features()
+    features["2.weight"] = features["2.weight"].to(dtype)
+    path = tmp_path / "vgg.pth"
+    torch.save(features, path)
+    with pytest.raises(WeightsError, match=rf"'2.weight' holds {str(dtype).removeprefix('torch.')}, not floating point"):
+        load_extractor(str(path), layers=["relu1_1"])
+
+
+def test_two_keys_for_one_layer_are_refused(tmp_path):
+    """"features.0.weight" and "module.features.0.weight": whichever came last was used, silently."""
+    features = _random_features()
+    path = tmp_path / "vgg.pth"
+    torch.save({**{f"features.{k}": v for k, v in features.items()}, "module.features.0.weight": features["0.weight"] * 0},
+               path)
+    with pytest.raises(WeightsError, match=r"'module.features.0.weight' and 'features.0.weight' are both layer 0.weight"):
+        load_extractor(str(path), layers=["relu1_1"])
+
+
+def test_a_folder_given_as_the_weights_file_is_called_a_folder(tmp_path):
+    with pytest.raises(WeightsError, match="is a folder, not a weights file"):
+        load_extractor(str(tmp_path), layers=["relu1_1"])
 
 
 def test_non_finite_weights_are_refused_at_load(tmp_path):
