@@ -146,6 +146,20 @@ def test_a_skipped_curvature_pair_changes_nothing_for_the_other_problems():
     assert torch.allclose(x.detach()[0], x0[0] - 0.1 * min(1.0, 1 / 6) - 11 * 0.1, rtol=1e-12)
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e-4, 1e-8])
+def test_the_optimization_does_not_depend_on_the_losss_scale(scale):
+    """k·f has f's minimizer. torch's absolute test (yᵀs > 1e-10) refused every pair of a small k:
+    the first step is lr·g (its ‖g‖₁ < 1), so yᵀs ∝ k², and every later step stayed lr·g: no
+    progress (stylize: α and β scaled down together gave back the content)."""
+    a = torch.tensor([[1.0, 3.0, 10.0, 30.0]], dtype=torch.float64)  # an ill-conditioned quadratic
+    x = torch.zeros(1, 4, dtype=torch.float64)
+    opt = BatchedLBFGS(x, 1.0, 5)
+    frozen = torch.zeros(1, dtype=torch.bool)
+    for _ in range(30):
+        opt.step(x, scale * a * (x - 1), frozen)
+    assert torch.allclose(x, torch.ones_like(x), atol=1e-6), x
+
+
 def test_a_pair_that_fails_the_curvature_test_empties_the_slot_it_overwrites():
     # History 2 on a quadratic (every pair passes), then a gradient with yᵀs < 0: its slot held
     # the oldest kept pair and must now read as empty, so the step uses the one pair left.
