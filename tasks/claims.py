@@ -97,14 +97,13 @@ class Claims:
         return retrying(fn, health=self.health)
 
     def start(self) -> None:
-        """Write the heartbeat, then renew it every RENEW_S in a daemon thread until ``stop``. Never
-        raises: without a heartbeat this run's claims look abandoned, and another run may make its
-        pairs too (the old behaviour), which loses nothing."""
+        """Write the heartbeat, then sweep and renew it every RENEW_S in a daemon thread until
+        ``stop``. Never raises: without a heartbeat this run's claims look abandoned, and another
+        run may make its pairs too (the old behaviour), which loses nothing."""
         with _live_lock:
             _live_here.add(str(self.run.get("id")))
         try:
             self._beat()
-            self._sweep()
         except Exception:
             pass
         self._renewing = threading.Thread(target=self._renew, name="nst-claims", daemon=True)
@@ -134,6 +133,12 @@ class Claims:
         self._call(lambda: self.storage.write(self._heartbeat_key(str(self.run.get("id"))), body, "application/json"))
 
     def _renew(self) -> None:
+        # beside the pairs, not before them: up to SWEEP_MAX reads, each bounded only by the store's
+        # read timeout, held every pair back for hours where reads hung
+        try:
+            self._sweep()
+        except Exception:
+            pass
         while not self._stop.wait(RENEW_S):
             try:
                 self._beat()

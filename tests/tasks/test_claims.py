@@ -284,6 +284,31 @@ def test_a_run_removes_dead_runs_old_heartbeats_and_never_sweeps_claims(out):
         live.stop()
 
 
+def test_a_sweep_whose_reads_hang_holds_no_pair_back(out, monkeypatch):
+    """A run's start swept old heartbeats before any pair: a read at a time, up to 100, each bounded
+    only by the store's read timeout (70 s on S3), so a store whose reads hung held every pair back
+    for up to two hours. The sweep now runs beside the pairs."""
+    out.write("_runs/claims/run-dead.live", json.dumps({"run": "run-dead", "at": "2020-01-01T00:00:00+00:00"}).encode())
+    read, release, returned = type(out).read, threading.Event(), threading.Event()
+
+    def hanging(self, key, *args, **kwargs):
+        if key.endswith("run-dead.live"):
+            release.wait(30)
+            returned.set()
+        return read(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(type(out), "read", hanging)
+    run = Claims(out, {"id": "run-new", "name": "nightly"})
+    run.start()
+    try:
+        assert not returned.is_set()  # start() is back while the sweep's read still hangs
+        assert run.take(PAIR) is None
+    finally:
+        release.set()
+        run.stop()
+    assert returned.is_set() and out.info("_runs/claims/run-dead.live") is None  # swept all the same
+
+
 def test_a_folder_without_hard_links_still_claims(tmp_path, monkeypatch):
     """vfat, exFAT, some FUSE and CIFS mounts answer link(2) with EPERM. Old: that counted as a
     refused write, so every claim was refused and the run stopped after three."""
