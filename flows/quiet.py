@@ -9,13 +9,18 @@ Failed('…')". ``quiet_returned_failures`` drops exactly that record when its e
 ``FailedRun``: a Failed state a flow returned, never an error raised in flow code, whose
 tracebacks are all kept. Likewise a pair task that returns Failed (its one line naming the
 input): the task engine's record of it, with an empty traceback, is dropped.
+
+Both loggers also hide a URL's ``user:password@`` in every line and traceback (``CredentialsFilter``):
+the Prefect client's errors quote the request's URL, PREFECT_API_URL's credentials with it.
 """
 
 from __future__ import annotations
 
 import logging
 
-__all__ = ["quiet_returned_failures", "ReturnedFailureFilter", "ReturnedFailedStateFilter"]
+from nst_core.errors import hide_userinfo
+
+__all__ = ["quiet_returned_failures", "ReturnedFailureFilter", "ReturnedFailedStateFilter", "CredentialsFilter"]
 
 #: The logger Prefect's engine reports a flow run's outcome on (prefect.logging.loggers.flow_run_logger).
 FLOW_RUN_LOGGER = "prefect.flow_runs"
@@ -45,9 +50,25 @@ class ReturnedFailedStateFilter(logging.Filter):
         return not (empty and record.getMessage().startswith("Task run failed with state"))
 
 
+class CredentialsFilter(logging.Filter):
+    """A URL's ``user:password@`` out of a record's message and traceback: an httpx error logged as
+    "could not create the progress artifact: Server error '500' for url 'http://alice:…@…/api/…'"
+    put PREFECT_API_URL's password in the run's logs, on the API and in the UI."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if (hidden := hide_userinfo(message)) != message:
+            record.msg, record.args = hidden, None
+        if record.exc_info and record.exc_info[0] is not None and not record.exc_text:
+            # formatted once here, as a handler's Formatter would, and kept: handlers use exc_text
+            record.exc_text = hide_userinfo(logging.Formatter().formatException(record.exc_info))
+        return True
+
+
 def quiet_returned_failures() -> None:
     """Install the filters on the flow-run and task-run loggers, once per process."""
-    for name, kind in ((FLOW_RUN_LOGGER, ReturnedFailureFilter), (TASK_RUN_LOGGER, ReturnedFailedStateFilter)):
+    for name, kind in ((FLOW_RUN_LOGGER, ReturnedFailureFilter), (TASK_RUN_LOGGER, ReturnedFailedStateFilter),
+                       (FLOW_RUN_LOGGER, CredentialsFilter), (TASK_RUN_LOGGER, CredentialsFilter)):
         logger = logging.getLogger(name)
         if not any(isinstance(f, kind) for f in logger.filters):
             logger.addFilter(kind())

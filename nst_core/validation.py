@@ -6,6 +6,8 @@ from collections.abc import Collection, Iterable
 
 from pydantic import ValidationError
 
+from .errors import hide_userinfo
+
 __all__ = ["validation_problems", "format_validation_error"]
 
 
@@ -27,4 +29,4 @@ def format_validation_error(err: ValidationError | Iterable[str]) -> str:
     """``invalid parameters: where: message; …`` from one error, or from problems collected over
     several (``validation_problems``)."""
     problems = validation_problems(err) if isinstance(err, ValidationError) else list(err)
-    return "invalid parameters: " + "; ".join(problems)
+    return hide_userinfo("invalid parameters: " + "; ".join(problems))  # a URI's password quoted in a message

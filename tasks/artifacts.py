@@ -32,6 +32,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
+from nst_core.errors import hide_userinfo
 from tasks.contract import DONE, SKIPPED, contact_sheet_key, loss_curve_key
 from tasks.credentials import DEFAULT_CHAIN, StorageCredentials
 from tasks.report import (Curve, SheetRow, contact_sheet, file_name, loss_curve_png, md_code, md_text,
@@ -249,7 +250,7 @@ class RunProgress:
             self.id = create_progress_artifact(0.0, key=artifact_key("progress"),
                                                description=self.prefix + self.describe(0))
         except Exception as err:  # a progress card must never fail a run: the run goes on without one
-            logging.getLogger(__name__).warning("could not create the progress artifact: %s", err)
+            logging.getLogger(__name__).warning("could not create the progress artifact: %s", hide_userinfo(str(err)))
             self.id = None
 
     def describe(self, finished: int, now: float | None = None) -> str:
@@ -334,7 +335,7 @@ class RunProgress:
         try:
             update_progress_artifact(self.id, pct, description=self.prefix + description)
         except Exception as err:  # a progress card must never fail a run
-            logging.getLogger(__name__).warning("could not update the progress artifact: %s", err)
+            logging.getLogger(__name__).warning("could not update the progress artifact: %s", hide_userinfo(str(err)))
 
 
 def _duration(seconds: float) -> str:
@@ -347,8 +348,8 @@ def _duration(seconds: float) -> str:
 def _ui_url(path: str) -> str | None:
     from prefect.settings import get_current_settings
 
-    ui = get_current_settings().ui_url
-    return f"{ui.rstrip('/')}/{path}" if ui else None
+    ui = get_current_settings().ui_url  # derived from PREFECT_API_URL, its user:password@ and all
+    return f"{hide_userinfo(ui).rstrip('/')}/{path}" if ui else None
 
 
 def run_label(name: str | None, attempt: int = 1) -> str:

@@ -95,11 +95,27 @@ def _trimmed(value: str) -> str:
     return value
 
 
+#: A Prefect block document's name (prefect.types.names.BlockDocumentName), or "" for none.
+_BLOCK_NAME = r"^[a-z0-9-]*$"
+
+
+def _block_name(value: str) -> str:
+    """An AwsCredentials block's name; never quoted back: keys pasted into the field went into the
+    run's logs, state and UI through "no block named '{…}'"."""
+    _trimmed(value)
+    if not re.fullmatch(_BLOCK_NAME, value):
+        raise ValueError("must be the name of an AwsCredentials block (lowercase letters, digits and dashes), "
+                         "never the keys themselves")
+    return value
+
+
 def _place_uri(value: str) -> str:
     """A folder, ``file:`` URI or ``s3://bucket/prefix``, refused here rather than by the storage
     mid-run (which was a traceback): a file URI naming a host, an s3 URI with no bucket, another scheme."""
     _trimmed(value)
-    scheme, bucket, _ = parse_uri(value)
+    scheme, bucket, path = parse_uri(value)
+    if "\0" in value or "\0" in path:  # raw, or %00 in a file URI: "embedded null byte" at the first read
+        raise ValueError("must not hold a NUL character")
     if scheme == "s3" and not bucket:
         raise ValueError(f"{value} names no bucket; use s3://bucket/prefix")
     from tasks.storage import is_bucket  # boto3's rule lives with the storage; imported when a URI is checked
@@ -237,8 +253,8 @@ class OutputSpec(BaseModel):
         default=7 * 24, ge=1, le=7 * 24, title="Link expiry (hours)",
         description="How long artifact S3 links work (S3's maximum: 168 h); temporary credentials end them sooner.",
     )
-    storage_credentials: Annotated[str, AfterValidator(_trimmed)] = Field(
-        default="", json_schema_extra={"pattern": r"^(\S(.*\S)?)?$"}, title="Storage credentials block",
+    storage_credentials: Annotated[str, AfterValidator(_block_name)] = Field(
+        default="", json_schema_extra={"pattern": _BLOCK_NAME}, title="Storage credentials block",
         description="A Prefect AwsCredentials block for every s3:// read and write; empty: boto3's default chain.",
     )
 

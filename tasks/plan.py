@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
 
-from nst_core.errors import NSTError
+from nst_core.errors import NSTError, hide_userinfo
 from nst_core.imageio import IMAGE_EXTENSIONS, MAX_INPUT_BYTES
 from nst_core.params import StyleParams
 
@@ -195,8 +195,8 @@ def read_manifest(uri: str, credentials: StorageCredentials = DEFAULT_CHAIN) -> 
             problem, output = f"{err}; outputs must stay under the output prefix", None
         try:
             resolved = _resolve(content, base), _resolve(style, base)
-        except UnsafeKeyError as err:
-            resolved, problem = (content, style), problem or str(err)
+        except UnsafeKeyError as err:  # kept for the pair's report line, less a URL's password
+            resolved, problem = (hide_userinfo(content), hide_userinfo(style)), problem or str(err)
         entries.append(SourceEntry(*resolved, output, where, error=f"{where}: {problem}" if problem else ""))
     if not entries:
         raise PreflightError(f"manifest {uri} has no rows")

@@ -83,3 +83,23 @@ def test_a_task_that_raises_keeps_its_traceback(prefect_api):
 
     records = _records(TASK_RUN_LOGGER, run)
     assert any(r.exc_info and isinstance(r.exc_info[1], ValueError) for r in records), records
+
+
+def test_credentials_in_a_run_log_line_or_its_traceback_are_hidden():
+    """An httpx error quotes its request's URL, PREFECT_API_URL's user:password@ with it: the warnings
+    that log the Prefect client's errors ("could not create the progress artifact: Server error '500'
+    for url 'http://alice:…@…/api/…'") put the password in the run's logs, on the API and the UI."""
+    url = "http://alice:s3cret@127.0.0.1:4200/api/artifacts"
+
+    def log() -> None:
+        logger = logging.getLogger(FLOW_RUN_LOGGER)
+        logger.warning("could not create the progress artifact: %s", f"Server error '500' for url '{url}'")
+        try:
+            raise RuntimeError(f"for url '{url}'")
+        except RuntimeError:
+            logger.error("failed", exc_info=sys.exc_info())
+
+    records = _records(FLOW_RUN_LOGGER, log)
+    shown = [logging.Formatter().format(r) for r in records]
+    assert len(shown) == 2 and not any("s3cret" in line for line in shown), shown
+    assert "http://127.0.0.1:4200/api/artifacts" in shown[0]

@@ -404,3 +404,16 @@ def test_reading_loss_curves_stops_at_the_first_read_the_storage_fails(monkeypat
              for i in range(50)]
     assert artifacts._read_histories(items, 4, 200, None) == []
     assert len(reads) <= 4, len(reads)  # those in flight when the first failed; old: all 50
+
+
+def test_chunk_run_links_carry_no_password_of_the_api_url():
+    """A parent run by `prefect worker start` has PREFECT_API_URL as configured, user:password@ and
+    all; Prefect derives its UI URL from it, and the summary's chunk-run links carried the password."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+
+    from tasks.artifacts import _ui_url
+
+    with temporary_settings(updates={PREFECT_API_URL: "http://alice:s3cret@prefect.internal:4200/api"},
+                            restore_defaults={PREFECT_UI_URL}):
+        link = _ui_url("runs/flow-run/c0ffee")
+    assert link == "http://prefect.internal:4200/runs/flow-run/c0ffee"

@@ -87,6 +87,16 @@ def test_a_manifest_entry_of_a_scheme_the_tool_cannot_read_fails_alone_saying_so
     assert "line 1" in entries[0].error and "https://" in entries[0].error and not entries[1].error
 
 
+def test_a_refused_manifest_entry_keeps_no_password_of_its_url(folders):
+    """The refused entry was kept as written for the pair's report line, log line and the summary's
+    Failures: "https://alice:s3cret@images.example.com/c.png" with its password."""
+    (folders / "m.jsonl").write_text(json.dumps({"content": "https://alice:s3cret@images.example.com/c.png",
+                                                 "style": "s/s1.png"}) + "\n")
+    (entry,) = read_manifest(str(folders / "m.jsonl"))
+    assert entry.error and "s3cret" not in entry.content + entry.error
+    assert entry.content == "https://images.example.com/c.png"
+
+
 def test_in_a_folder_an_output_under_another_outputs_file_fails_at_planning(folders):
     """Manifest outputs "o/x" and "o/x.png/y": in a folder the second needs a folder where the first
     is a file. Old: planned, optimized, then failed at its write. On S3 both keys are fine."""
