@@ -57,6 +57,11 @@ IMAGE_EXTENSIONS = (*FORMATS, ".bmp", ".tif", ".tiff", ".gif")
 #: Pillow decoders tried on input bytes, whatever the file's name: those of IMAGE_EXTENSIONS (JPEG's
 #: also opens cameras' multi-picture files). Never the rest: a ".jpg" holding EPS would run Ghostscript.
 DECODERS = ("PNG", "JPEG", "WEBP", "BMP", "DIB", "TIFF", "GIF")
+#: Most scans a JPEG may hold (counted as SOS markers, an embedded thumbnail's too). Encoders write
+#: 1 (baseline) to ~20 (progressive); each scan is a pass over the image in libjpeg, where neither
+#: Ctrl-C nor pair_timeout_s reaches, so a crafted file of thousands decoded for hours (4096 px,
+#: 30,000 repeated 33-byte scans: 36 s for 1.2 MB).
+MAX_JPEG_SCANS = 1000
 _PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 
@@ -185,6 +190,14 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = MAX_PIXELS) -> Dec
             # Checked from the header, before any pixel is decoded.
             if width * height > max_pixels:
                 raise ImageDecodeError(name, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
+            # 0xFF 0xDA cannot occur inside entropy-coded data (0xFF is stuffed there): these are scans
+            if img.format == "JPEG" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+                raise ImageDecodeError(name, f"a JPEG of {scans} scans (at most {MAX_JPEG_SCANS} are decoded: "
+                                             "each is a pass over the whole image)")
+            if img.mode == "RGB" and img.tile and str(img.tile[0][3]).startswith("RGB;16"):
+                # a 16-bit RGB PNG's colour key is not kept: Pillow would compare it with the pixels
+                # cut to 8 bits, and holes (or the whole image) went transparent
+                img.info.pop("transparency", None)
             img.load()
         except _CRAFTED as err:  # Pillow's decoders on a crafted header (a TIFF tag of the wrong type)
             raise ImageDecodeError(name, f"corrupt or truncated image: {type(err).__name__}: {err}") from None

@@ -397,3 +397,46 @@ def test_a_16_bit_grey_png_keeps_its_transparent_colour_key():
     alpha = decode_image(buf.getvalue(), "grey16.png").alpha
     assert alpha is not None
     assert (np.asarray(alpha)[:, :10] == 0).all() and (np.asarray(alpha)[:, 10:] == 255).all()
+
+
+def _png16_rgb(pixels: np.ndarray, key: tuple[int, int, int]) -> bytes:
+    """A 16-bit RGB PNG with a tRNS colour key (Pillow writes neither)."""
+    import struct
+    import zlib
+
+    h, w, _ = pixels.shape
+    chunk = lambda k, d: struct.pack(">I", len(d)) + k + d + struct.pack(">I", zlib.crc32(k + d))  # noqa: E731
+    rows = b"".join(b"\0" + pixels[y].astype(">u2").tobytes() for y in range(h))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+            + chunk(b"tRNS", struct.pack(">HHH", *key)) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("key", [(0, 0, 0), (200, 200, 200)])
+def test_a_16_bit_rgb_pngs_colour_key_makes_no_pixel_transparent(key):
+    """The README says this key is not kept; Pillow kept it and compared it with the pixels cut to
+    8 bits: a dark photo (every sample 200 of 65535) against the key black came out wholly
+    transparent, and with the key (200, 200, 200) a bright grey (51400) became holes."""
+    pixels = np.full((16, 24, 3), 200, np.uint16)
+    pixels[:, 12:] = 51400
+    decoded = decode_image(_png16_rgb(pixels, key), "photo16.png")
+    assert decoded.alpha is None and decoded.rgb.mode == "RGB"
+
+
+def _progressive_with_repeated_scan(times: int) -> bytes:
+    """A progressive JPEG whose last scan is repeated ``times`` times before its end (libjpeg only
+    warns): each repeat is another pass over the whole image."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (120, 130, 140)).save(buf, "JPEG", progressive=True, quality=90)
+    data = buf.getvalue()
+    eoi = data.rindex(b"\xff\xd9")
+    last = data.rindex(b"\xff\xda", 0, eoi)
+    return data[:eoi] + data[last:eoi] * times + data[eoi:]
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_it_is_decoded():
+    """Decoding time grows with the scans: a 4096 px progressive JPEG with 30,000 repeated 33-byte
+    scans (1.2 MB) took 36 s, and within the input size limit hours, in C, where neither Ctrl-C nor
+    pair_timeout_s reaches, holding one of the two decode slots."""
+    assert decode_image(_progressive_with_repeated_scan(50), "fine.jpg").rgb.size == (64, 64)
+    with pytest.raises(ImageDecodeError, match=r"bomb.jpg.*scans"):
+        decode_image(_progressive_with_repeated_scan(5000), "bomb.jpg")
