@@ -134,6 +134,10 @@ def device_name(v: str) -> str:
 
 
 def _check_layers(names: list[str]) -> list[str]:
+    if isinstance(names, (set, frozenset)):  # its order changes from process to process
+        raise ValueError("layers must be a list, in order (a set's order changes from run to run)")
+    if isinstance(names, tuple):
+        names = list(names)  # checked as a list is: after this validator was too late
     if not isinstance(names, list):
         return names  # pydantic reports the type error
     unknown = [str(n) for n in names if n not in VGG16_LAYERS]

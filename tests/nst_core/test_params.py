@@ -24,6 +24,17 @@ def test_unknown_layer_lists_the_valid_names():
     assert "relu6_1" in msg and all(name in msg for name in VGG16_LAYERS)
 
 
+def test_layers_given_as_a_tuple_are_checked_and_a_set_is_refused():
+    """A tuple skipped the checks (pydantic made it a list after them): a repeated layer merged into
+    one weight, the style term silently cut. A set's order changes from process to process, and
+    style_layer_weights went to other layers from run to run."""
+    with pytest.raises(ValidationError, match="layer names repeat"):
+        StyleParams(style_layers=("relu1_1", "relu1_1", "relu2_1"))
+    with pytest.raises(ValidationError, match="a list, in order"):
+        StyleParams(style_layers={"relu1_1", "relu3_1"})
+    assert StyleParams(style_layers=("relu1_1", "relu3_1")).style_layers == ["relu1_1", "relu3_1"]
+
+
 @pytest.mark.parametrize("bad", [
     {"iterations": 0}, {"image_size": 15}, {"image_size": 4097}, {"style_weight": -1.0},
     {"content_weight": float("nan")}, {"tv_weight": float("inf")}, {"optimizer": "sgd"},
