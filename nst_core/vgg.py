@@ -86,7 +86,7 @@ class FeatureExtractor:
         leaves that require grad), so a reduced-precision VGG pass runs on a copy instead; the
         input is normalized in fp32 and then cast, as autocast's first convolution would.
         """
-        with _cache_lock:
+        with _casts_lock:
             if dtype not in self._casts:
                 layers = copy.deepcopy(self.layers).to(dtype=dtype)
                 self._casts[dtype] = FeatureExtractor(layers, self.mean, self.std, self.weights_id, self.device,
@@ -188,7 +188,8 @@ def _build(
 
 
 _cache: dict[tuple, FeatureExtractor] = {}
-_cache_lock = threading.Lock()
+_cache_lock = threading.Lock()  # held while weights load (a download, an S3 read): never by a pass
+_casts_lock = threading.Lock()
 
 
 def clear_cache() -> None:

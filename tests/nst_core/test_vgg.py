@@ -255,3 +255,17 @@ def test_the_channels_table_is_torchvisions_vgg16():
             x = module(x)
             channels.append(x.shape[1])
     assert tuple(channels) == VGG16_CHANNELS and len(VGG16_CHANNELS) == len(VGG16_LAYERS)
+
+
+def test_a_reduced_precision_pass_never_waits_for_weights_being_loaded():
+    """cast() (every bf16/fp16 pass) took the lock load_extractor holds while it reads weights (a
+    download, an S3 read): one device's first load stalled the pairs running on the others."""
+    import threading
+
+    from nst_core import vgg as vgg_mod
+
+    ex = load_extractor("random", layers=["relu1_1"])
+    done = threading.Event()
+    with vgg_mod._cache_lock:  # another device's load, in flight
+        threading.Thread(target=lambda: (ex.cast(torch.bfloat16), done.set()), daemon=True).start()
+        assert done.wait(10)
