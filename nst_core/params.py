@@ -325,6 +325,8 @@ class StyleParams(BaseModel):
         # torchvision's spellings (IMAGENET1K_V1, VGG16_Weights.IMAGENET1K_V1) are those weights, under
         # one spelling: the pair key hashes the name as written
         v = v.strip()
+        if not v:  # blank: read as the working folder, "weights file  is a folder"
+            raise ValueError("weights must not be blank (a name, a path, a file:// or s3:// URI, or random)")
         name = v.lower().removeprefix("vgg16_weights.")
         return name if name in (*NAMED_WEIGHTS, "random") else v
 

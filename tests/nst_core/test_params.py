@@ -38,7 +38,7 @@ def test_layers_given_as_a_tuple_are_checked_and_a_set_is_refused():
 @pytest.mark.parametrize("bad", [
     {"iterations": 0}, {"image_size": 15}, {"image_size": 4097}, {"style_weight": -1.0},
     {"content_weight": float("nan")}, {"tv_weight": float("inf")}, {"optimizer": "sgd"},
-    {"init": "zeros"}, {"preserve_color": "yes"}, {"pooling": "min"}, {"device": "gpu"},
+    {"init": "zeros"}, {"preserve_color": "yes"}, {"weights": "  "}, {"pooling": "min"}, {"device": "gpu"},
     {"style_layer_weights": [1.0, 2.0]}, {"style_layer_weights": [1, 1, 1, 1, float("nan")]},
     {"style_blend_weights": [-1.0]}, {"weights_sha256": "abc"}, {"learning_rate": 0}, {"colour": 1},
     {"precision": "fp8"}, {"scales": 0}, {"stop_tolerance": 0}, {"stop_tolerance": 1.5}, {"device": "cuda:x"},
