@@ -56,12 +56,18 @@ class CredentialsFilter(logging.Filter):
     put PREFECT_API_URL's password in the run's logs, on the API and in the UI."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call ("%d", "x"): the handler reports it, as it always did
+            return True
         if (hidden := hide_userinfo(message)) != message:
             record.msg, record.args = hidden, None
         if record.exc_info and record.exc_info[0] is not None and not record.exc_text:
-            # formatted once here, as a handler's Formatter would, and kept: handlers use exc_text
-            record.exc_text = hide_userinfo(logging.Formatter().formatException(record.exc_info))
+            text = logging.Formatter().formatException(record.exc_info)
+            if (hidden := hide_userinfo(text)) != text:
+                # formatted once here, as a handler's Formatter would; the exception itself goes, or
+                # Prefect's JSON formatter would serialize str(exc) from it again
+                record.exc_text, record.exc_info = hidden, None
         return True
 
 
