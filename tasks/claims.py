@@ -17,14 +17,14 @@ the same machine takes the claims at once).
 
 A claim written by this process for a run no longer live here is stale too (its release failed
 in an outage). A claim that cannot be read counts as live for UNREADABLE_TRIES looks. Only old
-heartbeats are swept at a run's start, never claims.
+heartbeats are swept at a run's start (beside its pairs), never claims.
 
-A dead run's claim is taken over by one run only: before its delete, the taker creates a marker
+A dead run's claim is taken over by one run only: before it writes, the taker creates a marker
 named after that claim's content (``{claim}.{digest}.taken``, only if none is there), so a run that
-judged the same dead claim stale a moment later backs off instead of deleting the taker's new
+judged the same dead claim stale a moment later backs off instead of writing over the taker's new
 claim, and the taker writes its own claim over it only if it is still the one it judged dead
-(a write, not a delete: credentials without DeleteObject take over too; their claims and
-heartbeats are never removed, and are judged dead as those of a run killed -9 are). A marker over
+(a write, not a delete: credentials without DeleteObject take over too; their claims, heartbeats
+and markers are never removed, and are judged dead as those of a run killed -9 are). A marker over
 STALE_S old is a dead taker's: the claim is taken over again. Markers stay (a late looker must
 still find one) and are swept with old heartbeats.
 
@@ -86,6 +86,7 @@ class Claims:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._renewing: threading.Thread | None = None
+        self._sweeping: threading.Thread | None = None
 
     def key(self, pair: PairPlan) -> str:
         return f"{CLAIMS}/{hashlib.sha256(pair.image_key.encode()).hexdigest()[:40]}.json"
@@ -106,13 +107,18 @@ class Claims:
             self._beat()
         except Exception:
             pass
+        # beside the pairs and the renewals, in a thread of its own: up to SWEEP_MAX reads, each
+        # bounded only by the store's read timeout, held every pair back for hours where reads hung
+        # (and in the renewing thread would have let this run's heartbeat go stale meanwhile)
+        self._sweeping = threading.Thread(target=self._sweep_quietly, name="nst-claims-sweep", daemon=True)
+        self._sweeping.start()
         self._renewing = threading.Thread(target=self._renew, name="nst-claims", daemon=True)
         self._renewing.start()
 
     def _sweep(self) -> int:
         """Remove the heartbeats dead runs left under CLAIMS (a kill -9 leaves its own) and takeover
         markers once over a day old: one listing, a read per object, at most SWEEP_MAX. Claims are
-        never swept: one may be taken over between a look and a delete, and a dead run's is taken
+        never swept: one may be taken over between a look and a write, and a dead run's is taken
         over when its pair is next wanted (one whose pair was made meanwhile stays: a few hundred
         bytes). Returns how many."""
         removed = 0
@@ -132,13 +138,13 @@ class Claims:
         body = json.dumps({"run": self.run.get("id"), "at": _now()}).encode()
         self._call(lambda: self.storage.write(self._heartbeat_key(str(self.run.get("id"))), body, "application/json"))
 
-    def _renew(self) -> None:
-        # beside the pairs, not before them: up to SWEEP_MAX reads, each bounded only by the store's
-        # read timeout, held every pair back for hours where reads hung
+    def _sweep_quietly(self) -> None:
         try:
             self._sweep()
-        except Exception:
+        except Exception:  # housekeeping: the next run sweeps again
             pass
+
+    def _renew(self) -> None:
         while not self._stop.wait(RENEW_S):
             try:
                 self._beat()
@@ -150,8 +156,9 @@ class Claims:
         effort: a stale one is judged by its age). A run stopped part-way (a cancel) leaves it to go
         stale: its pairs still in flight hold their claims until they stop."""
         self._stop.set()
-        if self._renewing is not None:
-            self._renewing.join(5)
+        for thread in (self._renewing, self._sweeping):
+            if thread is not None:
+                thread.join(5)
         with _live_lock:
             _live_here.discard(str(self.run.get("id")))
         if ended:
@@ -210,7 +217,7 @@ class Claims:
 
     def _may_take_over(self, key: str, found: dict) -> bool:
         """Whether this run takes over the dead claim ``found`` at ``key``: it created its marker,
-        or the marker is its own (an earlier look whose answer was lost, or whose delete failed),
+        or the marker is its own (an earlier look whose answer was lost, or whose write failed),
         or the marker's taker died (it is over STALE_S old, or unreadable for UNREADABLE_TRIES looks)."""
         marker = self._taken_key(key, found)
         if self._create(marker, json.dumps({"run": self.run.get("id"), "at": _now()}).encode()):

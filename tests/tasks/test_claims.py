@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -298,11 +299,17 @@ def test_a_sweep_whose_reads_hang_holds_no_pair_back(out, monkeypatch):
         return read(self, key, *args, **kwargs)
 
     monkeypatch.setattr(type(out), "read", hanging)
+    monkeypatch.setattr(claims_mod, "RENEW_S", 0.05)
     run = Claims(out, {"id": "run-new", "name": "nightly"})
     run.start()
     try:
         assert not returned.is_set()  # start() is back while the sweep's read still hangs
         assert run.take(PAIR) is None
+        first = out.read("_runs/claims/run-new.live")[0]
+        give_up = time.monotonic() + 10
+        while out.read("_runs/claims/run-new.live")[0] == first and time.monotonic() < give_up:
+            time.sleep(0.05)
+        assert out.read("_runs/claims/run-new.live")[0] != first  # and its heartbeat is renewed meanwhile
     finally:
         release.set()
         run.stop()
