@@ -191,7 +191,7 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = MAX_PIXELS) -> Dec
             if width * height > max_pixels:
                 raise ImageDecodeError(name, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
             # 0xFF 0xDA cannot occur inside entropy-coded data (0xFF is stuffed there): these are scans
-            if img.format == "JPEG" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+            if img.format in ("JPEG", "MPO") and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
                 raise ImageDecodeError(name, f"a JPEG of {scans} scans (at most {MAX_JPEG_SCANS} are decoded: "
                                              "each is a pass over the whole image)")
             if img.mode == "RGB" and img.tile and str(img.tile[0][3]).startswith("RGB;16"):

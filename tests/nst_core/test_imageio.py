@@ -422,21 +422,24 @@ def test_a_16_bit_rgb_pngs_colour_key_makes_no_pixel_transparent(key):
     assert decoded.alpha is None and decoded.rgb.mode == "RGB"
 
 
-def _progressive_with_repeated_scan(times: int) -> bytes:
-    """A progressive JPEG whose last scan is repeated ``times`` times before its end (libjpeg only
-    warns): each repeat is another pass over the whole image."""
+def _progressive_with_repeated_scan(times: int, fmt: str = "JPEG") -> bytes:
+    """A progressive JPEG (or a camera's MPO: JPEGs with an index) whose first image's last scan is
+    repeated ``times`` times before its end (libjpeg only warns): each is another pass over the image."""
     buf = io.BytesIO()
-    Image.new("RGB", (64, 64), (120, 130, 140)).save(buf, "JPEG", progressive=True, quality=90)
+    image = Image.new("RGB", (64, 64), (120, 130, 140))
+    image.save(buf, fmt, progressive=True, quality=90, **({"save_all": True, "append_images": [image]} if fmt == "MPO" else {}))
     data = buf.getvalue()
-    eoi = data.rindex(b"\xff\xd9")
+    eoi = data.index(b"\xff\xd9")
     last = data.rindex(b"\xff\xda", 0, eoi)
     return data[:eoi] + data[last:eoi] * times + data[eoi:]
 
 
-def test_a_jpeg_of_thousands_of_scans_is_refused_before_it_is_decoded():
+@pytest.mark.parametrize("fmt", ["JPEG", "MPO"])
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_it_is_decoded(fmt):
     """Decoding time grows with the scans: a 4096 px progressive JPEG with 30,000 repeated 33-byte
     scans (1.2 MB) took 36 s, and within the input size limit hours, in C, where neither Ctrl-C nor
     pair_timeout_s reaches, holding one of the two decode slots."""
-    assert decode_image(_progressive_with_repeated_scan(50), "fine.jpg").rgb.size == (64, 64)
+    assert Image.open(io.BytesIO(_progressive_with_repeated_scan(50, fmt))).format == fmt
+    assert decode_image(_progressive_with_repeated_scan(50, fmt), "fine.jpg").rgb.size == (64, 64)
     with pytest.raises(ImageDecodeError, match=r"bomb.jpg.*scans"):
-        decode_image(_progressive_with_repeated_scan(5000), "bomb.jpg")
+        decode_image(_progressive_with_repeated_scan(5000, fmt), "bomb.jpg")
