@@ -4,7 +4,7 @@ The iteration is torch.optim.LBFGS's without a line search (``line_search_fn=Non
 ``tolerance_grad=0``, ``tolerance_change=0``), applied to each problem b of a (B, ...) tensor
 separately: its own (s, y) history in a ring of ``history`` slots (one ring position for all
 problems; a pair that fails the test leaves its slot empty, see BatchedLBFGS), its own curvature test
-``yᵀs > 1e-10`` (or a cosine of yᵀs over 1e-8: scale-free, see _CURVATURE_COS), its own H₀ = yᵀs / yᵀy, its own first step t = min(1, 1/‖g‖₁)·lr, and its own
+``yᵀs > 1e-10`` (or a cosine of s and y over 1e-4: scale-free, see _CURVATURE_COS), its own H₀ = yᵀs / yᵀy, its own first step t = min(1, 1/‖g‖₁)·lr, and its own
 stop when the direction stops descending (gᵀd > 0). The direction −H·g is computed for all
 problems at once in compact form (``compact_direction``: the same H as torch's two-loop
 recursion, in a fixed number of device operations, not nine per pair); nothing reads a value
@@ -36,7 +36,9 @@ _CURVATURE_EPS = 1e-10
 #: weights at 64 px: loss ratio 1.0000 at α = 1e-3, β = 1e-6 against 0.81 at the defaults). A
 #: cosine is scale-free; where the absolute test keeps a pair this changes nothing (on the four
 #: benchmark pairs at 128 px, 150 evaluations, it rejected only negative curvature: no pair differs).
-_CURVATURE_COS = 1e-8
+#: 1e-4: above fp32's rounding of a dot product over a 512 px image's ~590k values (~√n·eps ≈ 5e-5),
+#: far below the cosines of real pairs (0.08 and up on two photo pairs at 128 px, fp32).
+_CURVATURE_COS = 1e-4
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -143,7 +145,8 @@ class BatchedLBFGS:
     ``descending`` (B,) bool on the device: False once a problem's direction went uphill, where
     torch's LBFGS would have ended its step() (callers freeze such problems).
 
-    Differs from torch's LBFGS in two places. The direction is computed in compact form
+    Differs from torch's LBFGS in three places. Its curvature test also keeps a pair whose cosine
+    passes _CURVATURE_COS (torch's absolute test alone depends on the loss's scale). The direction is computed in compact form
     (``compact_direction``: the same H, in a fixed number of device operations where torch's
     two-loop recursion takes nine per pair); the products it needs (SᵀY, YᵀY) are kept and only
     the newest pair's row and column computed each step. Every problem writes slot ``head`` of
@@ -151,7 +154,7 @@ class BatchedLBFGS:
     problem whose pair fails the curvature test (or that is frozen) leaves that slot empty
     (ρ = 0): for the next ``history`` steps it steers by history − 1 pairs where torch would keep
     its oldest pair, and a run of ``history`` skips leaves it none (the step −H₀·g). Until a pair
-    is skipped the trajectory is torch's, up to rounding. (``restart``, which torch's LBFGS has not,
+    is skipped, or kept by its cosine alone, the trajectory is torch's, up to rounding. (``restart``, which torch's LBFGS has not,
     forgets a problem's history on request.)
     """
 
@@ -191,7 +194,8 @@ class BatchedLBFGS:
         self.sy[:, :k, h] = by_s[..., 0]  # second: s_hᵀy_h is the curvature test's ys, as computed for it
         self.yy[:, :k, h] = self.yy[:, h, :k] = by_y[..., 0]
         ys, yty = by_s[:, h, 0], by_y[:, h, 0]
-        keep = ((ys > _CURVATURE_EPS) | (ys > _CURVATURE_COS * (_dot(s, s) * yty).sqrt())) & ~frozen
+        # the norms apart: their product underflows fp32 at a tiny scale, and the test would keep noise
+        keep = ((ys > _CURVATURE_EPS) | (ys > _CURVATURE_COS * _dot(s, s).sqrt() * yty.sqrt())) & ~frozen
         safe = torch.where(keep, ys, 1.0)  # a Python number: no launch on a GPU
         self.rho[h] = torch.where(keep, 1.0 / safe, 0.0)
         self.h_diag = torch.where(keep, ys / torch.where(keep, yty, 1.0), self.h_diag)
