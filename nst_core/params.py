@@ -134,12 +134,6 @@ def device_name(v: str) -> str:
 
 
 def _check_layers(names: list[str]) -> list[str]:
-    if isinstance(names, (set, frozenset)):  # its order changes from process to process
-        raise ValueError("layers must be a list, in order (a set's order changes from run to run)")
-    if isinstance(names, tuple):
-        names = list(names)  # checked as a list is: after this validator was too late
-    if not isinstance(names, list):
-        return names  # pydantic reports the type error
     unknown = [str(n) for n in names if n not in VGG16_LAYERS]
     if unknown:
         raise ValueError(
@@ -311,8 +305,15 @@ class StyleParams(BaseModel):
 
     @field_validator("content_layers", "style_layers", mode="before")
     @classmethod
+    def _layers_in_order(cls, v):
+        if isinstance(v, (set, frozenset)):  # pydantic would make a list of it, in an order of the process's
+            raise ValueError("layers must be a list, in order (a set's order changes from run to run)")
+        return v
+
+    @field_validator("content_layers", "style_layers")
+    @classmethod
     def _known_layers(cls, v: list[str]) -> list[str]:
-        return _check_layers(v)
+        return _check_layers(v)  # after pydantic's list: a tuple, a generator are checked as a list is
 
     @field_validator("style_layer_weights", "style_blend_weights")
     @classmethod

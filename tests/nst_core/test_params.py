@@ -33,6 +33,8 @@ def test_layers_given_as_a_tuple_are_checked_and_a_set_is_refused():
     with pytest.raises(ValidationError, match="a list, in order"):
         StyleParams(style_layers={"relu1_1", "relu3_1"})
     assert StyleParams(style_layers=("relu1_1", "relu3_1")).style_layers == ["relu1_1", "relu3_1"]
+    with pytest.raises(ValidationError, match="layer names repeat"):
+        StyleParams(style_layers=(n for n in ("relu2_1", "relu2_1")))
 
 
 @pytest.mark.parametrize("bad", [
