@@ -45,4 +45,7 @@ def absolute_local(uri: str) -> str:
     scheme, host, path = parse_uri(uri)
     if not uri or scheme not in ("", "file") or host:
         return uri
-    return os.path.abspath(os.path.expanduser(path))
+    # not abspath, which folds "link/.." to the link's own folder where the file system reads the
+    # link target's parent: only "." and empty segments go
+    joined = os.path.join(os.getcwd(), os.path.expanduser(path))
+    return "/" + "/".join(part for part in joined.split("/") if part not in ("", "."))
