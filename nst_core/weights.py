@@ -134,7 +134,7 @@ def read_weights_bytes(uri: str, opener: Opener | None = None) -> bytes:
     path = _local_path(uri)
     if path is not None:
         _require_file(path, uri)
-        return path.read_bytes()
+        return _read_hashed(path)[0]
     if opener is None:
         raise WeightsError(f"weights URI {uri}: no reader for scheme {parse_uri(uri)[0]!r} here")
     try:

@@ -134,6 +134,7 @@ def test_a_jsonl_manifest_with_cr_line_ends_reads_as_written(folders):
     (folders / "m.jsonl").write_bytes("\r".join(json.dumps(r) for r in rows).encode() + b"\r")
     assert [r.output for r in read_manifest(str(folders / "m.jsonl"))] == ["x0", "x1"]
 
+
 @pytest.mark.parametrize("text,message", [
     ('{"content": "c/a.jpg"}\n', "line 1: needs non-empty 'content' and 'style'"),
     ('{"content": "c/a.jpg", "style": "s.png"}\nnot json\n', "line 2: not JSON"),
