@@ -305,15 +305,13 @@ class StyleParams(BaseModel):
 
     @field_validator("content_layers", "style_layers", mode="before")
     @classmethod
-    def _layers_in_order(cls, v):
+    def _known_layers(cls, v):
+        # before pydantic's own check, whose message would list the names without the one at fault
         if isinstance(v, (set, frozenset)):  # pydantic would make a list of it, in an order of the process's
             raise ValueError("layers must be a list, in order (a set's order changes from run to run)")
-        return v
-
-    @field_validator("content_layers", "style_layers")
-    @classmethod
-    def _known_layers(cls, v: list[str]) -> list[str]:
-        return _check_layers(v)  # after pydantic's list: a tuple, a generator are checked as a list is
+        if isinstance(v, Iterable) and not isinstance(v, (str, bytes, dict, list)):
+            v = list(v)  # a tuple, a generator, a deque: checked as the list pydantic makes of them
+        return _check_layers(v) if isinstance(v, list) else v  # anything else: pydantic reports the type
 
     @field_validator("style_layer_weights", "style_blend_weights")
     @classmethod
