@@ -259,10 +259,12 @@ def out_of_memory(err: BaseException, device: torch.device) -> bool:
     """Whether ``err`` is the device running out of memory: torch.OutOfMemoryError (the caching
     allocator's), or a plain RuntimeError that says so: MPS's allocator (a TORCH_CHECK), and on
     CUDA an allocation inside a library (CUBLAS_STATUS_ALLOC_FAILED, cuDNN's) or the driver's own
-    "CUDA error: out of memory"."""
+    "CUDA error: out of memory"; on a CPU, the allocator's own refusal (a ulimit -v, strict overcommit)."""
     if isinstance(err, torch.OutOfMemoryError):
         return True
     text = str(err)
+    if device.type == "cpu":
+        return isinstance(err, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in text
     return (device.type in ("cuda", "mps") and isinstance(err, RuntimeError)
             and ("out of memory" in text or "ALLOC_FAILED" in text))
 

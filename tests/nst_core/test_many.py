@@ -189,6 +189,14 @@ def test_out_of_memory_raised_as_a_plain_runtime_error_is_recognised():
     assert out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
                          torch.device("cuda:1"))
     assert not out_of_memory(RuntimeError("out of memory, said a CPU op"), torch.device("cpu"))
+    # the CPU allocator's own refusal (a ulimit -v, strict overcommit): it escaped stylize_many and
+    # lost every pair of the call, those that fit too
+    try:
+        torch.empty(2 ** 62, dtype=torch.uint8)
+    except RuntimeError as err:
+        assert out_of_memory(err, torch.device("cpu")), err
+    else:
+        pytest.fail("the allocation went through")
     assert not out_of_memory(ValueError("bad"), torch.device("mps"))
 
 
