@@ -281,7 +281,7 @@ def _check_sizes(params: StyleParams, content: tuple[str, Image.Image], *styles:
 
 
 def run_stylize(args: argparse.Namespace, opener: Callable[[str], bytes] | None = None) -> int:
-    from .imageio import decode_image, encode_image, format_for
+    from .imageio import decode_image, encode_image, format_for, read_back
 
     params = model_from_args(StyleParams, args)
     params.blend_weights(len(args.style))  # ParamsError for a count that does not fit, before any read
@@ -304,7 +304,8 @@ def run_stylize(args: argparse.Namespace, opener: Callable[[str], bytes] | None 
         bar.update(ev.iteration, f"loss {ev.loss:.4g}" + (f" at {ev.where}" if ev.where else ""))
 
     result = stylize(content_img, [s.rgb for s in styles], params, progress=progress if bar else None,
-                     opener=opener, content_name=args.content, style_names=args.style)
+                     opener=opener, content_name=args.content, style_names=args.style,
+                     written=read_back(fmt, args.quality))  # its losses are the file's
     _write(out, encode_image(result.image, fmt, quality=args.quality))
     meta = {
         **result.metadata,

@@ -12,6 +12,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import PurePath
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -280,6 +281,15 @@ def encode_image(img: Image.Image, fmt: str, *, quality: int = 92) -> bytes:
     options["icc_profile"] = _SRGB_ICC
     img.save(buf, format=_PIL_FORMAT[fmt], **options)
     return buf.getvalue()
+
+
+def read_back(fmt: str, quality: int = 92) -> Callable[[Image.Image], Image.Image] | None:
+    """How an image ``encode_image`` writes as ``fmt`` reads back, RGB (stylize's ``written``); None
+    for png, which keeps the pixels. Pillow's plain decode, as a viewer reads the file (the file is
+    tagged sRGB, the engine's own space)."""
+    if fmt not in QUALITY_FORMATS:
+        return None
+    return lambda image: Image.open(io.BytesIO(encode_image(image, fmt, quality=quality))).convert("RGB")
 
 
 def to_tensor(img: Image.Image, device) -> "torch.Tensor":

@@ -167,6 +167,7 @@ def stylize(
     opener: Opener | None = None,
     content_name: str = "content image",
     style_names: Sequence[str] | None = None,
+    written: Callable[[Image.Image], Image.Image] | None = None,
 ) -> StyleResult:
     """Gatys style transfer of one content image to one style (or a blend of several).
 
@@ -176,9 +177,11 @@ def stylize(
     start, where 8-bit rounding leaves that image above it).
     ``targets`` (from ``compute_style_targets``) skips recomputing the style Grams.
     ``content_name`` / ``style_names`` name the inputs in errors (an image too small for the layers).
+    ``written``: the image as its file will read back (an encode and decode in a lossy format); the
+    reported losses, and the choice of the start over the best evaluation, are then the file's.
     """
     [result] = stylize_many([StylePair(content, style, targets, content_name, style_names)], params,
-                            progress=progress, opener=opener)
+                            progress=progress, opener=opener, written=written)
     if isinstance(result, Exception):
         raise result
     return result
@@ -191,6 +194,7 @@ def stylize_many(
     progress: Callable[[StyleProgress], None] | None = None,
     opener: Opener | None = None,
     started: Callable[[list[int]], None] | None = None,
+    written: Callable[[Image.Image], Image.Image] | None = None,
 ) -> list[StyleResult | NSTError]:
     """Several pairs, each the same optimization as its own ``stylize`` call, optimized together.
 
@@ -201,7 +205,7 @@ def stylize_many(
     raised for it: a stop or time limit of that pair) while the others finish. ``started(indexes)``
     is called as the optimization of those pairs starts, and again each time it starts afresh (a
     step too large for the device runs again in halves, one after the other): a caller's time
-    limit per pair counts from there, not through the other half's run.
+    limit per pair counts from there, not through the other half's run. ``written``: as ``stylize``'s.
     """
     params = params or StyleParams()
     device = resolve_device(params.device)
@@ -240,7 +244,7 @@ def stylize_many(
             if started is not None:
                 started(indexes)
             step = unless_out_of_memory(lambda: _run_step(indexes, [jobs[i] for i in indexes], params, precision,
-                                                          extractor, backend, progress), device)
+                                                          extractor, backend, progress, written), device)
             if step is not OUT_OF_MEMORY:
                 for i, result in zip(indexes, step):
                     results[i] = result
@@ -344,7 +348,7 @@ def _upsample(x: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def _run_step(indexes: list[int], jobs: list[_Job], params: StyleParams, precision: str,
-              extractor: FeatureExtractor, backend: dict, progress) -> list[StyleResult | NSTError]:
+              extractor: FeatureExtractor, backend: dict, progress, written=None) -> list[StyleResult | NSTError]:
     """Optimize pairs of one shape together, scale by scale, then finish each."""
     t_opt = time.perf_counter()
     log = _Log(indexes, jobs, progress, t_opt)
@@ -365,7 +369,7 @@ def _run_step(indexes: list[int], jobs: list[_Job], params: StyleParams, precisi
                             "exact_tail": stage.exact_tail, "tiling": tiling and tiling.describe(),
                             "evaluations": log.ran_in_stage.get(id(job), 0), "planned": stage.evaluations})
     seconds = time.perf_counter() - t_opt
-    return _finish(jobs, x, objective, params, precision, extractor, backend, seconds)
+    return _finish(jobs, x, objective, params, precision, extractor, backend, seconds, written)
 
 
 def _own_start(job: _Job, index: int, params: StyleParams) -> Tensor:
@@ -563,18 +567,23 @@ def _optimize_scale(objective: Objective, x0: Tensor, evaluations: int, params: 
 
 
 def _finish(jobs: list[_Job], x: Tensor, objective: Objective, params: StyleParams, precision: str,
-            extractor: FeatureExtractor, backend: dict, seconds: float) -> list[StyleResult | NSTError]:
+            extractor: FeatureExtractor, backend: dict, seconds: float,
+            written: Callable[[Image.Image], Image.Image] | None = None) -> list[StyleResult | NSTError]:
     """8-bit images, their exact fp32 losses, and each pair's record.
 
-    The reported losses: fp32 at the output size, on the returned 8-bit image (for luminance its
-    own Y after the chroma went back into the gamut) and on the start.
+    The reported losses: fp32 at the output size, on the returned 8-bit image as its file reads
+    back (``written``; else the 8-bit image itself) (for luminance its own Y after the chroma went
+    back into the gamut) and on the start.
     """
     content = torch.cat([job.content for job in jobs])
 
     def delivered(image: Tensor) -> tuple[Tensor, Tensor]:
-        """(the 8-bit image written, what the objective sees of it) of an optimized (B, C, H, W) image."""
+        """(the 8-bit image written, what the objective sees of its file) of an optimized (B, C, H, W) image."""
         out8 = quantize(with_chroma_of(image, content) if image.shape[1] == 1 else image)
         seen = out8.float().div_(255)
+        if written is not None:  # a lossy format's file is not the 8-bit image: JPEG q92 moved a loss by 30%
+            seen = torch.cat([to_tensor(written(to_image(out8[b:b + 1], job.decoded.alpha)).convert("RGB"), seen.device)
+                              for b, job in enumerate(jobs)])
         return out8, luminance(seen) if image.shape[1] == 1 else seen
 
     out8, seen = delivered(x)

@@ -34,7 +34,8 @@ Done rule (the only skip rule; stylize-batch and stylize-chunk both use ``done_p
 Sidecar fields (``sidecar()``)
     The engine's metadata first, then the contract's fields, which it can never overwrite:
     content, style, output, key, image {size, identity}, identities {content, style}, losses {initial, final}
-    (``final`` is the *best* evaluation: the image written is the lowest-loss one),
+    (``final`` is the *best* evaluation: the image written is the lowest-loss one, measured on the
+    file as it reads back, a lossy format's included),
     loss_history (<= 100 evaluations, every k-th plus the last), flow_run {id, name},
     labels, created, and the engine's metadata (params, weights_id, device, size,
     evaluations, returned: "best evaluation", or "start" where the content it started from, rounded

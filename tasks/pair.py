@@ -239,6 +239,7 @@ def _stylize_step(ctx: PairContext, device: str, requests: list[StepRequest]) ->
     from nst_core import (DeviceMemoryError, StylePair, compute_style_targets, extractor_for, stylize_many, targets_key,
                           targets_need_content)
     from nst_core.backend import OUT_OF_MEMORY, unless_out_of_memory
+    from nst_core.imageio import read_back
 
     inputs: list[_PairInputs] = [r.payload for r in requests]  # type: ignore[misc]
     p = ctx.params.model_copy(update={"device": device})
@@ -280,7 +281,8 @@ def _stylize_step(ctx: PairContext, device: str, requests: list[StepRequest]) ->
 
         try:
             results = stylize_many(pairs, p, progress=lambda ev: inputs[live[ev.pair]].progress(ev),
-                                   opener=ctx.opener, started=clock_starts)
+                                   opener=ctx.opener, started=clock_starts,
+                                   written=read_back(ctx.output.format, ctx.output.quality))  # its losses are the file's
         except NSTError as err:  # the step as a whole (the weights): each pair with its own reason if it has one
             results = [inputs[i].stopped_with_step(err) for i in live]
         for i, result in zip(live, results):

@@ -83,3 +83,18 @@ def artifacts_of(flow_run_id) -> dict[str, list]:
     for a in found:
         by_type.setdefault(a.type, []).append(a)
     return by_type
+
+
+def file_loss(data: bytes, content: Image.Image, style: Image.Image, params) -> float:
+    """The exact fp32 total loss of an output file as it reads back (single scale), measured apart
+    from stylize: the content sized as the engine sizes it, the style's targets, the objective."""
+    from nst_core import compute_style_targets
+    from nst_core.imageio import resize_longest, to_tensor
+    from nst_core.objective import Objective
+    from nst_core.vgg import extractor_for
+
+    extractor = extractor_for(params)
+    c = to_tensor(resize_longest(content.convert("RGB"), params.image_size), extractor.device)
+    targets = compute_style_targets(style, params, extractor=extractor, content=c)
+    x = to_tensor(Image.open(io.BytesIO(data)).convert("RGB"), extractor.device)
+    return Objective.build(extractor, params, c, [targets.grams]).measure(x)[0]["total"]
