@@ -176,8 +176,9 @@ def _build(
             detail = " ".join(str(err).split())  # torch lists missing / unexpected keys over several lines
             raise WeightsError(f"state_dict does not fit VGG16 features: {detail}") from None
     if pooling == "avg":
-        for i, scale in avg_pool_scales(layers, mean_std).items():
-            layers[i] = ScaledAvgPool2d(scale)
+        for i, scale in avg_pool_scales(_through_next_relu(full, layers, state, depth), mean_std).items():
+            if i <= depth:
+                layers[i] = ScaledAvgPool2d(scale)
     if inplace:
         # In-place ReLU saves memory but would overwrite a requested conv activation.
         for i, module in enumerate(layers):
@@ -185,6 +186,24 @@ def _build(
                 layers[i] = nn.ReLU(inplace=True)
     layers.eval().requires_grad_(False)
     return layers
+
+
+def _through_next_relu(full: nn.Sequential, layers: nn.Sequential, state: dict | None, depth: int) -> nn.Sequential:
+    """``layers`` to calibrate average pooling on: where they end on a pool, with the next
+    convolution (``state``'s weights, or ``full``'s seeded ones) and ReLU after it, so that pool's
+    factor is matched at the next ReLU, as every deeper cut matches it. Cut right after the pool, it
+    matched the pool's own output: another factor (pool2 1.56 against 1.36, random VGG16), so the
+    objective changed with layers asked for elsewhere. pool5, or a state_dict that ends at the pool,
+    still match the pool's output."""
+    if not isinstance(layers[-1], nn.MaxPool2d) or depth + 2 >= len(full):
+        return layers
+    conv = copy.deepcopy(full[depth + 1])
+    if state is not None:
+        own = {k.split(".", 1)[1]: v for k, v in state.items() if int(k.split(".")[0]) == depth + 1}
+        if not own:
+            return layers
+        conv.load_state_dict(own, strict=True)
+    return nn.Sequential(*layers, conv, nn.ReLU())
 
 
 _cache: dict[tuple, FeatureExtractor] = {}

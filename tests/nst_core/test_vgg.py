@@ -80,6 +80,23 @@ def test_avg_pooling_and_conv_layers_keep_their_values():
     assert (out["conv1_1"] < 0).any(), "a conv activation must not be overwritten by an in-place ReLU"
 
 
+def test_an_avg_pools_factor_is_the_same_whichever_layers_are_asked_for(tmp_path):
+    """A network cut right after a pool matched that pool's own output, where a deeper one matched
+    the next ReLU's: style layers relu1_1 + pool2 got a pool2 factor of 1.56 with content relu2_1
+    and 1.36 with relu3_1, so the style objective changed with an unrelated parameter (and reused
+    targets, keyed without it, were silently wrong). A file's weights are calibrated alike."""
+    from nst_core.pooling import ScaledAvgPool2d
+
+    def pool2(layers: list[str], weights: str = "random") -> float:
+        ex = load_extractor(weights, layers=layers, pooling="avg")
+        return ex.layers[9].scale if isinstance(ex.layers[9], ScaledAvgPool2d) else float("nan")
+
+    assert pool2(["relu1_1", "pool2"]) == pool2(["relu1_1", "relu2_1", "pool2", "relu3_1"])
+    path = tmp_path / "vgg.pth"
+    torch.save(load_extractor("random", layers=["relu5_3"], seed=4).layers.state_dict(), path)
+    assert pool2(["pool2"], str(path)) == pool2(["pool2", "relu4_1"], str(path))
+
+
 def test_random_weights_are_seeded_and_cached():
     a = load_extractor("random", layers=["relu1_1"], seed=1)
     assert load_extractor("random", layers=["relu1_1"], seed=1) is a
