@@ -230,6 +230,11 @@ def _read(path: str) -> bytes:
     return data
 
 
+def _temp_beside(target: Path) -> tuple[int, str]:
+    """A new temporary file in ``target``'s folder (fd, path): a short name, so any output name fits."""
+    return tempfile.mkstemp(dir=target.parent, prefix=".nst-", suffix=".tmp")
+
+
 def _write(path: Path, data: bytes | None) -> None:
     """Write ``data`` to ``path`` whole or not at all (a temporary file beside it, then renamed:
     a Ctrl-C or a full disk mid-write leaves no half image under its name); None: create the
@@ -240,7 +245,7 @@ def _write(path: Path, data: bytes | None) -> None:
             path.mkdir(parents=True, exist_ok=True)
             return
         target = Path(os.path.realpath(path))  # an output that is a link: its target, not the link, is replaced
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".nst-", suffix=".tmp")  # a short name: any output name fits
+        fd, tmp = _temp_beside(target)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, target)
@@ -263,7 +268,7 @@ def _check_output(out: Path, inputs: list[str]) -> None:
         if out.is_dir():
             raise NSTError(f"{out}: is a folder; give a file name (e.g. {out / 'result.png'})")
         _write(out.parent, None)
-        fd, probe = tempfile.mkstemp(dir=Path(os.path.realpath(out)).parent, prefix=".nst-", suffix=".tmp")
+        fd, probe = _temp_beside(Path(os.path.realpath(out)))  # where _write will make its own
         os.close(fd)
         os.unlink(probe)
     except OSError as err:  # a folder this user may not search or write

@@ -11,6 +11,6 @@ from nst_core.uris import absolute_local
     ("link/../w.pth", "/work/link/../w.pth"),
     ("s3://bucket/out", "s3://bucket/out"), ("file://host/x", "file://host/x"), ("", ""),
 ])
-def test_a_local_place_is_made_absolute_as_the_file_system_reads_it(monkeypatch, tmp_path, uri, absolute):
+def test_a_local_place_is_made_absolute_as_the_file_system_reads_it(monkeypatch, uri, absolute):
     monkeypatch.setattr("os.getcwd", lambda: "/work")
     assert absolute_local(uri) == absolute
