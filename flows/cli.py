@@ -434,6 +434,48 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
+#: Seconds nst serve's stop may take after a SIGHUP (or a SIGTERM before serving) before it exits at
+#: once (env NST_SERVE_STOP_S). Prefect's graceful stop pauses the served deployments and cancels
+#: their runs through the API: with the API hung (its own server stuck, a proxy holding the
+#: connection) a closed terminal left nst serve running for good, and its port taken.
+SERVE_STOP_S = 60.0
+
+
+def _stop_bound(signum: int) -> None:
+    """Exit 128 + signum at once SERVE_STOP_S from now unless nst serve has ended by then. A server
+    nst serve started ends with it (tasks.processes.dies_with_this_process). Armed once."""
+    if getattr(_stop_bound, "armed", False):
+        return
+    _stop_bound.armed = True
+
+    def exit_now() -> None:
+        with contextlib.suppress(OSError):  # after SIGHUP, no terminal to write to
+            os.write(2, f"\nnst: serving did not stop within {wait:.0f} s (is the Prefect API answering?); "
+                        "exiting now\n".encode())
+        os._exit(128 + signum)
+
+    wait = env_seconds("NST_SERVE_STOP_S", SERVE_STOP_S)
+    timer = threading.Timer(wait, exit_now)
+    timer.daemon = True
+    timer.start()
+
+
+def _exit_on_sigterm_within_bound(signum, frame):
+    _stop_bound(signum)
+    raise SystemExit(128 + signum)
+
+
+def _stop_serving_within_bound(signum, frame):
+    """SIGHUP (the terminal closed) stops nst serve as SIGTERM does, before serving and during it
+    (Prefect's handler then stops the served runs as Cancelled), within SERVE_STOP_S."""
+    _stop_bound(signum)
+    handler = signal.getsignal(signal.SIGTERM)
+    if callable(handler):
+        handler(signal.SIGTERM, frame)
+    else:  # not ours, not Prefect's: as SIGTERM would end it
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     _prefect_defaults()
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_API_URL, temporary_settings
@@ -449,8 +491,9 @@ def run_serve(args: argparse.Namespace) -> int:
     # SIGTERM before serving begins must still stop it (serve installs its own handler later). SIGHUP
     # (the terminal closed) is a SIGTERM, before serving and during it (Prefect's handler then stops the
     # served runs as Cancelled): its default ended nst serve where it stood, its server left running.
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    signal.signal(signal.SIGHUP, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
+    # Both within SERVE_STOP_S: nothing else would end a stop that hangs after the terminal closed.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm_within_bound)
+    signal.signal(signal.SIGHUP, _stop_serving_within_bound)
     if answers(f"http://127.0.0.1:{args.port}/api"):  # local_server uses it as is, and leaves it running
         print(f"PREFECT_API_URL is not set: using the Prefect server already answering on 127.0.0.1:{args.port} "
               "(it keeps running when nst serve stops; --port picks another)", flush=True)

@@ -177,6 +177,50 @@ def test_nst_serve_without_api_url_starts_a_server_and_prints_its_ui_url(tmp_pat
         urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=5)
 
 
+def test_a_closed_terminal_ends_nst_serve_within_its_bound_even_while_its_server_hangs(tmp_path):
+    """Old: with its server hung (stopped here; a locked database or a stuck disk in life), Prefect's
+    graceful stop waited on the API for ever: nst serve outlived its closed terminal (240 s and
+    counting), its port taken. Now it exits 129 NST_SERVE_STOP_S after the SIGHUP, with one line,
+    and its server ends with it."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_UI_API_URL")}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), NST_SERVE_STOP_S="5")
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port)], env=env, cwd=ROOT,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    server = None
+    try:
+        deadline = time.time() + 150
+        while "Prefect UI:" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.5)
+        time.sleep(2)  # serving
+        server = next(pid for pid in _children(proc.pid) if b"server" in Path(f"/proc/{pid}/cmdline").read_bytes())
+        os.kill(server, signal.SIGSTOP)
+        os.kill(proc.pid, signal.SIGHUP)
+        assert proc.wait(timeout=40) == 129, log.read_text()[-3000:]
+        assert "nst: serving did not stop within 5 s (is the Prefect API answering?); exiting now" in log.read_text()
+    finally:
+        if server is not None:
+            os.kill(server, signal.SIGCONT)  # its end-with-nst signal, pending while it was stopped, acts
+        stop_process(proc, timeout=10)
+    deadline = time.time() + 30
+    while time.time() < deadline and _answers(port):
+        time.sleep(0.5)
+    assert not _answers(port)
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == pid]
+
+
+def _parent(proc_dir: Path) -> int | None:
+    try:  # "pid (comm) state ppid ...": comm may hold spaces, so read after its closing parenthesis
+        return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _answers(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2):
