@@ -173,8 +173,10 @@ def write_pictures(out, run_id: str, items: list[dict], thumbs: list[tuple[bytes
             return _caption(item) if item else ""
 
         rows = [SheetRow(*t[:3], caption=caption(n, t)) for n, t in enumerate(thumbs)]
-        uris["contact_sheet"] = _write_picture(out, contact_sheet_key(run_id, attempt),
-                                               contact_sheet(rows, warning=warning), "image/jpeg", "contact sheet")
+        sheet = _drawn("contact sheet", lambda: contact_sheet(rows, warning=warning))
+        if sheet is not None:
+            uris["contact_sheet"] = _write_picture(out, contact_sheet_key(run_id, attempt), sheet, "image/jpeg",
+                                                   "contact sheet")
     else:
         for earlier in range(attempt - 1, 0, -1):
             try:
@@ -188,8 +190,21 @@ def write_pictures(out, run_id: str, items: list[dict], thumbs: list[tuple[bytes
         key = loss_curve_key(run_id, attempt)
         random = warning and "random" in warning.lower()
         title = f"total loss per evaluation, {len(curves)} pair(s)" + (" (RANDOM weights)" if random else "")
-        uris["loss_curve"] = _write_picture(out, key, loss_curve_png(curves, title=title), "image/png", "loss curve")
+        curve = _drawn("loss curve", lambda: loss_curve_png(curves, title=title))
+        if curve is not None:
+            uris["loss_curve"] = _write_picture(out, key, curve, "image/png", "loss curve")
     return uris
+
+
+def _drawn(what: str, draw) -> bytes | None:
+    """``draw()``, or None with a warning when drawing fails on something no test foresaw (a
+    caption, a loss Pillow cannot plot): a picture is a view of the pairs, never worth the run."""
+    try:
+        return draw()
+    except Exception as err:  # noqa: BLE001 - whatever the picture met, the report is written without it
+        _run_logger().warning("%s not drawn (%s: %s); the run report goes on without it", what,
+                              type(err).__name__, err)
+        return None
 
 
 def _run_logger() -> logging.Logger | logging.LoggerAdapter:

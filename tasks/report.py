@@ -80,6 +80,9 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
     """``text`` cut with an ellipsis in the middle so it fits ``width`` pixels (file names keep their ends)."""
+    # on one line: Pillow refuses to measure a "\n" (local names and S3 keys may hold one), and that
+    # ValueError failed the run after all its pairs were made, every time such a pair was made
+    text = text.replace("\n", " ")
     if draw.textlength(text, font=font) <= width:
         return text
 

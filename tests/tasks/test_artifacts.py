@@ -202,6 +202,39 @@ def test_fan_out_contact_sheet_rows_are_captioned_from_the_chunk_reports(tmp_pat
     assert [r.caption for r in seen["rows"]] == ["7.png + x.png   final loss 17", "3.png + x.png   final loss 13"]
 
 
+def test_a_file_name_with_a_newline_is_captioned_on_one_line(tmp_path):
+    """Local names and S3 keys may hold a newline. Old: Pillow refused to measure the caption, and the
+    ValueError failed the run after all its pairs were made (no report pictures, exit 1), on every
+    run that made such a pair."""
+    from PIL import Image as PILImage
+
+    import tasks.artifacts as artifacts
+    from tasks.storage import open_storage
+
+    thumb = to_bytes(pattern((16, 16), "content"))
+    items = [{"content": "/in/two\nlines.png", "style": "/in/s.png", "status": "done", "output": "/o/x.png",
+              "losses": {"final": {"total": 1.0}}}]
+    uris = artifacts.write_pictures(open_storage(str(tmp_path)), "run", items, [(thumb, thumb, thumb)], items)
+    assert uris["contact_sheet"] is not None
+    assert PILImage.open(uris["contact_sheet"]).height > 16
+
+
+def test_a_picture_that_cannot_be_drawn_is_left_out_with_a_warning(tmp_path, monkeypatch, caplog):
+    """Whatever a picture meets while it is drawn, the run report is written without it."""
+    import tasks.artifacts as artifacts
+    from tasks.storage import open_storage
+
+    def fail(*args, **kwargs):
+        raise ValueError("a caption Pillow cannot draw")
+
+    monkeypatch.setattr(artifacts, "contact_sheet", fail)
+    thumb = to_bytes(pattern((16, 16), "content"))
+    items = [{"content": "/in/c.png", "style": "/in/s.png", "status": "done", "output": "/o/x.png"}]
+    uris = artifacts.write_pictures(open_storage(str(tmp_path)), "run", items, [(thumb, thumb, thumb)], items)
+    assert uris["contact_sheet"] is None
+    assert "contact sheet not drawn (ValueError: a caption Pillow cannot draw)" in caplog.text
+
+
 def _recording_progress(monkeypatch):
     sent = []
     monkeypatch.setattr("prefect.artifacts.create_progress_artifact", lambda *a, **k: "id")
