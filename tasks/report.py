@@ -274,8 +274,12 @@ def _png(img: Image.Image) -> bytes:
 
 
 #: Characters that make Markdown structure mid-line: code spans, links, HTML, table cells,
-#: emphasis and strikethrough (`_draft_.png` would show "draft" in italics).
-_MD_SPECIAL = re.compile(r"([\\`*_~\[\]()<>|#!])")
+#: emphasis and strikethrough (`_draft_.png` would show "draft" in italics); and those the UI's GFM
+#: renderer makes links or entities of: it linked a bare `https://…` or `a@b.c` in a name or an
+#: error, and showed a file named `AT&amp;T.png` as `AT&T.png`.
+_MD_SPECIAL = re.compile(r"([\\`*_~\[\]()<>|#!&:@])")
+#: The dot of a `www.` GFM would make a link of (`www.evil.example.png`).
+_MD_WWW = re.compile(r"(?i)(www)\.")
 #: An error in the summary or table is cut to this many characters; the run report keeps it whole.
 MAX_SHOWN_ERROR = 300
 
@@ -290,7 +294,7 @@ def md_text(text: object, limit: int | None = None) -> str:
     line = _one_line(text)
     if limit is not None and len(line) > limit:
         line = line[:limit - 1] + "…"
-    return _MD_SPECIAL.sub(r"\\\1", line)
+    return _MD_WWW.sub(r"\1\\.", _MD_SPECIAL.sub(r"\\\1", line))
 
 
 def md_code(text: object, table: bool = False) -> str:

@@ -57,6 +57,13 @@ def tiny_params(**fields):
     return StyleParams(**{**base, **fields})
 
 
+def md_shown(markdown: str) -> str:
+    """``markdown`` with its backslash escapes undone: the text a Markdown renderer shows of it."""
+    import re
+
+    return re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", markdown)
+
+
 def stop_process(proc, timeout: float = 30) -> None:
     """SIGTERM a process started with start_new_session=True (its whole group), SIGKILL after ``timeout``."""
     import os

@@ -14,7 +14,7 @@ from flows.batch import stylize_batch
 from flows.chunk import stylize_chunk
 from tasks.models import BatchSource, OutputSpec, RunOptions
 
-from helpers import artifacts_of, pattern, tiny_params, to_bytes
+from helpers import artifacts_of, md_shown, pattern, tiny_params, to_bytes
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
@@ -62,13 +62,13 @@ def test_an_endpoint_that_goes_silent_mid_run_ends_it_failed_in_time_and_a_rerun
     assert ended - s3_that_goes_silent.silenced_at < OUTAGE_S + 12, ended - s3_that_goes_silent.silenced_at
     assert state.is_failed() and SINCE.search(state.message), state.message
     rows = _table_rows(state.state_details.flow_run_id)
-    not_run = [r for r in rows if r["status"] == "failed" and SINCE.fullmatch(r["error"].removeprefix("not run: "))]
+    not_run = [r for r in rows if r["status"] == "failed" and SINCE.fullmatch(md_shown(r["error"]).removeprefix("not run: "))]
     assert len(not_run) >= 30, rows
     failed_first = {(_name(r["content"]), _name(r["style"])) for r in rows if r["status"] == "failed"}
     first_id = str(state.state_details.flow_run_id)
     # the progress card says the run stopped, and why (old: "40 of 40 pairs finished, ..., took 9s")
     card = artifacts_of(first_id)["progress"][0].description
-    assert "stopped after" in card and SINCE.search(card) and "40 of 40" not in card, card
+    assert "stopped after" in card and SINCE.search(md_shown(card)) and "40 of 40" not in card, card
 
     s3_that_goes_silent.restore()
     again = stylize_batch(source, output, PARAMS, RunOptions(), return_state=True)
@@ -133,7 +133,7 @@ def test_an_output_that_refuses_writes_stops_the_run_and_says_why(tmp_path, monk
     assert state.is_failed(), state.message
     assert "storage refuses writes since" in state.message and "No space left on device" in state.message, state.message
     rows = _table_rows(state.state_details.flow_run_id)
-    failed = [re.sub(r"\\(.)", r"\1", r["error"]) for r in rows if r["status"] == "failed"]  # the table's markdown escapes
+    failed = [md_shown(r["error"]) for r in rows if r["status"] == "failed"]  # the table's markdown escapes
     refused = [e for e in failed if e.startswith(str(out))]  # names the file it could not write, in one line
     stopped = [e for e in failed if e.startswith(("not run: storage refuses writes since", "storage refuses writes since"))]
     assert len(rows) == 12 and len(refused) + len(stopped) == len(failed), failed
@@ -176,6 +176,6 @@ def test_an_output_folder_that_stops_answering_ends_the_run_in_bounded_time(tmp_
         mount_back.set()
     assert time.monotonic() - started < 60
     assert state.is_failed(), state.message
-    failed = [re.sub(r"\\(.)", r"\1", r["error"]) for r in _table_rows(state.state_details.flow_run_id)
+    failed = [md_shown(r["error"]) for r in _table_rows(state.state_details.flow_run_id)
               if r["status"] == "failed"]
     assert failed and all("got no answer within 0.5 s" in e or SINCE.search(e) for e in failed), failed

@@ -97,7 +97,7 @@ def test_table_links_outputs_and_summary_links_chunks():
                           warning="random weights", rate="1 pairs in 1s")
     # old: "| 0 | [abc](…) | Completed | h pid 7 |": a chunk whose pairs all failed read as fine
     assert "| 0 | [abc](http://ui/runs/flow-run/abc) | Completed | 0 | 1 | 2 | h pid 7 |" in md, md
-    assert "[abc](http://ui/runs/flow-run/abc)" in md and "[s3://b/o/\\_runs/1.json](https://signed/1.json)" in md
+    assert "[abc](http://ui/runs/flow-run/abc)" in md and "[s3\\://b/o/\\_runs/1.json](https://signed/1.json)" in md
     assert "**Warning:** random weights" in md and "bad image" in md
 
 
@@ -200,12 +200,30 @@ def test_hostile_names_and_errors_stay_text_in_the_summary_and_table():
     rows = table_rows(items, link=lambda uri: "https://signed/x")
     assert "\n" not in rows[0]["content"] + rows[0]["error"] and "\\<img" in rows[0]["error"]
     assert len(rows[0]["error"]) < 400 and rows[0]["style"] == "s\\|t.png"
-    assert rows[1]["output"] == "[see \\[fix\\]\\(https:\\_\\_evil.example\\) now.jpg](https://signed/x)"
+    assert rows[1]["output"] == "[see \\[fix\\]\\(https\\:\\_\\_evil.example\\) now.jpg](https://signed/x)"
     # a table artifact's cells are rendered one by one (not as a GFM table), where a code span keeps
     # a backslash: a local name with "|" is shown as it is; _draft_ is not emphasis
     local = table_rows([{"content": "/in/_draft_.png", "style": "/in/s.png", "status": "done",
                          "output": "/o/a|b__s.jpg"}])[0]
     assert local["output"] == "`a|b__s.jpg`" and local["content"] == "\\_draft\\_.png"
+
+
+def test_names_that_look_like_links_or_entities_are_shown_as_typed():
+    """Old: the UI's GFM renderer (checked in headless Chromium) made links of a content named
+    `www.evil-example.com.png`, of a manifest row's `https://evil.example/phish.png` in its error
+    and of an e-mail address, and showed `AT&amp;T.png` as `AT&T.png`. Now none of them is left
+    bare, and the text shown is the name as typed."""
+    from tasks.report import md_text
+
+    from helpers import md_shown
+
+    for name in ("www.evil-example.com.png", "WWW.Evil.png", "see https://evil.example/phish.png",
+                 "mailto:a@b.example", "a@b.example.png", "AT&amp;T.png", "x&#60;y.png"):
+        shown = md_text(name)
+        assert md_shown(shown) == name
+        bare = re.sub(r"\\.", "", shown)  # what is left outside backslash escapes
+        assert not re.search(r"(?i)www\.|:|@|&", bare), (name, shown)
+    assert md_text("harbour.png") == "harbour.png"  # plain names stay readable in the API
 
 
 def test_a_long_caption_is_cut_to_the_same_text_in_a_few_measurements():
