@@ -86,7 +86,7 @@ from .storage import TEMP_DIR, StorageHealth, parse_uri
 __all__ = [
     "EXTENSIONS", "RUNS", "HISTORY_POINTS", "RUNNING", "CRASHED", "CANCELLED", "FINISHED", "DONE", "SKIPPED", "FAILED",
     "PairPlan", "ReportItem", "ThumbRow", "pair_key", "output_name", "renamed_output", "image_key", "sidecar_key",
-    "in_runs", "reserved_folder", "naming_problem", "too_long", "NAME_BYTES", "chunk_key", "report_key",
+    "in_runs", "reserved_folder", "name_problem", "naming_problem", "too_long", "NAME_BYTES", "chunk_key", "report_key",
     "chunk_report_key", "attempt_report_key", "contact_sheet_key", "loss_curve_key", "run_stem", "sidecar",
     "image_record", "loss_history", "done_pairs", "done_in", "totals", "timestamp", "totals_line", "done_item", "skipped_item",
     "failed_item", "running_report", "stopped_report", "run_report", "chunk_report", "repeats_follow_their_first",
@@ -270,18 +270,38 @@ def reserved_folder(name: str) -> str:
     return first if first.lower() in (RUNS, TEMP_DIR) else ""
 
 
-def naming_problem(plan: PairPlan, fmt: str) -> str:
-    """Why a plan's output keys break the naming rule ("" when they follow it): a safe name outside
-    ``_runs/``, the image ``{name}.{ext}`` of the run's format, the sidecar ``{name}.json``.
-    stylize-chunk checks the plans it is given: anyone who can start a flow run can write them."""
-    from .storage import UnsafeKeyError, safe_key
+#: Bytes an output name may have in all: S3 keys hold at most 1024 bytes, prefix and extension included.
+NAME_TOTAL_BYTES = 960
 
-    rule = f"{{name}}.{EXTENSIONS.get(fmt, fmt)} and {{name}}.json under the output, outside {RUNS}/ and {TEMP_DIR}/"
+
+def name_problem(name: str) -> str:
+    """Why pairs may not be written under output name ``name`` ("" when they may): the checks the
+    plan makes before any optimization, which stylize-chunk makes again on the plans it is given."""
+    from .storage import OLD_TEMP_PREFIX, UnsafeKeyError, safe_key
+
     try:
-        ok = safe_key(plan.name) == plan.name and not reserved_folder(plan.name)
+        unsafe = safe_key(name) != name
     except UnsafeKeyError:
-        ok = False
-    if not ok or plan.image_key != image_key(plan.name, fmt) or plan.sidecar_key != sidecar_key(plan.name):
+        unsafe = True
+    if unsafe:  # `..png` is the name "." once its extension is dropped
+        return f"output name {name!r} is no file name under the output (a name ends in '.' or '..' without its extension)"
+    if folder := reserved_folder(name):
+        return f"output names may not start with {folder}/ ({'run reports' if folder == RUNS else 'temp files'} live there)"
+    if any(part.startswith(OLD_TEMP_PREFIX) for part in name.split("/")):  # written, then never found done again
+        return f"output name {name!r}: names starting with {OLD_TEMP_PREFIX} are temp files, which listings skip"
+    if len(name.encode()) > NAME_TOTAL_BYTES:  # S3 refused it at the write, after the optimization
+        return f"output name {name[:40]!r}... has {len(name.encode())} bytes; at most {NAME_TOTAL_BYTES} fit"
+    return too_long(name)
+
+
+def naming_problem(plan: PairPlan, fmt: str) -> str:
+    """Why a plan's output keys break the naming rule ("" when they follow it): a name ``name_problem``
+    passes, the image ``{name}.{ext}`` of the run's format, the sidecar ``{name}.json``.
+    stylize-chunk checks the plans it is given: anyone who can start a flow run can write them."""
+    rule = f"{{name}}.{EXTENSIONS.get(fmt, fmt)} and {{name}}.json under the output, outside {RUNS}/ and {TEMP_DIR}/"
+    if why := name_problem(plan.name):
+        return f"{why} ({rule})"
+    if plan.image_key != image_key(plan.name, fmt) or plan.sidecar_key != sidecar_key(plan.name):
         return f"output keys {plan.image_key!r}, {plan.sidecar_key!r} break the naming rule ({rule})"
     return ""
 

@@ -23,7 +23,7 @@ from nst_core.errors import NSTError, hide_userinfo
 from nst_core.imageio import IMAGE_EXTENSIONS, MAX_INPUT_BYTES
 from nst_core.params import StyleParams
 
-from .contract import RUNS, PairPlan, output_name, reserved_folder, pair_key, too_long
+from .contract import PairPlan, name_problem, output_name, pair_key
 from .credentials import DEFAULT_CHAIN, StorageCredentials
 from .storage import (ObjectInfo, Storage, StorageError, TooLargeError, UnsafeKeyError, open_storage, parse_uri,
                       read_uri, retrying, safe_key, split_uri)
@@ -388,11 +388,7 @@ def plan_pairs(
             continue
         key = pair_key(cid, sid, params, weights_id, fmt, quality)
         name = output_name(e.content, e.style, key, e.output)
-        if folder := reserved_folder(name):  # this pair alone
-            why = f"output names may not start with {folder}/ ({'run reports' if folder == RUNS else 'temp files'} live there)"
-            plans.append(PairPlan.refused(i, e.content, e.style, cid, sid, f"{e.where or name}: {why}", "", fmt))
-            continue
-        if why := too_long(name):  # only an explicit name can be: it would fail at the write, after the optimization
+        if why := name_problem(name):  # this pair alone, before its optimization (only an explicit name can be)
             plans.append(PairPlan.refused(i, e.content, e.style, cid, sid, f"{e.where or e.content}: {why}", "", fmt))
             continue
         # by lower-cased name where "Out" and "out" are one file (macOS's and Windows' folders); not

@@ -105,6 +105,8 @@ S3_TIMEOUTS = (env_seconds("NST_S3_CONNECT_TIMEOUT_S", 10), env_seconds("NST_S3_
 RETRY_DELAYS: tuple[float, ...] = (1.0, 4.0, 10.0)
 #: Local temp files live here under a storage root, outside every listing.
 TEMP_DIR = ".nst-tmp"
+#: Temp files of older versions: local listings skip names starting with it, at any depth.
+OLD_TEMP_PREFIX = ".nst-tmp-"
 #: Seconds after which another machine's temp file in a shared output folder counts as abandoned
 #: (its writer's pid means nothing on this machine). Env: NST_STALE_TEMP_S.
 STALE_TEMP_S = env_seconds("NST_STALE_TEMP_S", 86400)
@@ -473,7 +475,7 @@ class LocalStorage(Storage):
         for dirpath, dirnames, filenames in os.walk(base):
             dirnames[:] = [] if flat else sorted(d for d in dirnames if not (d == TEMP_DIR and Path(dirpath) == self.root))
             for name in sorted(filenames):
-                if name.startswith(".nst-tmp-"):  # left by older versions
+                if name.startswith(OLD_TEMP_PREFIX):
                     continue
                 path = Path(dirpath) / name
                 key = path.relative_to(self.root).as_posix()
