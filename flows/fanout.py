@@ -294,6 +294,9 @@ class Chunk:
     restart: Callable[..., object] | None = None  # restart(client): a new run of its content (start_chunk)
     restarts: int = 0
     earlier_runs: list[str] = field(default_factory=list)  # the flow run ids it had before restarts
+    #: pairs of its slice done before it started: the chunk run is given its whole slice and counts
+    #: them skipped, so its row in the summary does too (the two pages agree)
+    already_done: int = 0
 
 
 def stopped_by_a_parent(state, history=()) -> bool:
@@ -521,7 +524,8 @@ class ChunkWatcher:
             self.result.thumbs += decode_thumbs(report.get("thumbs", []))[:max(room, 0)]
         counts = totals(list(items.values()))  # the summary's chunk table shows them
         self.result.chunks.append({"chunk": chunk.number, "flow_run_id": chunk.flow_run_id, "state": state_name,
-                                   "done": counts["done"], "skipped": counts["skipped"], "failed": counts["failed"],
+                                   "done": counts["done"], "skipped": counts["skipped"] + chunk.already_done,
+                                   "failed": counts["failed"],
                                    "report": self.out.uri_for(chunk.report_key), "worker": (report or {}).get("worker")})
 
     def _unread(self, chunk: Chunk, state_name: str, message: str, outage: StorageUnreachableError) -> dict[int, ReportItem]:
@@ -618,8 +622,9 @@ def start_chunks(plans: list[PairPlan], done: set[int], output: OutputSpec, para
                 rejoined += 1  # a Retry keeps its flow run id: its earlier attempt's run, still going
             _join(client, child, parent_id)
             # the run's own parameters name its report (an adopted run reports under its first parent)
-            chunks.append(Chunk(n, [p for p in pairs if p.index not in done],
-                                (child.parameters or {}).get("report_key", ""), str(child.id), restart=start))
+            todo = [p for p in pairs if p.index not in done]
+            chunks.append(Chunk(n, todo, (child.parameters or {}).get("report_key", ""), str(child.id), restart=start,
+                                already_done=len(pairs) - len(todo)))
     get_run_logger().info("%d chunk runs of %s (chunk size %d): %d started, %d rejoined from this run's earlier "
                           "attempt, %d adopted from other parents", len(chunks), run.chunk_deployment, run.chunk_size,
                           started, rejoined, adopted)

@@ -921,6 +921,27 @@ def test_after_an_outage_a_completed_chunk_keeps_its_done_pairs_and_progress_cou
         (0, 0, 2), (1, 2, 0), (2, 0, 1), (3, 0, 2)]
 
 
+def test_a_chunks_row_counts_its_whole_slice_as_the_chunk_run_does(tmp_path, monkeypatch):
+    """A rerun after one bad input was fixed: the chunk run is given its 4-pair slice, 3 of them
+    done, and its page says "1 done, 3 skipped, 0 failed of 4 pairs". Old: the parent's summary row
+    for it read 1 | 0 | 0, three pairs short, so the two pages could not be matched."""
+    import logging
+
+    from tasks.storage import open_storage
+
+    monkeypatch.setattr(fanout, "get_run_logger", lambda: logging.getLogger("test"))
+    out = open_storage(str(tmp_path))
+    chunk = fanout.Chunk(0, [plan(3)], "_runs/x/a.json", "run-a", already_done=3)
+    out.write(chunk.report_key, json.dumps({"items": [
+        {"key": plan(3).key, "name": plan(3).name, "content": plan(3).content, "style": plan(3).style,
+         "status": "done", "output": out.uri_for(plan(3).image_key)},
+    ]}).encode(), "application/json")
+    watcher = fanout.ChunkWatcher(None, [chunk], out, RunOptions(), lambda *a: None, 1)
+    watcher.settle(chunk, "Completed", "1 done, 3 skipped, 0 failed of 4 pairs (chunk report: /o/_runs/x/a.json)")
+    row = watcher.result.chunks[0]
+    assert (row["done"], row["skipped"], row["failed"]) == (1, 3, 0), row
+
+
 def test_an_adopted_chunks_deadline_counts_from_its_own_start_not_from_when_this_parent_saw_it(tmp_path, monkeypatch):
     """A GPU machine lost mid-night leaves its chunk run Running; the next nightly adopts it. Old:
     its deadline counted from the new parent's first look, so the dead chunk got a full
