@@ -398,8 +398,8 @@ def publish_artifacts(report: dict, out, expiry_hours: int, warning: str | None 
     # with none made here, write_pictures drew the curves of the pairs earlier runs made (their sidecars)
     whose = "each pair" if counts.get("done") else "the pairs earlier runs made (all skipped in this one)"
     shows = {
-        "contact_sheet": ("Contact sheet", "content, style and result of each pair, captioned with the file names "
-                                           "and the final loss"),
+        "contact_sheet": ("Contact sheet", "content, style and result of the pairs this run stylized (not those "
+                                           "it skipped), captioned with the file names and the final loss"),
         "loss_curve": ("Loss curve", f"total loss per evaluation of {whose} (the first {CURVES_LIMIT} at most), "
                                      "log scale; a dashed line marks where each finer scale starts"),
     }
@@ -415,9 +415,13 @@ def publish_artifacts(report: dict, out, expiry_hours: int, warning: str | None 
         links[kind] = link(uri)
         if url:
             what, shown = shows[kind]
-            if attempt > 1 and f"-attempt-{attempt}-" not in uri:  # this attempt had no thumbnails to draw
-                shown += (", drawn by an earlier attempt (this one's pairs came back from chunk runs without "
-                          "thumbnails)" if counts.get("done") else ", drawn by an earlier attempt (this one stylized nothing)")
+            if kind == "contact_sheet" and attempt > 1 and f"-attempt-{attempt}-" not in uri:  # it drew none
+                drawn_by = int(m.group(1)) if (m := re.search(r"-attempt-(\d+)-", uri)) else 1
+                # that sheet holds the pairs that attempt made, not this one's: "each pair" misled
+                shown = (f"content, style and result of the pairs attempt {drawn_by} stylized, captioned with the "
+                         "file names and the final loss; " +
+                         ("this attempt's pairs came back from chunk runs without thumbnails" if counts.get("done")
+                          else "this attempt stylized nothing"))
             how = expiry_note if url.startswith("http") else f"embedded copy of {md_code(uri)}"
             ids[kind] = create_image_artifact(url, key=artifact_key(kind.replace("_", "-")),
                                               description=f"{what} of run {run}: {shown} ({how}).")

@@ -361,7 +361,21 @@ def test_an_attempt_whose_pairs_came_back_without_thumbnails_does_not_say_it_sty
 
     state = publish(return_state=True)
     (card,) = artifacts_of(state.state_details.flow_run_id)["image"]
-    assert "this one stylized nothing" not in card.description and "without thumbnails" in card.description, card
+    assert "stylized nothing" not in card.description and "without thumbnails" in card.description, card
+    # a Retry of a finished run (attempt 3) shows attempt 2's sheet. Old: "content, style and result of
+    # each pair", while that sheet holds only the pairs attempt 2 made
+    out.write(contact_sheet_key("run-1", 2), to_bytes(pattern((64, 64)), "JPEG"), "image/jpeg")
+    report.update(attempt=3, totals={"pairs": 3, "done": 0, "skipped": 3, "failed": 0},
+                  contact_sheet=out.uri_for(contact_sheet_key("run-1", 2)))
+
+    @flow
+    def publish_again():
+        return publish_artifacts(report, out, 3)
+
+    state = publish_again(return_state=True)
+    (card,) = artifacts_of(state.state_details.flow_run_id)["image"]
+    assert "each pair" not in card.description, card.description
+    assert "the pairs attempt 2 stylized" in card.description and "this attempt stylized nothing" in card.description
 
 
 def test_a_report_the_outage_kept_from_being_written_is_not_linked_as_the_record(tmp_path):
