@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import ParamsError
+from .uris import host_problem, parse_uri
 
 __all__ = ["StyleParams", "VGG16_CFG", "VGG16_LAYERS", "VGG16_CHANNELS", "VGG16Layer", "DEVICES", "device_name",
            "STOP_WINDOW", "DEFAULT_STYLE_LAYERS", "DEFAULT_CONTENT_LAYERS", "markdown_table", "layer_index", "layer_factor",
@@ -327,7 +328,19 @@ class StyleParams(BaseModel):
         if not v:  # blank: read as the working folder, "weights file  is a folder"
             raise ValueError("weights must not be blank (a name, a path, a file:// or s3:// URI, or random)")
         name = v.lower().removeprefix("vgg16_weights.")
-        return name if name in (*NAMED_WEIGHTS, "random") else v
+        if name in (*NAMED_WEIGHTS, "random"):
+            return name
+        # the URI's form is checked here, where the form and `nst` refuse it, not once a run has
+        # started (`nst batch` started Prefect and a flow run before it said https:// is not read)
+        scheme, bucket, _ = parse_uri(v)
+        if why := host_problem(v):
+            raise ValueError(why)
+        if scheme == "s3" and not bucket:
+            raise ValueError(f"weights {v}: an s3:// URI names its bucket (s3://bucket/key)")
+        if scheme not in ("", "file", "s3") and len(scheme) > 1:  # one letter: a drive (C:)
+            hint = "" if "://" in v else f" (a file name with a colon reads as a URI: write ./{v})"
+            raise ValueError(f"weights {v}: unsupported scheme {scheme!r}; use a path, file:// or s3://bucket/key{hint}")
+        return v
 
     @field_validator("device", mode="before")
     @classmethod

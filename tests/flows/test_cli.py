@@ -177,6 +177,16 @@ def test_batch_refusals_of_run_settings_exit_2_with_one_line(data, args, message
     assert not list((data / "out").glob("*.png"))  # refused before any pair ran
 
 
+@pytest.mark.parametrize("weights, message", [
+    ("https://example.com/vgg16.pth", "unsupported scheme 'https'"), ("s3://", "names its bucket"),
+    ("file://host/vgg16.pth", "a file URI with a host ('host')")])
+def test_batch_refuses_a_weights_uri_it_cannot_read_before_any_flow_run(data, weights, message):
+    """The README says so; old: nst batch created a flow run, and its preflight refused the URI."""
+    proc = nst("batch", "--contents", "c", "--styles", "s", "--output", "out", *FAST, "--weights", weights, cwd=data)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stdout + proc.stderr
+    assert "flow run" not in (proc.stdout + proc.stderr).lower(), proc.stdout + proc.stderr
+
+
 def test_batch_takes_folders_under_the_home_folder_as_the_shell_leaves_them(data):
     """`--contents '~/c'` (quoted, or from a config file): old: refused, "no such folder"."""
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "HOME": str(data)}

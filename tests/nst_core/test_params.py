@@ -1,3 +1,5 @@
+import re
+
 import pytest
 from pydantic import ValidationError
 
@@ -201,3 +203,15 @@ def test_weights_too_large_to_sum_keep_their_shares():
     assert p.blend_weights(2) == [0.5, 0.5]
     usual = StyleParams(style_layer_weights=[0.5, 0.2, 0.1, 0.1, 0.1])
     assert usual.layer_weights()["relu1_1"] == 0.5 / sum([0.5, 0.2, 0.1, 0.1, 0.1])  # unchanged, bit for bit
+
+
+@pytest.mark.parametrize("weights, message", [
+    ("gs://bucket/vgg16.pth", "unsupported scheme 'gs'"), ("s3:///vgg16.pth", "names its bucket"),
+    ("my:vgg16.pth", "write ./my:vgg16.pth")])
+def test_a_weights_uri_no_reader_reads_is_refused_where_the_parameters_are_checked(weights, message):
+    """Old: accepted here, refused by the run's preflight after a flow run had started; a file name
+    with a colon was refused as "unsupported scheme 'my'" with no word of how to name it."""
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        StyleParams(weights=weights)
+    for fine in ("./my:vgg16.pth", "C:/models/vgg16.pth", "s3://b/models/vgg16.pth", "file:///m/vgg16.pth"):
+        assert StyleParams(weights=fine).weights == fine
