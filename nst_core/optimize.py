@@ -573,7 +573,7 @@ def _finish(jobs: list[_Job], x: Tensor, objective: Objective, params: StylePara
 
     The reported losses: fp32 at the output size, on the returned 8-bit image as its file reads
     back (``written``; else the 8-bit image itself) (for luminance its own Y after the chroma went
-    back into the gamut) and on the start.
+    back into the gamut) and on the start (with ``written``, the start as its file would read back).
     """
     content = torch.cat([job.content for job in jobs])
 
@@ -590,15 +590,25 @@ def _finish(jobs: list[_Job], x: Tensor, objective: Objective, params: StylePara
     final_size = jobs[0].stages[-1].work.shape[-2:]
     firsts = torch.cat([_own_start(job, len(job.stages) - 1, params) if params.init == "content"
                         else (job.start if len(job.stages) == 1 else _upsample(job.start, final_size)) for job in jobs])
-    finals, initials = objective.measure(seen), objective.measure(firsts.clamp(0, 1))
+    finals = objective.measure(seen)
+    starts = None  # the start as it would be written
+    if written is not None:
+        # the start's losses as its file's too: measured before encoding, a JPEG sidecar that
+        # returned its start read "initial 0.0072, final 1.76", as if the image had got worse
+        start8, start_seen = delivered(firsts.clamp(0, 1))
+        initials = starts = objective.measure(start_seen)
+    else:
+        initials = objective.measure(firsts.clamp(0, 1))
     returned = ["best evaluation"] * len(jobs)
     if params.init == "content" and any(f["total"] > i["total"] for f, i in zip(finals, initials)):
         # Differs from Gatys et al. (the optimized image) because the best float image can lose
         # its small gain to 8-bit rounding and end above the content it started from (light
         # stylization, a short budget: 0.050763 against 0.050663 in the engine review): the start,
         # rounded alike, is returned where it is lower.
-        start8, start_seen = delivered(firsts.clamp(0, 1))
-        for b, start in enumerate(objective.measure(start_seen)):
+        if starts is None:
+            start8, start_seen = delivered(firsts.clamp(0, 1))
+            starts = objective.measure(start_seen)
+        for b, start in enumerate(starts):
             if start["total"] < finals[b]["total"]:
                 out8[b], finals[b], returned[b] = start8[b], start, "start"
     results: list[StyleResult | NSTError] = []

@@ -674,6 +674,19 @@ def test_alpha_and_beta_scaled_down_together_still_stylize():
     assert losses["final"]["total"] < 0.9 * losses["initial"]["total"], losses
 
 
+def test_a_jpeg_results_initial_loss_is_that_of_its_start_as_written_too():
+    """Content and style one image: the start's loss is 0 before encoding, and JPEG's error is
+    the whole of any file's. Old: initial was the unencoded start's (0.0) and final the file's, so
+    the sidecar read as if the image had got worse, though the written image is never above its
+    start as written. Now both are of files as they read back: final <= initial."""
+    from nst_core.imageio import read_back
+
+    image = Image.open(EXAMPLES / "contents" / "harbour.png").convert("RGB")
+    result = stylize(image, image, params(iterations=2, precision="fp32"), written=read_back("jpeg", 92))
+    initial, final = result.losses["initial"]["total"], result.losses["final"]["total"]
+    assert 0 < final <= initial, result.losses
+
+
 @pytest.mark.parametrize("fmt", ["jpeg", "png"])
 def test_the_losses_reported_are_those_of_the_file_written(fmt):
     """The final loss was the 8-bit image's, before encoding: harbour x waves at 128 px, 30
