@@ -323,6 +323,15 @@ def test_high_bit_depth_modes_are_scaled_by_their_range(name, data, low, high):
     assert np.abs(got - levels).max() <= 1, (name, got[0, :4])
 
 
+def test_a_unit_float_image_with_a_few_highlights_above_1_is_read_as_unit_floats():
+    """A linear render's highlights (or rounding: 1.0001) go past 1.0. Old: one such sample made
+    the whole [0, 1] image read as 0-255, so it came out black; now the few above 1 are clipped."""
+    arr = np.tile(np.linspace(0, 1, 100, dtype=np.float32), (100, 1))
+    arr[0, :10] = 1.5  # 0.1% of the samples
+    got = np.asarray(decode_image(_tiff(arr, "F"), "render.tif").rgb)[..., 0].astype(int)
+    assert abs(got[50, 50] - round(255 * arr[50, 50])) <= 1 and got[0, 0] == 255, got[50, 45:55]
+
+
 def test_decoded_images_carry_no_profile_so_conversion_happens_once():
     linear = _icc_rgb_profile(_SRGB_COLORANTS, gamma=1.0)
     grey = Image.new("L", (8, 8), 128)  # an RGB profile left on a greyscale image: ignored, not applied later
