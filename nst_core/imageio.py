@@ -200,6 +200,10 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = MAX_PIXELS) -> Dec
                 # a 16-bit RGB PNG's colour key is not kept: Pillow would compare it with the pixels
                 # cut to 8 bits, and holes (or the whole image) went transparent
                 img.info.pop("transparency", None)
+            if img.format == "PNG" and img.info.get("default_image") and getattr(img, "n_frames", 1) > 1:
+                # an APNG whose default image is outside its animation (a fallback for decoders
+                # without APNG): its first frame is what viewers and browsers show
+                img.seek(1)
             img.load()
         except _CRAFTED as err:  # Pillow's decoders on a crafted header (a TIFF tag of the wrong type)
             raise ImageDecodeError(name, f"corrupt or truncated image: {type(err).__name__}: {err}") from None

@@ -332,6 +332,18 @@ def test_a_unit_float_image_with_a_few_highlights_above_1_is_read_as_unit_floats
     assert abs(got[50, 50] - round(255 * arr[50, 50])) <= 1 and got[0, 0] == 255, got[50, 45:55]
 
 
+def test_an_apngs_hidden_default_image_is_not_the_one_read():
+    """An APNG may carry a default image outside its animation, for decoders without APNG (a
+    poster, "this viewer shows no animation"). Old: that image was stylized; now the first frame
+    of the animation, which viewers and browsers show. An APNG whose default image is its first
+    frame reads that frame."""
+    red, green, blue = (Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255)))
+    for default_image, shown in ((True, (0, 255, 0)), (False, (255, 0, 0))):
+        buf = io.BytesIO()
+        red.save(buf, "PNG", save_all=True, append_images=[green, blue], default_image=default_image)
+        assert decode_image(buf.getvalue(), "anim.png").rgb.getpixel((0, 0)) == shown
+
+
 def test_decoded_images_carry_no_profile_so_conversion_happens_once():
     linear = _icc_rgb_profile(_SRGB_COLORANTS, gamma=1.0)
     grey = Image.new("L", (8, 8), 128)  # an RGB profile left on a greyscale image: ignored, not applied later
