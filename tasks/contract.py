@@ -300,7 +300,7 @@ def naming_problem(plan: PairPlan, fmt: str) -> str:
     stylize-chunk checks the plans it is given: anyone who can start a flow run can write them."""
     rule = f"{{name}}.{EXTENSIONS.get(fmt, fmt)} and {{name}}.json under the output, outside {RUNS}/ and {TEMP_DIR}/"
     if why := name_problem(plan.name):
-        return f"{why} ({rule})"
+        return f"{why}: it breaks the naming rule ({rule})"
     if plan.image_key != image_key(plan.name, fmt) or plan.sidecar_key != sidecar_key(plan.name):
         return f"output keys {plan.image_key!r}, {plan.sidecar_key!r} break the naming rule ({rule})"
     return ""

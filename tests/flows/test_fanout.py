@@ -16,7 +16,7 @@ from tasks.contract import PairPlan
 from tasks.models import BatchSource, OutputSpec, RunOptions
 from tasks.plan import plan_pairs, source_entries
 
-from helpers import artifacts_of, pattern, tiny_params
+from helpers import artifacts_of, md_shown, pattern, tiny_params
 
 
 def plan(i: int) -> PairPlan:
@@ -767,7 +767,7 @@ def test_cancelling_a_parent_run_through_the_api_cancels_its_chunk_runs(tmp_path
         assert {i.get("error") for i in report["items"] if i["status"] == "failed"} == {
             "the run stopped before the pair finished (cancelled: cancelled in the UI)"}, report["items"]
         # and so does its progress card (old: its last rate and ETA, as if it still ran)
-        card = artifacts_of(str(parent.id))["progress"][0].description
+        card = md_shown(artifacts_of(str(parent.id))["progress"][0].description)
         assert ": stopped after 1 of 4 pairs (cancelled: cancelled in the UI)" in card, card  # the one made
     finally:
         stop_process(proc, timeout=30)
