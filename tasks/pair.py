@@ -262,8 +262,8 @@ def _stylize_step(ctx: PairContext, device: str, requests: list[StepRequest]) ->
             except NSTError as err:
                 outcomes[i] = err
                 continue
-            if targets is OUT_OF_MEMORY:  # a style too large for the device fails its pair alone
-                outcomes[i] = DeviceMemoryError(x.pair.content, p.image_size, device, p.tile_size)
+            if targets is OUT_OF_MEMORY:  # a style too large for the device fails its pair alone, named
+                outcomes[i] = DeviceMemoryError(f"style {x.pair.style}", p.image_size, device, p.tile_size)
                 continue
             live.append(i)
             pairs.append(StylePair(x.content, x.style, targets, x.pair.content, [x.pair.style]))

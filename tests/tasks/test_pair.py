@@ -120,7 +120,8 @@ def test_ctrl_c_stops_every_pair_of_a_device_step_each_with_its_own_reason(tmp_p
 def test_a_style_whose_targets_do_not_fit_the_device_fails_its_pair_alone(tmp_path, monkeypatch):
     """Old: the style targets of a step's pairs were computed outside any out-of-memory handling:
     one style too large for the device raised torch's OutOfMemoryError out of the step, failing
-    its other pairs with it, with a traceback. Now that pair fails with DeviceMemoryError."""
+    its other pairs with it, with a traceback. Now that pair fails with DeviceMemoryError, which
+    names the style (it named the content, which had not been touched yet)."""
     import logging
 
     import torch
@@ -149,7 +150,7 @@ def test_a_style_whose_targets_do_not_fit_the_device_fails_its_pair_alone(tmp_pa
         inputs = _PairInputs(plan, ctx, pattern((40, 32)), pattern((32, 40), "style", i), logging.getLogger("t"))
         requests.append(StepRequest(ctx, (32, 26), 3, None, payload=inputs))
     outcomes = _stylize_step(ctx, "cpu", requests)
-    assert isinstance(outcomes[1], DeviceMemoryError) and str(outcomes[1]).startswith("c.png: out of memory")
+    assert isinstance(outcomes[1], DeviceMemoryError) and str(outcomes[1]).startswith("style oom-s1.png: out of memory")
     assert [len(o.history) for i, o in enumerate(outcomes) if i != 1] == [3, 3], outcomes
 
 
