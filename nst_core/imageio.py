@@ -237,8 +237,11 @@ def _upright(img: Image.Image, name: str) -> Image.Image:
 
 
 def fit_longest(size: tuple[int, int], longest: int) -> tuple[int, int]:
-    """(width, height) of an image of ``size`` resized so that its longest side is ``longest`` px."""
+    """(width, height) of an image of ``size`` resized so that its longest side is ``longest`` px;
+    an image with no pixels (a side of 0) as it is, for check_min_side to refuse by name."""
     width, height = size
+    if min(width, height) <= 0:  # a ZeroDivisionError here ended a stylize_many call, its good pairs too
+        return width, height
     scale = longest / max(width, height)
     return max(1, round(width * scale)), max(1, round(height * scale))
 

@@ -114,6 +114,21 @@ def test_bad_inputs_fail_alone_and_other_shapes_run_in_their_own_step():
     assert results[3].image.size == (48, 64)
 
 
+@pytest.mark.parametrize("empty", ["content", "style"])
+def test_an_image_without_pixels_fails_its_pair_alone(empty):
+    """A 0x0 image given to the API. Old: a ZeroDivisionError sizing it ended the whole call, its
+    step-mates' results lost with it."""
+    from PIL import Image
+
+    good = _pairs()[:2]
+    blank = Image.new("RGB", (0, 0))
+    odd = (StylePair(blank, pattern((48, 64), "style"), content_name="empty.png") if empty == "content"
+           else StylePair(pattern((48, 64), "content"), blank, content_name="c.png", style_names=["empty.png"]))
+    results = stylize_many([good[0], odd, good[1]], params(iterations=2))
+    assert isinstance(results[1], ImageTooSmallError) and "empty.png" in str(results[1]), results[1]
+    assert all(r.image.size == results[0].image.size for r in (results[0], results[2]))
+
+
 def test_progress_names_the_pair():
     events = []
     stylize_many(_pairs()[:2], params(iterations=3), progress=events.append)
