@@ -23,20 +23,38 @@ TERMS = ("content", "style", "tv", "total")
 
 @dataclass
 class LossScale:
-    """fp16's dynamic loss scale (as torch.amp.GradScaler's): start at 2^16, halve on an
-    overflowing gradient, double after GROW_EVERY evaluations without one, at most 2^24."""
+    """fp16's dynamic loss scale (as torch.amp.GradScaler's), one per pair of a step: start at
+    ``start`` (2^16), halve a pair's on its overflowing gradient, double it after GROW_EVERY
+    evaluations without one, at most 2^24. Per pair, as separate stylize calls have it: one
+    shared scale let a step-mate's overflowing gradient (a noisy style) halve a pair's scale down
+    to where its own small gradients round to zero."""
 
-    value: float = 2.0**16
-    good: int = 0
+    start: float = 2.0**16
+    values: Tensor | None = None  # (B,) float32, on the pairs' device
+    good: Tensor | None = None  # (B,) evaluations since the last halving or doubling
     GROW_EVERY = 100
 
-    def overflowed(self) -> None:
-        self.value, self.good = self.value / 2, 0
+    def reset(self, value: float) -> None:
+        """Every pair's scale ``value`` from the next evaluation on."""
+        self.start, self.values, self.good = value, None, None
+
+    def of(self, x: Tensor) -> Tensor:
+        """The (B,) scales of the B images ``x``."""
+        if self.values is None or self.values.shape[0] != x.shape[0]:
+            self.values = torch.full((x.shape[0],), self.start, dtype=torch.float32, device=x.device)
+            self.good = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+        return self.values
+
+    def overflowed(self, which: Tensor) -> None:
+        """Halve the scales of the pairs ``which`` (B,) bool marks."""
+        self.values = torch.where(which, self.values / 2, self.values)
+        self.good = torch.where(which, 0, self.good)
 
     def passed(self) -> None:
-        self.good += 1
-        if self.good >= self.GROW_EVERY:
-            self.value, self.good = min(self.value * 2, 2.0**24), 0
+        self.good = self.good + 1
+        grow = self.good >= self.GROW_EVERY
+        self.values = torch.where(grow, (self.values * 2).clamp(max=2.0**24), self.values)
+        self.good = torch.where(grow, 0, self.good)
 
 
 @dataclass(frozen=True, eq=False)
@@ -119,31 +137,33 @@ class Objective:
         at G: ⟨∂L/∂G_l, G_l,tile⟩ + its content error. Since G_l = Σ_t G_l,t, the tiles' gradients
         sum to the untiled gradient (exactly, with a halo of ``tiling.exact_halo``).
 
-        fp16: the backward runs on the total times ``loss_scale`` (a per-activation gradient is
-        ~1/(nH·nW·nC), under fp16's smallest normal at 512 px, and would round to zero unnoticed),
-        halved and redone when the gradient overflows. This reads the device each evaluation.
+        fp16: the backward runs on each pair's total times its ``loss_scale`` (a per-activation
+        gradient is ~1/(nH·nW·nC), under fp16's smallest normal at 512 px, and would round to zero
+        unnoticed); an overflowing pair's scale is halved and the evaluation redone. This reads
+        the device each evaluation.
         """
         if dtype != torch.float16:
             return self._value_and_grad(x, dtype, evaluation, 1.0)
         while True:
-            scale = self.loss_scale.value
+            scale = self.loss_scale.of(x)
             terms = self._value_and_grad(x, dtype, evaluation, scale)
             # per pair: a pair whose loss is not finite fails alone, and must not keep the others'
             # overflowing gradients from a smaller scale
             finite = torch.isfinite(terms).all(1)
-            overflowed = finite & ~torch.isfinite(x.grad).flatten(1).all(1)
-            if scale > 1 and bool(overflowed.any()):
-                self.loss_scale.overflowed()
+            overflowed = finite & ~torch.isfinite(x.grad).flatten(1).all(1) & (scale > 1)
+            if bool(overflowed.any()):
+                self.loss_scale.overflowed(overflowed)
                 x.grad = None
                 continue
             self.loss_scale.passed()
-            x.grad.div_(scale)
+            x.grad.div_(scale.view(-1, *[1] * (x.dim() - 1)))
             return terms
 
-    def _value_and_grad(self, x: Tensor, dtype: torch.dtype | None, evaluation: int, scale: float) -> Tensor:
+    def _value_and_grad(self, x: Tensor, dtype: torch.dtype | None, evaluation: int, scale: float | Tensor) -> Tensor:
+        """``scale``: 1.0, or each pair's (B,) loss scale (fp16)."""
         if self.tiling is None:
             terms = self(x, dtype)
-            (terms[:, 3].sum() * scale).backward()  # pair b's gradient is that of its own total
+            (terms[:, 3] * scale).sum().backward()  # pair b's gradient is that of its own total
             return terms.detach()
         p = self.params
         height, width = x.shape[-2:]
@@ -155,11 +175,12 @@ class Objective:
                   for n, w in p.layer_weights().items()}
         height, width = x.shape[-2:]
         for tile, feats in tiled_features(lambda crop: self._vgg(crop, dtype), x, tiles):
-            share = sum((slopes[n] * gram_matrix(feats[n].float())).sum() / positions(n, height, width)
+            # (B,): each pair's share, times its own scale
+            share = sum((slopes[n] * gram_matrix(feats[n].float())).flatten(1).sum(1) / positions(n, height, width)
                         for n in p.style_layers)
             for n in p.content_layers:
-                share = share + p.content_weight / len(p.content_layers) * self._content_error(tile, n, feats[n], x).sum()
-            (share * scale).backward()
+                share = share + p.content_weight / len(p.content_layers) * self._content_error(tile, n, feats[n], x)
+            (share * scale).sum().backward()
             del feats, share
         if p.tv_weight > 0:
             (p.tv_weight * scale * tv_loss(x, "none")).sum().backward()

@@ -30,7 +30,7 @@ def test_fp16_gradients_are_loss_scaled_so_small_ones_do_not_round_to_zero():
     exact = _grad(objective, start, None)
     assert float((exact == 0).float().mean()) == 0.0
     scaled = _grad(objective, start, torch.float16)
-    objective.loss_scale.value = 1.0  # no scaling
+    objective.loss_scale.reset(1.0)  # no scaling
     unscaled = _grad(objective, start, torch.float16)
     # unscaled, fp16 flushes pixels' gradients to exactly zero (0.07% of them here)
     assert float((unscaled == 0).float().mean()) > 10 * float((scaled == 0).float().mean())
@@ -40,9 +40,9 @@ def test_fp16_gradients_are_loss_scaled_so_small_ones_do_not_round_to_zero():
 def test_an_overflowing_fp16_scale_is_halved_and_the_evaluation_redone():
     objective, start = _setup()
     exact = _grad(objective, start, None)
-    objective.loss_scale.value = 2.0**30  # overflows here: halved down to 2^26
+    objective.loss_scale.reset(2.0**30)  # overflows here: halved down to 2^26
     grad = _grad(objective, start, torch.float16)
-    assert objective.loss_scale.value < 2.0**30
+    assert objective.loss_scale.values.max() < 2.0**30
     assert bool(torch.isfinite(grad).all()) and float((grad - exact).norm() / exact.norm()) < 0.1
 
 
@@ -59,11 +59,35 @@ def test_one_pairs_non_finite_loss_does_not_stop_the_others_loss_scale_from_halv
     objective = Objective.build(extractor, p, content, [grams, grams])
     start = content.clone()
     start[1] = float("nan")  # pair 1 has gone non-finite
-    objective.loss_scale.value = 2.0**30  # pair 0 overflows at this scale
+    objective.loss_scale.reset(2.0**30)  # pair 0 overflows at this scale
     x = start.clone().requires_grad_(True)
     terms = objective.value_and_grad(x, torch.float16)
     assert not bool(torch.isfinite(terms[1]).all()) and bool(torch.isfinite(terms[0]).all())
-    assert objective.loss_scale.value < 2.0**30 and bool(torch.isfinite(x.grad[0]).all())
+    assert objective.loss_scale.values[0] < 2.0**30 and bool(torch.isfinite(x.grad[0]).all())
+
+
+def test_each_pair_of_a_step_keeps_the_fp16_loss_scale_it_would_have_alone():
+    """A pair near its content (small gradients) and one far from it (large ones), from a scale
+    at which both overflow. Old: one scale for the step, halved for the far pair's overflow, took
+    the near pair down with it (2^23 where alone it keeps 2^29), towards where its small gradients
+    round to zero at 512 px. Now each pair's scale is its own, as in a separate stylize call."""
+    p = StyleParams(weights="random", device="cpu")
+    extractor = extractor_for(p)
+    gen = torch.Generator().manual_seed(0)
+    content, style = torch.rand(2, 3, 48, 64, generator=gen), torch.rand(1, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        grams = {n: gram_matrix(f, normalize=True) for n, f in extractor(style, p.style_layers).items()}
+    start = content.clone()
+    start[1] = 0.5  # flat grey: far from its content and its style
+
+    def scales(objective, x):
+        objective.loss_scale.reset(2.0**40)
+        objective.value_and_grad(x.clone().requires_grad_(True), torch.float16)
+        return objective.loss_scale.values.tolist()
+
+    together = scales(Objective.build(extractor, p, content, [grams, grams]), start)
+    alone = [scales(Objective.build(extractor, p, content[b:b + 1], [grams]), start[b:b + 1])[0] for b in (0, 1)]
+    assert together == alone and alone[0] > alone[1], (together, alone)
 
 
 def test_a_reduced_precision_pass_runs_on_a_kept_copy_of_the_weights_with_autocasts_numbers():
