@@ -373,7 +373,9 @@ class ChunkWatcher:
                 continue
             chunk.state = child.state.name
             if child.state.is_final():
-                if not (self._stopped_by_a_parent(child) and self.start_again(chunk)):
+                # Crashed: its process died (a server restart lost its slot lease, an OOM kill)
+                again = child.state.type == StateType.CRASHED or self._stopped_by_a_parent(child)
+                if not (again and self.start_again(chunk)):
                     self.settle(chunk, child.state.name, child.state.message or "")
                 self.last_move = now
             elif child.state.type != StateType.SCHEDULED and chunk.started is None:
@@ -396,10 +398,12 @@ class ChunkWatcher:
             return False
 
     def start_again(self, chunk: Chunk) -> bool:
-        """Give a chunk whose run another parent's stop cancelled a new run (it skips the pairs the old
-        one wrote). Two overlapping runs of one plan share chunk runs (``start_chunks`` adopts them):
-        cancelling one must not fail the other's pairs. Not when this parent is itself stopping (its
-        own cancel hook cancelled the run), nor past MAX_RESTARTS. True when a new run took over."""
+        """Give a chunk whose run crashed, or another parent's stop cancelled, a new run (it skips the
+        pairs the old one wrote). Two overlapping runs of one plan share chunk runs (``start_chunks``
+        adopts them): cancelling one must not fail the other's pairs; a served chunk's slot lease,
+        lost when the server restarts, crashes the run it holds. Not when this parent is itself
+        stopping (its own cancel hook cancelled the run), nor past MAX_RESTARTS. True when a new run
+        took over."""
         if chunk.restart is None or chunk.restarts >= MAX_RESTARTS or stop_requested.is_set() or self._stopping():
             return False
         try:
@@ -407,8 +411,9 @@ class ChunkWatcher:
         except Exception as err:  # the API: settle the chunk as it ended
             self.logger.warning("could not start chunk %d again: %s", chunk.number, err)
             return False
-        self.logger.warning("chunk %d: its run %s was cancelled by another parent's stop (%s); started again as %s",
-                            chunk.number, chunk.flow_run_id, chunk.state, child.id)
+        how = "crashed" if chunk.state == "Crashed" else "was cancelled by another parent's stop"
+        self.logger.warning("chunk %d: its run %s %s (%s); started again as %s",
+                            chunk.number, chunk.flow_run_id, how, chunk.state, child.id)
         del self.chunks[chunk.flow_run_id]
         chunk.earlier_runs.append(chunk.flow_run_id)
         chunk.flow_run_id, chunk.started, chunk.restarts = str(child.id), None, chunk.restarts + 1

@@ -1136,6 +1136,36 @@ def test_a_chunk_run_cancelled_by_the_other_of_two_overlapping_parents_is_starte
     assert chunk0["done"] + chunk0["skipped"] + chunk0["failed"] == 2, chunk0  # its pairs, as the summary shows them
 
 
+def test_a_crashed_chunk_run_is_started_again(tmp_path, monkeypatch, chunk_deployment_without_worker):
+    """A served chunk's slot lease lost in a server restart (Prefect then ends the run "Crashed:
+    Execution was cancelled by the runtime environment"), or its process killed. Old: its pairs
+    failed ("chunk 0 ended Crashed") and the parent ended Failed; now the chunk gets a new run
+    (which skips what the old one wrote), as a chunk another parent cancelled does."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    dep = chunk_deployment_without_worker
+    source, output, params, key0, pairs0, a_chunk = _shared_chunk(tmp_path, dep)
+
+    def on_sleep(clock):
+        if clock.sleeps == 1:
+            with get_client(sync_client=True) as client:
+                client.set_flow_run_state(a_chunk.id, Crashed(message="Execution was cancelled by the runtime "
+                                                                      "environment."), force=True)
+        _as_a_worker_would(dep, clock)
+
+    monkeypatch.setattr(fanout, "time", FakeClock(on_sleep))
+    state = stylize_batch(source, output, params, RunOptions(fan_out="workers", chunk_size=2, chunk_deployment=dep),
+                          return_state=True)
+    report = json.loads((tmp_path / "out" / "_runs" / f"{state.state_details.flow_run_id}.json").read_text())
+    errors = [i["error"] for i in report["items"] if i["content"] in {p.content for p in pairs0}]
+    assert not any("ended Crashed" in (e or "") for e in errors), errors
+    runs = _tagged(fanout.content_tag(key0))
+    assert len(runs) == 2 and {r.state.name for r in runs} == {"Crashed", "Completed"}
+    chunk0 = next(c for c in report["chunks"] if c["chunk"] == 0)
+    assert chunk0["flow_run_id"] != str(a_chunk.id) and chunk0["state"] == "Completed"
+
+
 @pytest.mark.parametrize("why", ["not started within 3600 s (still Scheduled) while no chunk run moved; cancelled",
                                  "cancelled by its parent: storage unreachable since 10:00:00 UTC"])
 def test_a_chunk_run_the_other_parent_cancelled_for_its_own_deadline_or_outage_is_started_again(
