@@ -430,10 +430,6 @@ def run_batch(args: argparse.Namespace) -> int:
     return 0 if state.is_completed() else 1
 
 
-def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)
-
-
 #: Seconds nst serve's stop may take after a SIGHUP (or a SIGTERM before serving) before it exits at
 #: once (env NST_SERVE_STOP_S). Prefect's graceful stop pauses the served deployments and cancels
 #: their runs through the API: with the API hung (its own server stuck, a proxy holding the
@@ -483,17 +479,18 @@ def run_serve(args: argparse.Namespace) -> int:
     from flows.serve import answers, check_serve_options, local_server
 
     check_serve_options(args.limit, args.name)  # before a server is started for nothing
+    # SIGTERM before serving begins must still stop it (serve installs its own handler later). SIGHUP
+    # (the terminal closed) is a SIGTERM, before serving and during it (Prefect's handler then stops the
+    # served runs): its default ended nst serve where it stood, its server left running, and with
+    # PREFECT_API_URL the runs it served (in its process group) died unrecorded, Running for good.
+    # Both within SERVE_STOP_S: nothing else would end a stop that hangs after the terminal closed.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm_within_bound)
+    signal.signal(signal.SIGHUP, _stop_serving_within_bound)
     if PREFECT_API_URL.value():
         with _prefect_api():
             _serve(args.limit, args.name, PREFECT_API_URL.value(), resume=True)
         return 0
     # Prefect's ephemeral API has no UI, so a served deployment would be unreachable: start a server.
-    # SIGTERM before serving begins must still stop it (serve installs its own handler later). SIGHUP
-    # (the terminal closed) is a SIGTERM, before serving and during it (Prefect's handler then stops the
-    # served runs as Cancelled): its default ended nst serve where it stood, its server left running.
-    # Both within SERVE_STOP_S: nothing else would end a stop that hangs after the terminal closed.
-    signal.signal(signal.SIGTERM, _exit_on_sigterm_within_bound)
-    signal.signal(signal.SIGHUP, _stop_serving_within_bound)
     if answers(f"http://127.0.0.1:{args.port}/api"):  # local_server uses it as is, and leaves it running
         print(f"PREFECT_API_URL is not set: using the Prefect server already answering on 127.0.0.1:{args.port} "
               "(it keeps running when nst serve stops; --port picks another)", flush=True)
@@ -581,7 +578,7 @@ def _serve(limit: int | None, name: str, api_url: str, resume: bool) -> None:
         log.warning("%s; serving again once it answers (Ctrl-C stops)", lost_api)
         # the runner that gave up left its SIGTERM handler, on its closed event loop: a stop now
         # (systemctl stop) was a traceback
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        signal.signal(signal.SIGTERM, _exit_on_sigterm_within_bound)
         time.sleep(RESUME_POLL_S)  # at least this between two tries: an API whose health answers
         while not answers():  # while its polls fail is tried every few minutes, not in a loop
             time.sleep(RESUME_POLL_S)

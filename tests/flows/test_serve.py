@@ -383,6 +383,68 @@ def test_nst_serve_serves_again_when_its_lost_api_answers_again(tmp_path):
         forwarder.down()
 
 
+@pytest.mark.usefixtures("prefect_api")
+def test_a_closed_terminal_stops_nst_serve_on_an_api_and_the_run_it_served_is_recorded_ended(tmp_path):
+    """PREFECT_API_URL set; the terminal closes (SIGHUP to the whole group, the served run's process
+    in it) while a run is mid-pair. Old: SIGHUP's default ended nst serve at once, the run died with
+    it unrecorded: Running for good in the UI, and the next run adopted its chunks. Now nst serve
+    stops as on SIGTERM and the run ends in a final state."""
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from tasks.models import BatchSource, OutputSpec, RunOptions
+
+    from helpers import pattern, tiny_params
+
+    name = f"hup-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+           "PYTHONPATH": str(ROOT)}
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--name", name], cwd=ROOT, env=env,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_for(what, predicate, deadline_s):
+        end = time.monotonic() + deadline_s
+        while not (found := predicate()):
+            assert time.monotonic() < end, f"timed out waiting for {what}: {log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        return found
+
+    try:
+        wait_for("serving", lambda: "Prefect UI:" in log.read_text(), 120)
+        (tmp_path / "c").mkdir()
+        (tmp_path / "s").mkdir()
+        for i in range(3):
+            pattern((48, 48), "content", i).save(tmp_path / "c" / f"c{i}.png")
+        pattern((48, 48), "style").save(tmp_path / "s" / "s.png")
+        parameters = {"source": BatchSource(contents=str(tmp_path / "c"), styles=str(tmp_path / "s")),
+                      "output": OutputSpec(uri=str(tmp_path / "out")),
+                      "params": tiny_params(image_size=48, iterations=100000),  # still running when stopped
+                      "run": RunOptions(fan_out="local", devices=["cpu"])}
+        with get_client(sync_client=True) as client:
+            def served():
+                try:  # registered once serving began, after the UI line
+                    d = client.read_deployment_by_name(f"stylize-batch/{name}")
+                except ObjectNotFound:
+                    return None
+                return d.status.value == "READY" and d
+
+            deployment = wait_for("the deployment", served, 60)
+            run = client.create_flow_run_from_deployment(
+                deployment.id, parameters={k: v.model_dump(mode="json") for k, v in parameters.items()})
+            wait_for("the run to start", lambda: client.read_flow_run(run.id).state.is_running(), 120)
+            time.sleep(3)  # mid-pair
+            os.killpg(proc.pid, signal.SIGHUP)  # the terminal closed: its whole process group
+            assert proc.wait(timeout=90) >= 0, log.read_text()[-3000:]  # not killed by the signal
+            state = wait_for("the run to be recorded ended",
+                             lambda: (s := client.read_flow_run(run.id).state).is_final() and s, 60)
+        assert state.name in ("Cancelled", "Crashed"), f"{state.name}: {state.message}"
+    finally:
+        stop_process(proc, timeout=60)
+
+
 def test_the_ui_url_nst_serve_prints_carries_no_credentials(monkeypatch, capsys):
     """Prefect builds its UI URL from PREFECT_API_URL, user:password@ and all; nst serve printed it
     as is (under systemd, into the journal) where every other line of nst drops them."""
