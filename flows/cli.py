@@ -430,6 +430,10 @@ def run_batch(args: argparse.Namespace) -> int:
     return 0 if state.is_completed() else 1
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 #: Seconds nst serve's stop may take after a SIGHUP (or a SIGTERM before serving) before it exits at
 #: once (env NST_SERVE_STOP_S). Prefect's graceful stop pauses the served deployments and cancels
 #: their runs through the API: with the API hung (its own server stuck, a proxy holding the
@@ -452,13 +456,13 @@ def _stop_bound(signum: int) -> None:
 
     wait = env_seconds("NST_SERVE_STOP_S", SERVE_STOP_S)
     timer = threading.Timer(wait, exit_now)
-    timer.daemon = True
+    timer.daemon, timer.name = True, "nst-serve-stop-bound"
     timer.start()
 
 
 def _exit_on_sigterm_within_bound(signum, frame):
     _stop_bound(signum)
-    raise SystemExit(128 + signum)
+    _exit_on_sigterm(signum, frame)
 
 
 def _stop_serving_within_bound(signum, frame):
@@ -578,7 +582,7 @@ def _serve(limit: int | None, name: str, api_url: str, resume: bool) -> None:
         log.warning("%s; serving again once it answers (Ctrl-C stops)", lost_api)
         # the runner that gave up left its SIGTERM handler, on its closed event loop: a stop now
         # (systemctl stop) was a traceback
-        signal.signal(signal.SIGTERM, _exit_on_sigterm_within_bound)
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)  # raised in the sleep: nothing left to hang on
         time.sleep(RESUME_POLL_S)  # at least this between two tries: an API whose health answers
         while not answers():  # while its polls fail is tried every few minutes, not in a loop
             time.sleep(RESUME_POLL_S)
