@@ -418,6 +418,11 @@ def run_batch(args: argparse.Namespace) -> int:
         local = path if scheme == "file" else uri
         if local and "://" not in local and not Path(local).expanduser().exists():  # refuse before starting Prefect
             raise NSTError(f"{flag} {uri}: no such {'file' if flag == '--manifest' else 'folder'}")
+    weights = getattr(args, "weights", None) or ""
+    if (scheme := parse_uri(weights)[0]) not in ("", "file", "s3") and len(scheme) > 1:  # one letter: a drive (C:)
+        hint = "" if "://" in weights else f" (a file name with a colon reads as a URI: write ./{weights})"
+        raise NSTError(f"--weights {without_userinfo(weights)}: unsupported scheme {scheme!r}; nst batch reads a "
+                       f"path, file:// or s3://bucket/key{hint}")  # before Prefect starts, not in the run's preflight
     kind = "manifest" if args.manifest else "prefixes"
     source = {**args_for(ManifestSource if args.manifest else PrefixSource, args), "kind": kind}
     output = {**args_for(OutputSpec, args), "uri": args.output}
@@ -489,7 +494,8 @@ def run_serve(args: argparse.Namespace) -> int:
     # PREFECT_API_URL the runs it served (in its process group) died unrecorded, Running for good.
     # Both within SERVE_STOP_S: nothing else would end a stop that hangs after the terminal closed.
     signal.signal(signal.SIGTERM, _exit_on_sigterm_within_bound)
-    signal.signal(signal.SIGHUP, _stop_serving_within_bound)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # `nohup nst serve`: serving goes on
+        signal.signal(signal.SIGHUP, _stop_serving_within_bound)
     if PREFECT_API_URL.value():
         with _prefect_api():
             _serve(args.limit, args.name, PREFECT_API_URL.value(), resume=True)

@@ -330,16 +330,13 @@ class StyleParams(BaseModel):
         name = v.lower().removeprefix("vgg16_weights.")
         if name in (*NAMED_WEIGHTS, "random"):
             return name
-        # the URI's form is checked here, where the form and `nst` refuse it, not once a run has
-        # started (`nst batch` started Prefect and a flow run before it said https:// is not read)
+        # a URI no reader can read, refused here, where the form and `nst` refuse it, not once a run
+        # has started; other schemes are an opener's (stylize's ``opener``), refused by the batch (flows.cli)
         scheme, bucket, _ = parse_uri(v)
         if why := host_problem(v):
             raise ValueError(why)
         if scheme == "s3" and not bucket:
             raise ValueError(f"weights {v}: an s3:// URI names its bucket (s3://bucket/key)")
-        if scheme not in ("", "file", "s3") and len(scheme) > 1:  # one letter: a drive (C:)
-            hint = "" if "://" in v else f" (a file name with a colon reads as a URI: write ./{v})"
-            raise ValueError(f"weights {v}: unsupported scheme {scheme!r}; use a path, file:// or s3://bucket/key{hint}")
         return v
 
     @field_validator("device", mode="before")

@@ -32,8 +32,9 @@ def host_problem(uri: str) -> str:
     """Why a ``file://`` URI cannot be read here ("" if it can): it names another host. Not read as a
     relative path: "file://out/sub" would be "/sub" by the URI's rules and "out/sub" by a reader's."""
     scheme, host, _ = parse_uri(uri)
-    if scheme == "file" and host:
-        return (f"{uri}: a file URI with a host ({host!r}) is not a path on this machine; "
+    if scheme == "file" and host:  # named without a user:password@ it may carry
+        name = host.rpartition("@")[2]
+        return (f"{uri.replace(host, name, 1)}: a file URI with a host ({name!r}) is not a path on this machine; "
                 f"use file:///absolute/path or a plain folder path")
     return ""
 

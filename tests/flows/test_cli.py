@@ -179,7 +179,7 @@ def test_batch_refusals_of_run_settings_exit_2_with_one_line(data, args, message
 
 @pytest.mark.parametrize("weights, message", [
     ("https://example.com/vgg16.pth", "unsupported scheme 'https'"), ("s3://", "names its bucket"),
-    ("file://host/vgg16.pth", "a file URI with a host ('host')")])
+    ("file://host/vgg16.pth", "a file URI with a host ('host')"), ("my:vgg16.pth", "write ./my:vgg16.pth")])
 def test_batch_refuses_a_weights_uri_it_cannot_read_before_any_flow_run(data, weights, message):
     """The README says so; old: nst batch created a flow run, and its preflight refused the URI."""
     proc = nst("batch", "--contents", "c", "--styles", "s", "--output", "out", *FAST, "--weights", weights, cwd=data)
