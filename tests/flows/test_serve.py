@@ -445,6 +445,30 @@ def test_a_closed_terminal_stops_nst_serve_on_an_api_and_the_run_it_served_is_re
         stop_process(proc, timeout=60)
 
 
+@pytest.mark.usefixtures("prefect_api")
+def test_nohup_nst_serve_goes_on_serving_when_its_terminal_closes(tmp_path):
+    """`nohup nst serve` (SIGHUP ignored, inherited): the closed terminal's SIGHUP must not stop it.
+    Old (this session's first version of the SIGHUP stop): its handler replaced the ignore."""
+    import uuid
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(ROOT)}
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--name", f"nohup-{uuid.uuid4().hex[:8]}"],
+                            cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        deadline = time.time() + 120
+        while "Prefect UI:" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.5)
+        time.sleep(2)  # serving
+        os.kill(proc.pid, signal.SIGHUP)
+        time.sleep(3)
+        assert proc.poll() is None, log.read_text()[-3000:]
+    finally:
+        stop_process(proc, timeout=60)
+
+
 def test_the_ui_url_nst_serve_prints_carries_no_credentials(monkeypatch, capsys):
     """Prefect builds its UI URL from PREFECT_API_URL, user:password@ and all; nst serve printed it
     as is (under systemd, into the journal) where every other line of nst drops them."""
