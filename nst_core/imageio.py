@@ -96,8 +96,8 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     """High-bit-depth single-channel modes -> L, scaled by the range their samples use.
 
     I;16*: 16-bit samples, /257. F: floats in [0, 1] (the usual convention) ×255, the few above 1
-    (at most 1 in 50: highlights of a linear render, rounding) clipped; else taken as 0-255, then
-    0-65535. I (32-bit, e.g. TIFF): 0-255, 0-65535 or the full 32-bit
+    (at most 1 in 50, none above 16: highlights of a linear render, rounding) clipped; else taken
+    as 0-255 (a dark 0-255 image's stars at 250 are no highlights), then 0-65535. I (32-bit, e.g. TIFF): 0-255, 0-65535 or the full 32-bit
     range, whichever the largest sample fits; the mode alone does not say which was meant.
     Negative samples and NaN become 0. One float32 copy, scaled in place (5 bytes a pixel with
     the result: a 64 MP scan must not take GBs); float32 rounds no 16-bit sample to another level.
@@ -107,7 +107,7 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     peak = float(arr.max()) if arr.size else 0.0
     if img.mode.startswith("I;16"):
         full = 65535.0
-    elif img.mode == "F" and (peak <= 1.0 or np.count_nonzero(arr > 1.0) * 50 <= arr.size):
+    elif img.mode == "F" and (peak <= 1.0 or (peak <= 16.0 and np.count_nonzero(arr > 1.0) * 50 <= arr.size)):
         full = 1.0  # one sample at 1.0001 read the whole image as 0-255: black
     else:
         full = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else 2.0**31 - 1

@@ -287,7 +287,7 @@ def name_problem(name: str) -> str:
         return f"output name {name!r} is no file name under the output (a name ends in '.' or '..' without its extension)"
     if folder := reserved_folder(name):
         return f"output names may not start with {folder}/ ({'run reports' if folder == RUNS else 'temp files'} live there)"
-    if any(part.startswith(OLD_TEMP_PREFIX) for part in name.split("/")):  # written, then never found done again
+    if name.rsplit("/", 1)[-1].startswith(OLD_TEMP_PREFIX):  # written, then never found done again (local lists)
         return f"output name {name!r}: names starting with {OLD_TEMP_PREFIX} are temp files, which listings skip"
     if len(name.encode()) > NAME_TOTAL_BYTES:  # S3 refused it at the write, after the optimization
         return f"output name {name[:40]!r}... has {len(name.encode())} bytes; at most {NAME_TOTAL_BYTES} fit"

@@ -330,6 +330,11 @@ def test_a_unit_float_image_with_a_few_highlights_above_1_is_read_as_unit_floats
     arr[0, :10] = 1.5  # 0.1% of the samples
     got = np.asarray(decode_image(_tiff(arr, "F"), "render.tif").rgb)[..., 0].astype(int)
     assert abs(got[50, 50] - round(255 * arr[50, 50])) <= 1 and got[0, 0] == 255, got[50, 45:55]
+    # a dark 0-255 float image (a night sky: samples under 1, 1% stars at 250) stays 0-255
+    sky = np.full((100, 100), 0.5, dtype=np.float32)
+    sky[0, :100] = 250.0
+    got = np.asarray(decode_image(_tiff(sky, "F"), "sky.tif").rgb)[..., 0].astype(int)
+    assert got[50, 50] <= 1 and got[0, 0] == 250, (got[50, 50], got[0, 0])
 
 
 def test_an_apngs_hidden_default_image_is_not_the_one_read():

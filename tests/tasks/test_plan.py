@@ -242,7 +242,8 @@ def test_reserved_output_names_are_rejected(folders, output):
     ("..png", "no file name under the output"), ("a/..png", "no file name under the output"),
     ("...png", "no file name under the output"), ("/".join(["d" * 200] * 5), "at most 960 fit")])
 def test_an_output_name_no_run_could_find_again_or_write_fails_alone_at_planning(folders, output, message):
-    """Old: a name starting with .nst-tmp- was written, but local listings skip such names, so every
+    """Old: a file name starting with .nst-tmp- was written, but local listings skip such files (not
+    folders: `.nst-tmp-old/x` is a name like any other), so every
     rerun claimed and redid it ("made by another run meanwhile"); `..png` was written as `..png`
     locally and refused by a worker's chunk run; a 1000-byte name of short folders failed at the
     write, after its optimization, on every run. The chunk's check is the plan's."""
