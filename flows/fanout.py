@@ -63,7 +63,7 @@ API_PAGE = 200
 START_TIMEOUT_S = env_seconds("NST_CHUNK_START_TIMEOUT_S", 3600)
 #: Idempotency keys of a chunk's content tried by one parent past those its earlier runs took.
 MAX_CHUNK_ATTEMPTS = 20
-#: Times a chunk run cancelled by another parent's stop (``stopped_by_a_parent``) is started again.
+#: Times a chunk run cancelled by another parent's stop (``stopped_by_a_parent``), or crashed, is started again.
 MAX_RESTARTS = 3
 #: How cancel_children's messages begin ("... was cancelled", "... crashed", "... stopped before ..."),
 #: and Prefect's when it cancels a cancelled flow run's subflows: ``stopped_by_a_parent``.
@@ -374,7 +374,8 @@ class ChunkWatcher:
             chunk.state = child.state.name
             if child.state.is_final():
                 # Crashed: its process died (a server restart lost its slot lease, an OOM kill)
-                again = child.state.type == StateType.CRASHED or self._stopped_by_a_parent(child)
+                again = self._crashed_unasked(child) if child.state.type == StateType.CRASHED \
+                    else self._stopped_by_a_parent(child)
                 if not (again and self.start_again(chunk)):
                     self.settle(chunk, child.state.name, child.state.message or "")
                 self.last_move = now
@@ -385,6 +386,18 @@ class ChunkWatcher:
         if any(c.started is not None for c in self.pending):
             self.last_move = now  # a chunk is running: the queued ones wait for its slot
         return now
+
+    def _crashed_unasked(self, child) -> bool:
+        """Whether a Crashed run crashed with no one but a parent asking it to stop. Prefect ends a
+        run it is cancelling Crashed when it cannot record Cancelled: a user's cancel is no crash to
+        run again. One API call, for Crashed runs only; an API that fails to answer: asked."""
+        try:
+            states = self.client.read_flow_run_states(child.id)
+        except Exception as err:
+            self.logger.warning("could not read the states of chunk run %s: %s", child.id, err)
+            return False
+        return all((s.message or "").startswith(PARENT_STOPPED) or s.message == _PREFECT_PARENT_CANCELLED
+                   for s in states if s.type == StateType.CANCELLING)
 
     def _stopped_by_a_parent(self, child) -> bool:
         """stopped_by_a_parent, reading the states of a Cancelled run whose last message is not a

@@ -1136,13 +1136,16 @@ def test_a_chunk_run_cancelled_by_the_other_of_two_overlapping_parents_is_starte
     assert chunk0["done"] + chunk0["skipped"] + chunk0["failed"] == 2, chunk0  # its pairs, as the summary shows them
 
 
-def test_a_crashed_chunk_run_is_started_again(tmp_path, monkeypatch, chunk_deployment_without_worker):
+@pytest.mark.parametrize("cancelled_by_a_user", [False, True])
+def test_a_crashed_chunk_run_is_started_again(tmp_path, monkeypatch, chunk_deployment_without_worker,
+                                              cancelled_by_a_user):
     """A served chunk's slot lease lost in a server restart (Prefect then ends the run "Crashed:
     Execution was cancelled by the runtime environment"), or its process killed. Old: its pairs
     failed ("chunk 0 ended Crashed") and the parent ended Failed; now the chunk gets a new run
-    (which skips what the old one wrote), as a chunk another parent cancelled does."""
+    (which skips what the old one wrote), as a chunk another parent cancelled does. Not one a user
+    cancelled (Prefect ends it Crashed when it cannot record Cancelled)."""
     from prefect.client.orchestration import get_client
-    from prefect.states import Crashed
+    from prefect.states import Cancelling, Crashed
 
     dep = chunk_deployment_without_worker
     source, output, params, key0, pairs0, a_chunk = _shared_chunk(tmp_path, dep)
@@ -1150,6 +1153,8 @@ def test_a_crashed_chunk_run_is_started_again(tmp_path, monkeypatch, chunk_deplo
     def on_sleep(clock):
         if clock.sleeps == 1:
             with get_client(sync_client=True) as client:
+                if cancelled_by_a_user:
+                    client.set_flow_run_state(a_chunk.id, Cancelling(message="cancelled in the UI"), force=True)
                 client.set_flow_run_state(a_chunk.id, Crashed(message="Execution was cancelled by the runtime "
                                                                       "environment."), force=True)
         _as_a_worker_would(dep, clock)
@@ -1159,8 +1164,11 @@ def test_a_crashed_chunk_run_is_started_again(tmp_path, monkeypatch, chunk_deplo
                           return_state=True)
     report = json.loads((tmp_path / "out" / "_runs" / f"{state.state_details.flow_run_id}.json").read_text())
     errors = [i["error"] for i in report["items"] if i["content"] in {p.content for p in pairs0}]
-    assert not any("ended Crashed" in (e or "") for e in errors), errors
     runs = _tagged(fanout.content_tag(key0))
+    if cancelled_by_a_user:
+        assert all("ended Crashed" in (e or "") for e in errors) and len(runs) == 1, errors
+        return
+    assert not any("ended Crashed" in (e or "") for e in errors), errors
     assert len(runs) == 2 and {r.state.name for r in runs} == {"Crashed", "Completed"}
     chunk0 = next(c for c in report["chunks"] if c["chunk"] == 0)
     assert chunk0["flow_run_id"] != str(a_chunk.id) and chunk0["state"] == "Completed"
