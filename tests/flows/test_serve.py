@@ -221,6 +221,21 @@ def _parent(proc_dir: Path) -> int | None:
         return None
 
 
+def _waiter(log: Path, proc: subprocess.Popen | None = None):
+    """wait_for(what, predicate, deadline_s): predicate's first truthy value, polled every 0.5 s; a
+    failed test, with nst serve's log, when the deadline passes (or ``proc`` exits)."""
+    def wait_for(what, predicate, deadline_s):
+        end = time.monotonic() + deadline_s
+        while not (found := predicate()):
+            if proc is not None:
+                assert proc.poll() is None, f"nst serve exited ({proc.returncode}): {log.read_text()[-3000:]}"
+            assert time.monotonic() < end, f"timed out waiting for {what}: {log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        return found
+
+    return wait_for
+
+
 def _answers(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2):
@@ -345,13 +360,7 @@ def test_nst_serve_serves_again_when_its_lost_api_answers_again(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--name", name], cwd=ROOT, env=env,
                             stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
-    def wait_for(what, predicate, deadline_s):
-        end = time.monotonic() + deadline_s
-        while not (found := predicate()):
-            assert proc.poll() is None, f"nst serve exited ({proc.returncode}): {log.read_text()[-3000:]}"
-            assert time.monotonic() < end, f"timed out waiting for {what}: {log.read_text()[-3000:]}"
-            time.sleep(0.5)
-        return found
+    wait_for = _waiter(log, proc)
 
     try:
         wait_for("serving", lambda: "Prefect UI:" in log.read_text(), 120)
@@ -405,12 +414,7 @@ def test_a_closed_terminal_stops_nst_serve_on_an_api_and_the_run_it_served_is_re
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--name", name], cwd=ROOT, env=env,
                             stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
-    def wait_for(what, predicate, deadline_s):
-        end = time.monotonic() + deadline_s
-        while not (found := predicate()):
-            assert time.monotonic() < end, f"timed out waiting for {what}: {log.read_text()[-3000:]}"
-            time.sleep(0.5)
-        return found
+    wait_for = _waiter(log)
 
     try:
         wait_for("serving", lambda: "Prefect UI:" in log.read_text(), 120)

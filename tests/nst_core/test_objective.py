@@ -19,6 +19,17 @@ def _setup():
     return Objective.build(extractor, p, content, grams), start
 
 
+def _two_contents():
+    """(params, extractor, two contents, one style's Grams) on random weights."""
+    p = StyleParams(weights="random", device="cpu")
+    extractor = extractor_for(p)
+    gen = torch.Generator().manual_seed(0)
+    content, style = torch.rand(2, 3, 48, 64, generator=gen), torch.rand(1, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        grams = {n: gram_matrix(f, normalize=True) for n, f in extractor(style, p.style_layers).items()}
+    return p, extractor, content, grams
+
+
 def _grad(objective, start, dtype):
     x = start.clone().requires_grad_(True)
     objective.value_and_grad(x, dtype)
@@ -50,12 +61,7 @@ def test_one_pairs_non_finite_loss_does_not_stop_the_others_loss_scale_from_halv
     """fp16, several pairs in one step. Old: the overflow test asked whether every pair's terms were
     finite, so one pair's NaN loss (it fails alone) turned halving off for all, and another pair's
     overflowing gradient failed it as "gradient is not finite; use precision=fp32"."""
-    p = StyleParams(weights="random", device="cpu")
-    extractor = extractor_for(p)
-    gen = torch.Generator().manual_seed(0)
-    content, style = torch.rand(2, 3, 48, 64, generator=gen), torch.rand(1, 3, 32, 32, generator=gen)
-    with torch.no_grad():
-        grams = {n: gram_matrix(f, normalize=True) for n, f in extractor(style, p.style_layers).items()}
+    p, extractor, content, grams = _two_contents()
     objective = Objective.build(extractor, p, content, [grams, grams])
     start = content.clone()
     start[1] = float("nan")  # pair 1 has gone non-finite
@@ -71,12 +77,7 @@ def test_each_pair_of_a_step_keeps_the_fp16_loss_scale_it_would_have_alone():
     at which both overflow. Old: one scale for the step, halved for the far pair's overflow, took
     the near pair down with it (2^23 where alone it keeps 2^29), towards where its small gradients
     round to zero at 512 px. Now each pair's scale is its own, as in a separate stylize call."""
-    p = StyleParams(weights="random", device="cpu")
-    extractor = extractor_for(p)
-    gen = torch.Generator().manual_seed(0)
-    content, style = torch.rand(2, 3, 48, 64, generator=gen), torch.rand(1, 3, 32, 32, generator=gen)
-    with torch.no_grad():
-        grams = {n: gram_matrix(f, normalize=True) for n, f in extractor(style, p.style_layers).items()}
+    p, extractor, content, grams = _two_contents()
     start = content.clone()
     start[1] = 0.5  # flat grey: far from its content and its style
 
