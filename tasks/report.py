@@ -280,6 +280,9 @@ def _png(img: Image.Image) -> bytes:
 _MD_SPECIAL = re.compile(r"([\\`*_~\[\]()<>|#!&:@])")
 #: The dot of a `www.` GFM would make a link of (`www.evil.example.png`).
 _MD_WWW = re.compile(r"(?i)(www)\.")
+#: What starts a list at the start of a line (a table cell is rendered alone): `- a.png`, `+ a`,
+#: `1. holiday.png`, `2) b`: the marker's last character, to escape.
+_MD_LIST = re.compile(r"^(-|\+|\d{1,9}[.)])(?=\s|$)")
 #: An error in the summary or table is cut to this many characters; the run report keeps it whole.
 MAX_SHOWN_ERROR = 300
 
@@ -294,7 +297,8 @@ def md_text(text: object, limit: int | None = None) -> str:
     line = _one_line(text)
     if limit is not None and len(line) > limit:
         line = line[:limit - 1] + "…"
-    return _MD_WWW.sub(r"\1\\.", _MD_SPECIAL.sub(r"\\\1", line))
+    line = _MD_WWW.sub(r"\1\\.", _MD_SPECIAL.sub(r"\\\1", line))
+    return _MD_LIST.sub(lambda m: f"{m.group(1)[:-1]}\\{m.group(1)[-1]}", line)
 
 
 def md_code(text: object, table: bool = False) -> str:

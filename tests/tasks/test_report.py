@@ -224,6 +224,11 @@ def test_names_that_look_like_links_or_entities_are_shown_as_typed():
         bare = re.sub(r"\\.", "", shown)  # what is left outside backslash escapes
         assert not re.search(r"(?i)www\.|:|@|&", bare), (name, shown)
     assert md_text("harbour.png") == "harbour.png"  # plain names stay readable in the API
+    # a table cell is rendered alone: a name that starts like a list item was shown as a list
+    for name in ("1. holiday.png", "- draft.png", "+ b.png", "12) c.png"):
+        assert md_shown(md_text(name)) == name and md_text(name)[0] in "\\-+1", md_text(name)
+        assert not re.match(r"(-|\+|\d+[.)])\s", md_text(name)), md_text(name)
+    assert md_text("2026-12-08.png") == "2026-12-08.png" and md_text("-x.png") == "-x.png"
 
 
 def test_a_long_caption_is_cut_to_the_same_text_in_a_few_measurements():
