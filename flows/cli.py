@@ -446,12 +446,16 @@ def _exit_on_sigterm(signum, frame):
 SERVE_STOP_S = 60.0
 
 
+#: The name of the timer _stop_bound arms (one at a time: a second stop signal arms no other).
+STOP_BOUND_THREAD = "nst-serve-stop-bound"
+
+
 def _stop_bound(signum: int) -> None:
     """Exit 128 + signum at once SERVE_STOP_S from now unless nst serve has ended by then. A server
     nst serve started ends with it (tasks.processes.dies_with_this_process). Armed once."""
-    if getattr(_stop_bound, "armed", False):
+    if any(t.name == STOP_BOUND_THREAD for t in threading.enumerate()):
         return
-    _stop_bound.armed = True
+    wait = env_seconds("NST_SERVE_STOP_S", SERVE_STOP_S)
 
     def exit_now() -> None:
         with contextlib.suppress(OSError):  # after SIGHUP, no terminal to write to
@@ -459,9 +463,8 @@ def _stop_bound(signum: int) -> None:
                         "exiting now\n".encode())
         os._exit(128 + signum)
 
-    wait = env_seconds("NST_SERVE_STOP_S", SERVE_STOP_S)
     timer = threading.Timer(wait, exit_now)
-    timer.daemon, timer.name = True, "nst-serve-stop-bound"
+    timer.daemon, timer.name = True, STOP_BOUND_THREAD
     timer.start()
 
 

@@ -603,4 +603,4 @@ def test_nst_serve_waiting_for_its_lost_api_stops_on_sigterm_without_a_traceback
     assert ended.value.code == 143 and waits == [cli.RESUME_POLL_S]
     # no exit armed for later: raised in the sleep, nothing is left to hang on (one armed here ended
     # the test process 60 s on, in another test)
-    assert "nst-serve-stop-bound" not in {t.name for t in threading.enumerate()}
+    assert cli.STOP_BOUND_THREAD not in {t.name for t in threading.enumerate()}
